@@ -1,0 +1,85 @@
+"""TernaryConfig: how a model is ternarized, validated, and serialized into config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import BitfluxError
+
+METHODS = ("absmean", "twn", "lsq")
+GRANULARITIES = ("tensor", "channel", "group")
+FORMATS = ("tq2", "tq1")
+ACTIVATIONS = ("a16", "a8")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+# The paper's targets: every nn.Linear inside FluxTransformerBlock and FluxSingleTransformerBlock.
+DEFAULT_INCLUDE = (r"^transformer_blocks\.\d+\.", r"^single_transformer_blocks\.\d+\.")
+
+
+@dataclass
+class TernaryConfig:
+    """Ternarization settings.
+
+    method: absmean (BitNet b1.58, the paper's), twn (thresholded), lsq (alternating least squares).
+    granularity: one scale per tensor (the paper's), per output channel, or per group of
+        `group_size` consecutive input features.
+    format: storage packing, tq2 (4 codes per byte) or tq1 (5 codes per byte). In memory the codes
+        are always tq2, the layout the kernels read.
+    activations: a16 keeps activations in the input dtype; a8 quantizes them per token to int8
+        (faster on int8 hardware, slightly different numerics).
+    include/exclude: regular expressions matched (re.search) against module names.
+    """
+
+    method: str = "absmean"
+    granularity: str = "tensor"
+    group_size: int = 128
+    format: str = "tq2"
+    activations: str = "a16"
+    scale_dtype: str = "float32"
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = ()
+    version: int = 1
+
+    def __post_init__(self):
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        for name, value, allowed in (
+            ("method", self.method, METHODS),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("format", self.format, FORMATS),
+            ("activations", self.activations, ACTIVATIONS),
+            ("scale_dtype", self.scale_dtype, SCALE_DTYPES),
+        ):
+            if value not in allowed:
+                raise BitfluxError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise BitfluxError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.version != 1:
+            raise BitfluxError(f"unsupported quantization_config version {self.version}")
+
+    @classmethod
+    def parse_granularity(cls, text: str) -> dict:
+        """'tensor' | 'channel' | 'group:N' -> keyword arguments for TernaryConfig."""
+        if text.startswith("group:"):
+            size = text.split(":", 1)[1]
+            if not size.isdigit() or int(size) < 1:
+                raise BitfluxError(f"bad granularity {text!r}; expected group:N with N a positive integer")
+            return {"granularity": "group", "group_size": int(size)}
+        return {"granularity": text}
+
+    @property
+    def group_size_or_none(self) -> int | None:
+        return self.group_size if self.granularity == "group" else None
+
+    def to_dict(self) -> dict:
+        from . import __version__
+
+        return {"quant_method": "bitflux", "bitflux_version": __version__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TernaryConfig":
+        if data.get("quant_method") != "bitflux":
+            raise BitfluxError(f"quantization_config is not bitflux's (quant_method={data.get('quant_method')!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

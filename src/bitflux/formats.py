@@ -1,0 +1,74 @@
+"""Packed storage of ternary codes, bit-exact in both directions (docs/FORMAT.md describes the bytes).
+
+Codes w in {-1, 0, +1} are stored as unsigned digits u = w + 1 in {0, 1, 2}, row by row; each row is
+padded with u = 1 (w = 0) up to a whole number of bytes, so the true in_features must be kept beside.
+
+tq2: 4 digits per byte, digit i of a byte at bits 2i..2i+1 (i = 0 the first), 2 bits per weight.
+tq1: 5 digits per byte in base 3, byte = u0 + 3 u1 + 9 u2 + 27 u3 + 81 u4 (0..242), 1.6 bits per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CODES_PER_BYTE = {"tq2": 4, "tq1": 5}
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def packed_columns(in_features: int, fmt: str) -> int:
+    """Bytes per row of a (out, in_features) code matrix."""
+    return -(-in_features // CODES_PER_BYTE[fmt])
+
+
+def packed_shape(out_features: int, in_features: int, fmt: str) -> tuple[int, int]:
+    return (out_features, packed_columns(in_features, fmt))
+
+
+def _digits(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(out, in) int8 codes -> (out, bytes, codes_per_byte) uint8 digits u = w + 1, padded with 1."""
+    per_byte = CODES_PER_BYTE[fmt]
+    digits = (codes.to(torch.int16) + 1).to(torch.uint8)
+    pad = -codes.shape[1] % per_byte
+    digits = torch.nn.functional.pad(digits, (0, pad), value=1)
+    return digits.reshape(codes.shape[0], -1, per_byte)
+
+
+def pack(codes: torch.Tensor, fmt: str = "tq2") -> torch.Tensor:
+    """(out, in) int8 codes in {-1, 0, 1} -> (out, packed_columns(in)) uint8."""
+    if codes.ndim != 2:
+        raise ValueError(f"expected 2-D codes, got shape {tuple(codes.shape)}")
+    digits = _digits(codes, fmt).to(torch.int32)
+    if fmt == "tq2":
+        weights = torch.tensor([1, 4, 16, 64], dtype=torch.int32, device=codes.device)
+    elif fmt == "tq1":
+        weights = torch.tensor(_POW3, dtype=torch.int32, device=codes.device)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return (digits * weights).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, in_features: int, fmt: str = "tq2") -> torch.Tensor:
+    """(out, bytes) uint8 -> (out, in_features) int8 codes in {-1, 0, 1}."""
+    values = packed.to(torch.int32).unsqueeze(-1)
+    if fmt == "tq2":
+        shifts = torch.arange(0, 8, 2, dtype=torch.int32, device=packed.device)
+        digits = (values >> shifts) & 3
+    elif fmt == "tq1":
+        powers = torch.tensor(_POW3, dtype=torch.int32, device=packed.device)
+        digits = torch.div(values, powers, rounding_mode="floor") % 3
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    codes = digits.reshape(packed.shape[0], -1)[:, :in_features]
+    return (codes - 1).to(torch.int8)
+
+
+def convert(packed: torch.Tensor, in_features: int, src: str, dst: str) -> torch.Tensor:
+    """Repack between formats without going through floating point."""
+    if src == dst:
+        return packed
+    return pack(unpack(packed, in_features, src), dst)
+
+
+def packed_nbytes(out_features: int, in_features: int, fmt: str) -> int:
+    rows, cols = packed_shape(out_features, in_features, fmt)
+    return rows * cols

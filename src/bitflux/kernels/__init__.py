@@ -1,0 +1,141 @@
+"""The one dispatch point for ternary matrix multiplication: `ternary_linear`.
+
+A backend is a module with:
+    NAME: str
+    ACTIVATIONS: tuple of activation modes it computes ("a16": in the input dtype, "a8": int8 per token)
+    available() -> str | None          None when usable here, else why not (said once, then reference)
+    supports(x, weight, activations) -> bool
+    prepare(weight) -> object          kernel-friendly repacking, done once per weight and cached
+    linear(x, prepared, bias, activations) -> Tensor
+
+`auto` picks, among the backends registered for the input's device type, the first that is available
+and supports the call, else reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+# Backends live in their own modules and are imported on first use, so a missing compiler or Triton
+# costs nothing until it is asked for.
+_BACKEND_MODULES = {"reference": "bitflux.kernels.reference"}
+AUTO_ORDER: dict[str, list[str]] = {}  # device type -> backend names, best first
+_loaded: dict[str, object] = {}
+_unavailable_said: set[str] = set()
+_forced: list[str] = []
+
+
+@dataclass(frozen=True)
+class TernaryWeight:
+    """What a backend needs of a ternary linear layer. `packed` is tq2, (out, ceil(in / 4)) uint8."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    in_features: int
+    out_features: int
+    group_size: int | None
+
+
+def register(name: str, module_path: str, device_type: str) -> None:
+    _BACKEND_MODULES[name] = module_path
+    AUTO_ORDER.setdefault(device_type, []).append(name)
+
+
+def backend_names() -> list[str]:
+    return list(_BACKEND_MODULES)
+
+
+def get_backend(name: str):
+    """The backend module, or None (with one warning per process) when it cannot run here."""
+    if name not in _BACKEND_MODULES:
+        from ..errors import BitfluxError
+
+        raise BitfluxError(f"unknown backend {name!r}; choose one of auto, {', '.join(_BACKEND_MODULES)}")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_BACKEND_MODULES[name])
+            reason = module.available() if hasattr(module, "available") else None
+        except Exception as exc:  # an import failure (no Triton, no compiled library) means "not here"
+            module, reason = None, f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            if name not in _unavailable_said:
+                _unavailable_said.add(name)
+                warnings.warn(f"bitflux: backend {name!r} unavailable ({reason}); using the reference backend")
+            module = None
+        _loaded[name] = module
+    return _loaded[name]
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None if the backend runs here, else a short reason (for the CLI's --backend check)."""
+    if name in ("auto", "reference"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return None if get_backend(name) is not None else f"backend {name!r} is not available on this machine"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force one backend ("auto", "reference", "cpu", "triton", ...) inside the block."""
+    get_backend(name) if name != "auto" else None
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _requested() -> str:
+    return _forced[-1] if _forced else os.environ.get("BITFLUX_BACKEND", "auto")
+
+
+def select_backend(x: torch.Tensor, weight: TernaryWeight, activations: str):
+    requested = _requested()
+    if requested != "auto":
+        backend = get_backend(requested)
+        if backend is not None and backend.supports(x, weight, activations):
+            return backend
+        return reference
+    for name in AUTO_ORDER.get(x.device.type, []):
+        backend = get_backend(name)
+        if backend is not None and backend.supports(x, weight, activations):
+            return backend
+    return reference
+
+
+register("triton", "bitflux.kernels.triton", "cuda")
+register("cpu", "bitflux.kernels.cpu", "cpu")
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    weight: TernaryWeight,
+    bias: torch.Tensor | None = None,
+    activations: str = "a16",
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """y = x @ (codes * scales)^T + bias through the chosen backend.
+
+    `cache` (owned by the calling module) keeps each backend's prepared weight, keyed by backend and
+    storage, so repacking happens once and is redone if the buffers move or are replaced.
+    """
+    backend = select_backend(x, weight, activations)
+    if backend is reference:
+        return reference.linear(x, weight, bias, activations)
+    key = (backend.NAME, weight.packed.data_ptr(), weight.scales.data_ptr(), weight.packed.device)
+    prepared = cache.get(key) if cache is not None else None
+    if prepared is None:
+        prepared = backend.prepare(weight)
+        if cache is not None:
+            cache.clear()
+            cache[key] = prepared
+    return backend.linear(x, prepared, bias, activations)

@@ -1,0 +1,61 @@
+"""The reference backend: unpack the codes and multiply in the input's dtype. Every other backend is
+tested against it; it runs on any device, the meta device included."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import formats
+from ..ternary import expand_scales
+
+NAME = "reference"
+ACTIVATIONS = ("a16", "a8")
+
+
+def supports(x, weight, activations) -> bool:
+    return True
+
+
+def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
+    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    return codes.to(dtype) * expand_scales(weight.scales, weight.in_features, weight.group_size).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: x ~= q * s with q in [-127, 127], s = max|x| / 127 (fp32)."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    q = torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def integer_matmul(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Exact int32 (M, K) int8 x (N, K) ternary -> (M, N); fp64 keeps every sum below 2^53 exact."""
+    return (q.double() @ codes.double().t()).to(torch.int32)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, activations: str = "a16") -> torch.Tensor:
+    if activations == "a8":
+        return linear_a8(x, weight, bias)
+    out = F.linear(x, dequantize(weight, x.dtype))
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """W1.58A8 semantics shared by the int8 kernels: int8 activations x ternary codes in int32, then
+    (activation scale) x (weight scale) in fp32. Per-group scales apply to partial sums per group."""
+    shape = x.shape
+    q, act_scale = quantize_activations(x.reshape(-1, shape[-1]))
+    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    scales = weight.scales.float()
+    if scales.shape[1] == 1:
+        out = integer_matmul(q, codes).float() * scales.t()
+    else:
+        out = torch.zeros(q.shape[0], codes.shape[0], dtype=torch.float32, device=x.device)
+        for g in range(scales.shape[1]):
+            cols = slice(g * weight.group_size, (g + 1) * weight.group_size)
+            out += integer_matmul(q[:, cols], codes[:, cols]).float() * scales[:, g]
+    out = out * act_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*shape[:-1], -1)

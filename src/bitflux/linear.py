@@ -1,0 +1,99 @@
+"""TernaryLinear: an nn.Linear replacement holding packed ternary codes and scales as buffers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import formats
+from .config import TernaryConfig
+from .kernels import TernaryWeight, reference, ternary_linear
+from .ternary import ternarize
+
+_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TernaryLinear(nn.Module):
+    """y = x W^T + b with W = codes * scales, codes in {-1, 0, +1} packed 4 per byte (tq2).
+
+    Buffers: `weight_packed` (out, ceil(in / 4)) uint8, `weight_scale` (1 | out, 1 | groups), `bias`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int | None = None,
+        scale_shape: tuple[int, int] = (1, 1),
+        scale_dtype: torch.dtype = torch.float32,
+        activations: str = "a16",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.activations = activations
+        self.register_buffer(
+            "weight_packed",
+            torch.full(formats.packed_shape(out_features, in_features, "tq2"), 0x55, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._kernel_cache: dict = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: TernaryConfig | None = None) -> "TernaryLinear":
+        config = config or TernaryConfig()
+        weight = linear.weight.detach()
+        group_size = config.group_size_or_none
+        if weight.device.type == "meta":
+            scale_shape = _scale_shape(linear.out_features, linear.in_features, config.granularity, group_size)
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, scale_shape,
+                         _SCALE_DTYPES[config.scale_dtype], config.activations, "meta", linear.weight.dtype)
+            return module
+        codes, scales = ternarize(weight, config.method, config.granularity, group_size)
+        return cls.from_codes(codes, scales, linear.bias, group_size, config)
+
+    @classmethod
+    def from_codes(cls, codes, scales, bias=None, group_size=None, config: TernaryConfig | None = None):
+        config = config or TernaryConfig()
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, bias is not None, group_size, tuple(scales.shape),
+                     _SCALE_DTYPES[config.scale_dtype], config.activations, "meta")
+        module.weight_packed = formats.pack(codes, "tq2")
+        module.weight_scale = scales.detach().to(_SCALE_DTYPES[config.scale_dtype]).clone()
+        module.bias = None if bias is None else bias.detach().clone()
+        return module
+
+    @property
+    def ternary_weight(self) -> TernaryWeight:
+        return TernaryWeight(self.weight_packed, self.weight_scale, self.in_features, self.out_features,
+                             self.group_size)
+
+    def codes(self) -> torch.Tensor:
+        return formats.unpack(self.weight_packed, self.in_features, "tq2")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight this layer computes with (for tests, fusing and export)."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        return reference.dequantize(self.ternary_weight, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ternary_linear(x, self.ternary_weight, self.bias, self.activations, self._kernel_cache)
+
+    def extra_repr(self) -> str:
+        scales = "tensor" if self.weight_scale.numel() == 1 else (
+            "channel" if self.weight_scale.shape[1] == 1 else f"group:{self.group_size}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scales={scales}, activations={self.activations}")
+
+
+def _scale_shape(out_features: int, in_features: int, granularity: str, group_size: int | None) -> tuple[int, int]:
+    if granularity == "tensor":
+        return (1, 1)
+    if granularity == "channel":
+        return (out_features, 1)
+    return (out_features, -(-in_features // group_size))

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from torch import nn
+
+from bitflux import TernaryConfig, TernaryLinear
+from bitflux.kernels import use_backend
+
+# Reference backend vs F.linear on the dequantized weight: same math, so only summation order differs.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 130), (33, 97)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_matches_dequantized_linear(dtype, shape, granularity, bias):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
+    layer = TernaryLinear.from_linear(linear, config).to(dtype)
+    x = torch.randn(2, 5, in_features, dtype=dtype)
+    with use_backend("reference"):
+        y = layer(x)
+    expected = nn.functional.linear(x.float(), layer.dequantize(torch.float32),
+                                    None if layer.bias is None else layer.bias.float())
+    assert y.dtype == dtype and y.shape == (2, 5, out_features)
+    tol = TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
+    assert (y.float() - expected).abs().max().item() <= tol
+
+
+def test_meta_device_module_and_forward():
+    with torch.device("meta"):
+        linear = nn.Linear(3072, 12288)
+    layer = TernaryLinear.from_linear(linear, TernaryConfig(granularity="channel"))
+    assert layer.weight_packed.shape == (12288, 768) and layer.weight_packed.is_meta
+    assert layer.weight_scale.shape == (12288, 1)
+    y = layer(torch.empty(4, 3072, device="meta"))
+    assert y.shape == (4, 12288) and y.is_meta
+
+
+def test_state_dict_keys_and_dtypes():
+    layer = TernaryLinear.from_linear(nn.Linear(10, 6), TernaryConfig(granularity="group", group_size=4))
+    sd = layer.state_dict()
+    assert set(sd) == {"weight_packed", "weight_scale", "bias"}
+    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].shape == (6, 3)
+    assert sd["weight_scale"].shape == (6, 3)
