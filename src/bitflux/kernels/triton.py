@@ -1,15 +1,12 @@
 """Triton GPU backend: fused ternary GEMMs W1.58A16 and W1.58A8 (docs/GPU_KERNELS.md).
 
-Both modes share one kernel. Weight tiles are read as 2-bit codes from GPU memory and unpacked in
-registers with shifts; full-precision or 8-bit weights never exist in GPU memory.
+Both modes share one kernel, which reads the tq2 bytes of TernaryLinear as they are: no repacked copy,
+and full-precision or 8-bit weights never exist in GPU memory. A (BLOCK_N, BLOCK_K / 4) byte tile is
+loaded with vector loads and unpacked in registers (four shifts, then interleaved back into K order).
   a16: codes -> activation dtype, tl.dot with fp32 accumulation, weight scale (+ bias) in the epilogue.
   a8:  a small kernel quantizes activations per token to int8 exactly as reference.quantize_activations;
        then int8 x int8 tl.dot into int32 (exact), both scales (+ bias) in the epilogue.
-Small M (few tokens, memory-bound) uses narrow tiles so many programs stream the weights at once.
-
-Kernel layout (`prepare`): rows stay K-contiguous, padded to whole chunks of CHUNK codes; inside a
-chunk, byte r holds codes r, r + R, r + 2R, r + 3R (R = CHUNK / 4) at bits 0, 2, 4, 6. One load of an
-(BLOCK_N, R) byte tile thus yields, shift by shift, four slices of contiguous K, each a plain tl.dot.
+Few tokens (memory-bound) get narrow, deep tiles so that many programs stream the weights at once.
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ import torch
 
 NAME = "triton"
 ACTIVATIONS = ("a16", "a8")
-CHUNK = 128  # codes per packed chunk; per-group scales need groups that are multiples of it
-_BYTES_PER_CHUNK = CHUNK // 4
+GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -50,49 +46,34 @@ def available() -> str | None:
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
     on_device = x.is_cuda or (_interpreting() and x.device.type == "cpu")
-    grouped_ok = weight.group_size is None or weight.scales.shape[1] == 1 or weight.group_size % CHUNK == 0
-    return (on_device and activations in ACTIVATIONS and x.dtype in _DTYPES and grouped_ok
-            and x.shape[-1] == weight.in_features)
+    grouped = weight.scales.shape[1] > 1
+    return (on_device and activations in ACTIVATIONS and x.dtype in _DTYPES
+            and (not grouped or weight.group_size % GROUP_MULTIPLE == 0)
+            and x.shape[-1] == weight.in_features and weight.packed.is_contiguous())
 
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """The kernel's view of one ternary layer: chunk-strided 2-bit codes and fp32 scales."""
+    """The kernel's view of one ternary layer: the tq2 bytes themselves and fp32 scales."""
 
-    packed: torch.Tensor  # (out_features, chunks * CHUNK / 4) uint8
+    packed: torch.Tensor  # (out_features, ceil(in_features / 4)) uint8, shared with the layer
     scales: torch.Tensor  # fp32: (1,) per tensor, (out,) per channel, (out, groups) per group
     scale_mode: int
     in_features: int
     out_features: int
-    chunks_per_group: int  # 0 unless per group
-
-
-def chunk_strided(packed_tq2: torch.Tensor, in_features: int) -> torch.Tensor:
-    """tq2 rows (code i of a byte at bits 2i) -> the kernel layout described in the module docstring.
-
-    Works on bytes only (one uint8 digit per code as the largest temporary), padding with u = 1 (w = 0).
-    """
-    rows = packed_tq2.shape[0]
-    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed_tq2.device)
-    digits = ((packed_tq2.unsqueeze(-1) >> shifts) & 3).reshape(rows, -1)[:, :in_features]
-    chunks = -(-in_features // CHUNK)
-    digits = torch.nn.functional.pad(digits, (0, chunks * CHUNK - in_features), value=1)
-    digits = digits.reshape(rows, chunks, 4, _BYTES_PER_CHUNK)
-    packed = digits[:, :, 0] | (digits[:, :, 1] << 2) | (digits[:, :, 2] << 4) | (digits[:, :, 3] << 6)
-    return packed.reshape(rows, chunks * _BYTES_PER_CHUNK).contiguous()
+    group_size: int  # 0 unless per group
 
 
 def prepare(weight) -> PreparedWeight:
     scales = weight.scales.float()
     if scales.numel() == 1:
-        mode, chunks_per_group = _SCALE_TENSOR, 0
+        mode, group_size = _SCALE_TENSOR, 0
     elif scales.shape[1] == 1:
-        mode, chunks_per_group = _SCALE_CHANNEL, 0
+        mode, group_size = _SCALE_CHANNEL, 0
     else:
-        mode, chunks_per_group = _SCALE_GROUP, weight.group_size // CHUNK
-    return PreparedWeight(chunk_strided(weight.packed, weight.in_features),
-                          scales.reshape(-1).contiguous() if mode != _SCALE_GROUP else scales.contiguous(),
-                          mode, weight.in_features, weight.out_features, chunks_per_group)
+        mode, group_size = _SCALE_GROUP, weight.group_size
+    scales = scales.contiguous() if mode == _SCALE_GROUP else scales.reshape(-1).contiguous()
+    return PreparedWeight(weight.packed, scales, mode, weight.in_features, weight.out_features, group_size)
 
 
 def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str) -> torch.Tensor:
@@ -115,8 +96,7 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
 
     _ternary_matmul[grid](
         x2, prepared.packed, prepared.scales, act_scale, bias if bias is not None else prepared.scales, out,
-        M, N, K, x2.stride(0), prepared.packed.stride(0), out.stride(0),
-        prepared.scales.shape[-1] if prepared.scale_mode == _SCALE_GROUP else 1, max(prepared.chunks_per_group, 1),
+        M, N, K, x2.stride(0), prepared.packed.stride(0), out.stride(0), max(prepared.group_size, 1),
         SCALE_MODE=prepared.scale_mode, ACT_INT8=activations == "a8", HAS_BIAS=bias is not None,
         # fp32 inputs get exact fp32 products (not tf32); the interpreter's tl.dot misreads bf16 operands
         # as integers, so there bf16 is widened too (same products, exactly).
@@ -136,7 +116,6 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
-    _CHUNK = tl.constexpr(CHUNK)
 
     @triton.jit
     def _round_half_even(v):
@@ -161,22 +140,37 @@ if triton is not None:
             tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
         tl.store(scale_ptr + row, scale)
 
-    def _config(block_m, block_n, warps, stages):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    @triton.jit
+    def _unpack_digits(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) digits u = w + 1, in K order."""
+        d0, d1, d2, d3 = packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, (packed >> 6) & 3
+        # join appends a minor axis: [n, r, q, p] = d(2q + p), so the flattened index 4r + 2q + p is K.
+        return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
 
-    # Few configs on purpose: each costs a compile. BLOCK_M selects the regime (see _configs_for_m).
+    def _config(block_m, block_n, block_k, warps, stages):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                             num_warps=warps, num_stages=stages)
+
+    # Few configs on purpose: each costs a compile. BLOCK_M selects the regime (see _configs_for_m);
+    # every BLOCK_K divides GROUP_MULTIPLE.
     _CONFIGS = [
-        _config(16, 32, 4, 6), _config(16, 64, 4, 4),    # few tokens: narrow tiles, deep load pipeline
-        _config(64, 64, 4, 4), _config(64, 128, 4, 4),   # tens of tokens
-        _config(128, 128, 8, 3), _config(128, 256, 8, 3), _config(256, 128, 8, 3),  # compute-bound
+        # few tokens, memory-bound: narrow and deep tiles, many programs, long load pipelines
+        _config(16, 16, 128, 4, 6), _config(16, 32, 128, 4, 5),
+        # tens of tokens
+        _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4),
+        # compute-bound
+        _config(128, 128, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 128, 128, 8, 3),
     ]
 
     def _configs_for_m(configs, named_args, **kwargs):
         M = named_args["M"]
-        block_m = 16 if M <= 16 else 64 if M <= 128 else 128 if M <= 1024 else 256
-        chosen = [c for c in configs if c.kwargs["BLOCK_M"] == block_m or (block_m == 256 and c.kwargs["BLOCK_M"] == 128)]
-        # The interpreter cannot time configs, and would run every one: take the first.
-        return chosen[:1] if _interpreting() else chosen
+        block_m = 16 if M <= 16 else 64 if M <= 128 else 128
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] == block_m]
+        # The interpreter cannot time configs and would run every one; BITFLUX_TRITON_AUTOTUNE=0 skips
+        # tuning on a GPU (quick correctness runs).
+        if _interpreting() or os.environ.get("BITFLUX_TRITON_AUTOTUNE") == "0":
+            return chosen[:1]
+        return chosen
 
     def _bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
@@ -186,11 +180,10 @@ if triton is not None:
     @triton.jit
     def _ternary_matmul(
         x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_xm, stride_wn, stride_om, scale_stride, chunks_per_group,
+        M, N, K, stride_xm, stride_wn, stride_om, group_size,
         SCALE_MODE: tl.constexpr, ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
     ):
-        R: tl.constexpr = _CHUNK // 4
         # Programs sharing weight columns run close together in time, so their tiles stay in L2.
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -201,39 +194,39 @@ if triton is not None:
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = tl.arange(0, R)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_byte = tl.arange(0, BLOCK_K // 4)
         mask_m, mask_n = offs_m < M, offs_n < N
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_r[None, :]
+        x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
+        row_bytes = tl.cdiv(K, 4)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        chunks = tl.cdiv(K, _CHUNK)
-        for c in range(0, chunks):
-            packed = tl.load(w_rows + c * R, mask=mask_n[:, None], other=0x55)  # (BLOCK_N, R) uint8
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0)
+            packed = tl.load(w_tile + k0 // 4, mask=mask_n[:, None] & (k0 // 4 + offs_byte[None, :] < row_bytes),
+                             other=0x55)  # 0x55: four codes w = 0
+            digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
             if SCALE_MODE == 2:
-                g_scale = tl.load(scale_ptr + offs_n * scale_stride + c // chunks_per_group, mask=mask_n, other=0.0)
-            for j in tl.static_range(4):
-                k = c * _CHUNK + j * R + offs_r
-                a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & (k[None, :] < K), other=0)
-                digits = (packed >> (2 * j)) & 3
-                if ACT_INT8:
-                    w = digits.to(tl.int8) - 1
-                    acc_int = tl.dot(a, tl.trans(w), acc_int, out_dtype=tl.int32)
+                g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
+                                  mask=mask_n, other=0.0)
+            if ACT_INT8:
+                acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
+                if SCALE_MODE == 2:
+                    # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8.
+                    if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= K):
+                        acc += acc_int.to(tl.float32) * g_scale[None, :]
+                        acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            else:
+                # Built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math.
+                w = digits.to(tl.float32) - 1.0
+                if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
+                    w = w * g_scale.to(a.dtype).to(tl.float32)[:, None]
+                if DOT_FP32:
+                    acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
                 else:
-                    # Built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math.
-                    w = digits.to(tl.float32) - 1.0
-                    if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
-                        w = w * g_scale.to(a.dtype).to(tl.float32)[:, None]
-                    if DOT_FP32:
-                        acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
-            if ACT_INT8 and SCALE_MODE == 2:
-                # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8 does.
-                if ((c + 1) % chunks_per_group == 0) | (c + 1 == chunks):
-                    acc += acc_int.to(tl.float32) * g_scale[None, :]
-                    acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
 
         if ACT_INT8 and SCALE_MODE != 2:
             acc = acc_int.to(tl.float32)
