@@ -48,10 +48,10 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 # Correctness first, with one config per regime (BITFLUX_TRITON_AUTOTUNE=0: each config is a compile);
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
-part pytest 70 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
-    -q -rfE --durations=5 $XDIST -p no:cacheprovider
-part gpu_flux 110 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY
-part gpu_linear 75 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+part pytest 75 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+    -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
+part gpu_flux 100 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
+part gpu_linear 65 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"
 cat "$OUT/gpu_flux.md" "$OUT/gpu_linear.md" 2>/dev/null
