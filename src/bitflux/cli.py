@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import BitfluxError
@@ -29,6 +30,68 @@ def _cmd_inspect(args) -> None:
     print(json.dumps(info, indent=2) if args.json else format_report(info))
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    from .errors import BitfluxError
+
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BitfluxError(f"bad --size {text!r}; expected WIDTHxHEIGHT, e.g. 64x64") from None
+    if width < 16 or height < 16 or width % 16 or height % 16:
+        raise BitfluxError(f"--size {text}: width and height must be positive multiples of 16")
+    return width, height
+
+
+def _check_common(args) -> None:
+    """Validate what generate/bench/eval share before any model is loaded."""
+    from .errors import BitfluxError
+    from .kernels import unavailable_reason
+
+    if getattr(args, "steps", 1) < 1:
+        raise BitfluxError(f"--steps must be at least 1, got {args.steps}")
+    reason = unavailable_reason(args.backend)
+    if reason:
+        raise BitfluxError(reason)
+
+
+def _load_variants(model: str | None, device: str, want_fp: bool, progress: bool):
+    """(full-precision pipeline or None, ternary pipeline) for --model (default: the embedded demo)."""
+    from .errors import BitfluxError
+    from .pipeline import (demo_ternary_path, is_ternary_pipeline, load_pipeline, quantize_pipeline,
+                           resolve_pipeline_path)
+
+    path = resolve_pipeline_path(model)
+    if model is None:
+        ternary = load_pipeline(demo_ternary_path(progress=progress), device)
+        return (load_pipeline(path, device) if want_fp else None), ternary
+    if is_ternary_pipeline(path):
+        if want_fp:
+            raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
+        return None, load_pipeline(path, device)
+    fp = load_pipeline(path, device)
+    return fp, quantize_pipeline(fp, copy_transformer=want_fp)[0]
+
+
+def _cmd_generate(args) -> None:
+    from .errors import BitfluxError
+    from .kernels import use_backend
+    from .pipeline import generate, default_image_size, save_png, side_by_side
+
+    if not args.prompt.strip():
+        raise BitfluxError("the prompt is empty")
+    _check_common(args)
+    fp, ternary = _load_variants(args.model, args.device, args.compare, progress=True)
+    width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
+    settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
+    with use_backend(args.backend):
+        image = generate(ternary, [args.prompt], [args.seed], **settings)[0]
+    if args.compare:
+        reference = generate(fp, [args.prompt], [args.seed], **settings)[0]
+        image = side_by_side([reference, image], ["full precision", "ternary"])
+    save_png(image, args.output)
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,10 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="bitflux folder, source checkpoint, config.json, or flux.1-dev / flux.1-schnell")
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=_cmd_inspect)
+
+    g = sub.add_parser("generate", help="an image from a prompt with a ternary model (default: the embedded demo)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="pipeline folder (full precision or bitflux) or cached hub id")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=3.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
+    g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    g.add_argument("--device", default="cpu", help="cpu | cuda")
+    g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
+    g.add_argument("-o", "--output", required=True, help="PNG file")
+    g.set_defaults(run=_cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns about optional vision packages at import; users see only bitflux's own lines.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -39,8 +39,8 @@ class Source:
 def resolve_source(source: str | Path) -> Source:
     path = Path(source)
     if not path.exists():
-        if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
-            return resolve_source(_from_hub_cache(str(source)))
+        if looks_like_hub_id(str(source)):
+            return resolve_source(from_hub_cache(str(source)))
         raise BitfluxError(f"{source}: no such file or folder")
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -66,7 +66,11 @@ def resolve_source(source: str | Path) -> Source:
     return Source(config, checkpoint.weight_files(path), original_layout=False)
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/"))
+
+
+def from_hub_cache(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:

@@ -71,5 +71,79 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
                 output_type="pil").images
 
 
+def default_image_size(pipe) -> tuple[int, int]:
+    """The size a pipeline was trained for: the VAE's sample_size when small (the demo's 64), else 1024."""
+    size = getattr(pipe.vae.config, "sample_size", 1024)
+    size = size if isinstance(size, int) and size < 1024 else 1024
+    return size, size
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BITFLUX_CACHE", Path.home() / ".cache" / "bitflux"))
+
+
+def demo_ternary_path(config: TernaryConfig | None = None, progress: bool = True) -> Path:
+    """The embedded demo model quantized to ternary, made on first use and cached (keyed by config)."""
+    import hashlib
+    import json
+
+    from .convert import quantize_checkpoint
+    from .demo import demo_model_path
+
+    config = config or TernaryConfig()
+    source = demo_model_path()
+    stamp = [config.to_dict(), sorted((p.name, p.stat().st_size) for p in (source / "transformer").iterdir())]
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / f"demo-ternary-{key}"
+    if not (target / "model_index.json").exists():
+        quantize_checkpoint(source, target, config, force=True, progress=progress)
+    return target
+
+
+def resolve_pipeline_path(model: str | None) -> Path:
+    """A local pipeline folder for --model: a path, or a hub id already in the local Hugging Face cache."""
+    from .convert import from_hub_cache, looks_like_hub_id
+
+    if model is None:
+        from .demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise BitfluxError(f"{path}: not a FLUX pipeline folder (no model_index.json)")
+        return path
+    if looks_like_hub_id(model):
+        return from_hub_cache(model)
+    raise BitfluxError(f"{model}: no such model folder")
+
+
+def side_by_side(images, labels):
+    """One PNG-ready image: the given images in a row with a label strip under each."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0].size
+    strip = 14
+    canvas = Image.new("RGB", (width * len(images), height + strip), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        canvas.paste(image, (i * width, 0))
+        draw.text((i * width + 2, height + 1), label, fill="black")
+    return canvas
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write atomically: a temporary name in the same folder, then a rename."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise BitfluxError(f"{path}: output must be a .png file")
+    if not path.parent.is_dir():
+        raise BitfluxError(f"{path.parent}: no such folder")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BitfluxError(f"cannot write {path}: {exc.strerror}") from None
+    return path
