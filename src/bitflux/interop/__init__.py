@@ -1,0 +1,1 @@
+"""Interoperability: GGUF files with ggml's ternary blocks (gguf.py) and LoRA side branches (lora.py)."""
