@@ -69,6 +69,12 @@ class TernaryConfig:
         return {"granularity": text}
 
     @property
+    def scale_torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.scale_dtype)
+
+    @property
     def group_size_or_none(self) -> int | None:
         return self.group_size if self.granularity == "group" else None
 

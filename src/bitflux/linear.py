@@ -10,8 +10,6 @@ from .config import TernaryConfig
 from .kernels import TernaryWeight, reference, ternary_linear
 from .ternary import ternarize
 
-_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class TernaryLinear(nn.Module):
     """y = x W^T + b with W = codes * scales, codes in {-1, 0, +1} packed 4 per byte (tq2).
@@ -50,9 +48,9 @@ class TernaryLinear(nn.Module):
         weight = linear.weight.detach()
         group_size = config.group_size_or_none
         if weight.device.type == "meta":
-            scale_shape = _scale_shape(linear.out_features, linear.in_features, config.granularity, group_size)
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, scale_shape,
-                         _SCALE_DTYPES[config.scale_dtype], config.activations, "meta", linear.weight.dtype)
+            shape = scale_shape(linear.out_features, linear.in_features, config.granularity, group_size)
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, shape,
+                         config.scale_torch_dtype, config.activations, "meta", linear.weight.dtype)
             return module
         codes, scales = ternarize(weight, config.method, config.granularity, group_size)
         return cls.from_codes(codes, scales, linear.bias, group_size, config)
@@ -62,9 +60,9 @@ class TernaryLinear(nn.Module):
         config = config or TernaryConfig()
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, bias is not None, group_size, tuple(scales.shape),
-                     _SCALE_DTYPES[config.scale_dtype], config.activations, "meta")
+                     config.scale_torch_dtype, config.activations, "meta")
         module.weight_packed = formats.pack(codes, "tq2")
-        module.weight_scale = scales.detach().to(_SCALE_DTYPES[config.scale_dtype]).clone()
+        module.weight_scale = scales.detach().to(config.scale_torch_dtype).clone()
         module.bias = None if bias is None else bias.detach().clone()
         return module
 
@@ -91,7 +89,8 @@ class TernaryLinear(nn.Module):
                 f"bias={self.bias is not None}, scales={scales}, activations={self.activations}")
 
 
-def _scale_shape(out_features: int, in_features: int, granularity: str, group_size: int | None) -> tuple[int, int]:
+def scale_shape(out_features: int, in_features: int, granularity: str, group_size: int | None) -> tuple[int, int]:
+    """Shape of the scales tensor ternarize() returns for this granularity."""
     if granularity == "tensor":
         return (1, 1)
     if granularity == "channel":

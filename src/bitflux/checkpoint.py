@@ -1,0 +1,278 @@
+"""bitflux model folders: safetensors validation, streaming sharded writes, and loading onto meta.
+
+A bitflux transformer folder is a diffusers transformer folder: config.json with a `quantization_config`
+section, and safetensors holding `<layer>.weight_packed` (uint8, the stored format), `<layer>.weight_scale`
+and `<layer>.bias` for quantized layers, the original tensors for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import formats
+from .config import TernaryConfig
+from .errors import BitfluxError
+from .flux import build_transformer, check_flux_config
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 512 * 2**20  # bounds the memory a writer holds at once
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The header of a safetensors file, checked against the file's size, or a one-line BitfluxError."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BitfluxError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise BitfluxError(f"{path}: not a safetensors file or truncated (header of {length} bytes past the end)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BitfluxError(f"{path}: not a safetensors file (header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise BitfluxError(f"{path}: corrupted safetensors header")
+    data_size = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            nbytes = math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise BitfluxError(f"{path}: corrupted safetensors entry for {name!r}") from None
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise BitfluxError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupted)")
+    return header
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """name -> shape over all shards, from the validated headers only (no tensor data read)."""
+    shapes = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a diffusers model folder (single file or index + shards)."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BitfluxError(f"{index}: malformed safetensors index") from None
+        files = [folder / n for n in names]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise BitfluxError(f"{index}: names missing shard {missing[0]}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
+            raise BitfluxError(f"{folder}: only pickle weights found; bitflux reads safetensors only")
+        raise BitfluxError(f"{folder}: no safetensors weights found")
+    return files
+
+
+def iter_tensors(files: list[Path]):
+    """(name, tensor) one at a time, so memory holds one tensor of the source at most."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except BitfluxError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise BitfluxError(f"{file}: cannot read safetensors ({exc})") from None
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise BitfluxError(f"{folder}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BitfluxError(f"{path}: not valid JSON") from None
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of bounded size as they come, then the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            os.replace(self.folder / self.shards[0][0], self.folder / WEIGHTS_NAME)
+            return
+        weight_map = {}
+        count = len(self.shards)
+        for i, (tmp, names) in enumerate(self.shards, 1):
+            final = f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def stored_tensors(name: str, module, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors a TernaryLinear is saved as, its codes repacked to the storage format."""
+    tensors = {f"{name}.weight_packed": formats.convert(module.weight_packed, module.in_features, "tq2", fmt),
+               f"{name}.weight_scale": module.weight_scale}
+    if module.bias is not None:
+        tensors[f"{name}.bias"] = module.bias
+    return tensors
+
+
+def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None:
+    config = {k: v for k, v in dict(model_config).items() if not k.startswith("_") or k in ("_class_name",)}
+    config["_class_name"] = model_config.get("_class_name", "FluxTransformer2DModel")
+    config["quantization_config"] = quant.to_dict()
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+
+
+class AtomicFolder:
+    """A temporary folder beside `target` that becomes `target` only when the block succeeds."""
+
+    def __init__(self, target: Path, force: bool):
+        self.target, self.force = Path(target), force
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.force:
+            raise BitfluxError(f"{self.target} exists; pass --force to replace it")
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK):
+                raise PermissionError(13, "permission denied")
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=parent))
+        except OSError as exc:
+            raise BitfluxError(f"cannot write to {parent}: {exc.strerror}") from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old")
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self.tmp, self.target)
+        return False
+
+
+def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bool = False,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Save a quantized FluxTransformer2DModel as a bitflux folder (atomically)."""
+    from .linear import TernaryLinear
+
+    folder = Path(folder)
+    with AtomicFolder(folder, force) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        ternary = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+        skip = {f"{n}.{s}" for n in ternary for s in ("weight_packed", "weight_scale", "bias")}
+        for name, module in ternary.items():
+            for key, tensor in stored_tensors(name, module, config.format).items():
+                writer.add(key, tensor)
+        for key, tensor in model.state_dict().items():
+            if key not in skip:
+                writer.add(key, tensor)
+        writer.finish()
+        write_config(tmp, model.config, config)
+    return folder
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def quantization_config_of(folder: Path) -> TernaryConfig | None:
+    section = read_config(folder).get("quantization_config")
+    return None if section is None else TernaryConfig.from_dict(section)
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a bitflux transformer folder: built on meta, quantized layers filled straight from the packed
+    tensors (no full-precision copy of them is ever made)."""
+    from .linear import TernaryLinear
+    from .surgery import quantize_
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BitfluxError(f"{folder}: no such bitflux model folder")
+    if (folder / "model_index.json").exists():
+        folder = folder / "transformer"
+    model_config = read_config(folder)
+    check_flux_config(model_config, str(folder))
+    if "quantization_config" not in model_config:
+        raise BitfluxError(f"{folder}: not a bitflux model (no quantization_config); run `bitflux quantize` first")
+    quant = TernaryConfig.from_dict(model_config["quantization_config"])
+    model = build_transformer({k: v for k, v in model_config.items() if k != "quantization_config"}, "meta")
+    quantize_(model, quant)
+    ternary = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    expected = model.state_dict()
+    state = {}
+    for key, tensor in iter_tensors(weight_files(folder)):
+        layer, _, leaf = key.rpartition(".")
+        if leaf == "weight_packed" and layer in ternary:
+            tensor = formats.convert(tensor, ternary[layer].in_features, quant.format, "tq2")
+        elif dtype is not None and tensor.is_floating_point() and leaf != "weight_scale":
+            tensor = tensor.to(dtype)
+        if key not in expected:
+            raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise BitfluxError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                               f"the config expects {tuple(expected[key].shape)}")
+        state[key] = tensor.to(device)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise BitfluxError(f"{folder}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()

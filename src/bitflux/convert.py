@@ -1,0 +1,181 @@
+"""Streaming SOURCE -> bitflux folder: the engine of `bitflux quantize`.
+
+Sources: a diffusers FLUX pipeline or transformer folder, an original single-file FLUX checkpoint, or a
+hub id found in the local Hugging Face cache. Tensors are read one at a time (one block at a time for
+the original layout, whose fused tensors span names) and written in bounded shards, so peak memory does
+not grow with the model's depth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, flux, formats
+from .config import TernaryConfig
+from .errors import BitfluxError
+from .surgery import QuantizationReport, quantize_
+from .ternary import ternarize
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class Source:
+    """A resolved checkpoint: where its transformer weights are and how they are laid out."""
+
+    transformer_config: dict
+    files: list[Path]
+    original_layout: bool
+    pipeline_root: Path | None = None  # set when the source is a whole pipeline folder
+
+
+def resolve_source(source: str | Path) -> Source:
+    path = Path(source)
+    if not path.exists():
+        if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+            return resolve_source(_from_hub_cache(str(source)))
+        raise BitfluxError(f"{source}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise BitfluxError(f"{path}: not a safetensors file (bitflux reads .safetensors, never pickle)")
+        shapes = checkpoint.tensor_shapes([path])
+        if not flux.is_original_layout(shapes):
+            raise BitfluxError(f"{path}: not an original FLUX checkpoint (no double_blocks / single_blocks); "
+                               "for diffusers weights pass the folder holding config.json")
+        return Source(flux.config_from_original_shapes(shapes), [path], original_layout=True)
+    if (path / "model_index.json").exists():
+        index = json.loads((path / "model_index.json").read_text())
+        if index.get("_class_name") not in ("FluxPipeline", None) and "transformer" not in index:
+            raise BitfluxError(f"{path}: a {index.get('_class_name')} pipeline, not a FLUX pipeline")
+        if not (path / "transformer").is_dir():
+            raise BitfluxError(f"{path}: pipeline folder without a transformer/ folder")
+        found = resolve_source(path / "transformer")
+        found.pipeline_root = path
+        return found
+    config = checkpoint.read_config(path)
+    flux.check_flux_config(config, str(path))
+    if "quantization_config" in config:
+        raise BitfluxError(f"{path}: already quantized by bitflux; quantize the full-precision source instead")
+    return Source(config, checkpoint.weight_files(path), original_layout=False)
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise BitfluxError(
+            f"{repo_id} is not in the local Hugging Face cache and bitflux never downloads at run time; "
+            f"fetch it first with `huggingface-cli download {repo_id}` (or pass a local folder)") from None
+
+
+def _source_units(source: Source):
+    """Yield dicts of diffusers-named tensors, small enough to hold at once."""
+    if not source.original_layout:
+        for name, tensor in checkpoint.iter_tensors(source.files):
+            yield {name: tensor}
+        return
+    # Original layout: gather each block's keys (one safe_open per block keeps memory at one block).
+    from safetensors import safe_open
+
+    file = source.files[0]
+    with safe_open(str(file), framework="pt") as f:
+        units: dict[str, list[str]] = {}
+        for key in f.keys():
+            units.setdefault(flux.original_unit(key), []).append(key)
+        for keys in units.values():
+            yield flux.convert_original_unit({k: f.get_tensor(k) for k in keys})
+
+
+def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
+    """Diffusers-named shapes of the source, from the file headers alone (original layout converted on meta)."""
+    shapes = checkpoint.tensor_shapes(source.files)
+    if not source.original_layout:
+        return shapes
+    units: dict[str, dict] = {}
+    for key, shape in shapes.items():
+        units.setdefault(flux.original_unit(key), {})[key] = torch.empty(shape, device="meta")
+    return {k: tuple(v.shape) for unit in units.values() for k, v in flux.convert_original_unit(unit).items()}
+
+
+def check_shapes(shapes: dict, expected: dict, source: str) -> None:
+    """Every tensor the config expects, with its shape, and nothing else: checked before writing anything."""
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise BitfluxError(f"{source}: unexpected tensor {name!r} for a FLUX transformer")
+        if tuple(shape) != expected[name]:
+            raise BitfluxError(f"{source}: tensor {name!r} has shape {tuple(shape)}, the config expects {expected[name]}")
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise BitfluxError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+
+
+def count_units(source: Source) -> int:
+    if not source.original_layout:
+        return sum(len(checkpoint.tensor_shapes([f])) for f in source.files)
+    return len({flux.original_unit(k) for k in checkpoint.tensor_shapes(source.files)})
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConfig | None = None,
+                        force: bool = False, progress: bool = True,
+                        max_shard_bytes: int = checkpoint.DEFAULT_SHARD_BYTES) -> QuantizationReport:
+    """Quantize SOURCE into the bitflux folder OUT, streaming; returns the report."""
+    config = config or TernaryConfig()
+    found = resolve_source(source)
+    model = flux.build_transformer(found.transformer_config, "meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = quantize_(model, config)
+    targets = {layer.name for layer in report.layers}
+    check_shapes(converted_shapes(found), expected, str(source))
+    out = Path(out)
+    with checkpoint.AtomicFolder(out, force) as tmp:
+        transformer_dir = tmp / "transformer" if found.pipeline_root else tmp
+        transformer_dir.mkdir(exist_ok=True)
+        writer = checkpoint.ShardWriter(transformer_dir, max_shard_bytes)
+        bar = tqdm(total=count_units(found), desc="quantizing", unit="tensor" if not found.original_layout else "block",
+                   disable=not progress)
+        for unit in _source_units(found):
+            for name, tensor in unit.items():
+                layer, _, leaf = name.rpartition(".")
+                if layer in targets and leaf == "weight":
+                    codes, scales = ternarize(tensor, config.method, config.granularity, config.group_size_or_none)
+                    writer.add(f"{layer}.weight_packed", formats.pack(codes, config.format))
+                    writer.add(f"{layer}.weight_scale", scales.to(config.scale_torch_dtype))
+                else:
+                    writer.add(name, tensor)
+            bar.update(1)
+        bar.close()
+        writer.finish()
+        checkpoint.write_config(transformer_dir, found.transformer_config, config)
+        if found.pipeline_root:
+            _copy_pipeline_components(found.pipeline_root, tmp)
+    return report
+
+
+def _copy_pipeline_components(root: Path, dest: Path) -> None:
+    """Everything but the transformer, hard-linked where the filesystem allows (no extra disk)."""
+    for item in root.iterdir():
+        if item.name == "transformer":
+            continue
+        target = dest / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, target)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

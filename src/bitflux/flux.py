@@ -1,0 +1,207 @@
+"""FLUX specifics: known configurations, building the transformer, and the original (BFL) single-file
+layout converted to diffusers names one block at a time."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import BitfluxError
+
+FLUX_CLASS = "FluxTransformer2DModel"
+
+FLUX_DEV_CONFIG = {
+    "_class_name": FLUX_CLASS, "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+}
+FLUX_SCHNELL_CONFIG = {**FLUX_DEV_CONFIG, "guidance_embeds": False}
+KNOWN_CONFIGS = {"flux.1-dev": FLUX_DEV_CONFIG, "flux.1-schnell": FLUX_SCHNELL_CONFIG}
+
+
+def check_flux_config(config: dict, where: str) -> None:
+    name = config.get("_class_name")
+    if name != FLUX_CLASS:
+        raise BitfluxError(f"{where} is a {name or 'unknown model'}, not a FLUX transformer ({FLUX_CLASS})")
+
+
+def build_transformer(config: dict, device: str | torch.device = "meta"):
+    """A FluxTransformer2DModel from a config dict, on `device` (meta: no memory for weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    check_flux_config(config, "the config")
+    try:
+        with torch.device(device):
+            return FluxTransformer2DModel.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise BitfluxError(f"invalid FLUX transformer config: {exc}") from None
+
+
+# ---- original single-file layout ------------------------------------------------------------------
+
+_ORIGINAL_PREFIX = "model.diffusion_model."
+_GLOBAL_RENAMES = {
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "txt_in": "context_embedder",
+    "img_in": "x_embedder",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_DOUBLE_RENAMES = {
+    "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+}
+_DOUBLE_FUSED = {  # fused rows -> equal chunks
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_SINGLE_RENAMES = {
+    "modulation.lin": "norm.linear", "linear2": "proj_out",
+    "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight",
+}
+_BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+
+
+def strip_original_prefix(key: str) -> str:
+    return key[len(_ORIGINAL_PREFIX):] if key.startswith(_ORIGINAL_PREFIX) else key
+
+
+def is_original_layout(keys) -> bool:
+    return any(strip_original_prefix(k).startswith(("double_blocks.", "single_blocks.")) for k in keys)
+
+
+def original_unit(key: str) -> str:
+    """The conversion unit an original key belongs to: 'double_blocks.N', 'single_blocks.N' or 'globals'.
+    All keys of a unit must be converted together (fused tensors split across names)."""
+    match = _BLOCK_KEY.match(strip_original_prefix(key))
+    return f"{match.group(1)}.{match.group(2)}" if match else "globals"
+
+
+def _rename(suffix: str, renames: dict) -> str | None:
+    for old, new in renames.items():
+        if suffix == old or suffix.startswith(old + "."):
+            return new + suffix[len(old):]
+    return None
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    # The original AdaLayerNormContinuous emits (shift, scale); diffusers' emits (scale, shift).
+    shift, scale = tensor.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def convert_original_unit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert the original-layout tensors of one unit (see original_unit) to diffusers names."""
+    out: dict[str, torch.Tensor] = {}
+    tensors = {strip_original_prefix(k): v for k, v in tensors.items()}
+    for key, tensor in tensors.items():
+        match = _BLOCK_KEY.match(key)
+        if match is None:
+            new = _rename(key, _GLOBAL_RENAMES)
+            if new is None:
+                raise BitfluxError(f"unexpected tensor {key!r} in an original FLUX checkpoint")
+            out[new] = _swap_halves(tensor) if new.startswith("norm_out.linear") else tensor
+            continue
+        kind, index, suffix = match.groups()
+        prefix = f"{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{index}."
+        if kind == "double_blocks":
+            fused = next((f for f in _DOUBLE_FUSED if suffix.startswith(f + ".")), None)
+            if fused is not None:
+                param = suffix[len(fused) + 1:]
+                for name, part in zip(_DOUBLE_FUSED[fused], tensor.chunk(3, dim=0)):
+                    out[f"{prefix}{name}.{param}"] = part
+                continue
+            new = _rename(suffix, _DOUBLE_RENAMES)
+        elif suffix.startswith("linear1."):
+            # linear1 fuses q, k, v (width rows each) and the MLP input projection.
+            width = tensors[f"{kind}.{index}.linear2.weight"].shape[0]
+            param = suffix[len("linear1."):]
+            parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
+            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
+                out[f"{prefix}{name}.{param}"] = part
+            continue
+        else:
+            new = _rename(suffix, _SINGLE_RENAMES)
+        if new is None:
+            raise BitfluxError(f"unexpected tensor {key!r} in an original FLUX checkpoint")
+        out[prefix + new] = tensor
+    return out
+
+
+def config_from_original_shapes(shapes: dict[str, tuple]) -> dict:
+    """Infer the diffusers config of an original single-file checkpoint from its tensor shapes."""
+    shapes = {strip_original_prefix(k): tuple(v) for k, v in shapes.items()}
+    try:
+        width, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        config = {
+            "_class_name": FLUX_CLASS, "patch_size": 1, "in_channels": in_channels,
+            "num_layers": 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")),
+            "num_single_layers": 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")),
+                                         default=-1),
+            "attention_head_dim": head_dim, "num_attention_heads": width // head_dim,
+            "joint_attention_dim": shapes["txt_in.weight"][1],
+            "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
+            "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+        }
+    except (KeyError, ValueError, IndexError) as exc:
+        raise BitfluxError(f"not an original FLUX checkpoint: missing or malformed tensor {exc}") from None
+    if head_dim % 32:
+        raise BitfluxError(f"cannot infer rotary axes for head dim {head_dim}; use a diffusers folder with config.json")
+    # FLUX splits each head's rotary dims as 1/8 (time) + 7/16 + 7/16 (height, width): 16, 56, 56 for 128.
+    config["axes_dims_rope"] = [head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16]
+    return config
+
+
+def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of convert_original_unit over a whole state dict: diffusers names -> original layout.
+
+    Tensors without a counterpart (e.g. bitflux's packed codes) are refused; the caller converts dense
+    tensors. Fused q/k/v and linear1 are concatenated along rows again.
+    """
+    renames = {**{v: k for k, v in _GLOBAL_RENAMES.items()}}
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused original name -> parts by diffusers name
+    for key, tensor in state.items():
+        match = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", key)
+        if match is None:
+            new = _rename(key, renames)
+            if new is None:
+                raise BitfluxError(f"no original FLUX name for {key!r}")
+            out[new] = _swap_halves(tensor) if new.startswith("final_layer.adaLN_modulation.1") else tensor
+            continue
+        kind, index, suffix = match.groups()
+        layer, _, param = suffix.rpartition(".")
+        if kind == "transformer_blocks":
+            prefix = f"double_blocks.{index}."
+            fused = next((f for f, parts in _DOUBLE_FUSED.items() if layer in parts), None)
+            if fused is not None:
+                pending.setdefault(f"{prefix}{fused}.{param}", {})[layer] = tensor
+                continue
+            new = _rename(suffix, {v: k for k, v in _DOUBLE_RENAMES.items()})
+        else:
+            prefix = f"single_blocks.{index}."
+            if layer in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+                pending.setdefault(f"{prefix}linear1.{param}", {})[layer] = tensor
+                continue
+            new = _rename(suffix, {v: k for k, v in _SINGLE_RENAMES.items()})
+        if new is None:
+            raise BitfluxError(f"no original FLUX name for {key!r}")
+        out[prefix + new] = tensor
+    order = {"img_attn.qkv": _DOUBLE_FUSED["img_attn.qkv"], "txt_attn.qkv": _DOUBLE_FUSED["txt_attn.qkv"],
+             "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+    for name, parts in pending.items():
+        fused = name.split(".", 2)[2].rpartition(".")[0]
+        out[name] = torch.cat([parts[p] for p in order[fused]], dim=0)
+    return out

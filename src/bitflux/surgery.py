@@ -1,0 +1,103 @@
+"""quantize_(model, config): swap the targeted nn.Linear modules for TernaryLinear, in place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import formats
+from .config import TernaryConfig
+from .linear import TernaryLinear, scale_shape
+
+_SCALE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class QuantizationReport:
+    """What quantize_ did, with byte counts for every storage format (16-bit baseline for the rest)."""
+
+    config: TernaryConfig
+    total_params: int
+    layers: list[QuantizedLayer] = field(default_factory=list)
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def coverage(self) -> float:
+        return self.quantized_params / max(self.total_params, 1)
+
+    def layer_bytes(self, layer: QuantizedLayer, fmt: str) -> int:
+        rows, groups = scale_shape(layer.out_features, layer.in_features, self.config.granularity,
+                                   self.config.group_size_or_none)
+        return (formats.packed_nbytes(layer.out_features, layer.in_features, fmt)
+                + rows * groups * _SCALE_BYTES[self.config.scale_dtype])
+
+    def bytes_bf16(self) -> int:
+        return self.total_params * BF16_BYTES
+
+    def bytes_quantized(self, fmt: str) -> int:
+        """Packed codes and scales of the quantized layers, every other parameter in 16 bits."""
+        rest = (self.total_params - self.quantized_params) * BF16_BYTES
+        return rest + sum(self.layer_bytes(layer, fmt) for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "modules_quantized": len(self.layers),
+            "params_total": self.total_params,
+            "params_quantized": self.quantized_params,
+            "coverage": self.coverage,
+            "bytes": {"bf16": self.bytes_bf16(), **{fmt: self.bytes_quantized(fmt) for fmt in formats.CODES_PER_BYTE}},
+            "ratio_vs_bf16": {fmt: self.bytes_bf16() / self.bytes_quantized(fmt) for fmt in formats.CODES_PER_BYTE},
+        }
+
+
+def is_target(name: str, module: nn.Module, config: TernaryConfig) -> bool:
+    return (isinstance(module, nn.Linear)
+            and any(re.search(p, name) for p in config.include)
+            and not any(re.search(p, name) for p in config.exclude))
+
+
+def target_names(model: nn.Module, config: TernaryConfig) -> list[str]:
+    return [name for name, module in model.named_modules() if is_target(name, module, config)]
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> QuantizationReport:
+    """Replace every targeted nn.Linear by a TernaryLinear (meta modules stay on meta, without weights)."""
+    config = config or TernaryConfig()
+    report = QuantizationReport(config, total_params=count_params(model))
+    for name in target_names(model, config):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        setattr(parent, child, TernaryLinear.from_linear(linear, config))
+        report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
+    return report
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters a full-precision model has: TernaryLinear layers count their dense weight and bias."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            total += module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total

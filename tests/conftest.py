@@ -1,0 +1,57 @@
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_CONFIG = {
+    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 2,
+    "num_single_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 48,
+    "pooled_projection_dim": 24, "guidance_embeds": True, "axes_dims_rope": [4, 14, 14],
+}
+
+
+@pytest.fixture
+def tiny_config():
+    return dict(TINY_CONFIG)
+
+
+def build_tiny(seed: int = 0, config=None):
+    from bitflux.flux import build_transformer
+
+    torch.manual_seed(seed)
+    model = build_transformer(config or TINY_CONFIG, "cpu")
+    with torch.no_grad():  # diffusers zero-initialises some outputs; random values exercise every path
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tiny_inputs(config=None, batch=1, image_tokens=16, text_tokens=6, seed=1):
+    config = config or TINY_CONFIG
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(image_tokens, 3)
+    side = int(image_tokens ** 0.5)
+    ids[:, 1] = torch.arange(image_tokens) // side
+    ids[:, 2] = torch.arange(image_tokens) % side
+    return dict(
+        hidden_states=torch.randn(batch, image_tokens, config["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, config["pooled_projection_dim"], generator=g),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 3.5) if config["guidance_embeds"] else None,
+        img_ids=ids,
+        txt_ids=torch.zeros(text_tokens, 3),
+        return_dict=False,
+    )
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A diffusers transformer folder of a tiny FLUX with random weights."""
+    model = build_tiny()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    return folder

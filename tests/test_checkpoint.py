@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_inputs
+
+from bitflux import TernaryConfig, TernaryLinear, load_transformer, quantize_, quantize_checkpoint, save_transformer
+from bitflux.checkpoint import INDEX_NAME, read_safetensors_header
+from bitflux.errors import BitfluxError
+from bitflux.kernels import use_backend
+
+
+def _forward(model):
+    with use_backend("reference"), torch.no_grad():
+        return model(**tiny_inputs())[0]
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
+def test_save_load_bit_identical(tmp_path, fmt, granularity):
+    config = TernaryConfig(format=fmt, **TernaryConfig.parse_granularity(granularity))
+    model = build_tiny()
+    quantize_(model, config)
+    save_transformer(model, tmp_path / "q", config)
+    loaded = load_transformer(tmp_path / "q")
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear):
+            other = loaded.get_submodule(name)
+            assert torch.equal(module.weight_packed, other.weight_packed)
+            assert torch.equal(module.weight_scale, other.weight_scale)
+    assert torch.equal(_forward(model), _forward(loaded))
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert stored["format"] == fmt and stored["quant_method"] == "bitflux"
+
+
+def test_sharded_save_and_streaming_quantize_agree(tmp_path, tiny_folder):
+    config = TernaryConfig(granularity="channel")
+    quantize_checkpoint(tiny_folder, tmp_path / "sharded", config, progress=False, max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / INDEX_NAME).exists()
+    in_memory = build_tiny()
+    quantize_(in_memory, config)
+    assert torch.equal(_forward(load_transformer(tmp_path / "sharded")), _forward(in_memory))
+
+
+def test_tq1_files_are_smaller(tmp_path, tiny_folder):
+    sizes = {}
+    for fmt in ("tq2", "tq1"):
+        quantize_checkpoint(tiny_folder, tmp_path / fmt, TernaryConfig(format=fmt), progress=False)
+        header = read_safetensors_header(tmp_path / fmt / "diffusion_pytorch_model.safetensors")
+        sizes[fmt] = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                         if k.endswith("weight_packed"))
+    assert sizes["tq1"] < 0.82 * sizes["tq2"]
+
+
+def test_load_never_builds_dense_quantized_weights(tmp_path, tiny_folder, monkeypatch):
+    quantize_checkpoint(tiny_folder, tmp_path / "q", progress=False)
+    calls = []
+    original = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: calls.append(self.weight.device.type)
+                        or original(self))
+    load_transformer(tmp_path / "q")
+    assert all(device == "meta" for device in calls)
+
+
+def test_load_refuses_full_precision_folder(tiny_folder):
+    with pytest.raises(BitfluxError, match="not a bitflux model"):
+        load_transformer(tiny_folder)

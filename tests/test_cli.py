@@ -1,0 +1,177 @@
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bitflux.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bitflux: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def _assert_nothing_written(out_dir):
+    assert not out_dir.exists()
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.")]
+
+
+def test_quantize_and_inspect(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "quantize", tiny_folder, "-o", out, "--format", "tq1", "--method", "lsq",
+                           "--granularity", "group:16", "-q")
+    assert code == 0 and (out / "config.json").exists()
+    code, stdout, _ = _run(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["kind"] == "bitflux model"
+    assert info["quantization"]["method"] == "lsq" and info["quantization"]["format"] == "tq1"
+    assert 0 < info["coverage"] < 1 and set(info["blocks"]) >= {"transformer_blocks.0", "single_transformer_blocks.1"}
+
+
+def test_inspect_config_json_alone_gives_paper_figures(tmp_path, capsys):
+    from bitflux.flux import FLUX_DEV_CONFIG
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(FLUX_DEV_CONFIG))
+    code, stdout, _ = _run(capsys, "inspect", path, "--json")
+    info = json.loads(stdout)
+    assert code == 0
+    assert info["params_total"] == pytest.approx(11.9e9, rel=0.01)
+    assert info["coverage"] == pytest.approx(0.995, abs=0.001)
+    assert info["ratio_vs_bf16"]["tq2"] == pytest.approx(7.7, abs=0.05)
+    assert info["ratio_vs_bf16"]["tq1"] > 9
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _corrupt_files(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"double_blocks.0.img_in.weight": torch.zeros(4, 4)}, str(good))
+    raw = good.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header["double_blocks.0.img_in.weight"]["data_offsets"] = [0, 10_000]
+    bad_offsets = json.dumps(header).encode()
+    return {
+        "not_safetensors": _write_bytes(tmp_path / "a.safetensors", b"hello"),
+        "header_past_end": _write_bytes(tmp_path / "b.safetensors", struct.pack("<Q", 10**9) + b"{}"),
+        "bad_json": _write_bytes(tmp_path / "c.safetensors", struct.pack("<Q", 5) + b"{nope"),
+        "offsets_out_of_range": _write_bytes(tmp_path / "d.safetensors",
+                                             struct.pack("<Q", len(bad_offsets)) + bad_offsets + raw[8 + length:]),
+        "truncated": _write_bytes(tmp_path / "e.safetensors", raw[:-20]),
+    }
+
+
+@pytest.mark.parametrize("case", ["not_safetensors", "header_past_end", "bad_json", "offsets_out_of_range",
+                                  "truncated"])
+def test_corrupted_safetensors(tmp_path, capsys, case):
+    path = _corrupt_files(tmp_path)[case]
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "quantize", path, "-o", out)
+    _assert_one_line_error(code, err, str(path))
+    _assert_nothing_written(out)
+
+
+def test_corrupted_shard_in_folder(tmp_path, tiny_folder, capsys):
+    weights = tiny_folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "truncated")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_pickle_and_unknown_files(tmp_path, capsys):
+    pt = _write_bytes(tmp_path / "model.ckpt", b"\x80\x04fake pickle")
+    code, _, err = _run(capsys, "quantize", pt, "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "never pickle")
+
+
+def test_missing_path(tmp_path, capsys):
+    code, _, err = _run(capsys, "quantize", tmp_path / "nope", "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "no such file")
+
+
+@pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "SD3Transformer2DModel"])
+def test_other_architecture(tmp_path, tiny_folder, capsys, class_name):
+    config = json.loads((tiny_folder / "config.json").read_text())
+    config["_class_name"] = class_name
+    (tiny_folder / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, class_name, "not a FLUX transformer")
+
+
+def test_already_quantized(tmp_path, tiny_folder, capsys):
+    assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "q", "-q")[0] == 0
+    code, _, err = _run(capsys, "quantize", tmp_path / "q", "-o", tmp_path / "q2")
+    _assert_one_line_error(code, err, "already quantized")
+    _assert_nothing_written(tmp_path / "q2")
+
+
+def test_shape_mismatch(tmp_path, tiny_folder, capsys):
+    config = json.loads((tiny_folder / "config.json").read_text())
+    config["joint_attention_dim"] = 64
+    (tiny_folder / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "context_embedder.weight", "has shape")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_existing_output_needs_force(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", out)
+    _assert_one_line_error(code, err, "exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _run(capsys, "quantize", tiny_folder, "-o", out, "--force", "-q")[0] == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, a file system nobody can write")
+def test_unwritable_output(tmp_path, tiny_folder, capsys):
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", "/proc/bitflux-out")
+    _assert_one_line_error(code, err, "cannot write")
+
+
+def test_output_under_a_file(tmp_path, tiny_folder, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", blocker / "out")
+    _assert_one_line_error(code, err, "cannot write")
+
+
+def test_hub_id_not_cached(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _run(capsys, "quantize", "black-forest-labs/FLUX.1-dev", "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "not in the local Hugging Face cache", "huggingface-cli download")
+
+
+def test_bad_granularity(tmp_path, tiny_folder, capsys):
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "--granularity", "group:x")
+    _assert_one_line_error(code, err, "granularity")
+
+
+def test_console_script_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bitflux.cli", "inspect", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr

@@ -1,0 +1,55 @@
+import pytest
+import torch
+from conftest import build_tiny, tiny_inputs
+
+from bitflux import TernaryConfig, TernaryLinear, quantize_
+from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
+from bitflux.kernels import use_backend
+
+
+def test_flux_dev_on_meta_matches_the_paper():
+    model = build_transformer(FLUX_DEV_CONFIG, "meta")
+    report = quantize_(model, TernaryConfig(format="tq2"))
+    assert report.total_params == pytest.approx(11.901e9, rel=1e-3)
+    assert report.coverage == pytest.approx(0.995, abs=0.001)
+    ratio = report.bytes_bf16() / report.bytes_quantized("tq2")
+    assert ratio == pytest.approx(7.7, abs=0.05)
+    assert report.bytes_bf16() / report.bytes_quantized("tq1") > ratio + 1.5
+    assert len(report.layers) == 19 * 12 + 38 * 7
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:32"])
+def test_quantized_model_equals_dequantized_swap(granularity):
+    model = build_tiny()
+    report = quantize_(model, TernaryConfig(**TernaryConfig.parse_granularity(granularity)))
+    assert all(name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for name in
+               (layer.name for layer in report.layers))
+    reference = build_tiny()
+    with torch.no_grad():
+        for layer in report.layers:
+            reference.get_submodule(layer.name).weight.copy_(model.get_submodule(layer.name).dequantize())
+    inputs = tiny_inputs()
+    with use_backend("reference"), torch.no_grad():
+        out = model(**inputs)[0]
+        expected = reference(**inputs)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_include_exclude_patterns():
+    model = build_tiny()
+    report = quantize_(model, TernaryConfig(exclude=(r"norm1?(_context)?\.linear$", r"\.ff\.")))
+    names = [layer.name for layer in report.layers]
+    assert not any(n.endswith(("norm1.linear", "norm.linear")) or ".ff." in n for n in names)
+    assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_q"), TernaryLinear)
+    assert isinstance(model.get_submodule("transformer_blocks.0.ff.net.2"), torch.nn.Linear)
+    assert isinstance(model.x_embedder, torch.nn.Linear)
+
+
+def test_parameter_count_unchanged():
+    model = build_tiny()
+    before = sum(p.numel() for p in model.parameters())
+    report = quantize_(model)
+    assert report.total_params == before
+    from bitflux.surgery import count_params
+    assert count_params(model) == before
