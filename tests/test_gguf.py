@@ -3,12 +3,16 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, build_tiny, tiny_inputs
 from torch import nn
 
-from bitflux import BitfluxError, TernaryConfig, TernaryLinear
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, flux, quantize_
+from bitflux.checkpoint import load_transformer, save_transformer
 from bitflux.interop.gguf import (
-    decode_blocks, encode_blocks, export_gguf, from_block_scales, load_gguf, read_gguf, to_block_scales,
+    decode_blocks, encode_blocks, export_gguf, from_block_scales, gguf_to_folder, load_gguf, read_gguf,
+    to_block_scales,
 )
+from bitflux.kernels import use_backend
 
 gguf = pytest.importorskip("gguf")
 QTYPES = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
@@ -67,54 +71,42 @@ def test_scales_that_blocks_cannot_hold_are_refused():
 
 # ---- whole models -----------------------------------------------------------------------------------------
 
-def tiny_flux(width_heads=2, seed=0):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
-                                  num_attention_heads=width_heads, joint_attention_dim=64,
-                                  pooled_projection_dim=32, axes_dims_rope=(16, 56, 56)).eval()
+# Width 256 (2 heads x 128): every linear's in_features is a multiple of the 256-weight block.
+CONFIG = {**TINY_CONFIG, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 128,
+          "axes_dims_rope": [16, 56, 56]}
 
 
-def ternarize_blocks(model, config):
-    """Swap the linears of the transformer blocks for TernaryLinear (what surgery.quantize_ does)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks." in n]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, TernaryLinear.from_linear(getattr(parent, child), config))
+def tiny_ternary(granularity="tensor", scale_dtype="float16"):
+    model = build_tiny(config=CONFIG)
+    quantize_(model, TernaryConfig(**TernaryConfig.parse_granularity(granularity), scale_dtype=scale_dtype))
     return model
-
-
-def flux_inputs(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    return dict(hidden_states=torch.randn(1, 16, cfg.in_channels, generator=generator),
-                encoder_hidden_states=torch.randn(1, 4, cfg.joint_attention_dim, generator=generator),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=generator),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(4, 3))
 
 
 def ternary_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
+def output(model):
+    with torch.no_grad(), use_backend("reference"):
+        return model(**tiny_inputs(CONFIG))[0]
+
+
 @pytest.fixture(scope="module")
 def models():
-    """One tiny ternary model per scale layout, built once (width 256: every in_features is a multiple of 256)."""
-    return {granularity: ternarize_blocks(tiny_flux(), TernaryConfig(
-        **TernaryConfig.parse_granularity(granularity), scale_dtype=scale_dtype))
-        for granularity, scale_dtype in [("tensor", "float16"), ("channel", "float32"), ("group:512", "bfloat16")]}
+    """One tiny ternary model per scale layout, built once."""
+    return {granularity: tiny_ternary(granularity, scale_dtype)
+            for granularity, scale_dtype in [("tensor", "float16"), ("channel", "float32"), ("group:512", "bfloat16")]}
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group:512"])
-def test_round_trip_is_bit_exact_for_codes_and_fp16_scales(models, tmp_path, qtype, granularity):
+@pytest.mark.parametrize("names", ["original", "diffusers"])
+def test_round_trip_is_bit_exact_for_codes_and_fp16_scales(models, tmp_path, qtype, granularity, names):
     model = models[granularity]
-    summary = export_gguf(model, tmp_path / "m.gguf", qtype)
-    assert summary.ternary_tensors == len(ternary_layers(model)) and not (tmp_path / "m.gguf.tmp").exists()
+    summary = export_gguf(model, tmp_path / "m.gguf", qtype, names=names)
+    assert not (tmp_path / "m.gguf.tmp").exists()
     contents = read_gguf(summary.path)
-    assert contents.architecture == "flux"
+    assert contents.architecture == "flux" and contents.transformer_config["num_attention_heads"] == 2
     for name, layer in ternary_layers(model).items():
         assert torch.equal(contents.state_dict[f"{name}.weight_packed"], layer.weight_packed)
         scale = contents.state_dict[f"{name}.weight_scale"]
@@ -122,6 +114,7 @@ def test_round_trip_is_bit_exact_for_codes_and_fp16_scales(models, tmp_path, qty
         assert scale.dtype == layer.weight_scale.dtype
         assert torch.equal(scale, layer.weight_scale.half().to(scale.dtype))
     dense = {k: v for k, v in model.state_dict().items() if not k.endswith(("weight_packed", "weight_scale"))}
+    assert set(contents.state_dict) == set(model.state_dict())
     for key, tensor in dense.items():
         assert torch.equal(contents.state_dict[key], tensor), key
 
@@ -129,7 +122,7 @@ def test_round_trip_is_bit_exact_for_codes_and_fp16_scales(models, tmp_path, qty
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gguf_package_reads_our_file_as_our_dequantized_weights(models, tmp_path, qtype):
     model = models["channel"]
-    export_gguf(model, tmp_path / "m.gguf", qtype)
+    export_gguf(model, tmp_path / "m.gguf", qtype, names="diffusers")
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.get_field("general.architecture").contents() == "flux"
     tensors = {t.name: t for t in reader.tensors}
@@ -142,41 +135,87 @@ def test_gguf_package_reads_our_file_as_our_dequantized_weights(models, tmp_path
         assert np.array_equal(theirs, ours.numpy()), name
 
 
+def test_original_names_are_what_comfyui_gguf_reads(models, tmp_path):
+    """ComfyUI-GGUF: general.architecture 'flux', single-file FLUX keys, ggml shapes reversed; the fused
+    q/k/v rows keep each projection's own scale."""
+    model = models["tensor"]
+    export_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert "double_blocks.0.img_attn.proj.weight" in tensors and "transformer_blocks.0.attn.to_q.weight" not in tensors
+    qkv = tensors["double_blocks.0.img_attn.qkv.weight"]
+    assert qkv.tensor_type == QTYPES["tq2_0"] and tuple(reversed(qkv.shape.tolist())) == (768, 256)
+    expected = torch.cat([model.get_submodule(f"transformer_blocks.0.attn.{p}").dequantize(torch.float32)
+                          for p in ("to_q", "to_k", "to_v")])
+    assert np.array_equal(gguf.quants.dequantize(qkv.data, qkv.tensor_type), expected.numpy())
+    linear1 = tensors["single_blocks.0.linear1.weight"]
+    assert tuple(reversed(linear1.shape.tolist())) == (3 * 256 + 1024, 256)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "group:512"])
 def test_load_gguf_rebuilds_a_model_with_the_same_output(models, tmp_path, granularity):
     model = models[granularity]  # float16 / bfloat16 scales: the file holds them exactly
     export_gguf(model, tmp_path / "m.gguf", "tq1_0")
     loaded = load_gguf(tmp_path / "m.gguf")
     assert set(ternary_layers(loaded)) == set(ternary_layers(model))
-    with torch.no_grad():
-        expected = model(**flux_inputs(model)).sample
-        assert torch.equal(loaded(**flux_inputs(model)).sample, expected)
+    assert torch.equal(output(loaded), output(model))
 
 
-def test_a_foreign_file_gets_the_coarsest_exact_granularity(tmp_path):
-    """A file written by ggml's own quantizer (scale = max |w| per block) reads back as group:256 scales."""
-    weights = torch.randn(4, 512)
-    writer = gguf.GGUFWriter(tmp_path / "f.gguf", "flux")
-    writer.add_tensor("x.weight", gguf.quants.quantize(weights.numpy(), QTYPES["tq2_0"]),
-                      raw_dtype=QTYPES["tq2_0"])
-    writer.add_tensor("x.bias", np.arange(4, dtype=np.float32))
+def test_export_from_a_bitflux_folder_and_quantize_back_to_one(models, tmp_path):
+    model = models["tensor"]
+    save_transformer(model, tmp_path / "folder", TernaryConfig(scale_dtype="float16", format="tq1"))
+    export_gguf(tmp_path / "folder", tmp_path / "m.gguf", "tq2_0")
+    gguf_to_folder(tmp_path / "m.gguf", tmp_path / "back")
+    assert torch.equal(output(load_transformer(tmp_path / "back")), output(model))
+    with pytest.raises(BitfluxError, match="already ternary with tensor scales"):
+        gguf_to_folder(tmp_path / "m.gguf", tmp_path / "again", TernaryConfig(granularity="channel"))
+
+
+def write_original_layout_file(path, model, qtype=None):
+    """A file like the single-file FLUX GGUFs other tools write: original names, no bitflux metadata;
+    block linears quantized by ggml's own quantizer when `qtype` is given."""
+    state = flux.diffusers_to_original({k: v.detach() for k, v in model.state_dict().items()})
+    writer = gguf.GGUFWriter(path, "flux")
+    for name, tensor in state.items():
+        blocks = name.startswith(("double_blocks", "single_blocks")) and name.endswith(".weight") and tensor.ndim == 2
+        if qtype is not None and blocks:
+            writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    contents = read_gguf(tmp_path / "f.gguf")
-    assert contents.quantization_config.granularity == "group" and contents.quantization_config.group_size == 256
-    layer = TernaryLinear(512, 4, group_size=256, scale_shape=(4, 2))
-    layer.load_state_dict({k.removeprefix("x."): v for k, v in contents.state_dict.items()})
-    expected = gguf.quants.dequantize(gguf.quants.quantize(weights.numpy(), QTYPES["tq2_0"]), QTYPES["tq2_0"])
+    return state
+
+
+def test_a_foreign_ternary_file_loads_with_the_coarsest_exact_granularity(tmp_path):
+    """ggml's quantizer writes scale = max |w| per block: the file reads back as group:256 scales, its
+    config comes from the original tensor shapes, and every layer dequantizes as the gguf package does."""
+    state = write_original_layout_file(tmp_path / "f.gguf", build_tiny(config=CONFIG), QTYPES["tq2_0"])
+    loaded = load_gguf(tmp_path / "f.gguf")
+    assert loaded.config.num_attention_heads == 2 and loaded.config.axes_dims_rope == [16, 56, 56]
+    layer = loaded.get_submodule("transformer_blocks.0.attn.to_out.0")
+    assert isinstance(layer, TernaryLinear) and layer.weight_scale.shape == (256, 1)
+    expected = gguf.quants.dequantize(gguf.quants.quantize(state["double_blocks.0.img_attn.proj.weight"].numpy(),
+                                                           QTYPES["tq2_0"]), QTYPES["tq2_0"])
     assert np.array_equal(layer.dequantize(torch.float32).numpy(), expected)
 
 
+def test_a_dense_foreign_file_is_quantized_into_a_folder(tmp_path):
+    dense = build_tiny(config=CONFIG)
+    write_original_layout_file(tmp_path / "f.gguf", dense)
+    assert torch.equal(output(load_gguf(tmp_path / "f.gguf")), output(dense))
+    gguf_to_folder(tmp_path / "f.gguf", tmp_path / "q", TernaryConfig(granularity="channel"))
+    expected = build_tiny(config=CONFIG)
+    quantize_(expected, TernaryConfig(granularity="channel"))
+    assert torch.equal(output(load_transformer(tmp_path / "q")), output(expected))
+
+
 def test_export_refuses_rows_that_are_not_whole_blocks(tmp_path):
-    model = ternarize_blocks(nn.Sequential(), TernaryConfig())
-    model.transformer_blocks = nn.ModuleList([nn.Linear(384, 8)])
-    ternarize_blocks(model, TernaryConfig())
-    with pytest.raises(BitfluxError, match="384 is not a multiple of 256"):
+    model = build_tiny()  # width 64
+    quantize_(model, TernaryConfig())
+    with pytest.raises(BitfluxError, match="in_features 64 is not a multiple of 256"):
         export_gguf(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -187,8 +226,9 @@ def test_export_refuses_rows_that_are_not_whole_blocks(tmp_path):
 def small_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "ok.gguf"
     model = nn.Module()
-    model.transformer_blocks = nn.ModuleList([nn.Linear(256, 4)])
-    export_gguf(ternarize_blocks(model, TernaryConfig()), path)
+    model.transformer_blocks = nn.ModuleList([nn.Sequential(nn.Linear(256, 4))])
+    quantize_(model, TernaryConfig())
+    export_gguf(model, path, names="diffusers")
     return path
 
 

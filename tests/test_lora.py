@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitflux import BitfluxError, TernaryConfig, TernaryLinear
+from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_
 from bitflux.interop.lora import LoraBranch, load_lora, read_lora
 from bitflux.kernels import use_backend
 from bitflux.ternary import ternarize
@@ -131,22 +133,13 @@ def test_dense_layers_take_a_lora_too():
 
 # ---- key layouts on a FLUX transformer ----------------------------------------------------------------------
 
-WIDTH = 64
+WIDTH = TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]
 
 
 @pytest.fixture(scope="module")
 def flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
-                                   num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=24,
-                                   axes_dims_rope=(4, 14, 14)).eval()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks." in n]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, TernaryLinear.from_linear(getattr(parent, child), TernaryConfig()))
+    model = build_tiny()
+    quantize_(model, TernaryConfig())
     return model
 
 
@@ -189,9 +182,7 @@ def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
         stem = f"transformer.transformer_blocks.0.attn.{name}"
         diffusers.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up[i * WIDTH:(i + 1) * WIDTH],
                           f"{stem}.alpha": torch.tensor(8.0)})
-    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 6, 48),
-                  pooled_projections=torch.randn(1, 24), timestep=torch.tensor([0.5]),
-                  img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(6, 3), return_dict=False)
+    inputs = tiny_inputs()
     outputs = []
     with torch.no_grad(), use_backend("reference"):
         base = flux(**inputs)[0]

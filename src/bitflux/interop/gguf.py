@@ -32,10 +32,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import formats
+from .. import flux, formats
+from ..checkpoint import load_transformer, save_transformer
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
+from ..surgery import quantize_
 
 try:
     import gguf
@@ -44,6 +46,7 @@ except ImportError:  # an optional dependency: the error says how to get it when
 
 BLOCK = 256
 QTYPE_NAMES = ("tq2_0", "tq1_0")
+NAME_LAYOUTS = ("original", "diffusers")
 _POW3 = (1, 3, 9, 27, 81)
 # TQ1_0 splits a block into three runs of bytes: (digits per byte, bytes) for weights 0-159, 160-239, 240-255.
 _TQ1_RUNS = ((5, 32), (5, 16), (4, 4))
@@ -179,40 +182,48 @@ def _ternary_config_of(model: nn.Module) -> TernaryConfig:
                          activations=layer.activations)
 
 
-def _export_entries(model: nn.Module):
-    """(name, kind, payload) in state-dict order: ternary layers as their .weight, every other tensor dense."""
-    ternary = {name: module for name, module in model.named_modules() if isinstance(module, TernaryLinear)}
-    entries = []
+def _export_tensors(model: nn.Module, names: str):
+    """-> ({weight name: (tq2 packed codes, block scales)}, {name: dense tensor}) in the `names` layout.
+
+    The original layout fuses q/k/v (and linear1's MLP rows): codes and block scales are concatenated
+    row by row like any weight, which is exact because every block scale belongs to one row.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    packed, scales, dense = {}, {}, {}
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in ternary and leaf == "weight_packed":
-            layer = ternary[owner]
-            # Validate every layer before writing a byte, so a refusal leaves nothing behind.
-            to_block_scales(layer.weight_scale, layer.out_features, layer.in_features, layer.group_size, owner)
-            entries.append((f"{owner}.weight", "ternary", layer))
-        elif owner in ternary and leaf == "weight_scale":
-            continue
-        else:
-            entries.append((key, "dense", tensor))
-    return entries
+        if owner not in layers or leaf not in ("weight_packed", "weight_scale"):
+            dense[key] = tensor
+        elif leaf == "weight_packed":
+            layer = layers[owner]
+            # Every layer is checked before a byte is written, so a refusal leaves nothing behind.
+            scales[f"{owner}.weight"] = to_block_scales(layer.weight_scale.cpu(), layer.out_features,
+                                                        layer.in_features, layer.group_size, owner)
+            packed[f"{owner}.weight"] = tensor.cpu()
+    if names == "original":
+        try:
+            packed, scales, dense = (flux.diffusers_to_original(d) for d in (packed, scales, dense))
+        except KeyError as exc:
+            raise BitfluxError(f"fused FLUX layer part {exc} is not ternary while its siblings are; "
+                               f"export with names='diffusers'") from None
+    elif names != "diffusers":
+        raise BitfluxError(f"unknown tensor names {names!r}; choose one of {', '.join(NAME_LAYOUTS)}")
+    return {name: (packed[name], scales[name]) for name in packed}, dense
 
 
-def _ternary_blocks(layer: TernaryLinear, qtype_name: str) -> np.ndarray:
-    scales = to_block_scales(layer.weight_scale.cpu(), layer.out_features, layer.in_features, layer.group_size, "")
-    return encode_blocks(layer.codes().cpu(), scales, qtype_name).numpy()
-
-
-def export_gguf(source, path, type: str = "tq2_0") -> ExportSummary:
+def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> ExportSummary:
     """Write a ternary transformer (a module, or a bitflux folder) as a GGUF file of `type` blocks.
 
-    Tensor names are the diffusers module names; general.architecture is "flux"; the bitflux
-    quantization_config and the diffusers transformer config ride along as JSON strings so that
-    read_gguf / load_gguf can rebuild the exact model. The file appears only when complete.
+    names="original": the single-file FLUX (BFL) names ComfyUI-GGUF and stable-diffusion.cpp read, with
+    general.architecture "flux"; names="diffusers": the module names of FluxTransformer2DModel (also
+    for models that are not FLUX). The bitflux quantization_config and the diffusers transformer config
+    ride along as JSON strings, so read_gguf / load_gguf rebuild the exact model. Written to a temporary
+    name, renamed when complete.
     """
     g = _require_gguf()
     qtype = _qtype(type)
     model = _load_source(source)
-    entries = _export_entries(model)
+    ternary, dense = _export_tensors(model, names)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = g.GGUFWriter(None, "flux")
@@ -220,41 +231,37 @@ def export_gguf(source, path, type: str = "tq2_0") -> ExportSummary:
     writer.add_file_type(getattr(g.LlamaFileType, f"MOSTLY_{type.upper()}"))
     writer.add_string(_META_CONFIG, json.dumps(_ternary_config_of(model).to_dict()))
     if hasattr(model, "config"):
-        writer.add_string(_META_TRANSFORMER, json.dumps({k: v for k, v in dict(model.config).items()
-                                                          if k != "quantization_config"}))
+        config = {k: v for k, v in dict(model.config).items()
+                  if k != "quantization_config" and (not k.startswith("_") or k == "_class_name")}
+        writer.add_string(_META_TRANSFORMER, json.dumps(config, default=list))
     total = 0
-    for name, kind, payload in entries:
-        if kind == "ternary":
-            nbytes = payload.out_features * payload.in_features // BLOCK * _block_bytes(qtype)
-            shape = (payload.out_features, payload.in_features // BLOCK * _block_bytes(qtype))
-            writer.add_tensor_info(name, shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
-        else:
-            array, raw = _dense_array(payload, name)
-            writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
-            nbytes = array.nbytes
-        total += nbytes
+    for name, (packed, scales) in ternary.items():
+        shape = (packed.shape[0], scales.shape[1] * _block_bytes(qtype))
+        writer.add_tensor_info(name, shape, np.dtype(np.uint8), shape[0] * shape[1], raw_dtype=qtype)
+        total += shape[0] * shape[1]
+    for name, tensor in dense.items():
+        array, raw = _dense_array(tensor, name)
+        writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
+        total += array.nbytes
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, kind, payload in tqdm(entries, desc=f"GGUF {type}", unit="tensor", leave=False):
-            array = _ternary_blocks(payload, type) if kind == "ternary" else _dense_array(payload, name)[0]
-            writer.write_tensor_data(array)
+        for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
+            codes = formats.unpack(packed, scales.shape[1] * BLOCK, "tq2")
+            writer.write_tensor_data(encode_blocks(codes, scales, type).numpy())
+        for name, tensor in dense.items():
+            writer.write_tensor_data(_dense_array(tensor, name)[0])
         writer.close()
         os.replace(tmp, path)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    ternary_count = sum(kind == "ternary" for _, kind, _ in entries)
-    return ExportSummary(path, ternary_count, len(entries) - ternary_count, total)
+    return ExportSummary(path, len(ternary), len(dense), total)
 
 
 def _load_source(source) -> nn.Module:
-    if isinstance(source, nn.Module):
-        return source
-    from ..checkpoint import load_transformer  # a bitflux folder; imported here: checkpoint sits above interop
-
-    return load_transformer(source)
+    return source if isinstance(source, nn.Module) else load_transformer(source)
 
 
 # ---- import ------------------------------------------------------------------------------------------------
@@ -330,19 +337,37 @@ def _ternary_granularity(config: TernaryConfig | None, ternary: dict) -> Ternary
     raise BitfluxError(f"{name}: block scales do not follow the file's {candidates[0].granularity} granularity")
 
 
+def _diffusers_named(raw: dict, shapes: dict) -> dict:
+    """Original-layout tensors -> diffusers names; a fused ternary tensor splits its codes and its block
+    scales along the same rows."""
+    width = flux.original_width(shapes)
+    out = {}
+    for name, (kind, payload) in raw.items():
+        if kind == "dense":
+            out.update((k, ("dense", v)) for k, v in flux.convert_original_tensor(name, payload, width).items())
+        else:
+            codes, scales = (flux.convert_original_tensor(name, part, width) for part in payload)
+            out.update((k, ("ternary", (codes[k], scales[k]))) for k in codes)
+    return out
+
+
 def read_gguf(path) -> GGUFContents:
-    """Read a GGUF file (ours or another tool's) into bitflux's state-dict convention."""
+    """Read a GGUF file (ours or another tool's; diffusers or original FLUX names) into bitflux's
+    state-dict convention with diffusers names. Holds the whole model: ternary codes stay packed."""
     reader = _open(path)
     try:
         stored = _field_string(reader, _META_CONFIG)
         transformer = _field_string(reader, _META_TRANSFORMER)
         architecture = _field_string(reader, "general.architecture")
-        raw = {tensor.name: _read_tensor(tensor) for tensor in reader.tensors}
+        shapes = {t.name: tuple(int(v) for v in reversed(t.shape)) for t in reader.tensors}
+        raw = {t.name: _read_tensor(t) for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False)}
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
         raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
+    if flux.is_original_layout(shapes):
+        raw = _diffusers_named(raw, shapes)
+        transformer = transformer or json.dumps(flux.config_from_original_shapes(shapes))
     ternary = {name: payload for name, (kind, payload) in raw.items() if kind == "ternary"}
     config = _ternary_granularity(TernaryConfig.from_dict(json.loads(stored)) if stored else None, ternary)
-    scale_dtype = getattr(torch, config.scale_dtype)
     state_dict = {}
     for name, (kind, payload) in raw.items():
         if kind == "dense":
@@ -352,31 +377,44 @@ def read_gguf(path) -> GGUFContents:
         stem = name.removesuffix(".weight")
         state_dict[f"{stem}.weight_packed"] = packed
         state_dict[f"{stem}.weight_scale"] = from_block_scales(
-            block_scales, config.granularity, config.group_size).to(scale_dtype)
+            block_scales, config.granularity, config.group_size).to(config.scale_torch_dtype)
     return GGUFContents(state_dict, config, json.loads(transformer) if transformer else None, architecture)
 
 
 def load_gguf(path, device: str | torch.device = "cpu") -> nn.Module:
-    """A FluxTransformer2DModel with TernaryLinear layers, rebuilt from a GGUF file bitflux wrote."""
-    from diffusers import FluxTransformer2DModel
+    """A FluxTransformer2DModel from a GGUF file: layers stored as TQ blocks become TernaryLinear, the
+    rest load as they are (other ggml types dequantized to float32)."""
+    return _build(read_gguf(path), path).to(device)
 
-    contents = read_gguf(path)
+
+def _build(contents: GGUFContents, path) -> nn.Module:
     if contents.transformer_config is None:
-        raise BitfluxError(f"{path}: no {_META_TRANSFORMER} metadata, so the model's shape is unknown; "
-                           f"use read_gguf for its tensors")
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(contents.transformer_config)
-    _swap_ternary(model, contents)
-    model.load_state_dict(contents.state_dict, strict=True, assign=True)
-    return model.to(device)
-
-
-def _swap_ternary(model: nn.Module, contents: GGUFContents) -> None:
-    """Turn every nn.Linear whose weight the file holds as ternary blocks into a (meta) TernaryLinear."""
+        raise BitfluxError(f"{path}: neither {_META_TRANSFORMER} metadata nor original FLUX tensor names, "
+                           f"so the model's shape is unknown; use read_gguf for its tensors")
+    model = flux.build_transformer(contents.transformer_config, "meta")
     for key in contents.state_dict:
-        if not key.endswith(".weight_packed"):
-            continue
-        name = key.removesuffix(".weight_packed")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, TernaryLinear.from_linear(getattr(parent, child), contents.quantization_config))
+        if key.endswith(".weight_packed"):
+            parent_name, _, child = key.removesuffix(".weight_packed").rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, TernaryLinear.from_linear(getattr(parent, child), contents.quantization_config))
+    try:
+        model.load_state_dict(contents.state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BitfluxError(f"{path}: tensors do not fit the transformer config "
+                           f"({str(exc).splitlines()[-1].strip()})") from None
+    return model.eval()
+
+
+def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool = False) -> Path:
+    """`bitflux quantize model.gguf`: a GGUF file -> bitflux folder. TQ layers are copied as they are (no
+    re-ternarization); dense target layers (a GGUF from another tool) are ternarized with `config`."""
+    contents = read_gguf(path)
+    stored = contents.quantization_config
+    has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)
+    config = config or stored
+    if has_ternary and (config.granularity, config.group_size_or_none) != (stored.granularity, stored.group_size_or_none):
+        raise BitfluxError(f"{path} is already ternary with {stored.granularity} scales; converting them to "
+                           f"{config.granularity} would need the full-precision weights")
+    model = _build(contents, path)
+    quantize_(model, config)  # only the dense target layers are left to quantize
+    return save_transformer(model, out, config, force)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import formats
+from .. import flux, formats
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..ternary import ternarize
@@ -151,10 +151,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def _original_names(model: nn.Module) -> dict[str, str]:
     """Original (BFL) linear name -> its name with underscores, for this model's depth."""
-    from ..flux import diffusers_to_original
-
     try:
-        names = diffusers_to_original({f"{n}.weight": torch.zeros(2, 0) for n in _linear_names(model)})
+        names = flux.diffusers_to_original({f"{n}.weight": torch.zeros(2, 0) for n in _linear_names(model)})
     except BitfluxError:
         return {}  # not a FLUX transformer: only diffusers names apply
     return {k.removesuffix(".weight"): k.removesuffix(".weight").replace(".", "_") for k in names}
@@ -186,16 +184,8 @@ def _resolve(stem: str, model: nn.Module, diffusers: set[str], original: dict[st
 def _to_diffusers(name: str, down, up, model: nn.Module) -> dict[str, tuple]:
     """An original-layout LoRA pair -> per diffusers layer (down, up rows). A fused layer's rows split
     like its weight (q/k/v, and linear1's MLP rows); all parts share the down matrix."""
-    from ..flux import convert_original_unit
-
-    tensors = {f"{name}.weight": up}
-    block = re.match(r"^single_blocks\.(\d+)\.linear1$", name)
-    if block:  # the converter reads the width off linear2's weight; give it a stand-in of that height
-        width = model.get_submodule(f"single_transformer_blocks.{block.group(1)}.proj_out").out_features
-        tensors[f"single_blocks.{block.group(1)}.linear2.weight"] = torch.empty(width, 0)
-    parts = convert_original_unit(tensors)
-    if block:
-        parts.pop(f"single_transformer_blocks.{block.group(1)}.proj_out.weight")
+    width = model.get_submodule("x_embedder").out_features
+    parts = flux.convert_original_tensor(f"{name}.weight", up, width)
     return {k.removesuffix(".weight"): (down, part) for k, part in parts.items()}
 
 
