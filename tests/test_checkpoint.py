@@ -65,3 +65,17 @@ def test_load_never_builds_dense_quantized_weights(tmp_path, tiny_folder, monkey
 def test_load_refuses_full_precision_folder(tiny_folder):
     with pytest.raises(BitfluxError, match="not a bitflux model"):
         load_transformer(tiny_folder)
+
+
+def test_original_single_file_quantizes_like_the_diffusers_folder(tmp_path, tiny_folder):
+    from safetensors.torch import save_file
+
+    from bitflux.flux import diffusers_to_original
+
+    original = diffusers_to_original(build_tiny().state_dict())
+    single = tmp_path / "flux-tiny.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in original.items()}, str(single))
+    quantize_checkpoint(single, tmp_path / "from_single", progress=False)
+    quantize_checkpoint(tiny_folder, tmp_path / "from_folder", progress=False)
+    assert torch.equal(_forward(load_transformer(tmp_path / "from_single")),
+                       _forward(load_transformer(tmp_path / "from_folder")))

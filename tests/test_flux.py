@@ -39,23 +39,22 @@ def test_original_conversion_equals_diffusers_converter():
 
     original = _original_random()
     expected = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
-    units = {}
-    for key, tensor in original.items():
-        units.setdefault(flux.original_unit(key), {})[key] = tensor
     ours = {}
-    for unit in units.values():  # block by block, as the streaming converter does
-        ours.update(flux.convert_original_unit(unit))
+    width = flux.original_width({k: v.shape for k, v in original.items()})
+    for key, tensor in original.items():  # tensor by tensor, as the streaming converter does
+        ours.update(flux.convert_original_tensor(key, tensor, width))
     assert set(ours) == set(expected)
     for key in expected:
         assert torch.equal(ours[key], expected[key]), key
 
 
 def test_original_prefix_is_accepted():
-    original = {"model.diffusion_model." + k: v for k, v in _original_random(1, 1).items()}
-    units = {}
-    for key, tensor in original.items():
-        units.setdefault(flux.original_unit(key), {})[key] = tensor
-    assert set(units) == {"globals", "double_blocks.0", "single_blocks.0"}
+    original = _original_random(1, 1)
+    prefixed = {"model.diffusion_model." + k: v for k, v in original.items()}
+    width = flux.original_width({k: v.shape for k, v in prefixed.items()})
+    for key, tensor in prefixed.items():
+        plain = flux.convert_original_tensor(key[len("model.diffusion_model."):], tensor, width)
+        assert flux.convert_original_tensor(key, tensor, width).keys() == plain.keys()
 
 
 def test_diffusers_to_original_round_trip_and_config():
@@ -66,10 +65,7 @@ def test_diffusers_to_original_round_trip_and_config():
     assert flux.config_from_original_shapes({k: v.shape for k, v in original.items()}) == {
         k: v for k, v in TINY_CONFIG.items() if k != "patch_size"} | {"patch_size": 1}
     back = {}
-    units = {}
     for key, tensor in original.items():
-        units.setdefault(flux.original_unit(key), {})[key] = tensor
-    for unit in units.values():
-        back.update(flux.convert_original_unit(unit))
+        back.update(flux.convert_original_tensor(key, tensor, flux.original_width({k: v.shape for k, v in original.items()})))
     assert set(back) == set(state)
     assert all(torch.equal(back[k], state[k]) for k in state)

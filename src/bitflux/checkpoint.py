@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import formats
@@ -96,17 +95,29 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64,
+                 "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 def iter_tensors(files: list[Path]):
-    """(name, tensor) one at a time, so memory holds one tensor of the source at most."""
+    """(name, tensor) one at a time, read with plain file reads rather than a memory map: mapped pages of
+    a 24 GB file would count towards resident memory, and this keeps one source tensor in memory at most."""
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except BitfluxError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise BitfluxError(f"{file}: cannot read safetensors ({exc})") from None
+        header = read_safetensors_header(file)
+        with open(file, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _TORCH_DTYPES:
+                    raise BitfluxError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                begin, end = info["data_offsets"]
+                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(data_start + begin)
+                if f.readinto(buffer.numpy()) != end - begin:
+                    raise BitfluxError(f"{file}: truncated while reading {name!r}")
+                yield name, buffer.view(_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def read_config(folder: Path) -> dict:

@@ -1,9 +1,8 @@
 """Streaming SOURCE -> bitflux folder: the engine of `bitflux quantize`.
 
 Sources: a diffusers FLUX pipeline or transformer folder, an original single-file FLUX checkpoint, or a
-hub id found in the local Hugging Face cache. Tensors are read one at a time (one block at a time for
-the original layout, whose fused tensors span names) and written in bounded shards, so peak memory does
-not grow with the model's depth.
+hub id found in the local Hugging Face cache. Tensors are read one at a time (fused tensors of the original
+layout are split as they come) and written in bounded shards, so peak memory does not grow with depth.
 """
 
 from __future__ import annotations
@@ -78,22 +77,11 @@ def _from_hub_cache(repo_id: str) -> Path:
             f"fetch it first with `huggingface-cli download {repo_id}` (or pass a local folder)") from None
 
 
-def _source_units(source: Source):
-    """Yield dicts of diffusers-named tensors, small enough to hold at once."""
-    if not source.original_layout:
-        for name, tensor in checkpoint.iter_tensors(source.files):
-            yield {name: tensor}
-        return
-    # Original layout: gather each block's keys (one safe_open per block keeps memory at one block).
-    from safetensors import safe_open
-
-    file = source.files[0]
-    with safe_open(str(file), framework="pt") as f:
-        units: dict[str, list[str]] = {}
-        for key in f.keys():
-            units.setdefault(flux.original_unit(key), []).append(key)
-        for keys in units.values():
-            yield flux.convert_original_unit({k: f.get_tensor(k) for k in keys})
+def _source_tensors(source: Source):
+    """Yield dicts of diffusers-named tensors converted from one source tensor each."""
+    width = flux.original_width(checkpoint.tensor_shapes(source.files)) if source.original_layout else 0
+    for name, tensor in checkpoint.iter_tensors(source.files):
+        yield flux.convert_original_tensor(name, tensor, width) if source.original_layout else {name: tensor}
 
 
 def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
@@ -101,10 +89,9 @@ def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
     shapes = checkpoint.tensor_shapes(source.files)
     if not source.original_layout:
         return shapes
-    units: dict[str, dict] = {}
-    for key, shape in shapes.items():
-        units.setdefault(flux.original_unit(key), {})[key] = torch.empty(shape, device="meta")
-    return {k: tuple(v.shape) for unit in units.values() for k, v in flux.convert_original_unit(unit).items()}
+    width = flux.original_width(shapes)
+    return {k: tuple(v.shape) for key, shape in shapes.items()
+            for k, v in flux.convert_original_tensor(key, torch.empty(shape, device="meta"), width).items()}
 
 
 def check_shapes(shapes: dict, expected: dict, source: str) -> None:
@@ -117,12 +104,6 @@ def check_shapes(shapes: dict, expected: dict, source: str) -> None:
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise BitfluxError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing)")
-
-
-def count_units(source: Source) -> int:
-    if not source.original_layout:
-        return sum(len(checkpoint.tensor_shapes([f])) for f in source.files)
-    return len({flux.original_unit(k) for k in checkpoint.tensor_shapes(source.files)})
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConfig | None = None,
@@ -141,10 +122,10 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         transformer_dir = tmp / "transformer" if found.pipeline_root else tmp
         transformer_dir.mkdir(exist_ok=True)
         writer = checkpoint.ShardWriter(transformer_dir, max_shard_bytes)
-        bar = tqdm(total=count_units(found), desc="quantizing", unit="tensor" if not found.original_layout else "block",
+        bar = tqdm(total=len(checkpoint.tensor_shapes(found.files)), desc="quantizing", unit="tensor",
                    disable=not progress)
-        for unit in _source_units(found):
-            for name, tensor in unit.items():
+        for converted in _source_tensors(found):
+            for name, tensor in converted.items():
                 layer, _, leaf = name.rpartition(".")
                 if layer in targets and leaf == "weight":
                     codes, scales = ternarize(tensor, config.method, config.granularity, config.group_size_or_none)

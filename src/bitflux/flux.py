@@ -81,13 +81,6 @@ def is_original_layout(keys) -> bool:
     return any(strip_original_prefix(k).startswith(("double_blocks.", "single_blocks.")) for k in keys)
 
 
-def original_unit(key: str) -> str:
-    """The conversion unit an original key belongs to: 'double_blocks.N', 'single_blocks.N' or 'globals'.
-    All keys of a unit must be converted together (fused tensors split across names)."""
-    match = _BLOCK_KEY.match(strip_original_prefix(key))
-    return f"{match.group(1)}.{match.group(2)}" if match else "globals"
-
-
 def _rename(suffix: str, renames: dict) -> str | None:
     for old, new in renames.items():
         if suffix == old or suffix.startswith(old + "."):
@@ -101,42 +94,43 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([scale, shift], dim=0)
 
 
-def convert_original_unit(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert the original-layout tensors of one unit (see original_unit) to diffusers names."""
-    out: dict[str, torch.Tensor] = {}
-    tensors = {strip_original_prefix(k): v for k, v in tensors.items()}
-    for key, tensor in tensors.items():
-        match = _BLOCK_KEY.match(key)
-        if match is None:
-            new = _rename(key, _GLOBAL_RENAMES)
-            if new is None:
-                raise BitfluxError(f"unexpected tensor {key!r} in an original FLUX checkpoint")
-            out[new] = _swap_halves(tensor) if new.startswith("norm_out.linear") else tensor
-            continue
-        kind, index, suffix = match.groups()
-        prefix = f"{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{index}."
-        if kind == "double_blocks":
-            fused = next((f for f in _DOUBLE_FUSED if suffix.startswith(f + ".")), None)
-            if fused is not None:
-                param = suffix[len(fused) + 1:]
-                for name, part in zip(_DOUBLE_FUSED[fused], tensor.chunk(3, dim=0)):
-                    out[f"{prefix}{name}.{param}"] = part
-                continue
-            new = _rename(suffix, _DOUBLE_RENAMES)
-        elif suffix.startswith("linear1."):
-            # linear1 fuses q, k, v (width rows each) and the MLP input projection.
-            width = tensors[f"{kind}.{index}.linear2.weight"].shape[0]
-            param = suffix[len("linear1."):]
-            parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
-            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
-                out[f"{prefix}{name}.{param}"] = part
-            continue
-        else:
-            new = _rename(suffix, _SINGLE_RENAMES)
+def original_width(shapes: dict) -> int:
+    """The hidden width of an original checkpoint (rows of img_in), needed to split single blocks' linear1."""
+    for key, shape in shapes.items():
+        if strip_original_prefix(key) == "img_in.weight":
+            return tuple(shape)[0]
+    raise BitfluxError("not an original FLUX checkpoint: no img_in.weight")
+
+
+def convert_original_tensor(key: str, tensor: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    """One original-layout tensor -> its diffusers-named tensor(s); fused ones are split along rows.
+    Tensor by tensor, so a converter holds one source tensor at a time whatever the block size."""
+    key = strip_original_prefix(key)
+    match = _BLOCK_KEY.match(key)
+    if match is None:
+        new = _rename(key, _GLOBAL_RENAMES)
         if new is None:
             raise BitfluxError(f"unexpected tensor {key!r} in an original FLUX checkpoint")
-        out[prefix + new] = tensor
-    return out
+        return {new: _swap_halves(tensor) if new.startswith("norm_out.linear") else tensor}
+    kind, index, suffix = match.groups()
+    prefix = f"{'transformer_blocks' if kind == 'double_blocks' else 'single_transformer_blocks'}.{index}."
+    if kind == "double_blocks":
+        fused = next((f for f in _DOUBLE_FUSED if suffix.startswith(f + ".")), None)
+        if fused is not None:
+            param = suffix[len(fused) + 1:]
+            return {f"{prefix}{name}.{param}": part for name, part in zip(_DOUBLE_FUSED[fused], tensor.chunk(3, dim=0))}
+        new = _rename(suffix, _DOUBLE_RENAMES)
+    elif suffix.startswith("linear1."):
+        # linear1 fuses q, k, v (width rows each) and the MLP input projection.
+        param = suffix[len("linear1."):]
+        parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
+        return {f"{prefix}{name}.{param}": part
+                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts)}
+    else:
+        new = _rename(suffix, _SINGLE_RENAMES)
+    if new is None:
+        raise BitfluxError(f"unexpected tensor {key!r} in an original FLUX checkpoint")
+    return {prefix + new: tensor}
 
 
 def config_from_original_shapes(shapes: dict[str, tuple]) -> dict:
@@ -165,7 +159,7 @@ def config_from_original_shapes(shapes: dict[str, tuple]) -> dict:
 
 
 def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of convert_original_unit over a whole state dict: diffusers names -> original layout.
+    """The inverse of convert_original_tensor over a whole state dict: diffusers names -> original layout.
 
     Tensors without a counterpart (e.g. bitflux's packed codes) are refused; the caller converts dense
     tensors. Fused q/k/v and linear1 are concatenated along rows again.

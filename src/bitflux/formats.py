@@ -37,29 +37,31 @@ def pack(codes: torch.Tensor, fmt: str = "tq2") -> torch.Tensor:
     """(out, in) int8 codes in {-1, 0, 1} -> (out, packed_columns(in)) uint8."""
     if codes.ndim != 2:
         raise ValueError(f"expected 2-D codes, got shape {tuple(codes.shape)}")
-    digits = _digits(codes, fmt).to(torch.int32)
-    if fmt == "tq2":
-        weights = torch.tensor([1, 4, 16, 64], dtype=torch.int32, device=codes.device)
-    elif fmt == "tq1":
-        weights = torch.tensor(_POW3, dtype=torch.int32, device=codes.device)
-    else:
+    if fmt not in CODES_PER_BYTE:
         raise ValueError(f"unknown format {fmt!r}")
-    return (digits * weights).sum(-1).to(torch.uint8)
+    # uint8 throughout: the largest byte, 2 * (1 + 3 + 9 + 27 + 81) = 242, cannot overflow, and a
+    # full-width FLUX layer then needs no wider temporaries.
+    digits = _digits(codes, fmt)
+    packed = digits[..., 0].clone()
+    multipliers = (4, 16, 64) if fmt == "tq2" else _POW3[1:]
+    for i, multiplier in enumerate(multipliers, 1):
+        packed += digits[..., i] * multiplier
+    return packed
 
 
 def unpack(packed: torch.Tensor, in_features: int, fmt: str = "tq2") -> torch.Tensor:
     """(out, bytes) uint8 -> (out, in_features) int8 codes in {-1, 0, 1}."""
-    values = packed.to(torch.int32).unsqueeze(-1)
+    values = packed.unsqueeze(-1)
     if fmt == "tq2":
-        shifts = torch.arange(0, 8, 2, dtype=torch.int32, device=packed.device)
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
         digits = (values >> shifts) & 3
     elif fmt == "tq1":
-        powers = torch.tensor(_POW3, dtype=torch.int32, device=packed.device)
+        powers = torch.tensor(_POW3, dtype=torch.uint8, device=packed.device)
         digits = torch.div(values, powers, rounding_mode="floor") % 3
     else:
         raise ValueError(f"unknown format {fmt!r}")
     codes = digits.reshape(packed.shape[0], -1)[:, :in_features]
-    return (codes - 1).to(torch.int8)
+    return codes.to(torch.int8) - 1
 
 
 def convert(packed: torch.Tensor, in_features: int, src: str, dst: str) -> torch.Tensor:
