@@ -38,8 +38,8 @@ def fp_lora_reference(layer, x, pairs):
 def test_branch_equals_fp_lora_math_on_dequantized_weights(shape, granularity):
     model = ternary_holder(*shape, granularity)
     down, up = lora_pair(*shape)
-    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up, "layer.alpha": torch.tensor(8.0)},
-                        strength=0.7, dtype=torch.float32)
+    lora = {"layer.lora_A.weight": down, "layer.lora_B.weight": up, "layer.alpha": torch.tensor(8.0)}
+    adapter = load_lora(model, lora, strength=0.7, dtype=torch.float32)
     x = torch.randn(3, 5, shape[1])
     with use_backend("reference"):
         y = model.layer(x)
@@ -106,8 +106,8 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity):
 
 def test_fused_loras_unfuse_last_in_first_out():
     model = ternary_holder(8, 16)
-    first, second = (load_lora(model, dict(zip(("layer.lora_A.weight", "layer.lora_B.weight"), lora_pair(8, 16, seed=s))))
-                     for s in (1, 2))
+    keys = ("layer.lora_A.weight", "layer.lora_B.weight")
+    first, second = (load_lora(model, dict(zip(keys, lora_pair(8, 16, seed=s)))) for s in (1, 2))
     first.fuse()
     second.fuse()
     with pytest.raises(BitfluxError, match="unfuse it first"):

@@ -38,6 +38,7 @@ from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..surgery import quantize_
+from . import layer_granularity
 
 try:
     import gguf
@@ -176,8 +177,7 @@ def _ternary_config_of(model: nn.Module) -> TernaryConfig:
     layer = next((m for m in model.modules() if isinstance(m, TernaryLinear)), None)
     if layer is None:
         raise BitfluxError("the model has no TernaryLinear layer: quantize it first")
-    granularity = "group" if layer.group_size else "tensor" if layer.weight_scale.numel() == 1 else "channel"
-    return TernaryConfig(granularity=granularity, group_size=layer.group_size or 128,
+    return TernaryConfig(granularity=layer_granularity(layer), group_size=layer.group_size or 128,
                          scale_dtype=str(layer.weight_scale.dtype).removeprefix("torch."),
                          activations=layer.activations)
 
@@ -412,7 +412,8 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
     stored = contents.quantization_config
     has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)
     config = config or stored
-    if has_ternary and (config.granularity, config.group_size_or_none) != (stored.granularity, stored.group_size_or_none):
+    same_scales = (config.granularity, config.group_size_or_none) == (stored.granularity, stored.group_size_or_none)
+    if has_ternary and not same_scales:
         raise BitfluxError(f"{path} is already ternary with {stored.granularity} scales; converting them to "
                            f"{config.granularity} would need the full-precision weights")
     model = _build(contents, path)

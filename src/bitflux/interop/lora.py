@@ -30,6 +30,7 @@ from .. import flux, formats
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..ternary import ternarize
+from . import layer_granularity
 
 _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
           "alpha": "alpha"}
@@ -44,7 +45,8 @@ class LoraBranch(nn.Module):
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, dtype=torch.bfloat16):
         super().__init__()
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise BitfluxError(f"LoRA pair has shapes {tuple(down.shape)} and {tuple(up.shape)}, not (r, in) and (out, r)")
+            raise BitfluxError(f"LoRA pair has shapes {tuple(down.shape)} and {tuple(up.shape)}, "
+                               f"not (r, in) and (out, r)")
         # Frozen for inference; a training script turns gradients on with adapter.requires_grad_(True).
         self.down = nn.Parameter(down.detach().to(dtype).clone(), requires_grad=False)
         self.up = nn.Parameter(up.detach().to(dtype).clone(), requires_grad=False)
@@ -104,9 +106,7 @@ class LoraAdapter(nn.Module):
             weight = weight + self.strength * branch.delta().to(weight.device)
             if isinstance(layer, TernaryLinear):
                 self._saved[name] = (layer.weight_packed, layer.weight_scale)
-                granularity = "group" if layer.group_size else ("tensor" if layer.weight_scale.numel() == 1
-                                                                  else "channel")
-                codes, scales = ternarize(weight, method, granularity, layer.group_size)
+                codes, scales = ternarize(weight, method, layer_granularity(layer), layer.group_size)
                 layer.weight_packed = formats.pack(codes, "tq2")
                 layer.weight_scale = scales.to(layer.weight_scale.dtype)
             else:
