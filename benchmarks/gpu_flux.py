@@ -1,0 +1,230 @@
+"""One denoising forward of the full FLUX.1-dev transformer (19 double + 38 single blocks, width 3072,
+random weights, nothing downloaded) at 1024x1024 (4096 image + 512 text tokens): bf16 vs bitflux
+W1.58A16 vs W1.58A8, one model at a time, each built on the meta device and materialized directly on
+the GPU (the ternary models never hold a bf16 copy of their block weights), then freed.
+
+    PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
+    PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_flux.py --dry-run   # CPU: a tiny FLUX
+
+Reports latency (median of timed forwards), torch.cuda.max_memory_allocated during the timed forwards
+and over the model's whole life (build, tuning, first forward), weight bytes, and ratios vs bf16.
+Writes gpu_flux.json and gpu_flux.md (atomically), after every model, so partial results survive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bitflux import TernaryConfig, TernaryLinear, kernels
+from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
+from bitflux.surgery import quantize_
+
+TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+               "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+               "pooled_projection_dim": 32, "axes_dims_rope": [8, 12, 12]}
+WEIGHT_STD = 0.02  # keeps random activations finite through 57 blocks
+MODES = ("bf16", "a16", "a8")
+LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8"}
+
+
+def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
+    """The transformer with random weights on `device`, ternary block linears unless mode is bf16."""
+    model = build_transformer(config, "meta").to(torch.bfloat16)
+    if mode != "bf16":
+        quantize_(model, TernaryConfig(activations=mode))
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, TernaryLinear):
+                module.weight_packed.copy_(random_tq2(module.weight_packed.shape, device, gen))
+                # codes are nonzero with probability 2/3: this scale gives the bf16 model's weight spread
+                module.weight_scale.fill_(WEIGHT_STD / math.sqrt(2 / 3))
+                if module.bias is not None:
+                    module.bias.zero_()
+                continue
+            for pname, param in module.named_parameters(recurse=False):
+                if pname == "bias":
+                    param.zero_()
+                elif param.ndim == 1:  # norm gains
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, WEIGHT_STD, generator=gen)
+    return model.eval()
+
+
+def random_tq2(shape, device, gen) -> torch.Tensor:
+    """Random tq2 bytes: four digits u = w + 1 in {0, 1, 2} per byte, built in uint8 (no large temporaries)."""
+    digits = torch.randint(0, 3, (*shape, 4), dtype=torch.uint8, device=device, generator=gen)
+    return digits[..., 0] | (digits[..., 1] << 2) | (digits[..., 2] << 4) | (digits[..., 3] << 6)
+
+
+def inputs(config: dict, image_tokens: int, text_tokens: int, device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(1)
+    side = int(math.isqrt(image_tokens))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=gen).to(torch.bfloat16)
+
+    return {
+        "hidden_states": randn(1, image_tokens, config["in_channels"]),
+        "encoder_hidden_states": randn(1, text_tokens, config["joint_attention_dim"]),
+        "pooled_projections": randn(1, config["pooled_projection_dim"]),
+        "timestep": torch.tensor([0.5], device=device, dtype=torch.bfloat16),
+        "guidance": torch.tensor([3.5], device=device, dtype=torch.bfloat16),
+        "img_ids": img_ids.to(device),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device),
+        "return_dict": False,
+    }
+
+
+def time_forwards(model, batch: dict, warmup: int, iters: int, device) -> dict:
+    """Latencies of the timed forwards, and the peak memory before (build, tuning, first calls) and during them."""
+    cuda = device.type == "cuda"
+    result = {}
+    with torch.inference_mode():
+        for _ in range(warmup):  # the first call also tunes and compiles the kernels
+            out = model(**batch)[0]
+        if cuda:
+            torch.cuda.synchronize()
+            result["peak_setup_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            out = model(**batch)[0]
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            result["peak_forward_bytes"] = torch.cuda.max_memory_allocated()
+    result.update({"latency_ms": statistics.median(times), "latency_ms_all": [round(t, 2) for t in times],
+                   "output_finite": bool(torch.isfinite(out).all()), "output_std": out.float().std().item()})
+    return result
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int, device) -> dict:
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = build(config, mode, device)
+    result = {"mode": mode, "build_s": round(time.perf_counter() - start, 1), "weight_bytes": weight_bytes(model)}
+    batch = inputs(config, *batch_shape, device)
+    with kernels.use_backend("triton" if mode != "bf16" else "auto"):
+        if mode != "bf16":
+            _check_triton_in_use(model, mode, device)
+        result.update(time_forwards(model, batch, warmup, iters, device))
+    del model, batch
+    gc.collect()
+    return result
+
+
+def _check_triton_in_use(model, mode: str, device) -> None:
+    """A silent fallback to the reference backend would time the wrong thing: refuse it."""
+    layer = next(m for m in model.modules() if isinstance(m, TernaryLinear))
+    probe = torch.zeros(1, layer.in_features, dtype=torch.bfloat16, device=device)
+    chosen = kernels.select_backend(probe, layer.ternary_weight, mode)
+    if chosen.NAME != "triton":
+        raise RuntimeError(f"the Triton backend is not in use (got {chosen.NAME}); see the warnings above")
+
+
+def add_ratios(results: dict) -> None:
+    base = results.get("bf16")
+    if not base or "latency_ms" not in base:
+        return
+    for mode, res in results.items():
+        if mode == "bf16" or "latency_ms" not in res:
+            continue
+        res["speedup_vs_bf16"] = base["latency_ms"] / res["latency_ms"]
+        res["weight_ratio_vs_bf16"] = base["weight_bytes"] / res["weight_bytes"]
+        for key in ("peak_forward_bytes", "peak_setup_bytes"):
+            if key in res and key in base:
+                res[key.replace("_bytes", "_ratio_vs_bf16")] = base[key] / res[key]
+
+
+def markdown(env: dict, results: dict) -> str:
+    gib = 2**30
+    lines = [f"# FLUX.1-dev transformer, one forward at {env['tokens']} on {env['device']}", "",
+             f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`; random weights, "
+             f"{env['iters']} timed forwards after {env['warmup']} warm-up.", "",
+             "| model | latency ms | speed-up | weights GiB | ratio | peak fwd GiB | ratio | peak setup GiB |"
+             " finite |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, res in results.items():
+        if "error" in res:
+            lines.append(f"| {LABELS[mode]} | error: {res['error']} |")
+            continue
+
+        def cell(key, scale=1.0, fmt="{:.2f}"):
+            return fmt.format(res[key] / scale) if key in res else "-"
+
+        lines.append(" | ".join([
+            f"| {LABELS[mode]}", cell("latency_ms", fmt="{:.1f}"), cell("speedup_vs_bf16", fmt="{:.2f}x"),
+            cell("weight_bytes", gib), cell("weight_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_forward_bytes", gib),
+            cell("peak_forward_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_setup_bytes", gib),
+            f"{res['output_finite']} |"]))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, env: dict, results: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu_flux.json", json.dumps({"environment": env, "results": results}, indent=1)),
+                       ("gpu_flux.md", markdown(env, results))):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="results folder")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny FLUX at 16 + 8 tokens (CPU, interpreter)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args(argv)
+    import triton
+    import platform
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config, batch_shape = (TINY_CONFIG, (16, 8)) if args.dry_run else (FLUX_DEV_CONFIG, (4096, 512))
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)",
+           "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "command": " ".join([sys.executable, *sys.argv]), "warmup": args.warmup, "iters": args.iters,
+           "tokens": f"{batch_shape[0]} image + {batch_shape[1]} text tokens"}
+    results = {}
+    for mode in args.modes:
+        print(f"# {LABELS[mode]} ...", flush=True)
+        try:
+            results[mode] = measure(config, mode, batch_shape, args.warmup, args.iters, device)
+        except Exception as exc:  # noqa: BLE001 - report, free, and go on with the next model
+            results[mode] = {"error": f"{type(exc).__name__}: {exc}"}
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        add_ratios(results)
+        print(json.dumps(results[mode]), flush=True)
+        write_results(args.out, env, results)
+    print(markdown(env, results))
+    return 1 if any("error" in res for res in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one GPU session script: the Triton kernel tests compiled for real, the full-FLUX forward benchmark,
+# then the per-layer GEMM benchmark. Each part has its own time limit and failures do not stop the
+# next part; every part writes its results into $OUT as it goes. Worst case ~4 minutes of wall time.
+#
+#   OUT=results bash benchmarks/gpu_run.sh        (from the repository root; .whl/ may hold diffusers)
+#
+# Files written to $OUT (6): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md}.
+set -u
+OUT=${OUT:-results}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/run.log"
+cd "$(dirname "$0")/.."
+
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl >> "$LOG" 2>&1 \
+        || echo "wheel install failed (see above)" >> "$LOG"
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}  # shared by the three parts
+# Without a GPU (rehearsing the script on a CPU) the benchmarks run tiny shapes in Triton's interpreter.
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    unset TRITON_INTERPRET
+    DRY=""
+else
+    export TRITON_INTERPRET=1
+    DRY="--dry-run"
+fi
+
+part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its status, never abort the script
+    local name=$1 limit=$2 outfile=$3
+    shift 3
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout -k 5 "$limit" "$@" >> "$outfile" 2>&1
+    local status=$?
+    echo "=== $name: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    python -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1
+    python -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1
+} >> "$LOG"
+
+# Correctness first, with one config per regime (BITFLUX_TRITON_AUTOTUNE=0: each config is a compile);
+# gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+part pytest 75 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+    -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
+part gpu_flux 100 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
+part gpu_linear 65 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+echo "done in ${SECONDS}s" | tee -a "$LOG"
+tail -4 "$OUT/pytest.txt"
+cat "$OUT/gpu_flux.md" "$OUT/gpu_linear.md" 2>/dev/null

@@ -1,0 +1,135 @@
+"""The Triton backend against the reference backend: compiled on a GPU when there is one, otherwise
+under Triton's interpreter (TRITON_INTERPRET=1) on the CPU at small shapes.
+
+W1.58A8 is checked bit for bit: with power-of-two weight scales every float step after the int32 sums
+is exact or rounded identically, so equal outputs mean equal integer results. W1.58A16 is checked to
+float tolerance (the kernel applies per-tensor/channel scales in fp32, the reference in the input dtype).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede Triton's import to take effect
+pytest.importorskip("triton")
+
+from bitflux import TernaryConfig, TernaryLinear, formats, kernels, ternary  # noqa: E402
+from bitflux.kernels import TernaryWeight, reference  # noqa: E402
+from bitflux.kernels import triton as tk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (M, K, N): K and N off the tile sizes, M = 1, a partial small tile, a partial large tile.
+SHAPES = [(1, 130, 20), (5, 300, 70), (17, 384, 33), (130, 256, 129)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCALES = [("tensor", None), ("channel", None), ("group", 128)]
+# Relative tolerance per dtype, against the largest output magnitude.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# On a GPU every distinct case is a compile (seconds), so the cases form a Latin square rather than a
+# full product: every (shape, dtype), (shape, scales) and (dtype, scales) pair still occurs.
+A16_CASES = [(shape, dtype, SCALES[(i + j) % 3]) for i, shape in enumerate(SHAPES) for j, dtype in enumerate(DTYPES)]
+A8_EXACT_CASES = [(shape, scales) for i, shape in enumerate(SHAPES)
+                  for scales in (SCALES + [("group", 256)])[i % 2::2]]
+
+
+def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales = ternary.ternarize(torch.randn(n, k, generator=gen), "absmean", granularity, group_size)
+    if power_of_two:
+        scales = 2.0 ** torch.randint(-2, 3, scales.shape, generator=gen).float()
+    return TernaryWeight(formats.pack(codes).to(DEVICE), scales.to(DEVICE), k, n, group_size)
+
+
+def _activations(m, k, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+
+
+def _assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype] * expected.float().abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=tol)
+
+
+def test_prepare_keeps_the_layers_bytes():
+    weight = _weight(16, 256, "group", 128)
+    prepared = tk.prepare(weight)
+    assert prepared.packed.data_ptr() == weight.packed.data_ptr()  # no second copy of the weights
+    assert prepared.scales.dtype == torch.float32 and prepared.scales.shape == (16, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_activations_is_bit_identical(dtype):
+    x = _activations(6, 2500, dtype)  # K above the kernel's block: two passes over each row
+    x[1] = 0.0
+    x[2, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: exact ties must round half to even
+    x[2, 4:] = 0.0
+    q, scale = tk.quantize_activations(x)
+    q_ref, scale_ref = reference.quantize_activations(x)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(scale, scale_ref.reshape(-1))
+
+
+@pytest.mark.parametrize("shape,scales", A8_EXACT_CASES)
+def test_a8_equals_integer_reference_exactly(shape, scales):
+    (m, k, n), (granularity, group_size) = shape, scales
+    weight = _weight(n, k, granularity, group_size, power_of_two=True)
+    x = _activations(m, k, torch.float32)
+    out = tk.linear(x, tk.prepare(weight), None, "a8")
+    assert torch.equal(out, reference.linear_a8(x, weight, None))
+
+
+@pytest.mark.parametrize("dtype,scales", list(zip(DTYPES, SCALES)))
+def test_a8_with_bias_matches_reference(dtype, scales):
+    granularity, group_size = scales
+    m, k, n = 5, 300, 70
+    weight = _weight(n, k, granularity, group_size)
+    x, bias = _activations(m, k, dtype), _activations(1, n, dtype, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, "a8")
+    assert out.dtype == dtype
+    # Only the last rounding to the output dtype may differ (fused multiply-adds, interpreter truncation).
+    expected = reference.linear_a8(x, weight, bias)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dtype,scales", A16_CASES)
+def test_a16_matches_reference(shape, dtype, scales):
+    (m, k, n), (granularity, group_size) = shape, scales
+    weight = _weight(n, k, granularity, group_size)
+    x, bias = _activations(m, k, dtype), _activations(1, n, dtype, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, "a16")
+    assert out.dtype == dtype and out.shape == (m, n)
+    _assert_close(out, reference.linear(x, weight, bias, "a16"), dtype)
+
+
+def test_leading_dims_empty_and_strided_inputs():
+    weight = _weight(40, 256, "channel")
+    prepared = tk.prepare(weight)
+    x = _activations(6, 256, torch.float16).reshape(2, 3, 256)
+    out = tk.linear(x, prepared, None, "a16")
+    assert out.shape == (2, 3, 40)
+    _assert_close(out, reference.linear(x, weight, None, "a16"), torch.float16)
+    assert tk.linear(x[:0], prepared, None, "a8").shape == (0, 3, 40)
+    strided = _activations(256, 4, torch.float16).t()  # last dimension not contiguous
+    _assert_close(tk.linear(strided, prepared, None, "a8"), reference.linear_a8(strided, weight, None),
+                  torch.float16)
+
+
+@pytest.mark.parametrize("activations", ["a16", "a8"])
+def test_ternary_linear_dispatches_to_triton(activations):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 48).to(torch.bfloat16)
+    layer = TernaryLinear.from_linear(dense, TernaryConfig(granularity="channel", activations=activations)).to(DEVICE)
+    x = _activations(3, 256, torch.bfloat16).reshape(1, 3, 256)
+    with kernels.use_backend("triton"):
+        assert kernels.select_backend(x, layer.ternary_weight, activations) is tk
+        out = layer(x)
+    _assert_close(out, reference.linear(x, layer.ternary_weight, layer.bias, activations), torch.bfloat16)
+
+
+def test_groups_not_multiple_of_chunk_fall_back_to_reference():
+    weight = _weight(16, 256, "group", 64)
+    x = _activations(2, 256, torch.float32)
+    assert not tk.supports(x, weight, "a16")  # 64 is not a multiple of tk.GROUP_MULTIPLE
+    with kernels.use_backend("triton"):
+        assert kernels.select_backend(x, weight, "a16") is reference
