@@ -1,0 +1,240 @@
+"""LoRA on ternary models: a 16-bit low-rank side branch, y = layer(x) + strength * (alpha / rank) * B(A(x)).
+
+Why forward hooks and not wrapper modules: a wrapper renames the adapted layer's tensors
+(`X.weight_packed` -> `X.base.weight_packed`), which breaks checkpoint saving, GGUF export and every
+lookup by module name. A hook leaves the model's module tree and state_dict untouched. The LoRA weights
+live in the LoraAdapter that load_lora returns (an nn.Module: `.to()` it if the model moves later).
+
+Fusing adds the LoRA into the weights and re-ternarizes them (the branch then costs nothing); the layer's
+original buffers are kept, so unfusing restores them exactly (fused adapters unfuse last-in, first-out).
+
+Key layouts read (safetensors or a state dict):
+  diffusers / PEFT: [transformer.|base_model.model.]<diffusers module>.lora_A.weight / .lora_B.weight [/ .alpha]
+  kohya:            lora_unet_<original BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
+                    (e.g. lora_unet_double_blocks_0_img_attn_qkv: fused q/k/v rows split onto to_q/to_k/to_v)
+  also dotted original names and lora_down/lora_up with diffusers names. Text-encoder keys are skipped.
+Without an alpha the scale is 1 (alpha = rank), as diffusers does.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import flux, formats
+from ..errors import BitfluxError
+from ..linear import TernaryLinear
+from ..ternary import ternarize
+from . import layer_granularity
+
+_ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+          "alpha": "alpha"}
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|lora_te_)")
+_UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", "hada_", "lokr_", ".diff", "lora_mid")
+
+
+class LoraBranch(nn.Module):
+    """down (rank, in) and up (out, rank) in 16 bits; forward returns (alpha / rank) * up(down(x))."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, dtype=torch.bfloat16):
+        super().__init__()
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise BitfluxError(f"LoRA pair has shapes {tuple(down.shape)} and {tuple(up.shape)}, "
+                               f"not (r, in) and (out, r)")
+        # Frozen for inference; a training script turns gradients on with adapter.requires_grad_(True).
+        self.down = nn.Parameter(down.detach().to(dtype).clone(), requires_grad=False)
+        self.up = nn.Parameter(up.detach().to(dtype).clone(), requires_grad=False)
+        self.scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The dense (out, in) float32 weight this branch adds."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.dequantize(torch.float32) if isinstance(layer, TernaryLinear) else layer.weight.detach().float()
+
+
+class LoraAdapter(nn.Module):
+    """One LoRA attached to a model. `strength` may be changed at any time while unfused."""
+
+    def __init__(self, model: nn.Module, branches: dict[str, LoraBranch], strength: float = 1.0):
+        super().__init__()
+        self.names = list(branches)
+        self.branches = nn.ModuleList(branches.values())
+        self.strength = float(strength)
+        self.fused = False
+        self._layers = {name: model.get_submodule(name) for name in self.names}
+        self._hooks = [self._layers[name].register_forward_hook(functools.partial(self._add_branch, branch))
+                       for name, branch in branches.items()]
+        self._saved: dict[str, tuple] = {}
+
+    def _add_branch(self, branch: LoraBranch, module, args, output):
+        if self.fused or self.strength == 0:
+            return output
+        return output + self.strength * branch(args[0]).to(output.dtype)
+
+    def items(self):
+        return zip(self.names, self.branches)
+
+    def remove(self) -> None:
+        """Detach from the model (unfusing first if fused)."""
+        if self.fused:
+            self.unfuse()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def fuse(self, method: str = "absmean") -> None:
+        """Fold strength * delta into the weights: ternary layers are re-ternarized with `method` at their
+        own granularity, dense layers get the delta added. The branch stops running."""
+        if self.fused:
+            raise BitfluxError("this LoRA is already fused")
+        for name, branch in self.items():
+            layer = self._layers[name]
+            weight = _dense_weight(layer)
+            weight = weight + self.strength * branch.delta().to(weight.device)
+            if isinstance(layer, TernaryLinear):
+                self._saved[name] = (layer.weight_packed, layer.weight_scale)
+                codes, scales = ternarize(weight, method, layer_granularity(layer), layer.group_size)
+                layer.weight_packed = formats.pack(codes, "tq2")
+                layer.weight_scale = scales.to(layer.weight_scale.dtype)
+            else:
+                self._saved[name] = (layer.weight.data,)
+                layer.weight.data = weight.to(layer.weight.dtype)
+            layer.__dict__.setdefault("_bitflux_fused", []).append(self)
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Put back the exact buffers the layers had before fuse()."""
+        if not self.fused:
+            raise BitfluxError("this LoRA is not fused")
+        for name in self.names:
+            if self._layers[name].__dict__["_bitflux_fused"][-1] is not self:
+                raise BitfluxError(f"{name}: another LoRA was fused after this one; unfuse it first")
+        for name in self.names:
+            layer = self._layers[name]
+            if isinstance(layer, TernaryLinear):
+                layer.weight_packed, layer.weight_scale = self._saved.pop(name)
+            else:
+                (layer.weight.data,) = self._saved.pop(name)
+            layer.__dict__["_bitflux_fused"].pop()
+        self.fused = False
+
+
+# ---- reading LoRA files ------------------------------------------------------------------------------------
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'<stem>.<role suffix>' -> (stem, role) with role in down / up / alpha."""
+    for suffix, role in _ROLES.items():
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], role
+    if any(marker in key for marker in _UNSUPPORTED):
+        raise BitfluxError(f"unsupported LoRA variant (DoRA, LoHa, LoKr or full diff): key {key!r}")
+    raise BitfluxError(f"not a LoRA key: {key!r} (expected .lora_A/.lora_B/.lora_down/.lora_up weights)")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, TernaryLinear))]
+
+
+def _original_names(model: nn.Module) -> dict[str, str]:
+    """Original (BFL) linear name -> its name with underscores, for this model's depth."""
+    try:
+        names = flux.diffusers_to_original({f"{n}.weight": torch.zeros(2, 0) for n in _linear_names(model)})
+    except BitfluxError:
+        return {}  # not a FLUX transformer: only diffusers names apply
+    return {k.removesuffix(".weight"): k.removesuffix(".weight").replace(".", "_") for k in names}
+
+
+def _resolve(stem: str, model: nn.Module, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | None:
+    """A LoRA key stem -> ('diffusers' | 'original', module name), None for text-encoder keys."""
+    if _TEXT_ENCODER.match(stem):
+        return None
+    for prefix in ("lora_unet_", "lora_transformer_"):
+        if stem.startswith(prefix):
+            flat = stem[len(prefix):]
+            match = next((n for n in diffusers if n.replace(".", "_") == flat), None)
+            if match:
+                return "diffusers", match
+            match = next((n for n, underscored in original.items() if underscored == flat), None)
+            if match:
+                return "original", match
+            raise BitfluxError(f"LoRA key {stem!r} names no layer of this model")
+    for prefix in _PREFIXES:
+        stem = stem.removeprefix(prefix)
+    if stem in diffusers:
+        return "diffusers", stem
+    if stem in original:
+        return "original", stem
+    raise BitfluxError(f"LoRA key {stem!r} names no linear layer of this model")
+
+
+def _to_diffusers(name: str, down, up, model: nn.Module) -> dict[str, tuple]:
+    """An original-layout LoRA pair -> per diffusers layer (down, up rows). A fused layer's rows split
+    like its weight (q/k/v, and linear1's MLP rows); all parts share the down matrix."""
+    width = model.get_submodule("x_embedder").out_features
+    parts = flux.convert_original_tensor(f"{name}.weight", up, width)
+    return {k.removesuffix(".weight"): (down, part) for k, part in parts.items()}
+
+
+def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
+    """A LoRA file or state dict -> ({diffusers layer: (down, up, alpha)}, number of skipped text-encoder pairs)."""
+    if isinstance(source, (str, Path)):
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(source))
+        except Exception as exc:  # safetensors' own error types
+            raise BitfluxError(f"{source}: cannot read LoRA safetensors ({exc})") from None
+    else:
+        state = dict(source)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        stem, role = _split_key(key)
+        grouped.setdefault(stem, {})[role] = tensor
+    diffusers, original = set(_linear_names(model)), _original_names(model)
+    pairs, skipped = {}, 0
+    for stem, roles in grouped.items():
+        if "down" not in roles or "up" not in roles:
+            raise BitfluxError(f"LoRA {stem!r} lacks its {'down (A)' if 'down' not in roles else 'up (B)'} matrix")
+        resolved = _resolve(stem, model, diffusers, original)
+        if resolved is None:
+            skipped += 1
+            continue
+        layout, name = resolved
+        alpha = float(roles["alpha"]) if "alpha" in roles else None
+        targets = {name: (roles["down"], roles["up"])} if layout == "diffusers" else \
+            _to_diffusers(name, roles["down"], roles["up"], model)
+        for target, (down, up) in targets.items():
+            layer = model.get_submodule(target)
+            if (up.shape[0], down.shape[1]) != (layer.out_features, layer.in_features):
+                raise BitfluxError(f"LoRA for {target} is {up.shape[0]}x{down.shape[1]}, "
+                                   f"the layer is {layer.out_features}x{layer.in_features}")
+            pairs[target] = (down, up, alpha)
+    if not pairs:
+        raise BitfluxError("the LoRA has no pair for this transformer")
+    return pairs, skipped
+
+
+def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
+    """Attach a LoRA (path to .safetensors or state dict) to `model` as side branches; returns its adapter.
+    Several may be attached at once: their branches add up."""
+    pairs, _ = read_lora(source, model)
+    branches = {}
+    for name, (down, up, alpha) in pairs.items():
+        layer = model.get_submodule(name)
+        device = next(iter([*layer.parameters(), *layer.buffers()])).device
+        branches[name] = LoraBranch(down, up, alpha, dtype).to(device)
+    return LoraAdapter(model, branches, strength)

@@ -1,0 +1,216 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_
+from bitflux.interop.lora import LoraBranch, load_lora, read_lora
+from bitflux.kernels import use_backend
+from bitflux.ternary import ternarize
+
+
+def ternary_holder(out_features, in_features, granularity="tensor", seed=0):
+    torch.manual_seed(seed)
+    model = nn.Module()
+    config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
+    model.layer = TernaryLinear.from_linear(nn.Linear(in_features, out_features), config)
+    return model
+
+
+def lora_pair(out_features, in_features, rank=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rank, in_features, generator=generator) * 0.1,
+            torch.randn(out_features, rank, generator=generator) * 0.1)
+
+
+def fp_lora_reference(layer, x, pairs):
+    """Full-precision LoRA math on the dequantized weight: x (W + sum s * alpha / r * B A)^T + b."""
+    weight = layer.dequantize(torch.float32)
+    for (down, up, alpha), strength in pairs:
+        weight = weight + strength * (alpha / down.shape[0]) * up @ down
+    return F.linear(x, weight, layer.bias)
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (33, 97), (64, 130)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
+def test_branch_equals_fp_lora_math_on_dequantized_weights(shape, granularity):
+    model = ternary_holder(*shape, granularity)
+    down, up = lora_pair(*shape)
+    lora = {"layer.lora_A.weight": down, "layer.lora_B.weight": up, "layer.alpha": torch.tensor(8.0)}
+    adapter = load_lora(model, lora, strength=0.7, dtype=torch.float32)
+    x = torch.randn(3, 5, shape[1])
+    with use_backend("reference"):
+        y = model.layer(x)
+    expected = fp_lora_reference(model.layer, x, [((down, up, 8.0), 0.7)])
+    assert adapter.names == ["layer"]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sixteen_bit_branch_matches_the_math_on_its_rounded_weights():
+    model = ternary_holder(32, 64)
+    down, up = lora_pair(32, 64)
+    load_lora(model, {"layer.lora_down.weight": down, "layer.lora_up.weight": up})  # bfloat16 by default
+    x = torch.randn(4, 64)
+    with use_backend("reference"):
+        y = model.layer(x)
+    expected = fp_lora_reference(model.layer, x, [((down.bfloat16().float(), up.bfloat16().float(), 4.0), 1.0)])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_strength_several_loras_and_removal():
+    model = ternary_holder(24, 40)
+    x = torch.randn(2, 40)
+    with use_backend("reference"):
+        base = model.layer(x)
+        pairs = [lora_pair(24, 40, rank=r, seed=r) for r in (2, 6)]
+        adapters = [load_lora(model, {"layer.lora_A.weight": d, "layer.lora_B.weight": u}, dtype=torch.float32)
+                    for d, u in pairs]
+        adapters[0].strength, adapters[1].strength = 0.5, -1.5
+        expected = fp_lora_reference(model.layer, x, [((d, u, d.shape[0]), s) for (d, u), s in zip(pairs, (0.5, -1.5))])
+        torch.testing.assert_close(model.layer(x), expected, rtol=1e-5, atol=1e-5)
+        adapters[1].strength = 0
+        torch.testing.assert_close(model.layer(x), fp_lora_reference(model.layer, x, [((*pairs[0], 2), 0.5)]),
+                                   rtol=1e-5, atol=1e-5)
+        for adapter in adapters:
+            adapter.remove()
+        assert torch.equal(model.layer(x), base)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
+def test_fuse_reternarizes_and_unfuse_is_exact(granularity):
+    model = ternary_holder(24, 40, granularity)
+    layer = model.layer
+    packed, scale = layer.weight_packed, layer.weight_scale
+    x = torch.randn(2, 40)
+    with use_backend("reference"):
+        base = layer(x)
+        down, up = lora_pair(24, 40)
+        adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up}, strength=2.0,
+                            dtype=torch.float32)
+        with_branch = layer(x)
+        adapter.fuse()
+        config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
+        want_codes, want_scales = ternarize(ternary_holder(24, 40, granularity).layer.dequantize(torch.float32)
+                                            + 2.0 * up @ down, "absmean", config.granularity,
+                                            config.group_size_or_none)
+        assert torch.equal(layer.codes(), want_codes) and torch.equal(layer.weight_scale, want_scales)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(torch.float32), layer.bias))
+        adapter.unfuse()
+        assert layer.weight_packed is packed and layer.weight_scale is scale
+        assert torch.equal(layer(x), with_branch)
+        adapter.remove()
+        assert torch.equal(layer(x), base)
+
+
+def test_fused_loras_unfuse_last_in_first_out():
+    model = ternary_holder(8, 16)
+    keys = ("layer.lora_A.weight", "layer.lora_B.weight")
+    first, second = (load_lora(model, dict(zip(keys, lora_pair(8, 16, seed=s)))) for s in (1, 2))
+    first.fuse()
+    second.fuse()
+    with pytest.raises(BitfluxError, match="unfuse it first"):
+        first.unfuse()
+    second.unfuse()
+    first.unfuse()
+
+
+def test_dense_layers_take_a_lora_too():
+    model = nn.Module()
+    model.layer = nn.Linear(16, 8)
+    weight = model.layer.weight.detach().clone()
+    storage = model.layer.weight.data_ptr()
+    down, up = lora_pair(8, 16)
+    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up}, dtype=torch.float32)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model.layer(x), F.linear(x, weight + up @ down, model.layer.bias))
+    adapter.fuse()
+    torch.testing.assert_close(model.layer(x), F.linear(x, weight + up @ down, model.layer.bias))
+    adapter.unfuse()
+    assert model.layer.weight.data_ptr() == storage and torch.equal(model.layer.weight, weight)
+
+
+# ---- key layouts on a FLUX transformer ----------------------------------------------------------------------
+
+WIDTH = TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]
+
+
+@pytest.fixture(scope="module")
+def flux():
+    model = build_tiny()
+    quantize_(model, TernaryConfig())
+    return model
+
+
+def test_kohya_original_names_split_fused_rows_onto_diffusers_layers(flux):
+    mlp = flux.get_submodule("single_transformer_blocks.0.proj_mlp").out_features
+    qkv_down, qkv_up = lora_pair(3 * WIDTH, WIDTH, seed=3)
+    lin1_down, lin1_up = lora_pair(3 * WIDTH + mlp, WIDTH, seed=4)
+    mod_down, mod_up = lora_pair(2 * WIDTH, WIDTH, seed=5)
+    kohya = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qkv_down,
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qkv_up,
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0),
+        "lora_unet_single_blocks_0_linear1.lora_down.weight": lin1_down,
+        "lora_unet_single_blocks_0_linear1.lora_up.weight": lin1_up,
+        "lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": mod_down,
+        "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": mod_up,
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+    }
+    pairs, skipped = read_lora(kohya, flux)
+    assert skipped == 1
+    rows = {name: slice(i * WIDTH, (i + 1) * WIDTH) for i, name in enumerate(("to_q", "to_k", "to_v"))}
+    for name, part in rows.items():
+        down, up, alpha = pairs[f"transformer_blocks.0.attn.{name}"]
+        assert down is qkv_down and torch.equal(up, qkv_up[part]) and alpha == 2.0
+        down, up, alpha = pairs[f"single_transformer_blocks.0.attn.{name}"]
+        assert down is lin1_down and torch.equal(up, lin1_up[part]) and alpha is None
+    assert torch.equal(pairs["single_transformer_blocks.0.proj_mlp"][1], lin1_up[3 * WIDTH:])
+    # The original final modulation emits (shift, scale); diffusers' norm_out emits (scale, shift).
+    assert torch.equal(pairs["norm_out.linear"][1], torch.cat([mod_up[WIDTH:], mod_up[:WIDTH]]))
+
+
+def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
+    down, up = lora_pair(3 * WIDTH, WIDTH, seed=6)
+    kohya = {"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight": down,
+             "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight": up,
+             "lora_unet_double_blocks_0_txt_attn_qkv.alpha": torch.tensor(8.0)}
+    diffusers = {}
+    for i, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        stem = f"transformer.transformer_blocks.0.attn.{name}"
+        diffusers.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up[i * WIDTH:(i + 1) * WIDTH],
+                          f"{stem}.alpha": torch.tensor(8.0)})
+    inputs = tiny_inputs()
+    outputs = []
+    with torch.no_grad(), use_backend("reference"):
+        base = flux(**inputs)[0]
+        for lora in (kohya, diffusers):
+            adapter = load_lora(flux, lora, dtype=torch.float32)
+            outputs.append(flux(**inputs)[0])
+            adapter.remove()
+        assert torch.equal(flux(**inputs)[0], base)
+    assert not torch.equal(outputs[0], base)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("state,message", [
+    ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, WIDTH)}, "lacks its up"),
+    ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 3),
+      "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 4)}, "the layer is 64x64"),
+    ({"nope.lora_A.weight": torch.zeros(4, 3), "nope.lora_B.weight": torch.zeros(3, 4)}, "names no linear"),
+    ({"lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": torch.zeros(4, 3),
+      "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": torch.zeros(3, 4)}, "names no layer"),
+    ({"transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1)}, "DoRA"),
+    ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(1)}, "not a LoRA key"),
+])
+def test_bad_lora_files_give_one_line_errors(flux, state, message):
+    with pytest.raises(BitfluxError, match=message) as info:
+        load_lora(flux, state)
+    assert "\n" not in str(info.value)
+
+
+def test_branch_rejects_mismatched_pairs():
+    with pytest.raises(BitfluxError, match="not \\(r, in\\)"):
+        LoraBranch(torch.zeros(4, 8), torch.zeros(8, 3))
