@@ -175,3 +175,34 @@ def test_console_script_exit_code(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_export_gguf_and_back(tmp_path, capsys):
+    from conftest import TINY_CONFIG, build_tiny
+
+    import bitflux
+
+    # GGUF ternary blocks hold 256 weights: every quantized layer needs in_features % 256 == 0.
+    config = dict(TINY_CONFIG, attention_head_dim=128, axes_dims_rope=[16, 56, 56], num_layers=1,
+                  num_single_layers=1)
+    folder = tmp_path / "fp"
+    build_tiny(config=config).save_pretrained(folder)
+    assert _run(capsys, "quantize", folder, "-o", tmp_path / "q", "-q", "--granularity", "channel")[0] == 0
+    code, stdout, _ = _run(capsys, "export-gguf", tmp_path / "q", "-o", tmp_path / "m.gguf", "--type", "tq1_0")
+    assert code == 0 and "ternary" in stdout
+    code, _, _ = _run(capsys, "quantize", tmp_path / "m.gguf", "-o", tmp_path / "back", "-q",
+                      "--granularity", "channel")
+    assert code == 0
+    a, b = bitflux.load_transformer(tmp_path / "q"), bitflux.load_transformer(tmp_path / "m.gguf")
+    c = bitflux.load_transformer(tmp_path / "back")
+    for name, module in a.named_modules():
+        if isinstance(module, bitflux.TernaryLinear):
+            assert torch.equal(module.weight_packed, b.get_submodule(name).weight_packed)
+            assert torch.equal(module.weight_packed, c.get_submodule(name).weight_packed)
+
+
+def test_malformed_gguf(tmp_path, capsys):
+    bad = _write_bytes(tmp_path / "bad.gguf", b"NOPE" + bytes(64))
+    code, _, err = _run(capsys, "quantize", bad, "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "bad.gguf")
+    _assert_nothing_written(tmp_path / "out")

@@ -17,10 +17,23 @@ def _cmd_quantize(args) -> None:
 
     config = TernaryConfig(method=args.method, format=args.format, activations=args.activations,
                            **TernaryConfig.parse_granularity(args.granularity))
-    quantize_checkpoint(args.source, args.output, config, force=args.force, progress=not args.quiet)
+    if args.source.endswith(".gguf"):
+        from .interop.gguf import gguf_to_folder
+
+        gguf_to_folder(args.source, args.output, config, force=args.force)
+    else:
+        quantize_checkpoint(args.source, args.output, config, force=args.force, progress=not args.quiet)
     if not args.quiet:
         print(format_report(inspect_path(args.output)).split("\n\n")[0])
         print(f"wrote {args.output}")
+
+
+def _cmd_export_gguf(args) -> None:
+    from .interop.gguf import export_gguf
+
+    summary = export_gguf(args.model, args.output, type=args.type, names=args.names)
+    print(f"wrote {summary.path}: {summary.ternary_tensors} ternary and {summary.dense_tensors} dense tensors, "
+          f"{summary.bytes / 1e6:.1f} MB")
 
 
 def _cmd_inspect(args) -> None:
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="bitflux folder, source checkpoint, config.json, or flux.1-dev / flux.1-schnell")
     i.add_argument("--json", action="store_true")
     i.set_defaults(run=_cmd_inspect)
+
+    e = sub.add_parser("export-gguf", help="write a bitflux model as GGUF with ggml's TQ2_0 / TQ1_0 blocks")
+    e.add_argument("model", help="bitflux transformer or pipeline folder")
+    e.add_argument("-o", "--output", required=True, help=".gguf file (written atomically)")
+    e.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0"])
+    e.add_argument("--names", default="original", choices=["original", "diffusers"],
+                   help="tensor names: original single-file FLUX names (ComfyUI-GGUF) or diffusers names")
+    e.set_defaults(run=_cmd_export_gguf)
 
     g = sub.add_parser("generate", help="an image from a prompt with a ternary model (default: the embedded demo)")
     g.add_argument("prompt")

@@ -71,6 +71,13 @@ class TernaryLinear(nn.Module):
         return TernaryWeight(self.weight_packed, self.weight_scale, self.in_features, self.out_features,
                              self.group_size)
 
+    @property
+    def granularity(self) -> str:
+        """'tensor' | 'channel' | 'group', read off the scales (the layer keeps no config)."""
+        if self.group_size:
+            return "group"
+        return "tensor" if self.weight_scale.numel() == 1 else "channel"
+
     def codes(self) -> torch.Tensor:
         return formats.unpack(self.weight_packed, self.in_features, "tq2")
 
@@ -83,8 +90,7 @@ class TernaryLinear(nn.Module):
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations, self._kernel_cache)
 
     def extra_repr(self) -> str:
-        scales = "tensor" if self.weight_scale.numel() == 1 else (
-            "channel" if self.weight_scale.shape[1] == 1 else f"group:{self.group_size}")
+        scales = f"group:{self.group_size}" if self.group_size else self.granularity
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scales={scales}, activations={self.activations}")
 

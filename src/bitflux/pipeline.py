@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_transformer, read_config
+from . import checkpoint
+from .checkpoint import read_config
 from .config import TernaryConfig
 from .errors import BitfluxError
 from .surgery import QuantizationReport, quantize_
@@ -18,6 +19,15 @@ def _flux_pipeline_class():
     from diffusers import FluxPipeline
 
     return FluxPipeline
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A ternary FluxTransformer2DModel from a bitflux folder or a GGUF file with ternary blocks."""
+    if str(path).endswith(".gguf"):
+        from .interop.gguf import load_gguf
+
+        return load_gguf(path, device)
+    return checkpoint.load_transformer(path, device=device, dtype=dtype)
 
 
 def is_ternary_pipeline(path: str | Path) -> bool:
@@ -32,7 +42,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
     extra = {}
     if is_ternary_pipeline(root):
-        extra["transformer"] = load_transformer(root / "transformer", device=device, dtype=dtype)
+        extra["transformer"] = checkpoint.load_transformer(root / "transformer", device=device, dtype=dtype)
     try:
         pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError) as exc:

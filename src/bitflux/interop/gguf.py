@@ -38,7 +38,6 @@ from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..surgery import quantize_
-from . import layer_granularity
 
 try:
     import gguf
@@ -177,7 +176,7 @@ def _ternary_config_of(model: nn.Module) -> TernaryConfig:
     layer = next((m for m in model.modules() if isinstance(m, TernaryLinear)), None)
     if layer is None:
         raise BitfluxError("the model has no TernaryLinear layer: quantize it first")
-    return TernaryConfig(granularity=layer_granularity(layer), group_size=layer.group_size or 128,
+    return TernaryConfig(granularity=layer.granularity, group_size=layer.group_size or 128,
                          scale_dtype=str(layer.weight_scale.dtype).removeprefix("torch."),
                          activations=layer.activations)
 

@@ -30,7 +30,6 @@ from .. import flux, formats
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..ternary import ternarize
-from . import layer_granularity
 
 _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
           "alpha": "alpha"}
@@ -106,7 +105,7 @@ class LoraAdapter(nn.Module):
             weight = weight + self.strength * branch.delta().to(weight.device)
             if isinstance(layer, TernaryLinear):
                 self._saved[name] = (layer.weight_packed, layer.weight_scale)
-                codes, scales = ternarize(weight, method, layer_granularity(layer), layer.group_size)
+                codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
                 layer.weight_packed = formats.pack(codes, "tq2")
                 layer.weight_scale = scales.to(layer.weight_scale.dtype)
             else:
