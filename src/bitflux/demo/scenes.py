@@ -385,16 +385,25 @@ def all_captions() -> list[str]:
 
 
 def calibration_prompts(n: int, seed: int = 0) -> list[str]:
-    """n prompts from the caption grammar, none of them in ShapeEval's prompt set (seeded, with repeats
-    only once the pool of such captions is exhausted)."""
+    """n prompts from the caption grammar, none of them in ShapeEval's prompt set, drawn round-robin over
+    the caption categories that have such prompts (seeded; a category repeats only once exhausted).
+
+    ShapeEval takes every single-object, colour, two-object and counting caption, so calibration gets
+    position, attribute-binding and coloured-counting captions, which name the same shapes and colours.
+    """
     from bitflux.eval.shapeeval import prompt_set
 
     held_out = {item.prompt for item in prompt_set()}
-    pool = [c for c in all_captions() if c not in held_out]
     rng = random.Random(seed)
+    pools: dict[str, list[str]] = {}
+    for cap in all_captions():
+        if cap not in held_out:
+            pools.setdefault(parse_caption(cap).category, []).append(cap)
+    queues = {cat: [] for cat in sorted(pools)}
     out: list[str] = []
     while len(out) < n:
-        batch = pool[:]
-        rng.shuffle(batch)
-        out += batch[: n - len(out)]
-    return out
+        for cat, queue in queues.items():
+            if not queue:
+                queue += rng.sample(pools[cat], len(pools[cat]))
+            out.append(queue.pop())
+    return out[:n]

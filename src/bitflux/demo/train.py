@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import scenes as S
 from .build import DemoConfig, assemble_pipeline, build_text_encoders, build_transformer, build_vae
 from .build import param_counts, save_pipeline
+from ..errors import BitfluxError
 from .text import build_tokenizer
 
 SAMPLE_PROMPTS = [
@@ -231,9 +232,12 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
 
 
 def load_trained_vae(args, cfg, device) -> torch.nn.Module:
-    ck = torch.load(args.out / "ckpt" / "vae.pt", map_location="cpu", weights_only=False)
+    path = args.out / "ckpt" / "vae.pt"
+    if not path.exists():
+        raise BitfluxError(f"{path}: no VAE checkpoint: run --stage vae (or all) with this --out first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
     if not ck["state"]["done"]:
-        raise SystemExit("the VAE stage has not finished: run --stage vae (with --resume) first")
+        raise BitfluxError("the VAE stage has not finished: run --stage vae (with --resume) first")
     vae = build_vae(cfg)
     vae.load_state_dict(ck["vae"])
     vae.register_to_config(shift_factor=round(ck["state"]["shift_factor"], 5),
@@ -443,7 +447,7 @@ def check_folder(folder: Path, total_mb: float = 25.0, file_mb: float = 16.0) ->
     big = [p for p in files if p.stat().st_size > file_mb * 1e6]
     bad = [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     if total > total_mb * 1e6 or big or bad:
-        raise SystemExit(f"{folder}: {total / 1e6:.1f} MB, too-large files {big}, non-safetensors weights {bad}")
+        raise BitfluxError(f"{folder}: {total / 1e6:.1f} MB, too-large files {big}, non-safetensors weights {bad}")
     return total
 
 
