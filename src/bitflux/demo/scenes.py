@@ -149,15 +149,7 @@ class SceneBatch:
         return torch.arange(MAX_OBJECTS, device=self.count.device)[None, :] < self.count[:, None]
 
     def specs(self) -> list[CaptionSpec]:
-        t, n, s, c, r = (x.tolist() for x in (self.template, self.count, self.shape, self.color, self.relation))
-        out = []
-        for i in range(len(t)):
-            cat = TEMPLATES[t[i]]
-            named_colour = cat in ("colors", "position", "color_attr", "count_color")
-            k = 2 if cat in ("two_object", "position", "color_attr") else 1
-            objs = tuple(ObjectSpec(SHAPES[s[i][j]], COLOR_NAMES[c[i][j]] if named_colour else None) for j in range(k))
-            out.append(CaptionSpec(cat, objs, count=n[i], relation=RELATIONS[r[i] - 1] if r[i] else None))
-        return out
+        return specs_of(self.template, self.count, self.shape, self.color, self.relation)
 
     def captions(self) -> list[str]:
         return [caption_of(s) for s in self.specs()]
@@ -175,6 +167,19 @@ class SceneBatch:
                 }
             )
         return out
+
+
+def specs_of(template, count, shape, color, relation) -> list[CaptionSpec]:
+    """CaptionSpecs of scene tensors (as `sample_specs` returns them)."""
+    t, n, s, c, r = (x.tolist() for x in (template, count, shape, color, relation))
+    out = []
+    for i in range(len(t)):
+        cat = TEMPLATES[t[i]]
+        named_colour = cat in ("colors", "position", "color_attr", "count_color")
+        k = 2 if cat in ("two_object", "position", "color_attr") else 1
+        objs = tuple(ObjectSpec(SHAPES[s[i][j]], COLOR_NAMES[c[i][j]] if named_colour else None) for j in range(k))
+        out.append(CaptionSpec(cat, objs, count=n[i], relation=RELATIONS[r[i] - 1] if r[i] else None))
+    return out
 
 
 def _randint(gen: torch.Generator, low: int, high: int, shape, device) -> torch.Tensor:
@@ -264,19 +269,18 @@ def layout(template, count, shape, color, relation, gen, device) -> SceneBatch:
     idx = first.clamp_min(0)
     center = pos[torch.arange(n, device=device), idx]
     size_sel = size[torch.arange(n, device=device), idx]
-    # No valid candidate (rare): a fixed grid layout that satisfies every template.
+    # No valid candidate (rare): a fixed grid layout that satisfies every template. Computed always, so
+    # that no host-device synchronisation stalls a GPU.
     failed = first < 0
-    if bool(failed.any()):
-        grid = torch.tensor([[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0]], device=device)
-        rel_grid = torch.tensor(
-            [[[16.0, 16.0], [48.0, 16.0]], [[16.0, 32.0], [48.0, 32.0]], [[48.0, 32.0], [16.0, 32.0]],
-             [[32.0, 16.0], [32.0, 48.0]], [[32.0, 48.0], [32.0, 16.0]]],
-            device=device,
-        )
-        fb = grid.expand(n, -1, -1).clone()
-        fb[:, :2] = rel_grid[relation]
-        center = torch.where(failed[:, None, None], fb, center)
-        size_sel = torch.where(failed[:, None], size_sel.clamp_max(22.0), size_sel)
+    grid = torch.tensor([[16.0, 16.0], [48.0, 16.0], [16.0, 48.0], [48.0, 48.0]], device=device)
+    rel_grid = torch.tensor(
+        [[[16.0, 16.0], [48.0, 16.0]], [[16.0, 32.0], [48.0, 32.0]], [[48.0, 32.0], [16.0, 32.0]],
+         [[32.0, 16.0], [32.0, 48.0]], [[32.0, 48.0], [32.0, 16.0]]],
+        device=device,
+    )
+    fallback = torch.cat([rel_grid[relation], grid[None, 2:].expand(n, -1, -1)], 1)
+    center = torch.where(failed[:, None, None], fallback, center)
+    size_sel = torch.where(failed[:, None], size_sel.clamp_max(22.0), size_sel)
     return SceneBatch(template, count, shape, color, relation, center, size_sel)
 
 

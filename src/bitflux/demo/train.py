@@ -3,7 +3,8 @@
     python -m bitflux.demo.train --out DIR [--device cuda|cpu] [--minutes M] [--stage all|vae|transformer]
                                  [--resume] [--seed S] [--eval]
 
-Each stage trains for a share of the wall-clock budget (not a step count), checkpoints to DIR/ckpt/
+Each stage trains for a share of the wall-clock budget (or --vae-steps / --steps, which repeat exactly
+for a seed on one device), checkpoints to DIR/ckpt/
 every --ckpt-every seconds and at its end, and `--resume` continues a stage where its checkpoint left
 off. The result is a diffusers FluxPipeline folder DIR/model/ (bf16 safetensors), DIR/loss.png,
 DIR/samples.png and DIR/train_log.json (and DIR/shapeeval.json with --eval).
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--minutes", type=float, default=None, help="training wall-clock budget (default 5 cuda, 20 cpu)")
+    p.add_argument("--steps", type=int, default=None, help="transformer steps instead of a time share")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps instead of a time share")
     p.add_argument("--stage", choices=("all", "vae", "transformer"), default="all")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -74,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--eval", action="store_true", help="run ShapeEval on the final model")
     p.add_argument("--eval-guidance", type=float, default=3.5)
+    p.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the sample grid and ShapeEval")
     p.add_argument("--small", action="store_true", help="a smaller model for quick CPU checks")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -97,21 +101,23 @@ def demo_config(small: bool) -> DemoConfig:
 
 
 class Clock:
-    """Wall-clock budget of one stage, carried across resumes."""
+    """The budget of one stage, carried across resumes: wall-clock seconds, or a step count when given
+    (for runs that must repeat exactly)."""
 
-    def __init__(self, seconds: float, already: float = 0.0):
-        self.seconds, self.already, self.start = seconds, already, time.perf_counter()
+    def __init__(self, seconds: float, already: float = 0.0, steps: int | None = None):
+        self.seconds, self.already, self.steps, self.start = seconds, already, steps, time.perf_counter()
 
     @property
     def elapsed(self) -> float:
         return self.already + time.perf_counter() - self.start
 
-    @property
-    def fraction(self) -> float:
+    def fraction(self, step: int) -> float:
+        if self.steps:
+            return min(1.0, step / self.steps)
         return min(1.0, self.elapsed / max(self.seconds, 1e-9))
 
-    def done(self) -> bool:
-        return self.elapsed >= self.seconds
+    def done(self, step: int) -> bool:
+        return step >= self.steps if self.steps else self.elapsed >= self.seconds
 
 
 def lr_at(base: float, step: int, frac: float, warmup: int = 100) -> float:
@@ -151,12 +157,14 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def bar(clock: Clock, desc: str):
+def bar(clock: Clock, desc: str, step: int):
+    if clock.steps:
+        return tqdm(total=clock.steps, initial=step, desc=desc, unit="step", mininterval=2.0)
     return tqdm(total=int(clock.seconds), initial=int(clock.already), desc=desc, unit="s", mininterval=2.0)
 
 
-def tick(pbar, clock: Clock, **postfix) -> None:
-    pbar.update(max(0, int(clock.elapsed) - pbar.n))
+def tick(pbar, clock: Clock, step: int, **postfix) -> None:
+    pbar.update(max(0, (step if clock.steps else int(clock.elapsed)) - pbar.n))
     if postfix:
         pbar.set_postfix(postfix, refresh=False)
 
@@ -168,6 +176,7 @@ def tick(pbar, clock: Clock, **postfix) -> None:
 
 def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> dict:
     ckpt_path = args.out / "ckpt" / "vae.pt"
+    torch.manual_seed(args.seed)
     vae = build_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -187,14 +196,14 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
         atomic_save({"vae": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "state": state,
                      "config": cfg.to_dict()}, ckpt_path)
 
-    clock = Clock(seconds, state["elapsed"])
+    clock = Clock(seconds, state["elapsed"], args.vae_steps)
     last_ckpt = time.perf_counter()
-    pbar = bar(clock, "VAE")
-    vae.train()
     step = state["step"]
-    while not clock.done():
+    pbar = bar(clock, "VAE", step)
+    vae.train()
+    while not clock.done(step):
         for g in opt.param_groups:
-            g["lr"] = lr_at(args.vae_lr, step, clock.fraction)
+            g["lr"] = lr_at(args.vae_lr, step, clock.fraction(step))
         x = S.render(S.sample_scenes(args.vae_batch, gen, device)) * 2 - 1
         with autocast(device):
             post = vae.encode(x).latent_dist
@@ -210,7 +219,7 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
         if step % 10 == 0 or step == 1:
             v = loss.item()
             state["losses"].append((step, round(clock.elapsed, 2), v))
-            tick(pbar, clock, loss=f"{v:.4f}", step=step)
+            tick(pbar, clock, step, loss=f"{v:.4f}")
         if time.perf_counter() - last_ckpt > args.ckpt_every:
             state.update(step=step, elapsed=clock.elapsed)
             save(False)
@@ -220,8 +229,8 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
     # Latent statistics, which FluxPipeline undoes before decoding: latents / scaling + shift.
     vae.eval()
     with torch.no_grad(), autocast(device):
-        zs = torch.cat([vae.encode(S.render(S.sample_scenes(256, gen, device)) * 2 - 1).latent_dist.sample(generator=gen).float()
-                        for _ in range(4)])
+        zs = torch.cat([vae.encode(S.render(S.sample_scenes(args.vae_batch, gen, device)) * 2 - 1)
+                        .latent_dist.sample(generator=gen).float() for _ in range(4)])
     mean, std = float(zs.mean()), float(zs.std())
     vae.register_to_config(shift_factor=round(mean, 5), scaling_factor=round(1.0 / std, 5))
     state.update(shift_factor=mean, scaling_factor=1.0 / std)
@@ -286,6 +295,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99), **opt_kw)
     ema = EMA([model], args.ema)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    spec_gen = torch.Generator().manual_seed(args.seed + 2)
     teacher = None
     state = {"step": 0, "elapsed": 0.0, "losses": [], "done": False, "distill_from_step": None, "ema_start": 0}
     if args.resume and ckpt_path.exists():
@@ -295,6 +305,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
         for s, v in zip(ema.shadow, ck["ema"]):
             s.copy_(v)
         gen.set_state(ck["gen"].cpu())
+        spec_gen.set_state(ck["spec_gen"].cpu())
         state = ck["state"]
         if ck.get("teacher") is not None:
             teacher = copy.deepcopy(model).requires_grad_(False).eval()
@@ -307,8 +318,8 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
     def save(done: bool):
         state["done"] = done
         atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
-                     "gen": gen.get_state(), "state": state, "config": cfg.to_dict(),
-                     "teacher": teacher.state_dict() if teacher is not None else None}, ckpt_path)
+                     "gen": gen.get_state(), "spec_gen": spec_gen.get_state(), "state": state,
+                     "config": cfg.to_dict(), "teacher": teacher.state_dict() if teacher is not None else None}, ckpt_path)
 
     B = args.batch
     hw = cfg.image_size // 8
@@ -316,13 +327,13 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
     txt_ids = torch.zeros(cfg.max_text_tokens, 3, device=device)
     empty = tok([""] * B, padding="max_length", max_length=cfg.max_text_tokens, truncation=True,
                 return_tensors="pt").input_ids.to(device)
-    clock = Clock(seconds, state["elapsed"])
+    clock = Clock(seconds, state["elapsed"], args.steps)
     last_ckpt = time.perf_counter()
-    pbar = bar(clock, "transformer")
     step = state["step"]
+    pbar = bar(clock, "transformer", step)
     model.train()
-    while not clock.done():
-        frac = clock.fraction
+    while not clock.done(step):
+        frac = clock.fraction(step)
         distill = frac >= 1.0 - args.distill_share
         if distill and teacher is None:
             # The student starts from the EMA weights, which also become the frozen teacher; the EMA
@@ -333,11 +344,12 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
         for g in opt.param_groups:
             g["lr"] = lr_at(args.lr, step, frac, warmup=200)
         with torch.no_grad():
-            scenes = S.sample_scenes(B, gen, device)
-            x = S.render(scenes) * 2 - 1
-            caps = scenes.captions()
-            drop = (torch.rand(B, generator=gen, device=device) < args.caption_dropout).tolist()
-            caps = ["" if d else c for c, d in zip(caps, drop)]
+            # What to draw and say is decided on the CPU (no device sync for the captions); where to draw
+            # it and the pixels on the device.
+            spec = S.sample_specs(B, spec_gen, "cpu")
+            drop = (torch.rand(B, generator=spec_gen) < args.caption_dropout).tolist()
+            caps = ["" if d else S.caption_of(c) for c, d in zip(S.specs_of(*spec), drop)]
+            x = S.render(S.layout(*(t.to(device, non_blocking=True) for t in spec), gen, device)) * 2 - 1
             ids = tok(caps, padding="max_length", max_length=cfg.max_text_tokens, truncation=True,
                       return_tensors="pt").input_ids.to(device)
             with autocast(device):
@@ -370,7 +382,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
         if step % 10 == 0 or step == 1:
             v = loss.item()
             state["losses"].append((step, round(clock.elapsed, 2), v, int(distill)))
-            tick(pbar, clock, loss=f"{v:.4f}", step=step, distill=int(distill))
+            tick(pbar, clock, step, loss=f"{v:.4f}", distill=int(distill))
         if time.perf_counter() - last_ckpt > args.ckpt_every:
             state.update(step=step, elapsed=clock.elapsed)
             save(False)
@@ -430,12 +442,12 @@ def plot_losses(vae_losses, tr_losses, path: Path) -> None:
     img.save(path)
 
 
-def sample_grid(pipe, prompts, path: Path, device, guidance: float, seed: int = 0) -> None:
+def sample_grid(pipe, prompts, path: Path, device, guidance: float, steps: int, seed: int = 0) -> None:
     from bitflux.eval.shapeeval import captioned_grid
 
     pipe.to(device)
     with torch.no_grad():
-        images = pipe(prompts, height=64, width=64, num_inference_steps=20, guidance_scale=guidance,
+        images = pipe(prompts, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
                       max_sequence_length=pipe.tokenizer_2.model_max_length,
                       generator=torch.Generator(device=device).manual_seed(seed)).images
     captioned_grid(images, prompts, cols=8).save(path)
@@ -477,11 +489,13 @@ def finalize(args, cfg, trained: dict, device) -> None:
         log[name] = {k: v for k, v in st.items() if k != "losses"}
         log[name + "_losses"] = st["losses"]
     plot_losses(log["vae_losses"], log["transformer_losses"], args.out / "loss.png")
-    sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples.png", device, args.eval_guidance, seed=args.seed)
+    sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples.png", device, args.eval_guidance, args.sample_steps,
+                seed=args.seed)
     if args.eval:
         from bitflux.eval import shapeeval
 
-        fn = shapeeval.pipeline_generate_fn(pipe, guidance_scale=args.eval_guidance)
+        fn = shapeeval.pipeline_generate_fn(pipe, num_inference_steps=args.sample_steps,
+                                            guidance_scale=args.eval_guidance)
         t = time.perf_counter()
         res = shapeeval.evaluate(fn, seeds=(0,), out_dir=args.out)
         log["shapeeval"] = {"guidance_scale": args.eval_guidance, "overall": res["overall"],
