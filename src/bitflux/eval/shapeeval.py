@@ -215,9 +215,16 @@ def score(prompt: str, image) -> tuple[bool, list[dict]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def items_for(prompts: list[str]) -> list[EvalItem]:
+    """EvalItems for any captions of the grammar (their category read from the caption)."""
+    return [EvalItem(i, S.parse_caption(p).category, p) for i, p in enumerate(prompts)]
+
+
 def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch_size: int = 48,
-             out_dir=None, grid: bool = True, progress: bool = True) -> dict:
+             out_dir=None, grid: bool = True, progress: bool = True, prompts: list[str] | None = None) -> dict:
     """Generate one image per (item, seed), score them, and return (and optionally write) the result.
+
+    The items are ShapeEval's prompt set unless `items` (or plain `prompts`, see `items_for`) are given.
 
     Returns {"version", "overall", "categories": {cat: score}, "n_images", "records": [...]}; overall is
     the mean of the category scores, as GenEval reports it. With out_dir, writes shapeeval.json and
@@ -225,7 +232,8 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
     """
     from tqdm import tqdm
 
-    items = prompt_set() if items is None else items
+    if items is None:
+        items = items_for(prompts) if prompts is not None else prompt_set()
     records, grid_images = [], []
     total = len(items) * len(seeds)
     pbar = tqdm(total=total, desc="ShapeEval", disable=not progress)
@@ -243,7 +251,7 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
             pbar.update(len(chunk))
     pbar.close()
     cats = {}
-    for cat in CATEGORIES:
+    for cat in S.TEMPLATES:
         rs = [r["passed"] for r in records if r["category"] == cat]
         if rs:
             cats[cat] = sum(rs) / len(rs)
