@@ -521,6 +521,9 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        # cuDNN's fused attention fails in backward on this model (torch 2.11, H200: mha_graph.execute);
+        # flash / memory-efficient attention train it fine.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(args.small)
     t0 = time.perf_counter()
