@@ -56,15 +56,24 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _check_common(args) -> None:
-    """Validate what generate/bench/eval share before any model is loaded."""
+    """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
+    loading chatter so that bitflux's own progress bars and lines are what the user reads."""
     from .errors import BitfluxError
     from .kernels import unavailable_reason
 
     if getattr(args, "steps", 1) < 1:
         raise BitfluxError(f"--steps must be at least 1, got {args.steps}")
+    if getattr(args, "size", None):
+        _parse_size(args.size)
     reason = unavailable_reason(args.backend)
     if reason:
         raise BitfluxError(reason)
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
 
 
 def _cmd_generate(args) -> None:
@@ -74,6 +83,8 @@ def _cmd_generate(args) -> None:
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
+    if not args.output.lower().endswith(".png"):
+        raise BitfluxError(f"{args.output}: output must be a .png file")
     _check_common(args)
     fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
@@ -96,6 +107,29 @@ def _cmd_bench(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     if args.plot:
         plot_bench(result, args.plot)
+
+
+def _cmd_eval(args) -> None:
+    from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
+    from .kernels import use_backend
+    from .pipeline import load_pipeline, resolve_pipeline_path, save_png, variant_pipeline
+
+    _check_common(args)
+    variants = check_variants(args.variants)
+    for name in variants:  # fail on a bad name before minutes of generation
+        if name != "fp":
+            from .pipeline import variant_config
+
+            variant_config(name)
+    fp = load_pipeline(resolve_pipeline_path(args.model), args.device)
+    with use_backend(args.backend):
+        results = evaluate_variants(lambda name: variant_pipeline(fp, name), variants, seeds=tuple(args.seeds),
+                                    per_category=args.per_category, steps=args.steps, guidance=args.guidance)
+    if not results:  # not rank 0
+        return
+    print(results_json(results) if args.json else variant_table(results))
+    if args.grid:
+        save_png(variant_grid(results), args.grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
+
+    v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
+    v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
+    v.add_argument("--variants", default="fp,absmean",
+                   help="comma-separated: fp, METHOD[-tensor|-channel|-groupN][-a16|-a8] with METHOD absmean, twn, lsq")
+    v.add_argument("--seeds", type=int, nargs="+", default=[0])
+    v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
+    v.add_argument("--steps", type=int, default=20)
+    v.add_argument("--guidance", type=float, default=3.5)
+    v.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    v.add_argument("--device", default="cpu", help="cpu | cuda")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--grid", default=None, help="PNG grid: one row per variant, same prompts and seeds")
+    v.set_defaults(run=_cmd_eval)
     return parser
 
 

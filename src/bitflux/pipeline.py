@@ -173,3 +173,27 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
         return None, load_pipeline(path, device)
     fp = load_pipeline(path, device)
     return (fp if want_fp else None), quantize_pipeline(fp, copy_transformer=want_fp)[0]
+
+
+def variant_config(name: str) -> TernaryConfig:
+    """A variant name -> its TernaryConfig: METHOD[-tensor|-channel|-groupN][-a16|-a8], e.g. "lsq-channel-a8"."""
+    method, *options = name.split("-")
+    fields: dict = {"method": method}
+    for option in options:
+        if option in ("tensor", "channel"):
+            fields["granularity"] = option
+        elif option.startswith("group") and option[5:].isdigit():
+            fields.update(granularity="group", group_size=int(option[5:]))
+        elif option in ("a16", "a8"):
+            fields["activations"] = option
+        else:
+            raise BitfluxError(f"unknown variant option {option!r} in {name!r}; expected tensor, channel, groupN, "
+                               "a16 or a8")
+    return TernaryConfig(**fields)
+
+
+def variant_pipeline(fp_pipe, name: str):
+    """The pipeline of an evaluation variant: "fp" itself, or a ternary copy of it."""
+    if name == "fp":
+        return fp_pipe
+    return quantize_pipeline(fp_pipe, variant_config(name))[0]
