@@ -24,9 +24,10 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 #define PANEL 16       /* output features per panel */
 #define CHUNK 16       /* input features per block */
 #define BLOCK_BYTES 64 /* 16 x 16 two-bit codes */
-#define MAX_ROWS 8     /* activation rows per tile (register blocking) */
-#define MAX_PANELS 2   /* panels per tile */
+#define MAX_ROWS 16    /* activation rows per tile, the most any path uses (register blocking) */
+#define MAX_PANELS 2   /* panels per tile, likewise */
 #define TILE_LD (PANEL * MAX_PANELS)
+#define L2_ACTIVATION_BYTES (160 << 10) /* int8 activations of a row block: measured best at 4 row tiles for K = 3072, as larger blocks lose L2 hits to the weight stream */
 
 /* Writes the int32 sums over chunks [c0, c1) of `rows` activation rows against `panels` weight panels:
  * c[r * TILE_LD + n] = sum_k q[r][k] * u[n][k]. */
@@ -58,15 +59,21 @@ static void tile_generic(const int8_t *a, int64_t lda, int rows, const uint8_t *
 }
 
 /* Symmetric per-row int8 as reference.quantize_activations: s = max(max|x|, 1e-12) / 127,
- * q = clamp(round_half_even(x / s), -127, 127). Adding and subtracting 1.5 * 2^23 rounds to the nearest
- * integer, ties to even, for |v| < 2^22 (here |v| <= 127), and vectorizes without SSE4.1. */
+ * q = clamp(round_half_even(x / s), -127, 127). max|x| is taken on the float bit patterns with the sign
+ * cleared, whose integer order is the float order (and a NaN stays the largest, as in torch), because an
+ * integer max vectorizes where a float one would need -ffast-math. Adding and subtracting 1.5 * 2^23
+ * rounds to the nearest integer, ties to even, for |v| < 2^22 (here |v| <= 127), without SSE4.1. */
 static inline __attribute__((always_inline)) void quantize_row_body(const float *x, int64_t K, int64_t Kp,
                                                                      int8_t *q, float *scale) {
-    float amax = 0.0f;
+    uint32_t amax_bits = 0;
     for (int64_t k = 0; k < K; k++) {
-        float v = x[k] < 0 ? -x[k] : x[k];
-        amax = v > amax ? v : amax;
+        uint32_t bits;
+        memcpy(&bits, x + k, sizeof bits);
+        bits &= 0x7fffffffu;
+        amax_bits = bits > amax_bits ? bits : amax_bits;
     }
+    float amax;
+    memcpy(&amax, &amax_bits, sizeof amax);
     const float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
     const float magic = 12582912.0f;
     for (int64_t k = 0; k < K; k++) {
@@ -107,7 +114,7 @@ static inline __attribute__((always_inline)) void tile_avx2_fixed(const int8_t *
     }
     for (int64_t start = c0; start < c1; start += AVX2_FLUSH_CHUNKS) {
         const int64_t stop = start + AVX2_FLUSH_CHUNKS < c1 ? start + AVX2_FLUSH_CHUNKS : c1;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (int64_t ch = start; ch < stop; ch++) {
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES));
@@ -117,7 +124,7 @@ static inline __attribute__((always_inline)) void tile_avx2_fixed(const int8_t *
             for (int i = 0; i < 4; i++) {
                 const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * i), mask);
                 const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * i), mask);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
                 for (int r = 0; r < R; r++) {
                     const __m256i b = _mm256_set1_epi32(load_i32(x + r * lda + 4 * i));
                     acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(u0, b));
@@ -125,7 +132,7 @@ static inline __attribute__((always_inline)) void tile_avx2_fixed(const int8_t *
                 }
             }
         }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++)
             for (int h = 0; h < 2; h++) {
                 __m256i *dst = (__m256i *)(c + r * TILE_LD + 8 * h);
@@ -170,7 +177,7 @@ static inline __attribute__((always_inline)) void tile_avx512_fixed(const int8_t
                                                                     const int R, const int P) {
     const __m512i mask = _mm512_set1_epi8(3);
     __m512i acc[MAX_ROWS][MAX_PANELS];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
     for (int64_t ch = c0; ch < c1; ch++) {
@@ -182,18 +189,19 @@ static inline __attribute__((always_inline)) void tile_avx512_fixed(const int8_t
         for (int i = 0; i < 4; i++) {
             __m512i u[MAX_PANELS];
             for (int p = 0; p < P; p++) u[p] = _mm512_and_si512(_mm512_srli_epi16(v[p], 2 * i), mask);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int r = 0; r < R; r++) {
                 const __m512i b = _mm512_set1_epi32(load_i32(x + r * lda + 4 * i));
                 for (int p = 0; p < P; p++) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], u[p], b);
             }
         }
     }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) _mm512_storeu_si512((void *)(c + r * TILE_LD + p * PANEL), acc[r][p]);
 }
 
+#define AVX512_ROWS 12 /* 12 rows x 2 panels = 24 of the 32 zmm registers accumulate */
 #define AVX512_CASE(R)                                                                            \
     case R:                                                                                       \
         if (panels == 2) tile_avx512_fixed(a, lda, w, panel_stride, c0, c1, c, R, 2);             \
@@ -203,8 +211,8 @@ static inline __attribute__((always_inline)) void tile_avx512_fixed(const int8_t
 static void tile_avx512(const int8_t *a, int64_t lda, int rows, const uint8_t *w, int64_t panel_stride,
                         int panels, int64_t c0, int64_t c1, int32_t *c) {
     switch (rows) {
-        AVX512_CASE(1) AVX512_CASE(2) AVX512_CASE(3) AVX512_CASE(4)
-        AVX512_CASE(5) AVX512_CASE(6) AVX512_CASE(7) AVX512_CASE(8)
+        AVX512_CASE(1) AVX512_CASE(2) AVX512_CASE(3) AVX512_CASE(4) AVX512_CASE(5) AVX512_CASE(6)
+        AVX512_CASE(7) AVX512_CASE(8) AVX512_CASE(9) AVX512_CASE(10) AVX512_CASE(11) AVX512_CASE(12)
     }
 }
 
@@ -214,6 +222,12 @@ static void tile_avx512(const int8_t *a, int64_t lda, int rows, const uint8_t *w
 /* ---------------------------------------------------------------- dispatch and driver */
 
 typedef void (*quantize_fn)(const float *x, int64_t K, int64_t Kp, int8_t *q, float *scale);
+
+typedef struct {
+    tile_fn tile;
+    quantize_fn quantize;
+    int rows, panels; /* the tile shape `tile` is fastest at */
+} isa_kernels;
 
 int bf_isa_supported(int isa) {
     if (isa == ISA_GENERIC) return 1;
@@ -227,13 +241,12 @@ int bf_isa_supported(int isa) {
     return 0;
 }
 
-static int select_isa(int isa, tile_fn *tile, quantize_fn *quantize) {
+static int select_isa(int isa, isa_kernels *k) {
     if (!bf_isa_supported(isa)) return -1;
-    *tile = tile_generic;
-    *quantize = quantize_row_generic;
+    *k = (isa_kernels){tile_generic, quantize_row_generic, 4, 1};
 #ifdef BF_X86
-    if (isa == ISA_AVX2) *tile = tile_avx2, *quantize = quantize_row_avx2;
-    if (isa == ISA_AVX512VNNI) *tile = tile_avx512, *quantize = quantize_row_avx512;
+    if (isa == ISA_AVX2) *k = (isa_kernels){tile_avx2, quantize_row_avx2, 6, 1};
+    if (isa == ISA_AVX512VNNI) *k = (isa_kernels){tile_avx512, quantize_row_avx512, AVX512_ROWS, 2};
 #endif
     return 0;
 }
@@ -275,9 +288,9 @@ static void compute_tile(tile_fn tile, const int8_t *q, int64_t Kp, const float 
 int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N, int64_t Kc,
               const float *scales, int64_t groups, int64_t group_chunks, const float *bias, float *out,
               int threads, int isa) {
-    tile_fn tile;
-    quantize_fn quantize;
-    if (select_isa(isa, &tile, &quantize)) return -1;
+    isa_kernels k;
+    if (select_isa(isa, &k)) return -1;
+    if (M <= 0) return 0;
     const int64_t Kp = Kc * CHUNK, panels = (N + PANEL - 1) / PANEL, panel_stride = Kc * BLOCK_BYTES;
     int8_t *q = aligned_alloc(64, (size_t)((M * Kp + 63) / 64 * 64)); /* C11: a multiple of the alignment */
     float *act_scale = malloc(sizeof(float) * (size_t)M);
@@ -290,24 +303,31 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m = 0; m < M; m++) {
-        quantize(x + m * ldx, K, Kp, q + m * Kp, act_scale + m);
+        k.quantize(x + m * ldx, K, Kp, q + m * Kp, act_scale + m);
         for (int64_t g = 0; g < groups; g++) {
             int32_t s = 0;
-            for (int64_t k = g * group_chunks * CHUNK; k < (g + 1) * group_chunks * CHUNK && k < Kp; k++)
-                s += q[m * Kp + k];
+            for (int64_t i = g * group_chunks * CHUNK; i < (g + 1) * group_chunks * CHUNK && i < Kp; i++)
+                s += q[m * Kp + i];
             act_sums[m * groups + g] = s;
         }
     }
 
-    const int64_t n_tiles = (panels + MAX_PANELS - 1) / MAX_PANELS, m_tiles = (M + MAX_ROWS - 1) / MAX_ROWS;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (int64_t nt = 0; nt < n_tiles; nt++)
-        for (int64_t mt = 0; mt < m_tiles; mt++) {
-            const int64_t m0 = mt * MAX_ROWS, p0 = nt * MAX_PANELS;
-            const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-            const int np = (int)(panels - p0 < MAX_PANELS ? panels - p0 : MAX_PANELS);
-            compute_tile(tile, q, Kp, act_scale, act_sums, m0, rows, w, panel_stride, p0, np, N, Kc, scales,
-                         groups, group_chunks, bias, out);
+    /* Rows go in blocks whose activations stay in L2; a block is shared out to the threads by weight tile
+     * (so each weight tile is read once per block and meets all of the block's row tiles while in L1).
+     * Dynamic scheduling evens out cores slowed by other processes. */
+    int64_t block_rows = L2_ACTIVATION_BYTES / Kp / k.rows * k.rows;
+    block_rows = block_rows < k.rows ? k.rows : block_rows;
+    const int64_t m_blocks = (M + block_rows - 1) / block_rows, n_tiles = (panels + k.panels - 1) / k.panels;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic)
+    for (int64_t mb = 0; mb < m_blocks; mb++)
+        for (int64_t nt = 0; nt < n_tiles; nt++) {
+            const int64_t p0 = nt * k.panels, m_end = (mb + 1) * block_rows < M ? (mb + 1) * block_rows : M;
+            const int np = (int)(panels - p0 < k.panels ? panels - p0 : k.panels);
+            for (int64_t m0 = mb * block_rows; m0 < m_end; m0 += k.rows) {
+                const int rows = (int)(m_end - m0 < k.rows ? m_end - m0 : k.rows);
+                compute_tile(k.tile, q, Kp, act_scale, act_sums, m0, rows, w, panel_stride, p0, np, N, Kc,
+                             scales, groups, group_chunks, bias, out);
+            }
         }
 
     free(q), free(act_scale), free(act_sums);
