@@ -56,9 +56,11 @@ def use_isa(name: str):
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
-    # Per-group scales need whole blocks per group; other group sizes stay on the reference.
+    # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
+    # that need a gradient: the C kernel has no backward.
     grouped = weight.scales.shape[1] > 1
-    return x.device.type == "cpu" and x.is_floating_point() and (not grouped or weight.group_size % CHUNK == 0)
+    return (x.device.type == "cpu" and x.is_floating_point() and not (x.requires_grad and torch.is_grad_enabled())
+            and (not grouped or weight.group_size % CHUNK == 0))
 
 
 @dataclass(frozen=True)
