@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ... import formats
 from ...errors import BitfluxError
 from . import _library
 
@@ -73,19 +72,28 @@ class PreparedWeight:
 
 
 def prepare(weight) -> PreparedWeight:
-    """Repack the tq2 codes once into 64-byte blocks of 16 outputs x 16 inputs (still 2 bits a weight)."""
+    """Repack the tq2 codes once into 64-byte blocks of 16 outputs x 16 inputs (still 2 bits a weight).
+
+    In tq2, input 4 b + r is digit r of byte b. A block's byte 4 n + r holds, as its digit i, input
+    16 chunk + 4 i + r of output n, i.e. digit r of tq2 byte 4 chunk + i: the 4 x 4 matrix of digits in
+    every 4 tq2 bytes is transposed. As a little-endian int32 word holds digit (i, r) at bit 8 i + 2 r, two
+    masked swaps do it (Hacker's Delight's bit-matrix transpose, with 2-bit elements).
+    """
     out_features, in_features = weight.out_features, weight.in_features
     panels, chunks = -(-out_features // PANEL), -(-in_features // CHUNK)
-    digits = (formats.unpack(weight.packed.cpu(), in_features, "tq2") + 1).to(torch.uint8)
-    # Padding digits are u = 1 (w = 0); the padded activations are 0, so they add nothing.
-    digits = F.pad(digits, (0, chunks * CHUNK - in_features, 0, panels * PANEL - out_features), value=1)
-    # input k = 16 chunk + 4 i + r of output n goes to byte 4 n + r, bits 2 i, of block (panel, chunk)
-    digits = digits.reshape(panels, PANEL, chunks, 4, 4).permute(0, 2, 1, 4, 3)
-    blocks = digits[..., 0] | digits[..., 1] << 2 | digits[..., 2] << 4 | digits[..., 3] << 6
+    # 0x55 = four digits u = 1 (w = 0): padding that adds nothing, as the padded activations are 0 too.
+    packed = F.pad(weight.packed.cpu(), (0, 4 * chunks - weight.packed.shape[1], 0, panels * PANEL - out_features),
+                   value=0x55)
+    words = packed.view(torch.int32)  # (rows, chunks): tq2 bytes 4 chunk .. 4 chunk + 3
+    swap = ((words >> 6) ^ words) & 0x00CC00CC  # (2a, 2b + 1) <-> (2a + 1, 2b)
+    words = words ^ swap ^ (swap << 6)
+    swap = ((words >> 12) ^ words) & 0x0000F0F0  # (i, r + 2) <-> (i + 2, r) for i, r in {0, 1}
+    words = words ^ swap ^ (swap << 12)
+    blocks = words.view(torch.uint8).reshape(panels, PANEL, chunks, 4).permute(0, 2, 1, 3)  # (panel, chunk, n, r)
     scales = weight.scales.float().cpu().expand(out_features, -1)
     scales = F.pad(scales, (0, 0, 0, panels * PANEL - out_features)).contiguous()
     group_chunks = weight.group_size // CHUNK if scales.shape[1] > 1 else chunks
-    return PreparedWeight(blocks.reshape(panels, -1).contiguous(), scales, in_features, out_features, group_chunks)
+    return PreparedWeight(blocks.reshape(panels, -1), scales, in_features, out_features, group_chunks)
 
 
 def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str = "a8") -> torch.Tensor:
