@@ -1,6 +1,6 @@
 """torch F.linear (fp32, and bf16 for reference) vs bitflux's `cpu` backend on FLUX linear shapes.
 
-    python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--no-bf16] [--json out.json]
+    python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--no-bf16] [--threads 1] [--json out.json]
 
 Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
 of bitflux over torch fp32. Times are the best of repeated calls (other processes make the rest noisy).
@@ -65,8 +65,11 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=FLUX_SHAPES, help="in_features x out_features")
     parser.add_argument("--no-bf16", action="store_true", help="skip the (slow) bf16 column")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent per measurement")
+    parser.add_argument("--threads", type=int, help="torch (and kernel) threads; default: torch's")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if cpu.available():
         raise SystemExit(f"cpu backend unavailable: {cpu.available()}")
