@@ -40,7 +40,8 @@ def threads(request):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 16), (3, 37, 5), (13, 100, 1), (29, 130, 45), (7, 300, 33)])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 16), (3, 37, 5), (13, 100, 1), (29, 130, 45), (7, 300, 33),
+                                     (67, 1000, 20)])  # the last quantizes its rows in parallel
 @pytest.mark.parametrize("scales", ["tensor", "channel", "group:16", "group:32"])
 def test_matches_integer_reference(isa, m, k, n, scales, threads):
     if isa not in cpu.supported_isas():

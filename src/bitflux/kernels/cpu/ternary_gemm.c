@@ -27,7 +27,10 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 #define MAX_ROWS 16    /* activation rows per tile, the most any path uses (register blocking) */
 #define MAX_PANELS 2   /* panels per tile, likewise */
 #define TILE_LD (PANEL * MAX_PANELS)
-#define L2_ACTIVATION_BYTES (160 << 10) /* int8 activations of a row block: measured best at 4 row tiles for K = 3072, as larger blocks lose L2 hits to the weight stream */
+#define PARALLEL_QUANTIZE_ELEMENTS (1 << 16) /* fewer activations are quantized by one thread */
+/* int8 activations of a row block, kept in L2 while the weights stream by: 4 row tiles at K = 3072
+ * measured best, as larger blocks lose L2 hits to the weight stream. */
+#define L2_ACTIVATION_BYTES (160 << 10)
 
 /* Writes the int32 sums over chunks [c0, c1) of `rows` activation rows against `panels` weight panels:
  * c[r * TILE_LD + n] = sum_k q[r][k] * u[n][k]. */
@@ -301,7 +304,9 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     }
     if (threads < 1) threads = 1;
 
-#pragma omp parallel for num_threads(threads) schedule(static)
+    /* Small inputs are quantized by this thread alone: the time a second thread takes to join a parallel
+     * region (milliseconds when other processes hold the cores) would dwarf the work. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_QUANTIZE_ELEMENTS)
     for (int64_t m = 0; m < M; m++) {
         k.quantize(x + m * ldx, K, Kp, q + m * Kp, act_scale + m);
         for (int64_t g = 0; g < groups; g++) {
