@@ -24,7 +24,7 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 #define PANEL 16       /* output features per panel */
 #define CHUNK 16       /* input features per block */
 #define BLOCK_BYTES 64 /* 16 x 16 two-bit codes */
-#define MAX_ROWS 16    /* activation rows per tile, the most any path uses (register blocking) */
+#define MAX_ROWS 12    /* activation rows per tile, the most any path uses (register blocking) */
 #define MAX_PANELS 2   /* panels per tile, likewise */
 #define TILE_LD (PANEL * MAX_PANELS)
 #define PARALLEL_QUANTIZE_ELEMENTS (1 << 16) /* fewer activations are quantized by one thread */
