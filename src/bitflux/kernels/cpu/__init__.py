@@ -24,6 +24,7 @@ PANEL = 16  # output features per block of the prepared layout
 CHUNK = 16  # input features per block
 
 _lib, _load_error = _library.load()
+_SUPPORTED_ISAS = [name for i, name in enumerate(ISAS) if _lib is not None and _lib.bf_isa_supported(i)]
 _forced_isa: list[str] = []
 
 
@@ -32,13 +33,13 @@ def available() -> str | None:
 
 
 def supported_isas() -> list[str]:
-    return [name for i, name in enumerate(ISAS) if _lib is not None and _lib.bf_isa_supported(i)]
+    return list(_SUPPORTED_ISAS)
 
 
 def current_isa() -> str:
     """The forced ISA (use_isa, else $BITFLUX_CPU_ISA), else the best this CPU supports."""
-    name = _forced_isa[-1] if _forced_isa else os.environ.get("BITFLUX_CPU_ISA") or supported_isas()[-1]
-    if name not in supported_isas():
+    name = _forced_isa[-1] if _forced_isa else os.environ.get("BITFLUX_CPU_ISA") or _SUPPORTED_ISAS[-1]
+    if name not in _SUPPORTED_ISAS:
         raise BitfluxError(f"cpu kernel ISA {name!r} is not supported here; choose one of {', '.join(supported_isas())}")
     return name
 
