@@ -50,7 +50,7 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "--size", "60x64", "-o", "x.png"], "multiples of 16"),
     (["generate", "a", "--size", "big", "-o", "x.png"], "--size"),
     (["generate", "a", "--steps", "0", "-o", "x.png"], "--steps"),
-    (["generate", "a", "--backend", "triton", "-o", "x.png"], "not available"),
+    (["generate", "a", "--backend", "triton", "-o", "x.png"], "runs on cuda tensors"),
     (["generate", "a", "--backend", "magic", "-o", "x.png"], "unknown backend"),
     (["generate", "a", "--model", "nobody/nothing-here", "-o", "x.png"], "not in the local Hugging Face cache"),
     (["generate", "a", "--model", "/no/such/folder", "-o", "x.png"], "no such model folder"),

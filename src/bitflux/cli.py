@@ -65,7 +65,7 @@ def _check_common(args) -> None:
         raise BitfluxError(f"--steps must be at least 1, got {args.steps}")
     if getattr(args, "size", None):
         _parse_size(args.size)
-    reason = unavailable_reason(args.backend)
+    reason = unavailable_reason(args.backend, args.device.split(":")[0])
     if reason:
         raise BitfluxError(reason)
     import diffusers
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
-    q.add_argument("--activations", default="a16", choices=["a16", "a8"])
+    q.add_argument("--activations", default="a16", choices=["a16", "a8", "fp8"],
+                   help="activations the kernels use: 16-bit, int8 or fp8 per token")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=_cmd_quantize)
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
     v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
     v.add_argument("--variants", default="fp,absmean",
-                   help="comma-separated: fp, METHOD[-tensor|-channel|-groupN][-a16|-a8] with METHOD absmean, twn, lsq")
+                   help="comma-separated: fp, METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
     v.add_argument("--seeds", type=int, nargs="+", default=[0])
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
     v.add_argument("--steps", type=int, default=20)

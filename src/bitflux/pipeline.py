@@ -176,7 +176,7 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
 
 
 def variant_config(name: str) -> TernaryConfig:
-    """A variant name -> its TernaryConfig: METHOD[-tensor|-channel|-groupN][-a16|-a8], e.g. "lsq-channel-a8"."""
+    """A variant name -> its TernaryConfig: METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8], e.g. "lsq-channel-a8"."""
     method, *options = name.split("-")
     fields: dict = {"method": method}
     for option in options:
@@ -184,11 +184,11 @@ def variant_config(name: str) -> TernaryConfig:
             fields["granularity"] = option
         elif option.startswith("group") and option[5:].isdigit():
             fields.update(granularity="group", group_size=int(option[5:]))
-        elif option in ("a16", "a8"):
+        elif option in ("a16", "a8", "fp8"):
             fields["activations"] = option
         else:
             raise BitfluxError(f"unknown variant option {option!r} in {name!r}; expected tensor, channel, groupN, "
-                               "a16 or a8")
+                               "a16, a8 or fp8")
     return TernaryConfig(**fields)
 
 

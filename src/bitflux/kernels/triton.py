@@ -4,10 +4,11 @@ Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). Thre
   M <= SMALL_M (memory-bound): a split-K GEMV-style kernel streams the 2-bit weights once with many
       programs; fp32 partial sums per K slice, then one small kernel sums them and applies the epilogue.
   middle M: the fused tile kernel (2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue).
-  M >= LARGE_M on a GPU (compute-bound): the layer's codes are expanded into a transient dense weight
-      (bf16/fp16 codes x scales for a16, int8 codes for a8, fp8 e4m3 codes for fp8) by a small kernel,
-      multiplied by cuBLAS (F.linear, torch._int_mm, torch._scaled_mm) and freed when the call returns,
-      so 8- or 16-bit weights never stay in GPU memory. fp8 takes this path from M > SMALL_M.
+  M >= LARGE_M on a GPU with 8-bit activations (compute-bound): the layer's codes are expanded into a
+      transient int8 (a8) or fp8 e4m3 (fp8) matrix of {-1, 0, +1} by a small kernel, multiplied by cuBLAS
+      (torch._int_mm, torch._scaled_mm) with the scales in the epilogue, and freed when the call returns:
+      8-bit codes never stay in GPU memory and no full-precision weight ever exists. a16 stays on the
+      fused kernel at every M. fp8 takes this path from M > SMALL_M.
 Activations: a16 in the input dtype; a8 per-token int8 exactly as reference.quantize_activations (int32
 sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), sums in fp32.
 """
@@ -18,7 +19,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 NAME = "triton"
 ACTIVATIONS = ("a16", "a8", "fp8")
@@ -123,33 +123,28 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Ten
     return q, scale
 
 
-def expand(prepared: PreparedWeight, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense (N, K) weight in `dtype`: codes, or codes x `scales` (fp32, as prepared.scales, holding
-    values already rounded to `dtype`, so each product is exact). A transient for cuBLAS."""
+def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The codes as a dense (N, K) int8 or fp8 matrix, a transient for the 8-bit GEMMs: {-1, 0, +1} is exact
+    in both, and scales stay in the epilogue, so no full-precision weight ever exists."""
     N, K = prepared.out_features, prepared.in_features
     out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
     block_n, block_k = 32, 128
-    scale_mode = -1 if scales is None else prepared.scale_mode
     _expand_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
-        prepared.packed, scales if scales is not None else prepared.scales, out, N, K, prepared.packed.stride(0),
-        max(prepared.group_size, 1), SCALE_MODE=scale_mode, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
 
 
 def _dense_fits(prepared: PreparedWeight, activations: str) -> bool:
-    """Where cuBLAS can take the expanded weight: int8 and fp8 GEMMs need K and N multiples of 16, and
-    per-group int8 sums cannot be scaled inside _int_mm."""
+    """Where an 8-bit cuBLAS GEMM can take the expanded codes: only for 8-bit activations (16-bit ones would
+    need a full-precision weight), K and N multiples of 16, and no per-group scales (not expressible in
+    _int_mm / _scaled_mm epilogues)."""
     if activations == "a16":
-        return True
+        return False
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     return aligned and prepared.scale_mode != _SCALE_GROUP
 
 
 def _dense_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    if activations == "a16":
-        # exactly the reference's weight (scale rounded to the activation dtype, exact products)
-        weight = expand(prepared, x2.dtype, prepared.scales.to(x2.dtype).float())
-        return F.linear(x2, weight, bias.to(x2.dtype) if bias is not None else None)
     if activations == "a8":
         q, act_scale = quantize_activations(x2)
         acc = torch._int_mm(q, expand(prepared, torch.int8).t())  # exact int32 sums
@@ -300,21 +295,12 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _expand_kernel(w_ptr, scale_ptr, out_ptr, N, K, stride_wn, group_size,
-                       SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _expand_kernel(w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         w = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
-        if SCALE_MODE == 0:
-            w = w * tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            w = w * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-        elif SCALE_MODE == 2:
-            groups = tl.cdiv(K, group_size)
-            w = w * tl.load(scale_ptr + offs_n[:, None] * groups + offs_k[None, :] // group_size,
-                            mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
 
