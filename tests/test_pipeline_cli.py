@@ -107,3 +107,29 @@ def test_eval_two_gloo_ranks_equal_one():
     assert one["absmean"]["psnr"] == pytest.approx(two["absmean"]["psnr"], rel=1e-4)
     assert one["absmean"]["ssim"] == pytest.approx(two["absmean"]["ssim"], rel=1e-4)
     assert one["fp"]["n_images"] == 6 and "psnr" in one["absmean"]
+
+
+def test_generate_with_a_lora(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for block in range(2):
+        for layer, (n, k) in {"attn.to_q": (256, 256), "ff.net.2": (256, 1024)}.items():
+            prefix = f"transformer.transformer_blocks.{block}.{layer}"
+            lora[f"{prefix}.lora_A.weight"] = torch.randn(4, k, generator=g) * 0.3
+            lora[f"{prefix}.lora_B.weight"] = torch.randn(n, 4, generator=g) * 0.3
+    path = tmp_path / "style.safetensors"
+    save_file(lora, str(path))
+    images = {}
+    for name, extra in {"plain": [], "zero": ["--lora", f"{path}:0"], "full": ["--lora", str(path)]}.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", *extra, "-o", out)
+        assert code == 0, err
+        images[name] = np.asarray(Image.open(out))
+    assert np.array_equal(images["plain"], images["zero"])
+    assert not np.array_equal(images["plain"], images["full"])
+    code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
+                        tmp_path / "x.png")
+    assert code == 2 and "no such LoRA file" in err

@@ -55,6 +55,22 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _parse_lora(text: str) -> tuple[str, float]:
+    """FILE[:STRENGTH] -> (file, strength)."""
+    from pathlib import Path
+
+    from .errors import BitfluxError
+
+    path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
+    try:
+        value = float(strength) if strength else 1.0
+    except ValueError:
+        raise BitfluxError(f"bad --lora {text!r}; expected FILE[:STRENGTH]") from None
+    if not Path(path).is_file():
+        raise BitfluxError(f"{path}: no such LoRA file")
+    return path, value
+
+
 def _check_common(args) -> None:
     """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
     loading chatter so that bitflux's own progress bars and lines are what the user reads."""
@@ -86,7 +102,13 @@ def _cmd_generate(args) -> None:
     if not args.output.lower().endswith(".png"):
         raise BitfluxError(f"{args.output}: output must be a .png file")
     _check_common(args)
+    loras = [_parse_lora(text) for text in args.lora]
     fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
+    for path, strength in loras:
+        from .interop.lora import load_lora
+
+        for pipe in (p for p in (fp, ternary) if p is not None):
+            load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
@@ -171,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     g.add_argument("--device", default="cpu", help="cpu | cuda")
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
     g.add_argument("-o", "--output", required=True, help="PNG file")
     g.set_defaults(run=_cmd_generate)
 
