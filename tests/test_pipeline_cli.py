@@ -133,3 +133,10 @@ def test_generate_with_a_lora(tmp_path, capsys):
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err
+
+
+def test_offload_needs_cuda():
+    import bitflux
+
+    with pytest.raises(bitflux.BitfluxError, match="CUDA"):
+        bitflux.load_pipeline(bitflux.demo_model_path(), offload=True)
