@@ -87,9 +87,10 @@ def test_rounding_step_reproduces_every_method(method, granularity, shape):
     assert torch.equal(rounded.to(torch.int8), codes)
 
 
+@pytest.mark.parametrize("activations", ["a16", "a8"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_latent_layer_starts_at_plain_rounding(granularity):
-    config = _ternary_config(granularity)
+def test_latent_layer_starts_at_plain_rounding(granularity, activations):
+    config = TernaryConfig(activations=activations, **TernaryConfig.parse_granularity(granularity))
     linear = nn.Linear(40, 12)
     plain = TernaryLinear.from_linear(linear, config)
     latent = LatentTernaryLinear.from_linear(linear, config)
@@ -269,7 +270,8 @@ def _tiny_pipeline():
                                  num_layers=1, num_heads=2, is_encoder_decoder=False, use_cache=False,
                                  pad_token_id=0, eos_token_id=2, decoder_start_token_id=0))
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+                        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        scaling_factor=1.0, shift_factor=0.0)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
                         text_encoder_2=t5, tokenizer_2=tokenizer(), transformer=build_tiny())
 
@@ -295,3 +297,23 @@ def test_calibrate_a_pipeline_end_to_end(tmp_path):
     # The same workdir with other settings is refused rather than silently mixed.
     with pytest.raises(BitfluxError, match="other settings"):
         calibrate(pipe, ["a red circle"], config, calib, workdir=tmp_path / "work", progress=False)
+
+
+def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
+    from bitflux import load_pipeline
+    from bitflux.calibrate.checkpoint import quantize_calibrated
+
+    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    calib = _calib(("scales", "blockwise"), samples=2, pipeline_kwargs={"num_inference_steps": 3, "height": 16,
+                                                                         "width": 16})
+    report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
+                                 device="cpu", progress=False)
+    assert report.records == 2 * 3 and len(report.blocks) == len(block_names(TINY_CONFIG))
+    pipe = load_pipeline(tmp_path / "out")
+    assert any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules())
+    image = pipe(["a red circle"], height=16, width=16, num_inference_steps=2, max_sequence_length=8).images[0]
+    assert image.size == (16, 16)
+    with pytest.raises(BitfluxError, match="exists"):
+        quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], calibration=calib, device="cpu")
+    with pytest.raises(BitfluxError, match="whole FLUX pipeline"):
+        quantize_calibrated(tmp_path / "fp" / "transformer", tmp_path / "out2", ["a"], calibration=calib, device="cpu")

@@ -4,6 +4,7 @@ reconstruction, end-to-end velocity distillation. See docs/CALIBRATION.md."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -61,29 +62,51 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
-def _check_workdir(workdir: Path, manifest: dict) -> None:
+def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig, model_config: dict,
+                  prompts: list[str]) -> Path:
     """A workdir belongs to one run: its manifest must match before anything in it is reused."""
+    workdir = Path(workdir)
+    manifest = {"ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
+                "calibration": calib.to_dict(), "model": model_config,
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / _MANIFEST
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
     if path.exists():
         if json.loads(path.read_text()) != json.loads(text):
             raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
-        return
+        return workdir
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+    return workdir
+
+
+@contextlib.contextmanager
+def measured(report: CalibrationReport, device):
+    """Record total time and peak memory of the enclosed work into the report."""
+    start = time.perf_counter()
+    with PeakMemory(device) as peak:
+        yield report
+    report.seconds["total"] = time.perf_counter() - start
+    report.peak_host_bytes, report.start_host_bytes = peak.host_bytes, peak.host_start_bytes
+    report.peak_device_bytes = peak.device_bytes
 
 
 def teacher_data(pipeline, prompts: list[str], calib: CalibrationConfig, workdir: Path | None = None,
-                 progress: bool = True) -> TeacherData:
+                 progress: bool = True, report: CalibrationReport | None = None) -> TeacherData:
     """The teacher's records, read from `workdir` when a previous run of the same settings saved them."""
+    start = time.perf_counter()
     cached = Path(workdir) / _TEACHER if workdir else None
     if cached is not None and cached.exists():
-        return TeacherData.load(cached)
-    teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress, **calib.pipeline_kwargs)
-    if cached is not None:
-        teacher.save(cached)
+        teacher = TeacherData.load(cached)
+    else:
+        teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress,
+                          **calib.pipeline_kwargs)
+        if cached is not None:
+            teacher.save(cached)
+    if report is not None:
+        report.seconds["teacher"] = time.perf_counter() - start
     return teacher
 
 
@@ -132,19 +155,8 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
     device = torch.device(device or pipeline._execution_device)
     source = FolderSource(source) if source is not None else ModelSource(pipeline.transformer)
     if workdir is not None:
-        workdir = Path(workdir)
-        _check_workdir(workdir, {
-            "ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
-            "calibration": calib.to_dict(), "model": source.config,
-            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()})
-    report = CalibrationReport(calib.stages)
-    with PeakMemory(device) as peak:
-        total = time.perf_counter()
-        start = time.perf_counter()
-        teacher = teacher_data(pipeline, prompts, calib, workdir, progress)
-        report.seconds["teacher"] = time.perf_counter() - start
+        workdir = check_workdir(workdir, config, calib, source.config, prompts)
+    with measured(CalibrationReport(calib.stages), device) as report:
+        teacher = teacher_data(pipeline, prompts, calib, workdir, progress, report)
         model, report = calibrate_transformer(source, teacher, config, calib, device, workdir, progress, report)
-        report.seconds["total"] = time.perf_counter() - total
-    report.peak_host_bytes, report.start_host_bytes = peak.host_bytes, peak.host_start_bytes
-    report.peak_device_bytes = peak.device_bytes
     return model, report

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TernaryConfig
+from ..kernels import reference
 from ..linear import TernaryLinear
 from ..surgery import is_target
 from tqdm import tqdm
@@ -36,6 +37,13 @@ def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, g
     # A group with no kept weight needs d > 2 max|w|; one with no zeroed weight, d <= min|w|.
     step = torch.where(smallest_kept.isinf(), 2 * largest_zeroed * (1 + 1e-6), largest_zeroed + smallest_kept)
     return step.clamp_min(_EPS)
+
+
+def fake_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the W1.58A8 kernels see it (kernels.reference.quantize_activations), straight-through,
+    so that calibration for a8 learns against the activations the model will really get."""
+    q, scale = reference.quantize_activations(x)
+    return x + (q.float() * scale - x.float()).to(x.dtype).detach()
 
 
 class LatentTernaryLinear(nn.Module):
@@ -82,6 +90,8 @@ class LatentTernaryLinear(nn.Module):
         return codes * expand_scales(self.scales(), u.shape[1], self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.activations == "a8":
+            x = fake_int8_per_token(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight().to(x.dtype), bias)
 

@@ -27,9 +27,11 @@ class ModelSource:
 
 
 class FolderSource:
-    """Submodules read from a diffusers transformer folder (safetensors), tensor by tensor."""
+    """Submodules read from a diffusers transformer folder (safetensors), tensor by tensor, floating-point
+    tensors cast to `dtype` when given."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = None):
+        self.dtype = dtype
         folder = Path(folder)
         if (folder / "model_index.json").exists():
             folder = folder / "transformer"
@@ -51,7 +53,7 @@ class FolderSource:
             with safe_open(str(file), "pt", device="cpu") as f:
                 state.update({key[len(prefix):]: f.get_tensor(key) for key in keys})
         module.load_state_dict(state, assign=True, strict=True)
-        return module.to(device)
+        return module.to(device, self.dtype)
 
 
 def block_names(config: dict) -> list[str]:
@@ -64,7 +66,3 @@ def outside_blocks(model: nn.Module) -> list[str]:
     """Top-level submodules that are not block lists (embedders, output norm and projection)."""
     return [name for name, _ in model.named_children()
             if name not in ("transformer_blocks", "single_transformer_blocks")]
-
-
-def model_dtype(source) -> torch.dtype:
-    return next(source.load("x_embedder", "cpu").parameters()).dtype
