@@ -26,7 +26,8 @@ from .sources import FolderSource, ModelSource
 from .teacher import TeacherData, collect
 
 __all__ = ["LEVELS", "STAGES", "CalibrationConfig", "CalibrationReport", "FolderSource", "ModelSource",
-           "TeacherData", "calibrate", "calibrate_transformer", "read_prompts", "teacher_data"]
+           "TeacherData", "calibrate", "calibrate_transformer", "check_workdir", "measured", "read_prompts",
+           "teacher_data"]
 
 _MANIFEST = "manifest.json"
 _TEACHER = "teacher.safetensors"

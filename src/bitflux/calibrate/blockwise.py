@@ -99,8 +99,17 @@ def _forward(block, streams: Streams, cond: Conditioning, index, device) -> tupl
 
 @torch.no_grad()
 def run_block(block, streams: Streams, cond: Conditioning, batch_size: int, device) -> Streams:
-    outputs = [_forward(block, streams, cond, index, device) for index in torch.arange(len(cond.temb)).split(batch_size)]
-    return Streams(torch.cat([h.cpu() for h, _ in outputs]), torch.cat([e.cpu() for _, e in outputs]))
+    """The block's outputs for every record, written into fresh host tensors batch by batch."""
+    out = Streams(torch.empty_like(streams.hidden), torch.empty_like(streams.encoder))
+    for index in torch.arange(len(cond.temb)).split(batch_size):
+        hidden, encoder = _forward(block, streams, cond, index, device)
+        out.hidden[index], out.encoder[index] = hidden.to(out.hidden.dtype).cpu(), encoder.to(out.encoder.dtype).cpu()
+    return out
+
+
+def _mean_square(t: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """mean(t^2) in fp32 without an fp32 copy of all of t (the streams of a large model are GBs)."""
+    return sum(chunk.float().pow(2).sum() for chunk in t.split(rows)) / t.numel()
 
 
 class BlockObjective:
@@ -110,8 +119,8 @@ class BlockObjective:
     def __init__(self, targets: Streams, text_counts: bool):
         self.targets = targets
         self.text_weight = 1.0 if text_counts else 0.0
-        self.hidden_norm = targets.hidden.float().pow(2).mean().clamp_min(1e-30)
-        self.encoder_norm = targets.encoder.float().pow(2).mean().clamp_min(1e-30)
+        self.hidden_norm = _mean_square(targets.hidden).clamp_min(1e-30)
+        self.encoder_norm = _mean_square(targets.encoder).clamp_min(1e-30)
 
     def __call__(self, block, inputs: Streams, cond: Conditioning, index, device) -> torch.Tensor:
         hidden, encoder = _forward(block, inputs, cond, index, device)
