@@ -67,33 +67,15 @@ def _check_common(args) -> None:
         raise BitfluxError(reason)
 
 
-def _load_variants(model: str | None, device: str, want_fp: bool, progress: bool):
-    """(full-precision pipeline or None, ternary pipeline) for --model (default: the embedded demo)."""
-    from .errors import BitfluxError
-    from .pipeline import (demo_ternary_path, is_ternary_pipeline, load_pipeline, quantize_pipeline,
-                           resolve_pipeline_path)
-
-    path = resolve_pipeline_path(model)
-    if model is None:
-        ternary = load_pipeline(demo_ternary_path(progress=progress), device)
-        return (load_pipeline(path, device) if want_fp else None), ternary
-    if is_ternary_pipeline(path):
-        if want_fp:
-            raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
-        return None, load_pipeline(path, device)
-    fp = load_pipeline(path, device)
-    return fp, quantize_pipeline(fp, copy_transformer=want_fp)[0]
-
-
 def _cmd_generate(args) -> None:
     from .errors import BitfluxError
     from .kernels import use_backend
-    from .pipeline import generate, default_image_size, save_png, side_by_side
+    from .pipeline import default_image_size, generate, load_variants, save_png, side_by_side
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
     _check_common(args)
-    fp, ternary = _load_variants(args.model, args.device, args.compare, progress=True)
+    fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
@@ -103,6 +85,17 @@ def _cmd_generate(args) -> None:
         image = side_by_side([reference, image], ["full precision", "ternary"])
     save_png(image, args.output)
     print(f"wrote {args.output}")
+
+
+def _cmd_bench(args) -> None:
+    from .bench import format_bench, plot_bench, run_bench
+
+    _check_common(args)
+    size = _parse_size(args.size) if args.size else None
+    result = run_bench(args.model, args.device, args.steps, args.backend, size)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    if args.plot:
+        plot_bench(result, args.plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("-o", "--output", required=True, help="PNG file")
     g.set_defaults(run=_cmd_generate)
+
+    b = sub.add_parser("bench", help="full precision vs ternary: step and image time, peak memory, weight bytes")
+    b.add_argument("--model", default=None, help="pipeline folder (full precision) or cached hub id")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    b.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", default=None, help="bar chart PNG")
+    b.set_defaults(run=_cmd_bench)
     return parser
 
 

@@ -157,3 +157,19 @@ def save_png(image, path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise BitfluxError(f"cannot write {path}: {exc.strerror}") from None
     return path
+
+
+def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, progress: bool = True):
+    """(full-precision pipeline or None, ternary pipeline) for a --model argument: None is the embedded demo
+    (its ternary form cached on disk), a full-precision folder is quantized in memory, a bitflux folder is
+    ternary already (and has no full-precision twin)."""
+    path = resolve_pipeline_path(model)
+    if model is None:
+        ternary = load_pipeline(demo_ternary_path(progress=progress), device)
+        return (load_pipeline(path, device) if want_fp else None), ternary
+    if is_ternary_pipeline(path):
+        if want_fp:
+            raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
+        return None, load_pipeline(path, device)
+    fp = load_pipeline(path, device)
+    return (fp if want_fp else None), quantize_pipeline(fp, copy_transformer=want_fp)[0]

@@ -1,0 +1,142 @@
+"""`bitflux bench`: full precision vs ternary with the same prompts and seeds. Each variant runs in a child
+process of its own, so the peak memory it reports (RSS on CPU, max_memory_allocated on CUDA) is its own."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from .errors import BitfluxError
+
+VARIANTS = ("fp", "ternary")
+PROMPTS = ("a red circle", "two blue squares", "a green triangle to the left of a yellow circle")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
+                    size: tuple[int, int] | None = None, repeats: int = 2) -> dict:
+    """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
+    from .kernels import use_backend
+    from .pipeline import default_image_size, generate, load_variants
+
+    fp, ternary = load_variants(model, device, want_fp=(variant == "fp"), progress=False)
+    pipe = fp if variant == "fp" else ternary
+    width, height = size or default_image_size(pipe)
+    step_seconds: list[float] = []
+    started = {}
+
+    def before(*_):
+        _sync(device)
+        started["t"] = time.perf_counter()
+
+    def after(*_):
+        _sync(device)
+        step_seconds.append(time.perf_counter() - started["t"])
+
+    handles = [pipe.transformer.register_forward_pre_hook(before), pipe.transformer.register_forward_hook(after)]
+    prompts = list(PROMPTS)
+    seeds = list(range(len(prompts)))
+    with use_backend(backend):
+        generate(pipe, prompts[:1], seeds[:1], steps=1, height=height, width=width, progress=False)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        step_seconds.clear()
+        image_seconds = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            generate(pipe, prompts, seeds, steps=steps, height=height, width=width, progress=False)
+            _sync(device)
+            image_seconds.append((time.perf_counter() - start) / len(prompts))
+    for handle in handles:
+        handle.remove()
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": variant, "device": device, "size": [width, height], "steps": steps,
+            "batch": len(prompts), "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
+            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
+            else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer)}
+
+
+def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
+              size: tuple[int, int] | None = None) -> dict:
+    """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins)."""
+    from .pipeline import demo_ternary_path
+
+    if model is None:
+        demo_ternary_path()  # quantize and cache once here, not inside a timed child
+    results = {}
+    for variant in VARIANTS:
+        spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
+                "size": size}
+        child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
+                               text=True)
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BitfluxError(f"benchmark of the {variant} variant failed: {last}")
+        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    fp, ternary = results["fp"], results["ternary"]
+    ratios = {key: fp[key] / ternary[key] for key in
+              ("transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes")}
+    return {"model": model or "embedded demo", "backend": backend, "variants": results, "ratios_fp_over_ternary": ratios}
+
+
+def format_bench(result: dict) -> str:
+    rows = [("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
+            ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20), ("transformer weights (MB)",
+                                                                    "transformer_weight_bytes", 1 / 2**20)]
+    fp, ternary = result["variants"]["fp"], result["variants"]["ternary"]
+    lines = [f"model: {result['model']}, device {fp['device']}, backend {result['backend']}, "
+             f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
+             f"{'':26s} {'full precision':>15s} {'ternary':>10s} {'fp / ternary':>13s}"]
+    for label, key, unit in rows:
+        lines.append(f"{label:26s} {fp[key] * unit:15.2f} {ternary[key] * unit:10.2f} "
+                     f"{result['ratios_fp_over_ternary'][key]:12.2f}x")
+    return "\n".join(lines)
+
+
+def plot_bench(result: dict, path) -> None:
+    """A bar chart PNG: one panel per measure, full precision beside ternary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .pipeline import save_png
+
+    panels = [("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
+              ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20),
+              ("transformer weights (MB)", "transformer_weight_bytes", 1 / 2**20)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (label, key, unit) in zip(axes, panels):
+        values = [result["variants"][v][key] * unit for v in VARIANTS]
+        ax.bar(["full precision", "ternary"], values, color=["#888888", "#2a7ab9"])
+        ax.set_title(f"{label}\n{result['ratios_fp_over_ternary'][key]:.2f}x", fontsize=9)
+    fig.tight_layout()
+    canvas = fig.canvas
+    canvas.draw()
+    from PIL import Image
+
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
+    plt.close(fig)
+    save_png(image, path)
+
+
+if __name__ == "__main__":  # the child process of run_bench
+    spec = json.loads(sys.argv[1])
+    spec["size"] = tuple(spec["size"]) if spec["size"] else None
+    print(json.dumps(measure_variant(**spec)))
