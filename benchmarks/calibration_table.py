@@ -1,0 +1,211 @@
+"""The calibration table: plain rounding variants against data-free calibration on the embedded demo model.
+
+    python benchmarks/calibration_table.py [--model DIR] [--samples 32] [--steps 200] [--distill-steps 500]
+        [--per-category 48] [--threads 1] [--out docs/calibration] [--device cpu]
+
+Every row generates ShapeEval's images with the same seeds as full precision (20 steps, guidance 3.5, the
+model's own size) and reports ShapeEval overall and per category (0-100), PSNR and SSIM against the
+full-precision images, and the calibration's time and peak memory. The teacher records are collected
+once (prompts from the demo's caption grammar, disjoint from ShapeEval's) and shared by the calibrated
+rows; each calibrated row's time includes the teacher's. Memory on CPU: the increase of resident memory
+over what the process held before that row (peak RSS sampled every 20 ms), and the process's peak.
+Writes OUT/calibration.json, OUT/calibration_table.md and OUT/calibration_grid.png (same seeds, one row of
+images per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bitflux import TernaryConfig, quantize_
+from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, calibrate_transformer, measured,
+                               teacher_data)
+from bitflux.calibrate.checkpoint import teacher_settings
+from bitflux.eval.fidelity import fidelity
+from bitflux.pipeline import generate
+
+PLAIN = [("absmean", "tensor"), ("twn", "tensor"), ("lsq", "tensor"), ("absmean", "channel"), ("lsq", "channel"),
+         ("absmean", "group:64")]
+CALIBRATED_GRANULARITIES = ["tensor", "channel"]
+LEVELS = [("+ scales", ("scales",)), ("+ block-wise", ("scales", "blockwise")),
+          ("+ distillation", ("scales", "blockwise", "distill"))]
+GRID_IMAGES = 12
+
+
+def _pipeline_with(pipe, transformer):
+    ternary = type(pipe)(**dict(pipe.components, transformer=transformer))
+    ternary.set_progress_bar_config(disable=True)
+    return ternary
+
+
+def _evaluate(pipe, items, settings, progress) -> tuple[dict, list]:
+    """ShapeEval of one pipeline; image i of ShapeEval's list always gets seed i."""
+    from bitflux.eval import shapeeval
+
+    images = []
+
+    def generate_fn(prompts, seed):
+        batch = generate(pipe, prompts, [seed + i for i in range(len(prompts))], progress=False, **settings)
+        images.extend(batch)
+        return batch
+
+    result = shapeeval.evaluate(generate_fn, items, seeds=(0,), grid=False, progress=progress)
+    return result, images
+
+
+def _row(name, result, images, fp_images, seconds=None, memory=None, extra=None) -> dict:
+    row = {"variant": name, "overall": 100 * result["overall"],
+           "categories": {k: 100 * v for k, v in result["categories"].items()},
+           "seconds": seconds, "memory_mib": memory, **(extra or {})}
+    if fp_images is not None:
+        row.update(fidelity(fp_images, images))
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    categories = list(rows[0]["categories"])
+    head = ["variant", "ShapeEval", *categories, "PSNR dB", "SSIM", "calib. time", "calib. memory"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['overall']:.1f}", *(f"{r['categories'][c]:.1f}" for c in categories),
+                 f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
+                 f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-",
+                 r["memory_mib"] if r["memory_mib"] is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    label_width = 150
+    size = named_images[0][1][0].size[0] * 2
+    canvas = Image.new("RGB", (label_width + size * GRID_IMAGES, size * len(named_images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, images) in enumerate(named_images):
+        draw.text((4, r * size + size // 2 - 6), name, fill="black")
+        for c, image in enumerate(images[:GRID_IMAGES]):
+            canvas.paste(image.resize((size, size), Image.NEAREST), (label_width + c * size, r * size))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)
+
+
+def _memory(report: CalibrationReport) -> str:
+    text = f"+{(report.peak_host_bytes - report.start_host_bytes) / 2**20:.0f} MiB (process {report.peak_host_bytes / 2**20:.0f})"
+    if report.peak_device_bytes:
+        text += f", device {report.peak_device_bytes / 2**20:.0f} MiB"
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="FLUX pipeline folder (default: the embedded demo model)")
+    parser.add_argument("--samples", type=int, default=32, help="teacher trajectories")
+    parser.add_argument("--steps", type=int, default=200, help="optimisation steps per block")
+    parser.add_argument("--distill-steps", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--per-category", type=int, default=48, help="ShapeEval prompts per category")
+    parser.add_argument("--granularities", nargs="+", default=CALIBRATED_GRANULARITIES)
+    parser.add_argument("--a8", action="store_true", help="also W1.58A8 rows (plain and best calibrated)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="docs/calibration")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers import FluxPipeline
+
+    from bitflux.demo import demo_model_path
+    from bitflux.demo.scenes import calibration_prompts
+    from bitflux.eval import shapeeval
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    model_path = args.model or demo_model_path()
+    pipe = FluxPipeline.from_pretrained(str(model_path), torch_dtype=torch.float32, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = teacher_settings(pipe)
+    generation = {"steps": settings["num_inference_steps"], "guidance": settings["guidance_scale"],
+                  "height": settings["height"], "width": settings["width"]}
+    items = shapeeval.prompt_set(per_category=args.per_category)
+    prompts = calibration_prompts(args.samples)
+    rows, grid = [], []
+
+    def record(name, transformer, fp_images, seconds=None, memory=None, extra=None):
+        start = time.perf_counter()
+        result, images = _evaluate(_pipeline_with(pipe, transformer), items, generation, progress=True)
+        row = _row(name, result, images, fp_images, seconds, memory, extra)
+        row["eval_seconds"] = time.perf_counter() - start
+        rows.append(row)
+        grid.append((name, images))
+        print(_table([row]).splitlines()[-1], flush=True)
+        _write(out, rows, grid, args)
+        return images
+
+    fp_images = record("full precision", pipe.transformer, None)
+    for method, granularity in PLAIN:
+        config = TernaryConfig(method=method, **TernaryConfig.parse_granularity(granularity))
+        start = time.perf_counter()
+        plain = copy.deepcopy(pipe.transformer)
+        quantize_(plain, config)
+        record(f"{method} {granularity}", plain, fp_images, time.perf_counter() - start)
+
+    base = CalibrationConfig(samples=args.samples, steps=args.steps, distill_steps=args.distill_steps,
+                             batch_size=args.batch_size, pipeline_kwargs=settings)
+    teacher_report = CalibrationReport(("teacher",))
+    with measured(teacher_report, device):
+        teacher = teacher_data(pipe, prompts, base, progress=True, report=teacher_report)
+    print(f"teacher: {len(teacher)} records in {teacher_report.seconds['total']:.0f} s", flush=True)
+    best = None
+    for granularity in args.granularities:
+        for label, stages in LEVELS:
+            config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
+            calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
+            report = CalibrationReport(stages)
+            with measured(report, device):
+                model, report = calibrate_transformer(ModelSource(pipe.transformer), teacher, config, calib, device,
+                                                      progress=True, report=report)
+            seconds = teacher_report.seconds["total"] + report.seconds["total"]
+            record(f"absmean {granularity} {label}", model, fp_images, seconds, _memory(report),
+                   {"calibration": report.to_dict()})
+            if best is None or rows[-1]["overall"] >= best[0]:
+                best = (rows[-1]["overall"], granularity, stages)
+    if args.a8:
+        plain = copy.deepcopy(pipe.transformer)
+        quantize_(plain, TernaryConfig(activations="a8"))
+        record("W1.58A8 absmean tensor", plain, fp_images, 0.0)
+        _, granularity, stages = best
+        config = TernaryConfig(activations="a8", **TernaryConfig.parse_granularity(granularity))
+        calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
+        report = CalibrationReport(stages)
+        with measured(report, device):
+            model, report = calibrate_transformer(ModelSource(pipe.transformer), teacher, config, calib, device,
+                                                  progress=True, report=report)
+        record(f"W1.58A8 absmean {granularity} {'+'.join(stages)}", model, fp_images,
+               teacher_report.seconds["total"] + report.seconds["total"], _memory(report))
+    print(_table(rows))
+    return 0
+
+
+def _write(out: Path, rows, grid, args) -> None:
+    data = {"args": vars(args), "torch_threads": torch.get_num_threads(), "rows": rows}
+    tmp = out / "calibration.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, out / "calibration.json")
+    tmp = out / "calibration_table.md.tmp"
+    tmp.write_text(_table(rows) + "\n")
+    os.replace(tmp, out / "calibration_table.md")
+    _grid(grid, out / "calibration_grid.png")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

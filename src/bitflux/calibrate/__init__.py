@@ -1,0 +1,163 @@
+"""Data-free calibration of ternary FLUX transformers: prompts only, the full-precision model as its own
+teacher. Stages (any subset, in this order): closed-form output-error scales, block-wise
+reconstruction, end-to-end velocity distillation. See docs/CALIBRATION.md."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TernaryConfig
+from ..errors import BitfluxError
+from ..flux import build_transformer
+from .blockwise import BlockRecord, reconstruct
+from .config import LEVELS, STAGES, CalibrationConfig
+from .distill import distill
+from .memory import PeakMemory
+from .prompts import read_prompts
+from .sources import FolderSource, ModelSource
+from .teacher import TeacherData, collect
+
+__all__ = ["LEVELS", "STAGES", "CalibrationConfig", "CalibrationReport", "FolderSource", "ModelSource",
+           "TeacherData", "calibrate", "calibrate_transformer", "check_workdir", "measured", "read_prompts",
+           "teacher_data"]
+
+_MANIFEST = "manifest.json"
+_TEACHER = "teacher.safetensors"
+
+
+@dataclass
+class CalibrationReport:
+    stages: tuple[str, ...]
+    records: int = 0  # teacher transformer calls used as training records
+    seconds: dict[str, float] = field(default_factory=dict)  # teacher, blocks, distill, total
+    peak_host_bytes: int = 0  # largest resident memory of the process during calibration
+    start_host_bytes: int = 0  # resident memory when calibration started
+    peak_device_bytes: int = 0  # CUDA allocator peak (0 on CPU)
+    blocks: list[BlockRecord] = field(default_factory=list)
+    distill_error: tuple[float, float] | None = None  # relative velocity error before, after
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"calibration ({', '.join(self.stages)}) on {self.records} teacher records: "
+                 f"{self.seconds.get('total', 0):.1f} s, peak memory {self.peak_host_bytes / 2**20:.0f} MiB host"
+                 + (f", {self.peak_device_bytes / 2**20:.0f} MiB device" if self.peak_device_bytes else "")]
+        for b in self.blocks:
+            if b.loss_before is not None:
+                lines.append(f"  {b.name}: block output error {b.loss_before:.4f} -> {b.loss_after:.4f}")
+            elif b.scale_errors:
+                before = sum(e[0] for e in b.scale_errors.values()) / len(b.scale_errors)
+                after = sum(e[1] for e in b.scale_errors.values()) / len(b.scale_errors)
+                lines.append(f"  {b.name}: mean layer output error {before:.4f} -> {after:.4f}")
+        if self.distill_error:
+            lines.append(f"  distill: velocity error {self.distill_error[0]:.4f} -> {self.distill_error[1]:.4f}")
+        return "\n".join(lines)
+
+
+def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig, model_config: dict,
+                  prompts: list[str]) -> Path:
+    """A workdir belongs to one run: its manifest must match before anything in it is reused."""
+    workdir = Path(workdir)
+    manifest = {"ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
+                "calibration": calib.to_dict(), "model": model_config,
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / _MANIFEST
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
+        return workdir
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return workdir
+
+
+@contextlib.contextmanager
+def measured(report: CalibrationReport, device):
+    """Record total time and peak memory of the enclosed work into the report."""
+    start = time.perf_counter()
+    with PeakMemory(device) as peak:
+        yield report
+    report.seconds["total"] = time.perf_counter() - start
+    report.peak_host_bytes, report.start_host_bytes = peak.host_bytes, peak.host_start_bytes
+    report.peak_device_bytes = peak.device_bytes
+
+
+def teacher_data(pipeline, prompts: list[str], calib: CalibrationConfig, workdir: Path | None = None,
+                 progress: bool = True, report: CalibrationReport | None = None) -> TeacherData:
+    """The teacher's records, read from `workdir` when a previous run of the same settings saved them."""
+    start = time.perf_counter()
+    cached = Path(workdir) / _TEACHER if workdir else None
+    if cached is not None and cached.exists():
+        teacher = TeacherData.load(cached)
+    else:
+        teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress,
+                          **calib.pipeline_kwargs)
+        if cached is not None:
+            teacher.save(cached)
+    if report is not None:
+        report.seconds["teacher"] = time.perf_counter() - start
+    return teacher
+
+
+def full_model(source, device) -> nn.Module:
+    """The whole full-precision transformer from a source (for distillation without block-wise stages)."""
+    model = build_transformer(source.config, "meta")
+    for name, _ in list(model.named_children()):
+        setattr(model, name, source.load(name, device))
+    return model.eval()
+
+
+def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, calib: CalibrationConfig,
+                          device="cpu", workdir: Path | None = None, progress: bool = True,
+                          report: CalibrationReport | None = None) -> tuple[nn.Module, CalibrationReport]:
+    """The ternary transformer calibrated on teacher records, full-precision weights read from `source`
+    (ModelSource or FolderSource) one submodule at a time."""
+    report = report or CalibrationReport(calib.stages)
+    report.records = len(teacher)
+    start = time.perf_counter()
+    if {"scales", "blockwise"} & set(calib.stages):
+        model, report.blocks = reconstruct(source, teacher, config, calib, device, workdir, progress)
+    else:
+        model = full_model(source, device)
+    report.seconds["blocks"] = time.perf_counter() - start
+    if "distill" in calib.stages:
+        start = time.perf_counter()
+        report.distill_error = distill(model, teacher, config, calib, device, progress)
+        report.seconds["distill"] = time.perf_counter() - start
+    return model, report
+
+
+def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
+              calibration: CalibrationConfig | None = None, *, source: str | Path | None = None,
+              workdir: str | Path | None = None, device=None, progress: bool = True) -> tuple[nn.Module, CalibrationReport]:
+    """Quantize the pipeline's transformer to ternary, calibrated with the full-precision pipeline as teacher.
+
+    prompts: calibration prompts (text only). source: a diffusers transformer folder with the same
+    full-precision weights, read block by block; without it, blocks are copied one at a time from
+    pipeline.transformer, which is left untouched. workdir: teacher records and finished blocks are
+    saved there, and a repeated call with the same settings resumes where the last one stopped.
+    Returns the ternary transformer (a FluxTransformer2DModel with TernaryLinear layers) and a report
+    with per-stage objectives, time and peak memory.
+    """
+    config = config or TernaryConfig()
+    calib = calibration or CalibrationConfig()
+    device = torch.device(device or pipeline._execution_device)
+    source = FolderSource(source) if source is not None else ModelSource(pipeline.transformer)
+    if workdir is not None:
+        workdir = check_workdir(workdir, config, calib, source.config, prompts)
+    with measured(CalibrationReport(calib.stages), device) as report:
+        teacher = teacher_data(pipeline, prompts, calib, workdir, progress, report)
+        model, report = calibrate_transformer(source, teacher, config, calib, device, workdir, progress, report)
+    return model, report

@@ -1,0 +1,65 @@
+"""`bitflux quantize SOURCE -o OUT --calibrate PROMPTS.txt`: calibrate a FLUX pipeline folder into a
+bitflux pipeline folder, never holding the full-precision transformer beside the student."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import AtomicFolder, save_transformer
+from ..config import TernaryConfig
+from ..convert import _copy_pipeline_components, resolve_source
+from ..errors import BitfluxError
+from ..pipeline import default_image_size, text_length
+from . import CalibrationConfig, CalibrationReport, calibrate_transformer, check_workdir, measured, teacher_data
+from .sources import FolderSource
+
+
+def teacher_settings(pipe, **given) -> dict:
+    """How the teacher samples unless given: the model's own image size and text length, 20 steps and
+    guidance 3.5 (`bitflux generate`'s defaults)."""
+    width, height = default_image_size(pipe)
+    return {"height": height, "width": width, "max_sequence_length": text_length(pipe),
+            "num_inference_steps": 20, "guidance_scale": 3.5, **given}
+
+
+def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str], config: TernaryConfig | None = None,
+                        calibration: CalibrationConfig | None = None, *, force: bool = False, device=None,
+                        workdir: str | Path | None = None, progress: bool = True) -> CalibrationReport:
+    """Calibrate the transformer of the FLUX pipeline folder SOURCE and write a bitflux pipeline folder OUT.
+
+    The teacher (the whole full-precision pipeline) runs first and is released; block-wise stages then
+    read full-precision weights from SOURCE one block at a time. Compute runs on `device` (default: cuda
+    when available), in bfloat16 there and float32 on CPU.
+    """
+    from diffusers import FluxPipeline
+
+    config = config or TernaryConfig()
+    calib = calibration or CalibrationConfig()
+    found = resolve_source(source)
+    if found.pipeline_root is None:
+        raise BitfluxError(f"{source}: calibration needs a whole FLUX pipeline folder (its text encoders turn "
+                           "the prompts into the teacher's inputs), not a transformer alone")
+    out = Path(out)
+    if out.exists() and not force:
+        raise BitfluxError(f"{out} exists; pass --force to replace it")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer_source = FolderSource(found.pipeline_root / "transformer", dtype)
+    report = CalibrationReport(calib.stages)
+    with measured(report, device):
+        pipe = FluxPipeline.from_pretrained(str(found.pipeline_root), torch_dtype=dtype, local_files_only=True).to(device)
+        calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
+        if workdir is not None:
+            workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
+        teacher = teacher_data(pipe, prompts, calib, workdir, progress, report)
+        del pipe  # the teacher's weights are not needed again
+        gc.collect()
+        model, report = calibrate_transformer(transformer_source, teacher, config, calib, device, workdir, progress,
+                                              report)
+    with AtomicFolder(out, force) as tmp:
+        save_transformer(model.to(torch.device("cpu")), tmp / "transformer", config)
+        _copy_pipeline_components(found.pipeline_root, tmp)
+    return report

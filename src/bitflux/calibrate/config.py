@@ -1,0 +1,63 @@
+"""CalibrationConfig: what calibration runs and with which budget, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import BitfluxError
+
+STAGES = ("scales", "blockwise", "distill")
+# `--calibration X` on the command line runs X and every cheaper stage before it.
+LEVELS = {"scales": ("scales",), "blockwise": ("scales", "blockwise"), "distill": STAGES}
+
+
+@dataclass
+class CalibrationConfig:
+    """stages: any of scales, blockwise, distill, run in that order.
+    samples: teacher trajectories (one image each, prompts cycled, noise seed `seed + j`); every
+        denoising step of each is one training record.
+    steps: optimisation steps per block (blockwise); distill_steps: in total (distill).
+    pipeline_kwargs: how the teacher samples (num_inference_steps, guidance_scale, height, width,
+        max_sequence_length): calibrate at the settings you generate with.
+    """
+
+    stages: tuple[str, ...] = ("scales", "blockwise")
+    samples: int = 32
+    steps: int = 200
+    distill_steps: int = 500
+    batch_size: int = 16
+    latent_lr: float = 1e-2  # in rounding steps per optimisation step (see latent.py)
+    scale_lr: float = 1e-3  # on log(scale)
+    eval_records: int = 64  # fixed records on which each stage's objective is reported
+    seed: int = 0
+    pipeline_kwargs: dict = field(default_factory=dict)
+    version: int = 1
+
+    def __post_init__(self):
+        self.stages = tuple(self.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown or not self.stages:
+            raise BitfluxError(f"unknown calibration stage {unknown[0] if unknown else '(none)'!r}; "
+                               f"choose from {', '.join(STAGES)}")
+        if list(self.stages) != sorted(set(self.stages), key=STAGES.index):
+            raise BitfluxError(f"calibration stages run in the order {', '.join(STAGES)}, each once")
+        for name in ("samples", "steps", "distill_steps", "batch_size", "eval_records"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
+                raise BitfluxError(f"calibration {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def for_level(cls, level: str, **kwargs) -> "CalibrationConfig":
+        if level not in LEVELS:
+            raise BitfluxError(f"unknown calibration {level!r}; choose one of {', '.join(LEVELS)}")
+        return cls(stages=LEVELS[level], **kwargs)
+
+    def eval_index(self, records: int):
+        """The fixed records on which each stage's objective is measured before and after."""
+        import torch
+
+        return torch.randperm(records, generator=torch.Generator().manual_seed(self.seed))[:self.eval_records]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,41 @@
+"""End-to-end velocity distillation: the ternary student matches the teacher's velocity predictions
+on the records of the teacher's own sampling trajectories."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TernaryConfig
+from .config import CalibrationConfig
+from .latent import fit, freeze, to_latent
+from .teacher import TeacherData
+
+
+def _velocity_error(model, teacher: TeacherData, index, device, norm) -> torch.Tensor:
+    predicted = model(**teacher.batch(index, device))[0]
+    return (predicted.float() - teacher.velocity[index].to(device).float()).pow(2).mean() / norm
+
+
+@torch.no_grad()
+def evaluate(model, teacher: TeacherData, index: torch.Tensor, batch_size: int, device) -> float:
+    """Relative squared velocity error ||v_student - v_teacher||^2 / ||v_teacher||^2 on `index`."""
+    norm = teacher.velocity.float().pow(2).mean()
+    return sum(_velocity_error(model, teacher, i, device, norm).item() * len(i) for i in index.split(batch_size)) / len(index)
+
+
+def distill(model: nn.Module, teacher: TeacherData, config: TernaryConfig, calib: CalibrationConfig, device="cpu",
+            progress: bool = True) -> tuple[float, float]:
+    """In place: the model's targeted layers (full precision: starting from the config's rounding;
+    ternary: from their codes and scales) are trained as LatentTernaryLinear, then frozen.
+    Only ternary weights and scales learn; everything else stays the teacher's. Returns the relative
+    velocity error on the evaluation records before and after."""
+    to_latent(model, config)
+    eval_index = calib.eval_index(len(teacher))
+    norm = teacher.velocity.float().pow(2).mean()
+    before = evaluate(model, teacher, eval_index, calib.batch_size, device)
+    fit(model, lambda index: _velocity_error(model, teacher, index, device, norm), len(teacher), calib.distill_steps,
+        calib.batch_size, calib.latent_lr, calib.scale_lr, calib.seed + 1, progress, "distill")
+    after = evaluate(model, teacher, eval_index, calib.batch_size, device)
+    freeze(model)
+    return before, after

@@ -1,0 +1,164 @@
+"""The training form of a ternary layer: latent weights rounded on the fly, straight-through gradients.
+
+W = scales * clamp(round(u), -1, 1), where u is the latent weight measured in units of a per-scale-group
+rounding step. Measuring u in steps makes one learning rate fit every model: a code flips once u moves
+by about half a unit, whatever the magnitude of the original weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TernaryConfig
+from ..kernels import reference
+from ..linear import TernaryLinear
+from ..surgery import is_target
+from tqdm import tqdm
+
+from ..ternary import _grouped, expand_scales, ternarize
+
+_EPS = 1e-8
+
+
+def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, group_size: int | None):
+    """Per scale group, a step d with clamp(round(weight / d), -1, 1) == codes.
+
+    absmean, twn and lsq all zero the weights below a magnitude threshold t and keep the sign of the
+    rest; d = 2t reproduces that, with t halfway between the largest zeroed and the smallest kept |w|.
+    """
+    magnitude = _grouped(weight.float().abs(), granularity, group_size)
+    kept = _grouped(codes.float().abs(), granularity, group_size) > 0
+    largest_zeroed = torch.where(kept, 0.0, magnitude).amax(-1)
+    smallest_kept = torch.where(kept, magnitude, torch.inf).amin(-1)
+    # A group with no kept weight needs d > 2 max|w|; one with no zeroed weight, d <= min|w|.
+    step = torch.where(smallest_kept.isinf(), 2 * largest_zeroed * (1 + 1e-6), largest_zeroed + smallest_kept)
+    return step.clamp_min(_EPS)
+
+
+def fake_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the W1.58A8 kernels see it (kernels.reference.quantize_activations), straight-through,
+    so that calibration for a8 learns against the activations the model will really get."""
+    q, scale = reference.quantize_activations(x)
+    return x + (q.float() * scale - x.float()).to(x.dtype).detach()
+
+
+class LatentTernaryLinear(nn.Module):
+    """Trainable stand-in for a TernaryLinear: latent `u` (straight-through rounding) and `log_gain` on
+    the scales are parameters; the bias stays as it was (a buffer)."""
+
+    def __init__(self, latent: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int | None, config: TernaryConfig):
+        super().__init__()
+        self.config = config
+        self.group_size = group_size
+        self.latent = nn.Parameter(latent.float().clone())
+        self.log_gain = nn.Parameter(torch.zeros_like(scales, dtype=torch.float32))
+        self.register_buffer("base_scale", scales.float().clamp_min(_EPS).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: TernaryConfig, scales: torch.Tensor | None = None):
+        """Start exactly at the config's rounding of the full-precision weight (codes), with its scales
+        or the given ones."""
+        weight = linear.weight.detach().float()
+        group_size = config.group_size_or_none
+        codes, plain = ternarize(weight, config.method, config.granularity, group_size)
+        scales = plain if scales is None else scales
+        step = rounding_step(weight, codes, config.granularity, group_size)
+        latent = weight / expand_scales(step.reshape(scales.shape), weight.shape[1], group_size)
+        return cls(latent, scales, linear.bias, group_size, config)
+
+    @classmethod
+    def from_ternary(cls, layer: TernaryLinear, config: TernaryConfig) -> "LatentTernaryLinear":
+        """Start at an existing ternary layer; the latent sits on the codes (half a step from flipping)."""
+        return cls(layer.codes().float(), layer.weight_scale.float(), layer.bias, layer.group_size, config)
+
+    def codes(self) -> torch.Tensor:
+        return torch.clamp(torch.round(self.latent.detach()), -1, 1)
+
+    def scales(self) -> torch.Tensor:
+        return self.base_scale * torch.exp(self.log_gain)
+
+    def weight(self) -> torch.Tensor:
+        """The ternary weight, differentiable: identity gradient through the rounding (straight-through)."""
+        u = self.latent
+        codes = u + (torch.clamp(torch.round(u), -1, 1) - u).detach()
+        return codes * expand_scales(self.scales(), u.shape[1], self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.activations == "a8":
+            x = fake_int8_per_token(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def freeze(self) -> TernaryLinear:
+        return TernaryLinear.from_codes(self.codes().to(torch.int8), self.scales(), self.bias, self.group_size,
+                                        self.config)
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def target_linears(root: nn.Module, config: TernaryConfig, prefix: str = "") -> dict[str, nn.Linear]:
+    """The nn.Linear layers of `root` the config targets; `prefix` is root's name in the whole model, so
+    the include/exclude patterns see full names."""
+    return {name: module for name, module in root.named_modules()
+            if is_target(f"{prefix}.{name}" if prefix else name, module, config)}
+
+
+def to_latent(root: nn.Module, config: TernaryConfig, prefix: str = "",
+              scales: dict[str, torch.Tensor] | None = None) -> int:
+    """In place: TernaryLinear layers and targeted nn.Linear layers become LatentTernaryLinear (the
+    latter with `scales[name]` where given). Returns how many layers were converted."""
+    scales = scales or {}
+    linears = target_linears(root, config, prefix)
+    for name, module in linears.items():
+        _replace(root, name, LatentTernaryLinear.from_linear(module, config, scales.get(name)))
+    ternary = [(n, m) for n, m in root.named_modules() if isinstance(m, TernaryLinear)]
+    for name, module in ternary:
+        _replace(root, name, LatentTernaryLinear.from_ternary(module, config))
+    return len(linears) + len(ternary)
+
+
+def freeze(root: nn.Module) -> None:
+    """In place: every LatentTernaryLinear becomes the TernaryLinear it computes."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LatentTernaryLinear):
+            _replace(root, name, module.freeze())
+
+
+def latent_layers(root: nn.Module) -> dict[str, LatentTernaryLinear]:
+    return {n: m for n, m in root.named_modules() if isinstance(m, LatentTernaryLinear)}
+
+
+def fit(root: nn.Module, loss_of, records: int, steps: int, batch_size: int, latent_lr: float, scale_lr: float,
+        seed: int, progress: bool = True, desc: str = "") -> None:
+    """Adam on the latent weights and log-scales of root's LatentTernaryLinear layers, everything else
+    frozen; `loss_of(index)` is the loss on the records at `index`, drawn with a seeded generator. The
+    cosine schedule decays to zero so that the codes settle before freezing."""
+    layers = latent_layers(root).values()
+    for p in root.parameters():
+        p.requires_grad_(False)
+    groups = [{"params": [m.latent for m in layers], "lr": latent_lr},
+              {"params": [m.log_gain for m in layers], "lr": scale_lr}]
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
+        loss = loss_of(torch.randint(records, (batch_size,), generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    for p in root.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,52 @@
+"""Peak memory of a stretch of work: the device allocator's peak on CUDA, sampled resident memory on CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+_PAGE = 4096
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as peak:` ... then peak.host_bytes (largest RSS seen, sampled every
+    `interval` s, so brief spikes can be missed), peak.host_start_bytes, and peak.device_bytes on CUDA."""
+
+    def __init__(self, device="cpu", interval: float = 0.02):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.host_bytes = self.host_start_bytes = self.device_bytes = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.host_bytes = max(self.host_bytes, resident_bytes())
+
+    def __enter__(self):
+        self.host_start_bytes = self.host_bytes = resident_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.host_bytes = max(self.host_bytes, resident_bytes())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.device_bytes = torch.cuda.max_memory_allocated(self.device)
+        return False

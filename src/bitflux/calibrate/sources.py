@@ -1,0 +1,68 @@
+"""Where full-precision weights come from, one submodule at a time, so calibration never needs the
+whole full-precision transformer beside the student."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .. import checkpoint
+from ..flux import build_transformer, check_flux_config
+
+
+class ModelSource:
+    """Copies of the submodules of a full-precision transformer held in memory (the caller's, untouched)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = dict(model.config)
+
+    def load(self, name: str, device) -> nn.Module:
+        return copy.deepcopy(self.model.get_submodule(name)).to(device)
+
+
+class FolderSource:
+    """Submodules read from a diffusers transformer folder (safetensors), tensor by tensor, floating-point
+    tensors cast to `dtype` when given."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        folder = Path(folder)
+        if (folder / "model_index.json").exists():
+            folder = folder / "transformer"
+        self.config = checkpoint.read_config(folder)
+        check_flux_config(self.config, str(folder))
+        self.file_of = {name: file for file in checkpoint.weight_files(folder)
+                        for name in checkpoint.read_safetensors_header(file) if name != "__metadata__"}
+        self.skeleton = build_transformer(self.config, "meta")
+
+    def load(self, name: str, device) -> nn.Module:
+        module = copy.deepcopy(self.skeleton.get_submodule(name))
+        prefix = f"{name}."
+        by_file = defaultdict(list)
+        for key, file in self.file_of.items():
+            if key.startswith(prefix):
+                by_file[file].append(key)
+        state = {}
+        for file, keys in by_file.items():
+            with safe_open(str(file), "pt", device="cpu") as f:
+                state.update({key[len(prefix):]: f.get_tensor(key) for key in keys})
+        module.load_state_dict(state, assign=True, strict=True)
+        return module.to(device, self.dtype)
+
+
+def block_names(config: dict) -> list[str]:
+    """The transformer's blocks in execution order."""
+    return ([f"transformer_blocks.{i}" for i in range(config["num_layers"])]
+            + [f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 0))])
+
+
+def outside_blocks(model: nn.Module) -> list[str]:
+    """Top-level submodules that are not block lists (embedders, output norm and projection)."""
+    return [name for name, _ in model.named_children()
+            if name not in ("transformer_blocks", "single_transformer_blocks")]

@@ -1,0 +1,319 @@
+import gc
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+from torch import nn
+
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, load_transformer, save_transformer
+from bitflux.calibrate import (CalibrationConfig, FolderSource, ModelSource, TeacherData, calibrate,
+                               calibrate_transformer, read_prompts)
+from bitflux.calibrate.blockwise import reconstruct
+from bitflux.calibrate.latent import LatentTernaryLinear, rounding_step
+from bitflux.calibrate.scales import damped, output_error, solve_scales
+from bitflux.calibrate.sources import block_names
+from bitflux.ternary import dequantize, ternarize
+
+GRANULARITIES = ["tensor", "channel", "group:16", "group:24"]  # 24 does not divide the widths: padded groups
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: thread start-up costs more than the work, badly so on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ternary_config(granularity="channel", method="absmean"):
+    return TernaryConfig(method=method, **TernaryConfig.parse_granularity(granularity))
+
+
+def _random_teacher(model, records=24, seed=1) -> TeacherData:
+    """Teacher records from random transformer inputs (the pipeline path is tested separately)."""
+    inputs = tiny_inputs(batch=records, seed=seed)
+    inputs["timestep"] = torch.rand(records, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        velocity = model(**inputs)[0]
+    return TeacherData({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}, velocity)
+
+
+def _calib(stages, **kw):
+    return CalibrationConfig(stages=stages, **{"steps": 12, "distill_steps": 12, "batch_size": 8,
+                                               "eval_records": 24, **kw})
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+
+def test_prompts_one_per_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("  a red circle \n\n\tblue square left of a circle\n   \n", encoding="utf-8")
+    assert read_prompts(path) == ["a red circle", "blue square left of a circle"]
+
+
+@pytest.mark.parametrize("case, words", [("missing", "no such"), ("empty", "no prompts"), ("blank", "no prompts"),
+                                         ("latin1", "not UTF-8"), ("folder", "folder")])
+def test_bad_prompt_files_give_one_line_errors(tmp_path, case, words):
+    path = tmp_path / "prompts.txt"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "blank":
+        path.write_text("\n  \n\t\n")
+    elif case == "latin1":
+        path.write_bytes("un cercle caf\u00e9\n".encode("latin-1"))
+    elif case == "folder":
+        path.mkdir()
+    with pytest.raises(BitfluxError) as info:
+        read_prompts(path)
+    message = str(info.value)
+    assert "\n" not in message and words in message and str(path) in message
+
+
+# ---- latent layers and closed-form scales -----------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["absmean", "twn", "lsq"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shape", [(8, 64), (5, 37), (33, 16)])
+def test_rounding_step_reproduces_every_method(method, granularity, shape):
+    config = _ternary_config(granularity, method)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    weight[0, :3] = 0  # exact zeros and a mostly-zero row
+    codes, scales = ternarize(weight, method, config.granularity, config.group_size_or_none)
+    step = rounding_step(weight, codes, config.granularity, config.group_size_or_none)
+    assert step.shape == scales.shape
+    from bitflux.ternary import expand_scales
+    rounded = torch.clamp(torch.round(weight / expand_scales(step, shape[1], config.group_size_or_none)), -1, 1)
+    assert torch.equal(rounded.to(torch.int8), codes)
+
+
+@pytest.mark.parametrize("activations", ["a16", "a8"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_latent_layer_starts_at_plain_rounding(granularity, activations):
+    config = TernaryConfig(activations=activations, **TernaryConfig.parse_granularity(granularity))
+    linear = nn.Linear(40, 12)
+    plain = TernaryLinear.from_linear(linear, config)
+    latent = LatentTernaryLinear.from_linear(linear, config)
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(latent(x), plain(x), rtol=1e-5, atol=1e-5)
+    frozen = latent.freeze()
+    assert torch.equal(frozen.weight_packed, plain.weight_packed)
+    assert torch.equal(frozen.weight_scale, plain.weight_scale)
+    again = LatentTernaryLinear.from_ternary(frozen, config).freeze()
+    assert torch.equal(again.weight_packed, plain.weight_packed) and torch.equal(again.weight_scale, plain.weight_scale)
+
+
+def test_latent_gradients_are_straight_through():
+    linear = nn.Linear(16, 4)
+    latent = LatentTernaryLinear.from_linear(linear, _ternary_config("channel"))
+    x = torch.randn(10, 16)
+    latent(x).sum().backward()
+    # d/du of s * u (identity through the rounding) summed over outputs: s_r * sum_tokens x.
+    expected = latent.scales().detach() * x.sum(0)
+    torch.testing.assert_close(latent.latent.grad, expected.expand_as(latent.latent.grad))
+    assert latent.log_gain.grad is not None and latent.log_gain.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_solve_scales_matches_least_squares_on_the_data(granularity):
+    """The Gram-matrix solution equals ordinary least squares on the activations themselves."""
+    config = _ternary_config(granularity)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 40, dtype=torch.float64)
+    codes, scales = ternarize(weight, "absmean", config.granularity, config.group_size_or_none)
+    solved = solve_scales(weight, codes, x.T @ x / len(x), config.granularity, config.group_size_or_none)
+    # Reference: y = x W^T is linear in the scales; one column of the design matrix per scale.
+    basis = []
+    for index in range(scales.numel()):
+        unit = torch.zeros(scales.numel(), dtype=torch.float64)
+        unit[index] = 1
+        basis.append((x @ dequantize(codes, unit.reshape(scales.shape), config.group_size_or_none,
+                                     torch.float64).T).reshape(-1))
+    reference = torch.linalg.lstsq(torch.stack(basis, 1), (x @ weight.T).reshape(-1, 1)).solution
+    torch.testing.assert_close(solved.double(), reference.reshape(scales.shape), rtol=1e-6, atol=1e-9)
+
+
+# ---- each stage reduces its own objective -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    model = build_tiny()
+    return model, _random_teacher(model)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
+def test_scales_stage_reduces_every_layer_output_error(tiny_teacher, granularity):
+    model, teacher = tiny_teacher
+    _, report = calibrate_transformer(ModelSource(model), teacher, _ternary_config(granularity), _calib(("scales",)),
+                                      progress=False)
+    errors = [e for block in report.blocks for e in block.scale_errors.values()]
+    assert len(errors) == sum(isinstance(m, nn.Linear) for n, m in model.named_modules() if "blocks." in n)
+    assert all(after <= before * (1 + 1e-6) for before, after in errors)
+    assert sum(a for _, a in errors) < 0.9 * sum(b for b, _ in errors)
+
+
+def test_blockwise_stage_reduces_every_block_error(tiny_teacher):
+    model, teacher = tiny_teacher
+    _, report = calibrate_transformer(ModelSource(model), teacher, _ternary_config(), _calib(("blockwise",), steps=60),
+                                      progress=False)
+    assert [b.name for b in report.blocks] == block_names(TINY_CONFIG)
+    for block in report.blocks:
+        assert block.loss_after < 0.8 * block.loss_before, block
+
+
+def test_distill_stage_reduces_velocity_error(tiny_teacher):
+    model, teacher = tiny_teacher
+    student, report = calibrate_transformer(ModelSource(model), teacher, _ternary_config(), _calib(("distill",),
+                                            distill_steps=30), progress=False)
+    before, after = report.distill_error
+    assert after < 0.8 * before
+    assert not any(isinstance(m, LatentTernaryLinear) for m in student.modules())
+
+
+def test_stages_together_beat_plain_rounding(tiny_teacher):
+    import copy
+
+    from bitflux import quantize_
+    from bitflux.calibrate.distill import evaluate
+
+    model, teacher = tiny_teacher
+    config = _ternary_config()
+    plain = copy.deepcopy(model)
+    quantize_(plain, config)
+    calibrated, _ = calibrate_transformer(ModelSource(model), teacher, config, _calib(("scales", "blockwise"), steps=30),
+                                          progress=False)
+    everything = torch.arange(len(teacher))
+    assert evaluate(calibrated, teacher, everything, 8, "cpu") < 0.5 * evaluate(plain, teacher, everything, 8, "cpu")
+
+
+# ---- bounded memory and resume ------------------------------------------------------------------------
+
+def _weights_alive(shapes: set, excluded: set[int]) -> int:
+    """Elements of full-precision parameters shaped like a block's linear weights (module weights and
+    latent weights alike) alive anywhere in the process."""
+    gc.collect()
+    return sum(o.numel() for o in gc.get_objects()
+               if isinstance(o, nn.Parameter) and tuple(o.shape) in shapes and id(o) not in excluded)
+
+
+def test_blockwise_holds_one_full_precision_block(tmp_path):
+    model = build_tiny()
+    teacher = _random_teacher(model)
+    model.save_pretrained(tmp_path / "fp")
+    names = block_names(TINY_CONFIG)
+    shapes = {tuple(m.weight.shape) for n in names for m in model.get_submodule(n).modules() if isinstance(m, nn.Linear)}
+    block_sizes = [sum(m.weight.numel() for m in model.get_submodule(n).modules() if isinstance(m, nn.Linear))
+                   for n in names]
+    del model
+    source = FolderSource(tmp_path / "fp")
+    outside = set()  # embedders and output layers: full precision by design, not blocks
+    load = source.load
+
+    def tracked_load(name, device):
+        module = load(name, device)
+        if "blocks." not in name:
+            outside.update(id(p) for p in module.parameters())
+        return module
+
+    source.load = tracked_load
+    before = _weights_alive(shapes, outside)  # whatever other tests left alive in this process
+    alive = []
+    reconstruct(source, teacher, _ternary_config(), _calib(("scales", "blockwise")), progress=False,
+                on_event=lambda event, name: alive.append((event, _weights_alive(shapes, outside) - before)))
+    assert [e for e, _ in alive] == ["loaded", "trained", "saved"] * len(names)
+    assert [n for e, n in alive if e == "loaded"] == block_sizes  # the block just loaded, nothing else
+    assert [n for e, n in alive if e == "trained"] == block_sizes  # its latent weights replaced it
+    assert [n for e, n in alive if e == "saved"] == [0] * len(names)  # frozen to ternary: none left
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_teacher):
+    model, teacher = tiny_teacher
+    config, calib = _ternary_config("group:16"), _calib(("scales", "blockwise"))
+    uninterrupted, _ = reconstruct(ModelSource(model), teacher, config, calib, progress=False)
+
+    def interrupt(event, name):
+        if event == "saved" and name == "transformer_blocks.1":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(ModelSource(model), teacher, config, calib, workdir=tmp_path, progress=False, on_event=interrupt)
+    resumed, records = reconstruct(ModelSource(model), teacher, config, calib, workdir=tmp_path, progress=False)
+    assert [r.resumed for r in records] == [True, True, False, False]
+    expected = uninterrupted.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for key, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+# ---- the whole path from a pipeline --------------------------------------------------------------------
+
+def _tiny_pipeline():
+    """A real diffusers FluxPipeline around the tiny transformer, with word-level tokenizers."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    words = ["<pad>", "<unk>", "</s>", "a", "red", "blue", "circle", "square", "left", "of"]
+
+    def tokenizer():
+        inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        inner.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                       model_max_length=8)
+
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=TINY_CONFIG["pooled_projection_dim"],
+                                        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=8, pad_token_id=0, bos_token_id=0, eos_token_id=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=TINY_CONFIG["joint_attention_dim"], d_kv=8, d_ff=32,
+                                 num_layers=1, num_heads=2, is_encoder_decoder=False, use_cache=False,
+                                 pad_token_id=0, eos_token_id=2, decoder_start_token_id=0))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        scaling_factor=1.0, shift_factor=0.0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=tokenizer(), transformer=build_tiny())
+
+
+def test_calibrate_a_pipeline_end_to_end(tmp_path):
+    pipe = _tiny_pipeline()
+    calib = _calib(("scales", "blockwise", "distill"), samples=3,
+                   pipeline_kwargs={"num_inference_steps": 4, "height": 16, "width": 16, "max_sequence_length": 8})
+    config = _ternary_config("channel")
+    fp_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    model, report = calibrate(pipe, ["a red circle", "a blue square left of a red circle"], config, calib,
+                              workdir=tmp_path / "work", progress=False)
+    assert report.records == 3 * 4  # every denoising step of every trajectory
+    assert report.seconds["total"] > 0 and report.peak_host_bytes > 0
+    assert all(torch.equal(v, fp_before[k]) for k, v in pipe.transformer.state_dict().items())  # teacher untouched
+    assert sum(isinstance(m, TernaryLinear) for m in model.modules()) == sum(
+        isinstance(m, nn.Linear) for n, m in pipe.transformer.named_modules() if "blocks." in n)
+    save_transformer(model, tmp_path / "out", config)
+    loaded = load_transformer(tmp_path / "out")
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], model(**inputs)[0])
+    # The same workdir with other settings is refused rather than silently mixed.
+    with pytest.raises(BitfluxError, match="other settings"):
+        calibrate(pipe, ["a red circle"], config, calib, workdir=tmp_path / "work", progress=False)
+
+
+def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
+    from bitflux import load_pipeline
+    from bitflux.calibrate.checkpoint import quantize_calibrated
+
+    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    calib = _calib(("scales", "blockwise"), samples=2, pipeline_kwargs={"num_inference_steps": 3, "height": 16,
+                                                                         "width": 16})
+    report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
+                                 device="cpu", progress=False)
+    assert report.records == 2 * 3 and len(report.blocks) == len(block_names(TINY_CONFIG))
+    pipe = load_pipeline(tmp_path / "out")
+    assert any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules())
+    image = pipe(["a red circle"], height=16, width=16, num_inference_steps=2, max_sequence_length=8).images[0]
+    assert image.size == (16, 16)
+    with pytest.raises(BitfluxError, match="exists"):
+        quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], calibration=calib, device="cpu")
+    with pytest.raises(BitfluxError, match="whole FLUX pipeline"):
+        quantize_calibrated(tmp_path / "fp" / "transformer", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
