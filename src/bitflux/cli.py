@@ -17,7 +17,18 @@ def _cmd_quantize(args) -> None:
 
     config = TernaryConfig(method=args.method, format=args.format, activations=args.activations,
                            **TernaryConfig.parse_granularity(args.granularity))
-    if args.source.endswith(".gguf"):
+    if args.calibrate:
+        from .calibrate import CalibrationConfig
+        from .calibrate.checkpoint import quantize_calibrated
+        from .calibrate.prompts import read_prompts
+
+        prompts = read_prompts(args.calibrate)
+        calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples)
+        report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
+                                     workdir=args.workdir, progress=not args.quiet)
+        if not args.quiet:
+            print(report.summary())
+    elif args.source.endswith(".gguf"):
         from .interop.gguf import gguf_to_folder
 
         gguf_to_folder(args.source, args.output, config, force=args.force)
@@ -166,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
     q.add_argument("--activations", default="a16", choices=["a16", "a8", "fp8"],
                    help="activations the kernels use: 16-bit, int8 or fp8 per token")
+    q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
+                   help="calibrate with the full-precision model as teacher on these prompts (one per line)")
+    q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill"],
+                   help="the last calibration stage to run (each runs the cheaper ones before it)")
+    q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
+    q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
+    q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=_cmd_quantize)
