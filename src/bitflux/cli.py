@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import BitfluxError
 
@@ -150,13 +151,13 @@ def _cmd_eval(args) -> None:
     _check_common(args)
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
-        if name != "fp":
+        if name not in ("fp", "calibrated") and not Path(name).is_dir():
             from .pipeline import variant_config
 
             variant_config(name)
     fp = load_pipeline(resolve_pipeline_path(args.model), args.device)
     with use_backend(args.backend):
-        results = evaluate_variants(lambda name: variant_pipeline(fp, name), variants, seeds=tuple(args.seeds),
+        results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device), variants, seeds=tuple(args.seeds),
                                     per_category=args.per_category, steps=args.steps, guidance=args.guidance)
     if not results:  # not rank 0
         return
@@ -228,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
     v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
-    v.add_argument("--variants", default="fp,absmean",
-                   help="comma-separated: fp, METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
+    v.add_argument("--variants", default="fp,absmean,calibrated",
+                   help="comma-separated: fp; calibrated (the demo's shipped calibrated model); a bitflux pipeline "
+                        "folder; METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
     v.add_argument("--seeds", type=int, nargs="+", default=[0])
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
     v.add_argument("--steps", type=int, default=20)

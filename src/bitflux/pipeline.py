@@ -101,20 +101,31 @@ def cache_dir() -> Path:
 
 
 def demo_ternary_path(config: TernaryConfig | None = None, progress: bool = True) -> Path:
-    """The embedded demo model quantized to ternary, made on first use and cached (keyed by config)."""
+    """The embedded demo model in ternary form, as a pipeline folder in the cache: by default its shipped
+    calibrated transformer; with a config, plain rounding with that config (made on first use, keyed by it)."""
     import hashlib
     import json
+    import shutil
 
-    from .convert import quantize_checkpoint
-    from .demo import demo_model_path
+    from .checkpoint import AtomicFolder
+    from .convert import copy_pipeline_components, quantize_checkpoint
+    from .demo import calibrated_transformer_path, demo_model_path
 
-    config = config or TernaryConfig()
     source = demo_model_path()
-    stamp = [config.to_dict(), sorted((p.name, p.stat().st_size) for p in (source / "transformer").iterdir())]
+    calibrated = calibrated_transformer_path() if config is None else None
+    transformer = calibrated or source / "transformer"
+    stamp = [config.to_dict() if config else "calibrated" if calibrated else TernaryConfig().to_dict(),
+             sorted((p.name, p.stat().st_size) for p in transformer.iterdir())]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / f"demo-ternary-{key}"
-    if not (target / "model_index.json").exists():
-        quantize_checkpoint(source, target, config, force=True, progress=progress)
+    if (target / "model_index.json").exists():
+        return target
+    if calibrated is None:
+        quantize_checkpoint(source, target, config or TernaryConfig(), force=True, progress=progress)
+        return target
+    with AtomicFolder(target, force=True) as tmp:
+        copy_pipeline_components(source, tmp)
+        shutil.copytree(calibrated, tmp / "transformer")
     return target
 
 
@@ -200,8 +211,14 @@ def variant_config(name: str) -> TernaryConfig:
     return TernaryConfig(**fields)
 
 
-def variant_pipeline(fp_pipe, name: str):
-    """The pipeline of an evaluation variant: "fp" itself, or a ternary copy of it."""
+def variant_pipeline(fp_pipe, name: str, device: str = "cpu"):
+    """The pipeline of an evaluation variant: "fp" itself; "calibrated", the demo's shipped calibrated
+    ternary model; a path, a bitflux pipeline folder (e.g. made by `quantize --calibrate`); else a name
+    for variant_config, quantized in memory from the full-precision pipeline."""
     if name == "fp":
         return fp_pipe
+    if name == "calibrated":
+        return load_pipeline(demo_ternary_path(), device)
+    if Path(name).is_dir():
+        return load_pipeline(name, device)
     return quantize_pipeline(fp_pipe, variant_config(name))[0]

@@ -17,4 +17,10 @@ def demo_model_path() -> Path:
     return path
 
 
-__all__ = ["demo_model_path"]
+def calibrated_transformer_path() -> Path | None:
+    """The demo transformer calibrated to ternary (a bitflux folder, see docs/DEMO_MODEL.md), if shipped."""
+    path = Path(__file__).parent / "ternary"
+    return path if (path / "config.json").is_file() else None
+
+
+__all__ = ["calibrated_transformer_path", "demo_model_path"]
