@@ -1,6 +1,6 @@
 """One denoising forward of the full FLUX.1-dev transformer (19 double + 38 single blocks, width 3072,
 random weights, nothing downloaded) at 1024x1024 (4096 image + 512 text tokens): bf16 vs bitflux
-W1.58A16 vs W1.58A8, one model at a time, each built on the meta device and materialized directly on
+W1.58A16, W1.58A8 and W1.58 fp8, one model at a time, each built on the meta device and materialized directly on
 the GPU (the ternary models never hold a bf16 copy of their block weights), then freed.
 
     PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
@@ -33,8 +33,8 @@ TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_singl
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                "pooled_projection_dim": 32, "axes_dims_rope": [8, 12, 12]}
 WEIGHT_STD = 0.02  # keeps random activations finite through 57 blocks
-MODES = ("bf16", "a16", "a8")
-LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8"}
+MODES = ("bf16", "fp8", "a16", "a8")  # most telling first: a run cut short keeps those
+LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8", "fp8": "bitflux W1.58 fp8"}
 
 
 def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:

@@ -1,7 +1,8 @@
-"""Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16 and W1.58A8,
-with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
+"""Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16, W1.58A8 and
+W1.58 fp8, with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out results/       # on a GPU
+    PYTHONPATH=src python benchmarks/gpu_linear.py --quick --out results/   # 3 layers x M in {1, 16, 4096}
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_linear.py --dry-run   # CPU: tiny shapes
 
 Every bitflux output is checked against the dense bf16 result (relative Frobenius error) so a fast but
@@ -35,6 +36,9 @@ FLUX_LAYERS = {
     "single proj_out": (3072, 15360),
 }
 TOKENS = (1, 16, 512, 4096, 4608)
+QUICK_LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
+QUICK_TOKENS = (1, 16, 4096)
+MODES = {"a16": "W1.58A16", "a8": "W1.58A8", "fp8": "W1.58 fp8"}
 DRY_LAYERS = {"tiny square": (96, 256), "tiny wide-in": (40, 384)}
 DRY_TOKENS = (1, 16, 40)
 
@@ -96,10 +100,10 @@ def run(layers: dict, tokens: tuple, device):
             try:
                 expected = F.linear(x, dense, bias)
                 row["ms"] = {"bf16 cuBLAS": bench_ms(lambda: F.linear(x, dense, bias))}
-                for mode in ("a16", "a8"):
+                for mode, label in MODES.items():
                     out = triton_backend.linear(x, prepared, bias, mode)
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
-                    row["ms"][f"W1.58{mode.upper()}"] = bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode))
+                    row["ms"][label] = bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode))
                 if device.type == "cuda":
                     row["ms"].update(ceilings(x, codes, device))
             except Exception as exc:  # noqa: BLE001 - keep the other shapes' results
@@ -125,7 +129,7 @@ def _line(row: dict) -> str:
     parts = [f"{key} {t if isinstance(t, str) else f'{t:.3f} ms'}"
              + (f" ({speed[key]:.2f}x)" if key in speed else "") for key, t in row["ms"].items()]
     return (f"{row['layer']:<24} M={row['M']:<5} " + " | ".join(parts)
-            + f" | err a16 {row.get('rel_err_a16', float('nan')):.1e} a8 {row.get('rel_err_a8', float('nan')):.1e}")
+            + " | err " + " ".join(f"{mode} {row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES))
 
 
 def environment() -> dict:
@@ -140,12 +144,12 @@ def environment() -> dict:
 
 
 def markdown(env: dict, rows: list[dict]) -> str:
-    modes = ["bf16 cuBLAS", "W1.58A16", "W1.58A8", "int8 _int_mm", "fp8 _scaled_mm"]
+    modes = ["bf16 cuBLAS", *MODES.values(), "int8 _int_mm", "fp8 _scaled_mm"]
     lines = [f"# Ternary GEMM at FLUX.1-dev layer shapes on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. "
              "Times in ms (median, L2 flushed); speed-up vs cuBLAS bf16 in brackets; 8-bit ceilings use full "
              "8-bit weights. rel err: bitflux output vs the bf16 GEMM on the same ternary weight.", "",
-             "| layer | M | N | K | " + " | ".join(modes) + " | rel err a16 / a8 |",
+             "| layer | M | N | K | " + " | ".join(modes) + " | rel err " + " / ".join(MODES) + " |",
              "|" + "---|" * (len(modes) + 5)]
     for row in rows:
         if "error" in row:
@@ -157,7 +161,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
             speed = row.get("speedup_vs_bf16", {}).get(mode)
             cells.append(t if isinstance(t, str) else f"{t:.3f}" + (f" ({speed:.2f}x)" if speed else ""))
         lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | " + " | ".join(cells)
-                     + f" | {row.get('rel_err_a16', float('nan')):.1e} / {row.get('rel_err_a8', float('nan')):.1e} |")
+                     + " | " + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,10 +175,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="results folder")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
+    parser.add_argument("--quick", action="store_true", help=f"layers {QUICK_LAYERS} at M in {QUICK_TOKENS}")
     parser.add_argument("--tokens", type=int, nargs="*", help="override the M values")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layers, tokens = (DRY_LAYERS, DRY_TOKENS) if args.dry_run else (FLUX_LAYERS, TOKENS)
+    if args.dry_run:
+        layers, tokens = DRY_LAYERS, DRY_TOKENS
+    elif args.quick:
+        layers, tokens = {name: FLUX_LAYERS[name] for name in QUICK_LAYERS}, QUICK_TOKENS
+    else:
+        layers, tokens = FLUX_LAYERS, TOKENS
     env = environment()
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']}", flush=True)
     start, rows = time.perf_counter(), []

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The one GPU session script: the Triton kernel tests compiled for real, the full-FLUX forward benchmark,
 # then the per-layer GEMM benchmark. Each part has its own time limit and failures do not stop the
-# next part; every part writes its results into $OUT as it goes. Worst case ~4 minutes of wall time.
+# next part; every part writes its results into $OUT as it goes. Worst case ~4 minutes of wall time;
+# --quick (<= 120 s): the kernel tests' exactness/fp8 subset, gpu_flux with 3 timed forwards, and
+# gpu_linear on 3 layers x M in {1, 16, 4096}.
 #
-#   OUT=results bash benchmarks/gpu_run.sh        (from the repository root; .whl/ may hold diffusers)
+#   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root; .whl/ may hold diffusers)
 #
 # Files written to $OUT (6): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md}.
 set -u
+QUICK=""
+[ "${1:-}" = "--quick" ] && QUICK=1
 OUT=${OUT:-results}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/run.log"
@@ -48,10 +52,17 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 # Correctness first, with one config per regime (BITFLUX_TRITON_AUTOTUNE=0: each config is a compile);
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
-part pytest 75 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
-    -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
-part gpu_flux 100 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
-part gpu_linear 65 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+if [ -n "$QUICK" ]; then
+    part pytest 40 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+        -k "exact or integer or fp8 or expand or quantize" -q --tb=short -rfE $XDIST -p no:cacheprovider
+    part gpu_flux 45 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
+    part gpu_linear 30 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
+else
+    part pytest 75 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+        -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
+    part gpu_flux 100 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
+    part gpu_linear 65 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"
 cat "$OUT/gpu_flux.md" "$OUT/gpu_linear.md" 2>/dev/null

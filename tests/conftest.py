@@ -55,3 +55,11 @@ def tiny_folder(tmp_path):
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bitflux_cache(tmp_path_factory):
+    """The demo's ternary cache lives in a temporary folder shared by the session's tests."""
+    path = tmp_path_factory.mktemp("bitflux-cache")
+    os.environ["BITFLUX_CACHE"] = str(path)
+    return path

@@ -206,3 +206,15 @@ def test_malformed_gguf(tmp_path, capsys):
     code, _, err = _run(capsys, "quantize", bad, "-o", tmp_path / "out")
     _assert_one_line_error(code, err, "bad.gguf")
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content,words", [(None, "no such"), (b"\n  \n", "no prompts"), (b"\xff\xfe\x00bad", "UTF-8")])
+def test_calibrate_bad_prompt_files(tmp_path, capsys, content, words):
+    from bitflux.demo import demo_model_path
+
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_bytes(content)
+    code, _, err = _run(capsys, "quantize", demo_model_path(), "-o", tmp_path / "out", "--calibrate", prompts)
+    _assert_one_line_error(code, err, words)
+    _assert_nothing_written(tmp_path / "out")

@@ -2,8 +2,13 @@
 under Triton's interpreter (TRITON_INTERPRET=1) on the CPU at small shapes.
 
 W1.58A8 is checked bit for bit: with power-of-two weight scales every float step after the int32 sums
-is exact or rounded identically, so equal outputs mean equal integer results. W1.58A16 is checked to
-float tolerance (the kernel applies per-tensor/channel scales in fp32, the reference in the input dtype).
+is exact or rounded identically, so equal outputs mean equal integer results; unit scales check the int32
+sums alone. W1.58A16 is checked to float tolerance (the kernel applies per-tensor/channel scales in fp32,
+the reference in the input dtype). fp8 sums are not exact in fp32, so fp8 is checked to a tolerance.
+
+The a8 truth is computed on the CPU: on CUDA, PyTorch divides a tensor by a Python number as a multiply
+by its rounded reciprocal (BinaryDivTrueKernel.cu), so reference.quantize_activations' `/ 127.0` gives a
+scale 1 ulp off the correctly rounded quotient for about 5 % of rows there; the kernels divide exactly.
 """
 
 import os
@@ -21,7 +26,10 @@ from bitflux.kernels import triton as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (M, K, N): K and N off the tile sizes, M = 1, a partial small tile, a partial large tile.
+# M <= 16 takes the split-K kernel, then the tiled kernel; on a GPU M >= 128 with N, K multiples of 16
+# takes the dense cuBLAS path (expanded weight), as (130, 256, 144) does.
 SHAPES = [(1, 130, 20), (5, 300, 70), (17, 384, 33), (130, 256, 129)]
+DENSE_SHAPE = (130, 256, 144)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCALES = [("tensor", None), ("channel", None), ("group", 128)]
 # Relative tolerance per dtype, against the largest output magnitude.
@@ -29,8 +37,10 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # On a GPU every distinct case is a compile (seconds), so the cases form a Latin square rather than a
 # full product: every (shape, dtype), (shape, scales) and (dtype, scales) pair still occurs.
 A16_CASES = [(shape, dtype, SCALES[(i + j) % 3]) for i, shape in enumerate(SHAPES) for j, dtype in enumerate(DTYPES)]
-A8_EXACT_CASES = [(shape, scales) for i, shape in enumerate(SHAPES)
+A8_EXACT_CASES = [(shape, scales) for i, shape in enumerate(SHAPES + [DENSE_SHAPE])
                   for scales in (SCALES + [("group", 256)])[i % 2::2]]
+FP8_CASES = [(shape, dtype, SCALES[(i + j) % 2]) for i, shape in enumerate(SHAPES + [DENSE_SHAPE])
+             for j, dtype in enumerate(DTYPES) if (i + j) % 2 == 0 or shape == DENSE_SHAPE]
 
 
 def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, seed=0):
@@ -44,6 +54,17 @@ def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, see
 def _activations(m, k, dtype, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+
+
+def _on_cpu(fn, *tensors):
+    """fn on CPU copies, the result moved back: the device-independent truth (see the module doc)."""
+    out = fn(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors])
+    return out.to(DEVICE)
+
+
+def _cpu_weight(weight):
+    return TernaryWeight(weight.packed.cpu(), weight.scales.cpu(), weight.in_features, weight.out_features,
+                         weight.group_size)
 
 
 def _assert_close(actual, expected, dtype):
@@ -65,9 +86,37 @@ def test_quantize_activations_is_bit_identical(dtype):
     x[2, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: exact ties must round half to even
     x[2, 4:] = 0.0
     q, scale = tk.quantize_activations(x)
-    q_ref, scale_ref = reference.quantize_activations(x)
-    assert torch.equal(q, q_ref)
-    assert torch.equal(scale, scale_ref.reshape(-1))
+    q_ref, scale_ref = reference.quantize_activations(x.cpu())
+    assert torch.equal(q.cpu(), q_ref)
+    assert torch.equal(scale.cpu(), scale_ref.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_matches_torch_cast(dtype):
+    x = _activations(5, 2500, dtype)
+    x[1] = 0.0
+    x[2] *= 1e-3  # scale small: many values land in e4m3's subnormal range after division
+    # scale 1: exact ties between e4m3 neighbours (17 -> 16, 19 -> 20, 0.5 * 2^-9 -> 0) and subnormals
+    x[3, :7] = torch.tensor([448.0, 17.0, 19.0, 2.0**-10, 3 * 2.0**-10, -0.0048828125, 1.5 * 2.0**-6])
+    x[3, 7:] = 0.0
+    q, scale = tk.quantize_activations(x, fp8=True)
+    assert q.dtype == torch.float8_e4m3fn
+    xf = x.cpu().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    expected_scale = amax / torch.full_like(amax, 448.0)
+    expected = (xf / expected_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(scale.cpu(), expected_scale.reshape(-1))
+    assert torch.equal(q.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scales", SCALES)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_expand_writes_the_codes(dtype, scales):
+    granularity, group_size = scales
+    weight = _weight(40, 390, granularity, group_size)  # K off the block, N off the block
+    codes = formats.unpack(weight.packed.cpu(), 390, "tq2")
+    dense = tk.expand(tk.prepare(weight), dtype)
+    assert torch.equal(dense.cpu().float(), codes.float())
 
 
 @pytest.mark.parametrize("shape,scales", A8_EXACT_CASES)
@@ -76,7 +125,40 @@ def test_a8_equals_integer_reference_exactly(shape, scales):
     weight = _weight(n, k, granularity, group_size, power_of_two=True)
     x = _activations(m, k, torch.float32)
     out = tk.linear(x, tk.prepare(weight), None, "a8")
-    assert torch.equal(out, reference.linear_a8(x, weight, None))
+    assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), None))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [DENSE_SHAPE])
+def test_a8_integer_sums_are_exact(shape):
+    """Unit scales: integer activations with max |x| = 127 per row quantize to themselves (scale 1), so
+    the output is the int32 sum itself, whatever the float epilogue does."""
+    m, k, n = shape
+    weight = _weight(n, k, "channel", power_of_two=True)
+    weight = TernaryWeight(weight.packed, torch.ones_like(weight.scales), k, n, None)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x[:, 0] = 127.0
+    out = tk.linear(x.to(DEVICE), tk.prepare(weight), None, "a8")
+    codes = formats.unpack(weight.packed.cpu(), k, "tq2")
+    assert torch.equal(out.cpu(), reference.integer_matmul(x.to(torch.int8), codes).float())
+
+
+@pytest.mark.parametrize("shape,dtype,scales", FP8_CASES)
+def test_fp8_matches_reference(shape, dtype, scales):
+    """fp32 sums of e4m3 values are not exact (and the dense path returns bf16 from _scaled_mm), so the
+    tolerance is a few bf16 ulps of the largest output."""
+    (m, k, n), (granularity, group_size) = shape, scales
+    weight = _weight(n, k, granularity, group_size)
+    x, bias = _activations(m, k, dtype), _activations(1, n, dtype, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, "fp8")
+    assert out.dtype == dtype and out.shape == (m, n)
+    expected = _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), bias)
+    _assert_close(out, expected, torch.bfloat16)
+
+
+def test_fp8_with_group_scales_is_left_to_the_reference():
+    weight = _weight(16, 256, "group", 128)
+    assert not tk.supports(_activations(2, 256, torch.bfloat16), weight, "fp8")
 
 
 @pytest.mark.parametrize("dtype,scales", list(zip(DTYPES, SCALES)))
@@ -88,7 +170,7 @@ def test_a8_with_bias_matches_reference(dtype, scales):
     out = tk.linear(x, tk.prepare(weight), bias, "a8")
     assert out.dtype == dtype
     # Only the last rounding to the output dtype may differ (fused multiply-adds, interpreter truncation).
-    expected = reference.linear_a8(x, weight, bias)
+    expected = _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias)
     torch.testing.assert_close(out.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
 
 
@@ -111,8 +193,8 @@ def test_leading_dims_empty_and_strided_inputs():
     _assert_close(out, reference.linear(x, weight, None, "a16"), torch.float16)
     assert tk.linear(x[:0], prepared, None, "a8").shape == (0, 3, 40)
     strided = _activations(256, 4, torch.float16).t()  # last dimension not contiguous
-    _assert_close(tk.linear(strided, prepared, None, "a8"), reference.linear_a8(strided, weight, None),
-                  torch.float16)
+    _assert_close(tk.linear(strided, prepared, None, "a8"),
+                  _on_cpu(reference.linear_a8, strided, _cpu_weight(weight), None), torch.float16)
 
 
 @pytest.mark.parametrize("activations", ["a16", "a8"])

@@ -88,3 +88,10 @@ def test_evaluate_writes_json_and_a_marked_grid(tmp_path):
 def test_cli_ground_truth(tmp_path, capsys):
     assert E.main(["--ground-truth", "--out", str(tmp_path), "--per-category", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["overall"] == 1.0
+
+
+def test_evaluate_takes_plain_prompts_and_reports_their_categories():
+    prompts = ["two red circles", "a green square above a black circle"]
+    res = E.evaluate(E.ground_truth_generate_fn(), prompts=prompts, progress=False, grid=False)
+    assert res["categories"] == {"position": 1.0, "count_color": 1.0}
+    assert [r["prompt"] for r in res["records"]] == prompts

@@ -17,7 +17,18 @@ def _cmd_quantize(args) -> None:
 
     config = TernaryConfig(method=args.method, format=args.format, activations=args.activations,
                            **TernaryConfig.parse_granularity(args.granularity))
-    if args.source.endswith(".gguf"):
+    if args.calibrate:
+        from .calibrate import CalibrationConfig
+        from .calibrate.checkpoint import quantize_calibrated
+        from .calibrate.prompts import read_prompts
+
+        prompts = read_prompts(args.calibrate)
+        calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples)
+        report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
+                                     workdir=args.workdir, progress=not args.quiet)
+        if not args.quiet:
+            print(report.summary())
+    elif args.source.endswith(".gguf"):
         from .interop.gguf import gguf_to_folder
 
         gguf_to_folder(args.source, args.output, config, force=args.force)
@@ -55,16 +66,41 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _parse_lora(text: str) -> tuple[str, float]:
+    """FILE[:STRENGTH] -> (file, strength)."""
+    from pathlib import Path
+
+    from .errors import BitfluxError
+
+    path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
+    try:
+        value = float(strength) if strength else 1.0
+    except ValueError:
+        raise BitfluxError(f"bad --lora {text!r}; expected FILE[:STRENGTH]") from None
+    if not Path(path).is_file():
+        raise BitfluxError(f"{path}: no such LoRA file")
+    return path, value
+
+
 def _check_common(args) -> None:
-    """Validate what generate/bench/eval share before any model is loaded."""
+    """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
+    loading chatter so that bitflux's own progress bars and lines are what the user reads."""
     from .errors import BitfluxError
     from .kernels import unavailable_reason
 
     if getattr(args, "steps", 1) < 1:
         raise BitfluxError(f"--steps must be at least 1, got {args.steps}")
-    reason = unavailable_reason(args.backend)
+    if getattr(args, "size", None):
+        _parse_size(args.size)
+    reason = unavailable_reason(args.backend, args.device.split(":")[0])
     if reason:
         raise BitfluxError(reason)
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
 
 
 def _cmd_generate(args) -> None:
@@ -74,8 +110,16 @@ def _cmd_generate(args) -> None:
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
+    if not args.output.lower().endswith(".png"):
+        raise BitfluxError(f"{args.output}: output must be a .png file")
     _check_common(args)
+    loras = [_parse_lora(text) for text in args.lora]
     fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
+    for path, strength in loras:
+        from .interop.lora import load_lora
+
+        for pipe in (p for p in (fp, ternary) if p is not None):
+            load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
@@ -98,6 +142,29 @@ def _cmd_bench(args) -> None:
         plot_bench(result, args.plot)
 
 
+def _cmd_eval(args) -> None:
+    from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
+    from .kernels import use_backend
+    from .pipeline import load_pipeline, resolve_pipeline_path, save_png, variant_pipeline
+
+    _check_common(args)
+    variants = check_variants(args.variants)
+    for name in variants:  # fail on a bad name before minutes of generation
+        if name != "fp":
+            from .pipeline import variant_config
+
+            variant_config(name)
+    fp = load_pipeline(resolve_pipeline_path(args.model), args.device)
+    with use_backend(args.backend):
+        results = evaluate_variants(lambda name: variant_pipeline(fp, name), variants, seeds=tuple(args.seeds),
+                                    per_category=args.per_category, steps=args.steps, guidance=args.guidance)
+    if not results:  # not rank 0
+        return
+    print(results_json(results) if args.json else variant_table(results))
+    if args.grid:
+        save_png(variant_grid(results), args.grid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
-    q.add_argument("--activations", default="a16", choices=["a16", "a8"])
+    q.add_argument("--activations", default="a16", choices=["a16", "a8", "fp8"],
+                   help="activations the kernels use: 16-bit, int8 or fp8 per token")
+    q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
+                   help="calibrate with the full-precision model as teacher on these prompts (one per line)")
+    q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill"],
+                   help="the last calibration stage to run (each runs the cheaper ones before it)")
+    q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
+    q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
+    q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=_cmd_quantize)
@@ -136,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     g.add_argument("--device", default="cpu", help="cpu | cuda")
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
     g.add_argument("-o", "--output", required=True, help="PNG file")
     g.set_defaults(run=_cmd_generate)
 
@@ -148,6 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
+
+    v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
+    v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
+    v.add_argument("--variants", default="fp,absmean",
+                   help="comma-separated: fp, METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
+    v.add_argument("--seeds", type=int, nargs="+", default=[0])
+    v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
+    v.add_argument("--steps", type=int, default=20)
+    v.add_argument("--guidance", type=float, default=3.5)
+    v.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    v.add_argument("--device", default="cpu", help="cpu | cuda")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--grid", default=None, help="PNG grid: one row per variant, same prompts and seeds")
+    v.set_defaults(run=_cmd_eval)
     return parser
 
 

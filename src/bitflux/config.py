@@ -10,7 +10,7 @@ from .errors import BitfluxError
 METHODS = ("absmean", "twn", "lsq")
 GRANULARITIES = ("tensor", "channel", "group")
 FORMATS = ("tq2", "tq1")
-ACTIVATIONS = ("a16", "a8")
+ACTIVATIONS = ("a16", "a8", "fp8")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 # The paper's targets: every nn.Linear inside FluxTransformerBlock and FluxSingleTransformerBlock.
@@ -26,8 +26,9 @@ class TernaryConfig:
         `group_size` consecutive input features.
     format: storage packing, tq2 (4 codes per byte) or tq1 (5 codes per byte). In memory the codes
         are always tq2, the layout the kernels read.
-    activations: a16 keeps activations in the input dtype; a8 quantizes them per token to int8
-        (faster on int8 hardware, slightly different numerics).
+    activations: a16 keeps activations in the input dtype; a8 quantizes them per token to int8; fp8 per
+        token to float8 e4m3 (tensor-core speed on Hopper-class GPUs; per-tensor/channel scales only).
+        Slightly different numerics from a16. On CPUs the fast kernel always uses int8 activations.
     include/exclude: regular expressions matched (re.search) against module names.
     """
 
@@ -55,6 +56,8 @@ class TernaryConfig:
                 raise BitfluxError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise BitfluxError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.activations == "fp8" and self.granularity == "group":
+            raise BitfluxError("fp8 activations need per-tensor or per-channel scales, not per-group")
         if self.version != 1:
             raise BitfluxError(f"unsupported quantization_config version {self.version}")
 

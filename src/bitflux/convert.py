@@ -142,11 +142,11 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         writer.finish()
         checkpoint.write_config(transformer_dir, found.transformer_config, config)
         if found.pipeline_root:
-            _copy_pipeline_components(found.pipeline_root, tmp)
+            copy_pipeline_components(found.pipeline_root, tmp)
     return report
 
 
-def _copy_pipeline_components(root: Path, dest: Path) -> None:
+def copy_pipeline_components(root: Path, dest: Path) -> None:
     """Everything but the transformer, hard-linked where the filesystem allows (no extra disk)."""
     for item in root.iterdir():
         if item.name == "transformer":

@@ -34,9 +34,12 @@ def is_ternary_pipeline(path: str | Path) -> bool:
     return "quantization_config" in read_config(Path(path) / "transformer")
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  offload: bool = False):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
-    materialised in full precision), a full-precision one loads as diffusers would."""
+    materialised in full precision), a full-precision one loads as diffusers would. `offload` keeps each
+    component on the CPU until it runs (diffusers' model CPU offload): the text encoders, larger than a
+    ternary FLUX.1-dev transformer, then never sit on the GPU together with it."""
     root = Path(path)
     if not (root / "model_index.json").exists():
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
@@ -48,6 +51,11 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     except (OSError, ValueError) as exc:
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(leave=False)
+    if offload:
+        if torch.device(device).type != "cuda":
+            raise BitfluxError("offloading needs a CUDA device")
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
@@ -173,3 +181,27 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
         return None, load_pipeline(path, device)
     fp = load_pipeline(path, device)
     return (fp if want_fp else None), quantize_pipeline(fp, copy_transformer=want_fp)[0]
+
+
+def variant_config(name: str) -> TernaryConfig:
+    """A variant name -> its TernaryConfig: METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8], e.g. "lsq-channel-a8"."""
+    method, *options = name.split("-")
+    fields: dict = {"method": method}
+    for option in options:
+        if option in ("tensor", "channel"):
+            fields["granularity"] = option
+        elif option.startswith("group") and option[5:].isdigit():
+            fields.update(granularity="group", group_size=int(option[5:]))
+        elif option in ("a16", "a8", "fp8"):
+            fields["activations"] = option
+        else:
+            raise BitfluxError(f"unknown variant option {option!r} in {name!r}; expected tensor, channel, groupN, "
+                               "a16, a8 or fp8")
+    return TernaryConfig(**fields)
+
+
+def variant_pipeline(fp_pipe, name: str):
+    """The pipeline of an evaluation variant: "fp" itself, or a ternary copy of it."""
+    if name == "fp":
+        return fp_pipe
+    return quantize_pipeline(fp_pipe, variant_config(name))[0]

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import AtomicFolder, save_transformer
 from ..config import TernaryConfig
-from ..convert import _copy_pipeline_components, resolve_source
+from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
 from ..pipeline import default_image_size, text_length
 from . import CalibrationConfig, CalibrationReport, calibrate_transformer, check_workdir, measured, teacher_data
@@ -61,5 +61,5 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
                                               report)
     with AtomicFolder(out, force) as tmp:
         save_transformer(model.to(torch.device("cpu")), tmp / "transformer", config)
-        _copy_pipeline_components(found.pipeline_root, tmp)
+        copy_pipeline_components(found.pipeline_root, tmp)
     return report

@@ -149,7 +149,22 @@ def render(log: dict, shapeeval: dict | None, seconds: float, pictures: dict[str
             lines += [f"Every image with a green (pass) or red (fail) frame: [shapeeval_grid.png]({pictures['grid']}).", ""]
     else:
         lines += ["Not measured for this run: `python -m bitflux.eval.shapeeval --model FOLDER --out DIR`.", ""]
+    weakest = min(shapeeval["categories"], key=shapeeval["categories"].get) if shapeeval else None
     lines += [
+        "## What limits it",
+        "",
+        f"- Training time: {(vae['elapsed'] + tr['elapsed']) / 60:.1f} minutes in all on {log['device_name']}; the"
+        " transformer loss was still falling when the budget ran out (see the curve).",
+        "- Size: the package ships at most 25 MB, so the transformer has 9 M parameters at width 256.",
+        "- Resolution: 64x64 pixels are 8x8 latents and 16 image tokens; a 16-px object is two latent pixels"
+        " wide, so crowded scenes (four objects) are the hardest to draw apart and count.",
+    ]
+    if weakest:
+        lines.append(f"- The weakest category is {weakest} ({shapeeval['categories'][weakest]:.3f}).")
+    lines += [
+        "",
+        "## ShapeEval's detector",
+        "",
         "The detector (nearest-palette segmentation, connected components after a 1-px opening, best IoU with",
         "an ideal circle / square / triangle fitted to each box, box centres for GenEval's position rule) scores",
         "rendered ground-truth scenes at 100 % in every category (tests/test_shapeeval.py asserts >= 97 %).",

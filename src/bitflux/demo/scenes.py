@@ -193,7 +193,7 @@ def _uniform(gen: torch.Generator, shape, device) -> torch.Tensor:
 def sample_specs(n: int, gen: torch.Generator, device, weights=TRAIN_WEIGHTS):
     """Template, count, shapes, colours and relation for n scenes, drawn by the caption grammar."""
     w = torch.tensor(weights, dtype=torch.float32, device=device)
-    template = torch.multinomial(w.expand(n, -1), 1, generator=gen).squeeze(1)
+    template = torch.multinomial(w, n, replacement=True, generator=gen)
     shape = _randint(gen, 0, len(SHAPES), (n, MAX_OBJECTS), device)
     color = _randint(gen, 0, len(COLORS), (n, MAX_OBJECTS), device)
     return _apply_template_rules(template, shape, color, gen, device)

@@ -151,6 +151,12 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -488,6 +494,10 @@ def finalize(args, cfg, trained: dict, device) -> None:
         st = ck["state"]
         log[name] = {k: v for k, v in st.items() if k != "losses"}
         log[name + "_losses"] = st["losses"]
+    def write_log():  # now, and again with the ShapeEval scores: a failed evaluation keeps the log
+        atomic_write_text(args.out / "train_log.json", json.dumps(log, indent=1) + "\n")
+
+    write_log()
     plot_losses(log["vae_losses"], log["transformer_losses"], args.out / "loss.png")
     sample_grid(pipe, SAMPLE_PROMPTS, args.out / "samples.png", device, args.eval_guidance, args.sample_steps,
                 seed=args.seed)
@@ -501,7 +511,7 @@ def finalize(args, cfg, trained: dict, device) -> None:
         log["shapeeval"] = {"guidance_scale": args.eval_guidance, "overall": res["overall"],
                             "categories": res["categories"], "seconds": round(time.perf_counter() - t, 1)}
         print("ShapeEval:", json.dumps(log["shapeeval"]))
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        write_log()
 
 
 def main(argv=None) -> None:
@@ -511,6 +521,9 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        # cuDNN's fused attention fails in backward on this model (torch 2.11, H200: mha_graph.execute);
+        # flash / memory-efficient attention train it fine.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(args.small)
     t0 = time.perf_counter()

@@ -215,9 +215,16 @@ def score(prompt: str, image) -> tuple[bool, list[dict]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def items_for(prompts: list[str]) -> list[EvalItem]:
+    """EvalItems for any captions of the grammar (their category read from the caption)."""
+    return [EvalItem(i, S.parse_caption(p).category, p) for i, p in enumerate(prompts)]
+
+
 def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch_size: int = 48,
-             out_dir=None, grid: bool = True, progress: bool = True) -> dict:
+             out_dir=None, grid: bool = True, progress: bool = True, prompts: list[str] | None = None) -> dict:
     """Generate one image per (item, seed), score them, and return (and optionally write) the result.
+
+    The items are ShapeEval's prompt set unless `items` (or plain `prompts`, see `items_for`) are given.
 
     Returns {"version", "overall", "categories": {cat: score}, "n_images", "records": [...]}; overall is
     the mean of the category scores, as GenEval reports it. With out_dir, writes shapeeval.json and
@@ -225,15 +232,17 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
     """
     from tqdm import tqdm
 
-    items = prompt_set() if items is None else items
+    if items is None:
+        items = items_for(prompts) if prompts is not None else prompt_set()
     records, grid_images = [], []
     total = len(items) * len(seeds)
     pbar = tqdm(total=total, desc="ShapeEval", disable=not progress)
     for seed in seeds:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            # Image i of the whole list gets seed * 1_000_003 + i, whatever the batching.
-            images = generate_fn([it.prompt for it in chunk], seed * 1_000_003 + start)
+            # Each image's noise depends on its prompt's index and the seed only, so batching and sharding
+            # across processes cannot change a score.
+            images = generate_fn([it.prompt for it in chunk], [image_seed(seed, it.index) for it in chunk])
             for it, img in zip(chunk, images):
                 ok, objs = score(it.prompt, img)
                 records.append({"index": it.index, "category": it.category, "prompt": it.prompt,
@@ -242,19 +251,7 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
                     grid_images.append(to_array(img).astype(np.uint8))
             pbar.update(len(chunk))
     pbar.close()
-    cats = {}
-    for cat in CATEGORIES:
-        rs = [r["passed"] for r in records if r["category"] == cat]
-        if rs:
-            cats[cat] = sum(rs) / len(rs)
-    result = {
-        "version": VERSION,
-        "overall": sum(cats.values()) / max(len(cats), 1),
-        "categories": cats,
-        "n_images": len(records),
-        "seeds": list(seeds),
-        "records": records,
-    }
+    result = summarize(records, seeds)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +261,28 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
             captioned_grid(grid_images, [r["prompt"] for r in first], marks=[r["passed"] for r in first],
                            cols=16).save(out / "shapeeval_grid.png")
     return result
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The noise seed of prompt `index` under evaluation seed `seed`."""
+    return seed * 1_000_003 + index
+
+
+def summarize(records: list[dict], seeds) -> dict:
+    """Scores from per-image records: per category the pass rate, overall their mean (as GenEval)."""
+    cats = {}
+    for cat in S.TEMPLATES:
+        rs = [r["passed"] for r in records if r["category"] == cat]
+        if rs:
+            cats[cat] = sum(rs) / len(rs)
+    return {
+        "version": VERSION,
+        "overall": sum(cats.values()) / max(len(cats), 1),
+        "categories": cats,
+        "n_images": len(records),
+        "seeds": list(seeds),
+        "records": sorted(records, key=lambda r: (r["seed"], r["index"])),
+    }
 
 
 def captioned_grid(images, captions, cols: int = 8, marks=None, scale: int = 2):
@@ -289,26 +308,23 @@ def captioned_grid(images, captions, cols: int = 8, marks=None, scale: int = 2):
     return canvas
 
 
-def pipeline_generate_fn(pipe, num_inference_steps: int = 20, guidance_scale: float = 3.5, **kwargs):
-    """generate_fn for a FluxPipeline at the demo model's size; image i of a call uses seed + i."""
-    size = kwargs.pop("size", S.IMAGE_SIZE)
-    msl = kwargs.pop("max_sequence_length", None) or min(pipe.tokenizer_2.model_max_length, 512)
-    device = getattr(pipe, "_execution_device", torch.device("cpu"))
+def pipeline_generate_fn(pipe, num_inference_steps: int = 20, guidance_scale: float = 3.5, size: int = S.IMAGE_SIZE):
+    """generate_fn for a FluxPipeline at the demo model's size."""
+    from ..pipeline import generate
 
-    def generate(prompts, seed):
-        gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(len(prompts))]
-        with torch.no_grad():
-            return pipe(list(prompts), height=size, width=size, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, max_sequence_length=msl, generator=gens, **kwargs).images
+    def generate_images(prompts, seeds):
+        return generate(pipe, prompts, seeds, steps=num_inference_steps, guidance=guidance_scale, height=size,
+                        width=size, progress=False)
 
-    return generate
+    return generate_images
 
 
 def ground_truth_generate_fn(seed_offset: int = 0):
     """generate_fn that renders the scene each prompt describes: measures the detector itself."""
 
-    def generate(prompts, seed):
-        return list(S.to_uint8(S.render(S.scenes_for_captions(prompts, seed=seed + seed_offset))))
+    def generate(prompts, seeds):
+        return [S.to_uint8(S.render(S.scenes_for_captions([p], seed=s + seed_offset)))[0]
+                for p, s in zip(prompts, seeds)]
 
     return generate
 

@@ -44,8 +44,12 @@ class TernaryWeight:
     group_size: int | None
 
 
+_BACKEND_DEVICE: dict[str, str] = {}
+
+
 def register(name: str, module_path: str, device_type: str) -> None:
     _BACKEND_MODULES[name] = module_path
+    _BACKEND_DEVICE[name] = device_type
     AUTO_ORDER.setdefault(device_type, []).append(name)
 
 
@@ -74,10 +78,12 @@ def get_backend(name: str):
     return _loaded[name]
 
 
-def unavailable_reason(name: str) -> str | None:
-    """None if the backend runs here, else a short reason (for the CLI's --backend check)."""
+def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
+    """None if the backend runs here on `device_type` tensors, else a short reason (for the CLI's --backend)."""
     if name in ("auto", "reference"):
         return None
+    if name in _BACKEND_DEVICE and _BACKEND_DEVICE[name] != device_type:
+        return f"backend {name!r} runs on {_BACKEND_DEVICE[name]} tensors, not {device_type}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return None if get_backend(name) is not None else f"backend {name!r} is not available on this machine"

@@ -10,7 +10,8 @@ from .. import formats
 from ..ternary import expand_scales
 
 NAME = "reference"
-ACTIVATIONS = ("a16", "a8")
+ACTIVATIONS = ("a16", "a8", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def supports(x, weight, activations) -> bool:
@@ -24,7 +25,10 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token int8: x ~= q * s with q in [-127, 127], s = max|x| / 127 (fp32)."""
-    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its rounded reciprocal,
+    # one bit off for some rows; every backend must agree with this bit for bit.
+    scale = amax / torch.full_like(amax, 127.0)
     q = torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
     return q, scale
 
@@ -37,6 +41,8 @@ def integer_matmul(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, activations: str = "a16") -> torch.Tensor:
     if activations == "a8":
         return linear_a8(x, weight, bias)
+    if activations == "fp8":
+        return linear_fp8(x, weight, bias)
     out = F.linear(x, dequantize(weight, x.dtype))
     return out if bias is None else out + bias.to(x.dtype)
 
@@ -56,6 +62,23 @@ def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tenso
             cols = slice(g * weight.group_size, (g + 1) * weight.group_size)
             out += integer_matmul(q[:, cols], codes[:, cols]).float() * scales[:, g]
     out = out * act_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*shape[:-1], -1)
+
+
+def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """W1.58 x fp8 semantics: per token s = max|x| / 448, q = e4m3(x / s) rounded to nearest even, exact sums
+    of q x codes (fp64), then x weight scale x s (+ bias) in fp32. Per-tensor and per-channel scales only."""
+    if weight.group_size:
+        raise ValueError("fp8 activations support per-tensor and per-channel scales only")
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    out = (q.double() @ codes.double().t()).float() * weight.scales.float().t() * scale
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*shape[:-1], -1)

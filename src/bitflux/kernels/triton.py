@@ -1,12 +1,16 @@
-"""Triton GPU backend: fused ternary GEMMs W1.58A16 and W1.58A8 (docs/GPU_KERNELS.md).
+"""Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
-Both modes share one kernel, which reads the tq2 bytes of TernaryLinear as they are: no repacked copy,
-and full-precision or 8-bit weights never exist in GPU memory. A (BLOCK_N, BLOCK_K / 4) byte tile is
-loaded with vector loads and unpacked in registers (four shifts, then interleaved back into K order).
-  a16: codes -> activation dtype, tl.dot with fp32 accumulation, weight scale (+ bias) in the epilogue.
-  a8:  a small kernel quantizes activations per token to int8 exactly as reference.quantize_activations;
-       then int8 x int8 tl.dot into int32 (exact), both scales (+ bias) in the epilogue.
-Few tokens (memory-bound) get narrow, deep tiles so that many programs stream the weights at once.
+Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). Three regimes by tokens M:
+  M <= SMALL_M (memory-bound): a split-K GEMV-style kernel streams the 2-bit weights once with many
+      programs; fp32 partial sums per K slice, then one small kernel sums them and applies the epilogue.
+  middle M: the fused tile kernel (2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue).
+  M >= LARGE_M on a GPU with 8-bit activations (compute-bound): the layer's codes are expanded into a
+      transient int8 (a8) or fp8 e4m3 (fp8) matrix of {-1, 0, +1} by a small kernel, multiplied by cuBLAS
+      (torch._int_mm, torch._scaled_mm) with the scales in the epilogue, and freed when the call returns:
+      8-bit codes never stay in GPU memory and no full-precision weight ever exists. a16 stays on the
+      fused kernel at every M. fp8 takes this path from M > SMALL_M.
+Activations: a16 in the input dtype; a8 per-token int8 exactly as reference.quantize_activations (int32
+sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), sums in fp32.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from dataclasses import dataclass
 import torch
 
 NAME = "triton"
-ACTIVATIONS = ("a16", "a8")
+ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
+SMALL_M = 16  # at most this many tokens: split-K GEMV kernel
+LARGE_M = 128  # at least this many (on a GPU): transient dense weight + cuBLAS
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
+_ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 try:
@@ -44,9 +52,18 @@ def available() -> str | None:
     return None
 
 
+def has_fp8(device: torch.device) -> bool:
+    """fp8 e4m3 tensor cores: sm_89 (Ada) and later. The interpreter emulates fp8 on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _interpreting()
+
+
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
     on_device = x.is_cuda or (_interpreting() and x.device.type == "cpu")
     grouped = weight.scales.shape[1] > 1
+    if activations == "fp8" and (grouped or not has_fp8(x.device)):
+        return False  # per-group fp8 has no kernel: the reference computes it
     return (on_device and activations in ACTIVATIONS and x.dtype in _DTYPES
             and (not grouped or weight.group_size % GROUP_MULTIPLE == 0)
             and x.shape[-1] == weight.in_features and weight.packed.is_contiguous())
@@ -82,14 +99,118 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
-        return out.reshape(*lead, N)
+        return x.new_empty(*lead, N)
+    bias = bias.contiguous() if bias is not None else None
+    grouped = prepared.scale_mode == _SCALE_GROUP
+    if x.is_cuda and (M >= LARGE_M or (activations == "fp8" and M > SMALL_M)) and _dense_fits(prepared, activations):
+        out = _dense_linear(x2, prepared, bias, activations)
+    elif (M <= SMALL_M and not grouped) or activations == "fp8":
+        out = _gemv_linear(x2, prepared, bias, activations)
+    else:
+        out = _tiled_linear(x2, prepared, bias, activations)
+    return out.reshape(*lead, N)
+
+
+def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> int8 (bit-identical to reference.quantize_activations) or float8_e4m3fn (M, K), and fp32
+    (M,) scales: s = max|x| / 127 or / 448 per row."""
+    M, K = x2.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x2.device)
+    _quantize_rows_kernel[(M,)](x2, q, scale, K, x2.stride(0), FP8=fp8,
+                                BLOCK=min(triton.next_power_of_2(K), 2048), num_warps=4)
+    return q, scale
+
+
+def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The codes as a dense (N, K) int8 or fp8 matrix, a transient for the 8-bit GEMMs: {-1, 0, +1} is exact
+    in both, and scales stay in the epilogue, so no full-precision weight ever exists."""
+    N, K = prepared.out_features, prepared.in_features
+    out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
+    block_n, block_k = 32, 128
+    _expand_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def _dense_fits(prepared: PreparedWeight, activations: str) -> bool:
+    """Where an 8-bit cuBLAS GEMM can take the expanded codes: only for 8-bit activations (16-bit ones would
+    need a full-precision weight), K and N multiples of 16, and no per-group scales (not expressible in
+    _int_mm / _scaled_mm epilogues)."""
+    if activations == "a16":
+        return False
+    aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
+    return aligned and prepared.scale_mode != _SCALE_GROUP
+
+
+def _dense_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    if activations == "a8":
+        q, act_scale = quantize_activations(x2)
+        acc = torch._int_mm(q, expand(prepared, torch.int8).t())  # exact int32 sums
+        return _epilogue(acc[None], prepared, act_scale, bias, x2.dtype)
+    q, act_scale = quantize_activations(x2, fp8=True)
+    weight_scale = prepared.scales.expand(prepared.out_features).reshape(1, -1).contiguous()
+    # Row-wise scaling wants bf16 output (and bias); other dtypes are converted after.
+    out = torch._scaled_mm(q, expand(prepared, torch.float8_e4m3fn).t(), scale_a=act_scale[:, None],
+                           scale_b=weight_scale, bias=bias.to(torch.bfloat16) if bias is not None else None,
+                           out_dtype=torch.bfloat16)
+    return out.to(x2.dtype)
+
+
+def _gemv_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    """Split-K: every (N tile, K slice) is one program, so a few tokens still fill the GPU."""
+    M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
+    act = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}[activations]
+    act_scale = None
+    if act != _ACT_FLOAT:
+        x2, act_scale = quantize_activations(x2, fp8=act == _ACT_FP8)
+    block_m, block_n, block_k = 16, 32, 256
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    steps = triton.cdiv(K, block_k)
+    split = max(1, min(steps, _target_programs(x2.device) // tiles))
+    k_slice = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(K, k_slice)
+    partial = torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
+    _gemv_kernel[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
+        x2, prepared.packed, partial, M, N, K, x2.stride(0), prepared.packed.stride(0), k_slice,
+        ACT=act, DOT_FP32=_dot_fp32(x2.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=3)
+    return _epilogue(partial, prepared, act_scale, bias, out_dtype)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: still split, to exercise the reduction
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # fp32 inputs get exact fp32 products (not tf32); the interpreter's tl.dot misreads bf16 operands
+    # as integers, so there bf16 is widened too (same products, exactly).
+    return dtype == torch.float32 or (_interpreting() and dtype in (torch.bfloat16, torch.float8_e4m3fn))
+
+
+def _epilogue(partial, prepared: PreparedWeight, act_scale, bias, out_dtype) -> torch.Tensor:
+    """(S, M, N) partial sums (fp32, or int32) -> sum over S, x weight scale x activation scale + bias."""
+    S, M, N = partial.shape
+    out = torch.empty(M, N, dtype=out_dtype, device=partial.device)
+    block_m, block_n = 16, 128
+    _epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        partial, prepared.scales, act_scale if act_scale is not None else prepared.scales,
+        bias if bias is not None else prepared.scales, out, S, M, N, SCALE_MODE=prepared.scale_mode,
+        ACT_SCALED=act_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4)
+    return out
+
+
+def _tiled_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    M, K, N = x2.shape[0], prepared.in_features, prepared.out_features
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     if activations == "a8":
         x2, act_scale = quantize_activations(x2)
     else:
         act_scale = prepared.scales  # unused by the a16 kernel; any tensor will do
-    bias = bias.contiguous() if bias is not None else None
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -98,21 +219,9 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
         x2, prepared.packed, prepared.scales, act_scale, bias if bias is not None else prepared.scales, out,
         M, N, K, x2.stride(0), prepared.packed.stride(0), out.stride(0), max(prepared.group_size, 1),
         SCALE_MODE=prepared.scale_mode, ACT_INT8=activations == "a8", HAS_BIAS=bias is not None,
-        # fp32 inputs get exact fp32 products (not tf32); the interpreter's tl.dot misreads bf16 operands
-        # as integers, so there bf16 is widened too (same products, exactly).
-        DOT_FP32=x.dtype == torch.float32 or (_interpreting() and x.dtype == torch.bfloat16),
+        DOT_FP32=_dot_fp32(out.dtype),
     )
-    return out.reshape(*lead, N)
-
-
-def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> int8 (M, K) and fp32 (M,) scales, bit-identical to reference.quantize_activations."""
-    M, K = x2.shape
-    q = torch.empty(M, K, dtype=torch.int8, device=x2.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x2.device)
-    _quantize_rows_kernel[(M,)](x2, q, scale, K, x2.stride(0), BLOCK=min(triton.next_power_of_2(K), 2048),
-                                num_warps=4)
-    return q, scale
+    return out
 
 
 if triton is not None:
@@ -124,7 +233,17 @@ if triton is not None:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    def _round_to_e4m3(v):
+        """fp32 -> the nearest float8_e4m3fn value (ties to even, subnormals kept), still in fp32, for
+        |v| <= 448. Done in fp32 so that compiled code and the interpreter (whose fp8 cast truncates
+        subnormals and rounds ties away) agree with torch's .to(torch.float8_e4m3fn)."""
+        exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2^-6
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits: 2^(e - 3)
+        inv_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: exact
+        return _round_half_even(v * inv_step) * step
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, FP8: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * K
         amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -132,12 +251,17 @@ if triton is not None:
             offs = k0 + tl.arange(0, BLOCK)
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
         # div_rn: the default fp32 division on GPUs is approximate, the reference's is correctly rounded.
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 127.0)
+        qmax: tl.constexpr = 448.0 if FP8 else 127.0
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), qmax)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)), -127.0), 127.0)
-            tl.store(q_row + offs, q.to(tl.int8), mask=offs < K)
+            v = tl.minimum(tl.maximum(tl.math.div_rn(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32),
+                                                     scale), -qmax), qmax)
+            if FP8:
+                q = _round_to_e4m3(v).to(tl.float8e4nv)  # exact: the value is representable
+            else:
+                q = _round_half_even(v).to(tl.int8)
+            tl.store(q_row + offs, q, mask=offs < K)
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
@@ -147,6 +271,88 @@ if triton is not None:
         # join appends a minor axis: [n, r, q, p] = d(2q + p), so the flattened index 4r + 2q + p is K.
         return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
 
+    @triton.jit
+    def _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Digits of the weight tile at rows offs_n, columns k0 .. k0 + BLOCK_K; outside the layer: w = 0."""
+        offs_byte = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
+                         mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, 4)), other=0x55)  # 0x55: w = 0
+        return _unpack_digits(packed, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                        SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The epilogue shared by every kernel, in the reference's order: x weight scale, x activation
+        scale, + bias (fp32)."""
+        if SCALE_MODE == 0:
+            acc = acc * tl.load(scale_ptr)
+        elif SCALE_MODE == 1:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if ACT_SCALED:
+            acc = acc * tl.load(act_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _expand_kernel(w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        w = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
+        out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, k_slice,
+                     ACT: tl.constexpr, DOT_FP32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Partial sums of x (M, K) @ codes^T over one K slice, for one N tile: (split, M, N) fp32."""
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        k_start = pid_k * k_slice
+        k_end = tl.minimum(k_start + k_slice, K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+            if ACT == 1:  # int8 x ternary into int32: exact
+                acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
+            else:
+                w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
+                if DOT_FP32:
+                    acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
+                    acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        if ACT == 1:
+            acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
+        out = partial_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _epilogue_kernel(partial_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, S, M, N,
+                         SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        mask = mask_m[:, None] & mask_n[None, :]
+        tile = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(S):  # in order: deterministic
+            acc += tl.load(partial_ptr + s * M * N + tile, mask=mask, other=0).to(tl.float32)
+        acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                              SCALE_MODE, ACT_SCALED, HAS_BIAS)
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
     def _config(block_m, block_n, block_k, warps, stages):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
                              num_warps=warps, num_stages=stages)
@@ -154,11 +360,11 @@ if triton is not None:
     # Few configs on purpose: each costs a compile. BLOCK_M selects the regime (see _configs_for_m);
     # every BLOCK_K divides GROUP_MULTIPLE.
     _CONFIGS = [
-        # few tokens, memory-bound: narrow and deep tiles, many programs, long load pipelines
-        _config(16, 16, 128, 4, 6), _config(16, 32, 128, 4, 5),
+        # few tokens with per-group scales (the split-K kernel takes the others)
+        _config(16, 32, 128, 4, 5),
         # tens of tokens
         _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4),
-        # compute-bound
+        # compute-bound (on a GPU only for per-group a8; the rest takes cuBLAS)
         _config(128, 128, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 128, 128, 8, 3),
     ]
 
@@ -195,19 +401,14 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_byte = tl.arange(0, BLOCK_K // 4)
         mask_m, mask_n = offs_m < M, offs_n < N
         x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
-        row_bytes = tl.cdiv(K, 4)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0)
-            packed = tl.load(w_tile + k0 // 4, mask=mask_n[:, None] & (k0 // 4 + offs_byte[None, :] < row_bytes),
-                             other=0x55)  # 0x55: four codes w = 0
-            digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
+            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
             if SCALE_MODE == 2:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
@@ -230,13 +431,7 @@ if triton is not None:
 
         if ACT_INT8 and SCALE_MODE != 2:
             acc = acc_int.to(tl.float32)
-        if SCALE_MODE == 0:
-            acc = acc * tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if ACT_INT8:
-            acc = acc * tl.load(act_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                              SCALE_MODE, ACT_INT8, HAS_BIAS)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

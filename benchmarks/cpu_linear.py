@@ -1,0 +1,96 @@
+"""torch F.linear (fp32, and bf16 for reference) vs bitflux's `cpu` backend on FLUX linear shapes.
+
+    python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--no-bf16] [--threads 1] [--json out.json]
+
+Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
+of bitflux over torch fp32. Times are the best of repeated calls (other processes make the rest noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bitflux import TernaryConfig, TernaryLinear
+from bitflux.kernels import cpu, use_backend
+
+FLUX_SHAPES = ["3072x3072", "3072x12288", "12288x3072", "3072x18432"]  # in_features x out_features
+
+
+def best_seconds(fns: dict, min_seconds: float, max_rounds: int = 20) -> dict:
+    """Best time of each function, called in turns so that other processes' load hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocation, weight repacking
+    best, rounds, start = dict.fromkeys(fns, float("inf")), 0, time.perf_counter()
+    while rounds < 2 or (time.perf_counter() - start < min_seconds and rounds < max_rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+        rounds += 1
+    return best
+
+
+def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(m, k)
+    weight, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.02
+    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    layer = TernaryLinear.from_codes(codes, torch.tensor([[0.02]]), bias, config=TernaryConfig(activations="a8"))
+
+    def bitflux_call():
+        with use_backend("cpu"):
+            layer(x)
+
+    fns = {"fp32": lambda: F.linear(x, weight, bias), "bitflux": bitflux_call}
+    row = {"M": m, "K": k, "N": n, "isa": cpu.current_isa(), "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        row.update({f"{name}_ms": 1e3 * s for name, s in best_seconds(fns, min_seconds).items()})
+        if bf16:  # ~7x slower than fp32 on CPU: a few calls only
+            xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+            row["bf16_ms"] = 1e3 * best_seconds({"bf16": lambda: F.linear(xb, wb, bb)}, 0.0)["bf16"]
+    row["speedup"] = row["fp32_ms"] / row["bitflux_ms"]
+    row["bitflux_gops"] = 2 * m * k * n / row["bitflux_ms"] / 1e6
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 256, 1024, 4096], help="tokens (rows)")
+    parser.add_argument("--shapes", nargs="+", default=FLUX_SHAPES, help="in_features x out_features")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the (slow) bf16 column")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent per measurement")
+    parser.add_argument("--threads", type=int, help="torch (and kernel) threads; default: torch's")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if cpu.available():
+        raise SystemExit(f"cpu backend unavailable: {cpu.available()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu kernel ISA {cpu.current_isa()}")
+    header = f"{'M':>5} {'K':>6} {'N':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'bitflux ms':>10} {'GOPS':>6} {'vs fp32':>7}"
+    print(header)
+    rows = []
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        for m in args.m:
+            row = measure(m, k, n, not args.no_bf16, args.min_seconds)
+            rows.append(row)
+            bf16 = f"{row['bf16_ms']:9.2f}" if "bf16_ms" in row else f"{'-':>9}"
+            print(f"{m:5d} {k:6d} {n:6d} {row['fp32_ms']:9.2f} {bf16} {row['bitflux_ms']:10.2f} "
+                  f"{row['bitflux_gops']:6.0f} {row['speedup']:6.2f}x", flush=True)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Finds the compiled kernel library that setup.py builds beside this file and binds it with ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+_STEM = "_ternary_gemm"
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def _path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = Path(__file__).with_name(_STEM + suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None), or (None, why it cannot be used)."""
+    path = _path()
+    if path is None:
+        return None, f"compiled library {_STEM} not found beside {Path(__file__).name} (reinstall bitflux with gcc)"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        return None, f"cannot load {path.name}: {exc}"
+    lib.bf_isa_supported.argtypes = [ctypes.c_int]
+    lib.bf_isa_supported.restype = ctypes.c_int
+    lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr,
+                              ctypes.c_int, ctypes.c_int]
+    lib.bf_linear.restype = ctypes.c_int
+    return lib, None

@@ -1,0 +1,162 @@
+"""The cpu backend (C, W1.58A8) against reference.linear_a8, the integer reference.
+
+The kernel's int32 sums are exact and its fp32 epilogue does the reference's operations in the reference's
+order, so outputs are compared with torch.equal (bit for bit), on every ISA path this CPU has.
+"""
+
+import pytest
+import torch
+
+from bitflux import TernaryConfig, TernaryLinear, formats
+from bitflux.errors import BitfluxError
+from bitflux.kernels import TernaryWeight, cpu, reference, select_backend, ternary_linear, use_backend
+from bitflux.kernels.cpu import _library
+
+pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
+
+ISAS = cpu.ISAS
+
+
+def make_weight(out_features, in_features, group_size=None, codes=None, scale_dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    if codes is None:
+        codes = torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8, generator=generator)
+    columns = 1 if group_size is None else -(-in_features // group_size)
+    scales = (torch.rand(out_features, columns, generator=generator) + 0.05).to(scale_dtype)
+    return TernaryWeight(formats.pack(codes), scales, in_features, out_features, group_size)
+
+
+def run_cpu(x, weight, bias=None, isa=None):
+    with cpu.use_isa(isa or cpu.current_isa()):
+        return cpu.linear(x, cpu.prepare(weight), bias)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 16), (3, 37, 5), (13, 100, 1), (29, 130, 45), (7, 300, 33),
+                                     (67, 1000, 20)])  # the last quantizes its rows in parallel
+@pytest.mark.parametrize("scales", ["tensor", "channel", "group:16", "group:32"])
+def test_matches_integer_reference(isa, m, k, n, scales, threads):
+    if isa not in cpu.supported_isas():
+        pytest.skip(f"{isa} not supported by this CPU")
+    group_size = int(scales.split(":")[1]) if scales.startswith("group") else None
+    weight = make_weight(n, k, group_size)
+    if scales == "tensor":
+        weight = TernaryWeight(weight.packed, weight.scales[:1], k, n, None)
+    x = torch.randn(m, k) * 3
+    bias = torch.randn(n)
+    assert torch.equal(run_cpu(x, weight, bias, isa), reference.linear_a8(x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_dtypes_and_3d_inputs(dtype):
+    weight = make_weight(24, 70, scale_dtype=torch.float16)
+    x = torch.randn(2, 5, 70).to(dtype)
+    bias = torch.randn(24).to(dtype)
+    y = run_cpu(x, weight, bias)
+    assert y.dtype == dtype and y.shape == (2, 5, 24)
+    assert torch.equal(y, reference.linear_a8(x, weight, bias))
+
+
+def test_non_contiguous_inputs_and_zero_rows():
+    weight = make_weight(20, 48)
+    base = torch.randn(6, 96)
+    base[2] = 0  # an all-zero token: scale clamps to 1e-12 / 127, output = bias
+    bias = torch.randn(20)
+    for x in (base[:, ::2], base.t().contiguous().t()[:, :48], base.reshape(6, 2, 48)[:, 1]):
+        assert not x.is_contiguous()
+        assert torch.equal(run_cpu(x, weight, bias), reference.linear_a8(x, weight, bias))
+
+
+def test_no_rows():
+    weight = make_weight(9, 40)
+    y = run_cpu(torch.empty(0, 40), weight, torch.randn(9))
+    assert y.shape == (0, 9)
+    assert run_cpu(torch.empty(2, 0, 40), weight).shape == (2, 0, 9)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_worst_case_sums_do_not_overflow(sign):
+    """All codes +1 (u = 2) or -1 against max-magnitude activations: every int16 lane of the AVX2 path
+    reaches its flush bound (64 x 508), and the int32 sums are at their largest for this K."""
+    k = 16 * 16 * 3 + 5
+    codes = torch.full((32, k), sign, dtype=torch.int8)
+    weight = make_weight(32, k, codes=codes)
+    x = torch.full((3, k), 5.0)
+    x[1] = -5.0
+    for isa in cpu.supported_isas():
+        assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
+
+
+def test_every_isa_gives_identical_outputs(threads):
+    weight = make_weight(50, 200, group_size=32)
+    x = torch.randn(17, 200)
+    outputs = [run_cpu(x, weight, isa=isa) for isa in cpu.supported_isas()]
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+
+
+def test_layer_dispatches_to_cpu_in_both_activation_modes():
+    linear = torch.nn.Linear(64, 24)
+    x = torch.randn(3, 64)
+    for activations in ("a16", "a8"):
+        layer = TernaryLinear.from_linear(linear, TernaryConfig(granularity="channel", activations=activations))
+        assert select_backend(x, layer.ternary_weight, activations) is cpu
+        with torch.no_grad():
+            expected = reference.linear_a8(x, layer.ternary_weight, layer.bias)
+            assert torch.equal(layer(x), expected)
+            assert torch.equal(layer(x), expected)  # second call: prepared weight from the cache
+            with use_backend("reference"):
+                assert torch.equal(layer(x), reference.linear(x, layer.ternary_weight, layer.bias, activations))
+
+
+def test_unsupported_group_size_falls_back_to_reference():
+    weight = make_weight(8, 40, group_size=10)
+    x = torch.randn(2, 40)
+    assert not cpu.supports(x, weight, "a8")
+    assert select_backend(x, weight, "a8") is reference
+    assert torch.equal(ternary_linear(x, weight, None, "a8"), reference.linear_a8(x, weight, None))
+
+
+def test_inputs_needing_gradients_go_to_the_reference():
+    weight = make_weight(8, 32)
+    x = torch.randn(2, 32, requires_grad=True)
+    assert select_backend(x, weight, "a16") is reference
+    with torch.no_grad():
+        assert select_backend(x, weight, "a16") is cpu
+
+
+def test_isa_selection():
+    assert cpu.supported_isas()[0] == "generic"
+    with pytest.raises(BitfluxError):
+        with cpu.use_isa("sse9"):
+            pass
+    with cpu.use_isa("generic"):
+        assert cpu.current_isa() == "generic"
+
+
+def test_isa_from_environment(monkeypatch):
+    monkeypatch.setenv("BITFLUX_CPU_ISA", "generic")
+    assert cpu.current_isa() == "generic"
+    monkeypatch.setenv("BITFLUX_CPU_ISA", "nope")
+    with pytest.raises(BitfluxError):
+        cpu.current_isa()
+
+
+def test_missing_library_is_reported(monkeypatch):
+    monkeypatch.setattr(_library, "_STEM", "_no_such_library")
+    lib, reason = _library.load()
+    assert lib is None and "not found" in reason
+
+
+def test_prepared_weight_stays_two_bits():
+    weight = make_weight(3072, 256)
+    prepared = cpu.prepare(weight)
+    assert prepared.blocks.dtype == torch.uint8
+    assert prepared.blocks.numel() == weight.packed.numel()  # 3072 x 256 / 4, no padding here

@@ -1,0 +1,142 @@
+"""generate / bench / eval on the embedded demo model, as a user runs them."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bitflux.cli import main
+from bitflux.kernels import backend_names, unavailable_reason
+
+CPU_BACKENDS = [b for b in backend_names() if b != "triton" and unavailable_reason(b) is None]
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_generate_writes_png_of_the_asked_size(tmp_path, capsys, backend):
+    out = tmp_path / "a.png"
+    code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--size", "64x48", "--backend",
+                        backend, "-o", out)
+    assert code == 0, err
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (64, 48)
+
+
+def test_same_seed_same_image_and_compare(tmp_path, capsys):
+    paths = [tmp_path / f"{i}.png" for i in range(2)]
+    for path in paths:
+        assert _run(capsys, "generate", "two blue squares", "--steps", "3", "--seed", "7", "-o", path)[0] == 0
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[1])))
+    other = tmp_path / "other.png"
+    assert _run(capsys, "generate", "two blue squares", "--steps", "3", "--seed", "8", "-o", other)[0] == 0
+    assert not np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(other)))
+    both = tmp_path / "both.png"
+    assert _run(capsys, "generate", "a red circle", "--steps", "2", "--compare", "-o", both)[0] == 0
+    assert Image.open(both).size[0] == 128
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["generate", "", "-o", "x.png"], "prompt is empty"),
+    (["generate", "a", "--size", "60x64", "-o", "x.png"], "multiples of 16"),
+    (["generate", "a", "--size", "big", "-o", "x.png"], "--size"),
+    (["generate", "a", "--steps", "0", "-o", "x.png"], "--steps"),
+    (["generate", "a", "--backend", "triton", "-o", "x.png"], "runs on cuda tensors"),
+    (["generate", "a", "--backend", "magic", "-o", "x.png"], "unknown backend"),
+    (["generate", "a", "--model", "nobody/nothing-here", "-o", "x.png"], "not in the local Hugging Face cache"),
+    (["generate", "a", "--model", "/no/such/folder", "-o", "x.png"], "no such model folder"),
+    (["generate", "a", "-o", "x.jpg"], ".png"),
+    (["eval", "--variants", "absmean-huge"], "unknown variant option"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if argv[0] == "generate" and "--steps" not in argv:
+        argv += ["--steps", "1"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
+
+
+def test_bench_json(capsys):
+    code, out, err = _run(capsys, "bench", "--steps", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    for variant in ("fp", "ternary"):
+        entry = result["variants"][variant]
+        assert entry["transformer_step_s"] > 0 and entry["image_s"] > 0 and entry["peak_memory_bytes"] > 0
+    ratios = result["ratios_fp_over_ternary"]
+    assert set(ratios) == {"transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes"}
+    assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 2-bit codes plus 32-bit rest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _eval_ranks(world: int) -> dict:
+    argv = [sys.executable, "-m", "bitflux.cli", "eval", "--variants", "fp,absmean", "--per-category", "1",
+            "--steps", "2", "--json"]
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen(argv, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
+    assert all(not o[0].strip() for o in outputs[1:])  # only rank 0 reports
+    return json.loads(outputs[0][0])
+
+
+def test_eval_two_gloo_ranks_equal_one():
+    one, two = _eval_ranks(1), _eval_ranks(2)
+    for variant in one:
+        assert one[variant]["categories"] == two[variant]["categories"]
+        assert one[variant]["overall"] == two[variant]["overall"]
+    # Ranks batch different prompts together; batched float sums may move a pixel by one level.
+    assert one["absmean"]["psnr"] == pytest.approx(two["absmean"]["psnr"], rel=1e-4)
+    assert one["absmean"]["ssim"] == pytest.approx(two["absmean"]["ssim"], rel=1e-4)
+    assert one["fp"]["n_images"] == 6 and "psnr" in one["absmean"]
+
+
+def test_generate_with_a_lora(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for block in range(2):
+        for layer, (n, k) in {"attn.to_q": (256, 256), "ff.net.2": (256, 1024)}.items():
+            prefix = f"transformer.transformer_blocks.{block}.{layer}"
+            lora[f"{prefix}.lora_A.weight"] = torch.randn(4, k, generator=g) * 0.3
+            lora[f"{prefix}.lora_B.weight"] = torch.randn(n, 4, generator=g) * 0.3
+    path = tmp_path / "style.safetensors"
+    save_file(lora, str(path))
+    images = {}
+    for name, extra in {"plain": [], "zero": ["--lora", f"{path}:0"], "full": ["--lora", str(path)]}.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", *extra, "-o", out)
+        assert code == 0, err
+        images[name] = np.asarray(Image.open(out))
+    assert np.array_equal(images["plain"], images["zero"])
+    assert not np.array_equal(images["plain"], images["full"])
+    code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
+                        tmp_path / "x.png")
+    assert code == 2 and "no such LoRA file" in err
+
+
+def test_offload_needs_cuda():
+    import bitflux
+
+    with pytest.raises(bitflux.BitfluxError, match="CUDA"):
+        bitflux.load_pipeline(bitflux.demo_model_path(), offload=True)
