@@ -41,7 +41,7 @@ PLAIN = [("absmean", "tensor"), ("twn", "tensor"), ("lsq", "tensor"), ("absmean"
 CALIBRATED_GRANULARITIES = ["tensor", "channel"]
 LEVELS = [("+ scales", ("scales",)), ("+ block-wise", ("scales", "blockwise")),
           ("+ distillation", ("scales", "blockwise", "distill"))]
-GRID_IMAGES = 12
+GRID_IMAGES = 8
 
 
 def _pipeline_with(pipe, transformer):
@@ -90,16 +90,16 @@ def _table(rows: list[dict]) -> str:
 def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
     from PIL import Image, ImageDraw
 
-    label_width = 150
-    size = named_images[0][1][0].size[0] * 2
+    label_width = 200
+    size = named_images[0][1][0].size[0]
     canvas = Image.new("RGB", (label_width + size * GRID_IMAGES, size * len(named_images)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (name, images) in enumerate(named_images):
         draw.text((4, r * size + size // 2 - 6), name, fill="black")
         for c, image in enumerate(images[::max(1, len(images) // GRID_IMAGES)][:GRID_IMAGES]):  # every category
-            canvas.paste(image.resize((size, size), Image.NEAREST), (label_width + c * size, r * size))
+            canvas.paste(image, (label_width + c * size, r * size))
     tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
+    canvas.save(tmp, optimize=True)
     os.replace(tmp, path)
 
 
