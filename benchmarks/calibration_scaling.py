@@ -59,8 +59,8 @@ def predicted_flops(params: list[int], width: int, tokens: int, records: int, st
 
 def child(width: int, double: int, single: int, args) -> dict:
     from bitflux import TernaryConfig
-    from bitflux.calibrate import CalibrationConfig, CalibrationReport, ModelSource, TeacherData
-    from bitflux.calibrate import calibrate_transformer, measured
+    from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData,
+                                   calibrate_transformer, measured)
     from bitflux.flux import build_transformer
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from bitflux.calibrate import (CalibrationConfig, FolderSource, ModelSource, Tea
                                calibrate_transformer, read_prompts)
 from bitflux.calibrate.blockwise import reconstruct
 from bitflux.calibrate.latent import LatentTernaryLinear, rounding_step
-from bitflux.calibrate.scales import damped, output_error, solve_scales
+from bitflux.calibrate.scales import solve_scales
 from bitflux.calibrate.sources import block_names
 from bitflux.ternary import dequantize, ternarize
 
