@@ -59,8 +59,8 @@ def predicted_flops(params: list[int], width: int, tokens: int, records: int, st
 
 def child(width: int, double: int, single: int, args) -> dict:
     from bitflux import TernaryConfig
-    from bitflux.calibrate import CalibrationConfig, CalibrationReport, ModelSource, TeacherData
-    from bitflux.calibrate import calibrate_transformer, measured
+    from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData,
+                                   calibrate_transformer, measured)
     from bitflux.flux import build_transformer
 
     torch.manual_seed(0)
@@ -146,11 +146,16 @@ def extrapolate(rows: list[dict], args) -> str:
     from bitflux.flux import FLUX_DEV_CONFIG
 
     rates = [r["flops"] / r["seconds"] for r in rows]
+    # Memory over the process baseline against the largest block's weights, fitted by least squares: the
+    # slope is the bytes each weight of the block being calibrated costs (state, Gram matrices, copies).
+    x = torch.tensor([float(r["max_block_params"]) for r in rows])
+    y = torch.tensor([(r["rss_peak_mib"] - r["rss_start_mib"]) * 2**20 for r in rows])
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp_min(1))
     params = block_params(FLUX_DEV_CONFIG)
     steps, batch, records = 200, 4, 224  # 8 trajectories x 28 steps
     flops = predicted_flops(params, 3072, FLUX_DEV_TOKENS, records, steps, batch)
-    state = 16 * max(params)  # fp32 latent + gradient + 2 Adam moments, one block
-    # Activations kept for backward: ~40 tensors of (batch, tokens, width) in bf16 per block, the MLP ones 4x.
+    state = slope * max(params)
+    # Activations kept for backward: ~60 tensors of (batch, tokens, width) in bf16 per block (the MLP ones 4x).
     activations = 60 * batch * FLUX_DEV_TOKENS * 3072 * 2
     streams = 3 * records * FLUX_DEV_TOKENS * 3072 * 2  # full-precision, student, targets (host, bf16)
     return "\n".join([
@@ -159,8 +164,11 @@ def extrapolate(rows: list[dict], args) -> str:
         f"FLUX.1-dev ({len(params)} blocks, {sum(params) / 1e9:.2f} B block weights, {FLUX_DEV_TOKENS} tokens), "
         f"{steps} steps/block, batch {batch}, {records} records: {flops / 1e15:.0f} PFLOP -> "
         f"{flops / H100_ASSUMED_FLOPS / 60:.0f} min on one H100 at an assumed {H100_ASSUMED_FLOPS / 1e12:.0f} TFLOP/s",
-        f"  device memory: one block's training state {state / 2**30:.1f} GiB + activations ~{activations / 2**30:.1f} GiB "
-        f"+ one bf16 block {2 * max(params) / 2**30:.1f} GiB; teacher phase: the bf16 pipeline (~34 GiB) alone",
+        f"memory over the baseline grows with the largest block, not with depth: {slope:.0f} bytes per weight of "
+        f"the largest block (fit over the sweep)",
+        f"  FLUX.1-dev device memory: largest block ({max(params) / 1e6:.0f} M weights) x {slope:.0f} B = "
+        f"{state / 2**30:.1f} GiB + activations ~{activations / 2**30:.1f} GiB; the teacher phase needs the bf16 "
+        f"pipeline (~34 GiB) alone",
         f"  host memory: record streams {streams / 2**30:.0f} GiB (bf16; fewer records or disk-backed streams lower it)",
     ])
 

@@ -7,8 +7,10 @@ Every row generates ShapeEval's images with the same seeds as full precision (20
 model's own size) and reports ShapeEval overall and per category (0-100), PSNR and SSIM against the
 full-precision images, and the calibration's time and peak memory. The teacher records are collected
 once (prompts from the demo's caption grammar, disjoint from ShapeEval's) and shared by the calibrated
-rows; each calibrated row's time includes the teacher's. Memory on CPU: the increase of resident memory
-over what the process held before that row (peak RSS sampled every 20 ms), and the process's peak.
+rows; each calibrated row's time includes the teacher's. Each calibration runs in a child process that
+loads the full-precision transformer and the saved teacher records; its memory is that process's peak
+resident memory (sampled every 20 ms; Python, torch and the model included), and on CUDA the allocator's
+peak.
 Writes OUT/calibration.json, OUT/calibration_table.md and OUT/calibration_grid.png (same seeds, one row of
 images per variant).
 """
@@ -19,14 +21,17 @@ import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bitflux import TernaryConfig, quantize_
-from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, calibrate_transformer, measured,
-                               teacher_data)
+from bitflux import TernaryConfig, load_transformer, quantize_, save_transformer
+from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData, calibrate_transformer,
+                               measured, teacher_data)
 from bitflux.calibrate.checkpoint import teacher_settings
 from bitflux.eval.fidelity import fidelity
 from bitflux.pipeline import generate
@@ -36,7 +41,7 @@ PLAIN = [("absmean", "tensor"), ("twn", "tensor"), ("lsq", "tensor"), ("absmean"
 CALIBRATED_GRANULARITIES = ["tensor", "channel"]
 LEVELS = [("+ scales", ("scales",)), ("+ block-wise", ("scales", "blockwise")),
           ("+ distillation", ("scales", "blockwise", "distill"))]
-GRID_IMAGES = 12
+GRID_IMAGES = 8
 
 
 def _pipeline_with(pipe, transformer):
@@ -85,27 +90,41 @@ def _table(rows: list[dict]) -> str:
 def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
     from PIL import Image, ImageDraw
 
-    label_width = 150
-    size = named_images[0][1][0].size[0] * 2
+    label_width = 200
+    size = named_images[0][1][0].size[0]
     canvas = Image.new("RGB", (label_width + size * GRID_IMAGES, size * len(named_images)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (name, images) in enumerate(named_images):
         draw.text((4, r * size + size // 2 - 6), name, fill="black")
-        for c, image in enumerate(images[:GRID_IMAGES]):
-            canvas.paste(image.resize((size, size), Image.NEAREST), (label_width + c * size, r * size))
+        for c, image in enumerate(images[::max(1, len(images) // GRID_IMAGES)][:GRID_IMAGES]):  # every category
+            canvas.paste(image, (label_width + c * size, r * size))
     tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
+    canvas.save(tmp, optimize=True)
     os.replace(tmp, path)
 
 
-def _memory(report: CalibrationReport) -> str:
-    text = f"+{(report.peak_host_bytes - report.start_host_bytes) / 2**20:.0f} MiB (process {report.peak_host_bytes / 2**20:.0f})"
-    if report.peak_device_bytes:
-        text += f", device {report.peak_device_bytes / 2**20:.0f} MiB"
-    return text
+def child(job: dict) -> None:
+    """Calibrate one variant from saved teacher records and write it as a bitflux folder; the report
+    (time, peak memory of this process alone) goes to stdout as the last line."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.set_num_threads(job["threads"])
+    config = TernaryConfig.from_dict(job["config"])
+    calib = CalibrationConfig(**job["calibration"])
+    teacher = TeacherData.load(Path(job["teacher"]))
+    fp = FluxTransformer2DModel.from_pretrained(job["model"], subfolder="transformer", torch_dtype=torch.float32)
+    report = CalibrationReport(calib.stages)
+    with measured(report, job["device"]):
+        model, report = calibrate_transformer(ModelSource(fp.to(job["device"])), teacher, config, calib, job["device"],
+                                              progress=False, report=report)
+    save_transformer(model.to("cpu"), job["out"], config, force=True)
+    print(json.dumps(report.to_dict()))
 
 
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        child(json.loads(sys.argv[2]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="FLUX pipeline folder (default: the embedded demo model)")
     parser.add_argument("--samples", type=int, default=32, help="teacher trajectories")
@@ -114,7 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-category", type=int, default=48, help="ShapeEval prompts per category")
     parser.add_argument("--granularities", nargs="+", default=CALIBRATED_GRANULARITIES)
-    parser.add_argument("--a8", action="store_true", help="also W1.58A8 rows (plain and best calibrated)")
+    parser.add_argument("--a8", action="store_true", help="also W1.58A8 rows (plain, and block-wise calibrated "
+                        "for a8 at the first granularity)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="docs/calibration")
@@ -165,33 +185,35 @@ def main(argv=None) -> int:
     with measured(teacher_report, device):
         teacher = teacher_data(pipe, prompts, base, progress=True, report=teacher_report)
     print(f"teacher: {len(teacher)} records in {teacher_report.seconds['total']:.0f} s", flush=True)
-    best = None
+    work = Path(tempfile.mkdtemp(prefix="calibration_table."))
+    teacher.save(work / "teacher.safetensors")
+
+    def calibrated(name, config, stages):
+        """Calibrate in a child process, so that its peak memory is its own, then evaluate here."""
+        calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
+        job = {"model": str(model_path), "teacher": str(work / "teacher.safetensors"), "out": str(work / "student"),
+               "config": config.to_dict(), "calibration": calib.to_dict(), "device": args.device,
+               "threads": torch.get_num_threads()}
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=True,
+                              stdout=subprocess.PIPE, text=True)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        model = load_transformer(work / "student", device=device, dtype=torch.float32)
+        memory = f"{report['peak_host_bytes'] / 2**20:.0f} MiB" + (
+            f", device {report['peak_device_bytes'] / 2**20:.0f} MiB" if report["peak_device_bytes"] else "")
+        record(name, model, fp_images, teacher_report.seconds["total"] + report["seconds"]["total"], memory,
+               {"calibration": report})
+
     for granularity in args.granularities:
         for label, stages in LEVELS:
             config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
-            calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
-            report = CalibrationReport(stages)
-            with measured(report, device):
-                model, report = calibrate_transformer(ModelSource(pipe.transformer), teacher, config, calib, device,
-                                                      progress=True, report=report)
-            seconds = teacher_report.seconds["total"] + report.seconds["total"]
-            record(f"absmean {granularity} {label}", model, fp_images, seconds, _memory(report),
-                   {"calibration": report.to_dict()})
-            if best is None or rows[-1]["overall"] >= best[0]:
-                best = (rows[-1]["overall"], granularity, stages)
+            calibrated(f"absmean {granularity} {label}", config, stages)
     if args.a8:
         plain = copy.deepcopy(pipe.transformer)
         quantize_(plain, TernaryConfig(activations="a8"))
         record("W1.58A8 absmean tensor", plain, fp_images, 0.0)
-        _, granularity, stages = best
+        granularity = args.granularities[0]
         config = TernaryConfig(activations="a8", **TernaryConfig.parse_granularity(granularity))
-        calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
-        report = CalibrationReport(stages)
-        with measured(report, device):
-            model, report = calibrate_transformer(ModelSource(pipe.transformer), teacher, config, calib, device,
-                                                  progress=True, report=report)
-        record(f"W1.58A8 absmean {granularity} {'+'.join(stages)}", model, fp_images,
-               teacher_report.seconds["total"] + report.seconds["total"], _memory(report))
+        calibrated(f"W1.58A8 absmean {granularity} + block-wise", config, ("scales", "blockwise"))
     print(_table(rows))
     return 0
 

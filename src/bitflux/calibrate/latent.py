@@ -39,11 +39,17 @@ def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, g
     return step.clamp_min(_EPS)
 
 
-def fake_int8_per_token(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the W1.58A8 kernels see it (kernels.reference.quantize_activations), straight-through,
-    so that calibration for a8 learns against the activations the model will really get."""
-    q, scale = reference.quantize_activations(x)
-    return x + (q.float() * scale - x.float()).to(x.dtype).detach()
+def fake_quantized_activations(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """x rounded per token as the a8 (int8) or fp8 (e4m3) kernels see it (kernels.reference), with a
+    straight-through gradient, so that calibration learns against the activations the model will get."""
+    if mode == "a8":
+        q, scale = reference.quantize_activations(x)
+        rounded = q.float() * scale
+    else:
+        amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+        scale = amax / torch.full_like(amax, reference.FP8_MAX)
+        rounded = (x.float() / scale).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return x + (rounded - x.float()).to(x.dtype).detach()
 
 
 class LatentTernaryLinear(nn.Module):
@@ -90,8 +96,8 @@ class LatentTernaryLinear(nn.Module):
         return codes * expand_scales(self.scales(), u.shape[1], self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.activations == "a8":
-            x = fake_int8_per_token(x)
+        if self.config.activations != "a16":
+            x = fake_quantized_activations(x, self.config.activations)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight().to(x.dtype), bias)
 
