@@ -203,6 +203,8 @@ class AtomicFolder:
             if not os.access(parent, os.W_OK):
                 raise PermissionError(13, "permission denied")
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", dir=parent))
+            self.umask = os.umask(0)
+            os.umask(self.umask)
         except OSError as exc:
             raise BitfluxError(f"cannot write to {parent}: {exc.strerror}") from None
         return self.tmp
@@ -211,6 +213,11 @@ class AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        # mkdtemp's private 0700 (and safetensors' 0600 files) must not outlive the rename; hard links to the
+        # source's own files are left as they are.
+        for path in [self.tmp, *self.tmp.rglob("*")]:
+            if path.is_dir() or (path.is_file() and path.stat().st_nlink == 1):
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~self.umask)
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old")
             os.replace(self.target, old)
