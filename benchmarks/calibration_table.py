@@ -51,13 +51,13 @@ def _pipeline_with(pipe, transformer):
 
 
 def _evaluate(pipe, items, settings, progress) -> tuple[dict, list]:
-    """ShapeEval of one pipeline; image i of ShapeEval's list always gets seed i."""
+    """ShapeEval of one pipeline; ShapeEval gives each image the seed of its prompt's index."""
     from bitflux.eval import shapeeval
 
     images = []
 
-    def generate_fn(prompts, seed):
-        batch = generate(pipe, prompts, [seed + i for i in range(len(prompts))], progress=False, **settings)
+    def generate_fn(prompts, seeds):
+        batch = generate(pipe, prompts, seeds, progress=False, **settings)
         images.extend(batch)
         return batch
 
