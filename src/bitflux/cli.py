@@ -25,7 +25,8 @@ def _cmd_quantize(args) -> None:
         from .calibrate.prompts import read_prompts
 
         prompts = read_prompts(args.calibrate)
-        calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples)
+        calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples,
+                                                  distill_steps=args.distill_steps)
         report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill"],
                    help="the last calibration stage to run (each runs the cheaper ones before it)")
     q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
+    q.add_argument("--distill-steps", type=int, default=500, help="end-to-end distillation steps (distill stage)")
     q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
     q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
     q.add_argument("--force", action="store_true", help="replace an existing output")
