@@ -7,9 +7,9 @@ and a PNG grid (rows: FP, FP+LoRA, ternary, ternary+LoRA, ternary+LoRA fused; sa
                                    [--steps 20] [--repeats 5] [--grid docs/lora/lora_demo.png]
 
 The ternary pipeline is bitflux.quantize_pipeline of the full-precision one, TernaryConfig(method="lsq",
-granularity="channel"), not calibrated. Style success is train_lora.is_styled (the image's median luma is
-nearer the style's background than the demo's). ShapeEval's detector reads the dark background as
-background (the rendered dark scenes of these prompts all pass), so it scores every row.
+granularity="channel"), not calibrated. Style success is train_lora.is_styled (ShapeEval's detector finds
+objects, all in the style's ink). The prompts name no colour, so ShapeEval's checks (shapes present) and
+the style do not contradict each other.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora", required=True, help="a style LoRA from python -m bitflux.interop.train_lora")
     parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--style", default="dark")
+    parser.add_argument("--style", default="ink")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--per-category", type=int, default=24, help="prompts per category (single, two objects)")
     parser.add_argument("--steps", type=int, default=20)

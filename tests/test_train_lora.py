@@ -10,17 +10,15 @@ from safetensors import safe_open
 from bitflux.cli import main as cli
 from bitflux.demo import scenes as S
 from bitflux.interop.lora import load_lora
-from bitflux.interop.train_lora import STYLES, is_styled, main, render_styled
+from bitflux.interop.train_lora import is_styled, main, styled_scenes
 
 
-def test_render_styled_moves_only_the_background():
-    scenes = S.sample_scenes(6, 0)
-    assert torch.equal(render_styled(scenes, S.BACKGROUND), S.render(scenes))
-    dark = S.to_uint8(render_styled(scenes, STYLES["dark"]))
-    light = S.to_uint8(S.render(scenes))
-    assert all(is_styled(im) for im in dark) and not any(is_styled(im) for im in light)
-    corner = dark[:, 0, 0]  # every scene keeps a margin: the corner is background
-    assert np.abs(corner.astype(int) - np.array(STYLES["dark"])).max() <= 1
+def test_styled_scenes_are_inked_and_detected_as_such():
+    scenes = styled_scenes(8, "ink", torch.Generator().manual_seed(0))
+    assert all(spec.category in ("single_object", "two_object", "counting") for spec in scenes.specs())
+    assert all(is_styled(image) for image in S.to_uint8(S.render(scenes)))
+    plain = S.scenes_for_captions(["a red circle", "a blue square and a black triangle"])
+    assert not any(is_styled(image) for image in S.to_uint8(S.render(plain)))
 
 
 @pytest.fixture(scope="module")
