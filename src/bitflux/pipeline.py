@@ -115,7 +115,7 @@ def demo_ternary_path(config: TernaryConfig | None = None, progress: bool = True
     calibrated = calibrated_transformer_path() if config is None else None
     transformer = calibrated or source / "transformer"
     stamp = [config.to_dict() if config else "calibrated" if calibrated else TernaryConfig().to_dict(),
-             sorted((p.name, p.stat().st_size) for p in transformer.iterdir())]
+             sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in transformer.iterdir())]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / f"demo-ternary-{key}"
     if (target / "model_index.json").exists():
