@@ -6,8 +6,8 @@ and a PNG grid (rows: FP, FP+LoRA, ternary, ternary+LoRA, ternary+LoRA fused; sa
     python benchmarks/lora_demo.py --lora style.safetensors [--device cpu|cuda] [--per-category 24]
                                    [--steps 20] [--repeats 5] [--grid docs/lora/lora_demo.png]
 
-The ternary pipeline is bitflux.quantize_pipeline of the full-precision one, TernaryConfig(method="lsq",
-granularity="channel"), not calibrated. Style success is train_lora.is_styled (ShapeEval's detector finds
+The ternary pipeline is the demo's shipped calibrated ternary model (bitflux.pipeline.demo_ternary_path(),
+the LoRA trained on full precision, applied unchanged). Style success is train_lora.is_styled (ShapeEval's detector finds
 objects, all in the style's ink). The prompts name no colour, so ShapeEval's checks (shapes present) and
 the style do not contradict each other.
 """
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from bitflux import TernaryConfig, demo_model_path, generate, load_pipeline, quantize_pipeline
+from bitflux import demo_model_path, generate, load_pipeline
+from bitflux.pipeline import demo_ternary_path
 from bitflux.eval.shapeeval import captioned_grid, image_seed, prompt_set, score
 from bitflux.interop.lora import load_lora
 from bitflux.interop.train_lora import is_styled
@@ -84,9 +85,9 @@ def main() -> None:
     lora_state = load_file(args.lora)
     items = prompt_set(CATEGORIES, per_category=args.per_category)
     fp = load_pipeline(demo_model_path(), args.device)
-    ternary, _ = quantize_pipeline(fp, TernaryConfig(method="lsq", granularity="channel"))
+    ternary = load_pipeline(demo_ternary_path(), args.device)  # the shipped calibrated ternary model
     rows, grid_rows, speed = [], [], {}
-    for label, pipe in (("full precision", fp), ("ternary lsq-channel", ternary)):
+    for label, pipe in (("full precision", fp), ("ternary calibrated", ternary)):
         plain, images = quality(pipe, items, args.style, args)
         rows.append((label, "none", plain))
         grid_rows.append((label, images))

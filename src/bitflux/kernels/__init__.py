@@ -92,7 +92,8 @@ def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force one backend ("auto", "reference", "cpu", "triton", ...) inside the block."""
-    get_backend(name) if name != "auto" else None
+    if name != "auto":
+        get_backend(name)  # an unknown name fails here, an unavailable backend warns once
     _forced.append(name)
     try:
         yield
