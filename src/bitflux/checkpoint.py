@@ -251,11 +251,6 @@ def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bo
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def quantization_config_of(folder: Path) -> TernaryConfig | None:
-    section = read_config(folder).get("quantization_config")
-    return None if section is None else TernaryConfig.from_dict(section)
-
-
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a bitflux transformer folder: built on meta, quantized layers filled straight from the packed
     tensors (no full-precision copy of them is ever made)."""
