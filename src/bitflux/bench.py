@@ -14,6 +14,10 @@ import torch
 from .errors import BitfluxError
 
 VARIANTS = ("fp", "ternary")
+# (label, result key, unit factor): what the table prints and the chart draws, and the ratios' keys.
+MEASURES = (("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
+            ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20),
+            ("transformer weights (MB)", "transformer_weight_bytes", 1 / 2**20))
 PROMPTS = ("a red circle", "two blue squares", "a green triangle to the left of a yellow circle")
 
 
@@ -90,20 +94,16 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
             raise BitfluxError(f"benchmark of the {variant} variant failed: {last}")
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     fp, ternary = results["fp"], results["ternary"]
-    ratios = {key: fp[key] / ternary[key] for key in
-              ("transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes")}
+    ratios = {key: fp[key] / ternary[key] for _, key, _ in MEASURES}
     return {"model": model or "embedded demo", "backend": backend, "variants": results, "ratios_fp_over_ternary": ratios}
 
 
 def format_bench(result: dict) -> str:
-    rows = [("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
-            ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20), ("transformer weights (MB)",
-                                                                    "transformer_weight_bytes", 1 / 2**20)]
     fp, ternary = result["variants"]["fp"], result["variants"]["ternary"]
     lines = [f"model: {result['model']}, device {fp['device']}, backend {result['backend']}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
              f"{'':26s} {'full precision':>15s} {'ternary':>10s} {'fp / ternary':>13s}"]
-    for label, key, unit in rows:
+    for label, key, unit in MEASURES:
         lines.append(f"{label:26s} {fp[key] * unit:15.2f} {ternary[key] * unit:10.2f} "
                      f"{result['ratios_fp_over_ternary'][key]:12.2f}x")
     return "\n".join(lines)
@@ -118,11 +118,8 @@ def plot_bench(result: dict, path) -> None:
 
     from .pipeline import save_png
 
-    panels = [("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
-              ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20),
-              ("transformer weights (MB)", "transformer_weight_bytes", 1 / 2**20)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
-    for ax, (label, key, unit) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES), 3.2))
+    for ax, (label, key, unit) in zip(axes, MEASURES):
         values = [result["variants"][v][key] * unit for v in VARIANTS]
         ax.bar(["full precision", "ternary"], values, color=["#888888", "#2a7ab9"])
         ax.set_title(f"{label}\n{result['ratios_fp_over_ternary'][key]:.2f}x", fontsize=9)

@@ -180,6 +180,20 @@ def tick(pbar, clock: Clock, step: int, **postfix) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+class Checkpoints:
+    """Saves a stage's state every `every` seconds of wall time, so an interrupted run resumes near there."""
+
+    def __init__(self, state: dict, clock, save, every: float):
+        self.state, self.clock, self.save, self.every = state, clock, save, every
+        self.last = time.perf_counter()
+
+    def maybe_save(self, step: int) -> None:
+        if time.perf_counter() - self.last > self.every:
+            self.state.update(step=step, elapsed=self.clock.elapsed)
+            self.save(False)
+            self.last = time.perf_counter()
+
+
 def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> dict:
     ckpt_path = args.out / "ckpt" / "vae.pt"
     torch.manual_seed(args.seed)
@@ -203,7 +217,7 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
                      "config": cfg.to_dict()}, ckpt_path)
 
     clock = Clock(seconds, state["elapsed"], args.vae_steps)
-    last_ckpt = time.perf_counter()
+    checkpoints = Checkpoints(state, clock, save, args.ckpt_every)
     step = state["step"]
     pbar = bar(clock, "VAE", step)
     vae.train()
@@ -226,10 +240,7 @@ def train_vae(args, cfg: DemoConfig, device: torch.device, seconds: float) -> di
             v = loss.item()
             state["losses"].append((step, round(clock.elapsed, 2), v))
             tick(pbar, clock, step, loss=f"{v:.4f}")
-        if time.perf_counter() - last_ckpt > args.ckpt_every:
-            state.update(step=step, elapsed=clock.elapsed)
-            save(False)
-            last_ckpt = time.perf_counter()
+        checkpoints.maybe_save(step)
     pbar.close()
     state.update(step=step, elapsed=clock.elapsed)
     # Latent statistics, which FluxPipeline undoes before decoding: latents / scaling + shift.
@@ -334,7 +345,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
     empty = tok([""] * B, padding="max_length", max_length=cfg.max_text_tokens, truncation=True,
                 return_tensors="pt").input_ids.to(device)
     clock = Clock(seconds, state["elapsed"], args.steps)
-    last_ckpt = time.perf_counter()
+    checkpoints = Checkpoints(state, clock, save, args.ckpt_every)
     step = state["step"]
     pbar = bar(clock, "transformer", step)
     model.train()
@@ -389,10 +400,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
             v = loss.item()
             state["losses"].append((step, round(clock.elapsed, 2), v, int(distill)))
             tick(pbar, clock, step, loss=f"{v:.4f}", distill=int(distill))
-        if time.perf_counter() - last_ckpt > args.ckpt_every:
-            state.update(step=step, elapsed=clock.elapsed)
-            save(False)
-            last_ckpt = time.perf_counter()
+        checkpoints.maybe_save(step)
     pbar.close()
     state.update(step=step, elapsed=clock.elapsed)
     save(True)

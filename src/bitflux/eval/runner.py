@@ -47,8 +47,6 @@ def evaluate_variants(build_pipeline, variants: list[str], seeds=(0,), per_categ
                       steps: int = 20, guidance: float = 3.5, progress: bool = True) -> dict:
     """build_pipeline(name) -> FluxPipeline. "fp" (full precision) is evaluated first: fidelity is measured
     against its images. Returns per-variant ShapeEval summaries, fidelity, and grid images (rank 0 only)."""
-    if "fp" not in variants:
-        variants = ["fp", *variants]
     variants = ["fp", *[v for v in variants if v != "fp"]]
     with process_group() as (rank, world):
         items = shapeeval.prompt_set(per_category=per_category)
