@@ -132,9 +132,19 @@ def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int
         if mode != "bf16":
             _check_triton_in_use(model, mode, device)
         result.update(time_forwards(model, batch, warmup, iters, device))
+    if mode != "bf16":
+        result["strategies"] = chosen_strategies(mode)
     del model, batch
     gc.collect()
     return result
+
+
+def chosen_strategies(mode: str) -> dict[str, str]:
+    """Which strategy the Triton backend measured fastest for each layer shape of this mode."""
+    from bitflux.kernels import triton as triton_backend
+
+    return {f"M={key.M} N={key.N} K={key.K}": name for key, name in triton_backend.chosen.items()
+            if key.activations == mode}
 
 
 def _check_triton_in_use(model, mode: str, device) -> None:
@@ -180,6 +190,11 @@ def markdown(env: dict, results: dict) -> str:
             cell("weight_bytes", gib), cell("weight_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_forward_bytes", gib),
             cell("peak_forward_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_setup_bytes", gib),
             f"{res['output_finite']} |"]))
+    lines.append("")
+    for mode, res in results.items():
+        if res.get("strategies"):
+            shapes = ", ".join(f"{shape}: {name}" for shape, name in sorted(res["strategies"].items()))
+            lines.append(f"- {LABELS[mode]} strategies (measured fastest per layer shape): {shapes}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,8 @@
 """Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16, W1.58A8 and
 W1.58 fp8, with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
+Each bitflux mode runs the strategy the backend measured fastest for the shape (named in the table; every
+strategy's time is in the JSON). Up to GRAPH_M tokens every column is also timed inside a CUDA graph: the
+GPU time without Python's launch overhead, which a busy pipeline hides and one lone small call does not.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out results/       # on a GPU
     PYTHONPATH=src python benchmarks/gpu_linear.py --quick --out results/   # 3 layers x M in {1, 16, 4096}
@@ -41,17 +44,30 @@ QUICK_TOKENS = (1, 16, 4096)
 MODES = {"a16": "W1.58A16", "a8": "W1.58A8", "fp8": "W1.58 fp8"}
 DRY_LAYERS = {"tiny square": (96, 256), "tiny wide-in": (40, 384)}
 DRY_TOKENS = (1, 16, 40)
+GRAPH_M = 16
 
 
-def bench_ms(fn) -> float:
-    """Median milliseconds per call (L2 flushed between calls on a GPU)."""
+def bench_ms(fn, graph: bool = False) -> float:
+    """Median milliseconds per call: eager (L2 flushed between calls) or replayed from a CUDA graph."""
     if torch.cuda.is_available():
         import triton.testing
 
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def bench_both(row: dict, label: str, fn) -> None:
+    """row["ms"][label] eager; row["ms_graph"][label] too at few tokens on a GPU (a failed capture is noted)."""
+    row["ms"][label] = bench_ms(fn)
+    if row["M"] <= GRAPH_M and torch.cuda.is_available():
+        try:
+            row.setdefault("ms_graph", {})[label] = bench_ms(fn, graph=True)
+        except Exception as exc:  # noqa: BLE001 - the eager time still stands
+            row.setdefault("ms_graph", {})[label] = f"n/a ({type(exc).__name__})"
 
 
 def random_ternary(n: int, k: int, device, generator) -> TernaryWeight:
@@ -65,24 +81,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (torch.linalg.norm((actual - expected).float()) / torch.linalg.norm(expected.float())).item()
 
 
-def ceilings(x: torch.Tensor, codes_nk: torch.Tensor, device) -> dict[str, float]:
+def ceilings(row: dict, x: torch.Tensor, codes_nk: torch.Tensor, device) -> None:
     """torch's own 8-bit GEMMs on full 8-bit weights (what the packed kernels compete with); where a
-    shape or GPU does not support one, it is left out."""
-    times = {}
+    shape or GPU does not support one, it is reported as n/a."""
     try:  # cuBLASLt int8 wants M > 16 and dimensions that are multiples of 8
         q = torch.randint(-127, 128, x.shape, dtype=torch.int8, device=device)
         w_t = codes_nk.t()  # (K, N) column-major, as _int_mm wants
-        times["int8 _int_mm"] = bench_ms(lambda: torch._int_mm(q, w_t))
+        bench_both(row, "int8 _int_mm", lambda: torch._int_mm(q, w_t))
     except Exception as exc:  # noqa: BLE001 - a ceiling that cannot run is reported, not fatal
-        times["int8 _int_mm"] = f"n/a ({type(exc).__name__})"
+        row["ms"]["int8 _int_mm"] = f"n/a ({type(exc).__name__})"
     try:
         xf = x.to(torch.float8_e4m3fn)
         wf = codes_nk.to(torch.float8_e4m3fn).t()
         one = torch.ones((), device=device)
-        times["fp8 _scaled_mm"] = bench_ms(lambda: torch._scaled_mm(xf, wf, one, one, out_dtype=torch.bfloat16))
+        bench_both(row, "fp8 _scaled_mm", lambda: torch._scaled_mm(xf, wf, one, one, out_dtype=torch.bfloat16))
     except Exception as exc:  # noqa: BLE001
-        times["fp8 _scaled_mm"] = f"n/a ({type(exc).__name__})"
-    return times
+        row["ms"]["fp8 _scaled_mm"] = f"n/a ({type(exc).__name__})"
 
 
 def run(layers: dict, tokens: tuple, device):
@@ -96,16 +110,20 @@ def run(layers: dict, tokens: tuple, device):
         prepared = triton_backend.prepare(weight)
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
-            row = {"layer": name, "M": m, "N": n, "K": k}
+            row = {"layer": name, "M": m, "N": n, "K": k, "ms": {}, "strategy": {}, "strategy_ms": {}}
             try:
                 expected = F.linear(x, dense, bias)
-                row["ms"] = {"bf16 cuBLAS": bench_ms(lambda: F.linear(x, dense, bias))}
+                bench_both(row, "bf16 cuBLAS", lambda: F.linear(x, dense, bias))
                 for mode, label in MODES.items():
-                    out = triton_backend.linear(x, prepared, bias, mode)
+                    out = triton_backend.linear(x, prepared, bias, mode)  # the first call picks the strategy
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
-                    row["ms"][label] = bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode))
+                    key = triton_backend.CallKey(mode, x.dtype, prepared.scale_mode, True, m, n, k)
+                    row["strategy"][mode] = triton_backend.chosen.get(
+                        key, triton_backend.strategies(m, prepared, mode)[0])
+                    row["strategy_ms"][mode] = triton_backend.timings.get(key, {})
+                    bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, mode))
                 if device.type == "cuda":
-                    row["ms"].update(ceilings(x, codes, device))
+                    ceilings(row, x, codes, device)
             except Exception as exc:  # noqa: BLE001 - keep the other shapes' results
                 row["error"] = f"{type(exc).__name__}: {exc}"
             _add_rates(row)
@@ -116,10 +134,11 @@ def run(layers: dict, tokens: tuple, device):
 
 def _add_rates(row: dict) -> None:
     flops = 2 * row["M"] * row["N"] * row["K"]
-    times = {key: t for key, t in row.get("ms", {}).items() if isinstance(t, float)}
-    row["tflops"] = {key: flops / (t * 1e-3) / 1e12 for key, t in times.items() if t > 0}
-    if "bf16 cuBLAS" in times:
-        row["speedup_vs_bf16"] = {key: times["bf16 cuBLAS"] / t for key, t in times.items() if t > 0}
+    for suffix in ("", "_graph"):
+        times = {key: t for key, t in row.get("ms" + suffix, {}).items() if isinstance(t, float)}
+        row["tflops" + suffix] = {key: flops / (t * 1e-3) / 1e12 for key, t in times.items() if t > 0}
+        if "bf16 cuBLAS" in times:
+            row["speedup_vs_bf16" + suffix] = {key: times["bf16 cuBLAS"] / t for key, t in times.items() if t > 0}
 
 
 def _line(row: dict) -> str:
@@ -128,7 +147,10 @@ def _line(row: dict) -> str:
     speed = row.get("speedup_vs_bf16", {})
     parts = [f"{key} {t if isinstance(t, str) else f'{t:.3f} ms'}"
              + (f" ({speed[key]:.2f}x)" if key in speed else "") for key, t in row["ms"].items()]
+    graph = row.get("speedup_vs_bf16_graph", {})
     return (f"{row['layer']:<24} M={row['M']:<5} " + " | ".join(parts)
+            + (" | graph " + " ".join(f"{key} {s:.2f}x" for key, s in graph.items()) if graph else "")
+            + " | strategies " + " ".join(f"{mode} {name}" for mode, name in row["strategy"].items())
             + " | err " + " ".join(f"{mode} {row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES))
 
 
@@ -148,20 +170,24 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Ternary GEMM at FLUX.1-dev layer shapes on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. "
              "Times in ms (median, L2 flushed); speed-up vs cuBLAS bf16 in brackets; 8-bit ceilings use full "
-             "8-bit weights. rel err: bitflux output vs the bf16 GEMM on the same ternary weight.", "",
-             "| layer | M | N | K | " + " | ".join(modes) + " | rel err " + " / ".join(MODES) + " |",
-             "|" + "---|" * (len(modes) + 5)]
+             "8-bit weights. Rows timed `graph` replay CUDA graphs (GPU time without launch overhead). "
+             "Strategy: what the backend measured fastest for a16 / a8 / fp8. rel err: bitflux output vs the "
+             "bf16 GEMM on the same ternary weight.", "",
+             "| layer | M | N | K | timing | " + " | ".join(modes) + " | strategy | rel err " + " / ".join(MODES) + " |",
+             "|" + "---|" * (len(modes) + 7)]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | error: {row['error']} |")
             continue
-        cells = []
-        for mode in modes:
-            t = row["ms"].get(mode, "")
-            speed = row.get("speedup_vs_bf16", {}).get(mode)
-            cells.append(t if isinstance(t, str) else f"{t:.3f}" + (f" ({speed:.2f}x)" if speed else ""))
-        lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | " + " | ".join(cells)
-                     + " | " + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
+        for suffix in ("", "_graph") if row.get("ms_graph") else ("",):
+            cells = []
+            for mode in modes:
+                t = row["ms" + suffix].get(mode, "")
+                speed = row.get("speedup_vs_bf16" + suffix, {}).get(mode)
+                cells.append(t if isinstance(t, str) else f"{t:.3f}" + (f" ({speed:.2f}x)" if speed else ""))
+            lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {suffix[1:] or 'eager'} | "
+                         + " | ".join(cells) + " | " + " / ".join(row["strategy"].values()) + " | "
+                         + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one GPU session script: the Triton kernel tests compiled for real, the full-FLUX forward benchmark,
 # then the per-layer GEMM benchmark. Each part has its own time limit and failures do not stop the
-# next part; every part writes its results into $OUT as it goes. Worst case ~4 minutes of wall time;
-# --quick (<= 120 s): the kernel tests' exactness/fp8 subset, gpu_flux with 3 timed forwards, and
-# gpu_linear on 3 layers x M in {1, 16, 4096}.
+# next part; every part writes its results into $OUT as it goes. Worst case ~5 minutes of wall time;
+# --quick (<= 5 minutes, ~3 when compiles are quick): every strategy's test plus the exactness subset,
+# gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies), and gpu_linear on
+# 3 layers x M in {1, 16, 4096}.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root; .whl/ may hold diffusers)
 #
@@ -53,15 +54,15 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
 if [ -n "$QUICK" ]; then
-    part pytest 40 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
-        -k "exact or integer or fp8 or expand or quantize" -q --tb=short -rfE $XDIST -p no:cacheprovider
-    part gpu_flux 45 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
-    part gpu_linear 30 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
+    part pytest 100 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+        -k "strateg or choose or exact or integer or quantize" -q --tb=short -rfE $XDIST -p no:cacheprovider
+    part gpu_flux 130 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
+    part gpu_linear 60 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
 else
-    part pytest 75 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+    part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
-    part gpu_flux 100 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
-    part gpu_linear 65 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+    part gpu_flux 150 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
+    part gpu_linear 90 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
 fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"

@@ -11,7 +11,9 @@ by its rounded reciprocal (BinaryDivTrueKernel.cu), so reference.quantize_activa
 scale 1 ulp off the correctly rounded quotient for about 5 % of rows there; the kernels divide exactly.
 """
 
+import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,9 +27,9 @@ from bitflux.kernels import TernaryWeight, reference  # noqa: E402
 from bitflux.kernels import triton as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (M, K, N): K and N off the tile sizes, M = 1, a partial small tile, a partial large tile.
-# M <= 16 takes the split-K kernel, then the tiled kernel; on a GPU M >= 128 with N, K multiples of 16
-# takes the dense cuBLAS path (expanded weight), as (130, 256, 144) does.
+# (M, K, N): K and N off the tile sizes, M = 1, a partial small tile, a partial large tile. Without a
+# GPU's timing each call takes its default strategy (split-K up to 16 tokens, then tiled); on a GPU the
+# fastest is measured. (130, 256, 144) is one that every strategy, cuBLAS's 8-bit GEMMs included, takes.
 SHAPES = [(1, 130, 20), (5, 300, 70), (17, 384, 33), (130, 256, 129)]
 DENSE_SHAPE = (130, 256, 144)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -41,6 +43,23 @@ A8_EXACT_CASES = [(shape, scales) for i, shape in enumerate(SHAPES + [DENSE_SHAP
                   for scales in (SCALES + [("group", 256)])[i % 2::2]]
 FP8_CASES = [(shape, dtype, SCALES[(i + j) % 2]) for i, shape in enumerate(SHAPES + [DENSE_SHAPE])
              for j, dtype in enumerate(DTYPES) if (i + j) % 2 == 0 or shape == DENSE_SHAPE]
+
+
+def _strategy_cases():
+    """(shape, activations, scales, dtype, strategy) for every strategy each shape offers; scales and dtype
+    rotate (a8 stays fp32 for bit-exact outputs)."""
+    scale_modes = {"tensor": tk._SCALE_TENSOR, "channel": tk._SCALE_CHANNEL, "group": tk._SCALE_GROUP}
+    cases = []
+    for i, (m, k, n) in enumerate([(1, 130, 20), (17, 384, 33), DENSE_SHAPE]):
+        for j, activations in enumerate(("a16", "a8", "fp8")):
+            for g, scales in enumerate(SCALES):
+                if activations == "fp8" and scales[0] == "group":
+                    continue
+                dtype = torch.float32 if activations == "a8" else DTYPES[(i + j + g) % 3]
+                layer = SimpleNamespace(scale_mode=scale_modes[scales[0]], in_features=k, out_features=n)
+                cases += [((m, k, n), activations, scales, dtype, name)
+                          for name in tk.strategies(m, layer, activations)]
+    return cases
 
 
 def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, seed=0):
@@ -215,3 +234,56 @@ def test_groups_not_multiple_of_chunk_fall_back_to_reference():
     assert not tk.supports(x, weight, "a16")  # 64 is not a multiple of tk.GROUP_MULTIPLE
     with kernels.use_backend("triton"):
         assert kernels.select_backend(x, weight, "a16") is reference
+
+
+@pytest.mark.parametrize("shape,activations,scales,dtype,strategy", _strategy_cases(), ids=str)
+def test_every_strategy_matches_the_reference(shape, activations, scales, dtype, strategy):
+    """a8 bit for bit (power-of-two scales, no bias), a16 and fp8 to tolerance, with a bias."""
+    (m, k, n), (granularity, group_size) = shape, scales
+    weight = _weight(n, k, granularity, group_size, power_of_two=activations == "a8")
+    x = _activations(m, k, dtype)
+    if activations == "a8":
+        out = tk.linear(x, tk.prepare(weight), None, "a8", strategy=strategy)
+        assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), None))
+        return
+    bias = _activations(1, n, dtype, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, activations, strategy=strategy)
+    assert out.dtype == dtype and out.shape == (m, n)
+    if activations == "fp8":
+        _assert_close(out, _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), bias), torch.bfloat16)
+    else:
+        _assert_close(out, reference.linear(x, weight, bias, "a16"), dtype)
+
+
+def test_default_strategies_and_refusals():
+    layer = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=256, out_features=144)
+    grouped = SimpleNamespace(scale_mode=tk._SCALE_GROUP, in_features=256, out_features=144)
+    assert tk.strategies(16, layer, "a16") == ["splitk", "tiled"]
+    assert tk.strategies(17, layer, "a8") == ["tiled", "expanded", "cublas"]
+    assert tk.strategies(17, layer, "fp8") == ["splitk", "expanded", "cublas"]
+    assert tk.strategies(1, grouped, "a8") == ["tiled"]
+    assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # cuBLAS epilogues: no groups
+    odd = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=250, out_features=144)
+    assert "cublas" not in tk.strategies(200, odd, "a8") and "cublas" in tk.strategies(200, odd, "a16")
+    weight = _weight(20, 130)
+    with pytest.raises(ValueError, match="strategy 'cublas' cannot compute this call"):
+        tk.linear(_activations(1, 130, torch.float32), tk.prepare(weight), None, "a8", strategy="cublas")
+
+
+def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch):
+    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())  # "time" = fn's result
+
+    def run(name):
+        if name == "broken":
+            raise RuntimeError("not on this GPU")
+        return {"slow": 2.0, "fast": 1.0}[name]
+
+    key = ("test", 1)
+    try:
+        assert tk._choose(key, ["slow", "broken", "fast"], run) == "fast"
+        assert tk.timings[key] == {"slow": 2.0, "broken": math.inf, "fast": 1.0}
+        monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: pytest.fail("timed twice"))
+        assert tk._choose(key, ["slow", "broken", "fast"], run) == "fast"
+    finally:
+        tk.chosen.pop(key, None)
+        tk.timings.pop(key, None)

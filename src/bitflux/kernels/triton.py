@@ -1,14 +1,18 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
-Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). Three regimes by tokens M:
-  M <= SMALL_M (memory-bound): a split-K GEMV-style kernel streams the 2-bit weights once with many
-      programs; fp32 partial sums per K slice, then one small kernel sums them and applies the epilogue.
-  middle M: the fused tile kernel (2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue).
-  M >= LARGE_M on a GPU with 8-bit activations (compute-bound): the layer's codes are expanded into a
-      transient int8 (a8) or fp8 e4m3 (fp8) matrix of {-1, 0, +1} by a small kernel, multiplied by cuBLAS
-      (torch._int_mm, torch._scaled_mm) with the scales in the epilogue, and freed when the call returns:
-      8-bit codes never stay in GPU memory and no full-precision weight ever exists. a16 stays on the
-      fused kernel at every M. fp8 takes this path from M > SMALL_M.
+Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). A call can be computed in up to
+four ways ("strategies"):
+  splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
+            programs; with one K slice it applies scales and bias itself, else a small kernel sums the
+            slices' fp32 partials in order and applies them.
+  tiled     the fused tile kernel: 2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue.
+  expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
+            (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
+  cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
+            torch._scaled_mm (fp8), scales in the epilogue.
+The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
+kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
+tile sizes); where nothing is timed (the interpreter) the first applicable one runs.
 Activations: a16 in the input dtype; a8 per-token int8 exactly as reference.quantize_activations (int32
 sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), sums in fp32.
 """
@@ -17,14 +21,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 NAME = "triton"
 ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
-SMALL_M = 16  # at most this many tokens: split-K GEMV kernel
-LARGE_M = 128  # at least this many (on a GPU): transient dense weight + cuBLAS
+SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -79,6 +83,7 @@ class PreparedWeight:
     in_features: int
     out_features: int
     group_size: int  # 0 unless per group
+    tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
 
 
 def prepare(weight) -> PreparedWeight:
@@ -90,10 +95,31 @@ def prepare(weight) -> PreparedWeight:
     else:
         mode, group_size = _SCALE_GROUP, weight.group_size
     scales = scales.contiguous() if mode == _SCALE_GROUP else scales.reshape(-1).contiguous()
-    return PreparedWeight(weight.packed, scales, mode, weight.in_features, weight.out_features, group_size)
+    tensor_scale = scales.item() if mode == _SCALE_TENSOR else None  # once per layer: prepare is cached
+    return PreparedWeight(weight.packed, scales, mode, weight.in_features, weight.out_features, group_size,
+                          tensor_scale)
 
 
-def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str) -> torch.Tensor:
+def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
+    """The strategies that can compute an (M, K) x layer call, the default (used where nothing is timed)
+    first."""
+    grouped = prepared.scale_mode == _SCALE_GROUP
+    names = []
+    if not grouped and (M <= SMALL_M or activations == "fp8"):
+        names.append("splitk")
+    if activations != "fp8":  # fp8 from 2-bit tiles would convert both operands to bf16: a16's speed
+        names.append("tiled")
+    if M > SMALL_M:
+        names.append("expanded")
+        # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
+        if not grouped and (activations == "a16" or (prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0)):
+            names.append("cublas")
+    return names
+
+
+def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str,
+           strategy: str | None = None) -> torch.Tensor:
+    """x @ (codes x scales)^T + bias; `strategy` forces one of strategies() (tests, benchmarks)."""
     lead, K, N = x.shape[:-1], prepared.in_features, prepared.out_features
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -101,15 +127,54 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    bias = bias.contiguous() if bias is not None else None
-    grouped = prepared.scale_mode == _SCALE_GROUP
-    if x.is_cuda and (M >= LARGE_M or (activations == "fp8" and M > SMALL_M)) and _dense_fits(prepared, activations):
-        out = _dense_linear(x2, prepared, bias, activations)
-    elif (M <= SMALL_M and not grouped) or activations == "fp8":
-        out = _gemv_linear(x2, prepared, bias, activations)
-    else:
-        out = _tiled_linear(x2, prepared, bias, activations)
-    return out.reshape(*lead, N)
+    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    names = strategies(M, prepared, activations)
+    if strategy is None:
+        strategy = names[0]
+        if x.is_cuda and len(names) > 1 and _tuning():
+            key = CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K)
+            strategy = _choose(key, names, lambda name: _STRATEGIES[name](x2, prepared, bias, activations))
+    elif strategy not in names:
+        raise ValueError(f"strategy {strategy!r} cannot compute this call; it takes one of {names}")
+    return _STRATEGIES[strategy](x2, prepared, bias, activations).reshape(*lead, N)
+
+
+def _tuning() -> bool:
+    # The interpreter cannot time anything; BITFLUX_TRITON_AUTOTUNE=0 skips timing on a GPU (quick
+    # correctness runs): the first tile config and the default strategy.
+    return not _interpreting() and os.environ.get("BITFLUX_TRITON_AUTOTUNE") != "0"
+
+
+class CallKey(NamedTuple):
+    """What a strategy's speed depends on: calls with equal keys share one measurement."""
+
+    activations: str
+    dtype: torch.dtype
+    scale_mode: int
+    has_bias: bool
+    M: int
+    N: int
+    K: int
+
+
+chosen: dict[CallKey, str] = {}  # the fastest strategy on this GPU
+timings: dict[CallKey, dict[str, float]] = {}  # measured ms per strategy (inf: failed here)
+
+
+def _choose(key: CallKey, names: list[str], run) -> str:
+    """The fastest strategy for calls of this key, timed once (warm up before CUDA-graph capture, as for
+    any Triton autotune). A strategy that fails on this GPU (a shape cuBLAS refuses, a missing instruction)
+    is skipped."""
+    if key not in chosen:
+        times = {}
+        for name in names:
+            try:
+                times[name] = triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
+            except Exception:  # noqa: BLE001 - a strategy this GPU cannot run is simply not chosen
+                times[name] = float("inf")
+        timings[key] = times
+        chosen[key] = min(times, key=times.get)
+    return chosen[key]
 
 
 def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,49 +199,59 @@ def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _dense_fits(prepared: PreparedWeight, activations: str) -> bool:
-    """Where an 8-bit cuBLAS GEMM can take the expanded codes: only for 8-bit activations (16-bit ones would
-    need a full-precision weight), K and N multiples of 16, and no per-group scales (not expressible in
-    _int_mm / _scaled_mm epilogues)."""
+def _operand_dtype(activations: str, dtype: torch.dtype) -> torch.dtype:
+    return {"a8": torch.int8, "fp8": torch.float8_e4m3fn}.get(activations, dtype)
+
+
+def _quantized(x2: torch.Tensor, activations: str):
+    """The GEMM's left operand and its per-token scales (None for a16)."""
     if activations == "a16":
-        return False
-    aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
-    return aligned and prepared.scale_mode != _SCALE_GROUP
+        return x2, None
+    return quantize_activations(x2, fp8=activations == "fp8")
 
 
-def _dense_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    codes_t = expand(prepared, _operand_dtype(activations, x2.dtype)).t()
+    if activations == "a16" and prepared.scale_mode == _SCALE_TENSOR:  # the scale rides as cuBLAS's alpha
+        return torch.addmm(bias if bias is not None else x2.new_zeros(()), x2, codes_t,
+                           beta=1 if bias is not None else 0, alpha=prepared.tensor_scale)
+    if activations == "a16":
+        return _epilogue(torch.mm(x2, codes_t)[None], prepared, None, bias, x2.dtype)
+    q, act_scale = _quantized(x2, activations)
     if activations == "a8":
-        q, act_scale = quantize_activations(x2)
-        acc = torch._int_mm(q, expand(prepared, torch.int8).t())  # exact int32 sums
-        return _epilogue(acc[None], prepared, act_scale, bias, x2.dtype)
-    q, act_scale = quantize_activations(x2, fp8=True)
+        return _epilogue(torch._int_mm(q, codes_t)[None], prepared, act_scale, bias, x2.dtype)  # exact int32
     weight_scale = prepared.scales.expand(prepared.out_features).reshape(1, -1).contiguous()
     # Row-wise scaling wants bf16 output (and bias); other dtypes are converted after.
-    out = torch._scaled_mm(q, expand(prepared, torch.float8_e4m3fn).t(), scale_a=act_scale[:, None],
-                           scale_b=weight_scale, bias=bias.to(torch.bfloat16) if bias is not None else None,
-                           out_dtype=torch.bfloat16)
+    out = torch._scaled_mm(q, codes_t, scale_a=act_scale[:, None], scale_b=weight_scale,
+                           bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
     return out.to(x2.dtype)
 
 
-def _gemv_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    """Split-K: every (N tile, K slice) is one program, so a few tokens still fill the GPU."""
+def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    """Every (N tile, K slice) is one program, so a few tokens still fill the GPU. One slice: the kernel
+    applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
-    act = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}[activations]
-    act_scale = None
-    if act != _ACT_FLOAT:
-        x2, act_scale = quantize_activations(x2, fp8=act == _ACT_FP8)
+    q, act_scale = _quantized(x2, activations)
     block_m, block_n, block_k = 16, 32, 256
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K, block_k)
     split = max(1, min(steps, _target_programs(x2.device) // tiles))
     k_slice = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(K, k_slice)
-    partial = torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
+    fused = split == 1
+    out = torch.empty((M, N) if fused else (split, M, N), dtype=out_dtype if fused else torch.float32,
+                      device=x2.device)
     _gemv_kernel[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
-        x2, prepared.packed, partial, M, N, K, x2.stride(0), prepared.packed.stride(0), k_slice,
-        ACT=act, DOT_FP32=_dot_fp32(x2.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3)
-    return _epilogue(partial, prepared, act_scale, bias, out_dtype)
+        q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
+        M, N, K, q.stride(0), prepared.packed.stride(0), k_slice,
+        ACT=_ACT[activations], FUSED=fused, SCALE_MODE=prepared.scale_mode, HAS_BIAS=bias is not None,
+        DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return out if fused else _epilogue(out, prepared, act_scale, bias, out_dtype)
+
+
+def _or(tensor, placeholder):
+    """Kernels take every pointer; an absent tensor (no bias, no activation scale) passes any tensor."""
+    return tensor if tensor is not None else placeholder
 
 
 def _target_programs(device: torch.device) -> int:
@@ -187,41 +262,53 @@ def _target_programs(device: torch.device) -> int:
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # fp32 inputs get exact fp32 products (not tf32); the interpreter's tl.dot misreads bf16 operands
-    # as integers, so there bf16 is widened too (same products, exactly).
+    # as integers, so there bf16 and e4m3 are widened too (same products, exactly).
     return dtype == torch.float32 or (_interpreting() and dtype in (torch.bfloat16, torch.float8_e4m3fn))
 
 
 def _epilogue(partial, prepared: PreparedWeight, act_scale, bias, out_dtype) -> torch.Tensor:
-    """(S, M, N) partial sums (fp32, or int32) -> sum over S, x weight scale x activation scale + bias."""
+    """(S, M, N) partial sums (fp32, int32 or 16-bit) -> sum over S, x weight scale x activation scale
+    + bias."""
     S, M, N = partial.shape
     out = torch.empty(M, N, dtype=out_dtype, device=partial.device)
     block_m, block_n = 16, 128
     _epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        partial, prepared.scales, act_scale if act_scale is not None else prepared.scales,
-        bias if bias is not None else prepared.scales, out, S, M, N, SCALE_MODE=prepared.scale_mode,
-        ACT_SCALED=act_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4)
+        partial, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out, S, M, N,
+        SCALE_MODE=prepared.scale_mode, ACT_SCALED=act_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out
 
 
 def _tiled_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    return _matmul(x2, prepared.packed, prepared, bias, activations, dense=False)
+
+
+def _expanded_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    codes = expand(prepared, _operand_dtype(activations, x2.dtype))
+    return _matmul(x2, codes, prepared, bias, activations, dense=True)
+
+
+def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense: bool) -> torch.Tensor:
+    """The tile kernel on tq2 bytes (dense=False) or on expanded codes (dense=True)."""
     M, K, N = x2.shape[0], prepared.in_features, prepared.out_features
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    if activations == "a8":
-        x2, act_scale = quantize_activations(x2)
-    else:
-        act_scale = prepared.scales  # unused by the a16 kernel; any tensor will do
+    q, act_scale = _quantized(x2, activations)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _ternary_matmul[grid](
-        x2, prepared.packed, prepared.scales, act_scale, bias if bias is not None else prepared.scales, out,
-        M, N, K, x2.stride(0), prepared.packed.stride(0), out.stride(0), max(prepared.group_size, 1),
-        SCALE_MODE=prepared.scale_mode, ACT_INT8=activations == "a8", HAS_BIAS=bias is not None,
-        DOT_FP32=_dot_fp32(out.dtype),
+        q, weight, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
+        M, N, K, q.stride(0), weight.stride(0), out.stride(0), max(prepared.group_size, 1),
+        SCALE_MODE=prepared.scale_mode, ACT=_ACT[activations], DENSE=dense, HAS_BIAS=bias is not None,
+        DOT_FP32=_dot_fp32(q.dtype),
     )
     return out
+
+
+_ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
+_STRATEGIES = {"splitk": _splitk_linear, "tiled": _tiled_linear, "expanded": _expanded_linear,
+               "cublas": _cublas_linear}
 
 
 if triton is not None:
@@ -305,10 +392,12 @@ if triton is not None:
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, k_slice,
-                     ACT: tl.constexpr, DOT_FP32: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+                     k_slice, ACT: tl.constexpr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Partial sums of x (M, K) @ codes^T over one K slice, for one N tile: (split, M, N) fp32."""
+        """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
+        fp32 partial sums (split, M, N) for _epilogue_kernel."""
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -334,8 +423,15 @@ if triton is not None:
                     acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         if ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
-        out = partial_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+        mask = mask_m[:, None] & mask_n[None, :]
+        if FUSED:
+            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                                  SCALE_MODE, ACT != 0, HAS_BIAS)
+            out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            out = out_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+            tl.store(out, acc, mask=mask)
 
     @triton.jit
     def _epilogue_kernel(partial_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, S, M, N,
@@ -364,32 +460,32 @@ if triton is not None:
         _config(16, 32, 128, 4, 5),
         # tens of tokens
         _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4),
-        # compute-bound (on a GPU only for per-group a8; the rest takes cuBLAS)
+        # compute-bound; the last fits shared memory with 8-bit operands only (the tuner skips it otherwise)
         _config(128, 128, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 128, 128, 8, 3),
+        _config(128, 256, 128, 8, 3),
     ]
 
     def _configs_for_m(configs, named_args, **kwargs):
         M = named_args["M"]
         block_m = 16 if M <= 16 else 64 if M <= 128 else 128
         chosen = [c for c in configs if c.kwargs["BLOCK_M"] == block_m]
-        # The interpreter cannot time configs and would run every one; BITFLUX_TRITON_AUTOTUNE=0 skips
-        # tuning on a GPU (quick correctness runs).
-        if _interpreting() or os.environ.get("BITFLUX_TRITON_AUTOTUNE") == "0":
-            return chosen[:1]
-        return chosen
+        return chosen if _tuning() else chosen[:1]
 
     def _bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
-    @triton.autotune(_CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _configs_for_m},
-                     do_bench=_bench)
+    @triton.autotune(_CONFIGS, key=["M", "N", "K", "ACT", "DENSE"],
+                     prune_configs_by={"early_config_prune": _configs_for_m}, do_bench=_bench)
     @triton.jit
     def _ternary_matmul(
         x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
         M, N, K, stride_xm, stride_wn, stride_om, group_size,
-        SCALE_MODE: tl.constexpr, ACT_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+        SCALE_MODE: tl.constexpr, ACT: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
     ):
+        """out = x @ codes^T, scaled (+ bias). The codes are tq2 bytes, or with DENSE an (N, K) matrix of
+        {-1, 0, +1} in the operand dtype (int8, e4m3, or the activation dtype)."""
         # Programs sharing weight columns run close together in time, so their tiles stay in L2.
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -403,35 +499,39 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
         x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # DENSE only
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0)
-            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+            a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+            if DENSE:
+                codes = tl.load(w_tile + k0, mask=mask_n[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+            elif ACT == 1:
+                codes = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.int8) - 1
+            else:  # built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math
+                codes = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
             if SCALE_MODE == 2:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
-            if ACT_INT8:
-                acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
+            if ACT == 1:
+                acc_int = tl.dot(a, tl.trans(codes), acc_int, out_dtype=tl.int32)
                 if SCALE_MODE == 2:
                     # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8.
                     if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= K):
                         acc += acc_int.to(tl.float32) * g_scale[None, :]
                         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
             else:
-                # Built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math.
-                w = digits.to(tl.float32) - 1.0
                 if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
-                    w = w * g_scale.to(a.dtype).to(tl.float32)[:, None]
+                    codes = codes.to(tl.float32) * g_scale.to(a.dtype).to(tl.float32)[:, None]
                 if DOT_FP32:
-                    acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+                    acc = tl.dot(a.to(tl.float32), tl.trans(codes.to(tl.float32)), acc, input_precision="ieee")
+                else:  # a16: the activation dtype; fp8: e4m3 x e4m3 tensor cores (DENSE), exact products
+                    acc = tl.dot(a, tl.trans(codes.to(a.dtype)), acc)
 
-        if ACT_INT8 and SCALE_MODE != 2:
+        if ACT == 1 and SCALE_MODE != 2:
             acc = acc_int.to(tl.float32)
         acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                              SCALE_MODE, ACT_INT8, HAS_BIAS)
+                              SCALE_MODE, ACT != 0, HAS_BIAS)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
