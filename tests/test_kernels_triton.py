@@ -50,7 +50,7 @@ def _strategy_cases():
     rotate (a8 stays fp32 for bit-exact outputs)."""
     scale_modes = {"tensor": tk._SCALE_TENSOR, "channel": tk._SCALE_CHANNEL, "group": tk._SCALE_GROUP}
     cases = []
-    for i, (m, k, n) in enumerate([(1, 130, 20), (17, 384, 33), DENSE_SHAPE]):
+    for i, (m, k, n) in enumerate([(1, 130, 20), (3, 300, 70), (17, 384, 33), DENSE_SHAPE]):
         for j, activations in enumerate(("a16", "a8", "fp8")):
             for g, scales in enumerate(SCALES):
                 if activations == "fp8" and scales[0] == "group":
@@ -258,6 +258,7 @@ def test_every_strategy_matches_the_reference(shape, activations, scales, dtype,
 def test_default_strategies_and_refusals():
     layer = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=256, out_features=144)
     grouped = SimpleNamespace(scale_mode=tk._SCALE_GROUP, in_features=256, out_features=144)
+    assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled"]
     assert tk.strategies(16, layer, "a16") == ["splitk", "tiled"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "expanded", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["splitk", "expanded", "cublas"]

@@ -1,10 +1,12 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
 Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). A call can be computed in up to
-four ways ("strategies"):
+five ways ("strategies"):
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them.
+  gemv      the same for up to 4 tokens without tl.dot: each 2-bit plane of the bytes multiplies the
+            matching strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue.
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
             (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
@@ -19,6 +21,7 @@ sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), su
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,6 +32,7 @@ NAME = "triton"
 ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
+GEMV_M = 4  # at most this many: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -107,6 +111,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     names = []
     if not grouped and (M <= SMALL_M or activations == "fp8"):
         names.append("splitk")
+    if not grouped and M <= GEMV_M:
+        names.append("gemv")
     if activations != "fp8":  # fp8 from 2-bit tiles would convert both operands to bf16: a16's speed
         names.append("tiled")
     if M > SMALL_M:
@@ -227,12 +233,17 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     return out.to(x2.dtype)
 
 
-def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False) -> torch.Tensor:
     """Every (N tile, K slice) is one program, so a few tokens still fill the GPU. One slice: the kernel
-    applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue."""
+    applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue.
+    fma: products on CUDA cores (the gemv strategy, M <= GEMV_M), else tl.dot on 16-row tiles."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     q, act_scale = _quantized(x2, activations)
-    block_m, block_n, block_k = 16, 32, 256
+    if fma:  # one program holds BLOCK_M x BLOCK_N x BLOCK_K / 4 products per plane: keep that at 8K
+        block_m = triton.next_power_of_2(M)
+        block_n, block_k = 64, 512 // block_m
+    else:
+        block_m, block_n, block_k = 16, 32, 256
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K, block_k)
     split = max(1, min(steps, _target_programs(x2.device) // tiles))
@@ -244,7 +255,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     _gemv_kernel[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), k_slice,
-        ACT=_ACT[activations], FUSED=fused, SCALE_MODE=prepared.scale_mode, HAS_BIAS=bias is not None,
+        ACT=_ACT[activations], FMA=fma, FUSED=fused, SCALE_MODE=prepared.scale_mode, HAS_BIAS=bias is not None,
         DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
     return out if fused else _epilogue(out, prepared, act_scale, bias, out_dtype)
 
@@ -307,7 +318,7 @@ def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense:
 
 
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
-_STRATEGIES = {"splitk": _splitk_linear, "tiled": _tiled_linear, "expanded": _expanded_linear,
+_STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True), "tiled": _tiled_linear, "expanded": _expanded_linear,
                "cublas": _cublas_linear}
 
 
@@ -393,7 +404,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     k_slice, ACT: tl.constexpr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr,
+                     k_slice, ACT: tl.constexpr, FMA: tl.constexpr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
@@ -408,19 +419,32 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_slice, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        offs_j = tl.arange(0, BLOCK_K // 4)  # FMA: byte j of a K block holds columns 4j .. 4j + 3
         for k0 in range(k_start, k_end, BLOCK_K):
-            a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
-            if ACT == 1:  # int8 x ternary into int32: exact
-                acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
+            if FMA:
+                packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k0 // 4 + offs_j)[None, :],
+                                 mask=mask_n[:, None] & ((k0 // 4 + offs_j)[None, :] < tl.cdiv(K, 4)), other=0x55)
+                for p in tl.static_range(4):  # plane p: columns k0 + 4j + p
+                    cols = k0 + 4 * offs_j + p
+                    a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                    digits = (packed >> (2 * p)) & 3
+                    if ACT == 1:  # exact int32 products and sums
+                        acc_int += tl.sum(a.to(tl.int32)[:, None, :] * (digits.to(tl.int32) - 1)[None, :, :], axis=2)
+                    else:
+                        acc += tl.sum(a.to(tl.float32)[:, None, :] * (digits.to(tl.float32) - 1.0)[None, :, :], axis=2)
             else:
-                w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
-                if DOT_FP32:
-                    acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
-                elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
-                    acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+                digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+                if ACT == 1:  # int8 x ternary into int32: exact
+                    acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
                 else:
-                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+                    w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
+                    if DOT_FP32:
+                        acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                    elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
+                        acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                    else:
+                        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         if ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
         mask = mask_m[:, None] & mask_n[None, :]
