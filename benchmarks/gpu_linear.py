@@ -173,7 +173,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "8-bit weights. Rows timed `graph` replay CUDA graphs (GPU time without launch overhead). "
              "Strategy: what the backend measured fastest for a16 / a8 / fp8. rel err: bitflux output vs the "
              "bf16 GEMM on the same ternary weight.", "",
-             "| layer | M | N | K | timing | " + " | ".join(modes) + " | strategy | rel err " + " / ".join(MODES) + " |",
+             "| layer | M | N | K | timing | " + " | ".join(modes) + " | strategy | rel err "
+             + " / ".join(MODES) + " |",
              "|" + "---|" * (len(modes) + 7)]
     for row in rows:
         if "error" in row:

@@ -118,7 +118,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     if M > SMALL_M:
         names.append("expanded")
         # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
-        if not grouped and (activations == "a16" or (prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0)):
+        aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
+        if not grouped and (activations == "a16" or aligned):
             names.append("cublas")
     return names
 
@@ -133,7 +134,7 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
-    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    bias = bias.contiguous() if bias is not None else None
     names = strategies(M, prepared, activations)
     if strategy is None:
         strategy = names[0]
@@ -195,8 +196,9 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Ten
 
 
 def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The codes as a dense (N, K) int8 or fp8 matrix, a transient for the 8-bit GEMMs: {-1, 0, +1} is exact
-    in both, and scales stay in the epilogue, so no full-precision weight ever exists."""
+    """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
+    for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
+    full-precision weight ever exists."""
     N, K = prepared.out_features, prepared.in_features
     out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
     block_n, block_k = 32, 128
@@ -219,7 +221,7 @@ def _quantized(x2: torch.Tensor, activations: str):
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
     codes_t = expand(prepared, _operand_dtype(activations, x2.dtype)).t()
     if activations == "a16" and prepared.scale_mode == _SCALE_TENSOR:  # the scale rides as cuBLAS's alpha
-        return torch.addmm(bias if bias is not None else x2.new_zeros(()), x2, codes_t,
+        return torch.addmm(bias.to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, codes_t,
                            beta=1 if bias is not None else 0, alpha=prepared.tensor_scale)
     if activations == "a16":
         return _epilogue(torch.mm(x2, codes_t)[None], prepared, None, bias, x2.dtype)
@@ -318,8 +320,8 @@ def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense:
 
 
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
-_STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True), "tiled": _tiled_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear}
+_STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
+               "tiled": _tiled_linear, "expanded": _expanded_linear, "cublas": _cublas_linear}
 
 
 if triton is not None:
