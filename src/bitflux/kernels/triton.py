@@ -88,6 +88,7 @@ class PreparedWeight:
     out_features: int
     group_size: int  # 0 unless per group
     tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
+    scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
 
 
 def prepare(weight) -> PreparedWeight:
@@ -99,9 +100,11 @@ def prepare(weight) -> PreparedWeight:
     else:
         mode, group_size = _SCALE_GROUP, weight.group_size
     scales = scales.contiguous() if mode == _SCALE_GROUP else scales.reshape(-1).contiguous()
-    tensor_scale = scales.item() if mode == _SCALE_TENSOR else None  # once per layer: prepare is cached
+    # Built once per layer (prepare is cached), not on every call.
+    tensor_scale = scales.item() if mode == _SCALE_TENSOR else None
+    scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
     return PreparedWeight(weight.packed, scales, mode, weight.in_features, weight.out_features, group_size,
-                          tensor_scale)
+                          tensor_scale, scale_row)
 
 
 def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
@@ -228,9 +231,8 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     q, act_scale = _quantized(x2, activations)
     if activations == "a8":
         return _epilogue(torch._int_mm(q, codes_t)[None], prepared, act_scale, bias, x2.dtype)  # exact int32
-    weight_scale = prepared.scales.expand(prepared.out_features).reshape(1, -1).contiguous()
     # Row-wise scaling wants bf16 output (and bias); other dtypes are converted after.
-    out = torch._scaled_mm(q, codes_t, scale_a=act_scale[:, None], scale_b=weight_scale,
+    out = torch._scaled_mm(q, codes_t, scale_a=act_scale[:, None], scale_b=prepared.scale_row,
                            bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
     return out.to(x2.dtype)
 
