@@ -81,6 +81,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (torch.linalg.norm((actual - expected).float()) / torch.linalg.norm(expected.float())).item()
 
 
+def kernel_us(fn, calls: int = 5) -> dict[str, float]:
+    """GPU microseconds per call of each kernel that fn launches (torch.profiler): where a mode's time goes
+    (activation quantization, expansion, GEMM, epilogue)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - a profiler that cannot run here must not cost the row
+        return {f"n/a ({type(exc).__name__})": 0.0}
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0.0)
+        if total > 0:
+            times[event.key[:48]] = round(total / calls, 1)
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
 def ceilings(row: dict, x: torch.Tensor, codes_nk: torch.Tensor, device) -> None:
     """torch's own 8-bit GEMMs on full 8-bit weights (what the packed kernels compete with); where a
     shape or GPU does not support one, it is reported as n/a."""
@@ -122,6 +142,9 @@ def run(layers: dict, tokens: tuple, device):
                         key, triton_backend.strategies(m, prepared, mode)[0])
                     row["strategy_ms"][mode] = triton_backend.timings.get(key, {})
                     bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, mode))
+                    if device.type == "cuda":
+                        row.setdefault("kernel_us", {})[mode] = kernel_us(
+                            lambda: triton_backend.linear(x, prepared, bias, mode))
                 if device.type == "cuda":
                     ceilings(row, x, codes, device)
             except Exception as exc:  # noqa: BLE001 - keep the other shapes' results
@@ -189,6 +212,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
             lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {suffix[1:] or 'eager'} | "
                          + " | ".join(cells) + " | " + " / ".join(row["strategy"].values()) + " | "
                          + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
+    profiled = [row for row in rows if row.get("kernel_us")]
+    if profiled:
+        lines += ["", "GPU time per call of each kernel (us, torch.profiler, 5 calls):", ""]
+        for row in profiled:
+            for mode, kernels in row["kernel_us"].items():
+                lines.append(f"- {row['layer']} M={row['M']} {MODES[mode]} ({row['strategy'][mode]}): "
+                             + ", ".join(f"{name} {us}" for name, us in kernels.items()))
     return "\n".join(lines) + "\n"
 
 
