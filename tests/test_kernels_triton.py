@@ -259,7 +259,7 @@ def test_default_strategies_and_refusals():
     layer = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=256, out_features=144)
     grouped = SimpleNamespace(scale_mode=tk._SCALE_GROUP, in_features=256, out_features=144)
     assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled"]
-    assert tk.strategies(16, layer, "a16") == ["splitk", "tiled"]
+    assert tk.strategies(3, layer, "a16") == ["splitk", "tiled"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "expanded", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["splitk", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
@@ -288,3 +288,28 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch):
     finally:
         tk.chosen.pop(key, None)
         tk.timings.pop(key, None)
+
+
+def _config_id(config):
+    kw = config.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" + ("-swap" if kw["SWAP"] else "")
+
+
+@pytest.mark.parametrize("strategy", ["tiled", "expanded"])
+@pytest.mark.parametrize("config", tk._ternary_matmul.configs, ids=_config_id)
+def test_every_tile_config(config, strategy, monkeypatch):
+    """Each autotune config of the tile kernel forced in turn (without timing only a regime's first runs):
+    a8 with per-group scales bit for bit (the swapped tile's group flush included), a16 to tolerance."""
+    if strategy == "expanded" and config.kwargs["SWAP"]:
+        pytest.skip("swapped tiles serve the 2-bit codes only")
+    monkeypatch.setattr(tk._ternary_matmul, "early_config_prune", lambda configs, named_args, **kwargs: [config])
+    monkeypatch.setattr(tk._ternary_matmul, "cache", {})
+    m, k, n = 37, 384, 130
+    weight = _weight(n, k, "group", 128, power_of_two=True)
+    x = _activations(m, k, torch.float32)
+    out = tk.linear(x, tk.prepare(weight), None, "a8", strategy=strategy)
+    assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), None))
+    weight = _weight(n, k, "channel")
+    x, bias = _activations(m, k, torch.float16), _activations(1, n, torch.float16, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, "a16", strategy=strategy)
+    _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.float16)

@@ -5,8 +5,8 @@ five ways ("strategies"):
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them.
-  gemv      the same for up to 4 tokens without tl.dot: each 2-bit plane of the bytes multiplies the
-            matching strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
+  gemv      the same for one token without tl.dot: each 2-bit plane of the bytes multiplies the matching
+            strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue.
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
             (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
@@ -32,7 +32,7 @@ NAME = "triton"
 ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
-GEMV_M = 4  # at most this many: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
+GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -240,12 +240,11 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False) -> torch.Tensor:
     """Every (N tile, K slice) is one program, so a few tokens still fill the GPU. One slice: the kernel
     applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue.
-    fma: products on CUDA cores (the gemv strategy, M <= GEMV_M), else tl.dot on 16-row tiles."""
+    fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     q, act_scale = _quantized(x2, activations)
-    if fma:  # one program holds BLOCK_M x BLOCK_N x BLOCK_K / 4 products per plane: keep that at 8K
-        block_m = triton.next_power_of_2(M)
-        block_n, block_k = 64, 512 // block_m
+    if fma:  # 64 x 128 bytes per tile: 8K products per plane, 32 per thread
+        block_m, block_n, block_k = 1, 64, 512
     else:
         block_m, block_n, block_k = 16, 32, 256
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
@@ -374,12 +373,16 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
 
     @triton.jit
-    def _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Digits of the weight tile at rows offs_n, columns k0 .. k0 + BLOCK_K; outside the layer: w = 0."""
+    def _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K: tl.constexpr):
+        """tq2 bytes of the weight tile at rows offs_n, columns k0 .. k0 + BLOCK_K; outside the layer (past
+        N, past K, or a whole tile past K when prefetching): 0x55, digits 1, w = 0."""
         offs_byte = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
-                         mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, 4)), other=0x55)  # 0x55: w = 0
-        return _unpack_digits(packed, BLOCK_N, BLOCK_K)
+        return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
+                       mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, 4)), other=0x55)
+
+    @triton.jit
+    def _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        return _unpack_digits(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K), BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
@@ -424,21 +427,27 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         offs_j = tl.arange(0, BLOCK_K // 4)  # FMA: byte j of a K block holds columns 4j .. 4j + 3
+        acc_row = tl.zeros([BLOCK_N], dtype=tl.float32)  # FMA (one token)
+        acc_row_int = tl.zeros([BLOCK_N], dtype=tl.int32)
+        # The weight bytes are the stream that matters: the next tile's load is issued before this tile's
+        # math, so its latency overlaps it (Triton pipelines the activations but not a load that is
+        # unpacked before use).
+        packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k_start, k_end, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
-            if FMA:
-                packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k0 // 4 + offs_j)[None, :],
-                                 mask=mask_n[:, None] & ((k0 // 4 + offs_j)[None, :] < tl.cdiv(K, 4)), other=0x55)
-                for p in tl.static_range(4):  # plane p: columns k0 + 4j + p
+            packed = packed_next
+            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, k_end, BLOCK_K)
+            if FMA:  # plane p of the bytes holds columns k0 + 4j + p: no unpack shuffle, no tensor cores
+                for p in tl.static_range(4):
                     cols = k0 + 4 * offs_j + p
-                    a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                    a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
                     digits = (packed >> (2 * p)) & 3
                     if ACT == 1:  # exact int32 products and sums
-                        acc_int += tl.sum(a.to(tl.int32)[:, None, :] * (digits.to(tl.int32) - 1)[None, :, :], axis=2)
+                        acc_row_int += tl.sum(a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1), axis=1)
                     else:
-                        acc += tl.sum(a.to(tl.float32)[:, None, :] * (digits.to(tl.float32) - 1.0)[None, :, :], axis=2)
+                        acc_row += tl.sum(a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0), axis=1)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-                digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+                digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
                 if ACT == 1:  # int8 x ternary into int32: exact
                     acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
                 else:
@@ -449,6 +458,9 @@ if triton is not None:
                         acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
                     else:
                         acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+        if FMA:
+            acc = tl.where(offs_m[:, None] == 0, acc_row[None, :], 0.0)
+            acc_int = tl.where(offs_m[:, None] == 0, acc_row_int[None, :], 0)
         if ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
         mask = mask_m[:, None] & mask_n[None, :]
@@ -477,30 +489,47 @@ if triton is not None:
                               SCALE_MODE, ACT_SCALED, HAS_BIAS)
         tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def _config(block_m, block_n, block_k, warps, stages):
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+    def _config(block_m, block_n, block_k, warps, stages, swap=False):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SWAP": swap},
                              num_warps=warps, num_stages=stages)
 
     # Few configs on purpose: each costs a compile. BLOCK_M selects the regime (see _configs_for_m);
-    # every BLOCK_K divides GROUP_MULTIPLE.
+    # every BLOCK_K divides GROUP_MULTIPLE. SWAP configs serve the 2-bit tiles only.
     _CONFIGS = [
         # few tokens with per-group scales (the split-K kernel takes the others)
         _config(16, 32, 128, 4, 5),
         # tens of tokens
-        _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4),
-        # compute-bound; the last fits shared memory with 8-bit operands only (the tuner skips it otherwise)
+        _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 128, 64, 4, 4, swap=True),
+        # compute-bound; 128 x 256 x 128 fits shared memory with 8-bit operands only (the tuner skips it
+        # otherwise)
         _config(128, 128, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 128, 128, 8, 3),
-        _config(128, 256, 128, 8, 3),
+        _config(128, 256, 128, 8, 3), _config(128, 128, 64, 8, 4, swap=True),
     ]
 
     def _configs_for_m(configs, named_args, **kwargs):
         M = named_args["M"]
         block_m = 16 if M <= 16 else 64 if M <= 128 else 128
-        chosen = [c for c in configs if c.kwargs["BLOCK_M"] == block_m]
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] == block_m and not (kwargs["DENSE"] and c.kwargs["SWAP"])]
         return chosen if _tuning() else chosen[:1]
 
     def _bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+    @triton.jit
+    def _accumulate(a, codes, acc, SWAP: tl.constexpr, INT: tl.constexpr, IEEE: tl.constexpr):
+        """acc + a @ codes^T, or with SWAP its transpose codes @ a^T: the unpacked codes as the MMA's left
+        operand, which Hopper's wgmma takes straight from registers (the right one must be in shared memory,
+        where Triton's pipeline already puts the activations)."""
+        if SWAP:
+            left, right = codes, tl.trans(a)
+        else:
+            left, right = a, tl.trans(codes)
+        if INT:
+            return tl.dot(left, right, acc, out_dtype=tl.int32)
+        elif IEEE:
+            return tl.dot(left, right, acc, input_precision="ieee")
+        else:
+            return tl.dot(left, right, acc)
 
     @triton.autotune(_CONFIGS, key=["M", "N", "K", "ACT", "DENSE"],
                      prune_configs_by={"early_config_prune": _configs_for_m}, do_bench=_bench)
@@ -510,10 +539,12 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, stride_om, group_size,
         SCALE_MODE: tl.constexpr, ACT: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+        GROUP_M: tl.constexpr = 8,
     ):
         """out = x @ codes^T, scaled (+ bias). The codes are tq2 bytes, or with DENSE an (N, K) matrix of
-        {-1, 0, +1} in the operand dtype (int8, e4m3, or the activation dtype)."""
+        {-1, 0, +1} in the operand dtype (int8, e4m3, or the activation dtype). With SWAP the tile is
+        accumulated transposed (see _accumulate)."""
         # Programs sharing weight columns run close together in time, so their tiles stay in L2.
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -529,36 +560,53 @@ if triton is not None:
         x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
         w_tile = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # DENSE only
 
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc_int = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        if not DENSE:
+            # Triton pipelines loads that feed tl.dot directly (the activations, dense codes), not a tile that
+            # is unpacked first: the next tile's bytes are loaded before this tile's math instead.
+            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, 0, K, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
             if DENSE:
                 codes = tl.load(w_tile + k0, mask=mask_n[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-            elif ACT == 1:
-                codes = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.int8) - 1
-            else:  # built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math
-                codes = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
+            else:
+                packed = packed_next
+                packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, K, BLOCK_K)
+                digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
+                if ACT == 1:
+                    codes = digits.to(tl.int8) - 1
+                else:  # built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math
+                    codes = digits.to(tl.float32) - 1.0
             if SCALE_MODE == 2:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
             if ACT == 1:
-                acc_int = tl.dot(a, tl.trans(codes), acc_int, out_dtype=tl.int32)
+                acc_int = _accumulate(a, codes, acc_int, SWAP, True, False)
                 if SCALE_MODE == 2:
                     # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8.
                     if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= K):
-                        acc += acc_int.to(tl.float32) * g_scale[None, :]
-                        acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                        if SWAP:
+                            acc += acc_int.to(tl.float32) * g_scale[:, None]
+                        else:
+                            acc += acc_int.to(tl.float32) * g_scale[None, :]
+                        acc_int = tl.zeros_like(acc_int)
             else:
                 if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
                     codes = codes.to(tl.float32) * g_scale.to(a.dtype).to(tl.float32)[:, None]
                 if DOT_FP32:
-                    acc = tl.dot(a.to(tl.float32), tl.trans(codes.to(tl.float32)), acc, input_precision="ieee")
+                    acc = _accumulate(a.to(tl.float32), codes.to(tl.float32), acc, SWAP, False, True)
                 else:  # a16: the activation dtype; fp8: e4m3 x e4m3 tensor cores (DENSE), exact products
-                    acc = tl.dot(a, tl.trans(codes.to(a.dtype)), acc)
+                    acc = _accumulate(a, codes.to(a.dtype), acc, SWAP, False, False)
 
         if ACT == 1 and SCALE_MODE != 2:
             acc = acc_int.to(tl.float32)
+        if SWAP:
+            acc = tl.trans(acc)
         acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
                               SCALE_MODE, ACT != 0, HAS_BIAS)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
