@@ -1,0 +1,147 @@
+"""Compile every Triton kernel variant bitflux launches for real GPU targets, on a machine without a GPU.
+
+Triton's interpreter (what CI runs the kernels with) checks the arithmetic, not the compiler: a construct it
+accepts can still fail to compile, or compile into a slow form. This compiles each variant for
+sm_80 (A100), sm_89 (Ada: fp8) and sm_90 (H100/H200) with Triton's own compiler and ptxas, and reports what
+the main loop became: tensor-core instruction (wgmma = Hopper's warpgroup MMA; "RS" when the left operand
+comes from registers), loads pipelined through shared memory (async copies) vs. plain loads, shared memory.
+
+    python benchmarks/gpu_compile.py [--quick] [--out DIR]     (no GPU needed; exit 1 if any variant fails)
+
+Writes gpu_compile.json and gpu_compile.md to --out when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+if os.environ.pop("TRITON_INTERPRET", None):  # must precede Triton's import: compiled, not interpreted
+    pass
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from bitflux.kernels import triton as tk  # noqa: E402
+
+TARGETS = {"sm_80": GPUTarget("cuda", 80, 32), "sm_89": GPUTarget("cuda", 89, 32), "sm_90": GPUTarget("cuda", 90, 32)}
+SHARED_LIMIT = {"sm_80": 166912, "sm_89": 101376, "sm_90": 232448}  # bytes per block (CUDA programming guide)
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8",
+          torch.uint8: "u8", torch.int32: "i32", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+def compile_variant(kernel, target: GPUTarget, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """kernel's arguments: `pointers` name -> torch dtype, `constexprs` name -> value, the rest i32 scalars.
+    Pointers and scalars but M are taken as divisible by 16, as Triton specializes them at launch for FLUX
+    shapes (K slices are whole 256-column blocks)."""
+    fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # the JITFunction under an autotuner
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = f"*{_TYPES[pointers[name]]}" if name in pointers else "i32"
+        if name != "M":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def describe(compiled) -> dict:
+    """What the main loop of the kernel became."""
+    ttgir = compiled.asm["ttgir"]
+    loop = ttgir[ttgir.index("scf.for"):] if "scf.for" in ttgir else ""
+    body = loop.split("scf.yield")[0]
+    wgmma = re.findall(r"ttng\.warp_group_dot [^{]*\{[^}]*\} : (\S+)", body)
+    if wgmma:
+        mma = "wgmma " + "/".join(sorted({"RS" if operand.startswith("tensor<") else "SS" for operand in wgmma}))
+        # pendings > 0: the next MMA is issued before this one is waited for (tensor cores kept busy)
+        if max(map(int, re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", body)), default=0) > 0:
+            mma += " overlapped"
+    else:
+        mma = "mma" if "tt.dot " in body else "none"
+    return {"mma": mma, "async_loads": body.count("async_copy_global_to_local"),
+            "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared}
+
+
+def variants(quick: bool):
+    """(name, kernel, pointers, constexprs, num_warps, num_stages, targets) for what linear() launches."""
+    bf16, i8, u8, f32, fp8 = torch.bfloat16, torch.int8, torch.uint8, torch.float32, torch.float8_e4m3fn
+    all_targets, fp8_targets = ("sm_80", "sm_90"), ("sm_89", "sm_90")
+    epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}
+    for fp8_out in (False, True):
+        yield (f"quantize {'fp8' if fp8_out else 'int8'}", tk._quantize_rows_kernel,
+               {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
+               {"FP8": fp8_out, "BLOCK": 2048}, 4, 1, fp8_targets if fp8_out else all_targets)
+    for dtype in (i8, fp8, bf16):
+        yield (f"expand {_TYPES[dtype]}", tk._expand_kernel, {"w_ptr": u8, "out_ptr": dtype},
+               {"BLOCK_N": 32, "BLOCK_K": 128}, 4, 1, fp8_targets if dtype == fp8 else all_targets)
+    yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
+           {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
+    acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
+    for act, (x_dtype, code) in acts.items():
+        for fma, blocks in ((False, (16, 32, 256)), (True, (1, 64, 512))):
+            yield (f"{'gemv' if fma else 'splitk'} {act}", tk._gemv_kernel,
+                   {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
+                   {"ACT": code, "FMA": fma, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False,
+                    "BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2]}, 4, 3,
+                   fp8_targets if act == "fp8" else all_targets)
+    configs = tk._ternary_matmul.configs
+    for config in configs[:1] + [c for c in configs if c.kwargs["BLOCK_M"] == 128] if quick else configs:
+        kw = config.kwargs
+        blocks = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" + (" swap" if kw["SWAP"] else "")
+        cases = [("tiled a16", bf16, u8, 0, 1, False), ("tiled a8 group", i8, u8, 1, 2, False)]
+        if not kw["SWAP"] and kw["BLOCK_M"] == 128:
+            cases += [("expanded a16", bf16, bf16, 0, 0, True), ("expanded a8", i8, i8, 1, 0, True),
+                      ("expanded fp8", fp8, fp8, 2, 0, True)]
+        for label, x_dtype, w_dtype, code, scale_mode, dense in cases:
+            yield (f"{label} {blocks}", tk._ternary_matmul,
+                   {"x_ptr": x_dtype, "w_ptr": w_dtype, **epilogue_ptrs, "out_ptr": bf16},
+                   {"SCALE_MODE": scale_mode, "ACT": code, "DENSE": dense, "HAS_BIAS": True, "DOT_FP32": False,
+                    **kw, "GROUP_M": 8}, config.num_warps, config.num_stages,
+                   fp8_targets if code == 2 else all_targets)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the first and the compute-bound tile configs only")
+    parser.add_argument("--out", type=Path, help="folder for gpu_compile.json and gpu_compile.md")
+    args = parser.parse_args(argv)
+    rows, start = [], time.perf_counter()
+    for name, kernel, pointers, constexprs, warps, stages, targets in variants(args.quick):
+        for target in targets:
+            row = {"variant": name, "target": target}
+            try:
+                row.update(describe(compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)))
+                # too much shared memory is not an error: the launch refuses it and the autotuner skips it
+                row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rows.append(row)
+            print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+    failed = [row for row in rows if "error" in row]
+    summary = (f"{len(rows) - len(failed)} of {len(rows)} variants compiled in {time.perf_counter() - start:.0f} s "
+               f"(Triton {triton.__version__})")
+    print(summary)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_compile.json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+        lines = [f"# Triton kernels compiled offline: {summary}", "", "| variant | target | main loop |", "|---|---|---|"]
+        lines += [f"| {row['variant']} | {row['target']} | " + (row.get("error") or
+                  f"{row['mma']}, {row['async_loads']} pipelined + {row['plain_loads']} plain loads, "
+                  f"{row['shared_bytes']} B shared" + ("" if row["fits"] else " (too much: skipped)")) + " |"
+                  for row in rows]
+        (args.out / "gpu_compile.md").write_text("\n".join(lines) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
