@@ -2,9 +2,9 @@
 # The one GPU session script: the Triton kernel tests compiled for real, the full-FLUX forward benchmark,
 # then the per-layer GEMM benchmark. Each part has its own time limit and failures do not stop the
 # next part; every part writes its results into $OUT as it goes. Worst case ~7 minutes of wall time;
-# --quick (<= 5.5 minutes, less when compiles are quick): every strategy's and tile config's test, the exactness subset,
-# gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies), and gpu_linear on
-# 3 layers x M in {1, 16, 4096}.
+# --quick (<= 5.5 minutes, less when compiles are quick): every strategy's and tile config's test, the
+# exactness subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
+# and gpu_linear on 3 layers x M in {1, 16, 4096}.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root; .whl/ may hold diffusers)
 #
