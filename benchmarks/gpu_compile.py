@@ -98,7 +98,8 @@ def variants(quick: bool):
     for config in configs[:1] + [c for c in configs if c.kwargs["BLOCK_M"] == 128] if quick else configs:
         kw = config.kwargs
         blocks = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}" + (" swap" if kw["SWAP"] else "")
-        cases = [("tiled a16", bf16, u8, 0, 1, False), ("tiled a8 group", i8, u8, 1, 2, False)]
+        cases = [("tiled a16", bf16, u8, 0, 1, False), ("tiled a8 group", i8, u8, 1, 2, False),
+                 ("tiled fp8", fp8, u8, 2, 0, False)]
         if not kw["SWAP"] and kw["BLOCK_M"] == 128:
             cases += [("expanded a16", bf16, bf16, 0, 0, True), ("expanded a8", i8, i8, 1, 0, True),
                       ("expanded fp8", fp8, fp8, 2, 0, True)]

@@ -258,7 +258,7 @@ def test_default_strategies_and_refusals():
     assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled"]
     assert tk.strategies(3, layer, "a16") == ["splitk", "tiled"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "expanded", "cublas"]
-    assert tk.strategies(17, layer, "fp8") == ["splitk", "expanded", "cublas"]
+    assert tk.strategies(17, layer, "fp8") == ["splitk", "tiled", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
     assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # cuBLAS epilogues: no groups
     odd = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=250, out_features=144)
@@ -301,7 +301,8 @@ TILE_CASES = [pytest.param(config, strategy, id=f"{_config_id(config)}-{strategy
 @pytest.mark.parametrize("config,strategy", TILE_CASES)
 def test_every_tile_config(config, strategy, monkeypatch):
     """Each autotune config of the tile kernel forced in turn (without timing only a regime's first runs):
-    a8 with per-group scales bit for bit (the swapped tile's group flush included), a16 to tolerance."""
+    a8 with per-group scales bit for bit (the swapped tile's group flush included), a16 and fp8 to
+    tolerance."""
     monkeypatch.setattr(tk._ternary_matmul, "early_config_prune", lambda configs, named_args, **kwargs: [config])
     monkeypatch.setattr(tk._ternary_matmul, "cache", {})
     m, k, n = 37, 384, 130
@@ -313,3 +314,5 @@ def test_every_tile_config(config, strategy, monkeypatch):
     x, bias = _activations(m, k, torch.float16), _activations(1, n, torch.float16, seed=2).reshape(-1)
     out = tk.linear(x, tk.prepare(weight), bias, "a16", strategy=strategy)
     _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.float16)
+    out = tk.linear(x, tk.prepare(weight), bias, "fp8", strategy=strategy)
+    _assert_close(out, _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), bias), torch.bfloat16)

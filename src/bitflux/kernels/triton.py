@@ -116,8 +116,7 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
         names.append("splitk")
     if not grouped and M <= GEMV_M:
         names.append("gemv")
-    if activations != "fp8":  # fp8 from 2-bit tiles would convert both operands to bf16: a16's speed
-        names.append("tiled")
+    names.append("tiled")
     if M > SMALL_M:
         names.append("expanded")
         # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
