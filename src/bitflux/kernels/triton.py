@@ -426,8 +426,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         offs_j = tl.arange(0, BLOCK_K // 4)  # FMA: byte j of a K block holds columns 4j .. 4j + 3
-        acc_row = tl.zeros([BLOCK_N], dtype=tl.float32)  # FMA (one token)
-        acc_row_int = tl.zeros([BLOCK_N], dtype=tl.int32)
+        # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end
+        acc_lanes = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        acc_lanes_int = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
         # The weight bytes are the stream that matters: the next tile's load is issued before this tile's
         # math, so its latency overlaps it (Triton pipelines the activations but not a load that is
         # unpacked before use).
@@ -441,9 +442,9 @@ if triton is not None:
                     a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
                     digits = (packed >> (2 * p)) & 3
                     if ACT == 1:  # exact int32 products and sums
-                        acc_row_int += tl.sum(a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1), axis=1)
+                        acc_lanes_int += a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1)
                     else:
-                        acc_row += tl.sum(a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0), axis=1)
+                        acc_lanes += a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
                 digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
@@ -458,8 +459,8 @@ if triton is not None:
                     else:
                         acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
         if FMA:
-            acc = tl.where(offs_m[:, None] == 0, acc_row[None, :], 0.0)
-            acc_int = tl.where(offs_m[:, None] == 0, acc_row_int[None, :], 0)
+            acc = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes, axis=1)[None, :], 0.0)
+            acc_int = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes_int, axis=1)[None, :], 0)
         if ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
         mask = mask_m[:, None] & mask_n[None, :]
