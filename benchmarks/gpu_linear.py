@@ -1,7 +1,7 @@
 """Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16, W1.58A8 and
 W1.58 fp8, with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
 Each bitflux mode runs the strategy the backend measured fastest for the shape (named in the table; every
-strategy's time is in the JSON). Up to GRAPH_M tokens every column is also timed inside a CUDA graph: the
+strategy is also timed on its own, in the JSON and the markdown). Up to GRAPH_M tokens every column is also timed inside a CUDA graph: the
 GPU time without Python's launch overhead, which a busy pipeline hides and one lone small call does not.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out results/       # on a GPU
@@ -81,6 +81,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (torch.linalg.norm((actual - expected).float()) / torch.linalg.norm(expected.float())).item()
 
 
+def strategy_ms(x, prepared, bias, mode: str, name: str) -> float | str:
+    """One strategy forced (the backend's choice may come from its cache, without timings of its own)."""
+    try:
+        return bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode, strategy=name))
+    except Exception as exc:  # noqa: BLE001 - a strategy this GPU cannot run is reported, not fatal
+        return f"n/a ({type(exc).__name__})"
+
+
 def kernel_us(fn, calls: int = 5) -> dict[str, float]:
     """GPU microseconds per call of each kernel that fn launches (torch.profiler): where a mode's time goes
     (activation quantization, expansion, GEMM, epilogue)."""
@@ -138,9 +146,9 @@ def run(layers: dict, tokens: tuple, device):
                     out = triton_backend.linear(x, prepared, bias, mode)  # the first call picks the strategy
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
                     key = triton_backend.CallKey(mode, x.dtype, prepared.scale_mode, True, m, n, k)
-                    row["strategy"][mode] = triton_backend.chosen.get(
-                        key, triton_backend.strategies(m, prepared, mode)[0])
-                    row["strategy_ms"][mode] = triton_backend.timings.get(key, {})
+                    names = triton_backend.strategies(m, prepared, mode)
+                    row["strategy"][mode] = triton_backend.chosen.get(key, names[0])
+                    row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, mode, name) for name in names}
                     bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, mode))
                     if device.type == "cuda":
                         row.setdefault("kernel_us", {})[mode] = kernel_us(
@@ -212,6 +220,11 @@ def markdown(env: dict, rows: list[dict]) -> str:
             lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {suffix[1:] or 'eager'} | "
                          + " | ".join(cells) + " | " + " / ".join(row["strategy"].values()) + " | "
                          + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
+    lines += ["", "Every strategy on its own (ms):", ""]
+    for row in rows:
+        for mode, times in row.get("strategy_ms", {}).items():
+            lines.append(f"- {row['layer']} M={row['M']} {MODES[mode]}: " + ", ".join(
+                f"{name} {t if isinstance(t, str) else f'{t:.3f}'}" for name, t in times.items()))
     profiled = [row for row in rows if row.get("kernel_us")]
     if profiled:
         lines += ["", "GPU time per call of each kernel (us, torch.profiler, 5 calls):", ""]

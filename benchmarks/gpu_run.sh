@@ -8,7 +8,8 @@
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root; .whl/ may hold diffusers)
 #
-# Files written to $OUT (6): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md}.
+# Files written to $OUT (7): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md},
+# bitflux-cache/triton-strategies.json.
 set -u
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK=1
@@ -24,6 +25,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}  # shared by the three parts
+# The Triton backend keeps its strategy choice per layer shape there: it comes back as a result.
+export BITFLUX_CACHE="$OUT/bitflux-cache"
 # Without a GPU (rehearsing the script on a CPU) the benchmarks run tiny shapes in Triton's interpreter.
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     unset TRITON_INTERPRET

@@ -11,6 +11,7 @@ by its rounded reciprocal (BinaryDivTrueKernel.cu), so reference.quantize_activa
 scale 1 ulp off the correctly rounded quotient for about 5 % of rows there; the kernels divide exactly.
 """
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -268,7 +269,12 @@ def test_default_strategies_and_refusals():
         tk.linear(_activations(1, 130, torch.float32), tk.prepare(weight), None, "a8", strategy="cublas")
 
 
-def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch):
+def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp_path):
+    monkeypatch.setenv("BITFLUX_CACHE", str(tmp_path))
+    monkeypatch.setattr(tk, "_namespace", lambda device: "test GPU")
+    monkeypatch.setattr(tk, "_stored", None)
+    monkeypatch.setattr(tk, "chosen", {})
+    monkeypatch.setattr(tk, "timings", {})
     monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())  # "time" = fn's result
 
     def run(name):
@@ -276,15 +282,36 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch):
             raise RuntimeError("not on this GPU")
         return {"slow": 2.0, "fast": 1.0}[name]
 
-    key = ("test", 1)
-    try:
-        assert tk._choose(key, ["slow", "broken", "fast"], run) == "fast"
-        assert tk.timings[key] == {"slow": 2.0, "broken": math.inf, "fast": 1.0}
-        monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: pytest.fail("timed twice"))
-        assert tk._choose(key, ["slow", "broken", "fast"], run) == "fast"
-    finally:
-        tk.chosen.pop(key, None)
-        tk.timings.pop(key, None)
+    key = tk.CallKey("a16", torch.bfloat16, tk._SCALE_TENSOR, True, 4096, 3072, 3072)
+    names = ["slow", "broken", "fast"]
+    assert tk._choose(key, names, run, "cuda") == "fast"
+    assert tk.timings[key] == {"slow": 2.0, "broken": math.inf, "fast": 1.0}
+    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: pytest.fail("timed twice"))
+    assert tk._choose(key, names, run, "cuda") == "fast"
+    # A new process (nothing in memory) reads the choice back from the cache: no timing.
+    monkeypatch.setattr(tk, "chosen", {})
+    monkeypatch.setattr(tk, "_stored", None)
+    assert tk._choose(key, names, run, "cuda") == "fast"
+    stored = json.loads((tmp_path / tk.STRATEGY_FILE).read_text())
+    assert stored == {"test GPU": {"a16 bfloat16 scales 0 bias 1 4096x3072x3072": "fast"}}
+    # A stored strategy that no longer applies is timed again.
+    monkeypatch.setattr(tk, "chosen", {})
+    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    assert tk._choose(key, ["slow"], run, "cuda") == "slow"
+
+
+def test_an_unwritable_strategy_cache_only_warns(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("BITFLUX_CACHE", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setattr(tk, "_namespace", lambda device: "test GPU")
+    monkeypatch.setattr(tk, "_stored", None)
+    monkeypatch.setattr(tk, "chosen", {})
+    monkeypatch.setattr(tk, "timings", {})
+    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    key = tk.CallKey("a8", torch.bfloat16, tk._SCALE_CHANNEL, False, 512, 3072, 3072)
+    with pytest.warns(UserWarning, match="cannot keep Triton strategy choices"):
+        assert tk._choose(key, ["only"], lambda name: 1.0, "cuda") == "only"
 
 
 def _config_id(config):

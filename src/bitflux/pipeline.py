@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .cache import cache_dir
 from .checkpoint import read_config
 from .config import TernaryConfig
 from .errors import BitfluxError
@@ -94,10 +95,6 @@ def default_image_size(pipe) -> tuple[int, int]:
     size = getattr(pipe.vae.config, "sample_size", 1024)
     size = size if isinstance(size, int) and size < 1024 else 1024
     return size, size
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BITFLUX_CACHE", Path.home() / ".cache" / "bitflux"))
 
 
 def demo_ternary_path(config: TernaryConfig | None = None, progress: bool = True) -> Path:

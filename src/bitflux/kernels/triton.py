@@ -22,7 +22,9 @@ sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), su
 from __future__ import annotations
 
 import functools
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -142,7 +144,8 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
         strategy = names[0]
         if x.is_cuda and len(names) > 1 and _tuning():
             key = CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K)
-            strategy = _choose(key, names, lambda name: _STRATEGIES[name](x2, prepared, bias, activations))
+            strategy = _choose(key, names, lambda name: _STRATEGIES[name](x2, prepared, bias, activations),
+                               x.device)
     elif strategy not in names:
         raise ValueError(f"strategy {strategy!r} cannot compute this call; it takes one of {names}")
     return _STRATEGIES[strategy](x2, prepared, bias, activations).reshape(*lead, N)
@@ -168,22 +171,79 @@ class CallKey(NamedTuple):
 
 chosen: dict[CallKey, str] = {}  # the fastest strategy on this GPU
 timings: dict[CallKey, dict[str, float]] = {}  # measured ms per strategy (inf: failed here)
+_stored: dict | None = None  # STRATEGY_FILE's contents, read once per process
 
 
-def _choose(key: CallKey, names: list[str], run) -> str:
-    """The fastest strategy for calls of this key, timed once (warm up before CUDA-graph capture, as for
-    any Triton autotune). A strategy that fails on this GPU (a shape cuBLAS refuses, a missing instruction)
-    is skipped."""
-    if key not in chosen:
-        times = {}
-        for name in names:
-            try:
-                times[name] = triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
-            except Exception:  # noqa: BLE001 - a strategy this GPU cannot run is simply not chosen
-                times[name] = float("inf")
-        timings[key] = times
-        chosen[key] = min(times, key=times.get)
+def _choose(key: CallKey, names: list[str], run, device: torch.device) -> str:
+    """The fastest strategy for calls of this key, timed once per GPU and software versions: the choice is
+    kept in STRATEGY_FILE (in the bitflux cache), so a later process (another `bitflux generate`) starts
+    without timing. Warm up before CUDA-graph capture, as for any Triton autotune. A strategy that fails
+    on this GPU (a shape cuBLAS refuses, a missing instruction) is skipped."""
+    if key in chosen:
+        return chosen[key]
+    namespace, entry = _namespace(device), _entry(key)
+    stored = _load_stored().get(namespace, {}).get(entry)
+    if stored in names:
+        chosen[key] = stored
+        return stored
+    times = {}
+    for name in names:
+        try:
+            times[name] = triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - a strategy this GPU cannot run is simply not chosen
+            times[name] = float("inf")
+    timings[key] = times
+    chosen[key] = min(times, key=times.get)
+    _save_stored(namespace, entry, chosen[key])
     return chosen[key]
+
+
+STRATEGY_FILE = "triton-strategies.json"
+
+
+def _namespace(device: torch.device) -> str:
+    from .. import __version__
+
+    return (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | triton {triton.__version__}"
+            f" | bitflux {__version__}")
+
+
+def _entry(key: CallKey) -> str:
+    return (f"{key.activations} {str(key.dtype).removeprefix('torch.')} scales {key.scale_mode} "
+            f"bias {int(key.has_bias)} {key.M}x{key.N}x{key.K}")
+
+
+def _load_stored() -> dict:
+    global _stored
+    if _stored is None:
+        from ..cache import cache_dir
+
+        try:
+            _stored = json.loads((cache_dir() / STRATEGY_FILE).read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: measure again
+            _stored = {}
+    return _stored
+
+
+def _save_stored(namespace: str, entry: str, name: str) -> None:
+    """Add one choice, re-reading the file first (another process may have added some); written to a
+    temporary name and renamed, so a reader never sees half a file. A cache that cannot be written costs
+    only the timing next time."""
+    global _stored
+    from ..cache import cache_dir
+
+    path = cache_dir() / STRATEGY_FILE
+    _stored = None
+    stored = _load_stored()
+    stored.setdefault(namespace, {})[entry] = name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        warnings.warn(f"bitflux: cannot keep Triton strategy choices in {path} ({exc}); they are timed again "
+                      "in every process", stacklevel=2)
 
 
 def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
