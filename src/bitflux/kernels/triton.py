@@ -7,14 +7,16 @@ five ways ("strategies"):
             slices' fp32 partials in order and applies them.
   gemv      the same for one token without tl.dot: each 2-bit plane of the bytes multiplies the matching
             strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
-  tiled     the fused tile kernel: 2-bit tiles unpacked in registers, tl.dot, scales + bias epilogue.
+  tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
+            tl.dot, scales + bias epilogue; some tile configs swap the operands (codes @ x^T).
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
             (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue.
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
-tile sizes); where nothing is timed (the interpreter) the first applicable one runs.
+tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
+applicable one runs.
 Activations: a16 in the input dtype; a8 per-token int8 exactly as reference.quantize_activations (int32
 sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), sums in fp32.
 """
