@@ -4,7 +4,8 @@ Triton's interpreter (what CI runs the kernels with) checks the arithmetic, not 
 accepts can still fail to compile, or compile into a slow form. This compiles each variant for
 sm_80 (A100), sm_89 (Ada: fp8) and sm_90 (H100/H200) with Triton's own compiler and ptxas, and reports what
 the main loop became: tensor-core instruction (wgmma = Hopper's warpgroup MMA; "RS" when the left operand
-comes from registers), loads pipelined through shared memory (async copies) vs. plain loads, shared memory.
+comes from registers), loads pipelined through shared memory (async copies) vs. plain loads, shared memory,
+and registers per thread and spills (ptxas).
 
     python benchmarks/gpu_compile.py [--quick] [--out DIR]     (no GPU needed; exit 1 if any variant fails)
 
@@ -17,7 +18,9 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +58,25 @@ def compile_variant(kernel, target: GPUTarget, pointers: dict, constexprs: dict,
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def registers(compiled, target: str) -> dict:
+    """Registers per thread and spilled bytes, from ptxas (the one Triton ships) on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = int(target.removeprefix("sm_"))
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # older Triton: one ptxas for every architecture
+        ptxas = get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", str(ptx), "-o",
+                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True).stderr
+    used, spilled = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    return {"registers": int(used.group(1)) if used else None,
+            "spill_bytes": int(spilled.group(1)) if spilled else None}
+
+
 def describe(compiled) -> dict:
     """What the main loop of the kernel became."""
     ttgir = compiled.asm["ttgir"]
@@ -70,6 +92,13 @@ def describe(compiled) -> dict:
         mma = "mma" if "tt.dot " in body else "none"
     return {"mma": mma, "async_loads": body.count("async_copy_global_to_local"),
             "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared}
+
+
+def _loop_text(row: dict) -> str:
+    text = (f"{row['mma']}, {row['async_loads']} pipelined + {row['plain_loads']} plain loads, "
+            f"{row['shared_bytes']} B shared" + ("" if row["fits"] else " (too much: skipped)")
+            + f", {row['registers']} registers")
+    return text + (f", {row['spill_bytes']} B spilled" if row["spill_bytes"] else "")
 
 
 def variants(quick: bool):
@@ -88,7 +117,7 @@ def variants(quick: bool):
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
-        for fma, blocks in ((False, (16, 32, 256)), (True, (1, 64, 512))):
+        for fma, blocks in ((False, (16, 32, 256)), (True, (1, 64, 256))):
             yield (f"{'gemv' if fma else 'splitk'} {act}", tk._gemv_kernel,
                    {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
                    {"ACT": code, "FMA": fma, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False,
@@ -121,7 +150,9 @@ def main(argv=None) -> int:
         for target in targets:
             row = {"variant": name, "target": target}
             try:
-                row.update(describe(compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)))
+                compiled = compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)
+                row.update(describe(compiled))
+                row.update(registers(compiled, target))
                 # too much shared memory is not an error: the launch refuses it and the autotuner skips it
                 row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
             except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
@@ -134,12 +165,11 @@ def main(argv=None) -> int:
     print(summary)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_compile.json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
-        lines = [f"# Triton kernels compiled offline: {summary}", "", "| variant | target | main loop |", "|---|---|---|"]
-        lines += [f"| {row['variant']} | {row['target']} | " + (row.get("error") or
-                  f"{row['mma']}, {row['async_loads']} pipelined + {row['plain_loads']} plain loads, "
-                  f"{row['shared_bytes']} B shared" + ("" if row["fits"] else " (too much: skipped)")) + " |"
-                  for row in rows]
+        (args.out / "gpu_compile.json").write_text(json.dumps({"triton": triton.__version__, "rows": rows},
+                                                              indent=1))
+        lines = [f"# Triton kernels compiled offline: {summary}", "", "| variant | target | main loop |",
+                 "|---|---|---|"]
+        lines += [f"| {row['variant']} | {row['target']} | {row.get('error') or _loop_text(row)} |" for row in rows]
         (args.out / "gpu_compile.md").write_text("\n".join(lines) + "\n")
     return 1 if failed else 0
 

@@ -304,8 +304,8 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     q, act_scale = _quantized(x2, activations)
-    if fma:  # 64 x 128 bytes per tile: 8K products per plane, 32 per thread
-        block_m, block_n, block_k = 1, 64, 512
+    if fma:  # 64 x 64 bytes per tile: 128 registers a thread on sm_90 (ptxas), so 4 programs fit an SM
+        block_m, block_n, block_k = 1, 64, 256
     else:
         block_m, block_n, block_k = 16, 32, 256
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
