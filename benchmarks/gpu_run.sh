@@ -6,7 +6,12 @@
 # exactness subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
 # and gpu_linear on 3 layers x M in {1, 16, 4096}.
 #
-#   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root; .whl/ may hold diffusers)
+#   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
+#
+# The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
+# compile the tests' kernels in parallel), fetched beforehand with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-xdist execnet
 #
 # Files written to $OUT (7): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md},
 # bitflux-cache/triton-strategies.json.
@@ -55,7 +60,7 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 
 # Correctness first, with one config per regime (BITFLUX_TRITON_AUTOTUNE=0: each config is a compile);
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
-XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 90 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
         -k "strateg or choose or exact or integer or quantize or tile_config" -q --tb=short -rfE $XDIST -p no:cacheprovider
