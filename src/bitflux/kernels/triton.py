@@ -578,18 +578,23 @@ if triton is not None:
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
     @triton.jit
-    def _accumulate(a, codes, acc, SWAP: tl.constexpr, INT: tl.constexpr, IEEE: tl.constexpr):
+    def _accumulate(a, codes, acc, SWAP: tl.constexpr, SUMS: tl.constexpr):
         """acc + a @ codes^T, or with SWAP its transpose codes @ a^T: the unpacked codes as the MMA's left
         operand, which Hopper's wgmma takes straight from registers (the right one must be in shared memory,
-        where Triton's pipeline already puts the activations)."""
+        where Triton's pipeline already puts the activations). SUMS: "int32"; "ieee" (exact fp32 products);
+        "fp8", whose sums are promoted to the fp32 accumulator after every tile: left to itself Triton lets
+        Hopper's fp8 MMAs accumulate a whole K in their reduced-precision adder (about 14 mantissa bits),
+        which cuBLAS's _scaled_mm does not; "native" otherwise."""
         if SWAP:
             left, right = codes, tl.trans(a)
         else:
             left, right = a, tl.trans(codes)
-        if INT:
+        if SUMS == "int32":
             return tl.dot(left, right, acc, out_dtype=tl.int32)
-        elif IEEE:
+        elif SUMS == "ieee":
             return tl.dot(left, right, acc, input_precision="ieee")
+        elif SUMS == "fp8":
+            return tl.dot(left, right, acc, max_num_imprecise_acc=left.shape[1])
         else:
             return tl.dot(left, right, acc)
 
@@ -648,7 +653,7 @@ if triton is not None:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
             if ACT == 1:
-                acc_int = _accumulate(a, codes, acc_int, SWAP, True, False)
+                acc_int = _accumulate(a, codes, acc_int, SWAP, "int32")
                 if SCALE_MODE == 2:
                     # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8.
                     if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= K):
@@ -661,9 +666,11 @@ if triton is not None:
                 if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
                     codes = codes.to(tl.float32) * g_scale.to(a.dtype).to(tl.float32)[:, None]
                 if DOT_FP32:
-                    acc = _accumulate(a.to(tl.float32), codes.to(tl.float32), acc, SWAP, False, True)
-                else:  # a16: the activation dtype; fp8: e4m3 x e4m3 tensor cores (DENSE), exact products
-                    acc = _accumulate(a, codes.to(a.dtype), acc, SWAP, False, False)
+                    acc = _accumulate(a.to(tl.float32), codes.to(tl.float32), acc, SWAP, "ieee")
+                elif ACT == 2:  # e4m3 x e4m3 tensor cores, exact products
+                    acc = _accumulate(a, codes.to(a.dtype), acc, SWAP, "fp8")
+                else:  # a16: the activation dtype
+                    acc = _accumulate(a, codes.to(a.dtype), acc, SWAP, "native")
 
         if ACT == 1 and SCALE_MODE != 2:
             acc = acc_int.to(tl.float32)
