@@ -1,8 +1,9 @@
 """Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16, W1.58A8 and
 W1.58 fp8, with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
 Each bitflux mode runs the strategy the backend measured fastest for the shape (named in the table; every
-strategy is also timed on its own, in the JSON and the markdown). Up to GRAPH_M tokens every column is also timed inside a CUDA graph: the
-GPU time without Python's launch overhead, which a busy pipeline hides and one lone small call does not.
+strategy is also timed and checked on its own, in the JSON and the markdown). Up to GRAPH_M tokens every
+column is also timed inside a CUDA graph: the GPU time without Python's launch overhead, which a busy
+pipeline hides and one lone small call does not.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out results/       # on a GPU
     PYTHONPATH=src python benchmarks/gpu_linear.py --quick --out results/   # 3 layers x M in {1, 16, 4096}
@@ -81,10 +82,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (torch.linalg.norm((actual - expected).float()) / torch.linalg.norm(expected.float())).item()
 
 
-def strategy_ms(x, prepared, bias, mode: str, name: str) -> float | str:
-    """One strategy forced (the backend's choice may come from its cache, without timings of its own)."""
+def strategy_ms(x, prepared, bias, mode: str, name: str, expected: torch.Tensor) -> dict | str:
+    """One strategy forced (the backend's choice may come from its cache, without timings of its own): its
+    time, and its error against the bf16 GEMM, so a strategy that is wrong at real shapes shows."""
     try:
-        return bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode, strategy=name))
+        out = triton_backend.linear(x, prepared, bias, mode, strategy=name)
+        return {"ms": bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode, strategy=name)),
+                "rel_err": relative_error(out, expected)}
     except Exception as exc:  # noqa: BLE001 - a strategy this GPU cannot run is reported, not fatal
         return f"n/a ({type(exc).__name__})"
 
@@ -148,7 +152,8 @@ def run(layers: dict, tokens: tuple, device):
                     key = triton_backend.CallKey(mode, x.dtype, prepared.scale_mode, True, m, n, k)
                     names = triton_backend.strategies(m, prepared, mode)
                     row["strategy"][mode] = triton_backend.chosen.get(key, names[0])
-                    row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, mode, name) for name in names}
+                    row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, mode, name, expected)
+                                                for name in names}
                     bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, mode))
                     if device.type == "cuda":
                         row.setdefault("kernel_us", {})[mode] = kernel_us(
@@ -220,11 +225,11 @@ def markdown(env: dict, rows: list[dict]) -> str:
             lines.append(f"| {row['layer']} | {row['M']} | {row['N']} | {row['K']} | {suffix[1:] or 'eager'} | "
                          + " | ".join(cells) + " | " + " / ".join(row["strategy"].values()) + " | "
                          + " / ".join(f"{row.get(f'rel_err_{mode}', float('nan')):.1e}" for mode in MODES) + " |")
-    lines += ["", "Every strategy on its own (ms):", ""]
+    lines += ["", "Every strategy on its own (ms, rel err vs the bf16 GEMM):", ""]
     for row in rows:
-        for mode, times in row.get("strategy_ms", {}).items():
+        for mode, results in row.get("strategy_ms", {}).items():
             lines.append(f"- {row['layer']} M={row['M']} {MODES[mode]}: " + ", ".join(
-                f"{name} {t if isinstance(t, str) else f'{t:.3f}'}" for name, t in times.items()))
+                f"{name} {_strategy_text(result)}" for name, result in results.items()))
     profiled = [row for row in rows if row.get("kernel_us")]
     if profiled:
         lines += ["", "GPU time per call of each kernel (us, torch.profiler, 5 calls):", ""]
@@ -233,6 +238,10 @@ def markdown(env: dict, rows: list[dict]) -> str:
                 lines.append(f"- {row['layer']} M={row['M']} {MODES[mode]} ({row['strategy'][mode]}): "
                              + ", ".join(f"{name} {us}" for name, us in kernels.items()))
     return "\n".join(lines) + "\n"
+
+
+def _strategy_text(result) -> str:
+    return result if isinstance(result, str) else f"{result['ms']:.3f} ({result['rel_err']:.1e})"
 
 
 def write_atomic(path: Path, text: str) -> None:
