@@ -123,6 +123,13 @@ def variants(quick: bool):
                    {"ACT": code, "FMA": fma, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False,
                     "BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2]}, 4, 3,
                    fp8_targets if act == "fp8" else all_targets)
+    for act, (x_dtype, code) in acts.items():
+        for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
+            yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,
+                   {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
+                   {"SCALE_MODE": 0, "ACT": code, "HAS_BIAS": True, "DOT_FP32": False, "FUSED": True,
+                    "EVEN_K": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "PLANE": tk.PLANE}, warps, stages,
+                   fp8_targets if act == "fp8" else all_targets)
     configs = tk._ternary_matmul.configs
     for config in configs[:1] + [c for c in configs if c.kwargs["BLOCK_M"] == 128] if quick else configs:
         kw = config.kwargs

@@ -108,6 +108,19 @@ def test_quantize_activations_is_bit_identical(dtype):
     assert torch.equal(scale.cpu(), scale_ref.reshape(-1))
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_plane_major_quantization_is_a_column_permutation(fp8):
+    """The quantizer's plane-major output is plane_major() of its natural output: column PLANE p + j of each
+    block of 4 x PLANE holds column 4j + p, zero-padded to whole blocks (K = 300: two blocks)."""
+    x = _activations(3, 300, torch.bfloat16)
+    natural, scale = tk.quantize_activations(x, fp8=fp8)
+    planar, planar_scale = tk.quantize_activations(x, fp8=fp8, plane_major=True)
+    assert planar.shape == (3, 8 * tk.PLANE) and torch.equal(planar_scale, scale)
+    assert torch.equal(planar.view(torch.uint8), tk.plane_major(natural.view(torch.uint8)))
+    columns = torch.arange(300, dtype=torch.float32)[None]
+    assert tk.plane_major(columns)[0, tk.PLANE + 5].item() == 4 * 5 + 1  # plane 1, byte 5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_fp8_matches_torch_cast(dtype):
     x = _activations(5, 2500, dtype)
@@ -256,12 +269,12 @@ def test_every_strategy_matches_the_reference(shape, activations, scales, dtype,
 def test_default_strategies_and_refusals():
     layer = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=256, out_features=144)
     grouped = SimpleNamespace(scale_mode=tk._SCALE_GROUP, in_features=256, out_features=144)
-    assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled"]
-    assert tk.strategies(3, layer, "a16") == ["splitk", "tiled"]
-    assert tk.strategies(17, layer, "a8") == ["tiled", "expanded", "cublas"]
-    assert tk.strategies(17, layer, "fp8") == ["splitk", "tiled", "expanded", "cublas"]
+    assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar"]
+    assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar"]
+    assert tk.strategies(17, layer, "a8") == ["tiled", "planar", "expanded", "cublas"]
+    assert tk.strategies(17, layer, "fp8") == ["splitk", "tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
-    assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # cuBLAS epilogues: no groups
+    assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # planar steps, cuBLAS: no groups
     odd = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=250, out_features=144)
     assert "cublas" not in tk.strategies(200, odd, "a8") and "cublas" in tk.strategies(200, odd, "a16")
     weight = _weight(20, 130)

@@ -1,7 +1,7 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
 Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). A call can be computed in up to
-five ways ("strategies"):
+six ways ("strategies"):
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them.
@@ -9,6 +9,10 @@ five ways ("strategies"):
             strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
             tl.dot, scales + bias epilogue; some tile configs swap the operands (codes @ x^T).
+  planar    the activations in plane-major order (bit plane p of tq2 byte j multiplies column 4j + p, so
+            each plane's columns are put side by side): one tl.dot per plane, the bytes loaded and pipelined
+            like any operand and unpacked elementwise as the MMA's register operand; split over K at few
+            tokens.
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
             (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
@@ -37,6 +41,7 @@ ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
+PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -121,6 +126,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     if not grouped and M <= GEMV_M:
         names.append("gemv")
     names.append("tiled")
+    if not grouped:  # a plane step spans 4 x PLANE columns: groups of 128 would mix
+        names.append("planar")
     if M > SMALL_M:
         names.append("expanded")
         # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
@@ -248,15 +255,31 @@ def _save_stored(namespace: str, entry: str, name: str) -> None:
                       "in every process", stacklevel=2)
 
 
-def quantize_activations(x2: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x2: torch.Tensor, fp8: bool = False, plane_major: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> int8 (bit-identical to reference.quantize_activations) or float8_e4m3fn (M, K), and fp32
-    (M,) scales: s = max|x| / 127 or / 448 per row."""
+    (M,) scales: s = max|x| / 127 or / 448 per row. plane_major: the columns in the planar kernel's order,
+    zero-padded to whole blocks (see plane_major)."""
     M, K = x2.shape
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
+    columns = _padded(K) if plane_major else K
+    q = torch.empty(M, columns, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
     scale = torch.empty(M, dtype=torch.float32, device=x2.device)
-    _quantize_rows_kernel[(M,)](x2, q, scale, K, x2.stride(0), FP8=fp8,
-                                BLOCK=min(triton.next_power_of_2(K), 2048), num_warps=4)
+    _quantize_rows_kernel[(M,)](x2, q, scale, K, columns, x2.stride(0), FP8=fp8, PLANE=PLANE if plane_major else 0,
+                                BLOCK=min(triton.next_power_of_2(columns), 2048), num_warps=4)
     return q, scale
+
+
+def plane_major(x2: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> (M, K') with K' = K rounded up to blocks of 4 x PLANE columns (zeros after K), each block
+    reordered so that column PLANE p + j holds column 4j + p: the columns that bit plane p of the tq2 bytes
+    j = 0 .. PLANE - 1 multiplies, side by side."""
+    M, K = x2.shape
+    padded = torch.nn.functional.pad(x2, (0, _padded(K) - K))
+    return padded.view(M, -1, PLANE, 4).transpose(2, 3).reshape(M, -1)
+
+
+def _padded(K: int) -> int:
+    return triton.cdiv(K, 4 * PLANE) * 4 * PLANE
 
 
 def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -381,9 +404,37 @@ def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense:
     return out
 
 
+def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    """The planar kernel: activations in plane-major order (written so by the quantizer for a8/fp8, one
+    permuting copy for a16), split over K like splitk when the tiles alone cannot fill the GPU."""
+    M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
+    if activations == "a16":
+        q, act_scale = plane_major(x2), None
+    else:
+        q, act_scale = quantize_activations(x2, fp8=activations == "fp8", plane_major=True)
+    # one tile shape per regime: 16 tokens (memory-bound) ... 128 (compute-bound)
+    block_m, block_n, warps, stages = (16, 64, 4, 4) if M <= 16 else (64, 128, 4, 4) if M <= 64 else (128, 128, 8, 3)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    blocks = q.shape[1] // (4 * PLANE)
+    split = max(1, min(blocks, _target_programs(x2.device) // tiles))
+    steps_per_split = triton.cdiv(blocks, split) * 4  # whole blocks: a block's 4 planes share its bytes in L2
+    split = triton.cdiv(blocks * 4, steps_per_split)
+    fused = split == 1
+    out = torch.empty((M, N) if fused else (split, M, N), dtype=out_dtype if fused else torch.float32,
+                      device=x2.device)
+    _planar_matmul[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
+        q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
+        M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_split, SCALE_MODE=prepared.scale_mode,
+        ACT=_ACT[activations], HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), FUSED=fused,
+        EVEN_K=K % (4 * PLANE) == 0, BLOCK_M=block_m, BLOCK_N=block_n, PLANE=PLANE, num_warps=warps,
+        num_stages=stages)
+    return out if fused else _epilogue(out, prepared, act_scale, bias, out_dtype)
+
+
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
-               "tiled": _tiled_linear, "expanded": _expanded_linear, "cublas": _cublas_linear}
+               "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
+               "cublas": _cublas_linear}
 
 
 if triton is not None:
@@ -405,9 +456,11 @@ if triton is not None:
         return _round_half_even(v * inv_step) * step
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, FP8: tl.constexpr, BLOCK: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """One row of x -> KQ >= K quantized columns (zeros past K); with PLANE, in plane-major order."""
         row = tl.program_id(0).to(tl.int64)
-        x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * K
+        x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * KQ
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
@@ -415,7 +468,7 @@ if triton is not None:
         # div_rn: the default fp32 division on GPUs is approximate, the reference's is correctly rounded.
         qmax: tl.constexpr = 448.0 if FP8 else 127.0
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), qmax)
-        for k0 in range(0, K, BLOCK):
+        for k0 in range(0, KQ, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.minimum(tl.maximum(tl.math.div_rn(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32),
                                                      scale), -qmax), qmax)
@@ -423,8 +476,18 @@ if triton is not None:
                 q = _round_to_e4m3(v).to(tl.float8e4nv)  # exact: the value is representable
             else:
                 q = _round_half_even(v).to(tl.int8)
-            tl.store(q_row + offs, q, mask=offs < K)
+            tl.store(q_row + _plane_major_column(offs, PLANE), q, mask=offs < KQ)
         tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _plane_major_column(column, PLANE: tl.constexpr):
+        """Where column 4j + p of a block of 4 x PLANE columns goes in plane-major order: PLANE p + j (the
+        column that plane p of byte j multiplies). PLANE = 0: natural order."""
+        if PLANE == 0:
+            return column
+        else:
+            inner = column % (4 * PLANE)
+            return column - inner + (inner % 4) * PLANE + inner // 4
 
     @triton.jit
     def _unpack_digits(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -680,3 +743,57 @@ if triton is not None:
                               SCALE_MODE, ACT != 0, HAS_BIAS)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _planar_matmul(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+                       steps_per_split, SCALE_MODE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       DOT_FP32: tl.constexpr, FUSED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PLANE: tl.constexpr):
+        """x (plane-major, see plane_major) @ codes^T over one range of steps, for one (N, M) tile. Step s
+        multiplies bit plane s % 4 of the PLANE tq2 bytes of block s // 4 (a plain (BLOCK_N, PLANE) load that
+        Triton pipelines like any tl.dot operand, unpacked elementwise in the MMA's register layout) by the
+        PLANE activation columns it pairs with, the codes as the MMA's left operand. FUSED: the finished
+        output; else fp32 partial sums (split, M, N) for _epilogue_kernel."""
+        pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, PLANE)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_j[None, :]
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_j[None, :]
+        row_bytes = tl.cdiv(K, 4)
+        step_start = pid_s * steps_per_split
+        step_end = tl.minimum(step_start + steps_per_split, tl.cdiv(K, 4 * PLANE) * 4)
+        if ACT == 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for step in range(step_start, step_end):
+            byte0 = (step // 4) * PLANE
+            # Masked bytes read as 0 (code -1), not 0x55: only a zero fill (and a mask constant along a row,
+            # hence EVEN_K) lets Triton copy the tile asynchronously; harmless here, as the activations past K
+            # are zeros and rows past N are never stored.
+            if EVEN_K:
+                packed = tl.load(w_rows + byte0, mask=mask_n[:, None], other=0)
+            else:
+                packed = tl.load(w_rows + byte0, mask=mask_n[:, None] & (byte0 + offs_j[None, :] < row_bytes), other=0)
+            a = tl.load(x_rows + step * PLANE, mask=mask_m[:, None], other=0.0)  # padded columns: zeros
+            digits = (packed >> ((step % 4) * 2)) & 3
+            if ACT == 1:
+                acc = _accumulate(a, digits.to(tl.int8) - 1, acc, True, "int32")
+            elif DOT_FP32:
+                acc = _accumulate(a.to(tl.float32), digits.to(tl.float32) - 1.0, acc, True, "ieee")
+            elif ACT == 2:
+                acc = _accumulate(a, (digits.to(tl.float32) - 1.0).to(a.dtype), acc, True, "fp8")
+            else:
+                acc = _accumulate(a, (digits.to(tl.float32) - 1.0).to(a.dtype), acc, True, "native")
+        acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
+        mask = mask_m[:, None] & mask_n[None, :]
+        if FUSED:
+            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                                  SCALE_MODE, ACT != 0, HAS_BIAS)
+            out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            out = out_ptr + (pid_s * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+            tl.store(out, acc, mask=mask)
