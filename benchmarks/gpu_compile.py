@@ -46,6 +46,9 @@ def compile_variant(kernel, target: GPUTarget, pointers: dict, constexprs: dict,
     Pointers and scalars but M are taken as divisible by 16, as Triton specializes them at launch for FLUX
     shapes (K slices are whole 256-column blocks)."""
     fn = kernel if isinstance(kernel, JITFunction) else kernel.fn  # the JITFunction under an autotuner
+    missing = [p.name for p in fn.params if p.is_constexpr and not p.has_default and p.name not in constexprs]
+    if missing:  # else they would be compiled as run-time scalars
+        raise ValueError(f"{fn.__name__}: no value for constexpr {', '.join(missing)}")
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -107,9 +110,10 @@ def variants(quick: bool):
     all_targets, fp8_targets = ("sm_80", "sm_90"), ("sm_89", "sm_90")
     epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}
     for fp8_out in (False, True):
-        yield (f"quantize {'fp8' if fp8_out else 'int8'}", tk._quantize_rows_kernel,
-               {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
-               {"FP8": fp8_out, "BLOCK": 2048}, 4, 1, fp8_targets if fp8_out else all_targets)
+        for plane in (0, tk.PLANE):
+            yield (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}",
+                   tk._quantize_rows_kernel, {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
+                   {"FP8": fp8_out, "PLANE": plane, "BLOCK": 2048}, 4, 1, fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
         yield (f"expand {_TYPES[dtype]}", tk._expand_kernel, {"w_ptr": u8, "out_ptr": dtype},
                {"BLOCK_N": 32, "BLOCK_K": 128}, 4, 1, fp8_targets if dtype == fp8 else all_targets)
