@@ -524,6 +524,22 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _store_slice(acc, split_index, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr,
+                     out_ptr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+        """A split-K program's (M, N) tile: FUSED (the only slice), scaled and stored as the output; else its
+        fp32 partial sums at out[split_index], for _epilogue_kernel."""
+        mask = mask_m[:, None] & mask_n[None, :]
+        if FUSED:
+            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
+                                  SCALE_MODE, ACT_SCALED, HAS_BIAS)
+            out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            out = out_ptr + (split_index * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+            tl.store(out, acc, mask=mask)
+
+    @triton.jit
     def _expand_kernel(w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
@@ -588,15 +604,8 @@ if triton is not None:
             acc_int = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes_int, axis=1)[None, :], 0)
         if ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
-        mask = mask_m[:, None] & mask_n[None, :]
-        if FUSED:
-            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                                  SCALE_MODE, ACT != 0, HAS_BIAS)
-            out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            out = out_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-            tl.store(out, acc, mask=mask)
+        _store_slice(acc, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
+                     FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
 
     @triton.jit
     def _epilogue_kernel(partial_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, S, M, N,
@@ -788,12 +797,5 @@ if triton is not None:
             else:
                 acc = _accumulate(a, (digits.to(tl.float32) - 1.0).to(a.dtype), acc, True, "native")
         acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
-        mask = mask_m[:, None] & mask_n[None, :]
-        if FUSED:
-            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                                  SCALE_MODE, ACT != 0, HAS_BIAS)
-            out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            out = out_ptr + (pid_s * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-            tl.store(out, acc, mask=mask)
+        _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
+                     FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
