@@ -272,7 +272,7 @@ def test_default_strategies_and_refusals():
     assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar"]
     assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "planar", "expanded", "cublas"]
-    assert tk.strategies(17, layer, "fp8") == ["splitk", "tiled", "planar", "expanded", "cublas"]
+    assert tk.strategies(17, layer, "fp8") == ["tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
     assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # planar steps, cuBLAS: no groups
     odd = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=250, out_features=144)

@@ -42,7 +42,6 @@ GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below di
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,7 +120,7 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     first."""
     grouped = prepared.scale_mode == _SCALE_GROUP
     names = []
-    if not grouped and (M <= SMALL_M or activations == "fp8"):
+    if not grouped and M <= SMALL_M:
         names.append("splitk")
     if not grouped and M <= GEMV_M:
         names.append("gemv")
