@@ -1,0 +1,37 @@
+"""The GPU benchmark scripts rehearsed on the CPU (tiny shapes, Triton's interpreter), so a lent GPU's few
+minutes are never spent on a script that fails before it measures anything."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--dry-run", *args], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_gpu_linear_rehearses_every_mode_and_strategy(tmp_path):
+    _run("gpu_linear.py", "--out", str(tmp_path), "--tokens", "1", "40")
+    rows = json.loads((tmp_path / "gpu_linear.json").read_text())["rows"]
+    assert rows and not any("error" in row for row in rows)
+    for row in rows:
+        assert set(row["strategy"]) == {"a16", "a8", "fp8"}
+        assert all(isinstance(result, dict) and result["rel_err"] < 2e-2
+                   for results in row["strategy_ms"].values() for result in results.values())
+    assert "Every strategy on its own" in (tmp_path / "gpu_linear.md").read_text()
+
+
+def test_gpu_flux_rehearses_every_model(tmp_path):
+    _run("gpu_flux.py", "--out", str(tmp_path), "--warmup", "1", "--iters", "1")
+    results = json.loads((tmp_path / "gpu_flux.json").read_text())["results"]
+    assert set(results) == {"bf16", "fp8", "a16", "a8"}
+    assert all(result["output_finite"] for result in results.values())
