@@ -331,19 +331,34 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     else:
         block_m, block_n, block_k = 16, 32, 256
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    steps = triton.cdiv(K, block_k)
-    split = max(1, min(steps, _target_programs(x2.device) // tiles))
-    k_slice = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(K, k_slice)
-    fused = split == 1
-    out = torch.empty((M, N) if fused else (split, M, N), dtype=out_dtype if fused else torch.float32,
-                      device=x2.device)
-    _gemv_kernel[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
+    steps_per_slice, out = _split_k(triton.cdiv(K, block_k), tiles, M, N, out_dtype, x2.device)
+    _gemv_kernel[(triton.cdiv(N, block_n), _slices(out), triton.cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
-        M, N, K, q.stride(0), prepared.packed.stride(0), k_slice,
-        ACT=_ACT[activations], FMA=fma, FUSED=fused, SCALE_MODE=prepared.scale_mode, HAS_BIAS=bias is not None,
-        DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
-    return out if fused else _epilogue(out, prepared, act_scale, bias, out_dtype)
+        M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * block_k,
+        ACT=_ACT[activations], FMA=fma, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
+        HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return _finish_split(out, prepared, act_scale, bias, out_dtype)
+
+
+def _split_k(steps: int, tiles: int, M: int, N: int, out_dtype, device) -> tuple[int, torch.Tensor]:
+    """Spread `steps` K steps over slices so that tiles x slices about fill the GPU: the steps per slice,
+    and the output the kernel writes: the (M, N) result itself when one slice does it all, else fp32
+    partial sums (slices, M, N) for _finish_split."""
+    split = max(1, min(steps, _target_programs(device) // tiles))
+    per_slice = triton.cdiv(steps, split)
+    slices = triton.cdiv(steps, per_slice)
+    if slices == 1:
+        return per_slice, torch.empty(M, N, dtype=out_dtype, device=device)
+    return per_slice, torch.empty(slices, M, N, dtype=torch.float32, device=device)
+
+
+def _slices(out: torch.Tensor) -> int:
+    return 1 if out.dim() == 2 else out.shape[0]
+
+
+def _finish_split(out: torch.Tensor, prepared: PreparedWeight, act_scale, bias, out_dtype) -> torch.Tensor:
+    return out if out.dim() == 2 else _epilogue(out, prepared, act_scale, bias, out_dtype)
 
 
 def _or(tensor, placeholder):
@@ -414,20 +429,15 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     # one tile shape per regime: 16 tokens (memory-bound) ... 128 (compute-bound)
     block_m, block_n, warps, stages = (16, 64, 4, 4) if M <= 16 else (64, 128, 4, 4) if M <= 64 else (128, 128, 8, 3)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    blocks = q.shape[1] // (4 * PLANE)
-    split = max(1, min(blocks, _target_programs(x2.device) // tiles))
-    steps_per_split = triton.cdiv(blocks, split) * 4  # whole blocks: a block's 4 planes share its bytes in L2
-    split = triton.cdiv(blocks * 4, steps_per_split)
-    fused = split == 1
-    out = torch.empty((M, N) if fused else (split, M, N), dtype=out_dtype if fused else torch.float32,
-                      device=x2.device)
-    _planar_matmul[(triton.cdiv(N, block_n), split, triton.cdiv(M, block_m))](
+    # sliced by whole blocks: a block's 4 plane steps share its bytes in L2
+    blocks_per_slice, out = _split_k(q.shape[1] // (4 * PLANE), tiles, M, N, out_dtype, x2.device)
+    _planar_matmul[(triton.cdiv(N, block_n), _slices(out), triton.cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
-        M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_split, SCALE_MODE=prepared.scale_mode,
-        ACT=_ACT[activations], HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), FUSED=fused,
+        M, N, K, q.stride(0), prepared.packed.stride(0), 4 * blocks_per_slice, SCALE_MODE=prepared.scale_mode,
+        ACT=_ACT[activations], HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), FUSED=_slices(out) == 1,
         EVEN_K=K % (4 * PLANE) == 0, BLOCK_M=block_m, BLOCK_N=block_n, PLANE=PLANE, num_warps=warps,
         num_stages=stages)
-    return out if fused else _epilogue(out, prepared, act_scale, bias, out_dtype)
+    return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
@@ -523,6 +533,27 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _accumulate(a, codes, acc, SWAP: tl.constexpr, SUMS: tl.constexpr):
+        """acc + a @ codes^T, or with SWAP its transpose codes @ a^T: the unpacked codes as the MMA's left
+        operand, which Hopper's wgmma takes straight from registers (the right one must be in shared memory,
+        where Triton's pipeline already puts the activations). SUMS: "int32"; "ieee" (exact fp32 products);
+        "fp8", whose sums are promoted to the fp32 accumulator after every tile: left to itself Triton lets
+        Hopper's fp8 MMAs accumulate a whole K in their reduced-precision adder (about 14 mantissa bits),
+        which cuBLAS's _scaled_mm does not; "native" otherwise."""
+        if SWAP:
+            left, right = codes, tl.trans(a)
+        else:
+            left, right = a, tl.trans(codes)
+        if SUMS == "int32":
+            return tl.dot(left, right, acc, out_dtype=tl.int32)
+        elif SUMS == "ieee":
+            return tl.dot(left, right, acc, input_precision="ieee")
+        elif SUMS == "fp8":
+            return tl.dot(left, right, acc, max_num_imprecise_acc=left.shape[1])
+        else:
+            return tl.dot(left, right, acc)
+
+    @triton.jit
     def _store_slice(acc, split_index, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr,
                      out_ptr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr,
                      HAS_BIAS: tl.constexpr):
@@ -589,15 +620,15 @@ if triton is not None:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
                 digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
                 if ACT == 1:  # int8 x ternary into int32: exact
-                    acc_int = tl.dot(a, tl.trans(digits.to(tl.int8) - 1), acc_int, out_dtype=tl.int32)
+                    acc_int = _accumulate(a, digits.to(tl.int8) - 1, acc_int, False, "int32")
                 else:
                     w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
                     if DOT_FP32:
-                        acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                        acc = _accumulate(a.to(tl.float32), w, acc, False, "ieee")
                     elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
-                        acc = tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                        acc = _accumulate(a.to(tl.bfloat16), w.to(tl.bfloat16), acc, False, "native")
                     else:
-                        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+                        acc = _accumulate(a, w.to(a.dtype), acc, False, "native")
         if FMA:
             acc = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes, axis=1)[None, :], 0.0)
             acc_int = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes_int, axis=1)[None, :], 0)
@@ -647,27 +678,6 @@ if triton is not None:
 
     def _bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-    @triton.jit
-    def _accumulate(a, codes, acc, SWAP: tl.constexpr, SUMS: tl.constexpr):
-        """acc + a @ codes^T, or with SWAP its transpose codes @ a^T: the unpacked codes as the MMA's left
-        operand, which Hopper's wgmma takes straight from registers (the right one must be in shared memory,
-        where Triton's pipeline already puts the activations). SUMS: "int32"; "ieee" (exact fp32 products);
-        "fp8", whose sums are promoted to the fp32 accumulator after every tile: left to itself Triton lets
-        Hopper's fp8 MMAs accumulate a whole K in their reduced-precision adder (about 14 mantissa bits),
-        which cuBLAS's _scaled_mm does not; "native" otherwise."""
-        if SWAP:
-            left, right = codes, tl.trans(a)
-        else:
-            left, right = a, tl.trans(codes)
-        if SUMS == "int32":
-            return tl.dot(left, right, acc, out_dtype=tl.int32)
-        elif SUMS == "ieee":
-            return tl.dot(left, right, acc, input_precision="ieee")
-        elif SUMS == "fp8":
-            return tl.dot(left, right, acc, max_num_imprecise_acc=left.shape[1])
-        else:
-            return tl.dot(left, right, acc)
 
     @triton.autotune(_CONFIGS, key=["M", "N", "K", "ACT", "DENSE"],
                      prune_configs_by={"early_config_prune": _configs_for_m}, do_bench=_bench)
