@@ -6,8 +6,9 @@ the GPU (the ternary models never hold a bf16 copy of their block weights), then
     PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_flux.py --dry-run   # CPU: a tiny FLUX
 
-Reports latency (median of timed forwards), torch.cuda.max_memory_allocated during the timed forwards
-and over the model's whole life (build, tuning, first forward), weight bytes, and ratios vs bf16.
+Reports latency (median of timed forwards, eager and replayed as one CUDA graph),
+torch.cuda.max_memory_allocated during the timed forwards and over the model's whole life (build, tuning,
+first forward), weight bytes, and ratios vs bf16.
 Writes gpu_flux.json and gpu_flux.md (atomically), after every model, so partial results survive.
 """
 
@@ -112,7 +113,37 @@ def time_forwards(model, batch: dict, warmup: int, iters: int, device) -> dict:
             result["peak_forward_bytes"] = torch.cuda.max_memory_allocated()
     result.update({"latency_ms": statistics.median(times), "latency_ms_all": [round(t, 2) for t in times],
                    "output_finite": bool(torch.isfinite(out).all()), "output_std": out.float().std().item()})
+    if cuda:
+        try:
+            result["graph_latency_ms"] = graph_latency(model, batch, iters)
+        except Exception as exc:  # noqa: BLE001 - the eager figures stand on their own
+            result["graph_error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def graph_latency(model, batch: dict, iters: int) -> float:
+    """Median GPU time of one forward captured as a CUDA graph and replayed: the kernels' own speed, without
+    Python's and the launches' CPU time (what torch.compile's reduce-overhead mode or a serving stack
+    gets). Eager latency is the larger of that and the CPU time per forward."""
+    with torch.inference_mode():
+        side = torch.cuda.Stream()  # warm-up on a side stream before capture, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(**batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**batch)
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
 
 
 def weight_bytes(model) -> int:
@@ -164,6 +195,8 @@ def add_ratios(results: dict) -> None:
         if mode == "bf16" or "latency_ms" not in res:
             continue
         res["speedup_vs_bf16"] = base["latency_ms"] / res["latency_ms"]
+        if "graph_latency_ms" in res and "graph_latency_ms" in base:
+            res["graph_speedup_vs_bf16"] = base["graph_latency_ms"] / res["graph_latency_ms"]
         res["weight_ratio_vs_bf16"] = base["weight_bytes"] / res["weight_bytes"]
         for key in ("peak_forward_bytes", "peak_setup_bytes"):
             if key in res and key in base:
@@ -175,8 +208,8 @@ def markdown(env: dict, results: dict) -> str:
     lines = [f"# FLUX.1-dev transformer, one forward at {env['tokens']} on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`; random weights, "
              f"{env['iters']} timed forwards after {env['warmup']} warm-up.", "",
-             "| model | latency ms | speed-up | weights GiB | ratio | peak fwd GiB | ratio | peak setup GiB |"
-             " finite |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | latency ms | speed-up | CUDA graph ms | speed-up | weights GiB | ratio | peak fwd GiB | ratio |"
+             " peak setup GiB | finite |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, res in results.items():
         if "error" in res:
             lines.append(f"| {LABELS[mode]} | error: {res['error']} |")
@@ -187,11 +220,14 @@ def markdown(env: dict, results: dict) -> str:
 
         lines.append(" | ".join([
             f"| {LABELS[mode]}", cell("latency_ms", fmt="{:.1f}"), cell("speedup_vs_bf16", fmt="{:.2f}x"),
+            cell("graph_latency_ms", fmt="{:.1f}"), cell("graph_speedup_vs_bf16", fmt="{:.2f}x"),
             cell("weight_bytes", gib), cell("weight_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_forward_bytes", gib),
             cell("peak_forward_ratio_vs_bf16", fmt="{:.2f}x"), cell("peak_setup_bytes", gib),
             f"{res['output_finite']} |"]))
     lines.append("")
     for mode, res in results.items():
+        if "graph_error" in res:
+            lines.append(f"- {LABELS[mode]}: no CUDA graph ({res['graph_error']})")
         if res.get("strategies"):
             shapes = ", ".join(f"{shape}: {name}" for shape, name in sorted(res["strategies"].items()))
             lines.append(f"- {LABELS[mode]} strategies (measured fastest per layer shape): {shapes}")
