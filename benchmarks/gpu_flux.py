@@ -28,6 +28,7 @@ import torch
 
 from bitflux import TernaryConfig, TernaryLinear, kernels
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
+from bitflux.graphs import cuda_graphed
 from bitflux.surgery import quantize_
 
 TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
@@ -115,35 +116,32 @@ def time_forwards(model, batch: dict, warmup: int, iters: int, device) -> dict:
                    "output_finite": bool(torch.isfinite(out).all()), "output_std": out.float().std().item()})
     if cuda:
         try:
-            result["graph_latency_ms"] = graph_latency(model, batch, iters)
+            result.update(graph_timings(model, batch, iters, out))
         except Exception as exc:  # noqa: BLE001 - the eager figures stand on their own
             result["graph_error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 
-def graph_latency(model, batch: dict, iters: int) -> float:
-    """Median GPU time of one forward captured as a CUDA graph and replayed: the kernels' own speed, without
-    Python's and the launches' CPU time (what torch.compile's reduce-overhead mode or a serving stack
-    gets). Eager latency is the larger of that and the CPU time per forward."""
-    with torch.inference_mode():
-        side = torch.cuda.Stream()  # warm-up on a side stream before capture, as torch.cuda.graph asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            model(**batch)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(**batch)
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times)
+def graph_timings(model, batch: dict, iters: int, eager_out: torch.Tensor) -> dict:
+    """The model through bitflux.graphs (what `--cuda-graph` does): median GPU time per call, the kernels'
+    own speed without Python's and the launches' CPU time; eager latency is the larger of that and the CPU
+    time per forward. Also how far the replayed output is from the eager one (same kernels: ~0)."""
+    cuda_graphed(model)
+    try:
+        with torch.inference_mode():
+            out = model(**batch)[0]  # captures
+            times = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = model(**batch)[0]
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            difference = (out.float() - eager_out.float()).abs().max().item()
+    finally:
+        del model.forward  # the graphs and their memory go with the wrapper
+    return {"graph_latency_ms": statistics.median(times), "graph_max_abs_diff_vs_eager": difference}
 
 
 def weight_bytes(model) -> int:
@@ -228,6 +226,9 @@ def markdown(env: dict, results: dict) -> str:
     for mode, res in results.items():
         if "graph_error" in res:
             lines.append(f"- {LABELS[mode]}: no CUDA graph ({res['graph_error']})")
+        if "graph_max_abs_diff_vs_eager" in res:
+            lines.append(f"- {LABELS[mode]}: CUDA-graph output vs eager, max |diff| "
+                         f"{res['graph_max_abs_diff_vs_eager']:.3g}")
         if res.get("strategies"):
             shapes = ", ".join(f"{shape}: {name}" for shape, name in sorted(res["strategies"].items()))
             lines.append(f"- {LABELS[mode]} strategies (measured fastest per layer shape): {shapes}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The one GPU session script: the Triton kernel tests compiled for real, the full-FLUX forward benchmark,
-# then the per-layer GEMM benchmark. Each part has its own time limit and failures do not stop the
-# next part; every part writes its results into $OUT as it goes. Worst case ~8.5 minutes of wall time;
-# --quick (<= 6.2 minutes, less when compiles are quick): every strategy's and tile config's test, the
-# exactness subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
+# The one GPU session script: the Triton kernel and CUDA-graph tests compiled for real, the full-FLUX
+# forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), then the per-layer GEMM
+# benchmark. Each part has its own time limit and failures do not stop the next part; every part writes
+# its results into $OUT as it goes. Worst case ~10.5 minutes of wall time; --quick (<= 8.2 minutes, ~3 on
+# an H200 with Triton 3.6): every strategy's and tile config's test, the exactness and CUDA-graph subset,
+# gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies), the two benches,
 # and gpu_linear on 3 layers x M in {1, 16, 4096}.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
@@ -51,6 +52,14 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
     echo "=== $name: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
+pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and with --cuda-graph (GPU only)
+    [ -n "$DRY" ] && return
+    # The demo's ternary pipeline is cached outside $OUT: only the files listed above come back.
+    part bench 60 "$LOG" env BITFLUX_CACHE=/tmp/bitflux-demo python -m bitflux.cli bench --device cuda --steps 8
+    part bench-graph 60 "$LOG" env BITFLUX_CACHE=/tmp/bitflux-demo python -m bitflux.cli bench --device cuda \
+        --steps 8 --cuda-graph
+}
+
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
@@ -62,14 +71,16 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
-    part pytest 90 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
-        -k "strateg or choose or exact or integer or quantize or tile_config" -q --tb=short -rfE $XDIST -p no:cacheprovider
+    part pytest 90 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
+        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay" -q --tb=short -rfE $XDIST -p no:cacheprovider
     part gpu_flux 200 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
+    pipeline_bench
     part gpu_linear 80 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
 else
-    part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py \
+    part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
     part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
+    pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
 fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"

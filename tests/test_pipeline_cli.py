@@ -55,6 +55,8 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "--model", "nobody/nothing-here", "-o", "x.png"], "not in the local Hugging Face cache"),
     (["generate", "a", "--model", "/no/such/folder", "-o", "x.png"], "no such model folder"),
     (["generate", "a", "-o", "x.jpg"], ".png"),
+    (["generate", "a", "--cuda-graph", "-o", "x.png"], "--cuda-graph needs --device cuda"),
+    (["bench", "--cuda-graph"], "--cuda-graph needs --device cuda"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):

@@ -98,6 +98,8 @@ def _check_common(args) -> None:
     reason = unavailable_reason(args.backend, args.device.split(":")[0])
     if reason:
         raise BitfluxError(reason)
+    if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
+        raise BitfluxError("--cuda-graph needs --device cuda")
     import diffusers
     import transformers
 
@@ -124,6 +126,11 @@ def _cmd_generate(args) -> None:
 
         for pipe in (p for p in (fp, ternary) if p is not None):
             load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+    if args.cuda_graph:
+        from .graphs import cuda_graphed
+
+        for pipe in (p for p in (fp, ternary) if p is not None):
+            cuda_graphed(pipe.transformer)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
@@ -140,7 +147,7 @@ def _cmd_bench(args) -> None:
 
     _check_common(args)
     size = _parse_size(args.size) if args.size else None
-    result = run_bench(args.model, args.device, args.steps, args.backend, size)
+    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     if args.plot:
         plot_bench(result, args.plot)
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     g.add_argument("--device", default="cpu", help="cpu | cuda")
+    g.add_argument("--cuda-graph", action="store_true", help="replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)")
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
@@ -227,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     b.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--cuda-graph", action="store_true", help="replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
