@@ -111,12 +111,16 @@ def variants(quick: bool):
     epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}
     for fp8_out in (False, True):
         for plane in (0, tk.PLANE):
-            yield (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}",
-                   tk._quantize_rows_kernel, {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
-                   {"FP8": fp8_out, "PLANE": plane, "BLOCK": 2048}, 4, 1, fp8_targets if fp8_out else all_targets)
+            for one_pass, block in ((True, tk._ONE_PASS_COLUMNS), (False, tk._TWO_PASS_BLOCK)):
+                yield (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}"
+                       f"{' one pass' if one_pass else ' two passes'}", tk._quantize_rows_kernel,
+                       {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
+                       {"FP8": fp8_out, "PLANE": plane, "BLOCK": block, "ONE_PASS": one_pass}, 4, 1,
+                       fp8_targets if fp8_out else all_targets)
+    block_n, block_k, warps = tk.EXPAND_TILE
     for dtype in (i8, fp8, bf16):
         yield (f"expand {_TYPES[dtype]}", tk._expand_kernel, {"w_ptr": u8, "out_ptr": dtype},
-               {"BLOCK_N": 32, "BLOCK_K": 128}, 4, 1, fp8_targets if dtype == fp8 else all_targets)
+               {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, 1, fp8_targets if dtype == fp8 else all_targets)
     yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}

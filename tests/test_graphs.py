@@ -61,6 +61,14 @@ def test_cuda_graphed_needs_a_cuda_module():
         cuda_graphed(torch.nn.Linear(2, 2))
 
 
+def test_wrapping_twice_wraps_once():
+    linear = torch.nn.Linear(2, 2)
+    linear.forward = wrapper = GraphedForward(linear.forward)  # as cuda_graphed leaves a CUDA module
+    assert cuda_graphed(linear) is linear and linear.forward is wrapper
+    del linear.forward
+    assert not isinstance(linear.forward, GraphedForward)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("activations", ["a16", "a8"])
 def test_replays_match_eager_calls_with_new_inputs(activations):

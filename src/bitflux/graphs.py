@@ -3,8 +3,8 @@
 A diffusion pipeline calls its transformer at every denoising step with inputs of the same shapes. Eager,
 each call pays Python's time and every kernel launch's CPU time, and a ternary layer launches more kernels
 than a bf16 one (quantize, expand, GEMM): on an H200 the eager FLUX.1-dev forward at 1024x1024 was bound by
-that CPU time, 0.84x bf16 for W1.58A8, against 1.07x replayed as a graph (BENCHMARKS.md). Capturing one
-graph per input signature and replaying it leaves the GPU's own time.
+that CPU time on one machine (0.84x bf16 for W1.58A8, against 1.05-1.07x replayed as a graph; BENCHMARKS.md).
+Capturing one graph per input signature and replaying it leaves the GPU's own time.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ _SCALARS = (type(None), bool, int, float, str)
 
 
 def cuda_graphed(module: nn.Module) -> nn.Module:
-    """Replace `module.forward` (in place) by a GraphedForward; `del module.forward` restores it."""
+    """Replace `module.forward` (in place) by a GraphedForward, once; `del module.forward` restores it."""
+    if isinstance(module.forward, GraphedForward):
+        return module
     devices = {t.device.type for t in [*module.parameters(), *module.buffers()]}
     if devices != {"cuda"}:
-        raise BitfluxError(f"CUDA graphs need the module on a CUDA device (it is on {', '.join(sorted(devices))})")
+        where = ", ".join(sorted(devices)) or "no device: it holds no tensors"
+        raise BitfluxError(f"CUDA graphs need the module on a CUDA device (it is on {where})")
     module.forward = GraphedForward(module.forward)
     return module
 
@@ -35,7 +38,9 @@ class GraphedForward:
     outside any capture), then captures; every call copies its tensors into the captured inputs, replays,
     and returns a copy of the outputs (the next replay overwrites the graph's own). Calls that a graph
     cannot take (with autograd on, CPU tensors, arguments other than tensors, scalars and tuples, lists
-    and dicts of them, too many signatures) run eager."""
+    and dicts of them, too many signatures) run eager. What the forward reads from Python rather than from
+    its tensor arguments (a LoRA's strength, a layer's attributes) is frozen at capture: change it before
+    wrapping, or unwrap (`del module.forward`) and wrap again."""
 
     def __init__(self, forward):
         self.eager = forward

@@ -43,6 +43,10 @@ SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, 
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
 _ONE_PASS_COLUMNS = 4096  # the activation quantizer keeps rows up to this long in registers (H200: ~8%
 # faster at K = 3072; whole rows of 12288 in 16 warps were 1.5x slower than two passes)
+_TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many columns
+# expand()'s (BLOCK_N, BLOCK_K, warps): long rows of codes write wide contiguous runs (H200: 2.5-3.3 TB/s,
+# 10-20% above 32 x 128 tiles)
+EXPAND_TILE = (16, 512, 8)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -265,11 +269,11 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False, plane_major: bool 
     columns = _padded(K) if plane_major else K
     q = torch.empty(M, columns, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
     scale = torch.empty(M, dtype=torch.float32, device=x2.device)
-    # Short rows are read once and kept in registers; longer rows take two passes over blocks of 2048.
+    # Short rows are read once and kept in registers; longer rows take two passes over blocks.
     block = triton.next_power_of_2(columns)
     one_pass = block <= _ONE_PASS_COLUMNS
     _quantize_rows_kernel[(M,)](x2, q, scale, K, columns, x2.stride(0), FP8=fp8, PLANE=PLANE if plane_major else 0,
-                                BLOCK=block if one_pass else 2048, ONE_PASS=one_pass, num_warps=4)
+                                BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, num_warps=4)
     return q, scale
 
 
@@ -292,10 +296,9 @@ def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     full-precision weight ever exists."""
     N, K = prepared.out_features, prepared.in_features
     out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
-    # Long rows (512 codes) write wide contiguous runs: 2.5-2.9 TB/s on an H200, ~15% above 32 x 128 tiles.
-    block_n, block_k = 16, 512
+    block_n, block_k, warps = EXPAND_TILE
     _expand_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
-        prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+        prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
