@@ -62,8 +62,18 @@ else:
     _IMPORT_ERROR = None
 
 
+# Read once, as Triton reads it when the kernels below are decorated; every call asks (a lookup in
+# os.environ each time cost ~1 us a call, and launch overhead is what eager forwards are bound by).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETING
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Host-side grid arithmetic: triton.cdiv is a JIT-callable wrapper in recent Triton (~2 us a call).
+    return -(-a // b)
 
 
 def available() -> str | None:
@@ -287,7 +297,7 @@ def plane_major(x2: torch.Tensor) -> torch.Tensor:
 
 
 def _padded(K: int) -> int:
-    return triton.cdiv(K, 4 * PLANE) * 4 * PLANE
+    return _cdiv(K, 4 * PLANE) * 4 * PLANE
 
 
 def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -297,7 +307,7 @@ def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     N, K = prepared.out_features, prepared.in_features
     out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
     block_n, block_k, warps = EXPAND_TILE
-    _expand_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    _expand_kernel[(_cdiv(N, block_n), _cdiv(K, block_k))](
         prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
@@ -339,9 +349,9 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         block_m, block_n, block_k = 1, 64, 256
     else:
         block_m, block_n, block_k = 16, 32, 256
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    steps_per_slice, out = _split_k(triton.cdiv(K, block_k), tiles, M, N, out_dtype, x2.device)
-    _gemv_kernel[(triton.cdiv(N, block_n), _slices(out), triton.cdiv(M, block_m))](
+    tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
+    steps_per_slice, out = _split_k(_cdiv(K, block_k), tiles, M, N, out_dtype, x2.device)
+    _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * block_k,
         ACT=_ACT[activations], FMA=fma, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
@@ -355,8 +365,8 @@ def _split_k(steps: int, tiles: int, M: int, N: int, out_dtype, device) -> tuple
     and the output the kernel writes: the (M, N) result itself when one slice does it all, else fp32
     partial sums (slices, M, N) for _finish_split."""
     split = max(1, min(steps, _target_programs(device) // tiles))
-    per_slice = triton.cdiv(steps, split)
-    slices = triton.cdiv(steps, per_slice)
+    per_slice = _cdiv(steps, split)
+    slices = _cdiv(steps, per_slice)
     if slices == 1:
         return per_slice, torch.empty(M, N, dtype=out_dtype, device=device)
     return per_slice, torch.empty(slices, M, N, dtype=torch.float32, device=device)
@@ -393,7 +403,7 @@ def _epilogue(partial, prepared: PreparedWeight, act_scale, bias, out_dtype) -> 
     S, M, N = partial.shape
     out = torch.empty(M, N, dtype=out_dtype, device=partial.device)
     block_m, block_n = 16, 128
-    _epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+    _epilogue_kernel[(_cdiv(M, block_m), _cdiv(N, block_n))](
         partial, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out, S, M, N,
         SCALE_MODE=prepared.scale_mode, ACT_SCALED=act_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
@@ -416,7 +426,7 @@ def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense:
     q, act_scale = _quantized(x2, activations)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
 
     _ternary_matmul[grid](
         q, weight, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
@@ -437,10 +447,10 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
         q, act_scale = quantize_activations(x2, fp8=activations == "fp8", plane_major=True)
     # one tile shape per regime: 16 tokens (memory-bound) ... 128 (compute-bound)
     block_m, block_n, warps, stages = (16, 64, 4, 4) if M <= 16 else (64, 128, 4, 4) if M <= 64 else (128, 128, 8, 3)
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
     # sliced by whole blocks: a block's 4 plane steps share its bytes in L2
     blocks_per_slice, out = _split_k(q.shape[1] // (4 * PLANE), tiles, M, N, out_dtype, x2.device)
-    _planar_matmul[(triton.cdiv(N, block_n), _slices(out), triton.cdiv(M, block_m))](
+    _planar_matmul[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), 4 * blocks_per_slice, SCALE_MODE=prepared.scale_mode,
         ACT=_ACT[activations], HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), FUSED=_slices(out) == 1,
