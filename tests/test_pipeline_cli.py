@@ -32,6 +32,20 @@ def test_generate_writes_png_of_the_asked_size(tmp_path, capsys, backend):
     assert image.format == "PNG" and image.size == (64, 48)
 
 
+def test_generate_with_other_activations(tmp_path, capsys):
+    """The shipped a16 model run with fp8 activations (the reference's e4m3 numerics on a CPU): an image
+    close to, not equal to, the a16 one."""
+    images = {}
+    for activations in ("a16", "fp8"):
+        out = tmp_path / f"{activations}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--backend", "reference",
+                            "--activations", activations, "-o", out)
+        assert code == 0, err
+        images[activations] = np.asarray(Image.open(out)).astype(float)
+    difference = np.abs(images["a16"] - images["fp8"]).mean()
+    assert 0 < difference < 8
+
+
 def test_same_seed_same_image_and_compare(tmp_path, capsys):
     paths = [tmp_path / f"{i}.png" for i in range(2)]
     for path in paths:
@@ -58,6 +72,7 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "--cuda-graph", "-o", "x.png"], "--cuda-graph needs --device cuda"),
     (["bench", "--cuda-graph"], "--cuda-graph needs --device cuda"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
+    (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)

@@ -2,9 +2,10 @@ import pytest
 import torch
 from conftest import build_tiny, tiny_inputs
 
-from bitflux import TernaryConfig, TernaryLinear, quantize_
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.kernels import use_backend
+from bitflux.surgery import set_activations
 
 
 def test_flux_dev_on_meta_matches_the_paper():
@@ -53,3 +54,21 @@ def test_parameter_count_unchanged():
     assert report.total_params == before
     from bitflux.surgery import count_params
     assert count_params(model) == before
+
+
+def test_set_activations_switches_every_ternary_layer():
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel"))
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    assert set_activations(model, "fp8") == len(layers) > 0
+    assert {layer.activations for layer in layers} == {"fp8"}
+    with pytest.raises(BitfluxError, match="activations must be one of"):
+        set_activations(model, "int4")
+
+
+def test_fp8_activations_refuse_per_group_scales():
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="group", group_size=16))
+    with pytest.raises(BitfluxError, match="per-group scales"):
+        set_activations(model, "fp8")
+    assert set_activations(model, "a8") > 0

@@ -71,8 +71,6 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _parse_lora(text: str) -> tuple[str, float]:
     """FILE[:STRENGTH] -> (file, strength)."""
-    from pathlib import Path
-
     from .errors import BitfluxError
 
     path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
@@ -121,6 +119,10 @@ def _cmd_generate(args) -> None:
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
     fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
+    if args.activations:
+        from .surgery import set_activations
+
+        set_activations(ternary.transformer, args.activations)
     for path, strength in loras:
         from .interop.lora import load_lora
 
@@ -156,15 +158,12 @@ def _cmd_bench(args) -> None:
 def _cmd_eval(args) -> None:
     from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
     from .kernels import use_backend
-    from .pipeline import load_pipeline, resolve_pipeline_path, save_png, variant_pipeline
+    from .pipeline import check_variant, load_pipeline, resolve_pipeline_path, save_png, variant_pipeline
 
     _check_common(args)
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
-        if name not in ("fp", "calibrated") and not Path(name).is_dir():
-            from .pipeline import variant_config
-
-            variant_config(name)
+        check_variant(name)
     fp = load_pipeline(resolve_pipeline_path(args.model), args.device)
     with use_backend(args.backend):
         results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device), variants, seeds=tuple(args.seeds),
@@ -174,6 +173,9 @@ def _cmd_eval(args) -> None:
     print(results_json(results) if args.json else variant_table(results))
     if args.grid:
         save_png(variant_grid(results), args.grid)
+
+
+CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     g.add_argument("--device", default="cpu", help="cpu | cuda")
-    g.add_argument("--cuda-graph", action="store_true", help="replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)")
+    g.add_argument("--activations", default=None, choices=["a16", "a8", "fp8"],
+                   help="run the ternary layers with these activations (default: as quantized; fp8 is the fastest "
+                        "on Hopper GPUs)")
+    g.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     b.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     b.add_argument("--device", default="cpu", help="cpu | cuda")
-    b.add_argument("--cuda-graph", action="store_true", help="replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)")
+    b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
     v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
     v.add_argument("--variants", default="fp,absmean,calibrated",
-                   help="comma-separated: fp; calibrated (the demo's shipped calibrated model); a bitflux pipeline "
+                   help="comma-separated: fp; calibrated[-a16|-a8|-fp8] (the demo's shipped calibrated model, as "
+                        "shipped or with those activations); a bitflux pipeline "
                         "folder; METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
     v.add_argument("--seeds", type=int, nargs="+", default=[0])
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")

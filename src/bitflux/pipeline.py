@@ -11,9 +11,9 @@ import torch
 from . import checkpoint
 from .cache import cache_dir
 from .checkpoint import read_config
-from .config import TernaryConfig
+from .config import ACTIVATIONS, TernaryConfig
 from .errors import BitfluxError
-from .surgery import QuantizationReport, quantize_
+from .surgery import QuantizationReport, quantize_, set_activations
 
 
 def _flux_pipeline_class():
@@ -208,14 +208,38 @@ def variant_config(name: str) -> TernaryConfig:
     return TernaryConfig(**fields)
 
 
+def check_variant(name: str) -> None:
+    """Fail on a bad evaluation variant name before anything is loaded."""
+    if name == "fp" or Path(name).is_dir():
+        return
+    if name.startswith("calibrated"):
+        _calibrated_activations(name)
+    else:
+        variant_config(name)
+
+
+def _calibrated_activations(name: str) -> str | None:
+    """"calibrated" -> None (as shipped), "calibrated-a8" -> "a8", ..."""
+    suffix = name.removeprefix("calibrated")
+    if suffix and suffix.removeprefix("-") not in ACTIVATIONS:
+        raise BitfluxError(f"unknown variant {name!r}; the shipped model is 'calibrated' or "
+                           f"'calibrated-' + one of {', '.join(ACTIVATIONS)}")
+    return suffix.removeprefix("-") or None
+
+
 def variant_pipeline(fp_pipe, name: str, device: str = "cpu"):
     """The pipeline of an evaluation variant: "fp" itself; "calibrated", the demo's shipped calibrated
-    ternary model; a path, a bitflux pipeline folder (e.g. made by `quantize --calibrate`); else a name
-    for variant_config, quantized in memory from the full-precision pipeline."""
+    ternary model ("calibrated-a8", "calibrated-fp8": the same run with 8-bit activations); a path, a
+    bitflux pipeline folder (e.g. made by `quantize --calibrate`); else a name for variant_config,
+    quantized in memory from the full-precision pipeline."""
     if name == "fp":
         return fp_pipe
-    if name == "calibrated":
-        return load_pipeline(demo_ternary_path(), device)
     if Path(name).is_dir():
         return load_pipeline(name, device)
+    if name.startswith("calibrated"):
+        activations = _calibrated_activations(name)
+        pipe = load_pipeline(demo_ternary_path(), device)
+        if activations:
+            set_activations(pipe.transformer, activations)
+        return pipe
     return quantize_pipeline(fp_pipe, variant_config(name))[0]

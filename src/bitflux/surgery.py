@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import formats
-from .config import TernaryConfig
+from .config import ACTIVATIONS, TernaryConfig
+from .errors import BitfluxError
 from .linear import TernaryLinear, scale_shape
 
 _SCALE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -90,6 +91,19 @@ def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> Quantiza
         setattr(parent, child, TernaryLinear.from_linear(linear, config))
         report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
     return report
+
+
+def set_activations(model: nn.Module, activations: str) -> int:
+    """Run every TernaryLinear of a loaded model with `activations` (a16 | a8 | fp8), whatever its checkpoint
+    was quantized with (the codes and scales do not depend on it): the number of layers changed."""
+    if activations not in ACTIVATIONS:
+        raise BitfluxError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    if activations == "fp8" and any(layer.granularity == "group" for layer in layers):
+        raise BitfluxError("fp8 activations need per-tensor or per-channel scales; this model has per-group scales")
+    for layer in layers:
+        layer.activations = activations
+    return len(layers)
 
 
 def count_params(model: nn.Module) -> int:
