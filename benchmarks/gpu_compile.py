@@ -125,11 +125,11 @@ def variants(quick: bool):
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
-        for fma, blocks in ((False, (16, 32, 256)), (True, (1, 64, 256))):
+        for fma, (block_m, block_n, block_k, warps, stages) in ((False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)):
             yield (f"{'gemv' if fma else 'splitk'} {act}", tk._gemv_kernel,
                    {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
                    {"ACT": code, "FMA": fma, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False,
-                    "BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2]}, 4, 3,
+                    "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                    fp8_targets if act == "fp8" else all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):

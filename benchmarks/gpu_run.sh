@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU session script: the Triton kernel and CUDA-graph tests compiled for real, the full-FLUX
-# forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), then the per-layer GEMM
-# benchmark. Each part has its own time limit and failures do not stop the next part; every part writes
-# its results into $OUT as it goes. Worst case ~10.5 minutes of wall time; --quick (<= 8.2 minutes, ~3 on
-# an H200 with Triton 3.6): every strategy's and tile config's test, the exactness and CUDA-graph subset,
-# gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies), the two benches,
-# and gpu_linear on 3 layers x M in {1, 16, 4096}.
+# forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), the per-layer GEMM
+# benchmark, then the small-M kernels' parameter sweep. Each part has its own time limit and failures do
+# not stop the next part; every part writes its results into $OUT as it goes (the sweep after every row),
+# so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7 minutes on an
+# H200 with Triton 3.6; limits sum to 11): every strategy's and tile config's test, the exactness and
+# CUDA-graph subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
+# the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, and the sweep.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
 #
@@ -14,8 +15,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-xdist execnet
 #
-# Files written to $OUT (7): run.log, pytest.txt, gpu_flux.{json,md}, gpu_linear.{json,md},
-# bitflux-cache/triton-strategies.json.
+# Files written to $OUT (8, what the device tool returns at most): run.log, pytest.txt, gpu_flux.{json,md},
+# gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the strategy chosen per layer shape.
 set -u
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK=1
@@ -31,8 +32,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}  # shared by the three parts
-# The Triton backend keeps its strategy choice per layer shape there: it comes back as a result.
-export BITFLUX_CACHE="$OUT/bitflux-cache"
+# The Triton backend's strategy choices and the demo's ternary pipeline: outside $OUT, whose files come back.
+export BITFLUX_CACHE=/tmp/bitflux-cache
 # Without a GPU (rehearsing the script on a CPU) the benchmarks run tiny shapes in Triton's interpreter.
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     unset TRITON_INTERPRET
@@ -54,10 +55,8 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 
 pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and with --cuda-graph (GPU only)
     [ -n "$DRY" ] && return
-    # The demo's ternary pipeline is cached outside $OUT: only the files listed above come back.
-    part bench 60 "$LOG" env BITFLUX_CACHE=/tmp/bitflux-demo python -m bitflux.cli bench --device cuda --steps 8
-    part bench-graph 60 "$LOG" env BITFLUX_CACHE=/tmp/bitflux-demo python -m bitflux.cli bench --device cuda \
-        --steps 8 --cuda-graph
+    part bench 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8
+    part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --cuda-graph
 }
 
 {
@@ -76,13 +75,15 @@ if [ -n "$QUICK" ]; then
     part gpu_flux 200 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     pipeline_bench
     part gpu_linear 80 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
+    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
     part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
     pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
+    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
 fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"
-cat "$OUT/gpu_flux.md" "$OUT/gpu_linear.md" 2>/dev/null
+cat "$OUT/gpu_flux.md" "$OUT/gpu_linear.md" "$OUT/gpu_small_m.md" 2>/dev/null

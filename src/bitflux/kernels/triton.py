@@ -47,6 +47,13 @@ _TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many column
 # expand()'s (BLOCK_N, BLOCK_K, warps): long rows of codes write wide contiguous runs (H200: 2.5-3.3 TB/s,
 # 10-20% above 32 x 128 tiles)
 EXPAND_TILE = (16, 512, 8)
+# The split-K kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tensor cores on 16-row tiles (splitk), and
+# the one-token CUDA-core variant (gemv: 64 x 64 bytes a tile, 128 registers a thread on sm_90, so 4
+# programs fit an SM). K is split into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM.
+# Untuned first choices: benchmarks/gpu_small_m.py sweeps all three on a GPU.
+SPLITK_TILE = (16, 32, 256, 4, 3)
+GEMV_TILE = (1, 64, 256, 4, 3)
+PROGRAMS_PER_SM = 4
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -345,10 +352,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     q, act_scale = _quantized(x2, activations)
-    if fma:  # 64 x 64 bytes per tile: 128 registers a thread on sm_90 (ptxas), so 4 programs fit an SM
-        block_m, block_n, block_k = 1, 64, 256
-    else:
-        block_m, block_n, block_k = 16, 32, 256
+    block_m, block_n, block_k, warps, stages = GEMV_TILE if fma else SPLITK_TILE
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
     steps_per_slice, out = _split_k(_cdiv(K, block_k), tiles, M, N, out_dtype, x2.device)
     _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
@@ -356,7 +360,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * block_k,
         ACT=_ACT[activations], FMA=fma, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=4, num_stages=3)
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
@@ -387,7 +391,7 @@ def _or(tensor, placeholder):
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter: still split, to exercise the reduction
 
 

@@ -1,0 +1,139 @@
+"""Sweep of the small-M kernels' launch parameters on a GPU: the split-K kernel's tiles (`splitk`, tensor
+cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token) and how many programs per SM the K split
+aims for, at FLUX.1-dev layer shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead)
+beside cuBLAS's bf16 GEMM on the same weight, and its output is checked against that GEMM's, so a fast but
+wrong candidate shows. Prints the default's time and the best candidate's per (layer, M, mode, strategy);
+writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE and PROGRAMS_PER_SM
+in bitflux/kernels/triton.py.
+
+    PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
+    PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitflux.kernels import triton as triton_backend
+from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, random_ternary, relative_error,
+                        write_atomic)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
+# tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
+CANDIDATES = {
+    "gemv": [triton_backend.GEMV_TILE, (1, 32, 512, 4, 3), (1, 16, 1024, 4, 3), (1, 8, 1024, 4, 3),
+             (1, 16, 512, 4, 3), (1, 32, 256, 4, 3), (1, 8, 2048, 8, 3), (1, 64, 512, 8, 3)],
+    "splitk": [triton_backend.SPLITK_TILE, (16, 64, 256, 4, 3), (16, 16, 512, 4, 3), (16, 16, 256, 4, 3),
+               (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
+}  # all compile for sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
+PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
+LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
+TOKENS = (1, 16)
+MAX_REL_ERR = {"a16": 5e-3, "a8": 2e-2, "fp8": 4e-2}  # vs the bf16 GEMM (gpu_linear.md: 0.2 %, 0.9 %, 2.3 %)
+
+
+def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
+    """Yields one row per (layer, M, mode, strategy): every candidate's time and error."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k) in layers.items():
+        weight = random_ternary(n, k, device, gen)
+        codes = triton_backend.expand(triton_backend.prepare(weight), torch.bfloat16)
+        dense = (codes * 0.02).contiguous()
+        bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
+        prepared = triton_backend.prepare(weight)
+        for m in tokens:
+            x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+            expected = F.linear(x, dense, bias)
+            bf16_ms = bench_ms(lambda: F.linear(x, dense, bias), graph=device.type == "cuda")
+            for mode in modes:
+                for strategy in ("gemv", "splitk"):
+                    if strategy not in triton_backend.strategies(m, prepared, mode):
+                        continue
+                    row = {"layer": name, "M": m, "N": n, "K": k, "mode": mode, "strategy": strategy,
+                           "bf16_ms": bf16_ms, "candidates": []}
+                    candidates = CANDIDATES[strategy][:2] if dry_run else CANDIDATES[strategy]
+                    for tile in candidates:
+                        for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
+                            row["candidates"].append(
+                                measure(x, prepared, bias, mode, strategy, tile, programs, expected, device))
+                    yield row
+
+
+def measure(x, prepared, bias, mode: str, strategy: str, tile: tuple, programs: int, expected, device) -> dict:
+    """One candidate set as the backend's constants: its GPU time and its error vs the bf16 GEMM."""
+    constant = "GEMV_TILE" if strategy == "gemv" else "SPLITK_TILE"
+    saved = getattr(triton_backend, constant), triton_backend.PROGRAMS_PER_SM
+    setattr(triton_backend, constant, tile)
+    triton_backend.PROGRAMS_PER_SM = programs
+    result = {"tile": list(tile), "programs_per_sm": programs}
+    try:
+        def call():
+            return triton_backend.linear(x, prepared, bias, mode, strategy=strategy)
+
+        result["rel_err"] = relative_error(call(), expected)
+        result["ms"] = bench_ms(call, graph=device.type == "cuda")
+    except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run (registers, shared memory)
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    finally:
+        setattr(triton_backend, constant, saved[0])
+        triton_backend.PROGRAMS_PER_SM = saved[1]
+    return result
+
+
+def best(row: dict) -> dict | None:
+    """The fastest candidate whose output is right."""
+    good = [c for c in row["candidates"] if "ms" in c and c["rel_err"] < MAX_REL_ERR[row["mode"]]]
+    return min(good, key=lambda c: c["ms"]) if good else None
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Small-M kernel sweep on {env['device']}", "",
+             f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU time per call in us "
+             "(CUDA graphs); speed-up vs cuBLAS bf16 on the same weight in brackets. Tile: (BLOCK_M, BLOCK_N, "
+             "BLOCK_K, warps, stages); programs: the K split's target per SM.", "",
+             "| layer | M | mode | strategy | bf16 cuBLAS | default | best | best tile | programs | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        default, top = row["candidates"][0], best(row)
+
+        def cell(c):
+            return f"{c['ms'] * 1e3:.1f} ({row['bf16_ms'] / c['ms']:.2f}x)" if c and "ms" in c else "n/a"
+
+        failed = sum("error" in c for c in row["candidates"])
+        lines.append(f"| {row['layer']} | {row['M']} | {MODES[row['mode']]} | {row['strategy']} | {row['bf16_ms'] * 1e3:.1f} | "
+                     f"{cell(default)} | {cell(top)} | {tuple(top['tile']) if top else '-'} | "
+                     f"{top['programs_per_sm'] if top else '-'} | {failed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."), help="results folder")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 candidates (CPU, interpreter)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layers = DRY_LAYERS if args.dry_run else {name: FLUX_LAYERS[name] for name in LAYERS}
+    env = environment()
+    rows = []
+    for row in sweep(layers, TOKENS, args.modes, device, args.dry_run):
+        rows.append(row)
+        top = best(row)
+        print(f"{row['layer']} M={row['M']} {row['mode']} {row['strategy']}: bf16 {row['bf16_ms'] * 1e3:.1f} us, "
+              f"best {top['ms'] * 1e3:.1f} us {tuple(top['tile'])} x{top['programs_per_sm']}" if top
+              else f"{row['layer']} M={row['M']} {row['mode']} {row['strategy']}: no candidate ran", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # after every row: a run cut short keeps what it has
+        write_atomic(args.out / "gpu_small_m.json", json.dumps({"environment": env, "rows": rows}, indent=1))
+        write_atomic(args.out / "gpu_small_m.md", markdown(env, rows))
+    print(markdown(env, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
