@@ -1,4 +1,5 @@
 import gc
+import importlib
 
 import pytest
 import torch
@@ -247,6 +248,39 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, tiny_teach
     assert [r.resumed for r in records] == [True, True, False, False]
     expected = uninterrupted.state_dict()
     assert resumed.state_dict().keys() == expected.keys()
+    for key, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_distillation_resumes_from_its_checkpoint(tmp_path, tiny_teacher, monkeypatch):
+    """Stopped after 6 of 10 steps (checkpoints after every step here), the repeated run goes on from step 6
+    and ends exactly where an uninterrupted run does, with the same before/after errors."""
+    distill_module = importlib.import_module("bitflux.calibrate.distill")  # the package exports the function
+    model, teacher = tiny_teacher
+    config, calib = _ternary_config(), _calib(("distill",), distill_steps=10)
+    uninterrupted, report = calibrate_transformer(ModelSource(model), teacher, config, calib, progress=False)
+    real_fit = distill_module.fit
+
+    def fit_stopped_after_6_steps(root, loss_of, *args, **kwargs):
+        steps = []
+
+        def loss(index):
+            if len(steps) == 6:
+                raise KeyboardInterrupt
+            steps.append(index)
+            return loss_of(index)
+
+        real_fit(root, loss, *args, checkpoint_seconds=0, **kwargs)
+
+    monkeypatch.setattr(distill_module, "fit", fit_stopped_after_6_steps)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_transformer(ModelSource(model), teacher, config, calib, workdir=tmp_path, progress=False)
+    assert torch.load(tmp_path / "distill.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(distill_module, "fit", real_fit)
+    resumed, resumed_report = calibrate_transformer(ModelSource(model), teacher, config, calib, workdir=tmp_path,
+                                                    progress=False)
+    assert resumed_report.distill_error == report.distill_error
+    expected = uninterrupted.state_dict()
     for key, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
 

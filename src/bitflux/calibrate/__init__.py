@@ -134,7 +134,7 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
     report.seconds["blocks"] = time.perf_counter() - start
     if "distill" in calib.stages:
         start = time.perf_counter()
-        report.distill_error = distill(model, teacher, config, calib, device, progress)
+        report.distill_error = distill(model, teacher, config, calib, device, progress, workdir)
         report.seconds["distill"] = time.perf_counter() - start
     return model, report
 

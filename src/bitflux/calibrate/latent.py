@@ -8,6 +8,8 @@ by about half a unit, whatever the magnitude of the original weights.
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -145,26 +147,53 @@ def latent_layers(root: nn.Module) -> dict[str, LatentTernaryLinear]:
 
 
 def fit(root: nn.Module, loss_of, records: int, steps: int, batch_size: int, latent_lr: float, scale_lr: float,
-        seed: int, progress: bool = True, desc: str = "") -> None:
+        seed: int, progress: bool = True, desc: str = "", checkpoint: Path | None = None,
+        checkpoint_seconds: float = 300.0) -> None:
     """Adam on the latent weights and log-scales of root's LatentTernaryLinear layers, everything else
     frozen; `loss_of(index)` is the loss on the records at `index`, drawn with a seeded generator. The
-    cosine schedule decays to zero so that the codes settle before freezing."""
-    layers = latent_layers(root).values()
+    cosine schedule decays to zero so that the codes settle before freezing. With `checkpoint`, the whole
+    training state (trainable tensors, Adam's moments, the schedule, the record generator) is written there
+    every `checkpoint_seconds` and at the end, and a run that finds it there goes on from its step: the
+    result equals an uninterrupted run's."""
+    layers = latent_layers(root)
     for p in root.parameters():
         p.requires_grad_(False)
-    groups = [{"params": [m.latent for m in layers], "lr": latent_lr},
-              {"params": [m.log_gain for m in layers], "lr": scale_lr}]
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
+    trainable = {f"{name}.{kind}": getattr(m, kind) for name, m in layers.items() for kind in ("latent", "log_gain")}
+    groups = [{"params": [m.latent for m in layers.values()], "lr": latent_lr},
+              {"params": [m.log_gain for m in layers.values()], "lr": scale_lr}]
+    for p in trainable.values():
+        p.requires_grad_(True)
     optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress):
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                trainable[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+    saved_at = time.monotonic()
+    for step in tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not progress, initial=start,
+                     total=steps):
         loss = loss_of(torch.randint(records, (batch_size,), generator=generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        if checkpoint is not None and (step + 1 == steps or time.monotonic() - saved_at >= checkpoint_seconds):
+            _save_training_state(checkpoint, step + 1, trainable, optimizer, schedule, generator)
+            saved_at = time.monotonic()
     for p in root.parameters():
         p.requires_grad_(False)
+
+
+def _save_training_state(path: Path, step: int, trainable: dict, optimizer, schedule, generator) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"step": step, "trainable": {name: p.detach() for name, p in trainable.items()},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state()}, tmp)
+    tmp.replace(path)  # a run stopped while writing keeps the previous checkpoint
