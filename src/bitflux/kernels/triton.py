@@ -69,8 +69,8 @@ else:
     _IMPORT_ERROR = None
 
 
-# Read once, as Triton reads it when the kernels below are decorated; every call asks (a lookup in
-# os.environ each time cost ~1 us a call, and launch overhead is what eager forwards are bound by).
+# Read once, as Triton itself does when it decorates the kernels below: the backend asks on every call, and
+# an os.environ lookup costs ~1 us (eager forwards can be bound by host time per call).
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
