@@ -338,6 +338,28 @@ def test_calibrate_a_pipeline_end_to_end(tmp_path):
         calibrate(pipe, ["a red circle"], config, calib, workdir=tmp_path / "work", progress=False)
 
 
+def test_teacher_keeps_each_trajectory_text_once(tmp_path):
+    """Records point at their trajectory's text conditioning, stored once (not once per step), and give the
+    transformer exactly what it was called with; saved and loaded, the same."""
+    from bitflux.calibrate.teacher import collect
+
+    pipe = _tiny_pipeline()
+    seen = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append({k: kwargs[k].clone() for k in ("encoder_hidden_states",
+                                                                                       "pooled_projections")}),
+        with_kwargs=True)
+    teacher = collect(pipe, ["a red circle", "a blue square"], samples=3, batch_size=2, progress=False,
+                      num_inference_steps=4, height=16, width=16, max_sequence_length=8)
+    hook.remove()
+    assert len(teacher) == 3 * 4 and len(teacher.prompts["encoder_hidden_states"]) == 3
+    teacher.save(tmp_path / "teacher.safetensors")
+    for data in (teacher, TeacherData.load(tmp_path / "teacher.safetensors")):
+        batch = data.batch(torch.arange(len(data)), "cpu")
+        for key in ("encoder_hidden_states", "pooled_projections"):
+            assert torch.equal(batch[key], torch.cat([call[key] for call in seen]))
+
+
 def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
     from bitflux import load_pipeline
     from bitflux.calibrate.checkpoint import quantize_calibrated

@@ -4,7 +4,7 @@ call along its own trajectories recorded (inputs and predicted velocity). No ima
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,36 +13,48 @@ from tqdm import tqdm
 
 from ..errors import BitfluxError
 
-PER_CALL = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+PER_CALL = ("hidden_states", "timestep", "guidance")
+# The text conditioning is the same at every denoising step of a trajectory: kept once per trajectory (for
+# FLUX.1-dev, T5's 512 x 4096 states are 4 MB a record, 8x the image latents), records point at it.
+PROMPT = ("encoder_hidden_states", "pooled_projections")
+PROMPT_INDEX = "prompt_index"
 SHARED = ("img_ids", "txt_ids")
 
 
 @dataclass
 class TeacherData:
-    """Records of transformer calls, stacked along dim 0; `velocity` is the teacher's output for each."""
+    """Records of transformer calls, stacked along dim 0; `velocity` is the teacher's output for each.
+    `prompts`, if given, holds the text conditioning once per trajectory and inputs["prompt_index"] the row
+    each record uses; without it the conditioning is in `inputs`, one row per record."""
 
     inputs: dict[str, torch.Tensor]
     velocity: torch.Tensor
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.velocity.shape[0]
 
     def batch(self, index: torch.Tensor, device) -> dict:
         """Keyword arguments for FluxTransformer2DModel.forward for the records at `index`."""
-        kwargs = {k: (v if k in SHARED else v[index]).to(device) for k, v in self.inputs.items()}
+        kwargs = {k: (v if k in SHARED else v[index]).to(device) for k, v in self.inputs.items() if k != PROMPT_INDEX}
+        if self.prompts:
+            rows = self.inputs[PROMPT_INDEX][index]
+            kwargs.update({k: v[rows].to(device) for k, v in self.prompts.items()})
         kwargs.setdefault("guidance", None)
         return {**kwargs, "return_dict": False}
 
     def save(self, path: Path) -> None:
         tmp = Path(f"{path}.tmp")
-        save_file({**self.inputs, "velocity": self.velocity}, str(tmp))
+        prompts = {f"prompt.{k}": v for k, v in self.prompts.items()}
+        save_file({**self.inputs, **prompts, "velocity": self.velocity}, str(tmp))
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "TeacherData":
         tensors = load_file(str(path))
         velocity = tensors.pop("velocity")
-        return cls(tensors, velocity)
+        prompts = {k.removeprefix("prompt."): tensors.pop(k) for k in list(tensors) if k.startswith("prompt.")}
+        return cls(tensors, velocity, prompts)
 
 
 @torch.no_grad()
@@ -54,9 +66,21 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
     if not prompts:
         raise BitfluxError("no calibration prompts")
     calls: list[dict[str, torch.Tensor]] = []
+    conditioning: list[dict[str, torch.Tensor]] = []  # one entry per distinct text conditioning tensor
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # this pipeline call's conditionings and their rows
 
     def record(module, args, kwargs, output):
         call = {k: kwargs[k].detach().cpu() for k in (*PER_CALL, *SHARED) if kwargs.get(k) is not None}
+        states = kwargs["encoder_hidden_states"]
+        # The pipeline passes the same tensor at every step of a call (two with true CFG): the same object
+        # means the same conditioning. Objects are only compared within one pipeline call, which holds them.
+        rows = next((rows for known, rows in seen if known is states), None)
+        if rows is None:
+            first = sum(len(c["encoder_hidden_states"]) for c in conditioning)
+            rows = torch.arange(first, first + len(states))
+            seen.append((states, rows))
+            conditioning.append({k: kwargs[k].detach().cpu() for k in PROMPT})
+        call[PROMPT_INDEX] = rows
         call["velocity"] = output[0].detach().cpu()
         calls.append(call)
 
@@ -67,15 +91,18 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
         for start in tqdm(range(0, samples, batch_size), desc="teacher trajectories", unit="batch",
                           disable=not progress):
             index = range(start, min(samples, start + batch_size))
+            seen.clear()
             pipeline(prompt=[prompts[j % len(prompts)] for j in index],
                      generator=[torch.Generator().manual_seed(seed + j) for j in index],
                      output_type="latent", **call_kwargs)
     finally:
         handle.remove()
+        seen.clear()
         pipeline.set_progress_bar_config(**saved_bar_config)
     for key in SHARED:
         if any(not torch.equal(c[key], calls[0][key]) for c in calls):
             raise BitfluxError(f"teacher calls disagree on {key}; calibrate at one image size")
-    inputs = {k: torch.cat([c[k] for c in calls]) for k in PER_CALL if k in calls[0]}
+    inputs = {k: torch.cat([c[k] for c in calls]) for k in (*PER_CALL, PROMPT_INDEX) if k in calls[0]}
     inputs.update({k: calls[0][k] for k in SHARED})
-    return TeacherData(inputs, torch.cat([c["velocity"] for c in calls]))
+    prompt_rows = {k: torch.cat([c[k] for c in conditioning]) for k in PROMPT}
+    return TeacherData(inputs, torch.cat([c["velocity"] for c in calls]), prompt_rows)
