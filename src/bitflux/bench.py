@@ -32,14 +32,18 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
-                    size: tuple[int, int] | None = None, cuda_graph: bool = False, repeats: int = 2) -> dict:
+                    size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None,
+                    repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
     from .graphs import cuda_graphed
     from .kernels import use_backend
     from .pipeline import default_image_size, generate, load_variants
+    from .surgery import set_activations
 
     fp, ternary = load_variants(model, device, want_fp=(variant == "fp"), progress=False)
     pipe = fp if variant == "fp" else ternary
+    if activations and variant == "ternary":
+        set_activations(pipe.transformer, activations)
     if cuda_graph:
         cuda_graphed(pipe.transformer)
     width, height = size or default_image_size(pipe)
@@ -82,7 +86,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
 
 
 def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
-              size: tuple[int, int] | None = None, cuda_graph: bool = False) -> dict:
+              size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None) -> dict:
     """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins)."""
     from .pipeline import demo_ternary_path
 
@@ -91,7 +95,7 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
     results = {}
     for variant in VARIANTS:
         spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
-                "size": size, "cuda_graph": cuda_graph}
+                "size": size, "cuda_graph": cuda_graph, "activations": activations}
         child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
                                text=True)
         if child.returncode != 0:
@@ -100,13 +104,14 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     fp, ternary = results["fp"], results["ternary"]
     ratios = {key: fp[key] / ternary[key] for _, key, _ in MEASURES}
-    return {"model": model or "embedded demo", "backend": backend, "cuda_graph": cuda_graph, "variants": results,
-            "ratios_fp_over_ternary": ratios}
+    return {"model": model or "embedded demo", "backend": backend, "cuda_graph": cuda_graph,
+            "activations": activations, "variants": results, "ratios_fp_over_ternary": ratios}
 
 
 def format_bench(result: dict) -> str:
     fp, ternary = result["variants"]["fp"], result["variants"]["ternary"]
     lines = [f"model: {result['model']}, device {fp['device']}, backend {result['backend']}"
+             f"{', ternary activations ' + result['activations'] if result.get('activations') else ''}"
              f"{', CUDA graphs' if result.get('cuda_graph') else ''}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
              f"{'':26s} {'full precision':>15s} {'ternary':>10s} {'fp / ternary':>13s}"]

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import ACTIVATIONS
 from .errors import BitfluxError
 
 
@@ -149,7 +150,7 @@ def _cmd_bench(args) -> None:
 
     _check_common(args)
     size = _parse_size(args.size) if args.size else None
-    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph)
+    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph, args.activations)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     if args.plot:
         plot_bench(result, args.plot)
@@ -175,6 +176,8 @@ def _cmd_eval(args) -> None:
         save_png(variant_grid(results), args.grid)
 
 
+ACTIVATIONS_HELP = ("run the ternary layers with these activations (default: as quantized; fp8 is the fastest on "
+                    "Hopper GPUs)")
 CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"
 
 
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
     q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
-    q.add_argument("--activations", default="a16", choices=["a16", "a8", "fp8"],
+    q.add_argument("--activations", default="a16", choices=ACTIVATIONS,
                    help="activations the kernels use: 16-bit, int8 or fp8 per token")
     q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
                    help="calibrate with the full-precision model as teacher on these prompts (one per line)")
@@ -224,9 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     g.add_argument("--device", default="cpu", help="cpu | cuda")
-    g.add_argument("--activations", default=None, choices=["a16", "a8", "fp8"],
-                   help="run the ternary layers with these activations (default: as quantized; fp8 is the fastest "
-                        "on Hopper GPUs)")
+    g.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     g.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     b.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     b.add_argument("--device", default="cpu", help="cpu | cuda")
+    b.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
