@@ -188,6 +188,13 @@ def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary name: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class AtomicFolder:
     """A temporary folder beside `target` that becomes `target` only when the block succeeds."""
 

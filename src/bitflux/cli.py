@@ -59,8 +59,6 @@ def _cmd_inspect(args) -> None:
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    from .errors import BitfluxError
-
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -72,8 +70,6 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _parse_lora(text: str) -> tuple[str, float]:
     """FILE[:STRENGTH] -> (file, strength)."""
-    from .errors import BitfluxError
-
     path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
     try:
         value = float(strength) if strength else 1.0
@@ -87,7 +83,6 @@ def _parse_lora(text: str) -> tuple[str, float]:
 def _check_common(args) -> None:
     """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
     loading chatter so that bitflux's own progress bars and lines are what the user reads."""
-    from .errors import BitfluxError
     from .kernels import unavailable_reason
 
     if getattr(args, "steps", 1) < 1:
@@ -109,7 +104,6 @@ def _check_common(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from .errors import BitfluxError
     from .kernels import use_backend
     from .pipeline import default_image_size, generate, load_variants, save_png, side_by_side
 
@@ -120,6 +114,7 @@ def _cmd_generate(args) -> None:
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
     fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
+    pipes = [p for p in (fp, ternary) if p is not None]
     if args.activations:
         from .surgery import set_activations
 
@@ -127,12 +122,12 @@ def _cmd_generate(args) -> None:
     for path, strength in loras:
         from .interop.lora import load_lora
 
-        for pipe in (p for p in (fp, ternary) if p is not None):
+        for pipe in pipes:
             load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
     if args.cuda_graph:
         from .graphs import cuda_graphed
 
-        for pipe in (p for p in (fp, ternary) if p is not None):
+        for pipe in pipes:
             cuda_graphed(pipe.transformer)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)

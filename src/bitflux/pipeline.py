@@ -220,11 +220,11 @@ def check_variant(name: str) -> None:
 
 def _calibrated_activations(name: str) -> str | None:
     """"calibrated" -> None (as shipped), "calibrated-a8" -> "a8", ..."""
-    suffix = name.removeprefix("calibrated")
-    if suffix and suffix.removeprefix("-") not in ACTIVATIONS:
+    base, dash, activations = name.partition("-")
+    if base != "calibrated" or (dash and activations not in ACTIVATIONS):
         raise BitfluxError(f"unknown variant {name!r}; the shipped model is 'calibrated' or "
                            f"'calibrated-' + one of {', '.join(ACTIVATIONS)}")
-    return suffix.removeprefix("-") or None
+    return activations or None
 
 
 def variant_pipeline(fp_pipe, name: str, device: str = "cpu"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import write_text_atomic
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..flux import build_transformer
@@ -77,9 +78,7 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
         if json.loads(path.read_text()) != json.loads(text):
             raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
         return workdir
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return workdir
 
 

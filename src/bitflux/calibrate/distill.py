@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import write_text_atomic
 from ..config import TernaryConfig
 from .config import CalibrationConfig
 from .latent import fit, freeze, to_latent
@@ -46,7 +47,7 @@ def distill(model: nn.Module, teacher: TeacherData, config: TernaryConfig, calib
     else:
         before = evaluate(model, teacher, eval_index, calib.batch_size, device)
         if start_file is not None:
-            start_file.write_text(json.dumps({"velocity_error": before}))
+            write_text_atomic(start_file, json.dumps({"velocity_error": before}))
     fit(model, lambda index: _velocity_error(model, teacher, index, device, norm), len(teacher), calib.distill_steps,
         calib.batch_size, calib.latent_lr, calib.scale_lr, calib.seed + 1, progress, "distill",
         checkpoint=Path(workdir) / _CHECKPOINT if workdir else None)
