@@ -109,18 +109,29 @@ def variants(quick: bool):
     bf16, i8, u8, f32, fp8 = torch.bfloat16, torch.int8, torch.uint8, torch.float32, torch.float8_e4m3fn
     all_targets, fp8_targets = ("sm_80", "sm_90"), ("sm_89", "sm_90")
     epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}
+    block_n, block_k, expand_warps = tk.EXPAND_TILE
+    expand_constexprs = {"EXPAND_N": block_n, "EXPAND_K": block_k}
     for fp8_out in (False, True):
+        q_dtype = fp8 if fp8_out else i8
         for plane in (0, tk.PLANE):
             for one_pass, block in ((True, tk._ONE_PASS_COLUMNS), (False, tk._TWO_PASS_BLOCK)):
-                yield (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}"
-                       f"{' one pass' if one_pass else ' two passes'}", tk._quantize_rows_kernel,
-                       {"x_ptr": bf16, "q_ptr": fp8 if fp8_out else i8, "scale_ptr": f32},
-                       {"FP8": fp8_out, "PLANE": plane, "BLOCK": block, "ONE_PASS": one_pass}, 4, 1,
+                quantize = {"FP8": fp8_out, "PLANE": plane, "BLOCK": block, "ONE_PASS": one_pass}
+                name = (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}"
+                        f"{' one pass' if one_pass else ' two passes'}")
+                yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
+                                                   "w_ptr": q_dtype, "codes_ptr": q_dtype},
+                       {"QUANTIZE": True, "EXPAND": False, **quantize, **expand_constexprs}, 4, 1,
                        fp8_targets if fp8_out else all_targets)
-    block_n, block_k, warps = tk.EXPAND_TILE
+                if not plane:  # the expanded GEMMs' operands, in one launch
+                    yield (f"{name} + expand", tk._operands_kernel,
+                           {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8, "codes_ptr": q_dtype},
+                           {"QUANTIZE": True, "EXPAND": True, **quantize, **expand_constexprs}, expand_warps, 1,
+                           fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
-        yield (f"expand {_TYPES[dtype]}", tk._expand_kernel, {"w_ptr": u8, "out_ptr": dtype},
-               {"BLOCK_N": block_n, "BLOCK_K": block_k}, warps, 1, fp8_targets if dtype == fp8 else all_targets)
+        yield (f"expand {_TYPES[dtype]}", tk._operands_kernel,
+               {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "codes_ptr": dtype},
+               {"QUANTIZE": False, "EXPAND": True, "FP8": False, "PLANE": 0, "BLOCK": 1, "ONE_PASS": True,
+                **expand_constexprs}, expand_warps, 1, fp8_targets if dtype == fp8 else all_targets)
     yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}

@@ -157,6 +157,32 @@ def test_expand_writes_the_codes(dtype, scales):
     assert torch.equal(dense.cpu().float(), codes.float())
 
 
+@pytest.mark.parametrize("activations", ["a8", "fp8"])
+def test_expanded_operands_take_one_launch(activations, quantizer_passes, monkeypatch):
+    """The GEMMs on expanded codes get quantized activations and codes from one launch (an eager forward
+    pays the host per launch), bit-identical to quantizing and expanding apart."""
+    weight, x = _weight(40, 390, "channel"), _activations(17, 390, torch.bfloat16)
+    prepared = tk.prepare(weight)
+    apart = (*tk.quantize_activations(x, fp8=activations == "fp8"),
+             tk.expand(prepared, tk._operand_dtype(activations, x.dtype)))
+    launches = []
+    kernel = tk._operands_kernel
+    monkeypatch.setattr(tk, "_operands_kernel", _CountingKernel(kernel, launches))
+    together = tk._expanded_operands(x, prepared, activations)
+    assert len(launches) == 1
+    for a, b in zip(together, apart):  # compared as bytes: torch.equal knows no fp8
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+class _CountingKernel:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("shape,scales", A8_EXACT_CASES)
 def test_a8_equals_integer_reference_exactly(shape, scales):
     (m, k, n), (granularity, group_size) = shape, scales

@@ -282,15 +282,7 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False, plane_major: bool 
     """(M, K) -> int8 (bit-identical to reference.quantize_activations) or float8_e4m3fn (M, K), and fp32
     (M,) scales: s = max|x| / 127 or / 448 per row. plane_major: the columns in the planar kernel's order,
     zero-padded to whole blocks (see plane_major)."""
-    M, K = x2.shape
-    columns = _padded(K) if plane_major else K
-    q = torch.empty(M, columns, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x2.device)
-    # Short rows are read once and kept in registers; longer rows take two passes over blocks.
-    block = triton.next_power_of_2(columns)
-    one_pass = block <= _ONE_PASS_COLUMNS
-    _quantize_rows_kernel[(M,)](x2, q, scale, K, columns, x2.stride(0), FP8=fp8, PLANE=PLANE if plane_major else 0,
-                                BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, num_warps=4)
+    q, scale, _ = _operands(x2, fp8=fp8, plane_major=plane_major)
     return q, scale
 
 
@@ -311,12 +303,45 @@ def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
     for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
     full-precision weight ever exists."""
-    N, K = prepared.out_features, prepared.in_features
-    out = torch.empty(N, K, dtype=dtype, device=prepared.packed.device)
-    block_n, block_k, warps = EXPAND_TILE
-    _expand_kernel[(_cdiv(N, block_n), _cdiv(K, block_k))](
-        prepared.packed, out, N, K, prepared.packed.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out
+    return _operands(None, prepared=prepared, codes_dtype=dtype)[2]
+
+
+def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = False,
+              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None):
+    """One launch of _operands_kernel: x2's rows quantized (q, per-token scales) and/or the layer's codes
+    expanded (codes); what is not asked for is None. Both at once for the a8/fp8 GEMMs on expanded codes:
+    an eager forward pays the host ~20-35 us per Triton launch (BENCHMARKS.md), more than some layers' GPU
+    time."""
+    q = scale = codes = packed = None
+    rows = stride_x = N = tiles = 0
+    K = columns = tiles_k = 1
+    if x2 is not None:
+        rows, K = x2.shape
+        columns = _padded(K) if plane_major else K
+        q = torch.empty(rows, columns, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=x2.device)
+        stride_x = x2.stride(0)
+    block_n, block_k, expand_warps = EXPAND_TILE
+    if prepared is not None:
+        packed, N, K = prepared.packed, prepared.out_features, prepared.in_features
+        codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
+        tiles_k = _cdiv(K, block_k)
+        tiles = _cdiv(N, block_n) * tiles_k
+    # Short rows are read once and kept in registers; longer rows take two passes over blocks.
+    block = _next_power_of_2(columns)
+    one_pass = block <= _ONE_PASS_COLUMNS
+    _operands_kernel[(rows + tiles,)](
+        _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(codes, q), rows, K, columns, N,
+        stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
+        EXPAND=codes is not None, FP8=fp8, PLANE=PLANE if plane_major else 0,
+        BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_K=block_k,
+        num_warps=expand_warps if codes is not None else 4)
+    return q, scale, codes
+
+
+def _next_power_of_2(n: int) -> int:
+    # Host arithmetic, like _cdiv: triton.next_power_of_2 is a JIT-callable wrapper (~3 us a call).
+    return 1 << (n - 1).bit_length()
 
 
 def _operand_dtype(activations: str, dtype: torch.dtype) -> torch.dtype:
@@ -330,14 +355,23 @@ def _quantized(x2: torch.Tensor, activations: str):
     return quantize_activations(x2, fp8=activations == "fp8")
 
 
+def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: str):
+    """The left operand, its per-token scales (None for a16) and the layer's expanded codes, for the GEMMs on
+    expanded codes: one launch."""
+    codes_dtype = _operand_dtype(activations, x2.dtype)
+    if activations == "a16":
+        return x2, None, expand(prepared, codes_dtype)
+    return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype)
+
+
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    codes_t = expand(prepared, _operand_dtype(activations, x2.dtype)).t()
+    q, act_scale, codes = _expanded_operands(x2, prepared, activations)
+    codes_t = codes.t()
     if activations == "a16" and prepared.scale_mode == _SCALE_TENSOR:  # the scale rides as cuBLAS's alpha
         return torch.addmm(bias.to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, codes_t,
                            beta=1 if bias is not None else 0, alpha=prepared.tensor_scale)
     if activations == "a16":
         return _epilogue(torch.mm(x2, codes_t)[None], prepared, None, bias, x2.dtype)
-    q, act_scale = _quantized(x2, activations)
     if activations == "a8":
         return _epilogue(torch._int_mm(q, codes_t)[None], prepared, act_scale, bias, x2.dtype)  # exact int32
     # Row-wise scaling wants bf16 output (and bias); other dtypes are converted after.
@@ -391,8 +425,15 @@ def _or(tensor, placeholder):
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
+                                                  else torch.cuda.current_device())
     return 8  # the interpreter: still split, to exercise the reduction
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    # Asked on every small-M call: looked up once per device (eager forwards are bound by host time).
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -415,19 +456,21 @@ def _epilogue(partial, prepared: PreparedWeight, act_scale, bias, out_dtype) -> 
 
 
 def _tiled_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    return _matmul(x2, prepared.packed, prepared, bias, activations, dense=False)
+    q, act_scale = _quantized(x2, activations)
+    return _matmul(q, act_scale, prepared.packed, prepared, bias, activations, x2.dtype, dense=False)
 
 
 def _expanded_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    codes = expand(prepared, _operand_dtype(activations, x2.dtype))
-    return _matmul(x2, codes, prepared, bias, activations, dense=True)
+    q, act_scale, codes = _expanded_operands(x2, prepared, activations)
+    return _matmul(q, act_scale, codes, prepared, bias, activations, x2.dtype, dense=True)
 
 
-def _matmul(x2, weight, prepared: PreparedWeight, bias, activations: str, dense: bool) -> torch.Tensor:
-    """The tile kernel on tq2 bytes (dense=False) or on expanded codes (dense=True)."""
-    M, K, N = x2.shape[0], prepared.in_features, prepared.out_features
-    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    q, act_scale = _quantized(x2, activations)
+def _matmul(q, act_scale, weight, prepared: PreparedWeight, bias, activations: str, out_dtype, dense: bool
+            ) -> torch.Tensor:
+    """The tile kernel on tq2 bytes (dense=False) or on expanded codes (dense=True); q: the activations
+    (quantized for a8/fp8, with act_scale)."""
+    M, K, N = q.shape[0], prepared.in_features, prepared.out_features
+    out = torch.empty(M, N, dtype=out_dtype, device=q.device)
 
     def grid(meta):
         return (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)
@@ -488,11 +531,28 @@ if triton is not None:
         return _round_half_even(v * inv_step) * step
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
-                              BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
-        """One row of x -> KQ >= K quantized columns (zeros past K); with PLANE, in plane-major order.
-        ONE_PASS (KQ <= BLOCK): the row is read from memory once and kept in registers."""
-        row = tl.program_id(0).to(tl.int64)
+    def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, codes_ptr, rows, K, KQ, N, stride_xm, stride_wn, tiles_k,
+                         QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, FP8: tl.constexpr, PLANE: tl.constexpr,
+                         BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
+                         EXPAND_K: tl.constexpr):
+        """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand one
+        (EXPAND_N, EXPAND_K) tile of the codes each (EXPAND)."""
+        pid = tl.program_id(0)
+        if pid < rows:
+            if QUANTIZE:
+                _quantize_row(x_ptr, q_ptr, scale_ptr, pid.to(tl.int64), K, KQ, stride_xm, FP8, PLANE, BLOCK,
+                              ONE_PASS)
+        else:
+            if EXPAND:
+                tile = pid - rows
+                _expand_tile(w_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, EXPAND_N,
+                             EXPAND_K)
+
+    @triton.jit
+    def _quantize_row(x_ptr, q_ptr, scale_ptr, row, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
+                      BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+        """One row of x -> KQ >= K quantized columns (zeros past K) and its scale; with PLANE, in plane-major
+        order. ONE_PASS (KQ <= BLOCK): the row is read from memory once and kept in registers."""
         x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * KQ
         qmax: tl.constexpr = 448.0 if FP8 else 127.0
         if ONE_PASS:
@@ -609,9 +669,10 @@ if triton is not None:
             tl.store(out, acc, mask=mask)
 
     @triton.jit
-    def _expand_kernel(w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k0 = tl.program_id(1) * BLOCK_K
+    def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (BLOCK_N, BLOCK_K) tile of the codes, as {-1, 0, +1} in out's dtype."""
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tile_k * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         w = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
