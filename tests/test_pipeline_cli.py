@@ -46,6 +46,27 @@ def test_generate_with_other_activations(tmp_path, capsys):
     assert 0 < difference < 8
 
 
+def test_generate_in_bf16(tmp_path, capsys):
+    """--dtype: the unquantized parts in bf16 (the default on a GPU); on a CPU an image close to fp32's."""
+    images = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--dtype", dtype, "-o", out)
+        assert code == 0, err
+        images[dtype] = np.asarray(Image.open(out)).astype(float)
+    assert np.abs(images["fp32"] - images["bf16"]).mean() < 8
+
+
+def test_default_dtype_is_bf16_on_gpus_fp32_on_cpus():
+    import torch
+
+    from bitflux.pipeline import default_dtype, dtype_named
+
+    assert default_dtype("cuda") == default_dtype("cuda:1") == torch.bfloat16
+    assert default_dtype("cpu") == torch.float32
+    assert dtype_named("auto") is None and dtype_named("fp16") == torch.float16
+
+
 def test_same_seed_same_image_and_compare(tmp_path, capsys):
     paths = [tmp_path / f"{i}.png" for i in range(2)]
     for path in paths:
@@ -71,6 +92,10 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "-o", "x.jpg"], ".png"),
     (["generate", "a", "--cuda-graph", "-o", "x.png"], "--cuda-graph needs --device cuda"),
     (["bench", "--cuda-graph"], "--cuda-graph needs --device cuda"),
+    (["generate", "a", "--offload", "-o", "x.png"], "--offload needs --device cuda"),
+    (["bench", "--offload"], "--offload needs --device cuda"),
+    (["generate", "a", "--offload", "--device", "cuda", "--compare", "-o", "x.png"], "one pipeline at a time"),
+    (["generate", "a", "--offload", "--device", "cuda", "--cuda-graph", "-o", "x.png"], "CUDA graph"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
 ])
@@ -95,6 +120,7 @@ def test_bench_json(capsys):
     ratios = result["ratios_fp_over_ternary"]
     assert set(ratios) == {"transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes"}
     assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 2-bit codes plus 32-bit rest
+    assert result["variants"]["fp"]["dtype"] == "float32"  # the default on a CPU
 
 
 def _free_port() -> int:

@@ -33,14 +33,15 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
                     size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None,
-                    repeats: int = 2) -> dict:
+                    dtype: str | None = None, offload: bool = False, repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
     from .graphs import cuda_graphed
     from .kernels import use_backend
-    from .pipeline import default_image_size, generate, load_variants
+    from .pipeline import default_dtype, default_image_size, dtype_named, generate, load_variants
     from .surgery import set_activations
 
-    fp, ternary = load_variants(model, device, want_fp=(variant == "fp"), progress=False)
+    fp, ternary = load_variants(model, device, want_fp=variant == "fp", want_ternary=variant == "ternary",
+                                progress=False, dtype=dtype_named(dtype), offload=offload)
     pipe = fp if variant == "fp" else ternary
     if activations and variant == "ternary":
         set_activations(pipe.transformer, activations)
@@ -79,14 +80,17 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         handle.remove()
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant, "device": device, "size": [width, height], "steps": steps,
+    dtype = str(dtype_named(dtype) or default_dtype(device)).removeprefix("torch.")
+    return {"variant": variant, "device": device, "dtype": dtype, "offload": offload, "size": [width, height],
+            "steps": steps,
             "batch": len(prompts), "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
             else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer)}
 
 
 def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
-              size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None) -> dict:
+              size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None,
+              dtype: str | None = None, offload: bool = False) -> dict:
     """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins)."""
     from .pipeline import demo_ternary_path
 
@@ -95,7 +99,8 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
     results = {}
     for variant in VARIANTS:
         spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
-                "size": size, "cuda_graph": cuda_graph, "activations": activations}
+                "size": size, "cuda_graph": cuda_graph, "activations": activations, "dtype": dtype,
+                "offload": offload}
         child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
                                text=True)
         if child.returncode != 0:
@@ -110,7 +115,8 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
 
 def format_bench(result: dict) -> str:
     fp, ternary = result["variants"]["fp"], result["variants"]["ternary"]
-    lines = [f"model: {result['model']}, device {fp['device']}, backend {result['backend']}"
+    lines = [f"model: {result['model']}, device {fp['device']} ({fp['dtype']}"
+             f"{', offloaded' if fp.get('offload') else ''}), backend {result['backend']}"
              f"{', ternary activations ' + result['activations'] if result.get('activations') else ''}"
              f"{', CUDA graphs' if result.get('cuda_graph') else ''}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",

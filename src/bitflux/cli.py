@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ACTIVATIONS
+from .config import ACTIVATIONS, DTYPES
 from .errors import BitfluxError
 
 
@@ -94,6 +94,13 @@ def _check_common(args) -> None:
         raise BitfluxError(reason)
     if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
         raise BitfluxError("--cuda-graph needs --device cuda")
+    if getattr(args, "offload", False):
+        if not args.device.startswith("cuda"):
+            raise BitfluxError("--offload needs --device cuda")
+        if getattr(args, "cuda_graph", False):
+            raise BitfluxError("--offload moves the transformer between steps; it cannot be replayed as a CUDA graph")
+        if getattr(args, "compare", False):
+            raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
     import diffusers
     import transformers
 
@@ -105,7 +112,7 @@ def _check_common(args) -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import default_image_size, generate, load_variants, save_png, side_by_side
+    from .pipeline import default_image_size, dtype_named, generate, load_variants, save_png, side_by_side
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
@@ -113,7 +120,8 @@ def _cmd_generate(args) -> None:
         raise BitfluxError(f"{args.output}: output must be a .png file")
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
-    fp, ternary = load_variants(args.model, args.device, args.compare, progress=True)
+    fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
+                                dtype=dtype_named(args.dtype), offload=args.offload)
     pipes = [p for p in (fp, ternary) if p is not None]
     if args.activations:
         from .surgery import set_activations
@@ -145,7 +153,8 @@ def _cmd_bench(args) -> None:
 
     _check_common(args)
     size = _parse_size(args.size) if args.size else None
-    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph, args.activations)
+    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph, args.activations,
+                       args.dtype, args.offload)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     if args.plot:
         plot_bench(result, args.plot)
@@ -154,15 +163,18 @@ def _cmd_bench(args) -> None:
 def _cmd_eval(args) -> None:
     from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
     from .kernels import use_backend
-    from .pipeline import check_variant, load_pipeline, resolve_pipeline_path, save_png, variant_pipeline
+    from .pipeline import (check_variant, dtype_named, load_pipeline, resolve_pipeline_path, save_png,
+                           variant_pipeline)
 
     _check_common(args)
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
         check_variant(name)
-    fp = load_pipeline(resolve_pipeline_path(args.model), args.device)
+    dtype = dtype_named(args.dtype)
+    fp = load_pipeline(resolve_pipeline_path(args.model), args.device, dtype)
     with use_backend(args.backend):
-        results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device), variants, seeds=tuple(args.seeds),
+        results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device, dtype), variants,
+                                    seeds=tuple(args.seeds),
                                     per_category=args.per_category, steps=args.steps, guidance=args.guidance)
     if not results:  # not rank 0
         return
@@ -173,6 +185,9 @@ def _cmd_eval(args) -> None:
 
 ACTIVATIONS_HELP = ("run the ternary layers with these activations (default: as quantized; fp8 is the fastest on "
                     "Hopper GPUs)")
+DTYPE_HELP = "the unquantized parts' dtype (default auto: bf16 on cuda, fp32 on cpu)"
+OFFLOAD_HELP = ("keep each component on the CPU until it runs (diffusers' model CPU offload): for GPUs too small "
+                "for FLUX.1's text encoders beside the transformer")
 CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"
 
 
@@ -224,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu | cuda")
     g.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     g.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
+    g.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
@@ -238,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu | cuda")
     b.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    b.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
+    b.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
@@ -254,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--guidance", type=float, default=3.5)
     v.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     v.add_argument("--device", default="cpu", help="cpu | cuda")
+    v.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     v.add_argument("--json", action="store_true")
     v.add_argument("--grid", default=None, help="PNG grid: one row per variant, same prompts and seeds")
     v.set_defaults(run=_cmd_eval)

@@ -11,6 +11,7 @@ METHODS = ("absmean", "twn", "lsq")
 GRANULARITIES = ("tensor", "channel", "group")
 FORMATS = ("tq2", "tq1")
 ACTIVATIONS = ("a16", "a8", "fp8")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype names -> torch's
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 # The paper's targets: every nn.Linear inside FluxTransformerBlock and FluxSingleTransformerBlock.

@@ -11,7 +11,7 @@ import torch
 from . import checkpoint
 from .cache import cache_dir
 from .checkpoint import read_config
-from .config import ACTIVATIONS, TernaryConfig
+from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .surgery import QuantizationReport, quantize_, set_activations
 
@@ -35,26 +35,48 @@ def is_ternary_pipeline(path: str | Path) -> bool:
     return "quantization_config" in read_config(Path(path) / "transformer")
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """--dtype's value (config.DTYPES) -> a torch dtype; "auto" (or None) -> None: default_dtype(device)."""
+    return None if name in (None, "auto") else getattr(torch, DTYPES[name])
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPUs (FLUX's own dtype, what tensor cores take, half the text encoders' memory); fp32 on CPUs,
+    whose bf16 matmuls are several times slower than fp32 (and the C kernel reads fp32 activations)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   offload: bool = False):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
-    materialised in full precision), a full-precision one loads as diffusers would. `offload` keeps each
-    component on the CPU until it runs (diffusers' model CPU offload): the text encoders, larger than a
-    ternary FLUX.1-dev transformer, then never sit on the GPU together with it."""
+    materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
+    parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
+    (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then
+    never sit on the GPU together with it."""
     root = Path(path)
     if not (root / "model_index.json").exists():
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
+    _check_offload(device, offload)
+    dtype = dtype or default_dtype(device)
     extra = {}
     if is_ternary_pipeline(root):
-        extra["transformer"] = checkpoint.load_transformer(root / "transformer", device=device, dtype=dtype)
+        extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
+                                                           dtype=dtype)
     try:
         pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError) as exc:
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(leave=False)
+    return _place(pipe, device, offload)
+
+
+def _check_offload(device, offload: bool) -> None:
+    if offload and torch.device(device).type != "cuda":
+        raise BitfluxError("offloading needs a CUDA device")
+
+
+def _place(pipe, device, offload: bool):
     if offload:
-        if torch.device(device).type != "cuda":
-            raise BitfluxError("offloading needs a CUDA device")
         pipe.enable_model_cpu_offload(device=device)
         return pipe
     return pipe.to(device)
@@ -175,20 +197,30 @@ def save_png(image, path: str | Path) -> Path:
     return path
 
 
-def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, progress: bool = True):
-    """(full-precision pipeline or None, ternary pipeline) for a --model argument: None is the embedded demo
-    (its ternary form cached on disk), a full-precision folder is quantized in memory, a bitflux folder is
-    ternary already (and has no full-precision twin)."""
+def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, want_ternary: bool = True,
+                  progress: bool = True, dtype: torch.dtype | None = None, offload: bool = False):
+    """(full-precision pipeline or None, ternary pipeline or None) for a --model argument: None is the embedded
+    demo (its ternary form cached on disk), a full-precision folder is quantized in memory, a bitflux folder
+    is ternary already (and has no full-precision twin). With `offload`, one pipeline at a time."""
+    if offload and want_fp and want_ternary:
+        raise BitfluxError("offloading runs one pipeline at a time: not with a full-precision comparison")
+    _check_offload(device, offload)
     path = resolve_pipeline_path(model)
+    place = dict(device=device, dtype=dtype, offload=offload)
     if model is None:
-        ternary = load_pipeline(demo_ternary_path(progress=progress), device)
-        return (load_pipeline(path, device) if want_fp else None), ternary
+        return (load_pipeline(path, **place) if want_fp else None,
+                load_pipeline(demo_ternary_path(progress=progress), **place) if want_ternary else None)
     if is_ternary_pipeline(path):
         if want_fp:
             raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
-        return None, load_pipeline(path, device)
-    fp = load_pipeline(path, device)
-    return (fp if want_fp else None), quantize_pipeline(fp, copy_transformer=want_fp)[0]
+        return None, load_pipeline(path, **place)
+    # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU.
+    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device))
+    ternary = quantize_pipeline(fp, copy_transformer=want_fp)[0] if want_ternary else None
+    fp = fp if want_fp else None
+    if offload:
+        _place(ternary if ternary is not None else fp, device, offload)
+    return fp, ternary
 
 
 def variant_config(name: str) -> TernaryConfig:
@@ -227,7 +259,7 @@ def _calibrated_activations(name: str) -> str | None:
     return activations or None
 
 
-def variant_pipeline(fp_pipe, name: str, device: str = "cpu"):
+def variant_pipeline(fp_pipe, name: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """The pipeline of an evaluation variant: "fp" itself; "calibrated", the demo's shipped calibrated
     ternary model ("calibrated-a8", "calibrated-fp8": the same run with 8-bit activations); a path, a
     bitflux pipeline folder (e.g. made by `quantize --calibrate`); else a name for variant_config,
@@ -235,10 +267,10 @@ def variant_pipeline(fp_pipe, name: str, device: str = "cpu"):
     if name == "fp":
         return fp_pipe
     if Path(name).is_dir():
-        return load_pipeline(name, device)
+        return load_pipeline(name, device, dtype)
     if name.startswith("calibrated"):
         activations = _calibrated_activations(name)
-        pipe = load_pipeline(demo_ternary_path(), device)
+        pipe = load_pipeline(demo_ternary_path(), device, dtype)
         if activations:
             set_activations(pipe.transformer, activations)
         return pipe
