@@ -45,3 +45,46 @@ def test_state_dict_keys_and_dtypes():
     assert set(sd) == {"weight_packed", "weight_scale", "bias"}
     assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].shape == (6, 3)
     assert sd["weight_scale"].shape == (6, 3)
+
+
+CPU_BACKENDS = ["auto", "reference"]  # auto: the C kernel where it is built
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weights_written_in_place_after_a_forward_are_used(backend):
+    """load_state_dict copies into the existing buffers: a backend's prepared (repacked) weight must not
+    outlive them."""
+    torch.manual_seed(0)
+    layer, other = (TernaryLinear.from_linear(nn.Linear(64, 32), TernaryConfig(granularity="channel"))
+                    for _ in range(2))
+    x = torch.randn(3, 64)
+    with torch.no_grad(), use_backend(backend):
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activations,granularity", [("a16", "channel"), ("a8", "group:32"), ("fp8", "tensor")])
+def test_torch_compile_takes_ternary_layers_whole(backend, activations, granularity):
+    """torch.compile(fullgraph=True) traces a ternary layer as one operator (no graph break) and computes
+    exactly what the eager layer does."""
+    torch.manual_seed(0)
+    config = TernaryConfig(activations=activations, **TernaryConfig.parse_granularity(granularity))
+    layer = TernaryLinear.from_linear(nn.Linear(96, 40), config)
+    x = torch.randn(2, 7, 96)
+    with torch.no_grad(), use_backend(backend):
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_torch_compile_with_gradients_traces_the_reference():
+    """Inputs that need a gradient (LoRA training) take the traceable reference path: same values, and the
+    gradient flows to x."""
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(4, 32, requires_grad=True)
+    out = torch.compile(layer, fullgraph=True)(x)
+    out.sum().backward()
+    with use_backend("reference"):
+        torch.testing.assert_close(out, layer(x))
+    torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(4, -1))

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def test_generate_in_bf16(tmp_path, capsys):
     assert np.abs(images["fp32"] - images["bf16"]).mean() < 8
 
 
+def test_accelerate_transformer_compiles_it():
+    """--compile: the pipeline's transformer is torch.compile'd (tests/test_surgery.py checks what the
+    compiled ternary transformer computes)."""
+    import torch
+
+    from bitflux.pipeline import accelerate_transformer
+
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
+    accelerate_transformer(pipe)
+    assert isinstance(pipe.transformer, torch.nn.Linear)
+    accelerate_transformer(pipe, compile=True)
+    assert isinstance(pipe.transformer, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def test_default_dtype_is_bf16_on_gpus_fp32_on_cpus():
     import torch
 
@@ -95,7 +110,9 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "--offload", "-o", "x.png"], "--offload needs --device cuda"),
     (["bench", "--offload"], "--offload needs --device cuda"),
     (["generate", "a", "--offload", "--device", "cuda", "--compare", "-o", "x.png"], "one pipeline at a time"),
-    (["generate", "a", "--offload", "--device", "cuda", "--cuda-graph", "-o", "x.png"], "CUDA graph"),
+    (["generate", "a", "--offload", "--device", "cuda", "--cuda-graph", "-o", "x.png"], "not with --cuda-graph"),
+    (["generate", "a", "--offload", "--device", "cuda", "--compile", "-o", "x.png"], "not with --cuda-graph or --compile"),
+    (["bench", "--device", "cuda", "--cuda-graph", "--compile"], "choose one"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
 ])

@@ -32,12 +32,13 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
-                    size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None,
-                    dtype: str | None = None, offload: bool = False, repeats: int = 2) -> dict:
+                    size: tuple[int, int] | None = None, cuda_graph: bool = False, compile: bool = False,
+                    activations: str | None = None, dtype: str | None = None, offload: bool = False,
+                    repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
-    from .graphs import cuda_graphed
     from .kernels import use_backend
-    from .pipeline import default_dtype, default_image_size, dtype_named, generate, load_variants
+    from .pipeline import (accelerate_transformer, default_dtype, default_image_size, dtype_named, generate,
+                           load_variants)
     from .surgery import set_activations
 
     fp, ternary = load_variants(model, device, want_fp=variant == "fp", want_ternary=variant == "ternary",
@@ -45,8 +46,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     pipe = fp if variant == "fp" else ternary
     if activations and variant == "ternary":
         set_activations(pipe.transformer, activations)
-    if cuda_graph:
-        cuda_graphed(pipe.transformer)
+    accelerate_transformer(pipe, cuda_graph=cuda_graph, compile=compile)
     width, height = size or default_image_size(pipe)
     step_seconds: list[float] = []
     started = {}
@@ -89,9 +89,9 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
 
 
 def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
-              size: tuple[int, int] | None = None, cuda_graph: bool = False, activations: str | None = None,
-              dtype: str | None = None, offload: bool = False) -> dict:
-    """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins)."""
+              size: tuple[int, int] | None = None, **options) -> dict:
+    """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins).
+    options: measure_variant's (cuda_graph, compile, activations, dtype, offload)."""
     from .pipeline import demo_ternary_path
 
     if model is None:
@@ -99,8 +99,7 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
     results = {}
     for variant in VARIANTS:
         spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
-                "size": size, "cuda_graph": cuda_graph, "activations": activations, "dtype": dtype,
-                "offload": offload}
+                "size": size, **options}
         child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
                                text=True)
         if child.returncode != 0:
@@ -109,8 +108,8 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     fp, ternary = results["fp"], results["ternary"]
     ratios = {key: fp[key] / ternary[key] for _, key, _ in MEASURES}
-    return {"model": model or "embedded demo", "backend": backend, "cuda_graph": cuda_graph,
-            "activations": activations, "variants": results, "ratios_fp_over_ternary": ratios}
+    return {"model": model or "embedded demo", "backend": backend, **options, "variants": results,
+            "ratios_fp_over_ternary": ratios}
 
 
 def format_bench(result: dict) -> str:
@@ -118,7 +117,8 @@ def format_bench(result: dict) -> str:
     lines = [f"model: {result['model']}, device {fp['device']} ({fp['dtype']}"
              f"{', offloaded' if fp.get('offload') else ''}), backend {result['backend']}"
              f"{', ternary activations ' + result['activations'] if result.get('activations') else ''}"
-             f"{', CUDA graphs' if result.get('cuda_graph') else ''}, "
+             f"{', CUDA graphs' if result.get('cuda_graph') else ''}"
+             f"{', torch.compile' if result.get('compile') else ''}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
              f"{'':26s} {'full precision':>15s} {'ternary':>10s} {'fp / ternary':>13s}"]
     for label, key, unit in MEASURES:

@@ -94,11 +94,13 @@ def _check_common(args) -> None:
         raise BitfluxError(reason)
     if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
         raise BitfluxError("--cuda-graph needs --device cuda")
+    if getattr(args, "cuda_graph", False) and getattr(args, "compile", False):
+        raise BitfluxError("--cuda-graph and --compile: choose one")
     if getattr(args, "offload", False):
         if not args.device.startswith("cuda"):
             raise BitfluxError("--offload needs --device cuda")
-        if getattr(args, "cuda_graph", False):
-            raise BitfluxError("--offload moves the transformer between steps; it cannot be replayed as a CUDA graph")
+        if getattr(args, "cuda_graph", False) or getattr(args, "compile", False):
+            raise BitfluxError("--offload moves the transformer between steps: not with --cuda-graph or --compile")
         if getattr(args, "compare", False):
             raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
     import diffusers
@@ -112,7 +114,8 @@ def _check_common(args) -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import default_image_size, dtype_named, generate, load_variants, save_png, side_by_side
+    from .pipeline import (accelerate_transformer, default_image_size, dtype_named, generate, load_variants,
+                           save_png, side_by_side)
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
@@ -132,11 +135,8 @@ def _cmd_generate(args) -> None:
 
         for pipe in pipes:
             load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
-    if args.cuda_graph:
-        from .graphs import cuda_graphed
-
-        for pipe in pipes:
-            cuda_graphed(pipe.transformer)
+    for pipe in pipes:
+        accelerate_transformer(pipe, cuda_graph=args.cuda_graph, compile=args.compile)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
@@ -153,8 +153,8 @@ def _cmd_bench(args) -> None:
 
     _check_common(args)
     size = _parse_size(args.size) if args.size else None
-    result = run_bench(args.model, args.device, args.steps, args.backend, size, args.cuda_graph, args.activations,
-                       args.dtype, args.offload)
+    result = run_bench(args.model, args.device, args.steps, args.backend, size, cuda_graph=args.cuda_graph,
+                       compile=args.compile, activations=args.activations, dtype=args.dtype, offload=args.offload)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     if args.plot:
         plot_bench(result, args.plot)
@@ -186,6 +186,7 @@ def _cmd_eval(args) -> None:
 ACTIVATIONS_HELP = ("run the ternary layers with these activations (default: as quantized; fp8 is the fastest on "
                     "Hopper GPUs)")
 DTYPE_HELP = "the unquantized parts' dtype (default auto: bf16 on cuda, fp32 on cpu)"
+COMPILE_HELP = "torch.compile the transformer (each ternary layer one operator; the first step compiles)"
 OFFLOAD_HELP = ("keep each component on the CPU until it runs (diffusers' model CPU offload): for GPUs too small "
                 "for FLUX.1's text encoders beside the transformer")
 CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu | cuda")
     g.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     g.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     g.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
@@ -255,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu | cuda")
     b.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    b.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     b.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     b.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
     b.add_argument("--json", action="store_true")

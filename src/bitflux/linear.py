@@ -7,7 +7,7 @@ from torch import nn
 
 from . import formats
 from .config import TernaryConfig
-from .kernels import TernaryWeight, reference, ternary_linear
+from .kernels import TernaryWeight, reference, ternary_linear, ternary_linear_op
 from .ternary import ternarize
 
 
@@ -87,6 +87,10 @@ class TernaryLinear(nn.Module):
         return reference.dequantize(self.ternary_weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
+            # torch.compile: one opaque operator (it has no backward; gradients take the traced reference)
+            return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,
+                                     self.out_features, self.group_size or 0, self.activations)
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations, self._kernel_cache)
 
     def extra_repr(self) -> str:

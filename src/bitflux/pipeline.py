@@ -112,6 +112,18 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
                 output_type="pil").images
 
 
+def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
+    """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed); compile: torch.compile'd
+    (each ternary layer one operator, the float ops between them fused). Either removes most per-op launch
+    cost on a GPU."""
+    if cuda_graph:
+        from .graphs import cuda_graphed
+
+        cuda_graphed(pipe.transformer)
+    if compile:
+        pipe.transformer = torch.compile(pipe.transformer)
+
+
 def default_image_size(pipe) -> tuple[int, int]:
     """The size a pipeline was trained for: the VAE's sample_size when small (the demo's 64), else 1024."""
     size = getattr(pipe.vae.config, "sample_size", 1024)

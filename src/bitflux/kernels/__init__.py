@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 
@@ -132,13 +133,15 @@ def ternary_linear(
 ) -> torch.Tensor:
     """y = x @ (codes * scales)^T + bias through the chosen backend.
 
-    `cache` (owned by the calling module) keeps each backend's prepared weight, keyed by backend and
-    storage, so repacking happens once and is redone if the buffers move or are replaced.
+    `cache` (owned by the calling module) keeps each backend's prepared weight, keyed by backend, storage
+    and version, so repacking happens once and is redone if the buffers move, are replaced or are written
+    in place (load_state_dict copies into them).
     """
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
-    key = (backend.NAME, weight.packed.data_ptr(), weight.scales.data_ptr(), weight.packed.device)
+    packed, scales = weight.packed, weight.scales
+    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), packed.device, packed._version, scales._version)
     prepared = cache.get(key) if cache is not None else None
     if prepared is None:
         prepared = backend.prepare(weight)
@@ -146,3 +149,23 @@ def ternary_linear(
             cache.clear()
             cache[key] = prepared
     return backend.linear(x, prepared, bias, activations)
+
+
+# torch.compile sees each ternary linear as this one opaque op: dynamo cannot trace the backends' host code
+# (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
+# ~500 graphs with nothing fused between them. Prepared weights are cached per `packed` tensor, as the
+# layer's own cache does in eager mode, and freed with it.
+_op_caches = WeakIdKeyDictionary()
+
+
+@torch.library.custom_op("bitflux::ternary_linear", mutates_args=())
+def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                      in_features: int, out_features: int, group_size: int, activations: str) -> torch.Tensor:
+    """ternary_linear as a torch operator (group_size 0: none)."""
+    weight = TernaryWeight(packed, scales, in_features, out_features, group_size or None)
+    return ternary_linear(x, weight, bias, activations, _op_caches.setdefault(packed, {}))
+
+
+@ternary_linear_op.register_fake
+def _(x, packed, scales, bias, in_features, out_features, group_size, activations):
+    return x.new_empty((*x.shape[:-1], out_features))
