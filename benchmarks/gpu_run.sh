@@ -4,9 +4,10 @@
 # benchmark, then the small-M kernels' parameter sweep. Each part has its own time limit and failures do
 # not stop the next part; every part writes its results into $OUT as it goes (the sweep after every row),
 # so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7 minutes on an
-# H200 with Triton 3.6; limits sum to 11): every strategy's and tile config's test, the exactness and
+# H200 with Triton 3.6; limits sum to 12.5): every strategy's and tile config's test, the exactness and
 # CUDA-graph subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
-# the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, and the sweep.
+# the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, the sweep, then (if time is left) the
+# demo bench with --compile.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
 #
@@ -59,6 +60,11 @@ pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and w
     part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --cuda-graph
 }
 
+compiled_bench() {  # the same with --compile (two inductor compiles): last, it only uses what time is left
+    [ -n "$DRY" ] && return
+    part bench-compile 90 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --compile
+}
+
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
@@ -76,6 +82,7 @@ if [ -n "$QUICK" ]; then
     pipeline_bench
     part gpu_linear 80 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
+    compiled_bench
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
@@ -83,6 +90,7 @@ else
     pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
+    compiled_bench
 fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"

@@ -273,6 +273,19 @@ def test_ternary_linear_dispatches_to_triton(activations):
     _assert_close(out, reference.linear(x, layer.ternary_weight, layer.bias, activations), torch.bfloat16)
 
 
+@pytest.mark.parametrize("activations", ["a16", "a8"])
+def test_compiled_graph_runs_the_triton_kernels(activations):
+    """torch.compile (fullgraph) over ternary layers and the float ops between them: each layer is one
+    operator that launches the Triton kernels, and the result equals the eager layers'."""
+    torch.manual_seed(0)
+    config = TernaryConfig(granularity="channel", activations=activations)
+    model = torch.nn.Sequential(TernaryLinear.from_linear(torch.nn.Linear(256, 64), config), torch.nn.ReLU(),
+                                TernaryLinear.from_linear(torch.nn.Linear(64, 32), config)).to(DEVICE)
+    x = _activations(17, 256, torch.float32)
+    with torch.no_grad(), kernels.use_backend("triton"):
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)
+
+
 def test_groups_not_multiple_of_chunk_fall_back_to_reference():
     weight = _weight(16, 256, "group", 64)
     x = _activations(2, 256, torch.float32)

@@ -14,7 +14,8 @@ six ways ("strategies"):
             like any operand and unpacked elementwise as the MMA's register operand; split over K at few
             tokens.
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
-            (int8, e4m3 or the activation dtype), then the same tile kernel reads it as a plain GEMM.
+            (int8, e4m3 or the activation dtype; for a8/fp8 in the same launch that quantizes the
+            activations), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue.
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
