@@ -286,6 +286,17 @@ def test_compiled_graph_runs_the_triton_kernels(activations):
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)
 
 
+def test_inputs_that_need_a_gradient_take_the_reference():
+    """The kernels have no backward: an input that needs a gradient (LoRA training through ternary layers)
+    is computed by the reference backend, so the gradient reaches it."""
+    layer = TernaryLinear.from_linear(torch.nn.Linear(64, 16)).to(DEVICE)
+    x = _activations(3, 64, torch.float32).requires_grad_()
+    with kernels.use_backend("triton"):
+        assert kernels.select_backend(x, layer.ternary_weight, "a16") is reference
+        layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(3, -1))
+
+
 def test_groups_not_multiple_of_chunk_fall_back_to_reference():
     weight = _weight(16, 256, "group", 64)
     x = _activations(2, 256, torch.float32)

@@ -88,3 +88,41 @@ def test_torch_compile_with_gradients_traces_the_reference():
     with use_backend("reference"):
         torch.testing.assert_close(out, layer(x))
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(4, -1))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layers_made_in_inference_mode_run(backend):
+    with torch.inference_mode():
+        layer = TernaryLinear.from_linear(nn.Linear(64, 32))
+        with use_backend(backend):
+            assert layer(torch.randn(2, 64)).shape == (2, 32)
+
+
+def test_compiled_layers_use_and_free_their_own_prepared_weights():
+    """The compiled operator finds its layer's cache by number: the weight is prepared once, copies of the
+    layer get caches of their own, and nothing outlives the layer."""
+    import copy
+    import gc
+    import weakref
+
+    from bitflux.kernels import PreparedCache
+
+    from bitflux.kernels import unavailable_reason
+
+    if unavailable_reason("cpu") is not None:
+        pytest.skip("the C kernel (the backend that prepares a weight on a CPU) is not built here")
+    layer = TernaryLinear.from_linear(nn.Linear(64, 32))
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randn(3, 64))
+        (first,) = layer._kernel_cache.values()
+        compiled(torch.randn(5, 64))
+        (again,) = layer._kernel_cache.values()
+        assert again is first
+    twin = copy.deepcopy(layer)
+    assert twin._kernel_cache.id != layer._kernel_cache.id and not twin._kernel_cache
+    packed, cache_id = weakref.ref(layer.weight_packed), layer._kernel_cache.id
+    del layer, compiled, twin
+    torch._dynamo.reset()
+    gc.collect()
+    assert packed() is None and PreparedCache.find(cache_id) is None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bitflux import BitfluxError
 from bitflux.cli import main
 from bitflux.kernels import backend_names, unavailable_reason
 
@@ -70,6 +71,8 @@ def test_accelerate_transformer_compiles_it():
     assert isinstance(pipe.transformer, torch.nn.Linear)
     accelerate_transformer(pipe, compile=True)
     assert isinstance(pipe.transformer, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(BitfluxError, match="choose one"):
+        accelerate_transformer(pipe, cuda_graph=True, compile=True)
 
 
 def test_default_dtype_is_bf16_on_gpus_fp32_on_cpus():

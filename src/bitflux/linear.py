@@ -7,7 +7,7 @@ from torch import nn
 
 from . import formats
 from .config import TernaryConfig
-from .kernels import TernaryWeight, reference, ternary_linear, ternary_linear_op
+from .kernels import PreparedCache, TernaryWeight, reference, ternary_linear, ternary_linear_op
 from .ternary import ternarize
 
 
@@ -40,7 +40,7 @@ class TernaryLinear(nn.Module):
         )
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel_cache: dict = {}
+        self._kernel_cache = PreparedCache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: TernaryConfig | None = None) -> "TernaryLinear":
@@ -88,9 +88,11 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
-            # torch.compile: one opaque operator (it has no backward; gradients take the traced reference)
+            # torch.compile: one opaque operator. It has no backward, so inputs that need a gradient are traced
+            # through ternary_linear instead (on a CPU the reference backend takes them).
             return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,
-                                     self.out_features, self.group_size or 0, self.activations)
+                                     self.out_features, self.group_size or 0, self.activations,
+                                     self._kernel_cache.id)
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations, self._kernel_cache)
 
     def extra_repr(self) -> str:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 
@@ -141,7 +142,7 @@ def ternary_linear(
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
     packed, scales = weight.packed, weight.scales
-    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), packed.device, packed._version, scales._version)
+    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), packed.device, _version(packed), _version(scales))
     prepared = cache.get(key) if cache is not None else None
     if prepared is None:
         prepared = backend.prepare(weight)
@@ -151,21 +152,47 @@ def ternary_linear(
     return backend.linear(x, prepared, bias, activations)
 
 
-# torch.compile sees each ternary linear as this one opaque op: dynamo cannot trace the backends' host code
-# (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
-# ~500 graphs with nothing fused between them. Prepared weights are cached per `packed` tensor, as the
-# layer's own cache does in eager mode, and freed with it.
-_op_caches = WeakIdKeyDictionary()
+def _version(tensor: torch.Tensor) -> int:
+    # Tensors made under torch.inference_mode() keep no version counter (and are not written outside it).
+    return 0 if tensor.is_inference() else tensor._version
 
 
+class PreparedCache(dict):
+    """One layer's prepared weights for ternary_linear. Registered under a number, by which the compiled
+    operator below (it sees tensors and numbers, not modules) finds its layer's cache; freed with the layer.
+    A copy of the layer (deepcopy, pickling) starts with an empty cache of its own."""
+
+    _registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    _ids = itertools.count()
+
+    def __init__(self):
+        super().__init__()
+        self.id = next(PreparedCache._ids)
+        PreparedCache._registry[self.id] = self
+
+    def __deepcopy__(self, memo):
+        return PreparedCache()
+
+    def __reduce__(self):
+        return PreparedCache, ()
+
+    @classmethod
+    def find(cls, cache_id: int) -> PreparedCache | None:
+        return cls._registry.get(cache_id)
+
+
+# torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
+# code (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
+# ~500 graphs with nothing fused between them.
 @torch.library.custom_op("bitflux::ternary_linear", mutates_args=())
 def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                      in_features: int, out_features: int, group_size: int, activations: str) -> torch.Tensor:
-    """ternary_linear as a torch operator (group_size 0: none)."""
+                      in_features: int, out_features: int, group_size: int, activations: str,
+                      cache_id: int) -> torch.Tensor:
+    """ternary_linear as a torch operator (group_size 0: none), with the layer's PreparedCache by id."""
     weight = TernaryWeight(packed, scales, in_features, out_features, group_size or None)
-    return ternary_linear(x, weight, bias, activations, _op_caches.setdefault(packed, {}))
+    return ternary_linear(x, weight, bias, activations, PreparedCache.find(cache_id))
 
 
 @ternary_linear_op.register_fake
-def _(x, packed, scales, bias, in_features, out_features, group_size, activations):
+def _(x, packed, scales, bias, in_features, out_features, group_size, activations, cache_id):
     return x.new_empty((*x.shape[:-1], out_features))

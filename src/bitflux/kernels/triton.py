@@ -100,6 +100,10 @@ def has_fp8(device: torch.device) -> bool:
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
+    # Inputs that need a gradient (LoRA training through the ternary layers) go to the reference backend:
+    # the kernels have no backward.
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
     on_device = x.is_cuda or (_interpreting() and x.device.type == "cpu")
     grouped = weight.scales.shape[1] > 1
     if activations == "fp8" and (grouped or not has_fp8(x.device)):
@@ -313,9 +317,11 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
     expanded (codes); what is not asked for is None. Both at once for the a8/fp8 GEMMs on expanded codes:
     an eager forward pays the host ~20-35 us per Triton launch (BENCHMARKS.md), more than some layers' GPU
     time."""
+    # The part not asked for gets no programs (rows = 0 or tiles = 0), sizes that are never read, and any
+    # tensor of the call for its pointers: its code is compiled out (QUANTIZE / EXPAND are constexpr).
     q = scale = codes = packed = None
     rows = stride_x = N = tiles = 0
-    K = columns = tiles_k = 1
+    K = columns = tiles_k = 1  # K: the input features, shared by both parts
     if x2 is not None:
         rows, K = x2.shape
         columns = _padded(K) if plane_major else K
