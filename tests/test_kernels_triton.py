@@ -158,10 +158,11 @@ def test_expand_writes_the_codes(dtype, scales):
 
 
 @pytest.mark.parametrize("activations", ["a8", "fp8"])
-def test_expanded_operands_take_one_launch(activations, quantizer_passes, monkeypatch):
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (17, 390, 40), (33, 513, 17)])
+def test_expanded_operands_take_one_launch(activations, m, k, n, quantizer_passes, monkeypatch):
     """The GEMMs on expanded codes get quantized activations and codes from one launch (an eager forward
     pays the host per launch), bit-identical to quantizing and expanding apart."""
-    weight, x = _weight(40, 390, "channel"), _activations(17, 390, torch.bfloat16)
+    weight, x = _weight(n, k, "channel"), _activations(m, k, torch.bfloat16)
     prepared = tk.prepare(weight)
     apart = (*tk.quantize_activations(x, fp8=activations == "fp8"),
              tk.expand(prepared, tk._operand_dtype(activations, x.dtype)))
