@@ -115,12 +115,13 @@ def test_compiled_layers_use_and_free_their_own_prepared_weights():
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         compiled(torch.randn(3, 64))
-        (first,) = layer._kernel_cache.values()
-        compiled(torch.randn(5, 64))
-        (again,) = layer._kernel_cache.values()
+        (first,) = layer._kernel_cache.entries.values()
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a filled cache is no reason to recompile
+            compiled(torch.randn(3, 64))
+        (again,) = layer._kernel_cache.entries.values()
         assert again is first
     twin = copy.deepcopy(layer)
-    assert twin._kernel_cache.id != layer._kernel_cache.id and not twin._kernel_cache
+    assert twin._kernel_cache.id != layer._kernel_cache.id and not twin._kernel_cache.entries
     packed, cache_id = weakref.ref(layer.weight_packed), layer._kernel_cache.id
     del layer, compiled, twin
     torch._dynamo.reset()

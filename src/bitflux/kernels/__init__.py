@@ -125,12 +125,43 @@ register("triton", "bitflux.kernels.triton", "cuda")
 register("cpu", "bitflux.kernels.cpu", "cpu")
 
 
+def _version(tensor: torch.Tensor) -> int:
+    # Tensors made under torch.inference_mode() keep no version counter (and are not written outside it).
+    return 0 if tensor.is_inference() else tensor._version
+
+
+class PreparedCache:
+    """One layer's prepared weights for ternary_linear (`entries`). Registered under a number, by which the
+    compiled operator below (it sees tensors and numbers, not modules) finds its layer's cache; freed with the
+    layer. Not a dict: torch.compile would guard on its length and recompile once it fills. A copy of the layer
+    (deepcopy, pickling) starts with an empty cache of its own."""
+
+    __slots__ = ("id", "entries", "__weakref__")
+    _registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+    _ids = itertools.count()
+
+    def __init__(self):
+        self.id = next(PreparedCache._ids)
+        self.entries: dict = {}
+        PreparedCache._registry[self.id] = self
+
+    def __deepcopy__(self, memo):
+        return PreparedCache()
+
+    def __reduce__(self):
+        return PreparedCache, ()
+
+    @classmethod
+    def find(cls, cache_id: int) -> PreparedCache | None:
+        return cls._registry.get(cache_id)
+
+
 def ternary_linear(
     x: torch.Tensor,
     weight: TernaryWeight,
     bias: torch.Tensor | None = None,
     activations: str = "a16",
-    cache: dict | None = None,
+    cache: PreparedCache | None = None,
 ) -> torch.Tensor:
     """y = x @ (codes * scales)^T + bias through the chosen backend.
 
@@ -143,42 +174,12 @@ def ternary_linear(
         return reference.linear(x, weight, bias, activations)
     packed, scales = weight.packed, weight.scales
     key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), packed.device, _version(packed), _version(scales))
-    prepared = cache.get(key) if cache is not None else None
+    prepared = cache.entries.get(key) if cache is not None else None
     if prepared is None:
         prepared = backend.prepare(weight)
         if cache is not None:
-            cache.clear()
-            cache[key] = prepared
+            cache.entries = {key: prepared}
     return backend.linear(x, prepared, bias, activations)
-
-
-def _version(tensor: torch.Tensor) -> int:
-    # Tensors made under torch.inference_mode() keep no version counter (and are not written outside it).
-    return 0 if tensor.is_inference() else tensor._version
-
-
-class PreparedCache(dict):
-    """One layer's prepared weights for ternary_linear. Registered under a number, by which the compiled
-    operator below (it sees tensors and numbers, not modules) finds its layer's cache; freed with the layer.
-    A copy of the layer (deepcopy, pickling) starts with an empty cache of its own."""
-
-    _registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-    _ids = itertools.count()
-
-    def __init__(self):
-        super().__init__()
-        self.id = next(PreparedCache._ids)
-        PreparedCache._registry[self.id] = self
-
-    def __deepcopy__(self, memo):
-        return PreparedCache()
-
-    def __reduce__(self):
-        return PreparedCache, ()
-
-    @classmethod
-    def find(cls, cache_id: int) -> PreparedCache | None:
-        return cls._registry.get(cache_id)
 
 
 # torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
