@@ -174,8 +174,8 @@ def _cmd_eval(args) -> None:
     fp = load_pipeline(resolve_pipeline_path(args.model), args.device, dtype)
     with use_backend(args.backend):
         results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device, dtype), variants,
-                                    seeds=tuple(args.seeds),
-                                    per_category=args.per_category, steps=args.steps, guidance=args.guidance)
+                                    seeds=tuple(args.seeds), per_category=args.per_category, steps=args.steps,
+                                    guidance=args.guidance)
     if not results:  # not rank 0
         return
     print(results_json(results) if args.json else variant_table(results))

@@ -113,9 +113,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
 
 
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
-    """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed); compile: torch.compile'd
-    (each ternary layer one operator, the float ops between them fused). Either removes most per-op launch
-    cost on a GPU. Not both: a compiled module is not captured by bitflux.graphs."""
+    """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed: no per-kernel launch cost on
+    a GPU); compile: torch.compile'd (each ternary layer one operator, the float ops between them fused into
+    fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
     if cuda_graph and compile:
         raise BitfluxError("CUDA graphs and torch.compile: choose one")
     if cuda_graph:
