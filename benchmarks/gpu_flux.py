@@ -5,6 +5,7 @@ the GPU (the ternary models never hold a bf16 copy of their block weights), then
 
     PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_flux.py --dry-run   # CPU: a tiny FLUX
+    PYTHONPATH=src python benchmarks/gpu_flux.py --compile --modes bf16 fp8     # torch.compile each model
 
 Reports latency (median of timed forwards, eager and replayed as one CUDA graph),
 torch.cuda.max_memory_allocated during the timed forwards and over the model's whole life (build, tuning,
@@ -92,8 +93,9 @@ def inputs(config: dict, image_tokens: int, text_tokens: int, device) -> dict:
     }
 
 
-def time_forwards(model, batch: dict, warmup: int, iters: int, device) -> dict:
-    """Latencies of the timed forwards, and the peak memory before (build, tuning, first calls) and during them."""
+def time_forwards(model, batch: dict, warmup: int, iters: int, device, graphs: bool = True) -> dict:
+    """Latencies of the timed forwards, and the peak memory before (build, tuning, first calls) and during them;
+    with `graphs`, also replayed as CUDA graphs."""
     cuda = device.type == "cuda"
     result = {}
     with torch.inference_mode():
@@ -114,7 +116,7 @@ def time_forwards(model, batch: dict, warmup: int, iters: int, device) -> dict:
             result["peak_forward_bytes"] = torch.cuda.max_memory_allocated()
     result.update({"latency_ms": statistics.median(times), "latency_ms_all": [round(t, 2) for t in times],
                    "output_finite": bool(torch.isfinite(out).all()), "output_std": out.float().std().item()})
-    if cuda:
+    if cuda and graphs:
         try:
             result.update(graph_timings(model, batch, iters, out))
         except Exception as exc:  # noqa: BLE001 - the eager figures stand on their own
@@ -148,7 +150,8 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int, device) -> dict:
+def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int, device,
+            compile: bool = False) -> dict:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -160,7 +163,9 @@ def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int
     with kernels.use_backend("triton" if mode != "bf16" else "auto"):
         if mode != "bf16":
             _check_triton_in_use(model, mode, device)
-        result.update(time_forwards(model, batch, warmup, iters, device))
+        if compile:  # the warm-up forwards compile; bitflux.graphs does not capture a compiled module
+            model = torch.compile(model)
+        result.update(time_forwards(model, batch, warmup, iters, device, graphs=not compile))
     if mode != "bf16":
         result["strategies"] = chosen_strategies(mode)
     del model, batch
@@ -205,7 +210,8 @@ def markdown(env: dict, results: dict) -> str:
     gib = 2**30
     lines = [f"# FLUX.1-dev transformer, one forward at {env['tokens']} on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`; random weights, "
-             f"{env['iters']} timed forwards after {env['warmup']} warm-up.", "",
+             f"{env['iters']} timed forwards after {env['warmup']} warm-up"
+             f"{', every model compiled by torch.compile' if env.get('compiled') else ''}.", "",
              "| model | latency ms | speed-up | CUDA graph ms | speed-up | weights GiB | ratio | peak fwd GiB | ratio |"
              " peak setup GiB | finite |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, res in results.items():
@@ -251,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each model (no CUDA-graph rows; minutes of compiling at full size)")
     args = parser.parse_args(argv)
     import triton
     import platform
@@ -260,12 +268,13 @@ def main(argv=None) -> int:
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (interpreter)",
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "command": " ".join([sys.executable, *sys.argv]), "warmup": args.warmup, "iters": args.iters,
+           "compiled": args.compile,
            "tokens": f"{batch_shape[0]} image + {batch_shape[1]} text tokens"}
     results = {}
     for mode in args.modes:
         print(f"# {LABELS[mode]} ...", flush=True)
         try:
-            results[mode] = measure(config, mode, batch_shape, args.warmup, args.iters, device)
+            results[mode] = measure(config, mode, batch_shape, args.warmup, args.iters, device, args.compile)
         except Exception as exc:  # noqa: BLE001 - report, free, and go on with the next model
             results[mode] = {"error": f"{type(exc).__name__}: {exc}"}
             gc.collect()
