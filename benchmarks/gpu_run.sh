@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one GPU session script: the Triton kernel and CUDA-graph tests compiled for real, the full-FLUX
 # forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), the per-layer GEMM
-# benchmark, then the small-M kernels' parameter sweep. Each part has its own time limit and failures do
-# not stop the next part; every part writes its results into $OUT as it goes (the sweep after every row),
-# so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7 minutes on an
-# H200 with Triton 3.6; limits sum to 12.5): every strategy's and tile config's test, the exactness and
-# CUDA-graph subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies),
-# the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, the sweep, then (if time is left) the
-# demo bench with --compile.
+# benchmark, the small-M kernels' parameter sweep, then torch.compile runs. Each part has its own time
+# limit and failures do not stop the next part; every part writes its results as it goes (the sweep after
+# every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7
+# minutes on an H200 with Triton 3.6 before the torch.compile parts, which only use what is left of a
+# 10-minute call; limits sum to 16.5): every strategy's and tile config's test, the exactness and CUDA-graph
+# subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies), the two
+# benches, gpu_linear on 3 layers x M in {1, 16, 4096}, the sweep, the demo bench and the full-size bf16
+# and fp8 forwards with torch.compile.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
 #
@@ -60,9 +61,12 @@ pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and w
     part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --cuda-graph
 }
 
-compiled_bench() {  # the same with --compile (two inductor compiles): last, it only uses what time is left
+compiled() {  # torch.compile, last: it only uses what time is left. The demo bench, then the full-size
+    # forward in bf16 and fp8 (its tables go to run.log; $OUT already holds the 8 files the device returns)
     [ -n "$DRY" ] && return
     part bench-compile 90 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --compile
+    part gpu_flux-compile 240 "$LOG" python benchmarks/gpu_flux.py --compile --modes bf16 fp8 --warmup 1 --iters 3 \
+        --out /tmp/gpu_flux_compiled
 }
 
 {
@@ -82,7 +86,7 @@ if [ -n "$QUICK" ]; then
     pipeline_bench
     part gpu_linear 80 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
-    compiled_bench
+    compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
@@ -90,7 +94,7 @@ else
     pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY
-    compiled_bench
+    compiled
 fi
 echo "done in ${SECONDS}s" | tee -a "$LOG"
 tail -4 "$OUT/pytest.txt"
