@@ -1,4 +1,5 @@
-"""The one dispatch point for ternary matrix multiplication: `ternary_linear`.
+"""The one dispatch point for ternary matrix multiplication: `ternary_linear` (and `ternary_linear_op`, the same
+as the torch operator that torch.compile sees).
 
 A backend is a module with:
     NAME: str
