@@ -99,31 +99,58 @@ def test_layers_made_in_inference_mode_run(backend):
 
 
 def test_compiled_layers_use_and_free_their_own_prepared_weights():
-    """The compiled operator finds its layer's cache by number: the weight is prepared once, copies of the
-    layer get caches of their own, and nothing outlives the layer."""
-    import copy
+    """The compiled operator finds a layer's prepared weight by its bytes: made once, and nothing outlives the
+    layer."""
     import gc
     import weakref
 
-    from bitflux.kernels import PreparedCache
+    from bitflux import kernels
 
-    from bitflux.kernels import unavailable_reason
-
-    if unavailable_reason("cpu") is not None:
+    if kernels.unavailable_reason("cpu") is not None:
         pytest.skip("the C kernel (the backend that prepares a weight on a CPU) is not built here")
     layer = TernaryLinear.from_linear(nn.Linear(64, 32))
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         compiled(torch.randn(3, 64))
-        (first,) = layer._kernel_cache.entries.values()
+        first = kernels._prepared[layer.weight_packed]
         with torch._dynamo.config.patch(error_on_recompile=True):  # a filled cache is no reason to recompile
             compiled(torch.randn(3, 64))
-        (again,) = layer._kernel_cache.entries.values()
-        assert again is first
-    twin = copy.deepcopy(layer)
-    assert twin._kernel_cache.id != layer._kernel_cache.id and not twin._kernel_cache.entries
-    packed, cache_id = weakref.ref(layer.weight_packed), layer._kernel_cache.id
-    del layer, compiled, twin
+        assert kernels._prepared[layer.weight_packed] is first
+    packed = weakref.ref(layer.weight_packed)
+    del layer, compiled, first
     torch._dynamo.reset()
     gc.collect()
-    assert packed() is None and PreparedCache.find(cache_id) is None
+    assert packed() is None and len(kernels._prepared) == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_blocks_share_one_graph(backend):
+    """Compiling block by block (diffusers' compile_repeated_blocks): layers of the same shape reuse the first
+    one's graph; nothing per layer is baked into it."""
+    from bitflux.kernels import unavailable_reason
+
+    if unavailable_reason(backend) is not None:
+        pytest.skip(f"backend {backend} is not available here")
+    torch.manual_seed(0)
+    blocks = [TernaryLinear.from_linear(nn.Linear(64, 32)) for _ in range(3)]
+    for block in blocks:
+        block.compile(fullgraph=True)
+    x = torch.randn(3, 64)
+    with torch.no_grad(), use_backend(backend):
+        blocks[0](x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for block in blocks[1:]:
+                assert torch.equal(block(x), block.forward(x))  # forward itself: not compiled
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_load_state_dict_in_inference_mode_is_seen(backend):
+    """Tensors made under inference_mode keep no version counter: load_state_dict forgets what was prepared."""
+    torch.manual_seed(0)
+    with torch.inference_mode(), use_backend(backend):
+        layer, other = (TernaryLinear.from_linear(nn.Linear(64, 32), TernaryConfig(granularity="channel"))
+                        for _ in range(2))
+        x = torch.randn(3, 64)
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))

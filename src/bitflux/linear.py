@@ -7,7 +7,7 @@ from torch import nn
 
 from . import formats
 from .config import TernaryConfig
-from .kernels import PreparedCache, TernaryWeight, reference, ternary_linear, ternary_linear_op
+from .kernels import TernaryWeight, forget_prepared, reference, ternary_linear, ternary_linear_op
 from .ternary import ternarize
 
 
@@ -40,7 +40,6 @@ class TernaryLinear(nn.Module):
         )
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel_cache = PreparedCache()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: TernaryConfig | None = None) -> "TernaryLinear":
@@ -91,9 +90,14 @@ class TernaryLinear(nn.Module):
             # torch.compile: one opaque operator. It has no backward, so inputs that need a gradient are traced
             # through ternary_linear instead (on a CPU the reference backend takes them).
             return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,
-                                     self.out_features, self.group_size or 0, self.activations,
-                                     self._kernel_cache.id)
-        return ternary_linear(x, self.ternary_weight, self.bias, self.activations, self._kernel_cache)
+                                     self.out_features, self.group_size or 0, self.activations)
+        return ternary_linear(x, self.ternary_weight, self.bias, self.activations)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # The buffers are written in place: what a backend prepared from them must go (kernels._version sees
+        # in-place writes, except to tensors made under inference_mode).
+        forget_prepared(self.weight_packed)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         scales = f"group:{self.group_size}" if self.group_size else self.granularity

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import itertools
 import os
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference
 
@@ -127,34 +126,20 @@ register("cpu", "bitflux.kernels.cpu", "cpu")
 
 
 def _version(tensor: torch.Tensor) -> int:
-    # Tensors made under torch.inference_mode() keep no version counter (and are not written outside it).
+    # Tensors made under torch.inference_mode() keep no version counter: in-place writes to them are not seen
+    # here (TernaryLinear's load_state_dict calls forget_prepared itself).
     return 0 if tensor.is_inference() else tensor._version
 
 
-class PreparedCache:
-    """One layer's prepared weights for ternary_linear (`entries`). Registered under a number, by which the
-    compiled operator below (it sees tensors and numbers, not modules) finds its layer's cache; freed with the
-    layer. Not a dict: torch.compile would guard on its length and recompile once it fills. A copy of the layer
-    (deepcopy, pickling) starts with an empty cache of its own."""
+# Each layer's prepared weights, keyed (weakly) by its tq2 bytes: freed with them. No backend's prepared weight
+# holds the bytes strongly (the Triton one refers to them weakly), or the entry would keep its own key alive.
+_prepared = WeakIdKeyDictionary()
 
-    __slots__ = ("id", "entries", "__weakref__")
-    _registry: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-    _ids = itertools.count()
 
-    def __init__(self):
-        self.id = next(PreparedCache._ids)
-        self.entries: dict = {}
-        PreparedCache._registry[self.id] = self
-
-    def __deepcopy__(self, memo):
-        return PreparedCache()
-
-    def __reduce__(self):
-        return PreparedCache, ()
-
-    @classmethod
-    def find(cls, cache_id: int) -> PreparedCache | None:
-        return cls._registry.get(cache_id)
+def forget_prepared(packed: torch.Tensor) -> None:
+    """Drop what was prepared from these bytes (before they are written in place, where _version cannot see
+    it: tensors made under inference_mode)."""
+    _prepared.pop(packed, None)
 
 
 def ternary_linear(
@@ -162,25 +147,23 @@ def ternary_linear(
     weight: TernaryWeight,
     bias: torch.Tensor | None = None,
     activations: str = "a16",
-    cache: PreparedCache | None = None,
 ) -> torch.Tensor:
     """y = x @ (codes * scales)^T + bias through the chosen backend.
 
-    `cache` (owned by the calling module) keeps each backend's prepared weight, keyed by backend, storage
-    and version, so repacking happens once and is redone if the buffers move, are replaced or are written
-    in place (load_state_dict copies into them).
+    A backend's prepared (repacked) weight is made once per layer and kept with its bytes, keyed by backend,
+    scales and versions: it is made again if the scales are replaced or either is written in place
+    (load_state_dict copies into them).
     """
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
     packed, scales = weight.packed, weight.scales
-    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), packed.device, _version(packed), _version(scales))
-    prepared = cache.entries.get(key) if cache is not None else None
-    if prepared is None:
-        prepared = backend.prepare(weight)
-        if cache is not None:
-            cache.entries = {key: prepared}
-    return backend.linear(x, prepared, bias, activations)
+    key = (backend.NAME, scales.data_ptr(), _version(packed), _version(scales))
+    entry = _prepared.get(packed)
+    if entry is None or entry[0] != key:
+        entry = (key, backend.prepare(weight))
+        _prepared[packed] = entry
+    return backend.linear(x, entry[1], bias, activations)
 
 
 # torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
@@ -188,13 +171,12 @@ def ternary_linear(
 # ~500 graphs with nothing fused between them.
 @torch.library.custom_op("bitflux::ternary_linear", mutates_args=())
 def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                      in_features: int, out_features: int, group_size: int, activations: str,
-                      cache_id: int) -> torch.Tensor:
-    """ternary_linear as a torch operator (group_size 0: none), with the layer's PreparedCache by id."""
+                      in_features: int, out_features: int, group_size: int, activations: str) -> torch.Tensor:
+    """ternary_linear as a torch operator (group_size 0: none)."""
     weight = TernaryWeight(packed, scales, in_features, out_features, group_size or None)
-    return ternary_linear(x, weight, bias, activations, PreparedCache.find(cache_id))
+    return ternary_linear(x, weight, bias, activations)
 
 
 @ternary_linear_op.register_fake
-def _(x, packed, scales, bias, in_features, out_features, group_size, activations, cache_id):
+def _(x, packed, scales, bias, in_features, out_features, group_size, activations):
     return x.new_empty((*x.shape[:-1], out_features))

@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -115,9 +116,10 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """The kernel's view of one ternary layer: the tq2 bytes themselves and fp32 scales."""
+    """The kernel's view of one ternary layer: the tq2 bytes themselves and fp32 scales. The bytes are held
+    weakly: the layer owns them, and a cache of prepared weights keyed by them must not keep them alive."""
 
-    packed: torch.Tensor  # (out_features, ceil(in_features / 4)) uint8, shared with the layer
+    packed_ref: weakref.ref  # to (out_features, ceil(in_features / 4)) uint8, the layer's own
     scales: torch.Tensor  # fp32: (1,) per tensor, (out,) per channel, (out, groups) per group
     scale_mode: int
     in_features: int
@@ -125,6 +127,10 @@ class PreparedWeight:
     group_size: int  # 0 unless per group
     tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
     scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self.packed_ref()
 
 
 def prepare(weight) -> PreparedWeight:
@@ -139,7 +145,7 @@ def prepare(weight) -> PreparedWeight:
     # Built once per layer (prepare is cached), not on every call.
     tensor_scale = scales.item() if mode == _SCALE_TENSOR else None
     scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
-    return PreparedWeight(weight.packed, scales, mode, weight.in_features, weight.out_features, group_size,
+    return PreparedWeight(weakref.ref(weight.packed), scales, mode, weight.in_features, weight.out_features, group_size,
                           tensor_scale, scale_row)
 
 
