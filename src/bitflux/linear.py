@@ -7,7 +7,8 @@ from torch import nn
 
 from . import formats
 from .config import TernaryConfig
-from .kernels import TernaryWeight, forget_prepared, reference, ternary_linear, ternary_linear_op
+from .kernels import (TernaryWeight, forget_prepared, needs_gradient, reference, ternary_linear,
+                      ternary_linear_op)
 from .ternary import ternarize
 
 
@@ -86,7 +87,7 @@ class TernaryLinear(nn.Module):
         return reference.dequantize(self.ternary_weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled()):
+        if torch.compiler.is_compiling() and not needs_gradient(x):
             # torch.compile: one opaque operator. It has no backward, so inputs that need a gradient are traced
             # through ternary_linear instead (on a CPU the reference backend takes them).
             return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,

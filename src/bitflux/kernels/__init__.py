@@ -125,6 +125,11 @@ register("triton", "bitflux.kernels.triton", "cuda")
 register("cpu", "bitflux.kernels.cpu", "cpu")
 
 
+def needs_gradient(x: torch.Tensor) -> bool:
+    """The kernels have no backward: such inputs are computed by the reference (differentiable torch ops)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _version(tensor: torch.Tensor) -> int:
     # Tensors made under torch.inference_mode() keep no version counter: in-place writes to them are not seen
     # here (TernaryLinear's load_state_dict calls forget_prepared itself).

@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import needs_gradient
+
 NAME = "triton"
 ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
@@ -101,9 +103,7 @@ def has_fp8(device: torch.device) -> bool:
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
-    # Inputs that need a gradient (LoRA training through the ternary layers) go to the reference backend:
-    # the kernels have no backward.
-    if x.requires_grad and torch.is_grad_enabled():
+    if needs_gradient(x):  # LoRA training through the ternary layers: the reference computes those
         return False
     on_device = x.is_cuda or (_interpreting() and x.device.type == "cpu")
     grouped = weight.scales.shape[1] > 1

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BitfluxError
+from .. import needs_gradient
 from . import _library
 
 NAME = "cpu"
@@ -59,7 +60,7 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
     # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
     # that need a gradient: the C kernel has no backward.
     grouped = weight.scales.shape[1] > 1
-    return (x.device.type == "cpu" and x.is_floating_point() and not (x.requires_grad and torch.is_grad_enabled())
+    return (x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
             and (not grouped or weight.group_size % CHUNK == 0))
 
 
