@@ -96,6 +96,16 @@ def test_prepare_keeps_the_layers_bytes():
     assert prepared.scales.dtype == torch.float32 and prepared.scales.shape == (16, 2)
 
 
+def test_a_prepared_weight_refers_to_its_bytes_without_keeping_them():
+    """The bytes are the layer's: once they are gone, a prepared weight says so instead of failing later."""
+    import gc
+
+    prepared = tk.prepare(_weight(16, 256))
+    gc.collect()
+    with pytest.raises(RuntimeError, match="are gone"):
+        tk.linear(_activations(2, 256, torch.float32), prepared, None, "a16")
+
+
 @pytest.fixture(params=["one pass", "two passes"])
 def quantizer_passes(request, monkeypatch):
     """Both paths of the activation quantizer: whole rows in registers, and (rows longer than the

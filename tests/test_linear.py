@@ -154,3 +154,21 @@ def test_load_state_dict_in_inference_mode_is_seen(backend):
         layer(x)
         layer.load_state_dict(other.state_dict())
         assert torch.equal(layer(x), other(x))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_swapped_or_replaced_buffers_are_used(backend):
+    """Storage swapped under the same tensor (`.data = ...`) and scales replaced by a new tensor (which may
+    take the freed one's address) are both seen."""
+    torch.manual_seed(0)
+    layer, other = (TernaryLinear.from_linear(nn.Linear(64, 32, bias=False), TernaryConfig(granularity="channel"))
+                    for _ in range(2))
+    x = torch.randn(3, 64)
+    with torch.no_grad(), use_backend(backend):
+        layer(x)
+        layer.weight_packed.data = other.weight_packed.clone()
+        layer.weight_scale = other.weight_scale.clone()
+        assert torch.equal(layer(x), other(x))
+        layer.weight_scale = None
+        layer.weight_scale = other.weight_scale * 2
+        assert torch.equal(layer(x), 2 * other(x))

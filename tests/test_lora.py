@@ -104,6 +104,26 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity):
         assert torch.equal(layer(x), base)
 
 
+def test_fused_layers_do_not_keep_the_prepared_weights_of_their_saved_codes():
+    """fuse() keeps the layer's original codes for unfuse(); what a backend prepared from them (a repacked copy
+    of the layer) is let go meanwhile."""
+    from bitflux import kernels
+
+    model = ternary_holder(24, 40, "channel")
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        model.layer(x)
+        original = model.layer.weight_packed
+        down, up = lora_pair(24, 40)
+        adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up}, dtype=torch.float32)
+        with_branch = model.layer(x)
+        adapter.fuse()
+        model.layer(x)
+        assert original not in kernels._prepared
+        adapter.unfuse()
+        assert torch.equal(model.layer(x), with_branch)
+
+
 def test_fused_loras_unfuse_last_in_first_out():
     model = ternary_holder(8, 16)
     keys = ("layer.lora_A.weight", "layer.lora_B.weight")

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import flux, formats
 from ..errors import BitfluxError
+from ..kernels import forget_prepared
 from ..linear import TernaryLinear
 from ..ternary import ternarize
 
@@ -105,6 +106,7 @@ class LoraAdapter(nn.Module):
             weight = weight + self.strength * branch.delta().to(weight.device)
             if isinstance(layer, TernaryLinear):
                 self._saved[name] = (layer.weight_packed, layer.weight_scale)
+                forget_prepared(layer.weight_packed)  # kept for unfuse(), not run meanwhile
                 codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
                 layer.weight_packed = formats.pack(codes, "tq2")
                 layer.weight_scale = scales.to(layer.weight_scale.dtype)

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -155,20 +156,22 @@ def ternary_linear(
 ) -> torch.Tensor:
     """y = x @ (codes * scales)^T + bias through the chosen backend.
 
-    A backend's prepared (repacked) weight is made once per layer and kept with its bytes, keyed by backend,
-    scales and versions: it is made again if the scales are replaced or either is written in place
-    (load_state_dict copies into them).
+    A backend's prepared (repacked) weight is made once per layer and kept with its bytes: it is made again
+    if either the bytes or the scales are replaced, swapped (`.data =`) or written in place (load_state_dict
+    copies into them).
     """
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
     packed, scales = weight.packed, weight.scales
-    key = (backend.NAME, scales.data_ptr(), _version(packed), _version(scales))
+    # data_ptr: storage swapped under the same tensor (`.data = ...`); the scales' identity too, as a new
+    # tensor can take a freed one's address
+    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), _version(packed), _version(scales))
     entry = _prepared.get(packed)
-    if entry is None or entry[0] != key:
-        entry = (key, backend.prepare(weight))
+    if entry is None or entry[0] != key or entry[1]() is not scales:
+        entry = (key, weakref.ref(scales), backend.prepare(weight))
         _prepared[packed] = entry
-    return backend.linear(x, entry[1], bias, activations)
+    return backend.linear(x, entry[2], bias, activations)
 
 
 # torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host

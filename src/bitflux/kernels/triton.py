@@ -130,7 +130,10 @@ class PreparedWeight:
 
     @property
     def packed(self) -> torch.Tensor:
-        return self.packed_ref()
+        packed = self.packed_ref()
+        if packed is None:
+            raise RuntimeError("the layer bytes this prepared weight was made from are gone: prepare() it again")
+        return packed
 
 
 def prepare(weight) -> PreparedWeight:
