@@ -82,7 +82,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     torch_dtype = dtype_named(dtype) or default_dtype(device)
     return {"variant": variant, "device": device, "dtype": str(torch_dtype).removeprefix("torch."),
-            "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts), "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
+            "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
+            "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
             else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer)}
 
