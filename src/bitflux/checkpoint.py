@@ -188,11 +188,16 @@ def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary name: a reader never sees half a file."""
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` into a temporary name beside `path`, then renamed onto it: a reader, or a run stopped while
+    writing, never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     tmp.replace(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 class AtomicFolder:

@@ -13,7 +13,6 @@ Resuming needs only the saved ternary blocks: both streams are recomputed by for
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..flux import build_transformer
 from ..surgery import quantize_
@@ -171,9 +171,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _save_atomic(tensors: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: CalibrationConfig, device="cpu",

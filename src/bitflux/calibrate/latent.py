@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..kernels import reference
 from ..linear import TernaryLinear
@@ -192,8 +193,7 @@ def fit(root: nn.Module, loss_of, records: int, steps: int, batch_size: int, lat
 
 
 def _save_training_state(path: Path, step: int, trainable: dict, optimizer, schedule, generator) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, "trainable": {name: p.detach() for name, p in trainable.items()},
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "generator": generator.get_state()}, tmp)
-    tmp.replace(path)  # a run stopped while writing keeps the previous checkpoint
+    state = {"step": step, "trainable": {name: p.detach() for name, p in trainable.items()},
+             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "generator": generator.get_state()}
+    write_atomic(path, lambda tmp: torch.save(state, tmp))  # a run stopped while writing keeps the previous one

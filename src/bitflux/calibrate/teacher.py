@@ -3,7 +3,6 @@ call along its own trajectories recorded (inputs and predicted velocity). No ima
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..checkpoint import write_atomic
 from ..errors import BitfluxError
 
 PER_CALL = ("hidden_states", "timestep", "guidance")
@@ -44,10 +44,8 @@ class TeacherData:
         return {**kwargs, "return_dict": False}
 
     def save(self, path: Path) -> None:
-        tmp = Path(f"{path}.tmp")
         prompts = {f"prompt.{k}": v for k, v in self.prompts.items()}
-        save_file({**self.inputs, **prompts, "velocity": self.velocity}, str(tmp))
-        os.replace(tmp, path)
+        write_atomic(Path(path), lambda tmp: save_file({**self.inputs, **prompts, "velocity": self.velocity}, str(tmp)))
 
     @classmethod
     def load(cls, path: Path) -> "TeacherData":
