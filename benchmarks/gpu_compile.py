@@ -120,28 +120,32 @@ def variants(quick: bool):
                         f"{' one pass' if one_pass else ' two passes'}")
                 yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
                                                    "w_ptr": q_dtype, "codes_ptr": q_dtype},
-                       {"QUANTIZE": True, "EXPAND": False, **quantize, **expand_constexprs}, 4, 1,
+                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_constexprs}, 4, 1,
                        fp8_targets if fp8_out else all_targets)
                 if not plane:  # the expanded GEMMs' operands, in one launch
-                    yield (f"{name} + expand", tk._operands_kernel,
-                           {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8, "codes_ptr": q_dtype},
-                           {"QUANTIZE": True, "EXPAND": True, **quantize, **expand_constexprs}, expand_warps, 1,
-                           fp8_targets if fp8_out else all_targets)
+                    for tq1 in (False, True):
+                        yield (f"{name} + expand{' tq1' if tq1 else ''}", tk._operands_kernel,
+                               {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8, "codes_ptr": q_dtype},
+                               {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **expand_constexprs},
+                               expand_warps, 1, fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
-        yield (f"expand {_TYPES[dtype]}", tk._operands_kernel,
-               {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "codes_ptr": dtype},
-               {"QUANTIZE": False, "EXPAND": True, "FP8": False, "PLANE": 0, "BLOCK": 1, "ONE_PASS": True,
-                **expand_constexprs}, expand_warps, 1, fp8_targets if dtype == fp8 else all_targets)
+        for tq1 in (False, True):
+            yield (f"expand {_TYPES[dtype]}{' tq1' if tq1 else ''}", tk._operands_kernel,
+                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "codes_ptr": dtype},
+                   {"QUANTIZE": False, "EXPAND": True, "TQ1": tq1, "FP8": False, "PLANE": 0, "BLOCK": 1,
+                    "ONE_PASS": True, **expand_constexprs}, expand_warps, 1,
+                   fp8_targets if dtype == fp8 else all_targets)
     yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
         for fma, (block_m, block_n, block_k, warps, stages) in ((False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)):
-            yield (f"{'gemv' if fma else 'splitk'} {act}", tk._gemv_kernel,
-                   {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
-                   {"ACT": code, "FMA": fma, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False,
-                    "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
-                   fp8_targets if act == "fp8" else all_targets)
+            for tq1 in (False, True):
+                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}", tk._gemv_kernel,
+                       {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
+                       {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
+                        "DOT_FP32": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps,
+                       stages, fp8_targets if act == "fp8" else all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,

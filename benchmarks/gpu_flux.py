@@ -1,7 +1,8 @@
 """One denoising forward of the full FLUX.1-dev transformer (19 double + 38 single blocks, width 3072,
 random weights, nothing downloaded) at 1024x1024 (4096 image + 512 text tokens): bf16 vs bitflux
-W1.58A16, W1.58A8 and W1.58 fp8, one model at a time, each built on the meta device and materialized directly on
-the GPU (the ternary models never hold a bf16 copy of their block weights), then freed.
+W1.58A16, W1.58A8 and W1.58 fp8 (tq2: 2 bits a weight), and fp8 on tq1 codes (1.6 bits), one model at a
+time, each built on the meta device and materialized directly on the GPU (the ternary models never hold a
+bf16 copy of their block weights), then freed.
 
     PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_flux.py --dry-run   # CPU: a tiny FLUX
@@ -36,21 +37,30 @@ TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_singl
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                "pooled_projection_dim": 32, "axes_dims_rope": [8, 12, 12]}
 WEIGHT_STD = 0.02  # keeps random activations finite through 57 blocks
-MODES = ("bf16", "fp8", "a16", "a8")  # most telling first: a run cut short keeps those
-LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8", "fp8": "bitflux W1.58 fp8"}
+# activations[-packing]; most telling first: a run cut short keeps those
+MODES = ("bf16", "fp8", "fp8-tq1", "a16", "a8")
+LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8", "fp8": "bitflux W1.58 fp8",
+          "fp8-tq1": "bitflux W1.58 fp8, tq1 codes"}
+
+
+def mode_parts(mode: str) -> tuple[str, str]:
+    """'fp8-tq1' -> ('fp8', 'tq1'); the packing is tq2 unless named."""
+    activations, _, packing = mode.partition("-")
+    return activations, packing or "tq2"
 
 
 def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
     """The transformer with random weights on `device`, ternary block linears unless mode is bf16."""
     model = build_transformer(config, "meta").to(torch.bfloat16)
     if mode != "bf16":
-        quantize_(model, TernaryConfig(activations=mode))
+        activations, packing = mode_parts(mode)
+        quantize_(model, TernaryConfig(activations=activations, format=packing))
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, TernaryLinear):
-                module.weight_packed.copy_(random_tq2(module.weight_packed.shape, device, gen))
+                module.weight_packed.copy_(random_packed(module.weight_packed.shape, module.packing, device, gen))
                 # codes are nonzero with probability 2/3: this scale gives the bf16 model's weight spread
                 module.weight_scale.fill_(WEIGHT_STD / math.sqrt(2 / 3))
                 if module.bias is not None:
@@ -66,8 +76,11 @@ def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
-def random_tq2(shape, device, gen) -> torch.Tensor:
-    """Random tq2 bytes: four digits u = w + 1 in {0, 1, 2} per byte, built in uint8 (no large temporaries)."""
+def random_packed(shape, packing: str, device, gen) -> torch.Tensor:
+    """Random bytes of uniformly random codes, built in uint8 (no large temporaries): tq2, four digits
+    u = w + 1 in {0, 1, 2} per byte; tq1, any of the 3^5 bytes 0 .. 242."""
+    if packing == "tq1":
+        return torch.randint(0, 243, shape, dtype=torch.uint8, device=device, generator=gen)
     digits = torch.randint(0, 3, (*shape, 4), dtype=torch.uint8, device=device, generator=gen)
     return digits[..., 0] | (digits[..., 1] << 2) | (digits[..., 2] << 4) | (digits[..., 3] << 6)
 
@@ -162,7 +175,7 @@ def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int
     batch = inputs(config, *batch_shape, device)
     with kernels.use_backend("triton" if mode != "bf16" else "auto"):
         if mode != "bf16":
-            _check_triton_in_use(model, mode, device)
+            _check_triton_in_use(model, mode_parts(mode)[0], device)
         if compile:  # the warm-up forwards compile; bitflux.graphs does not capture a compiled module
             model = torch.compile(model)
         result.update(time_forwards(model, batch, warmup, iters, device, graphs=not compile))
@@ -177,15 +190,16 @@ def chosen_strategies(mode: str) -> dict[str, str]:
     """Which strategy the Triton backend measured fastest for each layer shape of this mode."""
     from bitflux.kernels import triton as triton_backend
 
+    activations, packing = mode_parts(mode)
     return {f"M={key.M} N={key.N} K={key.K}": name for key, name in triton_backend.chosen.items()
-            if key.activations == mode}
+            if key.activations == activations and key.tq1 == (packing == "tq1")}
 
 
-def _check_triton_in_use(model, mode: str, device) -> None:
+def _check_triton_in_use(model, activations: str, device) -> None:
     """A silent fallback to the reference backend would time the wrong thing: refuse it."""
     layer = next(m for m in model.modules() if isinstance(m, TernaryLinear))
     probe = torch.zeros(1, layer.in_features, dtype=torch.bfloat16, device=device)
-    chosen = kernels.select_backend(probe, layer.ternary_weight, mode)
+    chosen = kernels.select_backend(probe, layer.ternary_weight, activations)
     if chosen.NAME != "triton":
         raise RuntimeError(f"the Triton backend is not in use (got {chosen.NAME}); see the warnings above")
 

@@ -1,5 +1,6 @@
 """Per-layer GEMM benchmark at FLUX.1-dev shapes: cuBLAS bf16 vs bitflux Triton W1.58A16, W1.58A8 and
-W1.58 fp8, with torch's int8 (_int_mm) and fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
+W1.58 fp8 on tq2 codes (and a16, fp8 on tq1 codes, 1.6 bits a weight), with torch's int8 (_int_mm) and
+fp8 (_scaled_mm) GEMMs on full 8-bit weights as a ceiling.
 Each bitflux mode runs the strategy the backend measured fastest for the shape (named in the table; every
 strategy is also timed and checked on its own, in the JSON and the markdown). Up to GRAPH_M tokens every
 column is also timed inside a CUDA graph: the GPU time without Python's launch overhead, which a busy
@@ -42,7 +43,8 @@ FLUX_LAYERS = {
 TOKENS = (1, 16, 512, 4096, 4608)
 QUICK_LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
 QUICK_TOKENS = (1, 16, 4096)
-MODES = {"a16": "W1.58A16", "a8": "W1.58A8", "fp8": "W1.58 fp8"}
+# activations[-packing] (tq2 unless named) -> label
+MODES = {"a16": "W1.58A16", "a8": "W1.58A8", "fp8": "W1.58 fp8", "a16-tq1": "W1.58A16 tq1", "fp8-tq1": "W1.58 fp8 tq1"}
 DRY_LAYERS = {"tiny square": (96, 256), "tiny wide-in": (40, 384)}
 DRY_TOKENS = (1, 16, 40)
 GRAPH_M = 16
@@ -71,11 +73,22 @@ def bench_both(row: dict, label: str, fn) -> None:
             row.setdefault("ms_graph", {})[label] = f"n/a ({type(exc).__name__})"
 
 
-def random_ternary(n: int, k: int, device, generator) -> TernaryWeight:
-    """Random codes (about 1/3 zeros, as absmean gives on Gaussian weights) and one scale, like the paper."""
-    codes = torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
-    scales = torch.full((1, 1), 0.02, device=device)
-    return TernaryWeight(formats.pack(codes), scales, k, n, None)
+def random_codes(n: int, k: int, device, generator) -> torch.Tensor:
+    """Random codes (about 1/3 zeros, as absmean gives on Gaussian weights)."""
+    return torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
+
+
+def ternary_weight(codes: torch.Tensor, packing: str) -> TernaryWeight:
+    """The codes packed, with one scale like the paper's."""
+    n, k = codes.shape
+    return TernaryWeight(formats.pack(codes, packing), torch.full((1, 1), 0.02, device=codes.device), k, n, None,
+                         packing)
+
+
+def mode_parts(mode: str) -> tuple[str, str]:
+    """'fp8-tq1' -> ('fp8', 'tq1')."""
+    activations, _, packing = mode.partition("-")
+    return activations, packing or "tq2"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -135,11 +148,11 @@ def run(layers: dict, tokens: tuple, device):
     """Yields one result row per (layer, M)."""
     gen = torch.Generator(device=device).manual_seed(0)
     for name, (n, k) in layers.items():
-        weight = random_ternary(n, k, device, gen)
-        codes = formats.unpack(weight.packed, k, "tq2")
+        codes = random_codes(n, k, device, gen)
         dense = (codes.to(torch.bfloat16) * 0.02).contiguous()  # cuBLAS baseline: the same weight in bf16
         bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
-        prepared = triton_backend.prepare(weight)
+        weights = {packing: ternary_weight(codes, packing) for packing in formats.CODES_PER_BYTE}
+        prepared_by_packing = {packing: triton_backend.prepare(weight) for packing, weight in weights.items()}
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             row = {"layer": name, "M": m, "N": n, "K": k, "ms": {}, "strategy": {}, "strategy_ms": {}}
@@ -147,17 +160,20 @@ def run(layers: dict, tokens: tuple, device):
                 expected = F.linear(x, dense, bias)
                 bench_both(row, "bf16 cuBLAS", lambda: F.linear(x, dense, bias))
                 for mode, label in MODES.items():
-                    out = triton_backend.linear(x, prepared, bias, mode)  # the first call picks the strategy
+                    activations, packing = mode_parts(mode)
+                    prepared = prepared_by_packing[packing]
+                    out = triton_backend.linear(x, prepared, bias, activations)  # the first call picks the strategy
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
-                    key = triton_backend.CallKey(mode, x.dtype, prepared.scale_mode, True, m, n, k)
-                    names = triton_backend.strategies(m, prepared, mode)
+                    key = triton_backend.CallKey(activations, x.dtype, prepared.scale_mode, True, m, n, k,
+                                                 prepared.tq1)
+                    names = triton_backend.strategies(m, prepared, activations)
                     row["strategy"][mode] = triton_backend.chosen.get(key, names[0])
-                    row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, mode, name, expected)
+                    row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, activations, name, expected)
                                                 for name in names}
-                    bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, mode))
+                    bench_both(row, label, lambda: triton_backend.linear(x, prepared, bias, activations))
                     if device.type == "cuda":
                         row.setdefault("kernel_us", {})[mode] = kernel_us(
-                            lambda: triton_backend.linear(x, prepared, bias, mode))
+                            lambda: triton_backend.linear(x, prepared, bias, activations))
                 if device.type == "cuda":
                     ceilings(row, x, codes, device)
             except Exception as exc:  # noqa: BLE001 - keep the other shapes' results
@@ -165,7 +181,7 @@ def run(layers: dict, tokens: tuple, device):
             _add_rates(row)
             print(_line(row), flush=True)
             yield row
-        del dense, codes, prepared
+        del dense, codes, weights, prepared_by_packing
 
 
 def _add_rates(row: dict) -> None:
@@ -207,8 +223,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. "
              "Times in ms (median, L2 flushed); speed-up vs cuBLAS bf16 in brackets; 8-bit ceilings use full "
              "8-bit weights. Rows timed `graph` replay CUDA graphs (GPU time without launch overhead). "
-             "Strategy: what the backend measured fastest for a16 / a8 / fp8. rel err: bitflux output vs the "
-             "bf16 GEMM on the same ternary weight.", "",
+             "Strategy: what the backend measured fastest for " + " / ".join(MODES) + ". rel err: bitflux output "
+             "vs the bf16 GEMM on the same ternary weight.", "",
              "| layer | M | N | K | timing | " + " | ".join(modes) + " | strategy | rel err "
              + " / ".join(MODES) + " |",
              "|" + "---|" * (len(modes) + 7)]

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from bitflux.kernels import triton as triton_backend
-from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, random_ternary, relative_error,
-                        write_atomic)
+from bitflux import formats
+from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, mode_parts, random_codes,
+                        relative_error, ternary_weight, write_atomic)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
@@ -42,18 +43,20 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
     """Yields one row per (layer, M, mode, strategy): every candidate's time and error."""
     gen = torch.Generator(device=device).manual_seed(0)
     for name, (n, k) in layers.items():
-        weight = random_ternary(n, k, device, gen)
-        codes = triton_backend.expand(triton_backend.prepare(weight), torch.bfloat16)
-        dense = (codes * 0.02).contiguous()
+        codes = random_codes(n, k, device, gen)
+        dense = (codes.to(torch.bfloat16) * 0.02).contiguous()
         bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
-        prepared = triton_backend.prepare(weight)
+        weights = {packing: ternary_weight(codes, packing) for packing in formats.CODES_PER_BYTE}
+        prepared_by_packing = {packing: triton_backend.prepare(weight) for packing, weight in weights.items()}
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             expected = F.linear(x, dense, bias)
             bf16_ms = bench_ms(lambda: F.linear(x, dense, bias), graph=device.type == "cuda")
             for mode in modes:
+                activations, packing = mode_parts(mode)
+                prepared = prepared_by_packing[packing]
                 for strategy in ("gemv", "splitk"):
-                    if strategy not in triton_backend.strategies(m, prepared, mode):
+                    if strategy not in triton_backend.strategies(m, prepared, activations):
                         continue
                     row = {"layer": name, "M": m, "N": n, "K": k, "mode": mode, "strategy": strategy,
                            "bf16_ms": bf16_ms, "candidates": []}
@@ -61,11 +64,12 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                     for tile in candidates:
                         for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
                             row["candidates"].append(
-                                measure(x, prepared, bias, mode, strategy, tile, programs, expected, device))
+                                measure(x, prepared, bias, activations, strategy, tile, programs, expected, device))
                     yield row
 
 
-def measure(x, prepared, bias, mode: str, strategy: str, tile: tuple, programs: int, expected, device) -> dict:
+def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, programs: int, expected, device
+            ) -> dict:
     """One candidate set as the backend's constants: its GPU time and its error vs the bf16 GEMM."""
     constant = "GEMV_TILE" if strategy == "gemv" else "SPLITK_TILE"
     saved = getattr(triton_backend, constant), triton_backend.PROGRAMS_PER_SM
@@ -74,7 +78,7 @@ def measure(x, prepared, bias, mode: str, strategy: str, tile: tuple, programs: 
     result = {"tile": list(tile), "programs_per_sm": programs}
     try:
         def call():
-            return triton_backend.linear(x, prepared, bias, mode, strategy=strategy)
+            return triton_backend.linear(x, prepared, bias, activations, strategy=strategy)
 
         result["rel_err"] = relative_error(call(), expected)
         result["ms"] = bench_ms(call, graph=device.type == "cuda")
@@ -88,7 +92,7 @@ def measure(x, prepared, bias, mode: str, strategy: str, tile: tuple, programs: 
 
 def best(row: dict) -> dict | None:
     """The fastest candidate whose output is right."""
-    good = [c for c in row["candidates"] if "ms" in c and c["rel_err"] < MAX_REL_ERR[row["mode"]]]
+    good = [c for c in row["candidates"] if "ms" in c and c["rel_err"] < MAX_REL_ERR[mode_parts(row["mode"])[0]]]
     return min(good, key=lambda c: c["ms"]) if good else None
 
 

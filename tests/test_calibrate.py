@@ -109,6 +109,12 @@ def test_latent_layer_starts_at_plain_rounding(granularity, activations):
     assert torch.equal(again.weight_packed, plain.weight_packed) and torch.equal(again.weight_scale, plain.weight_scale)
 
 
+def test_a_calibrated_ternary_layer_keeps_its_packing():
+    layer = TernaryLinear.from_linear(nn.Linear(33, 8), TernaryConfig(format="tq1"))
+    frozen = LatentTernaryLinear.from_ternary(layer, TernaryConfig(format="tq2")).freeze()
+    assert frozen.packing == "tq1" and torch.equal(frozen.weight_packed, layer.weight_packed)
+
+
 def test_latent_gradients_are_straight_through():
     linear = nn.Linear(16, 4)
     latent = LatentTernaryLinear.from_linear(linear, _ternary_config("channel"))

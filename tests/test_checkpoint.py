@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import build_tiny, tiny_inputs
 
-from bitflux import TernaryConfig, TernaryLinear, load_transformer, quantize_, quantize_checkpoint, save_transformer
+from bitflux import (TernaryConfig, TernaryLinear, formats, load_transformer, quantize_, quantize_checkpoint,
+                     save_transformer)
 from bitflux.checkpoint import INDEX_NAME, read_safetensors_header
 from bitflux.errors import BitfluxError
 from bitflux.kernels import use_backend
@@ -17,20 +18,39 @@ def _forward(model):
 
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
-def test_save_load_bit_identical(tmp_path, fmt, granularity):
+def test_save_load_bit_identical(tmp_path, monkeypatch, fmt, granularity):
+    """The layers hold the config's packing, and load keeps the stored bytes as they are (no conversion)."""
     config = TernaryConfig(format=fmt, **TernaryConfig.parse_granularity(granularity))
     model = build_tiny()
     quantize_(model, config)
     save_transformer(model, tmp_path / "q", config)
-    loaded = load_transformer(tmp_path / "q")
+    with monkeypatch.context() as patch:
+        patch.setattr(formats, "unpack", None)  # any repacking would fail
+        loaded = load_transformer(tmp_path / "q")
     for name, module in model.named_modules():
         if isinstance(module, TernaryLinear):
             other = loaded.get_submodule(name)
+            assert module.packing == other.packing == fmt
+            assert other.weight_packed.shape == formats.packed_shape(other.out_features, other.in_features, fmt)
             assert torch.equal(module.weight_packed, other.weight_packed)
             assert torch.equal(module.weight_scale, other.weight_scale)
     assert torch.equal(_forward(model), _forward(loaded))
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert stored["format"] == fmt and stored["quant_method"] == "bitflux"
+
+
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+def test_save_repacks_each_layer_into_the_folder_format(tmp_path, fmt):
+    memory = {"tq2": "tq1", "tq1": "tq2"}[fmt]
+    model = build_tiny()
+    quantize_(model, TernaryConfig(format=memory))
+    save_transformer(model, tmp_path / "q", TernaryConfig(format=fmt))
+    loaded = load_transformer(tmp_path / "q")
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear):
+            other = loaded.get_submodule(name)
+            assert other.packing == fmt and torch.equal(other.codes(), module.codes())
+    assert torch.equal(_forward(model), _forward(loaded))
 
 
 def test_sharded_save_and_streaming_quantize_agree(tmp_path, tiny_folder):

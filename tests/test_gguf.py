@@ -1,3 +1,4 @@
+import copy
 import struct
 
 import numpy as np
@@ -169,6 +170,29 @@ def test_export_from_a_bitflux_folder_and_quantize_back_to_one(models, tmp_path)
     assert torch.equal(output(load_transformer(tmp_path / "back")), output(model))
     with pytest.raises(BitfluxError, match="already ternary with tensor scales"):
         gguf_to_folder(tmp_path / "m.gguf", tmp_path / "again", TernaryConfig(granularity="channel"))
+
+
+def test_a_tq1_model_exports_the_codes_of_its_tq2_twin_and_loads_back_as_tq1(models, tmp_path):
+    loaded = {}
+    for fmt in ("tq2", "tq1"):
+        save_transformer(models["channel"], tmp_path / fmt, TernaryConfig(granularity="channel", format=fmt))
+        model = load_transformer(tmp_path / fmt)
+        assert {layer.packing for layer in ternary_layers(model).values()} == {fmt}
+        export_gguf(model, tmp_path / f"{fmt}.gguf", "tq2_0")
+        loaded[fmt] = load_gguf(tmp_path / f"{fmt}.gguf")
+        assert {layer.packing for layer in ternary_layers(loaded[fmt]).values()} == {fmt}
+    for a, b in zip(ternary_layers(loaded["tq1"]).values(), ternary_layers(loaded["tq2"]).values()):
+        assert torch.equal(a.codes(), b.codes()) and torch.equal(a.weight_scale, b.weight_scale)
+    assert torch.equal(output(loaded["tq1"]), output(loaded["tq2"]))
+
+
+def test_a_file_whose_config_says_tq1_loads_into_tq1_layers(models, tmp_path):
+    model = copy.deepcopy(models["tensor"])
+    model.register_to_config(quantization_config=TernaryConfig(scale_dtype="float16", format="tq1").to_dict())
+    export_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    loaded = load_gguf(tmp_path / "m.gguf")
+    assert {layer.packing for layer in ternary_layers(loaded).values()} == {"tq1"}
+    assert torch.equal(output(loaded), output(model))
 
 
 def write_original_layout_file(path, model, qtype=None):

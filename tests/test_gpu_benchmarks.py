@@ -24,7 +24,7 @@ def test_gpu_linear_rehearses_every_mode_and_strategy(tmp_path):
     rows = json.loads((tmp_path / "gpu_linear.json").read_text())["rows"]
     assert rows and not any("error" in row for row in rows)
     for row in rows:
-        assert set(row["strategy"]) == {"a16", "a8", "fp8"}
+        assert set(row["strategy"]) == {"a16", "a8", "fp8", "a16-tq1", "fp8-tq1"}
         assert all(isinstance(result, dict) and result["rel_err"] < 2e-2
                    for results in row["strategy_ms"].values() for result in results.values())
     assert "Every strategy on its own" in (tmp_path / "gpu_linear.md").read_text()
@@ -33,7 +33,7 @@ def test_gpu_linear_rehearses_every_mode_and_strategy(tmp_path):
 def test_gpu_flux_rehearses_every_model(tmp_path):
     _run("gpu_flux.py", "--out", str(tmp_path), "--warmup", "1", "--iters", "1")
     results = json.loads((tmp_path / "gpu_flux.json").read_text())["results"]
-    assert set(results) == {"bf16", "fp8", "a16", "a8"}
+    assert set(results) == {"bf16", "fp8", "fp8-tq1", "a16", "a8"}
     assert all(result["output_finite"] for result in results.values())
 
 

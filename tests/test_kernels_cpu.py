@@ -95,6 +95,17 @@ def test_worst_case_sums_do_not_overflow(sign):
         assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
 
 
+@pytest.mark.parametrize("k", [1, 7, 33, 130])
+def test_tq1_weights_prepare_to_the_tq2_blocks(k):
+    """prepare converts tq1 codes to tq2 first: the blocks, hence the outputs, are the tq2 weight's."""
+    tq2 = make_weight(20, k, seed=k)
+    tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 20, None, "tq1")
+    assert torch.equal(cpu.prepare(tq1).blocks, cpu.prepare(tq2).blocks)
+    x = torch.randn(3, k)
+    assert torch.equal(run_cpu(x, tq1), reference.linear_a8(x, tq2, None))
+    assert torch.equal(reference.linear_a8(x, tq1, None), reference.linear_a8(x, tq2, None))
+
+
 def test_every_isa_gives_identical_outputs(threads):
     weight = make_weight(50, 200, group_size=32)
     x = torch.randn(17, 200)

@@ -43,9 +43,14 @@ FP8_CASES = [(shape, dtype, SCALES[(i + j) % 2]) for i, shape in enumerate(SHAPE
              for j, dtype in enumerate(DTYPES) if (i + j) % 2 == 0 or shape == DENSE_SHAPE]
 
 
+def _layer(scale_mode, k, n, packing="tq2"):
+    """What strategies() reads of a prepared weight."""
+    return SimpleNamespace(scale_mode=scale_mode, in_features=k, out_features=n, tq1=packing == "tq1")
+
+
 def _strategy_cases():
-    """(shape, activations, scales, dtype, strategy) for every strategy each shape offers; scales and dtype
-    rotate (a8 stays fp32 for bit-exact outputs)."""
+    """(shape, activations, scales, dtype, packing, strategy) for every strategy each shape offers; scales
+    and dtype rotate (a8 stays fp32 for bit-exact outputs)."""
     scale_modes = {"tensor": tk._SCALE_TENSOR, "channel": tk._SCALE_CHANNEL, "group": tk._SCALE_GROUP}
     cases = []
     for i, (m, k, n) in enumerate([(1, 130, 20), (3, 300, 70), (17, 384, 33), DENSE_SHAPE]):
@@ -54,18 +59,19 @@ def _strategy_cases():
                 if activations == "fp8" and scales[0] == "group":
                     continue
                 dtype = torch.float32 if activations == "a8" else DTYPES[(i + j + g) % 3]
-                layer = SimpleNamespace(scale_mode=scale_modes[scales[0]], in_features=k, out_features=n)
-                cases += [((m, k, n), activations, scales, dtype, name)
-                          for name in tk.strategies(m, layer, activations)]
+                for packing in formats.CODES_PER_BYTE:
+                    layer = _layer(scale_modes[scales[0]], k, n, packing)
+                    cases += [((m, k, n), activations, scales, dtype, packing, name)
+                              for name in tk.strategies(m, layer, activations)]
     return cases
 
 
-def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, seed=0):
+def _weight(n, k, granularity="tensor", group_size=None, power_of_two=False, seed=0, packing="tq2"):
     gen = torch.Generator().manual_seed(seed)
     codes, scales = ternary.ternarize(torch.randn(n, k, generator=gen), "absmean", granularity, group_size)
     if power_of_two:
         scales = 2.0 ** torch.randint(-2, 3, scales.shape, generator=gen).float()
-    return TernaryWeight(formats.pack(codes).to(DEVICE), scales.to(DEVICE), k, n, group_size)
+    return TernaryWeight(formats.pack(codes, packing).to(DEVICE), scales.to(DEVICE), k, n, group_size, packing)
 
 
 def _activations(m, k, dtype, seed=1):
@@ -81,7 +87,7 @@ def _on_cpu(fn, *tensors):
 
 def _cpu_weight(weight):
     return TernaryWeight(weight.packed.cpu(), weight.scales.cpu(), weight.in_features, weight.out_features,
-                         weight.group_size)
+                         weight.group_size, weight.packing)
 
 
 def _assert_close(actual, expected, dtype):
@@ -157,14 +163,34 @@ def test_quantize_fp8_matches_torch_cast(dtype, quantizer_passes):
     assert torch.equal(q.cpu().view(torch.uint8), expected.view(torch.uint8))
 
 
+@pytest.mark.parametrize("packing", formats.CODES_PER_BYTE)
 @pytest.mark.parametrize("scales", SCALES)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
-def test_expand_writes_the_codes(dtype, scales):
+def test_expand_writes_the_codes(dtype, scales, packing):
     granularity, group_size = scales
-    weight = _weight(40, 390, granularity, group_size)  # K off the block, N off the block
-    codes = formats.unpack(weight.packed.cpu(), 390, "tq2")
+    weight = _weight(40, 390, granularity, group_size, packing=packing)  # K off the block, N off the block
+    codes = formats.unpack(weight.packed.cpu(), 390, packing)
     dense = tk.expand(tk.prepare(weight), dtype)
     assert torch.equal(dense.cpu().float(), codes.float())
+
+
+@pytest.mark.parametrize("strategy", ["expanded", "splitk", "gemv"])
+def test_every_tq1_byte_decodes(strategy):
+    """All 243 tq1 bytes, in a row long enough for two steps of the split-K kernels: decoded by
+    multiplies and shifts (no integer division on a GPU), exactly as formats.unpack does."""
+    k = 5 * 243 * 2
+    packed = torch.arange(243, dtype=torch.uint8).repeat(2).flip(0).reshape(1, -1).repeat(3, 1)
+    weight = TernaryWeight(packed.to(DEVICE), torch.ones(1, 1, device=DEVICE), k, 3, None, "tq1")
+    codes = formats.unpack(packed, k, "tq1")
+    if strategy == "expanded":
+        assert torch.equal(tk.expand(tk.prepare(weight), torch.int8).cpu(), codes)
+        return
+    x = torch.zeros(1, k, device=DEVICE)
+    for column in (0, 1, 2, 3, 4, 5 * 200 + 3, k - 1):  # one-hot rows read single codes back
+        x.zero_()
+        x[0, column] = 1.0
+        out = tk.linear(x, tk.prepare(weight), None, "a16", strategy=strategy)
+        assert torch.equal(out.cpu(), codes[:, column].float()[None, :])
 
 
 @pytest.mark.parametrize("activations", ["a8", "fp8"])
@@ -316,11 +342,11 @@ def test_groups_not_multiple_of_chunk_fall_back_to_reference():
         assert kernels.select_backend(x, weight, "a16") is reference
 
 
-@pytest.mark.parametrize("shape,activations,scales,dtype,strategy", _strategy_cases(), ids=str)
-def test_every_strategy_matches_the_reference(shape, activations, scales, dtype, strategy):
-    """a8 bit for bit (power-of-two scales, no bias), a16 and fp8 to tolerance, with a bias."""
+@pytest.mark.parametrize("shape,activations,scales,dtype,packing,strategy", _strategy_cases(), ids=str)
+def test_every_strategy_matches_the_reference(shape, activations, scales, dtype, packing, strategy):
+    """a8 bit for bit (power-of-two scales, no bias), a16 and fp8 to tolerance, with a bias; tq2 and tq1."""
     (m, k, n), (granularity, group_size) = shape, scales
-    weight = _weight(n, k, granularity, group_size, power_of_two=activations == "a8")
+    weight = _weight(n, k, granularity, group_size, power_of_two=activations == "a8", packing=packing)
     x = _activations(m, k, dtype)
     if activations == "a8":
         out = tk.linear(x, tk.prepare(weight), None, "a8", strategy=strategy)
@@ -336,16 +362,20 @@ def test_every_strategy_matches_the_reference(shape, activations, scales, dtype,
 
 
 def test_default_strategies_and_refusals():
-    layer = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=256, out_features=144)
-    grouped = SimpleNamespace(scale_mode=tk._SCALE_GROUP, in_features=256, out_features=144)
+    layer, grouped = _layer(tk._SCALE_TENSOR, 256, 144), _layer(tk._SCALE_GROUP, 256, 144)
     assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar"]
     assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
     assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # planar steps, cuBLAS: no groups
-    odd = SimpleNamespace(scale_mode=tk._SCALE_TENSOR, in_features=250, out_features=144)
+    odd = _layer(tk._SCALE_TENSOR, 250, 144)
     assert "cublas" not in tk.strategies(200, odd, "a8") and "cublas" in tk.strategies(200, odd, "a16")
+    # tq1: no tile kernels on 2-bit tiles; the expanded GEMM computes what the split-K kernel cannot
+    tq1, tq1_grouped = _layer(tk._SCALE_TENSOR, 256, 144, "tq1"), _layer(tk._SCALE_GROUP, 256, 144, "tq1")
+    assert tk.strategies(1, tq1, "a16") == ["splitk", "gemv", "expanded"]
+    assert tk.strategies(17, tq1, "fp8") == ["expanded", "cublas"]
+    assert tk.strategies(1, tq1_grouped, "a8") == ["expanded"]
     weight = _weight(20, 130)
     with pytest.raises(ValueError, match="strategy 'cublas' cannot compute this call"):
         tk.linear(_activations(1, 130, torch.float32), tk.prepare(weight), None, "a8", strategy="cublas")

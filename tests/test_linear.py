@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from bitflux import TernaryConfig, TernaryLinear
-from bitflux.kernels import use_backend
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear
+from bitflux.kernels import select_backend, unavailable_reason, use_backend
 
 # Reference backend vs F.linear on the dequantized weight: same math, so only summation order differs.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -39,6 +39,35 @@ def test_meta_device_module_and_forward():
     assert y.shape == (4, 12288) and y.is_meta
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("activations", ["a16", "a8"])
+@pytest.mark.parametrize("in_features", [1, 7, 33, 130])
+def test_tq1_layer_computes_what_the_tq2_layer_of_its_codes_does(backend, activations, in_features):
+    if unavailable_reason(backend) is not None:
+        pytest.skip(f"backend {backend} is not available here")
+    torch.manual_seed(0)
+    codes = torch.randint(-1, 2, (24, in_features), dtype=torch.int8)
+    scales, bias = torch.rand(24, 1) + 0.05, torch.randn(24)
+    tq2, tq1 = (TernaryLinear.from_codes(codes, scales, bias, config=TernaryConfig(format=fmt, activations=activations))
+                for fmt in ("tq2", "tq1"))
+    assert tq1.packing == "tq1" and tq1.weight_packed.shape == (24, -(-in_features // 5))
+    assert torch.equal(tq1.codes(), codes)
+    x = torch.randn(3, in_features)
+    with torch.no_grad(), use_backend(backend):
+        assert select_backend(x, tq1.ternary_weight, activations).NAME == backend
+        assert torch.equal(tq1(x), tq2(x))
+
+
+def test_packing_follows_the_config_and_bad_names_are_refused():
+    with torch.device("meta"):
+        linear = nn.Linear(33, 8)
+    layer = TernaryLinear.from_linear(linear, TernaryConfig(format="tq1"))
+    assert layer.packing == "tq1" and layer.weight_packed.shape == (8, 7) and "packing=tq1" in repr(layer)
+    assert torch.equal(TernaryLinear(33, 8, packing="tq1").codes(), torch.zeros(8, 33, dtype=torch.int8))
+    with pytest.raises(BitfluxError, match="unknown packing 'tq3'; choose one of tq2, tq1"):
+        TernaryLinear(33, 8, packing="tq3")
+
+
 def test_state_dict_keys_and_dtypes():
     layer = TernaryLinear.from_linear(nn.Linear(10, 6), TernaryConfig(granularity="group", group_size=4))
     sd = layer.state_dict()
@@ -65,12 +94,13 @@ def test_weights_written_in_place_after_a_forward_are_used(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("activations,granularity", [("a16", "channel"), ("a8", "group:32"), ("fp8", "tensor")])
-def test_torch_compile_takes_ternary_layers_whole(backend, activations, granularity):
+@pytest.mark.parametrize("activations,granularity,fmt", [("a16", "channel", "tq2"), ("a8", "group:32", "tq2"),
+                                                        ("fp8", "tensor", "tq2"), ("a8", "group:32", "tq1")])
+def test_torch_compile_takes_ternary_layers_whole(backend, activations, granularity, fmt):
     """torch.compile(fullgraph=True) traces a ternary layer as one operator (no graph break) and computes
     exactly what the eager layer does."""
     torch.manual_seed(0)
-    config = TernaryConfig(activations=activations, **TernaryConfig.parse_granularity(granularity))
+    config = TernaryConfig(activations=activations, format=fmt, **TernaryConfig.parse_granularity(granularity))
     layer = TernaryLinear.from_linear(nn.Linear(96, 40), config)
     x = torch.randn(2, 7, 96)
     with torch.no_grad(), use_backend(backend):

@@ -11,10 +11,10 @@ from bitflux.kernels import use_backend
 from bitflux.ternary import ternarize
 
 
-def ternary_holder(out_features, in_features, granularity="tensor", seed=0):
+def ternary_holder(out_features, in_features, granularity="tensor", seed=0, fmt="tq2"):
     torch.manual_seed(seed)
     model = nn.Module()
-    config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
+    config = TernaryConfig(format=fmt, **TernaryConfig.parse_granularity(granularity))
     model.layer = TernaryLinear.from_linear(nn.Linear(in_features, out_features), config)
     return model
 
@@ -78,11 +78,13 @@ def test_strength_several_loras_and_removal():
         assert torch.equal(model.layer(x), base)
 
 
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group:16"])
-def test_fuse_reternarizes_and_unfuse_is_exact(granularity):
-    model = ternary_holder(24, 40, granularity)
+def test_fuse_reternarizes_and_unfuse_is_exact(granularity, fmt):
+    model = ternary_holder(24, 40, granularity, fmt=fmt)
     layer = model.layer
     packed, scale = layer.weight_packed, layer.weight_scale
+    stored = packed.clone()
     x = torch.randn(2, 40)
     with use_backend("reference"):
         base = layer(x)
@@ -96,9 +98,11 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity):
                                             + 2.0 * up @ down, "absmean", config.granularity,
                                             config.group_size_or_none)
         assert torch.equal(layer.codes(), want_codes) and torch.equal(layer.weight_scale, want_scales)
+        assert layer.weight_packed.shape == packed.shape  # fused in the layer's own packing
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(torch.float32), layer.bias))
         adapter.unfuse()
         assert layer.weight_packed is packed and layer.weight_scale is scale
+        assert torch.equal(layer.weight_packed, stored)
         assert torch.equal(layer(x), with_branch)
         adapter.remove()
         assert torch.equal(layer(x), base)

@@ -173,8 +173,8 @@ class ShardWriter:
 
 
 def stored_tensors(name: str, module, fmt: str) -> dict[str, torch.Tensor]:
-    """The tensors a TernaryLinear is saved as, its codes repacked to the storage format."""
-    tensors = {f"{name}.weight_packed": formats.convert(module.weight_packed, module.in_features, "tq2", fmt),
+    """The tensors a TernaryLinear is saved as, its codes repacked from its own packing to `fmt`."""
+    tensors = {f"{name}.weight_packed": formats.convert(module.weight_packed, module.in_features, module.packing, fmt),
                f"{name}.weight_scale": module.weight_scale}
     if module.bias is not None:
         tensors[f"{name}.bias"] = module.bias
@@ -265,8 +265,8 @@ def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bo
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a bitflux transformer folder: built on meta, quantized layers filled straight from the packed
-    tensors (no full-precision copy of them is ever made)."""
-    from .linear import TernaryLinear
+    tensors (no full-precision copy of them is ever made), which stay in the stored packing: the layers are
+    built with the stored config, so their buffers already have its shape."""
     from .surgery import quantize_
 
     folder = Path(path)
@@ -281,14 +281,10 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     quant = TernaryConfig.from_dict(model_config["quantization_config"])
     model = build_transformer({k: v for k, v in model_config.items() if k != "quantization_config"}, "meta")
     quantize_(model, quant)
-    ternary = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
     expected = model.state_dict()
     state = {}
     for key, tensor in iter_tensors(weight_files(folder)):
-        layer, _, leaf = key.rpartition(".")
-        if leaf == "weight_packed" and layer in ternary:
-            tensor = formats.convert(tensor, ternary[layer].in_features, quant.format, "tq2")
-        elif dtype is not None and tensor.is_floating_point() and leaf != "weight_scale":
+        if dtype is not None and tensor.is_floating_point() and not key.endswith(".weight_scale"):
             tensor = tensor.to(dtype)
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")

@@ -7,15 +7,18 @@ from torch import nn
 
 from . import formats
 from .config import TernaryConfig
+from .errors import BitfluxError
 from .kernels import (TernaryWeight, forget_prepared, needs_gradient, reference, ternary_linear,
                       ternary_linear_op)
 from .ternary import ternarize
 
 
 class TernaryLinear(nn.Module):
-    """y = x W^T + b with W = codes * scales, codes in {-1, 0, +1} packed 4 per byte (tq2).
+    """y = x W^T + b with W = codes * scales, codes in {-1, 0, +1} packed in `packing` (formats.py): tq2,
+    4 per byte, or tq1, 5 per byte. The layer keeps the model's packing in memory; the kernels read either.
 
-    Buffers: `weight_packed` (out, ceil(in / 4)) uint8, `weight_scale` (1 | out, 1 | groups), `bias`.
+    Buffers: `weight_packed` (out, ceil(in / codes per byte)) uint8, `weight_scale` (1 | out, 1 | groups),
+    `bias`.
     """
 
     def __init__(
@@ -29,15 +32,21 @@ class TernaryLinear(nn.Module):
         activations: str = "a16",
         device=None,
         dtype=None,
+        packing: str = "tq2",
     ):
         super().__init__()
+        if packing not in formats.CODES_PER_BYTE:
+            raise BitfluxError(f"unknown packing {packing!r}; choose one of {', '.join(formats.CODES_PER_BYTE)}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
         self.activations = activations
+        self.packing = packing
+        # Every code 0: tq2's 0x55 is four digits u = 1, tq1's 121 = 1 + 3 + 9 + 27 + 81 five.
         self.register_buffer(
             "weight_packed",
-            torch.full(formats.packed_shape(out_features, in_features, "tq2"), 0x55, dtype=torch.uint8, device=device),
+            torch.full(formats.packed_shape(out_features, in_features, packing), 0x55 if packing == "tq2" else 121,
+                       dtype=torch.uint8, device=device),
         )
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -50,7 +59,7 @@ class TernaryLinear(nn.Module):
         if weight.device.type == "meta":
             shape = scale_shape(linear.out_features, linear.in_features, config.granularity, group_size)
             module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, shape,
-                         config.scale_torch_dtype, config.activations, "meta", linear.weight.dtype)
+                         config.scale_torch_dtype, config.activations, "meta", linear.weight.dtype, config.format)
             return module
         codes, scales = ternarize(weight, config.method, config.granularity, group_size)
         return cls.from_codes(codes, scales, linear.bias, group_size, config)
@@ -60,8 +69,8 @@ class TernaryLinear(nn.Module):
         config = config or TernaryConfig()
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, bias is not None, group_size, tuple(scales.shape),
-                     config.scale_torch_dtype, config.activations, "meta")
-        module.weight_packed = formats.pack(codes, "tq2")
+                     config.scale_torch_dtype, config.activations, "meta", packing=config.format)
+        module.weight_packed = formats.pack(codes, config.format)
         module.weight_scale = scales.detach().to(config.scale_torch_dtype).clone()
         module.bias = None if bias is None else bias.detach().clone()
         return module
@@ -69,7 +78,7 @@ class TernaryLinear(nn.Module):
     @property
     def ternary_weight(self) -> TernaryWeight:
         return TernaryWeight(self.weight_packed, self.weight_scale, self.in_features, self.out_features,
-                             self.group_size)
+                             self.group_size, self.packing)
 
     @property
     def granularity(self) -> str:
@@ -79,7 +88,7 @@ class TernaryLinear(nn.Module):
         return "tensor" if self.weight_scale.numel() == 1 else "channel"
 
     def codes(self) -> torch.Tensor:
-        return formats.unpack(self.weight_packed, self.in_features, "tq2")
+        return formats.unpack(self.weight_packed, self.in_features, self.packing)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this layer computes with (for tests, fusing and export)."""
@@ -91,7 +100,7 @@ class TernaryLinear(nn.Module):
             # torch.compile: one opaque operator. It has no backward, so inputs that need a gradient are traced
             # through ternary_linear instead (on a CPU the reference backend takes them).
             return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,
-                                     self.out_features, self.group_size or 0, self.activations)
+                                     self.out_features, self.group_size or 0, self.activations, self.packing)
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -103,7 +112,8 @@ class TernaryLinear(nn.Module):
     def extra_repr(self) -> str:
         scales = f"group:{self.group_size}" if self.group_size else self.granularity
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scales={scales}, activations={self.activations}")
+                f"bias={self.bias is not None}, scales={scales}, activations={self.activations}, "
+                f"packing={self.packing}")
 
 
 def scale_shape(out_features: int, in_features: int, granularity: str, group_size: int | None) -> tuple[int, int]:

@@ -7,6 +7,7 @@ by about half a unit, whatever the magnitude of the original weights.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -83,8 +84,10 @@ class LatentTernaryLinear(nn.Module):
 
     @classmethod
     def from_ternary(cls, layer: TernaryLinear, config: TernaryConfig) -> "LatentTernaryLinear":
-        """Start at an existing ternary layer; the latent sits on the codes (half a step from flipping)."""
-        return cls(layer.codes().float(), layer.weight_scale.float(), layer.bias, layer.group_size, config)
+        """Start at an existing ternary layer; the latent sits on the codes (half a step from flipping). It
+        freezes back into the layer's own packing."""
+        return cls(layer.codes().float(), layer.weight_scale.float(), layer.bias, layer.group_size,
+                   dataclasses.replace(config, format=layer.packing))
 
     def codes(self) -> torch.Tensor:
         return torch.clamp(torch.round(self.latent.detach()), -1, 1)

@@ -178,16 +178,20 @@ def _ternary_config_of(model: nn.Module) -> TernaryConfig:
         raise BitfluxError("the model has no TernaryLinear layer: quantize it first")
     return TernaryConfig(granularity=layer.granularity, group_size=layer.group_size or 128,
                          scale_dtype=str(layer.weight_scale.dtype).removeprefix("torch."),
-                         activations=layer.activations)
+                         activations=layer.activations, format=layer.packing)
 
 
 def _export_tensors(model: nn.Module, names: str):
-    """-> ({weight name: (tq2 packed codes, block scales)}, {name: dense tensor}) in the `names` layout.
+    """-> ({weight name: (packed codes, block scales)}, {name: dense tensor}, packing) in the `names` layout.
 
     The original layout fuses q/k/v (and linear1's MLP rows): codes and block scales are concatenated
     row by row like any weight, which is exact because every block scale belongs to one row.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    # One packing for every tensor, so that the parts of a fused layer concatenate: the layers' own where
+    # they share one (no copy), else tq2.
+    packings = {layer.packing for layer in layers.values()}
+    packing = packings.pop() if len(packings) == 1 else "tq2"
     packed, scales, dense = {}, {}, {}
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -198,7 +202,7 @@ def _export_tensors(model: nn.Module, names: str):
             # Every layer is checked before a byte is written, so a refusal leaves nothing behind.
             scales[f"{owner}.weight"] = to_block_scales(layer.weight_scale.cpu(), layer.out_features,
                                                         layer.in_features, layer.group_size, owner)
-            packed[f"{owner}.weight"] = tensor.cpu()
+            packed[f"{owner}.weight"] = formats.convert(tensor.cpu(), layer.in_features, layer.packing, packing)
     if names == "original":
         try:
             packed, scales, dense = (flux.diffusers_to_original(d) for d in (packed, scales, dense))
@@ -207,7 +211,7 @@ def _export_tensors(model: nn.Module, names: str):
                                f"export with names='diffusers'") from None
     elif names != "diffusers":
         raise BitfluxError(f"unknown tensor names {names!r}; choose one of {', '.join(NAME_LAYOUTS)}")
-    return {name: (packed[name], scales[name]) for name in packed}, dense
+    return {name: (packed[name], scales[name]) for name in packed}, dense, packing
 
 
 def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> ExportSummary:
@@ -222,7 +226,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> E
     g = _require_gguf()
     qtype = _qtype(type)
     model = _load_source(source)
-    ternary, dense = _export_tensors(model, names)
+    ternary, dense, packing = _export_tensors(model, names)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = g.GGUFWriter(None, "flux")
@@ -247,7 +251,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> E
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
-            codes = formats.unpack(packed, scales.shape[1] * BLOCK, "tq2")
+            codes = formats.unpack(packed, scales.shape[1] * BLOCK, packing)
             writer.write_tensor_data(encode_blocks(codes, scales, type).numpy())
         for name, tensor in dense.items():
             writer.write_tensor_data(_dense_array(tensor, name)[0])
@@ -267,8 +271,9 @@ def _load_source(source) -> nn.Module:
 
 @dataclass
 class GGUFContents:
-    """A GGUF file in bitflux's state-dict convention: ternary weights as `X.weight_packed` (tq2) and
-    `X.weight_scale`, every other tensor dense under its own name."""
+    """A GGUF file in bitflux's state-dict convention: ternary weights as `X.weight_packed` (packed in the
+    quantization_config's format, as its layers hold them) and `X.weight_scale`, every other tensor dense
+    under its own name."""
 
     state_dict: dict[str, torch.Tensor]
     quantization_config: TernaryConfig
@@ -374,7 +379,8 @@ def read_gguf(path) -> GGUFContents:
             continue
         packed, block_scales = payload
         stem = name.removesuffix(".weight")
-        state_dict[f"{stem}.weight_packed"] = packed
+        state_dict[f"{stem}.weight_packed"] = formats.convert(packed, block_scales.shape[1] * BLOCK, "tq2",
+                                                              config.format)
         state_dict[f"{stem}.weight_scale"] = from_block_scales(
             block_scales, config.granularity, config.group_size).to(config.scale_torch_dtype)
     return GGUFContents(state_dict, config, json.loads(transformer) if transformer else None, architecture)

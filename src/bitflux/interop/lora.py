@@ -108,7 +108,7 @@ class LoraAdapter(nn.Module):
                 self._saved[name] = (layer.weight_packed, layer.weight_scale)
                 forget_prepared(layer.weight_packed)  # kept for unfuse(), not run meanwhile
                 codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
-                layer.weight_packed = formats.pack(codes, "tq2")
+                layer.weight_packed = formats.pack(codes, layer.packing)
                 layer.weight_scale = scales.to(layer.weight_scale.dtype)
             else:
                 self._saved[name] = (layer.weight.data,)

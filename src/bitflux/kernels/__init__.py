@@ -38,13 +38,15 @@ _forced: list[str] = []
 
 @dataclass(frozen=True)
 class TernaryWeight:
-    """What a backend needs of a ternary linear layer. `packed` is tq2, (out, ceil(in / 4)) uint8."""
+    """What a backend needs of a ternary linear layer. `packed`: (out, ceil(in / codes per byte)) uint8 in the
+    layer's `packing`, tq2 or tq1 (formats.py)."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     in_features: int
     out_features: int
     group_size: int | None
+    packing: str = "tq2"
 
 
 _BACKEND_DEVICE: dict[str, str] = {}
@@ -137,7 +139,7 @@ def _version(tensor: torch.Tensor) -> int:
     return 0 if tensor.is_inference() else tensor._version
 
 
-# Each layer's prepared weights, keyed (weakly) by its tq2 bytes: freed with them. No backend's prepared weight
+# Each layer's prepared weights, keyed (weakly) by its packed bytes: freed with them. No backend's prepared weight
 # holds the bytes strongly (the Triton one refers to them weakly), or the entry would keep its own key alive.
 _prepared = WeakIdKeyDictionary()
 
@@ -179,12 +181,13 @@ def ternary_linear(
 # ~500 graphs with nothing fused between them.
 @torch.library.custom_op("bitflux::ternary_linear", mutates_args=())
 def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                      in_features: int, out_features: int, group_size: int, activations: str) -> torch.Tensor:
+                      in_features: int, out_features: int, group_size: int, activations: str,
+                      packing: str) -> torch.Tensor:
     """ternary_linear as a torch operator (group_size 0: none)."""
-    weight = TernaryWeight(packed, scales, in_features, out_features, group_size or None)
+    weight = TernaryWeight(packed, scales, in_features, out_features, group_size or None, packing)
     return ternary_linear(x, weight, bias, activations)
 
 
 @ternary_linear_op.register_fake
-def _(x, packed, scales, bias, in_features, out_features, group_size, activations):
+def _(x, packed, scales, bias, in_features, out_features, group_size, activations, packing):
     return x.new_empty((*x.shape[:-1], out_features))

@@ -19,7 +19,7 @@ def supports(x, weight, activations) -> bool:
 
 
 def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
-    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    codes = formats.unpack(weight.packed, weight.in_features, weight.packing)
     return codes.to(dtype) * expand_scales(weight.scales, weight.in_features, weight.group_size).to(dtype)
 
 
@@ -52,7 +52,7 @@ def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tenso
     (activation scale) x (weight scale) in fp32. Per-group scales apply to partial sums per group."""
     shape = x.shape
     q, act_scale = quantize_activations(x.reshape(-1, shape[-1]))
-    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    codes = formats.unpack(weight.packed, weight.in_features, weight.packing)
     scales = weight.scales.float()
     if scales.shape[1] == 1:
         out = integer_matmul(q, codes).float() * scales.t()
@@ -77,7 +77,7 @@ def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tens
     amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     scale = amax / torch.full_like(amax, FP8_MAX)
     q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    codes = formats.unpack(weight.packed, weight.in_features, "tq2")
+    codes = formats.unpack(weight.packed, weight.in_features, weight.packing)
     out = (q.double() @ codes.double().t()).float() * weight.scales.float().t() * scale
     if bias is not None:
         out = out + bias.float()

@@ -1,10 +1,11 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
-Weights at rest are only the tq2 bytes of TernaryLinear (no repacked copy). A call can be computed in up to
-six ways ("strategies"):
+Weights at rest are only the layer's own bytes, tq2 or tq1 (no repacked copy). A call can be computed in up to
+six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, gemv, expanded and cublas:
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
-            slices' fp32 partials in order and applies them.
+            slices' fp32 partials in order and applies them. tq1: one tl.dot per code position (plane) of
+            the bytes.
   gemv      the same for one token without tl.dot: each 2-bit plane of the bytes multiplies the matching
             strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
@@ -116,10 +117,10 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """The kernel's view of one ternary layer: the tq2 bytes themselves and fp32 scales. The bytes are held
+    """The kernel's view of one ternary layer: its packed bytes themselves and fp32 scales. The bytes are held
     weakly: the layer owns them, and a cache of prepared weights keyed by them must not keep them alive."""
 
-    packed_ref: weakref.ref  # to (out_features, ceil(in_features / 4)) uint8, the layer's own
+    packed_ref: weakref.ref  # to (out_features, ceil(in_features / codes per byte)) uint8, the layer's own
     scales: torch.Tensor  # fp32: (1,) per tensor, (out,) per channel, (out, groups) per group
     scale_mode: int
     in_features: int
@@ -127,6 +128,7 @@ class PreparedWeight:
     group_size: int  # 0 unless per group
     tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
     scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
+    tq1: bool = False  # the bytes are tq1 (5 codes a byte, base 3), else tq2
 
     @property
     def packed(self) -> torch.Tensor:
@@ -149,7 +151,7 @@ def prepare(weight) -> PreparedWeight:
     tensor_scale = scales.item() if mode == _SCALE_TENSOR else None
     scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
     return PreparedWeight(weakref.ref(weight.packed), scales, mode, weight.in_features, weight.out_features, group_size,
-                          tensor_scale, scale_row)
+                          tensor_scale, scale_row, weight.packing == "tq1")
 
 
 def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
@@ -161,15 +163,16 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
         names.append("splitk")
     if not grouped and M <= GEMV_M:
         names.append("gemv")
-    names.append("tiled")
-    if not grouped:  # a plane step spans 4 x PLANE columns: groups of 128 would mix
-        names.append("planar")
-    if M > SMALL_M:
+    if not prepared.tq1:  # the tile kernels unpack 2-bit tiles
+        names.append("tiled")
+        if not grouped:  # a plane step spans 4 x PLANE columns: groups of 128 would mix
+            names.append("planar")
+    if M > SMALL_M or prepared.tq1:  # tq1 with per-group scales at few tokens: nothing else computes it
         names.append("expanded")
-        # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
-        aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
-        if not grouped and (activations == "a16" or aligned):
-            names.append("cublas")
+    # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
+    aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
+    if M > SMALL_M and not grouped and (activations == "a16" or aligned):
+        names.append("cublas")
     return names
 
 
@@ -188,7 +191,7 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if strategy is None:
         strategy = names[0]
         if x.is_cuda and len(names) > 1 and _tuning():
-            key = CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K)
+            key = CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K, prepared.tq1)
             strategy = _choose(key, names, lambda name: _STRATEGIES[name](x2, prepared, bias, activations),
                                x.device)
     elif strategy not in names:
@@ -212,6 +215,7 @@ class CallKey(NamedTuple):
     M: int
     N: int
     K: int
+    tq1: bool = False  # the packing: it changes the strategies that apply, and their speed
 
 
 chosen: dict[CallKey, str] = {}  # the fastest strategy on this GPU
@@ -255,7 +259,7 @@ def _namespace(device: torch.device) -> str:
 
 def _entry(key: CallKey) -> str:
     return (f"{key.activations} {str(key.dtype).removeprefix('torch.')} scales {key.scale_mode} "
-            f"bias {int(key.has_bias)} {key.M}x{key.N}x{key.K}")
+            f"bias {int(key.has_bias)} {key.M}x{key.N}x{key.K}{' tq1' if key.tq1 else ''}")
 
 
 def _load_stored() -> dict:
@@ -330,6 +334,7 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
     # tensor of the call for its pointers: its code is compiled out (QUANTIZE / EXPAND are constexpr).
     q = scale = codes = packed = None
     rows = stride_x = N = tiles = 0
+    tq1 = False
     K = columns = tiles_k = 1  # K: the input features, shared by both parts
     if x2 is not None:
         rows, K = x2.shape
@@ -339,7 +344,7 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         stride_x = x2.stride(0)
     block_n, block_k, expand_warps = EXPAND_TILE
     if prepared is not None:
-        packed, N, K = prepared.packed, prepared.out_features, prepared.in_features
+        packed, N, K, tq1 = prepared.packed, prepared.out_features, prepared.in_features, prepared.tq1
         codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
         tiles_k = _cdiv(K, block_k)
         tiles = _cdiv(N, block_n) * tiles_k
@@ -349,7 +354,7 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
     _operands_kernel[(rows + tiles,)](
         _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(codes, q), rows, K, columns, N,
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
-        EXPAND=codes is not None, FP8=fp8, PLANE=PLANE if plane_major else 0,
+        EXPAND=codes is not None, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
         BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_K=block_k,
         num_warps=expand_warps if codes is not None else 4)
     return q, scale, codes
@@ -403,12 +408,14 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     q, act_scale = _quantized(x2, activations)
     block_m, block_n, block_k, warps, stages = GEMV_TILE if fma else SPLITK_TILE
+    # A step reads block_k / 4 bytes a row: block_k codes in tq2, 5 / 4 of that in tq1.
+    step = block_k // 4 * (5 if prepared.tq1 else 4)
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
-    steps_per_slice, out = _split_k(_cdiv(K, block_k), tiles, M, N, out_dtype, x2.device)
+    steps_per_slice, out = _split_k(_cdiv(K, step), tiles, M, N, out_dtype, x2.device)
     _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
-        M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * block_k,
-        ACT=_ACT[activations], FMA=fma, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
+        M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * step,
+        ACT=_ACT[activations], FMA=fma, TQ1=prepared.tq1, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
@@ -548,7 +555,8 @@ if triton is not None:
 
     @triton.jit
     def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, codes_ptr, rows, K, KQ, N, stride_xm, stride_wn, tiles_k,
-                         QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, FP8: tl.constexpr, PLANE: tl.constexpr,
+                         QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, TQ1: tl.constexpr, FP8: tl.constexpr,
+                         PLANE: tl.constexpr,
                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
                          EXPAND_K: tl.constexpr):
         """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand one
@@ -561,7 +569,7 @@ if triton is not None:
         else:
             if EXPAND:
                 tile = pid - rows
-                _expand_tile(w_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, EXPAND_N,
+                _expand_tile(w_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1, EXPAND_N,
                              EXPAND_K)
 
     @triton.jit
@@ -621,16 +629,48 @@ if triton is not None:
         return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
 
     @triton.jit
-    def _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K: tl.constexpr):
-        """tq2 bytes of the weight tile at rows offs_n, columns k0 .. k0 + BLOCK_K; outside the layer (past
-        N, past K, or a whole tile past K when prefetching): 0x55, digits 1, w = 0."""
-        offs_byte = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    def _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES: tl.constexpr, TQ1: tl.constexpr = False):
+        """BYTES bytes a row of the weight at rows offs_n, from the one holding column k0 (k0: a multiple of
+        the codes per byte); outside the layer (past N, past K, or a whole tile past K when prefetching):
+        digits 1, w = 0 (0x55 in tq2, 1 + 3 + 9 + 27 + 81 in tq1)."""
+        per_byte: tl.constexpr = 5 if TQ1 else 4
+        offs_byte = k0 // per_byte + tl.arange(0, BYTES)
         return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
-                       mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, 4)), other=0x55)
+                       mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, per_byte)),
+                       other=121 if TQ1 else 0x55)
 
     @triton.jit
     def _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        return _unpack_digits(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K), BLOCK_N, BLOCK_K)
+        """(BLOCK_N, BLOCK_K) tq2 digits from column k0."""
+        return _unpack_digits(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K // 4), BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _third(t):
+        # t // 3 for 0 <= t <= 255 as a multiply and shift (exact there): GPUs have no integer divider
+        return (t * 171) >> 9
+
+    @triton.jit
+    def _tq1_plane(packed, p: tl.constexpr):
+        """Digit p (the code of column 5j + p) of every tq1 byte j: floor(byte / 3^p) mod 3, by multiplies and
+        shifts (the compiler shares the repeated thirds between the planes of one tile)."""
+        t = packed.to(tl.int32)
+        for _ in tl.static_range(p):
+            t = _third(t)
+        return t - 3 * _third(t)
+
+    @triton.jit
+    def _load_tq1_digits(w_ptr, offs_n, mask_n, stride_wn, offs_k, K):
+        """(rows, columns) digits of tq1 bytes, column k from byte k // 5 (a gather: consecutive columns read
+        the same byte, from the cache); outside the layer 1 (w = 0)."""
+        mask = mask_n[:, None] & (offs_k[None, :] < K)
+        packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (offs_k // 5)[None, :], mask=mask,
+                         other=121).to(tl.int32)
+        position = offs_k % 5
+        # floor(byte / 3^position) = (byte x ceil(2^16 / 3^position)) >> 16, exact for bytes up to 255
+        reciprocal = tl.where(position < 2, tl.where(position == 0, 65536, 21846),
+                              tl.where(position == 2, 7282, tl.where(position == 3, 2428, 810)))
+        t = (packed * reciprocal[None, :]) >> 16
+        return t - 3 * _third(t)
 
     @triton.jit
     def _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
@@ -685,23 +725,32 @@ if triton is not None:
             tl.store(out, acc, mask=mask)
 
     @triton.jit
-    def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         """One (BLOCK_N, BLOCK_K) tile of the codes, as {-1, 0, +1} in out's dtype."""
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tile_k * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
-        w = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K).to(tl.float32) - 1.0
+        if TQ1:
+            digits = _load_tq1_digits(w_ptr, offs_n, mask_n, stride_wn, offs_k, K)
+        else:
+            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+        w = digits.to(tl.float32) - 1.0
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     k_slice, ACT: tl.constexpr, FMA: tl.constexpr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                     k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
+                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
-        fp32 partial sums (split, M, N) for _epilogue_kernel."""
+        fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
+        columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step)."""
+        BYTES: tl.constexpr = BLOCK_K // 4
+        PER_BYTE: tl.constexpr = 5 if TQ1 else 4
+        STEP: tl.constexpr = BYTES * PER_BYTE
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -712,39 +761,38 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_slice, K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        offs_j = tl.arange(0, BLOCK_K // 4)  # FMA: byte j of a K block holds columns 4j .. 4j + 3
+        offs_j = tl.arange(0, BYTES)  # planes: byte j of a step holds columns PER_BYTE j .. PER_BYTE j + PER_BYTE - 1
         # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end
-        acc_lanes = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-        acc_lanes_int = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.int32)
+        acc_lanes = tl.zeros([BLOCK_N, BYTES], dtype=tl.float32)
+        acc_lanes_int = tl.zeros([BLOCK_N, BYTES], dtype=tl.int32)
         # The weight bytes are the stream that matters: the next tile's load is issued before this tile's
         # math, so its latency overlaps it (Triton pipelines the activations but not a load that is
         # unpacked before use).
-        packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k_start, k_end, BLOCK_K)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k_start, k_end, BYTES, TQ1)
+        for k0 in range(k_start, k_end, STEP):
             packed = packed_next
-            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, k_end, BLOCK_K)
-            if FMA:  # plane p of the bytes holds columns k0 + 4j + p: no unpack shuffle, no tensor cores
-                for p in tl.static_range(4):
-                    cols = k0 + 4 * offs_j + p
-                    a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
-                    digits = (packed >> (2 * p)) & 3
-                    if ACT == 1:  # exact int32 products and sums
-                        acc_lanes_int += a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1)
+            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + STEP, k_end, BYTES, TQ1)
+            if FMA or TQ1:
+                # Plane p of the bytes holds columns k0 + PER_BYTE j + p: no unpack shuffle (and in tq1 no
+                # tile of a power-of-two width to shuffle into); FMA: no tensor cores either.
+                for p in tl.static_range(PER_BYTE):
+                    cols = k0 + PER_BYTE * offs_j + p
+                    if TQ1:
+                        digits = _tq1_plane(packed, p)
                     else:
-                        acc_lanes += a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0)
+                        digits = (packed >> (2 * p)) & 3
+                    if FMA:
+                        a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
+                        if ACT == 1:  # exact int32 products and sums
+                            acc_lanes_int += a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1)
+                        else:
+                            acc_lanes += a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0)
+                    else:
+                        a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                        acc, acc_int = _dot_digits(a, digits, acc, acc_int, ACT, DOT_FP32)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-                digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
-                if ACT == 1:  # int8 x ternary into int32: exact
-                    acc_int = _accumulate(a, digits.to(tl.int8) - 1, acc_int, False, "int32")
-                else:
-                    w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
-                    if DOT_FP32:
-                        acc = _accumulate(a.to(tl.float32), w, acc, False, "ieee")
-                    elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
-                        acc = _accumulate(a.to(tl.bfloat16), w.to(tl.bfloat16), acc, False, "native")
-                    else:
-                        acc = _accumulate(a, w.to(a.dtype), acc, False, "native")
+                acc, acc_int = _dot_digits(a, _unpack_digits(packed, BLOCK_N, BLOCK_K), acc, acc_int, ACT, DOT_FP32)
         if FMA:
             acc = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes, axis=1)[None, :], 0.0)
             acc_int = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes_int, axis=1)[None, :], 0)
@@ -752,6 +800,21 @@ if triton is not None:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
         _store_slice(acc, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
                      FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
+
+    @triton.jit
+    def _dot_digits(a, digits, acc, acc_int, ACT: tl.constexpr, DOT_FP32: tl.constexpr):
+        """acc (or acc_int for int8 activations) + a @ (digits - 1)^T on tensor cores."""
+        if ACT == 1:  # int8 x ternary into int32: exact
+            acc_int = _accumulate(a, digits.to(tl.int8) - 1, acc_int, False, "int32")
+        else:
+            w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
+            if DOT_FP32:
+                acc = _accumulate(a.to(tl.float32), w, acc, False, "ieee")
+            elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
+                acc = _accumulate(a.to(tl.bfloat16), w.to(tl.bfloat16), acc, False, "native")
+            else:
+                acc = _accumulate(a, w.to(a.dtype), acc, False, "native")
+        return acc, acc_int
 
     @triton.jit
     def _epilogue_kernel(partial_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, S, M, N,
@@ -847,14 +910,14 @@ if triton is not None:
         if not DENSE:
             # Triton pipelines loads that feed tl.dot directly (the activations, dense codes), not a tile that
             # is unpacked first: the next tile's bytes are loaded before this tile's math instead.
-            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, 0, K, BLOCK_K)
+            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, 0, K, BLOCK_K // 4)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(x_tile + k0, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
             if DENSE:
                 codes = tl.load(w_tile + k0, mask=mask_n[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
             else:
                 packed = packed_next
-                packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, K, BLOCK_K)
+                packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, K, BLOCK_K // 4)
                 digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
                 if ACT == 1:
                     codes = digits.to(tl.int8) - 1

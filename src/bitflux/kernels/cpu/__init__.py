@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ... import formats
 from ...errors import BitfluxError
 from .. import needs_gradient
 from . import _library
@@ -75,6 +76,8 @@ class PreparedWeight:
 
 def prepare(weight) -> PreparedWeight:
     """Repack the tq2 codes once into 64-byte blocks of 16 outputs x 16 inputs (still 2 bits a weight).
+    A tq1 layer's codes are converted to tq2 first, so the C kernel reads one layout whatever the packing
+    (the blocks are a copy of the codes either way).
 
     In tq2, input 4 b + r is digit r of byte b. A block's byte 4 n + r holds, as its digit i, input
     16 chunk + 4 i + r of output n, i.e. digit r of tq2 byte 4 chunk + i: the 4 x 4 matrix of digits in
@@ -83,9 +86,9 @@ def prepare(weight) -> PreparedWeight:
     """
     out_features, in_features = weight.out_features, weight.in_features
     panels, chunks = -(-out_features // PANEL), -(-in_features // CHUNK)
+    packed = formats.convert(weight.packed.cpu(), in_features, weight.packing, "tq2")
     # 0x55 = four digits u = 1 (w = 0): padding that adds nothing, as the padded activations are 0 too.
-    packed = F.pad(weight.packed.cpu(), (0, 4 * chunks - weight.packed.shape[1], 0, panels * PANEL - out_features),
-                   value=0x55)
+    packed = F.pad(packed, (0, 4 * chunks - packed.shape[1], 0, panels * PANEL - out_features), value=0x55)
     words = packed.view(torch.int32)  # (rows, chunks): tq2 bytes 4 chunk .. 4 chunk + 3
     swap = ((words >> 6) ^ words) & 0x00CC00CC  # (2a, 2b + 1) <-> (2a + 1, 2b)
     words = words ^ swap ^ (swap << 6)
