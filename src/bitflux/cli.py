@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a FLUX checkpoint to a bitflux folder")
     q.add_argument("source", help="diffusers pipeline/transformer folder, original .safetensors, or cached hub id")
     q.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    q.add_argument("--format", default="tq2", choices=["tq2", "tq1"])
+    q.add_argument("--format", default="tq2", choices=["tq2", "tq1"],
+                   help="packing on disk and in memory: tq2 (2 bits a weight) or tq1 (1.6 bits, 20%% fewer bytes)")
     q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
     q.add_argument("--activations", default="a16", choices=ACTIVATIONS,
