@@ -32,6 +32,7 @@ from bitflux import TernaryConfig, TernaryLinear, kernels
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.graphs import cuda_graphed
 from bitflux.surgery import quantize_
+from gpu_linear import mode_parts
 
 TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
@@ -41,12 +42,6 @@ WEIGHT_STD = 0.02  # keeps random activations finite through 57 blocks
 MODES = ("bf16", "fp8", "fp8-tq1", "a16", "a8")
 LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8", "fp8": "bitflux W1.58 fp8",
           "fp8-tq1": "bitflux W1.58 fp8, tq1 codes"}
-
-
-def mode_parts(mode: str) -> tuple[str, str]:
-    """'fp8-tq1' -> ('fp8', 'tq1'); the packing is tq2 unless named."""
-    activations, _, packing = mode.partition("-")
-    return activations, packing or "tq2"
 
 
 def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:

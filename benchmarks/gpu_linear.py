@@ -86,7 +86,7 @@ def ternary_weight(codes: torch.Tensor, packing: str) -> TernaryWeight:
 
 
 def mode_parts(mode: str) -> tuple[str, str]:
-    """'fp8-tq1' -> ('fp8', 'tq1')."""
+    """'fp8-tq1' -> ('fp8', 'tq1'); the packing is tq2 unless named."""
     activations, _, packing = mode.partition("-")
     return activations, packing or "tq2"
 

@@ -5,7 +5,7 @@
 # limit and failures do not stop the next part; every part writes its results as it goes (the sweep after
 # every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7
 # minutes on an H200 with Triton 3.6 before the torch.compile parts, which only use what is left of a
-# 10-minute call; limits sum to 1070 s): every strategy's and tile config's test, the exactness and CUDA-graph
+# 10-minute call; limits sum to 1100 s): every strategy's and tile config's test, the exactness and CUDA-graph
 # subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies; fp8 on tq1
 # codes too), the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, the sweep (a16, fp8, fp8 on
 # tq1 codes), the demo bench and the full-size bf16
@@ -81,7 +81,7 @@ compiled() {  # torch.compile, last: it only uses what time is left. The demo be
 # gpu_linear.py checks the tuned configs' outputs at the real shapes. xdist, if present, compiles in parallel.
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
-    part pytest 90 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
+    part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay" -q --tb=short -rfE $XDIST -p no:cacheprovider
     part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     pipeline_bench

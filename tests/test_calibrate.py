@@ -1,5 +1,6 @@
 import gc
 import importlib
+import json
 
 import pytest
 import torch
@@ -384,3 +385,17 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
         quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], calibration=calib, device="cpu")
     with pytest.raises(BitfluxError, match="whole FLUX pipeline"):
         quantize_calibrated(tmp_path / "fp" / "transformer", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
+
+
+def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):
+    """Workdirs before layout 2 saved blocks with tq2 codes whatever the format: not resumed into tq1 layers."""
+    from bitflux.calibrate import check_workdir
+
+    config, calib = TernaryConfig(format="tq1"), CalibrationConfig()
+    workdir = check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
+    manifest = workdir / "manifest.json"
+    earlier = json.loads(manifest.read_text())
+    del earlier["workdir"]
+    manifest.write_text(json.dumps(earlier))
+    with pytest.raises(BitfluxError, match="other settings"):
+        check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])

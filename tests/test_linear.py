@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitflux import BitfluxError, TernaryConfig, TernaryLinear
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, formats
 from bitflux.kernels import select_backend, unavailable_reason, use_backend
 
 # Reference backend vs F.linear on the dequantized weight: same math, so only summation order differs.
@@ -66,6 +66,17 @@ def test_packing_follows_the_config_and_bad_names_are_refused():
     assert torch.equal(TernaryLinear(33, 8, packing="tq1").codes(), torch.zeros(8, 33, dtype=torch.int8))
     with pytest.raises(BitfluxError, match="unknown packing 'tq3'; choose one of tq2, tq1"):
         TernaryLinear(33, 8, packing="tq3")
+
+
+def test_bytes_of_the_other_packing_are_refused_with_the_reason():
+    tq2 = TernaryLinear.from_linear(nn.Linear(33, 8))
+    tq1 = TernaryLinear(33, 8, packing="tq1")
+    with pytest.raises(BitfluxError, match=r"weight_packed has shape \(8, 9\); this tq1 layer \(33 inputs\) takes "
+                                           r"\(8, 7\): repack the codes with formats.convert"):
+        tq1.load_state_dict(tq2.state_dict())
+    tq2_bytes = formats.convert(tq1.weight_packed, 33, "tq1", "tq2")
+    tq2.load_state_dict({**tq2.state_dict(), "weight_packed": tq2_bytes})  # repacked: accepted
+    assert torch.equal(tq2.codes(), tq1.codes())
 
 
 def test_state_dict_keys_and_dtypes():

@@ -103,11 +103,18 @@ class TernaryLinear(nn.Module):
                                      self.out_features, self.group_size or 0, self.activations, self.packing)
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        packed = state_dict.get(prefix + "weight_packed")
+        expected = formats.packed_shape(self.out_features, self.in_features, self.packing)
+        if packed is not None and tuple(packed.shape) != expected:
+            # The packing is not in the state dict: bytes of the other one show by their shape (except for
+            # in_features <= 4, where tq2 and tq1 rows are both one byte).
+            raise BitfluxError(f"{prefix}weight_packed has shape {tuple(packed.shape)}; this {self.packing} layer "
+                               f"({self.in_features} inputs) takes {expected}: repack the codes with formats.convert")
         # The buffers are written in place: what a backend prepared from them must go (kernels._version sees
         # in-place writes, except to tensors made under inference_mode).
         forget_prepared(self.weight_packed)
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         scales = f"group:{self.group_size}" if self.group_size else self.granularity

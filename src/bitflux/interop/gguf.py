@@ -372,8 +372,12 @@ def read_gguf(path) -> GGUFContents:
         transformer = transformer or json.dumps(flux.config_from_original_shapes(shapes))
     ternary = {name: payload for name, (kind, payload) in raw.items() if kind == "ternary"}
     config = _ternary_granularity(TernaryConfig.from_dict(json.loads(stored)) if stored else None, ternary)
+    del ternary
     state_dict = {}
-    for name, (kind, payload) in raw.items():
+    for name in list(raw):
+        # Taken out as they are converted: the file's tq2 codes and the layers' packing of them are never
+        # both held whole.
+        kind, payload = raw.pop(name)
         if kind == "dense":
             state_dict[name] = payload
             continue
