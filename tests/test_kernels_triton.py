@@ -310,12 +310,12 @@ def test_ternary_linear_dispatches_to_triton(activations):
     _assert_close(out, reference.linear(x, layer.ternary_weight, layer.bias, activations), torch.bfloat16)
 
 
-@pytest.mark.parametrize("activations", ["a16", "a8"])
-def test_compiled_graph_runs_the_triton_kernels(activations):
+@pytest.mark.parametrize("activations,packing", [("a16", "tq2"), ("a8", "tq2"), ("a8", "tq1")])
+def test_compiled_graph_runs_the_triton_kernels(activations, packing):
     """torch.compile (fullgraph) over ternary layers and the float ops between them: each layer is one
     operator that launches the Triton kernels, and the result equals the eager layers'."""
     torch.manual_seed(0)
-    config = TernaryConfig(granularity="channel", activations=activations)
+    config = TernaryConfig(granularity="channel", activations=activations, format=packing)
     model = torch.nn.Sequential(TernaryLinear.from_linear(torch.nn.Linear(256, 64), config), torch.nn.ReLU(),
                                 TernaryLinear.from_linear(torch.nn.Linear(64, 32), config)).to(DEVICE)
     x = _activations(17, 256, torch.float32)
