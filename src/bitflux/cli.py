@@ -237,13 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=3.5)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
-    g.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
-    g.add_argument("--device", default="cpu", help="cpu | cuda")
-    g.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
-    g.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
-    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
-    g.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
+    _add_run_options(g)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
@@ -254,13 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="pipeline folder (full precision) or cached hub id")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
-    b.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
-    b.add_argument("--device", default="cpu", help="cpu | cuda")
-    b.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
-    b.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
-    b.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    b.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
-    b.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
+    _add_run_options(b)
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="bar chart PNG")
     b.set_defaults(run=_cmd_bench)
@@ -282,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--grid", default=None, help="PNG grid: one row per variant, same prompts and seeds")
     v.set_defaults(run=_cmd_eval)
     return parser
+
+
+def _add_run_options(parser) -> None:
+    """How generate and bench run the pipeline: kernels, device, activations, graphs, dtype, offloading."""
+    parser.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
+    parser.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
+    parser.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
