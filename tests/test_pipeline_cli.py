@@ -48,6 +48,17 @@ def test_generate_with_other_activations(tmp_path, capsys):
     assert 0 < difference < 8
 
 
+def test_generate_with_codes_repacked_to_tq1(tmp_path, capsys):
+    """--packing tq1 holds the shipped tq2 codes in 1.6 bits: the same codes, the same image."""
+    images = {}
+    for packing in ("tq2", "tq1"):
+        out = tmp_path / f"{packing}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--packing", packing, "-o", out)
+        assert code == 0, err
+        images[packing] = np.asarray(Image.open(out))
+    assert np.array_equal(images["tq2"], images["tq1"])
+
+
 def test_generate_in_bf16(tmp_path, capsys):
     """--dtype: the unquantized parts in bf16 (the default on a GPU); on a CPU an image close to fp32's."""
     images = {}
@@ -131,7 +142,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
 
 
 def test_bench_json(capsys):
-    code, out, err = _run(capsys, "bench", "--steps", "2", "--json")
+    code, out, err = _run(capsys, "bench", "--steps", "2", "--packing", "tq1", "--json")
     assert code == 0, err
     result = json.loads(out)
     for variant in ("fp", "ternary"):
@@ -139,7 +150,8 @@ def test_bench_json(capsys):
         assert entry["transformer_step_s"] > 0 and entry["image_s"] > 0 and entry["peak_memory_bytes"] > 0
     ratios = result["ratios_fp_over_ternary"]
     assert set(ratios) == {"transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes"}
-    assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 2-bit codes plus 32-bit rest
+    assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 1.6-bit codes plus 32-bit rest
+    assert result["packing"] == "tq1"
     assert result["variants"]["fp"]["dtype"] == "float32"  # the default on a CPU
 
 

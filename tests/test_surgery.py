@@ -5,7 +5,7 @@ from conftest import build_tiny, tiny_inputs
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.kernels import use_backend
-from bitflux.surgery import set_activations
+from bitflux.surgery import set_activations, set_packing
 
 
 def test_flux_dev_on_meta_matches_the_paper():
@@ -64,6 +64,27 @@ def test_set_activations_switches_every_ternary_layer():
     assert {layer.activations for layer in layers} == {"fp8"}
     with pytest.raises(BitfluxError, match="activations must be one of"):
         set_activations(model, "int4")
+
+
+def test_set_packing_repacks_every_layer_exactly():
+    """tq2 -> tq1 in memory: the same codes and outputs in 20 % fewer bytes, and back to the same bytes."""
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel"))
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    tq2_bytes = [layer.weight_packed.clone() for layer in layers]
+    codes = [layer.codes() for layer in layers]
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        assert set_packing(model, "tq1") == len(layers) > 0
+        assert all(layer.packing == "tq1" and torch.equal(layer.codes(), c) for layer, c in zip(layers, codes))
+        assert sum(layer.weight_packed.numel() for layer in layers) < 0.85 * sum(b.numel() for b in tq2_bytes)
+        assert torch.equal(model(**inputs)[0], before)
+    assert set_packing(model, "tq1") == 0  # nothing left to repack
+    set_packing(model, "tq2")
+    assert all(torch.equal(layer.weight_packed, b) for layer, b in zip(layers, tq2_bytes))
+    with pytest.raises(BitfluxError, match="packing must be one of tq2, tq1"):
+        set_packing(model, "tq3")
 
 
 def test_fp8_activations_refuse_per_group_scales():

@@ -33,19 +33,21 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
                     size: tuple[int, int] | None = None, cuda_graph: bool = False, compile: bool = False,
-                    activations: str | None = None, dtype: str | None = None, offload: bool = False,
-                    repeats: int = 2) -> dict:
+                    activations: str | None = None, packing: str | None = None, dtype: str | None = None,
+                    offload: bool = False, repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
     from .kernels import use_backend
     from .pipeline import (accelerate_transformer, default_dtype, default_image_size, dtype_named, generate,
                            load_variants)
-    from .surgery import set_activations
+    from .surgery import set_activations, set_packing
 
     fp, ternary = load_variants(model, device, want_fp=variant == "fp", want_ternary=variant == "ternary",
                                 progress=False, dtype=dtype_named(dtype), offload=offload)
     pipe = fp if variant == "fp" else ternary
     if activations and variant == "ternary":
         set_activations(pipe.transformer, activations)
+    if packing and variant == "ternary":
+        set_packing(pipe.transformer, packing)
     accelerate_transformer(pipe, cuda_graph=cuda_graph, compile=compile)
     width, height = size or default_image_size(pipe)
     step_seconds: list[float] = []
@@ -91,7 +93,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
 def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
               size: tuple[int, int] | None = None, **options) -> dict:
     """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins).
-    options: measure_variant's (cuda_graph, compile, activations, dtype, offload)."""
+    options: measure_variant's (cuda_graph, compile, activations, packing, dtype, offload)."""
     from .pipeline import demo_ternary_path
 
     if model is None:
@@ -117,6 +119,7 @@ def format_bench(result: dict) -> str:
     lines = [f"model: {result['model']}, device {fp['device']} ({fp['dtype']}"
              f"{', offloaded' if fp.get('offload') else ''}), backend {result['backend']}"
              f"{', ternary activations ' + result['activations'] if result.get('activations') else ''}"
+             f"{', codes packed ' + result['packing'] if result.get('packing') else ''}"
              f"{', CUDA graphs' if result.get('cuda_graph') else ''}"
              f"{', torch.compile' if result.get('compile') else ''}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
