@@ -86,7 +86,8 @@ if [ -n "$QUICK" ]; then
     part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     pipeline_bench
     part gpu_linear 110 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
-    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY ${QUICK:+--modes a16 fp8 fp8-tq1}
+    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
+        --modes a16 fp8 fp8-tq1
     compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \

@@ -5,7 +5,7 @@ from torch import nn
 
 from conftest import TINY_CONFIG, build_tiny, tiny_inputs
 
-from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_
+from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_, set_packing
 from bitflux.interop.lora import LoraBranch, load_lora, read_lora
 from bitflux.kernels import use_backend
 from bitflux.ternary import ternarize
@@ -106,6 +106,18 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity, fmt):
         assert torch.equal(layer(x), with_branch)
         adapter.remove()
         assert torch.equal(layer(x), base)
+
+
+def test_repacking_waits_for_fused_loras():
+    """unfuse() puts back the bytes fuse() saved, in the packing they had: no repacking in between."""
+    model = ternary_holder(24, 40)
+    down, up = lora_pair(24, 40)
+    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up}, dtype=torch.float32)
+    adapter.fuse()
+    with pytest.raises(BitfluxError, match="a LoRA is fused into this model: unfuse"):
+        set_packing(model, "tq1")
+    adapter.unfuse()
+    assert set_packing(model, "tq1") == 1 and model.layer.packing == "tq1"
 
 
 def test_fused_layers_do_not_keep_the_prepared_weights_of_their_saved_codes():

@@ -151,7 +151,7 @@ def test_bench_json(capsys):
     ratios = result["ratios_fp_over_ternary"]
     assert set(ratios) == {"transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes"}
     assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 1.6-bit codes plus 32-bit rest
-    assert result["packing"] == "tq1"
+    assert result["variants"]["ternary"]["packing"] == ["tq1"] and result["variants"]["fp"]["packing"] == []
     assert result["variants"]["fp"]["dtype"] == "float32"  # the default on a CPU
 
 

@@ -83,8 +83,21 @@ def test_set_packing_repacks_every_layer_exactly():
     assert set_packing(model, "tq1") == 0  # nothing left to repack
     set_packing(model, "tq2")
     assert all(torch.equal(layer.weight_packed, b) for layer, b in zip(layers, tq2_bytes))
-    with pytest.raises(BitfluxError, match="packing must be one of tq2, tq1"):
+    with pytest.raises(BitfluxError, match="unknown packing 'tq3'; choose one of tq2, tq1"):
         set_packing(model, "tq3")
+
+
+def test_set_packing_refuses_captured_graphs():
+    """Captured graphs replay the old bytes' addresses."""
+    from bitflux.graphs import GraphedForward
+
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel"))
+    model.forward = GraphedForward(model.forward)  # what cuda_graphed() does, on a CUDA model
+    with pytest.raises(BitfluxError, match="repack before cuda_graphed"):
+        set_packing(model, "tq1")
+    del model.forward
+    assert set_packing(model, "tq1") > 0
 
 
 def test_fp8_activations_refuse_per_group_scales():

@@ -37,6 +37,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
                     offload: bool = False, repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
     from .kernels import use_backend
+    from .linear import TernaryLinear
     from .pipeline import (accelerate_transformer, default_dtype, default_image_size, dtype_named, generate,
                            load_variants)
     from .surgery import set_activations, set_packing
@@ -87,7 +88,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
             "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
-            else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer)}
+            else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer),
+            "packing": sorted({m.packing for m in pipe.transformer.modules() if isinstance(m, TernaryLinear)})}
 
 
 def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: str = "auto",
@@ -119,7 +121,7 @@ def format_bench(result: dict) -> str:
     lines = [f"model: {result['model']}, device {fp['device']} ({fp['dtype']}"
              f"{', offloaded' if fp.get('offload') else ''}), backend {result['backend']}"
              f"{', ternary activations ' + result['activations'] if result.get('activations') else ''}"
-             f"{', codes packed ' + result['packing'] if result.get('packing') else ''}"
+             f"{', codes packed ' + '+'.join(ternary['packing']) if ternary.get('packing') else ''}"
              f"{', CUDA graphs' if result.get('cuda_graph') else ''}"
              f"{', torch.compile' if result.get('compile') else ''}, "
              f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import ACTIVATIONS, DTYPES
+from .config import ACTIVATIONS, DTYPES, FORMATS
 from .errors import BitfluxError
 
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a FLUX checkpoint to a bitflux folder")
     q.add_argument("source", help="diffusers pipeline/transformer folder, original .safetensors, or cached hub id")
     q.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    q.add_argument("--format", default="tq2", choices=["tq2", "tq1"],
+    q.add_argument("--format", default="tq2", choices=FORMATS,
                    help="packing on disk and in memory: tq2 (2 bits a weight) or tq1 (1.6 bits, 20%% fewer bytes)")
     q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
     q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
@@ -278,11 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(parser) -> None:
-    """How generate and bench run the pipeline: kernels, device, activations, graphs, dtype, offloading."""
+    """How generate and bench run the pipeline: kernels, device, activations, packing, graphs, dtype,
+    offloading."""
     parser.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
-    parser.add_argument("--packing", default=None, choices=["tq2", "tq1"],
+    parser.add_argument("--packing", default=None, choices=FORMATS,
                         help="repack the ternary codes in memory (default: as stored; tq1: 20%% fewer weight bytes)")
     parser.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)

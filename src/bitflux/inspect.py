@@ -59,8 +59,9 @@ def format_report(info: dict) -> str:
         f"{info['path']} ({info['kind']})",
         f"parameters: {info['params_total'] / 1e9:.3f} B total, {info['params_quantized'] / 1e9:.3f} B ternary "
         f"in {info['modules_quantized']} linear layers ({100 * info['coverage']:.2f} % coverage)",
-        f"method {info['quantization']['method']}, scales per {info['quantization']['granularity']}, "
-        f"packed {info['quantization']['format']} (on disk and in memory)",
+        f"method {info['quantization']['method']}, scales per {info['quantization']['granularity']}"
+        + (f", stored {info['quantization']['format']} (so held in memory unless --packing)"
+           if info["kind"] == "bitflux model" else ""),
         f"bytes: bf16 {info['bytes']['bf16'] / gb:.3f} GB | tq2 {info['bytes']['tq2'] / gb:.3f} GB "
         f"({info['ratio_vs_bf16']['tq2']:.2f}x smaller) | tq1 {info['bytes']['tq1'] / gb:.3f} GB "
         f"({info['ratio_vs_bf16']['tq1']:.2f}x smaller)",

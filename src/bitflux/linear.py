@@ -59,7 +59,8 @@ class TernaryLinear(nn.Module):
         if weight.device.type == "meta":
             shape = scale_shape(linear.out_features, linear.in_features, config.granularity, group_size)
             module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, shape,
-                         config.scale_torch_dtype, config.activations, "meta", linear.weight.dtype, config.format)
+                         config.scale_torch_dtype, config.activations, "meta", linear.weight.dtype,
+                         packing=config.format)
             return module
         codes, scales = ternarize(weight, config.method, config.granularity, group_size)
         return cls.from_codes(codes, scales, linear.bias, group_size, config)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from . import formats
-from .config import ACTIVATIONS, TernaryConfig
+from .config import ACTIVATIONS, FORMATS, TernaryConfig
 from .errors import BitfluxError
+from .graphs import GraphedForward
 from .linear import TernaryLinear, scale_shape
 
 _SCALE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -109,10 +110,15 @@ def set_activations(model: nn.Module, activations: str) -> int:
 def set_packing(model: nn.Module, packing: str) -> int:
     """Repack every TernaryLinear of a loaded model into `packing` (tq2 | tq1), in memory and on its device:
     exact (integers only; one layer's codes unpacked at a time), so a tq2 checkpoint can run with tq1's 20 %
-    fewer weight bytes without quantizing again. The number of layers repacked."""
-    if packing not in formats.CODES_PER_BYTE:
-        raise BitfluxError(f"packing must be one of {', '.join(formats.CODES_PER_BYTE)}, got {packing!r}")
+    fewer weight bytes without quantizing again. The number of layers repacked. Not under CUDA graphs
+    (they replay the old bytes' addresses) nor with a LoRA fused (unfuse() puts back the old bytes)."""
+    if packing not in FORMATS:
+        raise BitfluxError(f"unknown packing {packing!r}; choose one of {', '.join(FORMATS)}")
+    if any(isinstance(m.forward, GraphedForward) for m in model.modules()):
+        raise BitfluxError("repack before cuda_graphed(): the captured graphs read the old bytes")
     layers = [m for m in model.modules() if isinstance(m, TernaryLinear) and m.packing != packing]
+    if any(layer.__dict__.get("_bitflux_fused") for layer in layers):
+        raise BitfluxError("a LoRA is fused into this model: unfuse() it before repacking")
     for layer in layers:
         layer.weight_packed = formats.convert(layer.weight_packed, layer.in_features, layer.packing, packing)
         layer.packing = packing
