@@ -34,39 +34,33 @@ def test_generate_writes_png_of_the_asked_size(tmp_path, capsys, backend):
     assert image.format == "PNG" and image.size == (64, 48)
 
 
+def _images(capsys, tmp_path, option, values, *extra):
+    """{value: the demo's image of "a red circle" generated with `option value`} as float arrays."""
+    images = {}
+    for value in values:
+        out = tmp_path / f"{value}.png"
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", option, value, *extra, "-o", out)
+        assert code == 0, err
+        images[value] = np.asarray(Image.open(out)).astype(float)
+    return images
+
+
 def test_generate_with_other_activations(tmp_path, capsys):
     """The shipped a16 model run with fp8 activations (the reference's e4m3 numerics on a CPU): an image
     close to, not equal to, the a16 one."""
-    images = {}
-    for activations in ("a16", "fp8"):
-        out = tmp_path / f"{activations}.png"
-        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--backend", "reference",
-                            "--activations", activations, "-o", out)
-        assert code == 0, err
-        images[activations] = np.asarray(Image.open(out)).astype(float)
-    difference = np.abs(images["a16"] - images["fp8"]).mean()
-    assert 0 < difference < 8
+    images = _images(capsys, tmp_path, "--activations", ("a16", "fp8"), "--backend", "reference")
+    assert 0 < np.abs(images["a16"] - images["fp8"]).mean() < 8
 
 
 def test_generate_with_codes_repacked_to_tq1(tmp_path, capsys):
     """--packing tq1 holds the shipped tq2 codes in 1.6 bits: the same codes, the same image."""
-    images = {}
-    for packing in ("tq2", "tq1"):
-        out = tmp_path / f"{packing}.png"
-        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--packing", packing, "-o", out)
-        assert code == 0, err
-        images[packing] = np.asarray(Image.open(out))
+    images = _images(capsys, tmp_path, "--packing", ("tq2", "tq1"))
     assert np.array_equal(images["tq2"], images["tq1"])
 
 
 def test_generate_in_bf16(tmp_path, capsys):
     """--dtype: the unquantized parts in bf16 (the default on a GPU); on a CPU an image close to fp32's."""
-    images = {}
-    for dtype in ("fp32", "bf16"):
-        out = tmp_path / f"{dtype}.png"
-        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", "--dtype", dtype, "-o", out)
-        assert code == 0, err
-        images[dtype] = np.asarray(Image.open(out)).astype(float)
+    images = _images(capsys, tmp_path, "--dtype", ("fp32", "bf16"))
     assert np.abs(images["fp32"] - images["bf16"]).mean() < 8
 
 
