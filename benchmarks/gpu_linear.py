@@ -78,11 +78,16 @@ def random_codes(n: int, k: int, device, generator) -> torch.Tensor:
     return torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
 
 
-def ternary_weight(codes: torch.Tensor, packing: str) -> TernaryWeight:
-    """The codes packed, with one scale like the paper's."""
+def prepared_layers(codes: torch.Tensor) -> dict[str, tuple[TernaryWeight, triton_backend.PreparedWeight]]:
+    """{packing: (the codes packed so with one scale like the paper's, the Triton backend's prepared view of
+    it)}; the weight is kept beside its prepared view, which refers to its bytes only weakly."""
     n, k = codes.shape
-    return TernaryWeight(formats.pack(codes, packing), torch.full((1, 1), 0.02, device=codes.device), k, n, None,
-                         packing)
+    layers = {}
+    for packing in formats.CODES_PER_BYTE:
+        weight = TernaryWeight(formats.pack(codes, packing), torch.full((1, 1), 0.02, device=codes.device), k, n,
+                               None, packing)
+        layers[packing] = weight, triton_backend.prepare(weight)
+    return layers
 
 
 def mode_parts(mode: str) -> tuple[str, str]:
@@ -151,8 +156,7 @@ def run(layers: dict, tokens: tuple, device):
         codes = random_codes(n, k, device, gen)
         dense = (codes.to(torch.bfloat16) * 0.02).contiguous()  # cuBLAS baseline: the same weight in bf16
         bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
-        weights = {packing: ternary_weight(codes, packing) for packing in formats.CODES_PER_BYTE}
-        prepared_by_packing = {packing: triton_backend.prepare(weight) for packing, weight in weights.items()}
+        layers_by_packing = prepared_layers(codes)
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             row = {"layer": name, "M": m, "N": n, "K": k, "ms": {}, "strategy": {}, "strategy_ms": {}}
@@ -161,7 +165,7 @@ def run(layers: dict, tokens: tuple, device):
                 bench_both(row, "bf16 cuBLAS", lambda: F.linear(x, dense, bias))
                 for mode, label in MODES.items():
                     activations, packing = mode_parts(mode)
-                    prepared = prepared_by_packing[packing]
+                    prepared = layers_by_packing[packing][1]
                     out = triton_backend.linear(x, prepared, bias, activations)  # the first call picks the strategy
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
                     key = triton_backend.CallKey(activations, x.dtype, prepared.scale_mode, True, m, n, k,
@@ -181,7 +185,7 @@ def run(layers: dict, tokens: tuple, device):
             _add_rates(row)
             print(_line(row), flush=True)
             yield row
-        del dense, codes, weights, prepared_by_packing
+        del dense, codes, layers_by_packing
 
 
 def _add_rates(row: dict) -> None:

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bitflux.kernels import triton as triton_backend
-from bitflux import formats
 from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, mode_parts, random_codes,
-                        relative_error, ternary_weight, write_atomic)
+                        prepared_layers, relative_error, write_atomic)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
@@ -46,15 +45,14 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
         codes = random_codes(n, k, device, gen)
         dense = (codes.to(torch.bfloat16) * 0.02).contiguous()
         bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
-        weights = {packing: ternary_weight(codes, packing) for packing in formats.CODES_PER_BYTE}
-        prepared_by_packing = {packing: triton_backend.prepare(weight) for packing, weight in weights.items()}
+        layers_by_packing = prepared_layers(codes)
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             expected = F.linear(x, dense, bias)
             bf16_ms = bench_ms(lambda: F.linear(x, dense, bias), graph=device.type == "cuda")
             for mode in modes:
                 activations, packing = mode_parts(mode)
-                prepared = prepared_by_packing[packing]
+                prepared = layers_by_packing[packing][1]
                 for strategy in ("gemv", "splitk"):
                     if strategy not in triton_backend.strategies(m, prepared, activations):
                         continue
