@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 CODES_PER_BYTE = {"tq2": 4, "tq1": 5}
+ZERO_BYTE = {"tq2": 0x55, "tq1": 121}  # a byte of codes w = 0 (digits u = 1): 1 + 4 + 16 + 64, 1 + 3 + ... + 81
 _POW3 = (1, 3, 9, 27, 81)
 
 

@@ -42,10 +42,9 @@ class TernaryLinear(nn.Module):
         self.group_size = group_size
         self.activations = activations
         self.packing = packing
-        # Every code 0: tq2's 0x55 is four digits u = 1, tq1's 121 = 1 + 3 + 9 + 27 + 81 five.
         self.register_buffer(
             "weight_packed",
-            torch.full(formats.packed_shape(out_features, in_features, packing), 0x55 if packing == "tq2" else 121,
+            torch.full(formats.packed_shape(out_features, in_features, packing), formats.ZERO_BYTE[packing],
                        dtype=torch.uint8, device=device),
         )
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))

@@ -632,7 +632,7 @@ if triton is not None:
     def _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES: tl.constexpr, TQ1: tl.constexpr = False):
         """BYTES bytes a row of the weight at rows offs_n, from the one holding column k0 (k0: a multiple of
         the codes per byte); outside the layer (past N, past K, or a whole tile past K when prefetching):
-        digits 1, w = 0 (0x55 in tq2, 1 + 3 + 9 + 27 + 81 in tq1)."""
+        digits 1, w = 0 (formats.ZERO_BYTE: 0x55 in tq2, 121 in tq1)."""
         per_byte: tl.constexpr = 5 if TQ1 else 4
         offs_byte = k0 // per_byte + tl.arange(0, BYTES)
         return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
