@@ -109,8 +109,11 @@ def variants(quick: bool):
     bf16, i8, u8, f32, fp8 = torch.bfloat16, torch.int8, torch.uint8, torch.float32, torch.float8_e4m3fn
     all_targets, fp8_targets = ("sm_80", "sm_90"), ("sm_89", "sm_90")
     epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}
-    block_n, block_k, expand_warps = tk.EXPAND_TILE
-    expand_constexprs = {"EXPAND_N": block_n, "EXPAND_K": block_k}
+
+    expand_tiles = {tq1: ({"EXPAND_N": block_n, "EXPAND_BYTES": block_bytes}, warps)  # per packing
+                    for tq1, (block_n, block_bytes, warps) in ((False, tk.EXPAND_TILES["tq2"]),
+                                                               (True, tk.EXPAND_TILES["tq1"]))}
+
     for fp8_out in (False, True):
         q_dtype = fp8 if fp8_out else i8
         for plane in (0, tk.PLANE):
@@ -120,20 +123,20 @@ def variants(quick: bool):
                         f"{' one pass' if one_pass else ' two passes'}")
                 yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
                                                    "w_ptr": q_dtype, "codes_ptr": q_dtype},
-                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_constexprs}, 4, 1,
+                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_tiles[False][0]}, 4, 1,
                        fp8_targets if fp8_out else all_targets)
                 if not plane:  # the expanded GEMMs' operands, in one launch
-                    for tq1 in (False, True):
+                    for tq1, (tile, warps) in expand_tiles.items():
                         yield (f"{name} + expand{' tq1' if tq1 else ''}", tk._operands_kernel,
                                {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8, "codes_ptr": q_dtype},
-                               {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **expand_constexprs},
-                               expand_warps, 1, fp8_targets if fp8_out else all_targets)
+                               {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **tile},
+                               warps, 1, fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
-        for tq1 in (False, True):
+        for tq1, (tile, warps) in expand_tiles.items():
             yield (f"expand {_TYPES[dtype]}{' tq1' if tq1 else ''}", tk._operands_kernel,
                    {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "codes_ptr": dtype},
                    {"QUANTIZE": False, "EXPAND": True, "TQ1": tq1, "FP8": False, "PLANE": 0, "BLOCK": 1,
-                    "ONE_PASS": True, **expand_constexprs}, expand_warps, 1,
+                    "ONE_PASS": True, **tile}, warps, 1,
                    fp8_targets if dtype == fp8 else all_targets)
     yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)

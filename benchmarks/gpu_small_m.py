@@ -27,11 +27,11 @@ from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, m
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
 CANDIDATES = {
-    "gemv": [triton_backend.GEMV_TILE, (1, 32, 512, 4, 3), (1, 16, 1024, 4, 3), (1, 8, 1024, 4, 3),
+    "gemv": [triton_backend.GEMV_TILE, (1, 64, 256, 4, 3), (1, 32, 512, 4, 3), (1, 16, 1024, 4, 3),
              (1, 16, 512, 4, 3), (1, 32, 256, 4, 3), (1, 8, 2048, 8, 3), (1, 64, 512, 8, 3)],
-    "splitk": [triton_backend.SPLITK_TILE, (16, 64, 256, 4, 3), (16, 16, 512, 4, 3), (16, 16, 256, 4, 3),
-               (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
-}  # all compile for sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
+    "splitk": [triton_backend.SPLITK_TILE, (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 16, 512, 4, 3),
+               (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
+}  # the same 15 tiles as the H100 sweep (BENCHMARKS.md), whose choice is the default; all compile for sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
 LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
 TOKENS = (1, 16)

@@ -49,15 +49,17 @@ GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cor
 _ONE_PASS_COLUMNS = 4096  # the activation quantizer keeps rows up to this long in registers (H200: ~8%
 # faster at K = 3072; whole rows of 12288 in 16 warps were 1.5x slower than two passes)
 _TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many columns
-# expand()'s (BLOCK_N, BLOCK_K, warps): long rows of codes write wide contiguous runs (H200: 2.5-3.3 TB/s,
-# 10-20% above 32 x 128 tiles)
-EXPAND_TILE = (16, 512, 8)
+# expand()'s tiles per packing: (rows, bytes a row, warps). tq2: long rows of codes write wide contiguous runs
+# (H200: 2.5-3.3 TB/s, 10-20% above 32 x 128 tiles); tq1: H100, FLUX.1-dev shapes, 1.1-1.2 TB/s into e4m3, the
+# best of six tiles (BENCHMARKS.md)
+EXPAND_TILES = {"tq2": (16, 128, 8), "tq1": (32, 64, 4)}
 # The split-K kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tensor cores on 16-row tiles (splitk), and
 # the one-token CUDA-core variant (gemv: 64 x 64 bytes a tile, 128 registers a thread on sm_90, so 4
 # programs fit an SM). K is split into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM.
-# Untuned first choices: benchmarks/gpu_small_m.py sweeps all three on a GPU.
-SPLITK_TILE = (16, 32, 256, 4, 3)
-GEMV_TILE = (1, 64, 256, 4, 3)
+# benchmarks/gpu_small_m.py's choice on an H100 (BENCHMARKS.md): over FLUX.1-dev's small-M layers, a16 and
+# fp8, tq2 and tq1, within 4% (gemv) and 12% (splitk) of each shape's own best, geometric mean.
+SPLITK_TILE = (16, 64, 128, 4, 4)
+GEMV_TILE = (1, 8, 1024, 4, 3)
 PROGRAMS_PER_SM = 4
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
@@ -342,11 +344,12 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         q = torch.empty(rows, columns, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
         scale = torch.empty(rows, dtype=torch.float32, device=x2.device)
         stride_x = x2.stride(0)
-    block_n, block_k, expand_warps = EXPAND_TILE
+    block_n, block_bytes, expand_warps = EXPAND_TILES["tq2"]
     if prepared is not None:
         packed, N, K, tq1 = prepared.packed, prepared.out_features, prepared.in_features, prepared.tq1
+        block_n, block_bytes, expand_warps = EXPAND_TILES["tq1" if tq1 else "tq2"]
         codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
-        tiles_k = _cdiv(K, block_k)
+        tiles_k = _cdiv(packed.shape[1], block_bytes)
         tiles = _cdiv(N, block_n) * tiles_k
     # Short rows are read once and kept in registers; longer rows take two passes over blocks.
     block = _next_power_of_2(columns)
@@ -355,7 +358,7 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(codes, q), rows, K, columns, N,
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
         EXPAND=codes is not None, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
-        BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_K=block_k,
+        BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
         num_warps=expand_warps if codes is not None else 4)
     return q, scale, codes
 
@@ -558,9 +561,9 @@ if triton is not None:
                          QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, TQ1: tl.constexpr, FP8: tl.constexpr,
                          PLANE: tl.constexpr,
                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
-                         EXPAND_K: tl.constexpr):
-        """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand one
-        (EXPAND_N, EXPAND_K) tile of the codes each (EXPAND)."""
+                         EXPAND_BYTES: tl.constexpr):
+        """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand the codes of one
+        (EXPAND_N, EXPAND_BYTES) tile of the packed bytes each (EXPAND)."""
         pid = tl.program_id(0)
         if pid < rows:
             if QUANTIZE:
@@ -570,7 +573,7 @@ if triton is not None:
             if EXPAND:
                 tile = pid - rows
                 _expand_tile(w_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1, EXPAND_N,
-                             EXPAND_K)
+                             EXPAND_BYTES)
 
     @triton.jit
     def _quantize_row(x_ptr, q_ptr, scale_ptr, row, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
@@ -659,18 +662,20 @@ if triton is not None:
         return t - 3 * _third(t)
 
     @triton.jit
-    def _load_tq1_digits(w_ptr, offs_n, mask_n, stride_wn, offs_k, K):
-        """(rows, columns) digits of tq1 bytes, column k from byte k // 5 (a gather: consecutive columns read
-        the same byte, from the cache); outside the layer 1 (w = 0)."""
-        mask = mask_n[:, None] & (offs_k[None, :] < K)
-        packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (offs_k // 5)[None, :], mask=mask,
-                         other=121).to(tl.int32)
-        position = offs_k % 5
-        # floor(byte / 3^position) = (byte x ceil(2^16 / 3^position)) >> 16, exact for bytes up to 255
-        reciprocal = tl.where(position < 2, tl.where(position == 0, 65536, 21846),
-                              tl.where(position == 2, 7282, tl.where(position == 3, 2428, 810)))
-        t = (packed * reciprocal[None, :]) >> 16
-        return t - 3 * _third(t)
+    def _unpack_tq1_slots(packed, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+        """(BLOCK_N, BYTES) tq1 bytes -> (BLOCK_N, 8 BYTES) digits: slot 8j + p holds digit p (column 5j + p) of
+        byte j, slots 8j + 5 .. 8j + 7 are 0 and never stored. Joins interleave by twos only, so a byte's five
+        digits take eight slots; a gather of each column's byte instead was 1.5-2x slower (H100)."""
+        t0 = packed.to(tl.int32)
+        t1 = _third(t0)
+        t2 = _third(t1)
+        t3 = _third(t2)
+        t4 = _third(t3)
+        d0, d1, d2, d3, d4 = t0 - 3 * t1, t1 - 3 * t2, t2 - 3 * t3, t3 - 3 * t4, t4 - 3 * _third(t4)
+        pad = tl.zeros_like(d0)
+        # as in _unpack_digits: [n, j, c, b, a] = slot 4a + 2b + c
+        slots = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, pad)), tl.join(tl.join(d1, pad), tl.join(d3, pad)))
+        return tl.reshape(slots, (BLOCK_N, 8 * BYTES))
 
     @triton.jit
     def _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
@@ -726,19 +731,25 @@ if triton is not None:
 
     @triton.jit
     def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-        """One (BLOCK_N, BLOCK_K) tile of the codes, as {-1, 0, +1} in out's dtype."""
+                     BYTES: tl.constexpr):
+        """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype."""
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        k0 = tile_k * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         if TQ1:
-            digits = _load_tq1_digits(w_ptr, offs_n, mask_n, stride_wn, offs_k, K)
+            k0 = tile_k * BYTES * 5
+            digits = _unpack_tq1_slots(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES, True),
+                                       BLOCK_N, BYTES)
+            slot = tl.arange(0, 8 * BYTES)
+            offs_k = k0 + (slot // 8) * 5 + slot % 8
+            mask_k = (slot % 8 < 5) & (offs_k < K)
         else:
-            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BLOCK_K)
+            k0 = tile_k * BYTES * 4
+            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BYTES * 4)
+            offs_k = k0 + tl.arange(0, BYTES * 4)
+            mask_k = offs_k < K
         w = digits.to(tl.float32) - 1.0
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
