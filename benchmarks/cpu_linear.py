@@ -3,7 +3,8 @@
     python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--no-bf16] [--threads 1] [--json out.json]
 
 Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
-of bitflux over torch fp32. Times are the best of repeated calls (other processes make the rest noisy).
+of bitflux over torch fp32, and the bytes each holds for the layer: torch's fp32 weight against bitflux's
+codes, scales and whatever its kernel keeps beside them (the prepared weight). Times are the best of repeated calls (other processes make the rest noisy).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bitflux import TernaryConfig, TernaryLinear
-from bitflux.kernels import cpu, use_backend
+from bitflux.kernels import _prepared, cpu, use_backend
 
 FLUX_SHAPES = ["3072x3072", "3072x12288", "12288x3072", "3072x18432"]  # in_features x out_features
 
@@ -34,6 +35,16 @@ def best_seconds(fns: dict, min_seconds: float, max_rounds: int = 20) -> dict:
             best[name] = min(best[name], time.perf_counter() - t)
         rounds += 1
     return best
+
+
+def held_bytes(layer: TernaryLinear) -> int:
+    """The layer's own tensors (codes, scales, bias) plus the tensors its prepared weight owns."""
+    own = sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+    entry = _prepared.get(layer.ternary_weight.packed)
+    prepared = entry[2] if entry is not None else None
+    extra = sum(t.numel() * t.element_size() for t in vars(prepared).values()
+                if isinstance(t, torch.Tensor)) if prepared is not None else 0
+    return own + extra
 
 
 def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float) -> dict:
@@ -55,6 +66,8 @@ def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float) -> dict:
             xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
             row["bf16_ms"] = 1e3 * best_seconds({"bf16": lambda: F.linear(xb, wb, bb)}, 0.0)["bf16"]
     row["speedup"] = row["fp32_ms"] / row["bitflux_ms"]
+    row["fp32_bytes"] = (weight.numel() + bias.numel()) * 4
+    row["bitflux_bytes"] = held_bytes(layer)
     row["bitflux_gops"] = 2 * m * k * n / row["bitflux_ms"] / 1e6
     return row
 
@@ -74,7 +87,8 @@ def main() -> None:
     if cpu.available():
         raise SystemExit(f"cpu backend unavailable: {cpu.available()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu kernel ISA {cpu.current_isa()}")
-    header = f"{'M':>5} {'K':>6} {'N':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'bitflux ms':>10} {'GOPS':>6} {'vs fp32':>7}"
+    header = (f"{'M':>5} {'K':>6} {'N':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'bitflux ms':>10} {'GOPS':>6} {'vs fp32':>7}"
+              f" {'fp32 MB':>8} {'bitflux MB':>10}")
     print(header)
     rows = []
     for shape in args.shapes:
@@ -84,7 +98,8 @@ def main() -> None:
             rows.append(row)
             bf16 = f"{row['bf16_ms']:9.2f}" if "bf16_ms" in row else f"{'-':>9}"
             print(f"{m:5d} {k:6d} {n:6d} {row['fp32_ms']:9.2f} {bf16} {row['bitflux_ms']:10.2f} "
-                  f"{row['bitflux_gops']:6.0f} {row['speedup']:6.2f}x", flush=True)
+                  f"{row['bitflux_gops']:6.0f} {row['speedup']:6.2f}x {row['fp32_bytes'] / 1e6:8.1f} "
+                  f"{row['bitflux_bytes'] / 1e6:10.2f}", flush=True)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

@@ -40,8 +40,9 @@ def threads(request):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 16), (3, 37, 5), (13, 100, 1), (29, 130, 45), (7, 300, 33),
-                                     (67, 1000, 20)])  # the last quantizes its rows in parallel
+# m <= 3: the GEMV path (codes read row by row), above: gathered tiles; the last quantizes its rows in parallel
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 16), (2, 200, 17), (3, 37, 5), (4, 257, 31), (5, 64, 16),
+                                     (13, 100, 1), (29, 130, 45), (7, 300, 33), (67, 1000, 20)])
 @pytest.mark.parametrize("scales", ["tensor", "channel", "group:16", "group:32"])
 def test_matches_integer_reference(isa, m, k, n, scales, threads):
     if isa not in cpu.supported_isas():
@@ -83,26 +84,28 @@ def test_no_rows():
 
 
 @pytest.mark.parametrize("sign", [1, -1])
-def test_worst_case_sums_do_not_overflow(sign):
-    """All codes +1 (u = 2) or -1 against max-magnitude activations: every int16 lane of the AVX2 path
-    reaches its flush bound (64 x 508), and the int32 sums are at their largest for this K."""
-    k = 16 * 16 * 3 + 5
+@pytest.mark.parametrize("m, k", [(13, 16 * 16 * 3 + 5), (3, 4 * 32 * 16 * 2 + 5)])  # tiles; GEMV
+def test_worst_case_sums_do_not_overflow(sign, m, k):
+    """All codes +1 (u = 2) or -1 against max-magnitude activations: every int16 lane of the AVX2 paths
+    reaches its flush bound (64 x 508: 16 chunks of a tile, 16 steps of 32 bytes of the GEMV), and the int32
+    sums are at their largest for this K."""
     codes = torch.full((32, k), sign, dtype=torch.int8)
     weight = make_weight(32, k, codes=codes)
-    x = torch.full((3, k), 5.0)
+    x = torch.full((m, k), 5.0)
     x[1] = -5.0
     for isa in cpu.supported_isas():
         assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
 
 
 @pytest.mark.parametrize("k", [1, 7, 33, 130])
-def test_tq1_weights_prepare_to_the_tq2_blocks(k):
-    """prepare converts tq1 codes to tq2 first: the blocks, hence the outputs, are the tq2 weight's."""
+def test_tq1_weights_prepare_to_the_tq2_codes(k):
+    """prepare converts tq1 codes to tq2 (the C kernel reads tq2 only): the outputs are the tq2 weight's."""
     tq2 = make_weight(20, k, seed=k)
     tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 20, None, "tq1")
-    assert torch.equal(cpu.prepare(tq1).blocks, cpu.prepare(tq2).blocks)
-    x = torch.randn(3, k)
-    assert torch.equal(run_cpu(x, tq1), reference.linear_a8(x, tq2, None))
+    assert torch.equal(cpu.prepare(tq1).codes, tq2.packed)
+    for m in (3, 9):  # GEMV, tiles
+        x = torch.randn(m, k)
+        assert torch.equal(run_cpu(x, tq1), reference.linear_a8(x, tq2, None))
     assert torch.equal(reference.linear_a8(x, tq1, None), reference.linear_a8(x, tq2, None))
 
 
@@ -166,8 +169,29 @@ def test_missing_library_is_reported(monkeypatch):
     assert lib is None and "not found" in reason
 
 
-def test_prepared_weight_stays_two_bits():
-    weight = make_weight(3072, 256)
+def test_prepared_weight_reads_the_layer_codes_in_place():
+    """No second copy of a tq2 layer's codes: the kernel reads the layer's own bytes, and the prepared weight
+    does not keep them alive (the cache of prepared weights is keyed by them)."""
+    weight = make_weight(48, 256)
     prepared = cpu.prepare(weight)
-    assert prepared.blocks.dtype == torch.uint8
-    assert prepared.blocks.numel() == weight.packed.numel()  # 3072 x 256 / 4, no padding here
+    assert prepared.codes is weight.packed and prepared.tq2_copy is None
+    del weight
+    with pytest.raises(RuntimeError, match="gone"):
+        prepared.codes
+
+
+@pytest.mark.parametrize("m", [2, 9])  # GEMV, tiles
+def test_signed_zeros_and_nan_rows_as_the_reference(m):
+    """Bit for bit also where torch.equal looks away: a zero sum times a negative scale is -0.0 (one scale
+    group adds no zero first), and a token with a NaN gives NaN outputs (its scale is NaN), the other
+    tokens untouched."""
+    weight = make_weight(20, 48, codes=torch.zeros(20, 48, dtype=torch.int8))
+    weight = TernaryWeight(weight.packed, -weight.scales, 48, 20, None)
+    x = torch.randn(m, 48)
+    x[1, 5] = float("nan")
+    for isa in cpu.supported_isas():
+        y, expected = run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None)
+        assert torch.isnan(y[1]).all() and torch.isnan(expected[1]).all()
+        keep = torch.arange(m) != 1
+        assert torch.equal(y[keep].view(torch.int32), expected[keep].view(torch.int32))
+        assert torch.signbit(y[keep]).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,8 @@ from . import _library
 NAME = "cpu"
 ACTIVATIONS = ("a16", "a8")
 ISAS = ("generic", "avx2", "avx512vnni")  # index = the C library's ISA number
-PANEL = 16  # output features per block of the prepared layout
-CHUNK = 16  # input features per block
+PANEL = 16  # output features per block of the C kernel
+CHUNK = 16  # input features per block (a 4-byte word of a tq2 row)
 
 _lib, _load_error = _library.load()
 _SUPPORTED_ISAS = [name for i, name in enumerate(ISAS) if _lib is not None and _lib.bf_isa_supported(i)]
@@ -67,38 +68,42 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    blocks: torch.Tensor  # (ceil(out / 16), ceil(in / 16) * 64) uint8, layout in ternary_gemm.c
+    """The kernel's view of one layer: its tq2 codes, read in place (held weakly: the layer owns them, and
+    the cache of prepared weights keyed by them must not keep them alive), or for a tq1 layer a tq2 copy."""
+
+    codes_ref: weakref.ref | None  # to the layer's own (out, ceil(in / 4)) tq2 bytes
+    tq2_copy: torch.Tensor | None  # a tq1 layer's codes repacked (the C kernel reads tq2 only)
     scales: torch.Tensor  # (ceil(out / 16) * 16, groups) float32, zero for padding rows
     in_features: int
     out_features: int
-    group_chunks: int  # 16-input blocks per scale group
+    group_chunks: int  # 16-input chunks per scale group
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self.tq2_copy is not None:
+            return self.tq2_copy
+        codes = self.codes_ref()
+        if codes is None:
+            raise RuntimeError("the layer bytes this prepared weight was made from are gone: prepare() it again")
+        return codes
 
 
 def prepare(weight) -> PreparedWeight:
-    """Repack the tq2 codes once into 64-byte blocks of 16 outputs x 16 inputs (still 2 bits a weight).
-    A tq1 layer's codes are converted to tq2 first, so the C kernel reads one layout whatever the packing
-    (the blocks are a copy of the codes either way).
-
-    In tq2, input 4 b + r is digit r of byte b. A block's byte 4 n + r holds, as its digit i, input
-    16 chunk + 4 i + r of output n, i.e. digit r of tq2 byte 4 chunk + i: the 4 x 4 matrix of digits in
-    every 4 tq2 bytes is transposed. As a little-endian int32 word holds digit (i, r) at bit 8 i + 2 r, two
-    masked swaps do it (Hacker's Delight's bit-matrix transpose, with 2-bit elements).
-    """
+    """The layer's tq2 bytes as they are: the C kernel reorders the activations, not the codes, so it needs
+    no copy of them (docs/CPU_KERNEL.md). A tq1 layer's codes are converted to tq2 once (a 2-bit copy beside
+    the 1.6-bit codes: on a CPU tq2 is the leaner packing). The scales are padded to whole 16-output
+    panels."""
     out_features, in_features = weight.out_features, weight.in_features
+    packed = weight.packed
+    if weight.packing == "tq2" and packed.device.type == "cpu" and packed.is_contiguous():
+        codes_ref, tq2_copy = weakref.ref(packed), None
+    else:
+        codes_ref, tq2_copy = None, formats.convert(packed.cpu(), in_features, weight.packing, "tq2").contiguous()
     panels, chunks = -(-out_features // PANEL), -(-in_features // CHUNK)
-    packed = formats.convert(weight.packed.cpu(), in_features, weight.packing, "tq2")
-    # 0x55 = four digits u = 1 (w = 0): padding that adds nothing, as the padded activations are 0 too.
-    packed = F.pad(packed, (0, 4 * chunks - packed.shape[1], 0, panels * PANEL - out_features), value=0x55)
-    words = packed.view(torch.int32)  # (rows, chunks): tq2 bytes 4 chunk .. 4 chunk + 3
-    swap = ((words >> 6) ^ words) & 0x00CC00CC  # (2a, 2b + 1) <-> (2a + 1, 2b)
-    words = words ^ swap ^ (swap << 6)
-    swap = ((words >> 12) ^ words) & 0x0000F0F0  # (i, r + 2) <-> (i + 2, r) for i, r in {0, 1}
-    words = words ^ swap ^ (swap << 12)
-    blocks = words.view(torch.uint8).reshape(panels, PANEL, chunks, 4).permute(0, 2, 1, 3)  # (panel, chunk, n, r)
     scales = weight.scales.float().cpu().expand(out_features, -1)
     scales = F.pad(scales, (0, 0, 0, panels * PANEL - out_features)).contiguous()
     group_chunks = weight.group_size // CHUNK if scales.shape[1] > 1 else chunks
-    return PreparedWeight(blocks.reshape(panels, -1), scales, in_features, out_features, group_chunks)
+    return PreparedWeight(codes_ref, tq2_copy, scales, in_features, out_features, group_chunks)
 
 
 def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str = "a8") -> torch.Tensor:
@@ -106,11 +111,12 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], prepared.out_features, dtype=torch.float32)
+    codes = prepared.codes
     if rows.shape[0] > 0:
         bias = None if bias is None else bias.float().contiguous()
         status = _lib.bf_linear(
             rows.data_ptr(), rows.shape[0], prepared.in_features, rows.stride(0),
-            prepared.blocks.data_ptr(), prepared.out_features, prepared.blocks.shape[1] // 64,
+            codes.data_ptr(), codes.shape[1], prepared.out_features,
             prepared.scales.data_ptr(), prepared.scales.shape[1], prepared.group_chunks,
             None if bias is None else bias.data_ptr(), out.data_ptr(),
             torch.get_num_threads(), ISAS.index(current_isa()))

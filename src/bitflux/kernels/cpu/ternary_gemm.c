@@ -2,12 +2,20 @@
  * ternary weights stored as 2-bit codes u = w + 1 in {0, 1, 2}, exact int32 sums, fp32 epilogue.
  * docs/CPU_KERNEL.md describes the layout and the numerics; kernels/reference.py's linear_a8 is the truth.
  *
- * Weight layout (made once by the Python prepare()): output features in panels of 16, input features in
- * chunks of 16; a (panel, chunk) block is 64 bytes. Byte j = 4 n + r of a block holds, at bits 2i..2i+1,
- * the code of output feature n (0..15) and input feature 4 i + r of the chunk. One shift-and-mask per i
- * turns 64 bytes into 16 lanes of (one feature, 4 consecutive inputs): the shape vpdpbusd / vpmaddubsw eat.
+ * The weights are read where the layer keeps them, tq2 rows (output feature n: byte j holds input 4 j + i
+ * at bits 2i..2i+1); the kernel keeps no copy of its own. The activations are reordered instead, after
+ * each row is quantized, in the layout of one of two paths:
+ * - few tokens (GEMV): the row as 4 planes, plane i holding q[4 j + i] at position j. A run of code bytes
+ *   of one output, split into its 4 digit planes by shift-and-mask, meets the 4 activation planes' bytes at
+ *   the same positions, summed in vector lanes;
+ * - more tokens (tiles): the row with every 16-input chunk transposed as a 4 x 4 byte matrix (input
+ *   16 c + 4 b + i at 16 c + 4 i + b). Per (row block, weight tile of 16 or 32 outputs), the outputs'
+ *   4-byte words of each chunk are gathered side by side into 64-byte blocks in a per-thread buffer: lane n
+ *   of a block, shifted by 2i and masked, holds inputs 16 c + 4 b + i (b = 0..3) of output n, which the 4
+ *   activations at 16 c + 4 i multiply, so one broadcast word meets 16 outputs (the shape vpdpbusd /
+ *   vpmaddubsw eat).
  *
- * Paths: generic C (any CPU), AVX2 (vpmaddubsw, int16 sums widened every 256 inputs), AVX-512 VNNI
+ * Paths: generic C (any CPU), AVX2 (vpmaddubsw into int16 sums, widened before they can overflow), AVX-512 VNNI
  * (vpdpbusd). All give identical int32 sums, so identical outputs.
  */
 #include <stdint.h>
@@ -21,21 +29,32 @@
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 
-#define PANEL 16       /* output features per panel */
-#define CHUNK 16       /* input features per block */
+#define PANEL 16       /* output features per block */
+#define CHUNK 16       /* input features per block: one 4-byte word of each output's tq2 row */
 #define BLOCK_BYTES 64 /* 16 x 16 two-bit codes */
+#define ZERO_CODES 0x55 /* four codes u = 1 (w = 0): padding past the layer, against zero activations */
 #define MAX_ROWS 12    /* activation rows per tile, the most any path uses (register blocking) */
 #define MAX_PANELS 2   /* panels per tile, likewise */
 #define TILE_LD (PANEL * MAX_PANELS)
+#define GEMV_ROWS 3    /* at most this many tokens take the GEMV path (at 4 the tiles were faster) */
+#define GEMV_STEP 64   /* code bytes a GEMV step reads per output; activation planes are padded to it */
 #define PARALLEL_QUANTIZE_ELEMENTS (1 << 16) /* fewer activations are quantized by one thread */
-/* int8 activations of a row block, kept in L2 while the weights stream by: 4 row tiles at K = 3072
- * measured best, as larger blocks lose L2 hits to the weight stream. */
-#define L2_ACTIVATION_BYTES (160 << 10)
+#define PARALLEL_GEMV_BYTES (1 << 16)        /* fewer code bytes are read by one thread */
+/* int8 activations of a row block, kept in L2 while the weight tiles are gathered and met in turn: each
+ * gather serves the whole block, so blocks are larger than the 4 row tiles that were best with a prepared
+ * copy of the weights (K = 12288, 256 tokens: 19.8 ms against 22.4 at 160 KiB). */
+#define L2_ACTIVATION_BYTES (320 << 10)
 
-/* Writes the int32 sums over chunks [c0, c1) of `rows` activation rows against `panels` weight panels:
- * c[r * TILE_LD + n] = sum_k q[r][k] * u[n][k]. */
+/* Writes the int32 sums over chunks [c0, c1) of `rows` activation rows against `panels` blocks of 16
+ * outputs: c[r * TILE_LD + n] = sum_k q[r][k] * u[n][k]. a: chunk-transposed activations, rows lda apart;
+ * w: gathered blocks, a panel's chunks consecutive, panels panel_stride apart. */
 typedef void (*tile_fn)(const int8_t *a, int64_t lda, int rows, const uint8_t *w, int64_t panel_stride,
                         int panels, int64_t c0, int64_t c1, int32_t *c);
+
+/* Writes c[r * (n1 - n0) + n - n0] = sum_k q[r][k] * u[n][k] for outputs [n0, n1) and `rows` (<= GEMV_ROWS)
+ * activation rows, reading each output's tq2 row (ldw bytes) in place. */
+typedef void (*gemv_fn)(const int8_t *a, int64_t lda, int64_t plane, int rows, const uint8_t *w, int64_t ldw,
+                        int64_t n0, int64_t n1, int32_t *c);
 
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
@@ -61,12 +80,26 @@ static void tile_generic(const int8_t *a, int64_t lda, int rows, const uint8_t *
             }
 }
 
+static void gemv_generic(const int8_t *a, int64_t lda, int64_t plane, int rows, const uint8_t *w, int64_t ldw,
+                         int64_t n0, int64_t n1, int32_t *c) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *u = w + n * ldw;
+            const int8_t *x = a + r * lda;
+            int32_t sum = 0;
+            for (int64_t j = 0; j < ldw; j++)
+                for (int i = 0; i < 4; i++) sum += ((u[j] >> (2 * i)) & 3) * x[i * plane + j];
+            c[r * (n1 - n0) + n - n0] = sum;
+        }
+}
+
 /* Symmetric per-row int8 as reference.quantize_activations: s = max(max|x|, 1e-12) / 127,
- * q = clamp(round_half_even(x / s), -127, 127). max|x| is taken on the float bit patterns with the sign
- * cleared, whose integer order is the float order (and a NaN stays the largest, as in torch), because an
- * integer max vectorizes where a float one would need -ffast-math. Adding and subtracting 1.5 * 2^23
- * rounds to the nearest integer, ties to even, for |v| < 2^22 (here |v| <= 127), without SSE4.1. */
-static inline __attribute__((always_inline)) void quantize_row_body(const float *x, int64_t K, int64_t Kp,
+ * q = clamp(round_half_even(x / s), -127, 127), in input order, zero from K to row_bytes. max|x| is taken on
+ * the float bit patterns with the sign cleared, whose integer order is the float order (and a NaN stays the
+ * largest, as in torch), because an integer max vectorizes where a float one would need -ffast-math. Adding
+ * and subtracting 1.5 * 2^23 rounds to the nearest integer, ties to even, for |v| < 2^22 (here
+ * |v| <= 127), without SSE4.1. */
+static inline __attribute__((always_inline)) void quantize_row_body(const float *x, int64_t K, int64_t row_bytes,
                                                                      int8_t *q, float *scale) {
     uint32_t amax_bits = 0;
     for (int64_t k = 0; k < K; k++) {
@@ -77,19 +110,63 @@ static inline __attribute__((always_inline)) void quantize_row_body(const float 
     }
     float amax;
     memcpy(&amax, &amax_bits, sizeof amax);
-    const float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    const float s = (amax > 1e-12f || amax != amax ? amax : 1e-12f) / 127.0f;
+    if (s != s) { /* a NaN in the row: its outputs are NaN (the scale), its codes anything defined */
+        memset(q, 0, (size_t)row_bytes);
+        *scale = s;
+        return;
+    }
     const float magic = 12582912.0f;
     for (int64_t k = 0; k < K; k++) {
         float v = (x[k] / s + magic) - magic;
         v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
         q[k] = (int8_t)v;
     }
-    memset(q + K, 0, (size_t)(Kp - K));
+    memset(q + K, 0, (size_t)(row_bytes - K));
     *scale = s;
 }
 
-static void quantize_row_generic(const float *x, int64_t K, int64_t Kp, int8_t *q, float *scale) {
-    quantize_row_body(x, K, Kp, q, scale);
+/* The tiles' activation layout: each 16-input chunk transposed as a 4 x 4 matrix (input 16 c + 4 b + i to
+ * 16 c + 4 i + b), so that the 4 activations a tile broadcasts against digit i of a block's words lie side
+ * by side. In place, over `bytes` (a multiple of 16). */
+static void transpose_chunks_generic(int8_t *q, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += CHUNK) {
+        int8_t chunk[CHUNK];
+        memcpy(chunk, q + c, CHUNK);
+        for (int i = 0; i < 4; i++)
+            for (int b = 0; b < 4; b++) q[c + 4 * i + b] = chunk[4 * b + i];
+    }
+}
+
+/* The GEMV's activation layout: plane i (`plane` bytes, zero past the row) holds input 4 j + i at j. */
+static void to_planes(const int8_t *natural, int64_t bytes, int64_t plane, int8_t *q) {
+    memset(q, 0, (size_t)(4 * plane));
+    for (int64_t k = 0; k < bytes; k++) q[(k & 3) * plane + (k >> 2)] = natural[k];
+}
+
+static void quantize_row_generic(const float *x, int64_t K, int64_t row_bytes, int8_t *q, float *scale) {
+    quantize_row_body(x, K, row_bytes, q, scale);
+}
+
+/* Gathers the blocks of `panels` panels from panel p0 on, all Kc chunks: block (p, ch) byte 4 n + b = byte
+ * 4 ch + b of output 16 (p0 + p) + n's row. Outputs past N and bytes past a row's end (the last chunk of a K
+ * that is not a multiple of 16) are zero codes, which meet zero activations. */
+typedef void (*gather_fn)(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0, int panels, int64_t Kc,
+                          uint8_t *blocks);
+
+/* The words of chunks [first, Kc) of one output (all of them zero codes past N), byte by byte. */
+static void gather_words(const uint8_t *w, int64_t ldw, int64_t N, int64_t row, int64_t first, int64_t Kc,
+                         uint8_t *dst) {
+    for (int64_t ch = first; ch < Kc; ch++)
+        for (int64_t b = 0; b < 4; b++)
+            dst[ch * BLOCK_BYTES + b] = row < N && 4 * ch + b < ldw ? w[row * ldw + 4 * ch + b] : ZERO_CODES;
+}
+
+static void gather_generic(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0, int panels, int64_t Kc,
+                           uint8_t *blocks) {
+    for (int p = 0; p < panels; p++)
+        for (int n = 0; n < PANEL; n++)
+            gather_words(w, ldw, N, (p0 + p) * PANEL + n, 0, Kc, blocks + p * Kc * BLOCK_BYTES + 4 * n);
 }
 
 /* ---------------------------------------------------------------- x86 SIMD */
@@ -98,8 +175,15 @@ static void quantize_row_generic(const float *x, int64_t K, int64_t Kp, int8_t *
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-static void quantize_row_avx2(const float *x, int64_t K, int64_t Kp, int8_t *q, float *scale) {
-    quantize_row_body(x, K, Kp, q, scale);
+static void quantize_row_avx2(const float *x, int64_t K, int64_t row_bytes, int8_t *q, float *scale) {
+    quantize_row_body(x, K, row_bytes, q, scale);
+}
+
+/* One vpshufb a chunk: byte 4 i + b of the result is byte 4 b + i of the source. */
+static void transpose_chunks_avx2(int8_t *q, int64_t bytes) {
+    const __m128i order = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int64_t c = 0; c < bytes; c += CHUNK)
+        _mm_storeu_si128((__m128i *)(q + c), _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(q + c)), order));
 }
 
 /* vpmaddubsw gives u0 q0 + u1 q1 in [-508, 508] per int16 lane; 64 of them fit int16 exactly, so the
@@ -165,13 +249,111 @@ static void tile_avx2(const int8_t *a, int64_t lda, int rows, const uint8_t *w, 
     }
 }
 
+/* One output's code bytes, 32 a step (the last step from a zero-padded copy: rows end anywhere), against
+ * R activation rows; int16 lanes widened every 16 steps (4 products of at most 508 a step). */
+static inline __attribute__((always_inline)) void gemv_avx2_fixed(const int8_t *a, int64_t lda, int64_t plane,
+                                                                  const uint8_t *u, int64_t ldw, int32_t *c,
+                                                                  int64_t ldc, const int R) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc[GEMV_ROWS], acc16[GEMV_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t start = 0; start < ldw; start += 16 * 32) {
+        const int64_t stop = start + 16 * 32 < ldw ? start + 16 * 32 : ldw;
+        for (int r = 0; r < R; r++) acc16[r] = _mm256_setzero_si256();
+        for (int64_t j = start; j < stop; j += 32) {
+            __m256i v;
+            if (j + 32 <= ldw) {
+                v = _mm256_loadu_si256((const __m256i *)(u + j));
+            } else {
+                uint8_t tail[32] = {0};
+                memcpy(tail, u + j, (size_t)(ldw - j));
+                v = _mm256_loadu_si256((const __m256i *)tail);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                const __m256i d = _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), mask);
+                for (int r = 0; r < R; r++)
+                    acc16[r] = _mm256_add_epi16(acc16[r], _mm256_maddubs_epi16(
+                        d, _mm256_loadu_si256((const __m256i *)(a + r * lda + i * plane + j))));
+            }
+        }
+        for (int r = 0; r < R; r++) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(acc16[r], ones));
+    }
+    for (int r = 0; r < R; r++) {
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        c[r * ldc] = _mm_cvtsi128_si32(s);
+    }
+}
+
+static void gemv_avx2(const int8_t *a, int64_t lda, int64_t plane, int rows, const uint8_t *w, int64_t ldw,
+                      int64_t n0, int64_t n1, int32_t *c) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *u = w + n * ldw;
+        int32_t *cn = c + n - n0;
+        switch (rows) {
+            case 1: gemv_avx2_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 1); break;
+            case 2: gemv_avx2_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 2); break;
+            default: gemv_avx2_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 3); break; /* GEMV_ROWS */
+        }
+    }
+}
+
+/* 8 rows' words of 8 chunks (a row's 32 bytes a register) transposed into 8 blocks' half (`half`: outputs
+ * 0-7 or 8-15): 32-bit, then 64-bit unpacks transpose each 128-bit lane's 4 x 4 words; 128-bit permutes
+ * join the lanes. */
+static inline __attribute__((always_inline)) void transpose_8x8(const __m256i row[8], uint8_t *dst, int half) {
+    __m256i t[8], v[8];
+    for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm256_unpacklo_epi32(row[r], row[r + 1]);
+        t[r + 1] = _mm256_unpackhi_epi32(row[r], row[r + 1]);
+    }
+    for (int g = 0; g < 2; g++) { /* v[4 g + j]: rows 4 g .. 4 g + 3 of column 4 L + j in lane L */
+        v[4 * g + 0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        v[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        v[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        v[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm256_storeu_si256((__m256i *)(dst + j * BLOCK_BYTES + 32 * half), _mm256_permute2x128_si256(v[j], v[4 + j], 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + (4 + j) * BLOCK_BYTES + 32 * half),
+                            _mm256_permute2x128_si256(v[j], v[4 + j], 0x31));
+    }
+}
+
+/* Runs of 8 chunks: 16 rows' 32 bytes loaded and transposed in registers, as two 8 x 8; the chunks left
+ * whole in every row: word by word (the AVX2 gather instructions are slow on many CPUs). */
+static void gather_avx2(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0, int panels, int64_t Kc,
+                        uint8_t *blocks) {
+    const int64_t full = ldw / 4 < Kc ? ldw / 4 : Kc, runs = full / 8;
+    const __m256i zero_codes = _mm256_set1_epi8(ZERO_CODES);
+    for (int p = 0; p < panels; p++) {
+        const int64_t row0 = (p0 + p) * PANEL;
+        const int valid = (int)(N - row0 < PANEL ? N - row0 : PANEL);
+        const uint8_t *src = w + row0 * ldw;
+        uint8_t *dst = blocks + p * Kc * BLOCK_BYTES;
+        for (int64_t run = 0; run < runs; run++)
+            for (int half = 0; half < 2; half++) {
+                __m256i row[8];
+                for (int n = 0; n < 8; n++)
+                    row[n] = 8 * half + n < valid
+                                 ? _mm256_loadu_si256((const __m256i *)(src + (8 * half + n) * ldw + 32 * run))
+                                 : zero_codes;
+                transpose_8x8(row, dst + 8 * run * BLOCK_BYTES, half);
+            }
+        for (int n = 0; n < PANEL; n++)
+            gather_words(w, ldw, N, row0 + n, 8 * runs, Kc, dst + 4 * n);
+    }
+}
+
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vnni")
 
-static void quantize_row_avx512(const float *x, int64_t K, int64_t Kp, int8_t *q, float *scale) {
-    quantize_row_body(x, K, Kp, q, scale);
+static void quantize_row_avx512(const float *x, int64_t K, int64_t row_bytes, int8_t *q, float *scale) {
+    quantize_row_body(x, K, row_bytes, q, scale);
 }
 
 static inline __attribute__((always_inline)) void tile_avx512_fixed(const int8_t *a, int64_t lda,
@@ -219,16 +401,103 @@ static void tile_avx512(const int8_t *a, int64_t lda, int rows, const uint8_t *w
     }
 }
 
+/* One output's code bytes, 64 a step (the last one a masked load: rows end anywhere), against R activation
+ * rows; one accumulator per (row, digit plane), so that vpdpbusd's latency overlaps. */
+static inline __attribute__((always_inline)) void gemv_avx512_fixed(const int8_t *a, int64_t lda, int64_t plane,
+                                                                    const uint8_t *u, int64_t ldw, int32_t *c,
+                                                                    int64_t ldc, const int R) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i acc[GEMV_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < ldw; j += GEMV_STEP) {
+        const __mmask64 valid = j + GEMV_STEP <= ldw ? ~0ULL : (1ULL << (ldw - j)) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(valid, u + j);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            const __m512i d = _mm512_and_si512(_mm512_srli_epi16(v, 2 * i), mask);
+            for (int r = 0; r < R; r++)
+                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], d, _mm512_loadu_si512(
+                    (const void *)(a + r * lda + i * plane + j)));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        c[r * ldc] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]),
+                                                              _mm512_add_epi32(acc[r][2], acc[r][3])));
+}
+
+static void gemv_avx512(const int8_t *a, int64_t lda, int64_t plane, int rows, const uint8_t *w, int64_t ldw,
+                        int64_t n0, int64_t n1, int32_t *c) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *u = w + n * ldw;
+        int32_t *cn = c + n - n0;
+        switch (rows) {
+            case 1: gemv_avx512_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 1); break;
+            case 2: gemv_avx512_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 2); break;
+            default: gemv_avx512_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 3); break; /* GEMV_ROWS */
+        }
+    }
+}
+
+/* 16 rows' words of 16 chunks (a row's 64 bytes a register) transposed into 16 blocks' 16 words: 32-bit,
+ * then 64-bit unpacks transpose each 128-bit lane's 4 x 4 words; 128-bit shuffles gather the lanes. */
+static inline __attribute__((always_inline)) void transpose_16x16(const __m512i row[16], uint8_t *dst) {
+    __m512i t[16], v[16];
+    for (int r = 0; r < 16; r += 2) {
+        t[r] = _mm512_unpacklo_epi32(row[r], row[r + 1]);
+        t[r + 1] = _mm512_unpackhi_epi32(row[r], row[r + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* v[4 g + j]: rows 4 g .. 4 g + 3 of column 4 L + j in lane L */
+        v[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        v[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        v[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        v[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512i ab_lo = _mm512_shuffle_i32x4(v[j], v[4 + j], 0x44), cd_lo = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0x44);
+        const __m512i ab_hi = _mm512_shuffle_i32x4(v[j], v[4 + j], 0xee), cd_hi = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0xee);
+        _mm512_storeu_si512((void *)(dst + (0 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88));
+        _mm512_storeu_si512((void *)(dst + (4 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd));
+        _mm512_storeu_si512((void *)(dst + (8 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88));
+        _mm512_storeu_si512((void *)(dst + (12 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xdd));
+    }
+}
+
+/* Runs of 16 chunks: 16 rows' 64 bytes loaded and transposed in registers; the rest word by word. */
+static void gather_avx512(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0, int panels, int64_t Kc,
+                          uint8_t *blocks) {
+    const int64_t full = ldw / 4 < Kc ? ldw / 4 : Kc, runs = full / 16;
+    const __m512i zero_codes = _mm512_set1_epi8(ZERO_CODES);
+    for (int p = 0; p < panels; p++) {
+        const int64_t row0 = (p0 + p) * PANEL;
+        const int valid = (int)(N - row0 < PANEL ? N - row0 : PANEL);
+        const uint8_t *src = w + row0 * ldw;
+        uint8_t *dst = blocks + p * Kc * BLOCK_BYTES;
+        for (int64_t run = 0; run < runs; run++) {
+            __m512i row[16];
+            for (int n = 0; n < 16; n++)
+                row[n] = n < valid ? _mm512_loadu_si512((const void *)(src + n * ldw + 64 * run)) : zero_codes;
+            transpose_16x16(row, dst + 16 * run * BLOCK_BYTES);
+        }
+        for (int n = 0; n < PANEL; n++)
+            gather_words(w, ldw, N, row0 + n, 16 * runs, Kc, dst + 4 * n);
+    }
+}
+
 #pragma GCC pop_options
 #endif /* BF_X86 */
 
 /* ---------------------------------------------------------------- dispatch and driver */
 
-typedef void (*quantize_fn)(const float *x, int64_t K, int64_t Kp, int8_t *q, float *scale);
+typedef void (*quantize_fn)(const float *x, int64_t K, int64_t row_bytes, int8_t *q, float *scale);
+typedef void (*transpose_fn)(int8_t *q, int64_t bytes);
 
 typedef struct {
     tile_fn tile;
+    gemv_fn gemv;
+    gather_fn gather;
     quantize_fn quantize;
+    transpose_fn transpose_chunks;
     int rows, panels; /* the tile shape `tile` is fastest at */
 } isa_kernels;
 
@@ -246,60 +515,76 @@ int bf_isa_supported(int isa) {
 
 static int select_isa(int isa, isa_kernels *k) {
     if (!bf_isa_supported(isa)) return -1;
-    *k = (isa_kernels){tile_generic, quantize_row_generic, 4, 1};
+    *k = (isa_kernels){tile_generic, gemv_generic, gather_generic, quantize_row_generic, transpose_chunks_generic,
+                          4, 1};
 #ifdef BF_X86
-    if (isa == ISA_AVX2) *k = (isa_kernels){tile_avx2, quantize_row_avx2, 6, 1};
-    if (isa == ISA_AVX512VNNI) *k = (isa_kernels){tile_avx512, quantize_row_avx512, AVX512_ROWS, 2};
+    if (isa == ISA_AVX2) *k = (isa_kernels){tile_avx2, gemv_avx2, gather_avx2, quantize_row_avx2,
+                                          transpose_chunks_avx2, 6, 1};
+    if (isa == ISA_AVX512VNNI) *k = (isa_kernels){tile_avx512, gemv_avx512, gather_avx512, quantize_row_avx512,
+                                                transpose_chunks_avx2, AVX512_ROWS, 2};
 #endif
     return 0;
 }
 
-/* One tile of the output: rows [m0, m0 + rows) x panels [p0, p0 + panels). Per scale group, the int32
- * sums minus the activation sums (w = u - 1) times the weight scale are added in fp32 in the order
- * reference.linear_a8 uses, then times the activation scale, plus the bias: bit-identical to it. */
-static void compute_tile(tile_fn tile, const int8_t *q, int64_t Kp, const float *act_scale,
-                         const int32_t *act_sums, int64_t m0, int rows, const uint8_t *w, int64_t panel_stride,
-                         int64_t p0, int panels, int64_t N, int64_t Kc, const float *scales, int64_t groups,
+/* The epilogue of one output: per scale group, the int32 sums minus the activation sums (w = u - 1) times
+ * the weight scale, added in fp32 in the order reference.linear_a8 uses, then times the activation scale,
+ * plus the bias: bit-identical to it. */
+static inline float finish(float f, float act_scale, const float *bias, int64_t n) {
+    const float v = f * act_scale;
+    return bias ? v + bias[n] : v;
+}
+
+/* One tile of the output: rows [m0, m0 + rows) x the gathered panels [p0, p0 + panels). */
+static void compute_tile(tile_fn tile, const int8_t *q, int64_t ldq, const float *act_scale,
+                         const int32_t *act_sums, int64_t m0, int rows, const uint8_t *blocks, int64_t Kc,
+                         int64_t p0, int panels, int64_t N, const float *scales, int64_t groups,
                          int64_t group_chunks, const float *bias, float *out) {
     int32_t c[MAX_ROWS * TILE_LD];
     float f[MAX_ROWS * TILE_LD] = {0};
     const int cols = panels * PANEL;
     for (int64_t g = 0; g < groups; g++) {
         const int64_t c0 = g * group_chunks, c1 = c0 + group_chunks < Kc ? c0 + group_chunks : Kc;
-        tile(q + m0 * Kp, Kp, rows, w + p0 * panel_stride, panel_stride, panels, c0, c1, c);
+        tile(q + m0 * ldq, ldq, rows, blocks, Kc * BLOCK_BYTES, panels, c0, c1, c);
+        const float *ws = scales + p0 * PANEL * groups + g; /* output n's scale: ws[n * groups] */
         for (int r = 0; r < rows; r++) {
             const int32_t sum = act_sums[(m0 + r) * groups + g];
-            for (int n = 0; n < cols; n++) {
-                const float ws = scales[(p0 * PANEL + n) * groups + g];
-                f[r * TILE_LD + n] = f[r * TILE_LD + n] + (float)(c[r * TILE_LD + n] - sum) * ws;
+            float *fr = f + r * TILE_LD;
+            const int32_t *cr = c + r * TILE_LD;
+            for (int n = 0; n < cols; n++) { /* one group: no zero added first (as the reference: -0 stays -0) */
+                const float part = (float)(cr[n] - sum) * ws[n * groups];
+                fr[n] = groups == 1 ? part : fr[n] + part;
             }
         }
     }
     for (int r = 0; r < rows; r++) {
         float *y = out + (m0 + r) * N + p0 * PANEL;
         const int64_t valid = N - p0 * PANEL < cols ? N - p0 * PANEL : cols;
-        for (int64_t n = 0; n < valid; n++) {
-            const float v = f[r * TILE_LD + n] * act_scale[m0 + r];
-            y[n] = bias ? v + bias[p0 * PANEL + n] : v;
-        }
+        for (int64_t n = 0; n < valid; n++) y[n] = finish(f[r * TILE_LD + n], act_scale[m0 + r], bias, p0 * PANEL + n);
     }
 }
 
-/* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: prepared blocks, ceil(N / 16)
- * panels of Kc = ceil(K / 16) blocks; scales (panels * 16, groups) fp32, group_chunks blocks per group;
- * bias (N) or NULL. Returns 0, or -1 if the ISA is not supported here, -2 if out of memory. */
-int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N, int64_t Kc,
+/* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's tq2 codes, N rows of
+ * ldw >= ceil(K / 4) bytes; scales (ceil(N / 16) * 16, groups) fp32, group_chunks 16-input chunks per
+ * group; bias (N) or NULL. Returns 0, or -1 if the ISA is not supported here, -2 if out of memory. */
+int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t ldw, int64_t N,
               const float *scales, int64_t groups, int64_t group_chunks, const float *bias, float *out,
               int threads, int isa) {
     isa_kernels k;
     if (select_isa(isa, &k)) return -1;
     if (M <= 0) return 0;
-    const int64_t Kp = Kc * CHUNK, panels = (N + PANEL - 1) / PANEL, panel_stride = Kc * BLOCK_BYTES;
-    int8_t *q = aligned_alloc(64, (size_t)((M * Kp + 63) / 64 * 64)); /* C11: a multiple of the alignment */
+    const int64_t Kc = (K + CHUNK - 1) / CHUNK, panels = (N + PANEL - 1) / PANEL;
+    const int gemv = M <= GEMV_ROWS && groups == 1;
+    /* The GEMV's planes hold 4 activations per chunk, padded for its last (masked) step of code bytes; the
+     * tiles read whole chunks. */
+    const int64_t row_codes = ldw > 4 * Kc ? ldw : 4 * Kc; /* code bytes a GEMV step may read a row */
+    const int64_t plane = gemv ? (row_codes + GEMV_STEP - 1) / GEMV_STEP * GEMV_STEP : 0;
+    const int64_t ldq = gemv ? 4 * plane : Kc * CHUNK;
+    int8_t *q = aligned_alloc(64, (size_t)((M * ldq + 63) / 64 * 64)); /* C11: a multiple of the alignment */
+    int8_t *natural = gemv ? malloc((size_t)(M * Kc * CHUNK)) : NULL; /* the GEMV's rows before the planes */
     float *act_scale = malloc(sizeof(float) * (size_t)M);
     int32_t *act_sums = malloc(sizeof(int32_t) * (size_t)(M * groups));
-    if (!q || !act_scale || !act_sums) {
-        free(q), free(act_scale), free(act_sums);
+    if (!q || (gemv && !natural) || !act_scale || !act_sums) {
+        free(q), free(natural), free(act_scale), free(act_sums);
         return -2;
     }
     if (threads < 1) threads = 1;
@@ -308,33 +593,68 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
      * region (milliseconds when other processes hold the cores) would dwarf the work. */
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= PARALLEL_QUANTIZE_ELEMENTS)
     for (int64_t m = 0; m < M; m++) {
-        k.quantize(x + m * ldx, K, Kp, q + m * Kp, act_scale + m);
-        for (int64_t g = 0; g < groups; g++) {
+        int8_t *qm = q + m * ldq;
+        if (gemv) {
+            k.quantize(x + m * ldx, K, Kc * CHUNK, natural + m * Kc * CHUNK, act_scale + m);
+            to_planes(natural + m * Kc * CHUNK, Kc * CHUNK, plane, qm);
+        } else {
+            k.quantize(x + m * ldx, K, ldq, qm, act_scale + m);
+            k.transpose_chunks(qm, ldq);
+        }
+        for (int64_t g = 0; g < groups; g++) { /* chunks stay whole in either layout; one group: the row */
+            const int64_t start = groups == 1 ? 0 : g * group_chunks * CHUNK;
+            const int64_t stop = groups == 1 ? ldq : (g + 1) * group_chunks * CHUNK;
             int32_t s = 0;
-            for (int64_t i = g * group_chunks * CHUNK; i < (g + 1) * group_chunks * CHUNK && i < Kp; i++)
-                s += q[m * Kp + i];
+            for (int64_t j = start; j < stop && j < ldq; j++) s += qm[j];
             act_sums[m * groups + g] = s;
         }
     }
 
-    /* Rows go in blocks whose activations stay in L2; a block is shared out to the threads by weight tile
-     * (so each weight tile is read once per block and meets all of the block's row tiles while in L1).
-     * Dynamic scheduling evens out cores slowed by other processes. */
-    int64_t block_rows = L2_ACTIVATION_BYTES / Kp / k.rows * k.rows;
-    block_rows = block_rows < k.rows ? k.rows : block_rows;
-    const int64_t m_blocks = (M + block_rows - 1) / block_rows, n_tiles = (panels + k.panels - 1) / k.panels;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic)
-    for (int64_t mb = 0; mb < m_blocks; mb++)
-        for (int64_t nt = 0; nt < n_tiles; nt++) {
-            const int64_t p0 = nt * k.panels, m_end = (mb + 1) * block_rows < M ? (mb + 1) * block_rows : M;
-            const int np = (int)(panels - p0 < k.panels ? panels - p0 : k.panels);
-            for (int64_t m0 = mb * block_rows; m0 < m_end; m0 += k.rows) {
-                const int rows = (int)(m_end - m0 < k.rows ? m_end - m0 : k.rows);
-                compute_tile(k.tile, q, Kp, act_scale, act_sums, m0, rows, w, panel_stride, p0, np, N, Kc,
-                             scales, groups, group_chunks, bias, out);
-            }
+    int status = 0;
+    if (gemv) {
+        /* Few tokens: each output's codes are read once, in place; runs of 16 outputs, 4 runs a task. */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (N * ldw >= PARALLEL_GEMV_BYTES)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
+            int32_t c[GEMV_ROWS * PANEL];
+            k.gemv(q, ldq, plane, (int)M, w, ldw, n0, n1, c);
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++) {
+                    const float f = (float)(c[m * (n1 - n0) + n - n0] - act_sums[m]) * scales[n];
+                    out[m * N + n] = finish(f, act_scale[m], bias, n);
+                }
         }
+    } else {
+        /* Rows go in blocks whose activations stay in L2; a block is shared out to the threads by weight tile,
+         * whose blocks are gathered once into the thread's buffer and meet all of the block's row tiles
+         * there. Dynamic scheduling evens out cores slowed by other processes. */
+        int64_t block_rows = L2_ACTIVATION_BYTES / ldq / k.rows * k.rows;
+        block_rows = block_rows < k.rows ? k.rows : block_rows;
+        const int64_t m_blocks = (M + block_rows - 1) / block_rows, n_tiles = (panels + k.panels - 1) / k.panels;
+#pragma omp parallel num_threads(threads)
+        {
+            uint8_t *blocks = aligned_alloc(64, (size_t)(k.panels * Kc * BLOCK_BYTES));
+            if (!blocks) {
+#pragma omp atomic write
+                status = -2;
+            }
+#pragma omp for collapse(2) schedule(dynamic)
+            for (int64_t mb = 0; mb < m_blocks; mb++)
+                for (int64_t nt = 0; nt < n_tiles; nt++) {
+                    if (!blocks) continue;
+                    const int64_t p0 = nt * k.panels, m_end = (mb + 1) * block_rows < M ? (mb + 1) * block_rows : M;
+                    const int np = (int)(panels - p0 < k.panels ? panels - p0 : k.panels);
+                    k.gather(w, ldw, N, p0, np, Kc, blocks);
+                    for (int64_t m0 = mb * block_rows; m0 < m_end; m0 += k.rows) {
+                        const int rows = (int)(m_end - m0 < k.rows ? m_end - m0 : k.rows);
+                        compute_tile(k.tile, q, ldq, act_scale, act_sums, m0, rows, blocks, Kc, p0, np, N,
+                                     scales, groups, group_chunks, bias, out);
+                    }
+                }
+            free(blocks);
+        }
+    }
 
-    free(q), free(act_scale), free(act_sums);
-    return 0;
+    free(q), free(natural), free(act_scale), free(act_sums);
+    return status;
 }
