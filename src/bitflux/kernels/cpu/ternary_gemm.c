@@ -15,8 +15,8 @@
  *   activations at 16 c + 4 i multiply, so one broadcast word meets 16 outputs (the shape vpdpbusd /
  *   vpmaddubsw eat).
  *
- * Paths: generic C (any CPU), AVX2 (vpmaddubsw into int16 sums, widened before they can overflow), AVX-512 VNNI
- * (vpdpbusd). All give identical int32 sums, so identical outputs.
+ * Paths: generic C (any CPU), AVX2 (vpmaddubsw into int16 sums, widened before they can overflow),
+ * AVX-512 VNNI (vpdpbusd). All give identical int32 sums, so identical outputs.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,7 +36,7 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
 #define MAX_ROWS 12    /* activation rows per tile, the most any path uses (register blocking) */
 #define MAX_PANELS 2   /* panels per tile, likewise */
 #define TILE_LD (PANEL * MAX_PANELS)
-#define GEMV_ROWS 3    /* at most this many tokens take the GEMV path (at 4 the tiles were faster) */
+#define GEMV_ROWS 3    /* at most this many tokens take the GEMV path (at 4 the tiles were as fast) */
 #define GEMV_STEP 64   /* code bytes a GEMV step reads per output; activation planes are padded to it */
 #define PARALLEL_QUANTIZE_ELEMENTS (1 << 16) /* fewer activations are quantized by one thread */
 #define PARALLEL_GEMV_BYTES (1 << 16)        /* fewer code bytes are read by one thread */
@@ -316,7 +316,8 @@ static inline __attribute__((always_inline)) void transpose_8x8(const __m256i ro
         v[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
     }
     for (int j = 0; j < 4; j++) {
-        _mm256_storeu_si256((__m256i *)(dst + j * BLOCK_BYTES + 32 * half), _mm256_permute2x128_si256(v[j], v[4 + j], 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + j * BLOCK_BYTES + 32 * half),
+                            _mm256_permute2x128_si256(v[j], v[4 + j], 0x20));
         _mm256_storeu_si256((__m256i *)(dst + (4 + j) * BLOCK_BYTES + 32 * half),
                             _mm256_permute2x128_si256(v[j], v[4 + j], 0x31));
     }
@@ -454,8 +455,10 @@ static inline __attribute__((always_inline)) void transpose_16x16(const __m512i 
         v[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
     }
     for (int j = 0; j < 4; j++) {
-        const __m512i ab_lo = _mm512_shuffle_i32x4(v[j], v[4 + j], 0x44), cd_lo = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0x44);
-        const __m512i ab_hi = _mm512_shuffle_i32x4(v[j], v[4 + j], 0xee), cd_hi = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0xee);
+        const __m512i ab_lo = _mm512_shuffle_i32x4(v[j], v[4 + j], 0x44);
+        const __m512i cd_lo = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0x44);
+        const __m512i ab_hi = _mm512_shuffle_i32x4(v[j], v[4 + j], 0xee);
+        const __m512i cd_hi = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0xee);
         _mm512_storeu_si512((void *)(dst + (0 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88));
         _mm512_storeu_si512((void *)(dst + (4 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd));
         _mm512_storeu_si512((void *)(dst + (8 + j) * BLOCK_BYTES), _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88));
@@ -559,7 +562,8 @@ static void compute_tile(tile_fn tile, const int8_t *q, int64_t ldq, const float
     for (int r = 0; r < rows; r++) {
         float *y = out + (m0 + r) * N + p0 * PANEL;
         const int64_t valid = N - p0 * PANEL < cols ? N - p0 * PANEL : cols;
-        for (int64_t n = 0; n < valid; n++) y[n] = finish(f[r * TILE_LD + n], act_scale[m0 + r], bias, p0 * PANEL + n);
+        for (int64_t n = 0; n < valid; n++)
+            y[n] = finish(f[r * TILE_LD + n], act_scale[m0 + r], bias, p0 * PANEL + n);
     }
 }
 
