@@ -6,7 +6,8 @@ A backend is a module with:
     ACTIVATIONS: tuple of activation modes it computes ("a16": in the input dtype, "a8": int8 per token)
     available() -> str | None          None when usable here, else why not (said once, then reference)
     supports(x, weight, activations) -> bool
-    prepare(weight) -> object          kernel-friendly repacking, done once per weight and cached
+    prepare(weight) -> object          the backend's view of the weight (scales, a tq2 copy of tq1 codes on
+                                       CPU), made once per weight and cached
     linear(x, prepared, bias, activations) -> Tensor
 
 `auto` picks, among the backends registered for the input's device type, the first that is available
@@ -158,7 +159,7 @@ def ternary_linear(
 ) -> torch.Tensor:
     """y = x @ (codes * scales)^T + bias through the chosen backend.
 
-    A backend's prepared (repacked) weight is made once per layer and kept with its bytes: it is made again
+    A backend's prepared weight is made once per layer and kept with its bytes: it is made again
     if either the bytes or the scales are replaced, swapped (`.data =`) or written in place (load_state_dict
     copies into them).
     """

@@ -50,14 +50,15 @@ _ONE_PASS_COLUMNS = 4096  # the activation quantizer keeps rows up to this long 
 # faster at K = 3072; whole rows of 12288 in 16 warps were 1.5x slower than two passes)
 _TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many columns
 # expand()'s tiles per packing: (rows, bytes a row, warps). tq2: long rows of codes write wide contiguous runs
-# (H200: 2.5-3.3 TB/s, 10-20% above 32 x 128 tiles); tq1: H100, FLUX.1-dev shapes, 1.1-1.2 TB/s into e4m3, the
-# best of six tiles (BENCHMARKS.md)
+# (H200: 2.5-3.3 TB/s, 10-20% above 32 x 128 tiles); tq1: the best of six tiles timed on an H100 at
+# FLUX.1-dev shapes, 1.0-1.2 TB/s into e4m3 (BENCHMARKS.md)
 EXPAND_TILES = {"tq2": (16, 128, 8), "tq1": (32, 64, 4)}
 # The split-K kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tensor cores on 16-row tiles (splitk), and
-# the one-token CUDA-core variant (gemv: 64 x 64 bytes a tile, 128 registers a thread on sm_90, so 4
-# programs fit an SM). K is split into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM.
-# benchmarks/gpu_small_m.py's choice on an H100 (BENCHMARKS.md): over FLUX.1-dev's small-M layers, a16 and
-# fp8, tq2 and tq1, within 4% (gemv) and 12% (splitk) of each shape's own best, geometric mean.
+# the one-token CUDA-core variant (gemv: 8 x 256 bytes a tile, 56-95 registers a thread on sm_90). K is split
+# into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM. benchmarks/gpu_small_m.py's choice
+# on an H100 (BENCHMARKS.md): over FLUX.1-dev's small-M layers (a16 and fp8 on tq2, fp8 on tq1), the one
+# tile per kernel nearest each shape's own best: 4% off (gemv; worst shape 16%) and 12% (splitk; worst 47%),
+# geometric mean.
 SPLITK_TILE = (16, 64, 128, 4, 4)
 GEMV_TILE = (1, 8, 1024, 4, 3)
 PROGRAMS_PER_SM = 4
