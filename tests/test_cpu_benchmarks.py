@@ -1,0 +1,27 @@
+"""The CPU FLUX benchmark's measuring step, at one double and one single block of FLUX.1-dev width and a
+few tokens, so that the script the figures in BENCHMARKS.md come from keeps running."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bitflux.kernels import cpu
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
+def test_cpu_flux_measures_a_ternary_forward():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_flux.py"), "--child", "1", "1", "1",
+                             "--image-tokens", "16", "--text-tokens", "8"], capture_output=True, text=True,
+                            timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["variant"] == "ternary" and row["output_finite"]
+    # one double + one single block of ternary codes and the fp32 embedders: far below their fp32 2.2 GB
+    assert 0 < row["weight_bytes"] < 0.5e9 and row["forward_s"] > 0 and row["peak_rss_bytes"] > row["weight_bytes"]
