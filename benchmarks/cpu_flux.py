@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from gpu_flux import WEIGHT_STD, inputs, random_packed, weight_bytes
+from gpu_flux import fill_random_, inputs, weight_bytes
+from gpu_linear import write_atomic
 
-from bitflux import TernaryConfig, TernaryLinear
+from bitflux import TernaryConfig
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.kernels import use_backend
 from bitflux.surgery import quantize_
@@ -38,23 +38,7 @@ def build(config: dict, ternary: bool) -> torch.nn.Module:
     if ternary:
         quantize_(model, TernaryConfig(activations="a8"))
     model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, TernaryLinear):
-                module.weight_packed.copy_(random_packed(module.weight_packed.shape, "tq2", "cpu", gen))
-                module.weight_scale.fill_(WEIGHT_STD / math.sqrt(2 / 3))
-                if module.bias is not None:
-                    module.bias.zero_()
-                continue
-            for name, param in module.named_parameters(recurse=False):
-                if name == "bias":
-                    param.zero_()
-                elif param.ndim == 1:
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, WEIGHT_STD, generator=gen)
-    return model.eval()
+    return fill_random_(model, "cpu")
 
 
 def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text_tokens: int) -> dict:
@@ -118,10 +102,7 @@ def main() -> None:
     print(f"full FLUX.1-dev ternary: {whole['forward_s']:.1f} s a forward, peak RSS "
           f"{whole['peak_rss_bytes'] / 1e9:.2f} GB (bf16 weights alone: {bf16_full / 1e9:.1f} GB)")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        write_atomic(Path(args.json), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,15 @@ def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
         activations, packing = mode_parts(mode)
         quantize_(model, TernaryConfig(activations=activations, format=packing))
     model.to_empty(device=device)
+    return fill_random_(model, device)
+
+
+def fill_random_(model: torch.nn.Module, device) -> torch.nn.Module:
+    """Random weights in place, the same on every device: uniformly random ternary codes at the scale of the
+    full-precision weights' spread, N(0, WEIGHT_STD) matrices, unit norm gains, zero biases."""
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, TernaryLinear):
                 module.weight_packed.copy_(random_packed(module.weight_packed.shape, module.packing, device, gen))
                 # codes are nonzero with probability 2/3: this scale gives the bf16 model's weight spread
