@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from gpu_flux import fill_random_, inputs, weight_bytes
-from gpu_linear import write_atomic
 
 from bitflux import TernaryConfig
+from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.kernels import use_backend
 from bitflux.surgery import quantize_
@@ -93,16 +93,17 @@ def main() -> None:
     for double, single, ternary in ((*args.short, False), (*args.short, True), (*full, True)):
         row = child(args, double, single, ternary)
         rows.append(row)
-        print(f"{row['variant']:>8} {f'{double}+{single}':>7} {row['weight_bytes'] / 1e9:10.2f} {row['build_s']:8.1f} "
-              f"{row['forward_s']:9.2f} {row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
+        print(f"{row['variant']:>8} {f'{double}+{single}':>7} {row['weight_bytes'] / 1e9:10.2f} "
+              f"{row['build_s']:8.1f} {row['forward_s']:9.2f} {row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
     fp, short, whole = rows
-    print(f"at {args.short[0]}+{args.short[1]} blocks, fp32 / ternary: forward {fp['forward_s'] / short['forward_s']:.2f}x, "
+    print(f"at {args.short[0]}+{args.short[1]} blocks, fp32 / ternary: "
+          f"forward {fp['forward_s'] / short['forward_s']:.2f}x, "
           f"weights {fp['weight_bytes'] / short['weight_bytes']:.2f}x, peak RSS "
           f"{fp['peak_rss_bytes'] / short['peak_rss_bytes']:.2f}x")
     print(f"full FLUX.1-dev ternary: {whole['forward_s']:.1f} s a forward, peak RSS "
           f"{whole['peak_rss_bytes'] / 1e9:.2f} GB (bf16 weights alone: {bf16_full / 1e9:.1f} GB)")
     if args.json:
-        write_atomic(Path(args.json), json.dumps(rows, indent=1))
+        write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,20 +4,22 @@
 
 Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
 of bitflux over torch fp32, and the bytes each holds for the layer: torch's fp32 weight against bitflux's
-codes, scales and whatever its kernel keeps beside them (the prepared weight). Times are the best of repeated calls (other processes make the rest noisy).
+codes, scales and whatever its kernel keeps beside them (the prepared weight). Times are the best of
+repeated calls (other processes make the rest noisy).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bitflux import TernaryConfig, TernaryLinear
+from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import _prepared, cpu, use_backend
 
 FLUX_SHAPES = ["3072x3072", "3072x12288", "12288x3072", "3072x18432"]  # in_features x out_features
@@ -101,10 +103,7 @@ def main() -> None:
                   f"{row['bitflux_gops']:6.0f} {row['speedup']:6.2f}x {row['fp32_bytes'] / 1e6:8.1f} "
                   f"{row['bitflux_bytes'] / 1e6:10.2f}", flush=True)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, args.json)
+        write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

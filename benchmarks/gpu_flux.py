@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bitflux import TernaryConfig, TernaryLinear, kernels
+from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.graphs import cuda_graphed
 from bitflux.surgery import quantize_
@@ -260,9 +261,7 @@ def write_results(out_dir: Path, env: dict, results: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("gpu_flux.json", json.dumps({"environment": env, "results": results}, indent=1)),
                        ("gpu_flux.md", markdown(env, results))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+        write_text_atomic(out_dir / name, text)
 
 
 def main(argv=None) -> int:

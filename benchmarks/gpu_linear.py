@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bitflux import formats
+from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import TernaryWeight
 from bitflux.kernels import triton as triton_backend
 
@@ -264,12 +265,6 @@ def _strategy_text(result) -> str:
     return result if isinstance(result, str) else f"{result['ms']:.3f} ({result['rel_err']:.1e})"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="results folder")
@@ -292,8 +287,8 @@ def main(argv=None) -> int:
         rows.append(row)
         env["wall_s"] = round(time.perf_counter() - start, 1)
         # after every row: a run cut short by a time limit still leaves its results
-        write_atomic(args.out / "gpu_linear.json", json.dumps({"environment": env, "rows": rows}, indent=1))
-        write_atomic(args.out / "gpu_linear.md", markdown(env, rows))
+        write_text_atomic(args.out / "gpu_linear.json", json.dumps({"environment": env, "rows": rows}, indent=1))
+        write_text_atomic(args.out / "gpu_linear.md", markdown(env, rows))
     print(f"wrote {args.out / 'gpu_linear.md'} in {env['wall_s']} s")
     return 1 if any("error" in row for row in rows) else 0
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import triton as triton_backend
 from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, mode_parts, random_codes,
-                        prepared_layers, relative_error, write_atomic)
+                        prepared_layers, relative_error)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
@@ -31,7 +32,8 @@ CANDIDATES = {
              (1, 16, 512, 4, 3), (1, 32, 256, 4, 3), (1, 8, 2048, 8, 3), (1, 64, 512, 8, 3)],
     "splitk": [triton_backend.SPLITK_TILE, (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 16, 512, 4, 3),
                (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
-}  # the same 15 tiles as the H100 sweep (BENCHMARKS.md), whose choice is the default; all compile for sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
+}  # the same 15 tiles as the H100 sweep (BENCHMARKS.md), whose choice is the default; all compile for sm_90
+# without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
 LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
 TOKENS = (1, 16)
@@ -131,8 +133,8 @@ def main(argv=None) -> int:
               f"best {top['ms'] * 1e3:.1f} us {tuple(top['tile'])} x{top['programs_per_sm']}" if top
               else f"{row['layer']} M={row['M']} {row['mode']} {row['strategy']}: no candidate ran", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)  # after every row: a run cut short keeps what it has
-        write_atomic(args.out / "gpu_small_m.json", json.dumps({"environment": env, "rows": rows}, indent=1))
-        write_atomic(args.out / "gpu_small_m.md", markdown(env, rows))
+        write_text_atomic(args.out / "gpu_small_m.json", json.dumps({"environment": env, "rows": rows}, indent=1))
+        write_text_atomic(args.out / "gpu_small_m.md", markdown(env, rows))
     print(markdown(env, rows))
     return 0
 
