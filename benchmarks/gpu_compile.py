@@ -147,7 +147,8 @@ def variants(quick: bool):
                 yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}", tk._gemv_kernel,
                        {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
                        {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
-                        "DOT_FP32": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, warps,
+                        "DOT_FP32": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                        "EVEN_K": True}, warps,
                        stages, fp8_targets if act == "fp8" else all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):

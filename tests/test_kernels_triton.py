@@ -361,6 +361,28 @@ def test_every_strategy_matches_the_reference(shape, activations, scales, dtype,
         _assert_close(out, reference.linear(x, weight, bias, "a16"), dtype)
 
 
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+@pytest.mark.parametrize("activations", ["a16", "a8", "fp8"])
+@pytest.mark.parametrize("strategy", ["gemv", "splitk"])
+def test_whole_steps_read_the_codes_unmasked(strategy, activations, packing, monkeypatch):
+    """K a whole number of split-K steps: the byte loads drop their masks (EVEN_K), rows past N read row
+    N - 1 and each slice's prefetch past its end re-reads its last step; outputs unchanged. Small tiles
+    make several steps, two K slices and a partial N tile."""
+    monkeypatch.setattr(tk, "GEMV_TILE", (1, 8, 64, 4, 1))
+    monkeypatch.setattr(tk, "SPLITK_TILE", (16, 8, 64, 4, 1))
+    step = 64 // 4 * formats.CODES_PER_BYTE[packing]
+    m, k, n = (1 if strategy == "gemv" else 3), 4 * step, 20
+    weight = _weight(n, k, "channel", power_of_two=activations == "a8", packing=packing)
+    x = _activations(m, k, torch.float32 if activations == "a8" else torch.bfloat16)
+    out = tk.linear(x, tk.prepare(weight), None, activations, strategy=strategy)
+    if activations == "a8":
+        assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), None))
+    elif activations == "fp8":
+        _assert_close(out, _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), None), torch.bfloat16)
+    else:
+        _assert_close(out, reference.linear(x, weight, None, "a16"), torch.bfloat16)
+
+
 def test_default_strategies_and_refusals():
     layer, grouped = _layer(tk._SCALE_TENSOR, 256, 144), _layer(tk._SCALE_GROUP, 256, 144)
     assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar"]

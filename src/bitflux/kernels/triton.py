@@ -421,7 +421,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * step,
         ACT=_ACT[activations], FMA=fma, TQ1=prepared.tq1, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, EVEN_K=K % step == 0, num_warps=warps, num_stages=stages)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
@@ -628,9 +628,52 @@ if triton is not None:
     @triton.jit
     def _unpack_digits(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) digits u = w + 1, in K order."""
-        d0, d1, d2, d3 = packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, (packed >> 6) & 3
-        # join appends a minor axis: [n, r, q, p] = d(2q + p), so the flattened index 4r + 2q + p is K.
-        return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        return _in_k_order(packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, (packed >> 6) & 3, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _unpack_values(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) weights w = u - 1 in fp32, in K order."""
+        return _in_k_order(_plane_value(packed, 0), _plane_value(packed, 1), _plane_value(packed, 2),
+                           _plane_value(packed, 3), BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _tq2_weights(packed, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) weights in K order: int8 for int8
+        activations (ACT == 1), else fp32 (exact; the interpreter mishandles integer -> 16-bit casts)."""
+        if ACT == 1:
+            return _unpack_digits(packed, BLOCK_N, BLOCK_K).to(tl.int8) - 1
+        else:
+            return _unpack_values(packed, BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _digit_weights(digits, ACT: tl.constexpr):
+        """Digits u -> weights u - 1: int8 for int8 activations (ACT == 1), else fp32."""
+        if ACT == 1:
+            return digits.to(tl.int8) - 1
+        else:
+            return _ternary_value(digits)
+
+    @triton.jit
+    def _in_k_order(plane0, plane1, plane2, plane3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Four (BLOCK_N, BLOCK_K / 4) planes, plane p holding column 4j + p at j -> (BLOCK_N, BLOCK_K)."""
+        # join appends a minor axis: [n, r, q, p] = plane(2q + p), so the flattened index 4r + 2q + p is K.
+        return tl.reshape(tl.join(tl.join(plane0, plane2), tl.join(plane1, plane3)), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _ternary_value(digits):
+        """Digits u in {0, 1, 2} -> w = u - 1 in fp32, exactly, without an integer -> float conversion: GPUs
+        convert at a quarter of the FMA rate or less, and in the one-token GEMV that conversion was one
+        instruction per code of ~8 (sm_90 SASS). The bits of 2^23 with u in the low mantissa bits are the
+        float 2^23 + u; one subtraction leaves u - 1."""
+        return (digits.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+
+    @triton.jit
+    def _plane_value(packed, p: tl.constexpr):
+        """w = u - 1 of the code at bits 2p of each tq2 byte, in fp32, exactly: the same trick without
+        shifting the code down first. Its bits in the mantissa of 1.0 make the float 1 + u 2^(2p - 23),
+        and one multiply-add by powers of two leaves u - 1."""
+        one_plus = ((packed.to(tl.int32) | 0x3F800000) & (0x3F800000 | (3 << (2 * p)))).to(tl.float32, bitcast=True)
+        return one_plus * (2.0 ** (23 - 2 * p)) - (2.0 ** (23 - 2 * p) + 1.0)
 
     @triton.jit
     def _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES: tl.constexpr, TQ1: tl.constexpr = False):
@@ -642,11 +685,6 @@ if triton is not None:
         return tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :],
                        mask=mask_n[:, None] & (offs_byte[None, :] < tl.cdiv(K, per_byte)),
                        other=121 if TQ1 else 0x55)
-
-    @triton.jit
-    def _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N, BLOCK_K) tq2 digits from column k0."""
-        return _unpack_digits(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_K // 4), BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _third(t):
@@ -734,28 +772,29 @@ if triton is not None:
     def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr, BLOCK_N: tl.constexpr,
                      BYTES: tl.constexpr):
         """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype."""
+        ACT: tl.constexpr = 1 if out_ptr.dtype.element_ty == tl.int8 else 0  # integer weights, or fp32 to cast
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         if TQ1:
             k0 = tile_k * BYTES * 5
             digits = _unpack_tq1_slots(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES, True),
                                        BLOCK_N, BYTES)
+            w = _digit_weights(digits, ACT)
             slot = tl.arange(0, 8 * BYTES)
             offs_k = k0 + (slot // 8) * 5 + slot % 8
             mask_k = (slot % 8 < 5) & (offs_k < K)
         else:
             k0 = tile_k * BYTES * 4
-            digits = _load_digits(w_ptr, offs_n, mask_n, stride_wn, k0, K, BLOCK_N, BYTES * 4)
+            w = _tq2_weights(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES), ACT, BLOCK_N, BYTES * 4)
             offs_k = k0 + tl.arange(0, BYTES * 4)
             mask_k = offs_k < K
-        w = digits.to(tl.float32) - 1.0
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                      k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
-                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
         fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
@@ -774,52 +813,60 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         offs_j = tl.arange(0, BYTES)  # planes: byte j of a step holds columns PER_BYTE j .. PER_BYTE j + PER_BYTE - 1
-        # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end
-        acc_lanes = tl.zeros([BLOCK_N, BYTES], dtype=tl.float32)
-        acc_lanes_int = tl.zeros([BLOCK_N, BYTES], dtype=tl.int32)
+        # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end;
+        # in fp32 for every ACT, which is exact for int8 activations (|sum| <= 127 K < 2^24).
+        acc_columns = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # tq2: one lane a column of the step
+        acc_bytes = tl.zeros([BLOCK_N, BYTES], dtype=tl.float32)  # tq1: one lane a byte
         # The weight bytes are the stream that matters: the next tile's load is issued before this tile's
         # math, so its latency overlaps it (Triton pipelines the activations but not a load that is
-        # unpacked before use).
-        packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k_start, k_end, BYTES, TQ1)
+        # unpacked before use). EVEN_K (whole steps only): the loads need no mask, so they are vectorized;
+        # rows past N read row N - 1 (never stored) and the prefetch after the last step reads that step again.
+        if EVEN_K:
+            w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn + offs_j[None, :]
+            packed_next = tl.load(w_rows + k_start // PER_BYTE)
+        else:
+            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k_start, k_end, BYTES, TQ1)
         for k0 in range(k_start, k_end, STEP):
             packed = packed_next
-            packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + STEP, k_end, BYTES, TQ1)
-            if FMA or TQ1:
-                # Plane p of the bytes holds columns k0 + PER_BYTE j + p: no unpack shuffle (and in tq1 no
-                # tile of a power-of-two width to shuffle into); FMA: no tensor cores either.
+            if EVEN_K:
+                packed_next = tl.load(w_rows + tl.minimum(k0 + STEP, k_end - STEP) // PER_BYTE)
+            else:
+                packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + STEP, k_end, BYTES, TQ1)
+            if FMA and not TQ1:
+                # The step's columns of x loaded once, contiguously, times the codes unpacked into K order
+                # (on CUDA cores the joins only rename registers).
+                x_step = tl.load(x_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+                acc_columns += x_step[None, :] * _unpack_values(packed, BLOCK_N, BLOCK_K)
+            elif TQ1:
+                # Plane p of the bytes holds columns k0 + 5 j + p: no tile of a power-of-two width to unpack into.
                 for p in tl.static_range(PER_BYTE):
                     cols = k0 + PER_BYTE * offs_j + p
-                    if TQ1:
-                        digits = _tq1_plane(packed, p)
-                    else:
-                        digits = (packed >> (2 * p)) & 3
+                    digits = _tq1_plane(packed, p)
                     if FMA:
                         a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
-                        if ACT == 1:  # exact int32 products and sums
-                            acc_lanes_int += a.to(tl.int32)[None, :] * (digits.to(tl.int32) - 1)
-                        else:
-                            acc_lanes += a.to(tl.float32)[None, :] * (digits.to(tl.float32) - 1.0)
+                        acc_bytes += a.to(tl.float32)[None, :] * _ternary_value(digits)
                     else:
                         a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-                        acc, acc_int = _dot_digits(a, digits, acc, acc_int, ACT, DOT_FP32)
+                        acc, acc_int = _dot_weights(a, _digit_weights(digits, ACT), acc, acc_int, ACT, DOT_FP32)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-                acc, acc_int = _dot_digits(a, _unpack_digits(packed, BLOCK_N, BLOCK_K), acc, acc_int, ACT, DOT_FP32)
-        if FMA:
-            acc = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes, axis=1)[None, :], 0.0)
-            acc_int = tl.where(offs_m[:, None] == 0, tl.sum(acc_lanes_int, axis=1)[None, :], 0)
-        if ACT == 1:
+                acc, acc_int = _dot_weights(a, _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K), acc, acc_int, ACT,
+                                            DOT_FP32)
+        if FMA:  # one of the two accumulators was used, the other is zeros
+            sums = tl.sum(acc_columns, axis=1) + tl.sum(acc_bytes, axis=1)
+            acc = tl.where(offs_m[:, None] == 0, sums[None, :], 0.0)
+        elif ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
         _store_slice(acc, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
                      FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
 
     @triton.jit
-    def _dot_digits(a, digits, acc, acc_int, ACT: tl.constexpr, DOT_FP32: tl.constexpr):
-        """acc (or acc_int for int8 activations) + a @ (digits - 1)^T on tensor cores."""
+    def _dot_weights(a, w, acc, acc_int, ACT: tl.constexpr, DOT_FP32: tl.constexpr):
+        """acc (or acc_int for int8 activations) + a @ w^T on tensor cores; w: ternary weights, int8 for int8
+        activations, else fp32."""
         if ACT == 1:  # int8 x ternary into int32: exact
-            acc_int = _accumulate(a, digits.to(tl.int8) - 1, acc_int, False, "int32")
+            acc_int = _accumulate(a, w, acc_int, False, "int32")
         else:
-            w = digits.to(tl.float32) - 1.0  # built in fp32: the interpreter mishandles int -> bf16
             if DOT_FP32:
                 acc = _accumulate(a.to(tl.float32), w, acc, False, "ieee")
             elif ACT == 2:  # e4m3 values and +-1 are exact in bf16: exact products, fp32 sums
@@ -930,11 +977,7 @@ if triton is not None:
             else:
                 packed = packed_next
                 packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, K, BLOCK_K // 4)
-                digits = _unpack_digits(packed, BLOCK_N, BLOCK_K)
-                if ACT == 1:
-                    codes = digits.to(tl.int8) - 1
-                else:  # built in fp32 (exact): the interpreter mishandles integer -> bf16 casts and bf16 math
-                    codes = digits.to(tl.float32) - 1.0
+                codes = _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K)
             if SCALE_MODE == 2:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
@@ -1005,11 +1048,11 @@ if triton is not None:
             if ACT == 1:
                 acc = _accumulate(a, digits.to(tl.int8) - 1, acc, True, "int32")
             elif DOT_FP32:
-                acc = _accumulate(a.to(tl.float32), digits.to(tl.float32) - 1.0, acc, True, "ieee")
+                acc = _accumulate(a.to(tl.float32), _ternary_value(digits), acc, True, "ieee")
             elif ACT == 2:
-                acc = _accumulate(a, (digits.to(tl.float32) - 1.0).to(a.dtype), acc, True, "fp8")
+                acc = _accumulate(a, (_ternary_value(digits)).to(a.dtype), acc, True, "fp8")
             else:
-                acc = _accumulate(a, (digits.to(tl.float32) - 1.0).to(a.dtype), acc, True, "native")
+                acc = _accumulate(a, (_ternary_value(digits)).to(a.dtype), acc, True, "native")
         acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
         _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
                      FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
