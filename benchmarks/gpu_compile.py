@@ -5,7 +5,8 @@ accepts can still fail to compile, or compile into a slow form. This compiles ea
 sm_80 (A100), sm_89 (Ada: fp8) and sm_90 (H100/H200) with Triton's own compiler and ptxas, and reports what
 the main loop became: tensor-core instruction (wgmma = Hopper's warpgroup MMA; "RS" when the left operand
 comes from registers), loads pipelined through shared memory (async copies) vs. plain loads, shared memory,
-and registers per thread and spills (ptxas).
+registers per thread and spills (ptxas), and the main loop's machine-code length and integer -> float
+conversions (nvdisasm).
 
     python benchmarks/gpu_compile.py [--quick] [--out DIR]     (no GPU needed; exit 1 if any variant fails)
 
@@ -97,11 +98,44 @@ def describe(compiled) -> dict:
             "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared}
 
 
+def sass_loop(compiled) -> dict:
+    """The innermost main loop in machine code (SASS, by the nvdisasm Triton ships): its instructions, and
+    how many convert an integer to a float (I2F: a quarter of the FMA rate or less; the one-token GEMV once
+    spent one a code, which no unpack needs: see docs/GPU_KERNELS.md)."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=False).stdout
+    labels, instructions, label = {}, [], None
+    for line in text.splitlines():
+        if match := re.match(r"\s*\.(L_x_\d+):", line):
+            label = match.group(1)
+        elif match := re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line):
+            address = int(match.group(1), 16)
+            if label:
+                labels[label], label = address, None
+            instructions.append((address, match.group(2)))
+    loops = [[op for address, op in instructions if labels[target.group(1)] <= address <= end]
+             for end, op in instructions
+             if (target := re.search(r"BRA.*\.(L_x_\d+)", op)) and labels.get(target.group(1), end) < end]
+    if not loops:
+        return {}
+    body = max(loops, key=len)  # the main loop: its body has the most instructions
+    opcodes = [re.sub(r"^@!?U?P\w+\s+", "", op).split()[0] for op in body]
+    return {"loop_instructions": len(opcodes), "int_to_float": sum(op.startswith("I2F") for op in opcodes)}
+
+
 def _loop_text(row: dict) -> str:
     text = (f"{row['mma']}, {row['async_loads']} pipelined + {row['plain_loads']} plain loads, "
             f"{row['shared_bytes']} B shared" + ("" if row["fits"] else " (too much: skipped)")
             + f", {row['registers']} registers")
-    return text + (f", {row['spill_bytes']} B spilled" if row["spill_bytes"] else "")
+    text += f", {row['spill_bytes']} B spilled" if row["spill_bytes"] else ""
+    if "loop_instructions" in row:
+        text += f"; {row['loop_instructions']} SASS instructions a loop, {row['int_to_float']} int->float"
+    return text
 
 
 def variants(quick: bool):
@@ -187,6 +221,7 @@ def main(argv=None) -> int:
                 compiled = compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)
                 row.update(describe(compiled))
                 row.update(registers(compiled, target))
+                row.update(sass_loop(compiled))
                 # too much shared memory is not an error: the launch refuses it and the autotuner skips it
                 row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
             except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so

@@ -1,6 +1,7 @@
 """Every Triton kernel variant compiles for real GPU targets (sm_80, sm_89, sm_90), without a GPU: the
 interpreter that runs the kernels in CI checks their arithmetic, not what the compiler accepts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,12 @@ def test_every_kernel_variant_compiles_for_gpus(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_compile.md").read_text()
     assert "wgmma" in report  # Hopper's tensor-core MMA where the tiles are large
+    rows = json.loads((tmp_path / "gpu_compile.json").read_text())["rows"]
+    looped = [row for row in rows if "loop_instructions" in row]
+    assert looped, "no main loop was disassembled"
+    # Codes become float weights by bit operations: an integer -> float conversion runs at a quarter of the
+    # FMA rate or less, and was once one instruction a code in the one-token GEMV. (Integer activations and
+    # int32 sums are still converted, once a column or a sum: not per code.)
+    float_weights = [row for row in looped if not any(word in row["variant"] for word in ("a8", "int32", "i8"))]
+    assert float_weights
+    assert [row["variant"] for row in float_weights if row["int_to_float"]] == []
