@@ -5,10 +5,11 @@ torch runs fastest on a CPU) at a depth whose fp32 weights fit this machine, sin
 peak resident memory (ru_maxrss) is its own.
 
     PYTHONPATH=src:benchmarks python benchmarks/cpu_flux.py [--image-tokens 256] [--text-tokens 512]
-        [--short 2 4] [--json out.json]
+        [--short 2 4] [--packing tq1] [--json out.json]
 
 Prints, per variant: blocks, weight bytes, build time, forward time, peak RSS; then the ratios at equal
 depth (fp32 vs ternary, `--short` double and single blocks) and the full ternary model's figures.
+`--packing tq1`: the ternary codes held in 1.6 bits (widened to tq2 for each call) instead of 2.
 """
 
 from __future__ import annotations
@@ -31,21 +32,22 @@ from bitflux.kernels import use_backend
 from bitflux.surgery import quantize_
 
 
-def build(config: dict, ternary: bool) -> torch.nn.Module:
-    """fp32 model with random weights on the CPU; `ternary`: its block linears as random tq2 codes (the
-    fp32 block weights are never allocated: the model is made on the meta device first)."""
+def build(config: dict, ternary: bool, packing: str = "tq2") -> torch.nn.Module:
+    """fp32 model with random weights on the CPU; `ternary`: its block linears as random codes in `packing`
+    (the fp32 block weights are never allocated: the model is made on the meta device first)."""
     model = build_transformer(config, "meta")
     if ternary:
-        quantize_(model, TernaryConfig(activations="a8"))
+        quantize_(model, TernaryConfig(activations="a8", format=packing))
     model.to_empty(device="cpu")
     return fill_random_(model, "cpu")
 
 
-def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text_tokens: int) -> dict:
+def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text_tokens: int,
+                packing: str = "tq2") -> dict:
     """In this process: build, one warm-up forward, one timed forward."""
     config = {**FLUX_DEV_CONFIG, "num_layers": double, "num_single_layers": single}
     start = time.perf_counter()
-    model = build(config, ternary)
+    model = build(config, ternary, packing)
     build_s = time.perf_counter() - start
     batch = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
              for k, v in inputs(config, image_tokens, text_tokens, "cpu").items()}
@@ -55,6 +57,7 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
         out = model(**batch)[0]
         forward_s = time.perf_counter() - start
     return {"double": double, "single": single, "variant": "ternary" if ternary else "fp32",
+            "packing": packing if ternary else None,
             "weight_bytes": weight_bytes(model), "build_s": round(build_s, 1), "forward_s": round(forward_s, 2),
             "output_finite": bool(torch.isfinite(out).all()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -62,7 +65,8 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
 
 def child(args, double: int, single: int, ternary: bool) -> dict:
     command = [sys.executable, __file__, "--child", str(double), str(single), str(int(ternary)),
-               "--image-tokens", str(args.image_tokens), "--text-tokens", str(args.text_tokens)]
+               "--image-tokens", str(args.image_tokens), "--text-tokens", str(args.text_tokens),
+               "--packing", args.packing]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -75,12 +79,14 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=512)
     parser.add_argument("--short", type=int, nargs=2, default=[2, 4], metavar=("DOUBLE", "SINGLE"),
                         help="the depth at which fp32 and ternary are compared")
+    parser.add_argument("--packing", default="tq2", choices=["tq2", "tq1"], help="the ternary codes' packing")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         double, single, ternary = args.child
-        print(json.dumps(run_variant(double, single, bool(ternary), args.image_tokens, args.text_tokens)))
+        print(json.dumps(run_variant(double, single, bool(ternary), args.image_tokens, args.text_tokens,
+                                     args.packing)))
         return
 
     full = (FLUX_DEV_CONFIG["num_layers"], FLUX_DEV_CONFIG["num_single_layers"])
@@ -100,7 +106,7 @@ def main() -> None:
           f"forward {fp['forward_s'] / short['forward_s']:.2f}x, "
           f"weights {fp['weight_bytes'] / short['weight_bytes']:.2f}x, peak RSS "
           f"{fp['peak_rss_bytes'] / short['peak_rss_bytes']:.2f}x")
-    print(f"full FLUX.1-dev ternary: {whole['forward_s']:.1f} s a forward, peak RSS "
+    print(f"full FLUX.1-dev ternary ({args.packing}): {whole['forward_s']:.1f} s a forward, peak RSS "
           f"{whole['peak_rss_bytes'] / 1e9:.2f} GB (bf16 weights alone: {bf16_full / 1e9:.1f} GB)")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(rows, indent=1))

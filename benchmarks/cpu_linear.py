@@ -1,11 +1,13 @@
 """torch F.linear (fp32, and bf16 for reference) vs bitflux's `cpu` backend on FLUX linear shapes.
 
-    python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--no-bf16] [--threads 1] [--json out.json]
+    python benchmarks/cpu_linear.py [--m 1 16 256] [--shapes 3072x3072] [--packing tq1] [--no-bf16] [--threads 1]
+                                    [--json out.json]
 
 Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
 of bitflux over torch fp32, and the bytes each holds for the layer: torch's fp32 weight against bitflux's
-codes, scales and whatever its kernel keeps beside them (the prepared weight). Times are the best of
-repeated calls (other processes make the rest noisy).
+codes, scales and whatever its kernel keeps beside them (the prepared weight). `--packing tq1` holds the
+codes in 1.6 bits, which the kernel widens to tq2 for each call. Times are the best of repeated calls
+(other processes make the rest noisy).
 """
 
 from __future__ import annotations
@@ -49,19 +51,19 @@ def held_bytes(layer: TernaryLinear) -> int:
     return own + extra
 
 
-def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float) -> dict:
+def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float, packing: str = "tq2") -> dict:
     torch.manual_seed(0)
     x = torch.randn(m, k)
     weight, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.02
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    layer = TernaryLinear.from_codes(codes, torch.tensor([[0.02]]), bias, config=TernaryConfig(activations="a8"))
+    layer = TernaryLinear.from_codes(codes, torch.tensor([[0.02]]), bias, config=TernaryConfig(activations="a8", format=packing))
 
     def bitflux_call():
         with use_backend("cpu"):
             layer(x)
 
     fns = {"fp32": lambda: F.linear(x, weight, bias), "bitflux": bitflux_call}
-    row = {"M": m, "K": k, "N": n, "isa": cpu.current_isa(), "threads": torch.get_num_threads()}
+    row = {"M": m, "K": k, "N": n, "packing": packing, "isa": cpu.current_isa(), "threads": torch.get_num_threads()}
     with torch.no_grad():
         row.update({f"{name}_ms": 1e3 * s for name, s in best_seconds(fns, min_seconds).items()})
         if bf16:  # ~7x slower than fp32 on CPU: a few calls only
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 256, 1024, 4096], help="tokens (rows)")
     parser.add_argument("--shapes", nargs="+", default=FLUX_SHAPES, help="in_features x out_features")
+    parser.add_argument("--packing", default="tq2", choices=["tq2", "tq1"], help="the ternary layer's packing")
     parser.add_argument("--no-bf16", action="store_true", help="skip the (slow) bf16 column")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="time spent per measurement")
     parser.add_argument("--threads", type=int, help="torch (and kernel) threads; default: torch's")
@@ -88,7 +91,8 @@ def main() -> None:
 
     if cpu.available():
         raise SystemExit(f"cpu backend unavailable: {cpu.available()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu kernel ISA {cpu.current_isa()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu kernel ISA {cpu.current_isa()}, "
+          f"{args.packing} codes")
     header = (f"{'M':>5} {'K':>6} {'N':>6} {'fp32 ms':>9} {'bf16 ms':>9} {'bitflux ms':>10} {'GOPS':>6} {'vs fp32':>7}"
               f" {'fp32 MB':>8} {'bitflux MB':>10}")
     print(header)
@@ -96,7 +100,7 @@ def main() -> None:
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
         for m in args.m:
-            row = measure(m, k, n, not args.no_bf16, args.min_seconds)
+            row = measure(m, k, n, not args.no_bf16, args.min_seconds, args.packing)
             rows.append(row)
             bf16 = f"{row['bf16_ms']:9.2f}" if "bf16_ms" in row else f"{'-':>9}"
             print(f"{m:5d} {k:6d} {n:6d} {row['fp32_ms']:9.2f} {bf16} {row['bitflux_ms']:10.2f} "

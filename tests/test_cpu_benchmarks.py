@@ -15,13 +15,28 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
-def test_cpu_flux_measures_a_ternary_forward():
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+def test_cpu_flux_measures_a_ternary_forward(packing):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_flux.py"), "--child", "1", "1", "1",
-                             "--image-tokens", "16", "--text-tokens", "8"], capture_output=True, text=True,
-                            timeout=600, env=env, check=False)
+                             "--image-tokens", "16", "--text-tokens", "8", "--packing", packing],
+                            capture_output=True, text=True, timeout=600, env=env, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
-    assert row["variant"] == "ternary" and row["output_finite"]
+    assert row["variant"] == "ternary" and row["packing"] == packing and row["output_finite"]
     # one double + one single block of ternary codes and the fp32 embedders: far below their fp32 2.2 GB
     assert 0 < row["weight_bytes"] < 0.5e9 and row["forward_s"] > 0 and row["peak_rss_bytes"] > row["weight_bytes"]
+
+
+@pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
+def test_cpu_linear_compares_a_layer_with_fp32(tmp_path):
+    """The per-layer benchmark, one tiny shape, tq1 codes (widened for each call)."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_linear.py"), "--m", "1", "20", "--shapes", "80x48",
+                             "--packing", "tq1", "--no-bf16", "--min-seconds", "0", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["M"] for row in rows] == [1, 20] and all(row["packing"] == "tq1" for row in rows)
+    # held: 16 bytes a row of tq1 codes (80 / 5) plus scale and bias, far below fp32's 80 x 48 x 4
+    assert all(0 < row["bitflux_bytes"] < row["fp32_bytes"] / 10 and row["speedup"] > 0 for row in rows)

@@ -97,12 +97,31 @@ def test_worst_case_sums_do_not_overflow(sign, m, k):
         assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
 
 
+@pytest.mark.parametrize("k", [1, 4, 5, 7, 19, 20, 21, 33, 40, 130])
+def test_tq1_to_tq2_is_the_exact_repacking(k):
+    """The C widening of tq1 rows (4 bytes -> 5 by table, then a bit stream for the row's tail) equals
+    formats.convert bit for bit, padding included, for every byte value (243..255 are no valid tq1 byte
+    but decode as formats.unpack reads them); the rows here are strided, so they are read through a
+    contiguous copy."""
+    gen = torch.Generator().manual_seed(k)
+    cols = formats.packed_columns(k, "tq1")
+    rows = torch.randint(0, 256, (37, cols + 3), dtype=torch.uint8, generator=gen)[:, :cols]
+    if k == 130:
+        rows[:10, :] = torch.arange(260, dtype=torch.uint8)[:cols * 10].reshape(10, cols)  # every byte
+    tq1 = TernaryWeight(rows, torch.ones(1, 1), k, 37, None, "tq1")
+    prepared = cpu.prepare(tq1)
+    assert torch.equal(prepared.tq2_codes(), formats.convert(rows.contiguous(), k, "tq1", "tq2"))
+
+
 @pytest.mark.parametrize("k", [1, 7, 33, 130])
-def test_tq1_weights_prepare_to_the_tq2_codes(k):
-    """prepare converts tq1 codes to tq2 (the C kernel reads tq2 only): the outputs are the tq2 weight's."""
+def test_tq1_weights_run_as_their_tq2_codes(k):
+    """A tq1 layer is read in place and widened to tq2 for each call (the C kernel reads tq2): the outputs
+    are the tq2 weight's, and no tq2 copy is kept."""
     tq2 = make_weight(20, k, seed=k)
     tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 20, None, "tq1")
-    assert torch.equal(cpu.prepare(tq1).codes, tq2.packed)
+    prepared = cpu.prepare(tq1)
+    assert prepared.codes is tq1.packed and prepared.codes_copy is None
+    assert torch.equal(prepared.tq2_codes(), tq2.packed)
     for m in (3, 9):  # GEMV, tiles
         x = torch.randn(m, k)
         assert torch.equal(run_cpu(x, tq1), reference.linear_a8(x, tq2, None))
@@ -174,7 +193,7 @@ def test_prepared_weight_reads_the_layer_codes_in_place():
     does not keep them alive (the cache of prepared weights is keyed by them)."""
     weight = make_weight(48, 256)
     prepared = cpu.prepare(weight)
-    assert prepared.codes is weight.packed and prepared.tq2_copy is None
+    assert prepared.codes is weight.packed and prepared.codes_copy is None
     del weight
     with pytest.raises(RuntimeError, match="gone"):
         prepared.codes

@@ -68,11 +68,13 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """The kernel's view of one layer: its tq2 codes, read in place (held weakly: the layer owns them, and
-    the cache of prepared weights keyed by them must not keep them alive), or for a tq1 layer a tq2 copy."""
+    """The kernel's view of one layer: its packed codes, read in place and held weakly (the layer owns them,
+    and the cache of prepared weights keyed by them must not keep them alive); a contiguous CPU copy only
+    where the layer's bytes cannot be read in place (another device, strided)."""
 
-    codes_ref: weakref.ref | None  # to the layer's own (out, ceil(in / 4)) tq2 bytes
-    tq2_copy: torch.Tensor | None  # a tq1 layer's codes repacked (the C kernel reads tq2 only)
+    codes_ref: weakref.ref | None  # to the layer's own (out, bytes) codes
+    codes_copy: torch.Tensor | None  # else a copy of them
+    packing: str  # tq2, or tq1, which the C kernel reads widened to tq2 for each call
     scales: torch.Tensor  # (ceil(out / 16) * 16, groups) float32, zero for padding rows
     in_features: int
     out_features: int
@@ -80,30 +82,40 @@ class PreparedWeight:
 
     @property
     def codes(self) -> torch.Tensor:
-        if self.tq2_copy is not None:
-            return self.tq2_copy
+        if self.codes_copy is not None:
+            return self.codes_copy
         codes = self.codes_ref()
         if codes is None:
             raise RuntimeError("the layer bytes this prepared weight was made from are gone: prepare() it again")
         return codes
 
+    def tq2_codes(self) -> torch.Tensor:
+        """What the C kernel reads: a tq2 layer's codes themselves; a tq1 layer's widened into a transient
+        tq2 buffer, for this call only (the largest FLUX.1-dev layer: 14 MB, ~10 ms on 2 cores), so that at
+        rest the layer holds its 1.6-bit codes alone."""
+        codes = self.codes
+        if self.packing == "tq2":
+            return codes
+        widened = torch.empty(formats.packed_shape(self.out_features, self.in_features, "tq2"), dtype=torch.uint8)
+        _lib.bf_tq1_to_tq2(codes.data_ptr(), codes.stride(0), self.out_features, self.in_features,
+                           widened.data_ptr(), widened.stride(0), torch.get_num_threads())
+        return widened
+
 
 def prepare(weight) -> PreparedWeight:
-    """The layer's tq2 bytes as they are: the C kernel reorders the activations, not the codes, so it needs
-    no copy of them (docs/CPU_KERNEL.md). A tq1 layer's codes are converted to tq2 once (a 2-bit copy beside
-    the 1.6-bit codes: on a CPU tq2 is the leaner packing). The scales are padded to whole 16-output
-    panels."""
+    """The layer's codes as they are: the C kernel reorders the activations, not the codes, so it needs no
+    copy of them (docs/CPU_KERNEL.md). The scales are padded to whole 16-output panels."""
     out_features, in_features = weight.out_features, weight.in_features
     packed = weight.packed
-    if weight.packing == "tq2" and packed.device.type == "cpu" and packed.is_contiguous():
-        codes_ref, tq2_copy = weakref.ref(packed), None
+    if packed.device.type == "cpu" and packed.is_contiguous():
+        codes_ref, codes_copy = weakref.ref(packed), None
     else:
-        codes_ref, tq2_copy = None, formats.convert(packed.cpu(), in_features, weight.packing, "tq2").contiguous()
+        codes_ref, codes_copy = None, packed.cpu().contiguous()
     panels, chunks = -(-out_features // PANEL), -(-in_features // CHUNK)
     scales = weight.scales.float().cpu().expand(out_features, -1)
     scales = F.pad(scales, (0, 0, 0, panels * PANEL - out_features)).contiguous()
     group_chunks = weight.group_size // CHUNK if scales.shape[1] > 1 else chunks
-    return PreparedWeight(codes_ref, tq2_copy, scales, in_features, out_features, group_chunks)
+    return PreparedWeight(codes_ref, codes_copy, weight.packing, scales, in_features, out_features, group_chunks)
 
 
 def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str = "a8") -> torch.Tensor:
@@ -111,8 +123,8 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], prepared.out_features, dtype=torch.float32)
-    codes = prepared.codes
     if rows.shape[0] > 0:
+        codes = prepared.tq2_codes()
         bias = None if bias is None else bias.float().contiguous()
         status = _lib.bf_linear(
             rows.data_ptr(), rows.shape[0], prepared.in_features, rows.stride(0),

@@ -662,3 +662,44 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     free(q), free(natural), free(act_scale), free(act_sums);
     return status;
 }
+
+/* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
+ * tq2, so each call widens the layer's codes into a transient buffer instead of the layer keeping a tq2
+ * copy. A tq1 byte's 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1
+ * bytes become 5 tq2 bytes by table and shifts. src: N rows of lds >= ceil(K / 5) bytes; dst: N rows of
+ * ldd >= ceil(K / 4) bytes, of which ceil(K / 4) are written, codes past K as 1 (w = 0), as formats.pack
+ * pads them. */
+void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
+                   int threads) {
+    uint16_t digits[256]; /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as unpack reads them) */
+    for (int b = 0; b < 256; b++) {
+        int v = b, bits = 0;
+        for (int p = 0; p < 5; p++, v /= 3) bits |= (v % 3) << (2 * p);
+        digits[b] = (uint16_t)bits;
+    }
+    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
+    const uint16_t ones = 0x155; /* five digits 1: past the tq1 row's end */
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * in_bytes >= PARALLEL_GEMV_BYTES)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *s = src + n * lds;
+        uint8_t *d = dst + n * ldd;
+        int64_t j = 0, o = 0;
+        for (; j + 4 <= in_bytes && o + 8 <= out_bytes; j += 4, o += 5) { /* 8-byte stores, 3 rewritten next */
+            uint64_t v = digits[s[j]] | (uint64_t)digits[s[j + 1]] << 10 | (uint64_t)digits[s[j + 2]] << 20
+                         | (uint64_t)digits[s[j + 3]] << 30;
+            for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
+        }
+        uint32_t stream = 0; /* the row's last < 20 codes, through a bit stream */
+        int bits = 0;
+        for (; o < out_bytes; o++) {
+            for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
+            d[o] = (uint8_t)stream;
+            stream >>= 8, bits -= 8;
+        }
+        if (K % 4) { /* codes past K in the last byte */
+            const uint8_t kept = (uint8_t)((1u << (2 * (K % 4))) - 1);
+            d[out_bytes - 1] = (uint8_t)((d[out_bytes - 1] & kept) | (ZERO_CODES & ~kept));
+        }
+    }
+}
