@@ -177,13 +177,15 @@ def variants(quick: bool):
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
         for fma, (block_m, block_n, block_k, warps, stages) in ((False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)):
-            for tq1 in (False, True):
-                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}", tk._gemv_kernel,
-                       {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
+            # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked)
+            for tq1, even_k in ((False, True), (True, True), (False, False), (True, False)):
+                if not even_k and act != "a16":
+                    continue
+                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}",
+                       tk._gemv_kernel, {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
                        {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
-                        "DOT_FP32": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                        "EVEN_K": True}, warps,
-                       stages, fp8_targets if act == "fp8" else all_targets)
+                        "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                        "BLOCK_K": block_k}, warps, stages, fp8_targets if act == "fp8" else all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,

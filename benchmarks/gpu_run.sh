@@ -11,7 +11,10 @@
 # tq1 codes), the demo bench and the full-size bf16
 # and fp8 forwards with torch.compile.
 #
-#   OUT=results bash benchmarks/gpu_run.sh [--quick]   (from the repository root)
+#   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
+#
+# --layers (~6 minutes, limits sum to 410 s): after a kernel change, what a layer shows: the quick test subset,
+# gpu_linear --quick and the small-M sweep, without the full forward, the benches or torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
 # compile the tests' kernels in parallel), fetched beforehand with
@@ -22,7 +25,9 @@
 # gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the strategy chosen per layer shape.
 set -u
 QUICK=""
+LAYERS=""
 [ "${1:-}" = "--quick" ] && QUICK=1
+[ "${1:-}" = "--layers" ] && QUICK=1 && LAYERS=1
 OUT=${OUT:-results}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/run.log"
@@ -82,13 +87,13 @@ compiled() {  # torch.compile, last: it only uses what time is left. The demo be
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
-        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay" -q --tb=short -rfE $XDIST -p no:cacheprovider
-    part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
-    pipeline_bench
+        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps" -q --tb=short -rfE $XDIST -p no:cacheprovider
+    [ -z "$LAYERS" ] && part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
+    [ -z "$LAYERS" ] && pipeline_bench
     part gpu_linear 110 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
         --modes a16 fp8 fp8-tq1
-    compiled
+    [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider

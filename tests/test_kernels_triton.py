@@ -369,8 +369,8 @@ def test_whole_steps_read_the_codes_unmasked(strategy, activations, packing, mon
     N - 1 and each slice's prefetch past its end re-reads its last step; outputs unchanged. Small tiles
     make several steps, two K slices and a partial N tile."""
     monkeypatch.setattr(tk, "GEMV_TILE", (1, 8, 64, 4, 1))
-    monkeypatch.setattr(tk, "SPLITK_TILE", (16, 8, 64, 4, 1))
-    step = 64 // 4 * formats.CODES_PER_BYTE[packing]
+    monkeypatch.setattr(tk, "SPLITK_TILE", (16, 8, 128, 4, 1))  # tq1: a tl.dot per plane of 32 bytes (int8 wants 32)
+    step = (64 if strategy == "gemv" else 128) // 4 * formats.CODES_PER_BYTE[packing]
     m, k, n = (1 if strategy == "gemv" else 3), 4 * step, 20
     weight = _weight(n, k, "channel", power_of_two=activations == "a8", packing=packing)
     x = _activations(m, k, torch.float32 if activations == "a8" else torch.bfloat16)
@@ -381,6 +381,14 @@ def test_whole_steps_read_the_codes_unmasked(strategy, activations, packing, mon
         _assert_close(out, _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), None), torch.bfloat16)
     else:
         _assert_close(out, reference.linear(x, weight, None, "a16"), torch.bfloat16)
+
+
+def test_gemv_keeps_int8_sums_exact():
+    """gemv sums int8 products in fp32: offered for a8 only while 127 K < 2^24 (FLUX's longest rows: 15360)."""
+    assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K, 8), "a8")
+    assert "gemv" not in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K + 1, 8), "a8")
+    assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K + 1, 8), "fp8")
+    assert 127 * tk.GEMV_MAX_INT8_K < 2**24 <= 127 * (tk.GEMV_MAX_INT8_K + 1)
 
 
 def test_default_strategies_and_refusals():

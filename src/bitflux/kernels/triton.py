@@ -6,8 +6,9 @@ six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, g
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them. tq1: one tl.dot per code position (plane) of
             the bytes.
-  gemv      the same for one token without tl.dot: each 2-bit plane of the bytes multiplies the matching
-            strided columns of x on CUDA cores (no 16-row padding, no unpack shuffle).
+  gemv      the same for one token without tl.dot: x's step times the codes unpacked in K order, fp32
+            products and sums on CUDA cores (no 16-row padding); the weights are built from the codes' bits,
+            never converted from integers.
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
             tl.dot, scales + bias epilogue; some tile configs swap the operands (codes @ x^T).
   planar    the activations in plane-major order (bit plane p of tq2 byte j multiplies column 4j + p, so
@@ -46,6 +47,8 @@ ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
+# gemv sums int8 products in fp32, exact while |sum| <= 127 K < 2^24: longer rows keep to splitk's int32 sums
+GEMV_MAX_INT8_K = (2**24 - 1) // 127
 _ONE_PASS_COLUMNS = 4096  # the activation quantizer keeps rows up to this long in registers (H200: ~8%
 # faster at K = 3072; whole rows of 12288 in 16 warps were 1.5x slower than two passes)
 _TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many columns
@@ -54,7 +57,7 @@ _TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many column
 # FLUX.1-dev shapes, 1.0-1.2 TB/s into e4m3 (BENCHMARKS.md)
 EXPAND_TILES = {"tq2": (16, 128, 8), "tq1": (32, 64, 4)}
 # The split-K kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tensor cores on 16-row tiles (splitk), and
-# the one-token CUDA-core variant (gemv: 8 x 256 bytes a tile, 56-95 registers a thread on sm_90). K is split
+# the one-token CUDA-core variant (gemv: 8 x 256 bytes a tile, 127-167 registers a thread on sm_90). K is split
 # into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM. benchmarks/gpu_small_m.py's choice
 # on an H100 (BENCHMARKS.md): over FLUX.1-dev's small-M layers (a16 and fp8 on tq2, fp8 on tq1), the one
 # tile per kernel nearest each shape's own best: 4% off (gemv; worst shape 16%) and 12% (splitk; worst 47%),
@@ -164,7 +167,7 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     names = []
     if not grouped and M <= SMALL_M:
         names.append("splitk")
-    if not grouped and M <= GEMV_M:
+    if not grouped and M <= GEMV_M and (activations != "a8" or prepared.in_features <= GEMV_MAX_INT8_K):
         names.append("gemv")
     if not prepared.tq1:  # the tile kernels unpack 2-bit tiles
         names.append("tiled")
