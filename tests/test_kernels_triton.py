@@ -174,10 +174,18 @@ def test_expand_writes_the_codes(dtype, scales, packing):
     assert torch.equal(dense.cpu().float(), codes.float())
 
 
+def test_tq1_digit_table_holds_every_bytes_digits():
+    """Digit p of byte b at bits 2p, for all 256 bytes (past 242 as formats.unpack reads them)."""
+    table = tk.tq1_digit_table(torch.device(DEVICE))
+    digits = formats.unpack(torch.arange(256, dtype=torch.uint8).reshape(-1, 1), 5, "tq1").to(torch.int32) + 1
+    assert table.dtype == torch.int16  # 512 bytes: 4 cache lines
+    assert torch.equal(table.cpu().to(torch.int32), sum(digits[:, p] << (2 * p) for p in range(5)))
+
+
 @pytest.mark.parametrize("strategy", ["expanded", "splitk", "gemv"])
 def test_every_tq1_byte_decodes(strategy):
-    """All 243 tq1 bytes, in a row long enough for two steps of the split-K kernels: decoded by
-    multiplies and shifts (no integer division on a GPU), exactly as formats.unpack does."""
+    """All 243 tq1 bytes, in a row long enough for two steps of the split-K kernels: decoded through the
+    digit table exactly as formats.unpack does."""
     k = 5 * 243 * 2
     packed = torch.arange(243, dtype=torch.uint8).repeat(2).flip(0).reshape(1, -1).repeat(3, 1)
     weight = TernaryWeight(packed.to(DEVICE), torch.ones(1, 1, device=DEVICE), k, 3, None, "tq1")

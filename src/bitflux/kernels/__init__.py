@@ -6,8 +6,8 @@ A backend is a module with:
     ACTIVATIONS: tuple of activation modes it computes ("a16": in the input dtype, "a8": int8 per token)
     available() -> str | None          None when usable here, else why not (said once, then reference)
     supports(x, weight, activations) -> bool
-    prepare(weight) -> object          the backend's view of the weight (scales, a tq2 copy of tq1 codes on
-                                       CPU), made once per weight and cached
+    prepare(weight) -> object          the backend's view of the weight (its codes, read in place; scales),
+                                       made once per weight and cached
     linear(x, prepared, bias, activations) -> Tensor
 
 `auto` picks, among the backends registered for the input's device type, the first that is available

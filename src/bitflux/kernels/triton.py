@@ -135,6 +135,7 @@ class PreparedWeight:
     tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
     scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
     tq1: bool = False  # the bytes are tq1 (5 codes a byte, base 3), else tq2
+    digit_table: torch.Tensor | None = None  # tq1: tq1_digit_table on the layer's device
 
     @property
     def packed(self) -> torch.Tensor:
@@ -156,8 +157,20 @@ def prepare(weight) -> PreparedWeight:
     # Built once per layer (prepare is cached), not on every call.
     tensor_scale = scales.item() if mode == _SCALE_TENSOR else None
     scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
+    tq1 = weight.packing == "tq1"
     return PreparedWeight(weakref.ref(weight.packed), scales, mode, weight.in_features, weight.out_features, group_size,
-                          tensor_scale, scale_row, weight.packing == "tq1")
+                          tensor_scale, scale_row, tq1, tq1_digit_table(weight.packed.device) if tq1 else None)
+
+
+@functools.cache
+def tq1_digit_table(device: torch.device) -> torch.Tensor:
+    """(256,) int16: byte b -> its five base-3 digits floor(b / 3^p) mod 3 at bits 2p (bytes past 242, no valid
+    tq1 byte, as formats.unpack reads them). The kernels decode a tq1 byte with one load from this 512-byte
+    table, which stays in L1 (4 lines: a warp's gather takes at most 4 passes), instead of four multiply-shift
+    divisions by 3."""
+    byte = torch.arange(256, dtype=torch.int32)
+    bits = sum(((byte // 3**p) % 3) << (2 * p) for p in range(5))
+    return bits.to(torch.int16).to(device)
 
 
 def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
@@ -358,8 +371,10 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
     # Short rows are read once and kept in registers; longer rows take two passes over blocks.
     block = _next_power_of_2(columns)
     one_pass = block <= _ONE_PASS_COLUMNS
+    table = prepared.digit_table if prepared is not None and tq1 else None
     _operands_kernel[(rows + tiles,)](
-        _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(codes, q), rows, K, columns, N,
+        _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(table, _or(packed, q)), _or(codes, q),
+        rows, K, columns, N,
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
         EXPAND=codes is not None, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
         BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
@@ -420,7 +435,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
     steps_per_slice, out = _split_k(_cdiv(K, step), tiles, M, N, out_dtype, x2.device)
     _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
-        q, prepared.packed, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
+        q, prepared.packed, _or(prepared.digit_table, prepared.packed), prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * step,
         ACT=_ACT[activations], FMA=fma, TQ1=prepared.tq1, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -561,7 +576,8 @@ if triton is not None:
         return _round_half_even(v * inv_step) * step
 
     @triton.jit
-    def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, codes_ptr, rows, K, KQ, N, stride_xm, stride_wn, tiles_k,
+    def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, table_ptr, codes_ptr, rows, K, KQ, N, stride_xm, stride_wn,
+                         tiles_k,
                          QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, TQ1: tl.constexpr, FP8: tl.constexpr,
                          PLANE: tl.constexpr,
                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
@@ -576,7 +592,7 @@ if triton is not None:
         else:
             if EXPAND:
                 tile = pid - rows
-                _expand_tile(w_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1, EXPAND_N,
+                _expand_tile(w_ptr, table_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1, EXPAND_N,
                              EXPAND_BYTES)
 
     @triton.jit
@@ -649,14 +665,6 @@ if triton is not None:
             return _unpack_values(packed, BLOCK_N, BLOCK_K)
 
     @triton.jit
-    def _digit_weights(digits, ACT: tl.constexpr):
-        """Digits u -> weights u - 1: int8 for int8 activations (ACT == 1), else fp32."""
-        if ACT == 1:
-            return digits.to(tl.int8) - 1
-        else:
-            return _ternary_value(digits)
-
-    @triton.jit
     def _in_k_order(plane0, plane1, plane2, plane3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Four (BLOCK_N, BLOCK_K / 4) planes, plane p holding column 4j + p at j -> (BLOCK_N, BLOCK_K)."""
         # join appends a minor axis: [n, r, q, p] = plane(2q + p), so the flattened index 4r + 2q + p is K.
@@ -672,8 +680,8 @@ if triton is not None:
 
     @triton.jit
     def _plane_value(packed, p: tl.constexpr):
-        """w = u - 1 of the code at bits 2p of each tq2 byte, in fp32, exactly: the same trick without
-        shifting the code down first. Its bits in the mantissa of 1.0 make the float 1 + u 2^(2p - 23),
+        """w = u - 1 of the code at bits 2p of each element (a tq2 byte, or a tq1 byte's table bits), in fp32,
+        exactly: the same trick without shifting the code down first. Its bits in the mantissa of 1.0 make the float 1 + u 2^(2p - 23),
         and one multiply-add by powers of two leaves u - 1."""
         one_plus = ((packed.to(tl.int32) | 0x3F800000) & (0x3F800000 | (3 << (2 * p)))).to(tl.float32, bitcast=True)
         return one_plus * (2.0 ** (23 - 2 * p)) - (2.0 ** (23 - 2 * p) + 1.0)
@@ -690,33 +698,25 @@ if triton is not None:
                        other=121 if TQ1 else 0x55)
 
     @triton.jit
-    def _third(t):
-        # t // 3 for 0 <= t <= 255 as a multiply and shift (exact there): GPUs have no integer divider
-        return (t * 171) >> 9
+    def _tq1_weights(bits, p: tl.constexpr, ACT: tl.constexpr):
+        """Weights w = u - 1 of digit p of tq1 bytes, from their table bits (tq1_digit_table: digit p at bits
+        2p): int8 for int8 activations (ACT == 1), else fp32."""
+        if ACT == 1:
+            return ((bits >> (2 * p)) & 3).to(tl.int8) - 1
+        else:
+            return _plane_value(bits, p)
 
     @triton.jit
-    def _tq1_plane(packed, p: tl.constexpr):
-        """Digit p (the code of column 5j + p) of every tq1 byte j: floor(byte / 3^p) mod 3, by multiplies and
-        shifts (the compiler shares the repeated thirds between the planes of one tile)."""
-        t = packed.to(tl.int32)
-        for _ in tl.static_range(p):
-            t = _third(t)
-        return t - 3 * _third(t)
-
-    @triton.jit
-    def _unpack_tq1_slots(packed, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
-        """(BLOCK_N, BYTES) tq1 bytes -> (BLOCK_N, 8 BYTES) digits: slot 8j + p holds digit p (column 5j + p) of
-        byte j, slots 8j + 5 .. 8j + 7 are 0 and never stored. Joins interleave by twos only, so a byte's five
-        digits take eight slots; a gather of each column's byte instead was 1.5-2x slower (H100)."""
-        t0 = packed.to(tl.int32)
-        t1 = _third(t0)
-        t2 = _third(t1)
-        t3 = _third(t2)
-        t4 = _third(t3)
-        d0, d1, d2, d3, d4 = t0 - 3 * t1, t1 - 3 * t2, t2 - 3 * t3, t3 - 3 * t4, t4 - 3 * _third(t4)
-        pad = tl.zeros_like(d0)
-        # as in _unpack_digits: [n, j, c, b, a] = slot 4a + 2b + c
-        slots = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, pad)), tl.join(tl.join(d1, pad), tl.join(d3, pad)))
+    def _tq1_slots(bits, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+        """(BLOCK_N, BYTES) tq1 bytes' table bits -> (BLOCK_N, 8 BYTES) weights: slot 8j + p holds digit p's
+        (column 5j + p) of byte j, slots 8j + 5 .. 8j + 7 are 0 and never stored. Joins interleave by twos
+        only, so a byte's five digits take eight slots; a gather of each column's byte instead was 1.5-2x
+        slower (H100)."""
+        w0, w1, w2 = _tq1_weights(bits, 0, ACT), _tq1_weights(bits, 1, ACT), _tq1_weights(bits, 2, ACT)
+        w3, w4 = _tq1_weights(bits, 3, ACT), _tq1_weights(bits, 4, ACT)
+        pad = tl.zeros_like(w0)
+        # as in _in_k_order: [n, j, c, b, a] = slot 4a + 2b + c
+        slots = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, pad)), tl.join(tl.join(w1, pad), tl.join(w3, pad)))
         return tl.reshape(slots, (BLOCK_N, 8 * BYTES))
 
     @triton.jit
@@ -772,7 +772,8 @@ if triton is not None:
             tl.store(out, acc, mask=mask)
 
     @triton.jit
-    def _expand_tile(w_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _expand_tile(w_ptr, table_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
                      BYTES: tl.constexpr):
         """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype."""
         ACT: tl.constexpr = 1 if out_ptr.dtype.element_ty == tl.int8 else 0  # integer weights, or fp32 to cast
@@ -780,9 +781,8 @@ if triton is not None:
         mask_n = offs_n < N
         if TQ1:
             k0 = tile_k * BYTES * 5
-            digits = _unpack_tq1_slots(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES, True),
-                                       BLOCK_N, BYTES)
-            w = _digit_weights(digits, ACT)
+            packed = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES, True)
+            w = _tq1_slots(tl.load(table_ptr + packed).to(tl.int32), ACT, BLOCK_N, BYTES)
             slot = tl.arange(0, 8 * BYTES)
             offs_k = k0 + (slot // 8) * 5 + slot % 8
             mask_k = (slot % 8 < 5) & (offs_k < K)
@@ -795,7 +795,7 @@ if triton is not None:
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+    def _gemv_kernel(x_ptr, w_ptr, table_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                      k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
                      SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -842,15 +842,15 @@ if triton is not None:
                 acc_columns += x_step[None, :] * _unpack_values(packed, BLOCK_N, BLOCK_K)
             elif TQ1:
                 # Plane p of the bytes holds columns k0 + 5 j + p: no tile of a power-of-two width to unpack into.
+                bits = tl.load(table_ptr + packed).to(tl.int32)  # a byte's five digits: one load from L1
                 for p in tl.static_range(PER_BYTE):
                     cols = k0 + PER_BYTE * offs_j + p
-                    digits = _tq1_plane(packed, p)
                     if FMA:
                         a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
-                        acc_bytes += a.to(tl.float32)[None, :] * _ternary_value(digits)
+                        acc_bytes += a.to(tl.float32)[None, :] * _tq1_weights(bits, p, 0)
                     else:
                         a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-                        acc, acc_int = _dot_weights(a, _digit_weights(digits, ACT), acc, acc_int, ACT, DOT_FP32)
+                        acc, acc_int = _dot_weights(a, _tq1_weights(bits, p, ACT), acc, acc_int, ACT, DOT_FP32)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
                 acc, acc_int = _dot_weights(a, _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K), acc, acc_int, ACT,
