@@ -698,6 +698,20 @@ if triton is not None:
                        other=121 if TQ1 else 0x55)
 
     @triton.jit
+    def _third(t):
+        # t // 3 for 0 <= t <= 255 as a multiply and shift (exact there): GPUs have no integer divider
+        return (t * 171) >> 9
+
+    @triton.jit
+    def _tq1_plane(packed, p: tl.constexpr):
+        """Digit p (the code of column 5j + p) of every tq1 byte j: floor(byte / 3^p) mod 3, by multiplies and
+        shifts (the compiler shares the repeated thirds between the planes of one tile)."""
+        t = packed.to(tl.int32)
+        for _ in tl.static_range(p):
+            t = _third(t)
+        return t - 3 * _third(t)
+
+    @triton.jit
     def _tq1_weights(bits, p: tl.constexpr, ACT: tl.constexpr):
         """Weights w = u - 1 of digit p of tq1 bytes, from their table bits (tq1_digit_table: digit p at bits
         2p): int8 for int8 activations (ACT == 1), else fp32."""
@@ -842,12 +856,16 @@ if triton is not None:
                 acc_columns += x_step[None, :] * _unpack_values(packed, BLOCK_N, BLOCK_K)
             elif TQ1:
                 # Plane p of the bytes holds columns k0 + 5 j + p: no tile of a power-of-two width to unpack into.
-                bits = tl.load(table_ptr + packed).to(tl.int32)  # a byte's five digits: one load from L1
+                # The tensor-core loop decodes a byte's five digits with one load from the L1-resident table;
+                # the GEMV, which does little else per byte, by arithmetic: there the table's gathers cost more
+                # than they save (H100, fp8 at one token: 35 against 30 us on norm1, split-K 57 against 68).
+                if not FMA:
+                    bits = tl.load(table_ptr + packed).to(tl.int32)
                 for p in tl.static_range(PER_BYTE):
                     cols = k0 + PER_BYTE * offs_j + p
                     if FMA:
                         a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
-                        acc_bytes += a.to(tl.float32)[None, :] * _tq1_weights(bits, p, 0)
+                        acc_bytes += a.to(tl.float32)[None, :] * _ternary_value(_tq1_plane(packed, p))
                     else:
                         a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
                         acc, acc_int = _dot_weights(a, _tq1_weights(bits, p, ACT), acc, acc_int, ACT, DOT_FP32)
