@@ -671,6 +671,7 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
  * pads them. */
 void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
                    int threads) {
+    if (N <= 0 || K <= 0) return;
     uint16_t digits[256]; /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as unpack reads them) */
     for (int b = 0; b < 256; b++) {
         int v = b, bits = 0;
