@@ -56,7 +56,8 @@ def measure(m: int, k: int, n: int, bf16: bool, min_seconds: float, packing: str
     x = torch.randn(m, k)
     weight, bias = torch.randn(n, k) * 0.02, torch.randn(n) * 0.02
     codes = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    layer = TernaryLinear.from_codes(codes, torch.tensor([[0.02]]), bias, config=TernaryConfig(activations="a8", format=packing))
+    config = TernaryConfig(activations="a8", format=packing)
+    layer = TernaryLinear.from_codes(codes, torch.tensor([[0.02]]), bias, config=config)
 
     def bitflux_call():
         with use_backend("cpu"):

@@ -162,13 +162,15 @@ def variants(quick: bool):
                 if not plane:  # the expanded GEMMs' operands, in one launch
                     for tq1, (tile, warps) in expand_tiles.items():
                         yield (f"{name} + expand{' tq1' if tq1 else ''}", tk._operands_kernel,
-                               {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8, "table_ptr": torch.int16, "codes_ptr": q_dtype},
+                               {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8,
+                                "table_ptr": torch.int16, "codes_ptr": q_dtype},
                                {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **tile},
                                warps, 1, fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
         for tq1, (tile, warps) in expand_tiles.items():
             yield (f"expand {_TYPES[dtype]}{' tq1' if tq1 else ''}", tk._operands_kernel,
-                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "table_ptr": torch.int16, "codes_ptr": dtype},
+                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "table_ptr": torch.int16,
+                    "codes_ptr": dtype},
                    {"QUANTIZE": False, "EXPAND": True, "TQ1": tq1, "FP8": False, "PLANE": 0, "BLOCK": 1,
                     "ONE_PASS": True, **tile}, warps, 1,
                    fp8_targets if dtype == fp8 else all_targets)
@@ -182,7 +184,8 @@ def variants(quick: bool):
                 if not even_k and act != "a16":
                     continue
                 yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}",
-                       tk._gemv_kernel, {"x_ptr": x_dtype, "w_ptr": u8, "table_ptr": torch.int16, **epilogue_ptrs, "out_ptr": bf16},
+                       tk._gemv_kernel,
+                       {"x_ptr": x_dtype, "w_ptr": u8, "table_ptr": torch.int16, **epilogue_ptrs, "out_ptr": bf16},
                        {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
                         "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
                         "BLOCK_K": block_k}, warps, stages, fp8_targets if act == "fp8" else all_targets)

@@ -184,8 +184,8 @@ def test_tq1_digit_table_holds_every_bytes_digits():
 
 @pytest.mark.parametrize("strategy", ["expanded", "splitk", "gemv"])
 def test_every_tq1_byte_decodes(strategy):
-    """All 243 tq1 bytes, in a row long enough for two steps of the split-K kernels: decoded through the
-    digit table exactly as formats.unpack does."""
+    """All 243 tq1 bytes, in a row long enough for two steps of the split-K kernels: decoded exactly as
+    formats.unpack does, through the digit table (expanded, splitk) or by multiplies and shifts (gemv)."""
     k = 5 * 243 * 2
     packed = torch.arange(243, dtype=torch.uint8).repeat(2).flip(0).reshape(1, -1).repeat(3, 1)
     weight = TernaryWeight(packed.to(DEVICE), torch.ones(1, 1, device=DEVICE), k, 3, None, "tq1")

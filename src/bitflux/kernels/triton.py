@@ -6,9 +6,9 @@ six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, g
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them. tq1: one tl.dot per code position (plane) of
             the bytes.
-  gemv      the same for one token without tl.dot: x's step times the codes unpacked in K order, fp32
-            products and sums on CUDA cores (no 16-row padding); the weights are built from the codes' bits,
-            never converted from integers.
+  gemv      the same for one token without tl.dot: fp32 products and sums on CUDA cores (no 16-row padding),
+            the weights built from the codes' bits, never converted from integers; tq2: x's step loaded
+            contiguously times the codes unpacked in K order; tq1: per digit plane, x at stride 5.
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
             tl.dot, scales + bias epilogue; some tile configs swap the operands (codes @ x^T).
   planar    the activations in plane-major order (bit plane p of tq2 byte j multiplies column 4j + p, so
@@ -60,8 +60,8 @@ EXPAND_TILES = {"tq2": (16, 128, 8), "tq1": (32, 64, 4)}
 # the one-token CUDA-core variant (gemv: 8 x 256 bytes a tile, 127-167 registers a thread on sm_90). K is split
 # into slices until tiles x slices reach PROGRAMS_PER_SM programs per SM. benchmarks/gpu_small_m.py's choice
 # on an H100 (BENCHMARKS.md): over FLUX.1-dev's small-M layers (a16 and fp8 on tq2, fp8 on tq1), the one
-# tile per kernel nearest each shape's own best: 4% off (gemv; worst shape 16%) and 12% (splitk; worst 47%),
-# geometric mean.
+# tile per kernel nearest each shape's own best (geometric mean of time / best): gemv 3 % off, worst shape
+# 17 %; splitk 10 %, worst 45 % (the sweep after the weights were built from bits; before: 4 / 16, 12 / 47).
 SPLITK_TILE = (16, 64, 128, 4, 4)
 GEMV_TILE = (1, 8, 1024, 4, 3)
 PROGRAMS_PER_SM = 4
@@ -165,9 +165,10 @@ def prepare(weight) -> PreparedWeight:
 @functools.cache
 def tq1_digit_table(device: torch.device) -> torch.Tensor:
     """(256,) int16: byte b -> its five base-3 digits floor(b / 3^p) mod 3 at bits 2p (bytes past 242, no valid
-    tq1 byte, as formats.unpack reads them). The kernels decode a tq1 byte with one load from this 512-byte
-    table, which stays in L1 (4 lines: a warp's gather takes at most 4 passes), instead of four multiply-shift
-    divisions by 3."""
+    tq1 byte, as formats.unpack reads them). The split-K tensor-core loop and expand() decode a tq1 byte with
+    one load from this 512-byte table, which stays in L1 (4 lines: a warp's gather takes at most 4 passes),
+    instead of four multiply-shift divisions by 3; the one-token GEMV keeps the arithmetic (measured faster
+    there: docs/GPU_KERNELS.md)."""
     byte = torch.arange(256, dtype=torch.int32)
     bits = sum(((byte // 3**p) % 3) << (2 * p) for p in range(5))
     return bits.to(torch.int16).to(device)
@@ -435,7 +436,8 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
     steps_per_slice, out = _split_k(_cdiv(K, step), tiles, M, N, out_dtype, x2.device)
     _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
-        q, prepared.packed, _or(prepared.digit_table, prepared.packed), prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
+        q, prepared.packed, _or(prepared.digit_table, prepared.packed), prepared.scales,
+        _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * step,
         ACT=_ACT[activations], FMA=fma, TQ1=prepared.tq1, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -592,7 +594,8 @@ if triton is not None:
         else:
             if EXPAND:
                 tile = pid - rows
-                _expand_tile(w_ptr, table_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1, EXPAND_N,
+                _expand_tile(w_ptr, table_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1,
+                             EXPAND_N,
                              EXPAND_BYTES)
 
     @triton.jit
@@ -681,7 +684,8 @@ if triton is not None:
     @triton.jit
     def _plane_value(packed, p: tl.constexpr):
         """w = u - 1 of the code at bits 2p of each element (a tq2 byte, or a tq1 byte's table bits), in fp32,
-        exactly: the same trick without shifting the code down first. Its bits in the mantissa of 1.0 make the float 1 + u 2^(2p - 23),
+        exactly: the same trick without shifting the code down first. Its bits in the mantissa of 1.0 make the
+        float 1 + u 2^(2p - 23),
         and one multiply-add by powers of two leaves u - 1."""
         one_plus = ((packed.to(tl.int32) | 0x3F800000) & (0x3F800000 | (3 << (2 * p)))).to(tl.float32, bitcast=True)
         return one_plus * (2.0 ** (23 - 2 * p)) - (2.0 ** (23 - 2 * p) + 1.0)
@@ -809,13 +813,14 @@ if triton is not None:
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, table_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, table_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
+                     stride_wn, k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
                      SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
         fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
-        columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step)."""
+        columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step). table_ptr: tq1_digit_table,
+        which the tensor-core tq1 loop reads (any pointer otherwise)."""
         BYTES: tl.constexpr = BLOCK_K // 4
         PER_BYTE: tl.constexpr = 5 if TQ1 else 4
         STEP: tl.constexpr = BYTES * PER_BYTE
@@ -873,8 +878,11 @@ if triton is not None:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
                 acc, acc_int = _dot_weights(a, _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K), acc, acc_int, ACT,
                                             DOT_FP32)
-        if FMA:  # one of the two accumulators was used, the other is zeros
-            sums = tl.sum(acc_columns, axis=1) + tl.sum(acc_bytes, axis=1)
+        if FMA:
+            if TQ1:
+                sums = tl.sum(acc_bytes, axis=1)
+            else:
+                sums = tl.sum(acc_columns, axis=1)
             acc = tl.where(offs_m[:, None] == 0, sums[None, :], 0.0)
         elif ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact

@@ -691,7 +691,7 @@ void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_
                          | (uint64_t)digits[s[j + 3]] << 30;
             for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
         }
-        uint32_t stream = 0; /* the row's last < 20 codes, through a bit stream */
+        uint32_t stream = 0; /* the row's last codes (up to 28), through a bit stream */
         int bits = 0;
         for (; o < out_bytes; o++) {
             for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
