@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from bitflux import TernaryConfig, load_transformer, quantize_, save_transformer
 from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData, calibrate_transformer,
                                measured, teacher_data)
 from bitflux.calibrate.checkpoint import teacher_settings
+from bitflux.checkpoint import write_atomic, write_text_atomic
 from bitflux.eval.fidelity import fidelity
 from bitflux.pipeline import generate
 
@@ -98,9 +98,7 @@ def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
         draw.text((4, r * size + size // 2 - 6), name, fill="black")
         for c, image in enumerate(images[::max(1, len(images) // GRID_IMAGES)][:GRID_IMAGES]):  # every category
             canvas.paste(image, (label_width + c * size, r * size))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp, optimize=True)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG", optimize=True))
 
 
 def child(job: dict) -> None:
@@ -220,12 +218,8 @@ def main(argv=None) -> int:
 
 def _write(out: Path, rows, grid, args) -> None:
     data = {"args": vars(args), "torch_threads": torch.get_num_threads(), "rows": rows}
-    tmp = out / "calibration.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, out / "calibration.json")
-    tmp = out / "calibration_table.md.tmp"
-    tmp.write_text(_table(rows) + "\n")
-    os.replace(tmp, out / "calibration_table.md")
+    write_text_atomic(out / "calibration.json", json.dumps(data, indent=1, default=str))
+    write_text_atomic(out / "calibration_table.md", _table(rows) + "\n")
     _grid(grid, out / "calibration_grid.png")
 
 
