@@ -29,10 +29,13 @@ from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, m
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
 CANDIDATES = {
     "gemv": [triton_backend.GEMV_TILE, (1, 64, 256, 4, 3), (1, 32, 512, 4, 3), (1, 16, 1024, 4, 3),
-             (1, 16, 512, 4, 3), (1, 32, 256, 4, 3), (1, 8, 2048, 8, 3), (1, 64, 512, 8, 3)],
+             (1, 16, 512, 4, 3), (1, 32, 256, 4, 3), (1, 8, 2048, 8, 3), (1, 64, 512, 8, 3),
+             # since the weights are built from bits the GEMV is bound by instruction issue: fewer registers
+             # a thread (72-127 on sm_90) let more programs share an SM
+             (1, 8, 512, 4, 3), (1, 8, 512, 2, 3), (1, 16, 256, 4, 3)],
     "splitk": [triton_backend.SPLITK_TILE, (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 16, 512, 4, 3),
                (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
-}  # the same 15 tiles as the H100 sweep (BENCHMARKS.md), whose choice is the default; all compile for sm_90
+}  # the H100 sweeps' 15 tiles (BENCHMARKS.md), whose choice is the default, and 3 more; all compile for sm_90
 # without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
 LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
