@@ -11,8 +11,10 @@ by its rounded reciprocal (BinaryDivTrueKernel.cu), so reference.quantize_activa
 scale 1 ulp off the correctly rounded quotient for about 5 % of rows there; the kernels divide exactly.
 """
 
+import hashlib
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -448,6 +450,15 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp
     monkeypatch.setattr(tk, "chosen", {})
     monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
     assert tk._choose(key, ["slow"], run, "cuda") == "slow"
+
+
+def test_strategy_choices_are_kept_per_kernel_source(monkeypatch):
+    """The cache's section names the GPU, the versions and a digest of the kernels' source: choices timed
+    against other kernels (a checkout between releases) are not reused."""
+    monkeypatch.setattr(tk.torch.cuda, "get_device_name", lambda device: "Some GPU")
+    digest = hashlib.sha256(Path(tk.__file__).read_bytes()).hexdigest()[:12]
+    namespace = tk._namespace("cuda")
+    assert namespace.startswith("Some GPU | torch ") and namespace.endswith(f" | kernels {digest}")
 
 
 def test_an_unwritable_strategy_cache_only_warns(monkeypatch, tmp_path):

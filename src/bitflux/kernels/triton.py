@@ -31,11 +31,13 @@ sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), su
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import warnings
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -274,7 +276,15 @@ def _namespace(device: torch.device) -> str:
     from .. import __version__
 
     return (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | triton {triton.__version__}"
-            f" | bitflux {__version__}")
+            f" | bitflux {__version__} | kernels {kernels_fingerprint()}")
+
+
+@functools.cache
+def kernels_fingerprint() -> str:
+    """A digest of this module's source: choices timed against other kernels (an older bitflux, a checkout
+    between releases) are not reused, as a kernel change can reorder the strategies (the one-token GEMV
+    became 2.2-2.6x faster without a version change)."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def _entry(key: CallKey) -> str:
