@@ -187,11 +187,12 @@ def test_export_gguf_and_back(tmp_path, capsys):
                   num_single_layers=1)
     folder = tmp_path / "fp"
     build_tiny(config=config).save_pretrained(folder)
-    assert _run(capsys, "quantize", folder, "-o", tmp_path / "q", "-q", "--granularity", "channel")[0] == 0
+    assert _run(capsys, "quantize", folder, "-o", tmp_path / "q", "-q", "--granularity", "channel",
+                "--format", "tq1", "--activations", "a8")[0] == 0
     code, stdout, _ = _run(capsys, "export-gguf", tmp_path / "q", "-o", tmp_path / "m.gguf", "--type", "tq1_0")
     assert code == 0 and "ternary" in stdout
-    code, _, _ = _run(capsys, "quantize", tmp_path / "m.gguf", "-o", tmp_path / "back", "-q",
-                      "--granularity", "channel")
+    # No settings given: the folder keeps the file's own (channel scales, tq1, a8), which describe its tensors.
+    code, _, _ = _run(capsys, "quantize", tmp_path / "m.gguf", "-o", tmp_path / "back", "-q")
     assert code == 0
     a, b = bitflux.load_transformer(tmp_path / "q"), bitflux.load_transformer(tmp_path / "m.gguf")
     c = bitflux.load_transformer(tmp_path / "back")
@@ -199,6 +200,29 @@ def test_export_gguf_and_back(tmp_path, capsys):
         if isinstance(module, bitflux.TernaryLinear):
             assert torch.equal(module.weight_packed, b.get_submodule(name).weight_packed)
             assert torch.equal(module.weight_packed, c.get_submodule(name).weight_packed)
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    back = json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]
+    assert back == stored and back["format"] == "tq1" and back["activations"] == "a8"
+    # A setting given overrides that one only.
+    assert _run(capsys, "quantize", tmp_path / "m.gguf", "-o", tmp_path / "tq2", "-q", "--format", "tq2")[0] == 0
+    tq2 = json.loads((tmp_path / "tq2" / "config.json").read_text())["quantization_config"]
+    assert tq2 == {**stored, "format": "tq2"}
+
+
+def test_export_gguf_refuses_an_existing_file_without_force(tmp_path, capsys):
+    import bitflux
+
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep me")
+    model = bitflux.demo_model_path()
+    code, _, err = _run(capsys, "export-gguf", tmp_path / "missing-model", "-o", tmp_path / "new.gguf")
+    assert code == 2
+    code, _, err = _run(capsys, "export-gguf", model, "-o", target)
+    _assert_one_line_error(code, err, "exists", "--force")
+    assert target.read_bytes() == b"keep me"
+    code, _, err = _run(capsys, "export-gguf", model, "-o", tmp_path / "no" / "such" / "m.gguf")
+    _assert_one_line_error(code, err, "no such folder")
+    assert not (tmp_path / "no").exists()
 
 
 def test_malformed_gguf(tmp_path, capsys):

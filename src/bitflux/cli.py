@@ -18,8 +18,12 @@ def _cmd_quantize(args) -> None:
     from .convert import quantize_checkpoint
     from .inspect import format_report, inspect_path
 
-    config = TernaryConfig(method=args.method, format=args.format, activations=args.activations,
-                           **TernaryConfig.parse_granularity(args.granularity))
+    # Only the settings given: a GGUF file that is already ternary keeps its own for the rest.
+    given = {key: value for key, value in (("method", args.method), ("format", args.format),
+                                           ("activations", args.activations)) if value is not None}
+    if args.granularity is not None:
+        given.update(TernaryConfig.parse_granularity(args.granularity))
+    config = TernaryConfig(**given)
     if args.calibrate:
         from .calibrate import CalibrationConfig
         from .calibrate.checkpoint import quantize_calibrated
@@ -35,7 +39,7 @@ def _cmd_quantize(args) -> None:
     elif args.source.endswith(".gguf"):
         from .interop.gguf import gguf_to_folder
 
-        gguf_to_folder(args.source, args.output, config, force=args.force)
+        gguf_to_folder(args.source, args.output, force=args.force, overrides=given)
     else:
         quantize_checkpoint(args.source, args.output, config, force=args.force, progress=not args.quiet)
     if not args.quiet:
@@ -46,7 +50,7 @@ def _cmd_quantize(args) -> None:
 def _cmd_export_gguf(args) -> None:
     from .interop.gguf import export_gguf
 
-    summary = export_gguf(args.model, args.output, type=args.type, names=args.names)
+    summary = export_gguf(args.model, args.output, type=args.type, names=args.names, force=args.force)
     print(f"wrote {summary.path}: {summary.ternary_tensors} ternary and {summary.dense_tensors} dense tensors, "
           f"{summary.bytes / 1e6:.1f} MB")
 
@@ -204,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a FLUX checkpoint to a bitflux folder")
     q.add_argument("source", help="diffusers pipeline/transformer folder, original .safetensors, or cached hub id")
     q.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    q.add_argument("--format", default="tq2", choices=FORMATS,
-                   help="packing on disk and in memory: tq2 (2 bits a weight) or tq1 (1.6 bits, 20%% fewer bytes)")
-    q.add_argument("--method", default="absmean", choices=["absmean", "twn", "lsq"])
-    q.add_argument("--granularity", default="tensor", help="tensor | channel | group:N")
-    q.add_argument("--activations", default="a16", choices=ACTIVATIONS,
-                   help="activations the kernels use: 16-bit, int8 or fp8 per token")
+    # Defaults None: TernaryConfig's (tq2, absmean, tensor, a16), or a ternary GGUF source's own settings.
+    q.add_argument("--format", default=None, choices=FORMATS,
+                   help="packing on disk and in memory: tq2 (2 bits a weight, the default) or tq1 (1.6 bits, "
+                        "20%% fewer bytes)")
+    q.add_argument("--method", default=None, choices=["absmean", "twn", "lsq"], help="default: absmean")
+    q.add_argument("--granularity", default=None, help="tensor (the default) | channel | group:N")
+    q.add_argument("--activations", default=None, choices=ACTIVATIONS,
+                   help="activations the kernels use: 16-bit (the default), int8 or fp8 per token")
     q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
                    help="calibrate with the full-precision model as teacher on these prompts (one per line)")
     q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill"],
@@ -230,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-gguf", help="write a bitflux model as GGUF with ggml's TQ2_0 / TQ1_0 blocks")
     e.add_argument("model", help="bitflux transformer or pipeline folder")
     e.add_argument("-o", "--output", required=True, help=".gguf file (written atomically)")
+    e.add_argument("--force", action="store_true", help="replace an existing output file")
     e.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0"])
     e.add_argument("--names", default="original", choices=["original", "diffusers"],
                    help="tensor names: original single-file FLUX names (ComfyUI-GGUF) or diffusers names")

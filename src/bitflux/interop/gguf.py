@@ -22,6 +22,7 @@ in_features 3072, 12288 or 15360). Every other tensor keeps its dtype: F32, F16 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -214,20 +215,25 @@ def _export_tensors(model: nn.Module, names: str):
     return {name: (packed[name], scales[name]) for name in packed}, dense, packing
 
 
-def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> ExportSummary:
+def export_gguf(source, path, type: str = "tq2_0", names: str = "original", force: bool = False) -> ExportSummary:
     """Write a ternary transformer (a module, or a bitflux folder) as a GGUF file of `type` blocks.
 
     names="original": the single-file FLUX (BFL) names ComfyUI-GGUF and stable-diffusion.cpp read, with
     general.architecture "flux"; names="diffusers": the module names of FluxTransformer2DModel (also
     for models that are not FLUX). The bitflux quantization_config and the diffusers transformer config
     ride along as JSON strings, so read_gguf / load_gguf rebuild the exact model. Written to a temporary
-    name, renamed when complete.
+    name, renamed when complete; an existing file is replaced only with `force`.
     """
     g = _require_gguf()
     qtype = _qtype(type)
+    path = Path(path)
+    if path.exists() and not (force and path.is_file()):
+        raise BitfluxError(f"{path} exists; pass --force to replace it" if path.is_file() else
+                           f"{path} exists and is not a file")
+    if not path.parent.is_dir():
+        raise BitfluxError(f"{path.parent}: no such folder for the GGUF file")
     model = _load_source(source)
     ternary, dense, packing = _export_tensors(model, names)
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = g.GGUFWriter(None, "flux")
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
@@ -247,7 +253,10 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original") -> E
         writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
         total += array.nbytes
     try:
-        writer.write_header_to_file(path=tmp)
+        try:
+            writer.write_header_to_file(path=tmp)
+        except OSError as exc:
+            raise BitfluxError(f"cannot write {path}: {exc.strerror or exc}") from None
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
@@ -414,13 +423,16 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     return model.eval()
 
 
-def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool = False) -> Path:
+def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool = False,
+                   overrides: dict | None = None) -> Path:
     """`bitflux quantize model.gguf`: a GGUF file -> bitflux folder. TQ layers are copied as they are (no
-    re-ternarization); dense target layers (a GGUF from another tool) are ternarized with `config`."""
+    re-ternarization); dense target layers (a GGUF from another tool) are ternarized with `config`. Without
+    one, the file's own quantization_config with `overrides` (the settings a user gave, e.g. format or
+    activations), so the folder's config describes the tensors it holds (their scales' dtype included)."""
     contents = read_gguf(path)
     stored = contents.quantization_config
     has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)
-    config = config or stored
+    config = config or dataclasses.replace(stored, **(overrides or {}))
     same_scales = (config.granularity, config.group_size_or_none) == (stored.granularity, stored.group_size_or_none)
     if has_ternary and not same_scales:
         raise BitfluxError(f"{path} is already ternary with {stored.granularity} scales; converting them to "
