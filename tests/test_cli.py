@@ -141,8 +141,11 @@ def test_existing_output_needs_force(tmp_path, tiny_folder, capsys):
     code, _, err = _run(capsys, "quantize", tiny_folder, "-o", out)
     _assert_one_line_error(code, err, "exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
+    (tmp_path / ".out.old").mkdir()  # left by an interrupted run: in the way of nothing
+    (tmp_path / ".out.old" / "stale").write_text("")
     assert _run(capsys, "quantize", tiny_folder, "-o", out, "--force", "-q")[0] == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.old"]  # none left
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, a file system nobody can write")

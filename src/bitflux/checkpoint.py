@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -230,13 +231,22 @@ class AtomicFolder:
         for path in [self.tmp, *self.tmp.rglob("*")]:
             if path.is_dir() or (path.is_file() and path.stat().st_nlink == 1):
                 os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~self.umask)
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old")
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.tmp, self.target)
+        try:
+            if self.target.exists():
+                # A name of its own: a `.old` left by an interrupted run must not block this one.
+                old = self.target.with_name(f".{self.target.name}.old.{uuid.uuid4().hex[:12]}")
+                os.replace(self.target, old)
+                try:
+                    os.replace(self.tmp, self.target)
+                except OSError:
+                    os.replace(old, self.target)  # the previous output stays
+                    raise
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            else:
+                os.replace(self.tmp, self.target)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise BitfluxError(f"cannot replace {self.target}: {exc.strerror or exc}") from None
         return False
 
 
