@@ -70,7 +70,16 @@ def _corrupt_files(tmp_path):
     header = json.loads(raw[8:8 + length])
     header["double_blocks.0.img_in.weight"]["data_offsets"] = [0, 10_000]
     bad_offsets = json.dumps(header).encode()
+
+    def edited(name, key, value):  # the same header with one entry's field replaced, same data after it
+        entry = json.loads(raw[8:8 + length])
+        entry["double_blocks.0.img_in.weight"][key] = value
+        text = json.dumps(entry).encode()
+        return _write_bytes(tmp_path / name, struct.pack("<Q", len(text)) + text + raw[8 + length:])
+
     return {
+        "offsets_as_strings": edited("f.safetensors", "data_offsets", ["0", "64"]),
+        "negative_dimensions": edited("g.safetensors", "shape", [-4, -4]),
         "not_safetensors": _write_bytes(tmp_path / "a.safetensors", b"hello"),
         "header_past_end": _write_bytes(tmp_path / "b.safetensors", struct.pack("<Q", 10**9) + b"{}"),
         "bad_json": _write_bytes(tmp_path / "c.safetensors", struct.pack("<Q", 5) + b"{nope"),
@@ -81,7 +90,7 @@ def _corrupt_files(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not_safetensors", "header_past_end", "bad_json", "offsets_out_of_range",
-                                  "truncated"])
+                                  "truncated", "offsets_as_strings", "negative_dimensions"])
 def test_corrupted_safetensors(tmp_path, capsys, case):
     path = _corrupt_files(tmp_path)[case]
     out = tmp_path / "out"
@@ -96,6 +105,22 @@ def test_corrupted_shard_in_folder(tmp_path, tiny_folder, capsys):
     code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out")
     _assert_one_line_error(code, err, "truncated")
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["model_index.json", "config.json"])
+def test_malformed_json_in_a_folder(tmp_path, tiny_folder, capsys, damage):
+    """Not JSON, or JSON that is not an object: one line naming the file, nothing written."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    for item in tiny_folder.iterdir():
+        (pipeline / "transformer" / item.name).write_bytes(item.read_bytes())
+    (pipeline / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    for text in ("{nope", "[1, 2]"):
+        target = pipeline / "model_index.json" if damage == "model_index.json" else pipeline / "transformer" / damage
+        target.write_text(text)
+        code, _, err = _run(capsys, "quantize", pipeline, "-o", tmp_path / "out")
+        _assert_one_line_error(code, err, damage)
+        _assert_nothing_written(tmp_path / "out")
 
 
 def test_pickle_and_unknown_files(tmp_path, capsys):

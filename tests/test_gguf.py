@@ -275,6 +275,8 @@ def type_field_offset(path):
     (lambda d: d.__delitem__(slice(40, None)), "truncated"),
     (lambda d: d.clear(), "truncated"),
     (None, "unknown tensor type"),
+    (lambda d: d.__setitem__(slice(d.find(b'"quant_method"'), d.find(b'"quant_method"') + 14), b"'quant_method'"),
+     "bitflux.quantization_config: not valid JSON"),
 ])
 def test_malformed_files_give_a_one_line_error(small_file, tmp_path, edit, message):
     if edit is None:  # an unknown tensor type id

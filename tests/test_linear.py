@@ -68,6 +68,17 @@ def test_packing_follows_the_config_and_bad_names_are_refused():
         TernaryLinear(33, 8, packing="tq3")
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"include": ["attn.(to_q"]}, "bad include/exclude pattern 'attn.\\(to_q'"),
+    ({"exclude": [3]}, "bad include/exclude pattern 3"),
+])
+def test_config_patterns_are_checked(data, message):
+    with pytest.raises(BitfluxError, match=message):
+        TernaryConfig(**data)
+    with pytest.raises(BitfluxError, match="must be a JSON object, found str"):
+        TernaryConfig.from_dict("tq2")
+
+
 def test_bytes_of_the_other_packing_are_refused_with_the_reason():
     tq2 = TernaryLinear.from_linear(nn.Linear(33, 8))
     tq1 = TernaryLinear(33, 8, packing="tq1")

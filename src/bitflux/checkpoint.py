@@ -57,7 +57,11 @@ def read_safetensors_header(path: str | Path) -> dict:
             continue
         try:
             begin, end = info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+            shape = info["shape"]
+            numbers = (begin, end, *shape)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+                raise ValueError("offsets and dimensions must be non-negative integers")
+            nbytes = math.prod(shape) * _DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise BitfluxError(f"{path}: corrupted safetensors entry for {name!r}") from None
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
@@ -125,10 +129,18 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
         raise BitfluxError(f"{folder}: no config.json")
+    return parse_json_object(path.read_bytes(), str(path))
+
+
+def parse_json_object(text: str | bytes, where: str) -> dict:
+    """A JSON object (config.json, model_index.json, a GGUF file's metadata), else a one-line BitfluxError."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BitfluxError(f"{path}: not valid JSON") from None
+        raise BitfluxError(f"{where}: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BitfluxError(f"{where}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -244,9 +256,9 @@ class AtomicFolder:
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
             else:
                 os.replace(self.tmp, self.target)
-        except OSError as exc:
+        except OSError as error:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            raise BitfluxError(f"cannot replace {self.target}: {exc.strerror or exc}") from None
+            raise BitfluxError(f"cannot replace {self.target}: {error.strerror or error}") from None
         return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from .errors import BitfluxError
@@ -48,6 +49,11 @@ class TernaryConfig:
     def __post_init__(self):
         self.include = tuple(self.include)
         self.exclude = tuple(self.exclude)
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise BitfluxError(f"bad include/exclude pattern {pattern!r}: {exc}") from None
         for name, value, allowed in (
             ("method", self.method, METHODS),
             ("granularity", self.granularity, GRANULARITIES),
@@ -91,6 +97,8 @@ class TernaryConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TernaryConfig":
+        if not isinstance(data, dict):
+            raise BitfluxError(f"quantization_config must be a JSON object, found {type(data).__name__}")
         if data.get("quant_method") != "bitflux":
             raise BitfluxError(f"quantization_config is not bitflux's (quant_method={data.get('quant_method')!r})")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -7,7 +7,6 @@ layout are split as they come) and written in bounded shards, so peak memory doe
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -51,7 +50,7 @@ def resolve_source(source: str | Path) -> Source:
                                "for diffusers weights pass the folder holding config.json")
         return Source(flux.config_from_original_shapes(shapes), [path], original_layout=True)
     if (path / "model_index.json").exists():
-        index = json.loads((path / "model_index.json").read_text())
+        index = checkpoint.parse_json_object((path / "model_index.json").read_bytes(), str(path / "model_index.json"))
         if index.get("_class_name") not in ("FluxPipeline", None) and "transformer" not in index:
             raise BitfluxError(f"{path}: a {index.get('_class_name')} pipeline, not a FLUX pipeline")
         if not (path / "transformer").is_dir():

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from . import checkpoint, flux
 from .config import TernaryConfig
 from .convert import resolve_source
-from .errors import BitfluxError
 from .surgery import quantize_
 
 _BLOCK = re.compile(r"^((?:single_)?transformer_blocks\.\d+)\.")
@@ -21,10 +19,7 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
         return flux.KNOWN_CONFIGS[path.lower()], TernaryConfig(), "known config"
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
-        try:
-            config = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BitfluxError(f"{p}: not valid JSON") from None
+        config = checkpoint.parse_json_object(p.read_bytes(), str(p))
         flux.check_flux_config(config, str(p))
         quant = config.get("quantization_config")
         return config, TernaryConfig.from_dict(quant) if quant else TernaryConfig(), "config.json"

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import flux, formats
-from ..checkpoint import load_transformer, save_transformer
+from ..checkpoint import load_transformer, parse_json_object, save_transformer
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
@@ -380,7 +380,8 @@ def read_gguf(path) -> GGUFContents:
         raw = _diffusers_named(raw, shapes)
         transformer = transformer or json.dumps(flux.config_from_original_shapes(shapes))
     ternary = {name: payload for name, (kind, payload) in raw.items() if kind == "ternary"}
-    config = _ternary_granularity(TernaryConfig.from_dict(json.loads(stored)) if stored else None, ternary)
+    config = _ternary_granularity(
+        TernaryConfig.from_dict(parse_json_object(stored, f"{path}: {_META_CONFIG}")) if stored else None, ternary)
     del ternary
     state_dict = {}
     for name in list(raw):
@@ -396,7 +397,8 @@ def read_gguf(path) -> GGUFContents:
                                                               config.format)
         state_dict[f"{stem}.weight_scale"] = from_block_scales(
             block_scales, config.granularity, config.group_size).to(config.scale_torch_dtype)
-    return GGUFContents(state_dict, config, json.loads(transformer) if transformer else None, architecture)
+    transformer = parse_json_object(transformer, f"{path}: {_META_TRANSFORMER}") if transformer else None
+    return GGUFContents(state_dict, config, transformer, architecture)
 
 
 def load_gguf(path, device: str | torch.device = "cpu") -> nn.Module:
