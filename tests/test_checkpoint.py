@@ -87,6 +87,37 @@ def test_load_refuses_full_precision_folder(tiny_folder):
         load_transformer(tiny_folder)
 
 
+@pytest.mark.parametrize("fmt", ["tq2", "tq1"])
+@pytest.mark.parametrize("damage,message", [
+    (lambda t, key: t[key].to(torch.int8) if key.endswith("weight_packed") else t[key], "is int8, expected uint8"),
+    (lambda t, key: t[key].double() if key.endswith("weight_scale") else t[key], "is float64, expected float16"),
+    (lambda t, key: t[key].long() if key.endswith("bias") else t[key], "is int64, expected float32, float16 or"),
+    (lambda t, key: torch.full_like(t[key], 255) if key.endswith("weight_packed") else t[key], "no tq. codes"),
+])
+def test_load_refuses_tensors_of_the_wrong_kind(tmp_path, tiny_folder, fmt, damage, message):
+    """A folder whose tensors contradict its config (dtype, invalid code bytes) fails to load with one line
+    instead of computing other weights (an int64 bias truncated, a code 3 read as a weight of 2)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "q"
+    quantize_checkpoint(tiny_folder, out, TernaryConfig(format=fmt, scale_dtype="float16"))
+    for file in out.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({key: damage(tensors, key).contiguous() for key in tensors}, file)
+    with pytest.raises(BitfluxError, match=message) as info:
+        load_transformer(out)
+    assert "\n" not in str(info.value)
+
+
+def test_codes_outside_the_ternary_set_are_not_packed():
+    with pytest.raises(ValueError, match="codes must be -1, 0 or"):
+        formats.pack(torch.tensor([[2, -1, 0, 1, 0]], dtype=torch.int8), "tq1")
+    with pytest.raises(ValueError, match="fewer than 9 tq2 codes"):
+        formats.unpack(torch.zeros(1, 2, dtype=torch.uint8), 9)
+    assert formats.invalid_bytes(torch.tensor([0x55, 0xFF, 0x03], dtype=torch.uint8), "tq2") == 2
+    assert formats.invalid_bytes(torch.tensor([242, 243, 0], dtype=torch.uint8), "tq1") == 1
+
+
 def test_original_single_file_quantizes_like_the_diffusers_folder(tmp_path, tiny_folder):
     from safetensors.torch import save_file
 

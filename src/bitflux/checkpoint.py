@@ -285,6 +285,21 @@ def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bo
 
 # ---- loading ---------------------------------------------------------------------------------------
 
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(folder: Path, key: str, tensor: torch.Tensor, want: torch.dtype, fmt: str) -> None:
+    """Codes are uint8 holding only valid codes, scales the config's scale dtype, the other tensors a float
+    dtype the model runs in: anything else would load and compute wrong weights (a truncated int64 bias)."""
+    exact = want == torch.uint8 or key.endswith(".weight_scale")
+    if (tensor.dtype != want) if exact else (tensor.dtype not in _DENSE_DTYPES):
+        expected = str(want).removeprefix("torch.") if exact else "float32, float16 or bfloat16"
+        raise BitfluxError(f"{folder}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                           f"expected {expected}")
+    if key.endswith(".weight_packed") and (bad := formats.invalid_bytes(tensor, fmt)):
+        raise BitfluxError(f"{folder}: tensor {key!r} holds {bad} bytes that are no {fmt} codes (corrupted)")
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a bitflux transformer folder: built on meta, quantized layers filled straight from the packed
     tensors (no full-precision copy of them is ever made), which stay in the stored packing: the layers are
@@ -306,10 +321,11 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     expected = model.state_dict()
     state = {}
     for key, tensor in iter_tensors(weight_files(folder)):
-        if dtype is not None and tensor.is_floating_point() and not key.endswith(".weight_scale"):
-            tensor = tensor.to(dtype)
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
+        _check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
+        if dtype is not None and tensor.is_floating_point() and not key.endswith(".weight_scale"):
+            tensor = tensor.to(dtype)
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise BitfluxError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                f"the config expects {tuple(expected[key].shape)}")

@@ -40,6 +40,8 @@ def pack(codes: torch.Tensor, fmt: str = "tq2") -> torch.Tensor:
         raise ValueError(f"expected 2-D codes, got shape {tuple(codes.shape)}")
     if fmt not in CODES_PER_BYTE:
         raise ValueError(f"unknown format {fmt!r}")
+    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError("codes must be -1, 0 or +1")  # a 2 would be stored as some other weight
     # uint8 throughout: the largest byte, 2 * (1 + 3 + 9 + 27 + 81) = 242, cannot overflow, and a
     # full-width FLUX layer then needs no wider temporaries.
     digits = _digits(codes, fmt)
@@ -52,6 +54,8 @@ def pack(codes: torch.Tensor, fmt: str = "tq2") -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, in_features: int, fmt: str = "tq2") -> torch.Tensor:
     """(out, bytes) uint8 -> (out, in_features) int8 codes in {-1, 0, 1}."""
+    if fmt in CODES_PER_BYTE and packed.shape[-1] < packed_columns(in_features, fmt):
+        raise ValueError(f"{packed.shape[-1]} bytes a row hold fewer than {in_features} {fmt} codes")
     values = packed.unsqueeze(-1)
     if fmt == "tq2":
         shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device)
@@ -63,6 +67,14 @@ def unpack(packed: torch.Tensor, in_features: int, fmt: str = "tq2") -> torch.Te
         raise ValueError(f"unknown format {fmt!r}")
     codes = digits.reshape(packed.shape[0], -1)[:, :in_features]
     return codes.to(torch.int8) - 1
+
+
+def invalid_bytes(packed: torch.Tensor, fmt: str) -> int:
+    """How many bytes hold no valid codes: a tq2 digit 3 (both bits set), a tq1 byte past 3^5 - 1 = 242.
+    Such bytes decode to some weight (2, or a wrong digit) rather than fail: files are checked on load."""
+    if fmt == "tq2":
+        return int(torch.count_nonzero(packed & (packed >> 1) & 0x55))
+    return int(torch.count_nonzero(packed > 242))
 
 
 def convert(packed: torch.Tensor, in_features: int, src: str, dst: str) -> torch.Tensor:
