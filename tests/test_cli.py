@@ -173,6 +173,54 @@ def test_existing_output_needs_force(tmp_path, tiny_folder, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.old"]  # none left
 
 
+def test_the_output_cannot_be_the_source(tmp_path, tiny_folder, capsys):
+    """--force would replace the source: the output may not be it, hold it, or lie inside it."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    for item in tiny_folder.iterdir():
+        (pipeline / "transformer" / item.name).write_bytes(item.read_bytes())
+    (pipeline / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    before = sorted(str(p.relative_to(tmp_path)) for p in pipeline.rglob("*"))
+    for source, out in ((pipeline, pipeline), (pipeline / "transformer", pipeline), (pipeline, pipeline / "q"),
+                        (pipeline / "transformer", pipeline / "transformer")):
+        code, _, err = _run(capsys, "quantize", source, "-o", out, "--force")
+        _assert_one_line_error(code, err, "apart from the source")
+    assert sorted(str(p.relative_to(tmp_path)) for p in pipeline.rglob("*")) == before
+
+
+def test_a_pipeline_output_copies_the_small_files(tmp_path, tiny_folder, capsys):
+    """Weights may be hard links to the source's (no extra disk), but configs are copies: editing one in the
+    output leaves the source's alone."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    (pipeline / "scheduler").mkdir()
+    for item in tiny_folder.iterdir():
+        (pipeline / "transformer" / item.name).write_bytes(item.read_bytes())
+    (pipeline / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (pipeline / "scheduler" / "scheduler_config.json").write_text("{}")
+    (pipeline / "scheduler" / "weights.safetensors").write_bytes(b"")
+    assert _run(capsys, "quantize", pipeline, "-o", tmp_path / "out", "-q")[0] == 0
+    with open(tmp_path / "out" / "scheduler" / "scheduler_config.json", "a") as f:
+        f.write("edited")
+    assert (pipeline / "scheduler" / "scheduler_config.json").read_text() == "{}"
+    assert (tmp_path / "out" / "model_index.json").stat().st_nlink == 1
+
+
+def test_a_source_with_nan_is_refused(tmp_path, tiny_folder, capsys):
+    weights = tiny_folder / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("norm1.linear.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q")
+    _assert_one_line_error(code, err, "NaN or infinite", name)
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out")  # with the progress bar
+    assert code == 2 and err.strip().splitlines()[-1].startswith("bitflux: error:"), err
+    _assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, a file system nobody can write")
 def test_unwritable_output(tmp_path, tiny_folder, capsys):
     code, _, err = _run(capsys, "quantize", tiny_folder, "-o", "/proc/bitflux-out")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bitflux import BitfluxError
@@ -103,6 +104,13 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     assert Image.open(both).size[0] == 128
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "generate", "a", "--device", "cuda", "--steps", "1", "-o", "x.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err, err
+
+
 @pytest.mark.parametrize("argv,words", [
     (["generate", "", "-o", "x.png"], "prompt is empty"),
     (["generate", "a", "--size", "60x64", "-o", "x.png"], "multiples of 16"),
@@ -121,6 +129,12 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     (["generate", "a", "--offload", "--device", "cuda", "--cuda-graph", "-o", "x.png"], "not with --cuda-graph"),
     (["generate", "a", "--offload", "--device", "cuda", "--compile", "-o", "x.png"], "not with --cuda-graph or --compile"),
     (["bench", "--device", "cuda", "--cuda-graph", "--compile"], "choose one"),
+    (["generate", "a", "--device", "tpu", "-o", "x.png"], "unknown --device 'tpu'"),
+    (["generate", "a", "--seed", "99999999999999999999", "-o", "x.png"], "--seed must be between"),
+    (["generate", "a", "--seed", "-1", "-o", "x.png"], "--seed must be between"),
+    (["generate", "a", "--steps", "1000000000000000000000", "-o", "x.png"], "--steps must be between 1 and"),
+    (["generate", "a", "--guidance", "nan", "-o", "x.png"], "--guidance must be a finite number"),
+    (["eval", "--seeds", "0", "-5"], "--seed must be between"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
 ])

@@ -213,6 +213,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def check_output_apart(source: str | Path, out: str | Path) -> None:
+    """Refuse an output that is the source, holds it or lies inside it: writing it (with --force, replacing
+    it) would destroy the source."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise BitfluxError(f"{out}: the output must be apart from the source {source} (not it, not holding it, "
+                           "not inside it)")
+
+
 class AtomicFolder:
     """A temporary folder beside `target` that becomes `target` only when the block succeeds."""
 

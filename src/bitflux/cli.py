@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from .config import ACTIVATIONS, DTYPES, FORMATS
 from .errors import BitfluxError
+
+MAX_STEPS = 1000  # denoising steps: more is a typo (and would allocate a schedule of that length)
 
 
 def _cmd_quantize(args) -> None:
@@ -87,13 +91,23 @@ def _parse_lora(text: str) -> tuple[str, float]:
 def _check_common(args) -> None:
     """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
     loading chatter so that bitflux's own progress bars and lines are what the user reads."""
+    import torch
+
     from .kernels import unavailable_reason
 
-    if getattr(args, "steps", 1) < 1:
-        raise BitfluxError(f"--steps must be at least 1, got {args.steps}")
+    if not 1 <= getattr(args, "steps", 1) <= MAX_STEPS:
+        raise BitfluxError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    for seed in [getattr(args, "seed", 0), *getattr(args, "seeds", [])]:
+        if not 0 <= seed < 2**63:
+            raise BitfluxError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
+    if not math.isfinite(getattr(args, "guidance", 0.0)):
+        raise BitfluxError(f"--guidance must be a finite number, got {args.guidance}")
     if getattr(args, "size", None):
         _parse_size(args.size)
-    reason = unavailable_reason(args.backend, args.device.split(":")[0])
+    device = args.device.split(":")[0]
+    if device not in ("cpu", "cuda"):
+        raise BitfluxError(f"unknown --device {args.device!r}; choose cpu or cuda")
+    reason = unavailable_reason(args.backend, device)
     if reason:
         raise BitfluxError(reason)
     if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
@@ -107,6 +121,8 @@ def _check_common(args) -> None:
             raise BitfluxError("--offload moves the transformer between steps: not with --cuda-graph or --compile")
         if getattr(args, "compare", False):
             raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BitfluxError("--device cuda: no CUDA GPU is available to this torch (a CPU build, or no driver)")
     import diffusers
     import transformers
 
@@ -303,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns about optional vision packages at import; users see only bitflux's own lines.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         args.run(args)
     except BitfluxError as exc:
@@ -311,7 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitflux: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

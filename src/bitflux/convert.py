@@ -115,6 +115,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
     """Quantize SOURCE into the bitflux folder OUT, streaming; returns the report."""
     config = config or TernaryConfig()
     found = resolve_source(source)
+    checkpoint.check_output_apart(found.pipeline_root or source, out)
+    checkpoint.check_output_apart(source, out)
     model = flux.build_transformer(found.transformer_config, "meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     report = quantize_(model, config)
@@ -125,19 +127,22 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         transformer_dir = tmp / "transformer" if found.pipeline_root else tmp
         transformer_dir.mkdir(exist_ok=True)
         writer = checkpoint.ShardWriter(transformer_dir, max_shard_bytes)
-        bar = tqdm(total=len(checkpoint.tensor_shapes(found.files)), desc="quantizing", unit="tensor",
-                   disable=not progress)
-        for converted in _source_tensors(found):
-            for name, tensor in converted.items():
-                layer, _, leaf = name.rpartition(".")
-                if layer in targets and leaf == "weight":
-                    codes, scales = ternarize(tensor, config.method, config.granularity, config.group_size_or_none)
-                    writer.add(f"{layer}.weight_packed", formats.pack(codes, config.format))
-                    writer.add(f"{layer}.weight_scale", scales.to(config.scale_torch_dtype))
-                else:
-                    writer.add(name, tensor)
-            bar.update(1)
-        bar.close()
+        # closed on the way out of an error too, so that the error's line starts a line of its own
+        with tqdm(total=len(checkpoint.tensor_shapes(found.files)), desc="quantizing", unit="tensor",
+                  disable=not progress) as bar:
+            for converted in _source_tensors(found):
+                for name, tensor in converted.items():
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise BitfluxError(f"{source}: tensor {name!r} holds NaN or infinite values (corrupted?)")
+                    layer, _, leaf = name.rpartition(".")
+                    if layer in targets and leaf == "weight":
+                        codes, scales = ternarize(tensor, config.method, config.granularity,
+                                                  config.group_size_or_none)
+                        writer.add(f"{layer}.weight_packed", formats.pack(codes, config.format))
+                        writer.add(f"{layer}.weight_scale", scales.to(config.scale_torch_dtype))
+                    else:
+                        writer.add(name, tensor)
+                bar.update(1)
         writer.finish()
         checkpoint.write_config(transformer_dir, found.transformer_config, config)
         if found.pipeline_root:
@@ -146,7 +151,9 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
 
 
 def copy_pipeline_components(root: Path, dest: Path) -> None:
-    """Everything but the transformer, hard-linked where the filesystem allows (no extra disk)."""
+    """Everything but the transformer: weight files hard-linked where the filesystem allows (no extra disk:
+    FLUX.1's T5 is 9.5 GB), the small files (configs, tokenizers) copied, so that editing one in the output
+    leaves the source's alone."""
     for item in root.iterdir():
         if item.name == "transformer":
             continue
@@ -158,8 +165,14 @@ def copy_pipeline_components(root: Path, dest: Path) -> None:
 
 
 def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if Path(src).suffix in _LINKED_SUFFIXES:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
     return dst
+
+
+_LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never edited in place

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import AtomicFolder, save_transformer
+from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
@@ -36,6 +36,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     """
     from diffusers import FluxPipeline
 
+    check_output_apart(source, out)
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
     found = resolve_source(source)

@@ -34,7 +34,12 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import flux, formats
-from ..checkpoint import load_transformer, parse_json_object, save_transformer
+from ..checkpoint import (
+    check_output_apart,
+    load_transformer,
+    parse_json_object,
+    save_transformer,
+)
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
@@ -431,6 +436,7 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
     re-ternarization); dense target layers (a GGUF from another tool) are ternarized with `config`. Without
     one, the file's own quantization_config with `overrides` (the settings a user gave, e.g. format or
     activations), so the folder's config describes the tensors it holds (their scales' dtype included)."""
+    check_output_apart(path, out)
     contents = read_gguf(path)
     stored = contents.quantization_config
     has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)
