@@ -279,6 +279,8 @@ def test_export_gguf_and_back(tmp_path, capsys):
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     back = json.loads((tmp_path / "back" / "config.json").read_text())["quantization_config"]
     assert back == stored and back["format"] == "tq1" and back["activations"] == "a8"
+    code, stdout, _ = _run(capsys, "inspect", tmp_path / "m.gguf")
+    assert code == 0 and "GGUF file" in stdout
     # A setting given overrides that one only.
     assert _run(capsys, "quantize", tmp_path / "m.gguf", "-o", tmp_path / "tq2", "-q", "--format", "tq2")[0] == 0
     tq2 = json.loads((tmp_path / "tq2" / "config.json").read_text())["quantization_config"]

@@ -130,6 +130,8 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     (["generate", "a", "--offload", "--device", "cuda", "--compile", "-o", "x.png"], "not with --cuda-graph or --compile"),
     (["bench", "--device", "cuda", "--cuda-graph", "--compile"], "choose one"),
     (["generate", "a", "--device", "tpu", "-o", "x.png"], "unknown --device 'tpu'"),
+    (["generate", "a", "-o", "no/such/x.png"], "no such folder for x.png"),
+    (["bench", "--plot", "no/such/p.png"], "no such folder for p.png"),
     (["generate", "a", "--seed", "99999999999999999999", "-o", "x.png"], "--seed must be between"),
     (["generate", "a", "--seed", "-1", "-o", "x.png"], "--seed must be between"),
     (["generate", "a", "--steps", "1000000000000000000000", "-o", "x.png"], "--steps must be between 1 and"),
@@ -216,6 +218,8 @@ def test_generate_with_a_lora(tmp_path, capsys):
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err
+    code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:nan", "-o", tmp_path / "x.png")
+    assert code == 2 and "finite" in err and not (tmp_path / "x.png").exists()
 
 
 def test_offload_needs_cuda():

@@ -76,6 +76,15 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _check_image_output(path: str) -> None:
+    """Before a run of minutes, not after it: an image path whose folder is missing or that is a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise BitfluxError(f"{path}: is a folder, not an image file")
+    if not target.parent.is_dir():
+        raise BitfluxError(f"{target.parent}: no such folder for {target.name}")
+
+
 def _parse_lora(text: str) -> tuple[str, float]:
     """FILE[:STRENGTH] -> (file, strength)."""
     path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
@@ -83,6 +92,8 @@ def _parse_lora(text: str) -> tuple[str, float]:
         value = float(strength) if strength else 1.0
     except ValueError:
         raise BitfluxError(f"bad --lora {text!r}; expected FILE[:STRENGTH]") from None
+    if not math.isfinite(value):
+        raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number")
     if not Path(path).is_file():
         raise BitfluxError(f"{path}: no such LoRA file")
     return path, value
@@ -141,6 +152,7 @@ def _cmd_generate(args) -> None:
         raise BitfluxError("the prompt is empty")
     if not args.output.lower().endswith(".png"):
         raise BitfluxError(f"{args.output}: output must be a .png file")
+    _check_image_output(args.output)
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
     fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
@@ -176,6 +188,8 @@ def _cmd_bench(args) -> None:
     from .bench import format_bench, plot_bench, run_bench
 
     _check_common(args)
+    if args.plot:
+        _check_image_output(args.plot)
     size = _parse_size(args.size) if args.size else None
     result = run_bench(args.model, args.device, args.steps, args.backend, size, cuda_graph=args.cuda_graph,
                        compile=args.compile, activations=args.activations, packing=args.packing, dtype=args.dtype,

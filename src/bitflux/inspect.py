@@ -18,6 +18,11 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
     if path.lower() in flux.KNOWN_CONFIGS:
         return flux.KNOWN_CONFIGS[path.lower()], TernaryConfig(), "known config"
     p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from .interop.gguf import stored_configs
+
+        config, quant = stored_configs(p)
+        return config, quant, "GGUF file"
     if p.is_file() and p.suffix == ".json":
         config = checkpoint.parse_json_object(p.read_bytes(), str(p))
         flux.check_flux_config(config, str(p))

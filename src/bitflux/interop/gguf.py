@@ -369,6 +369,18 @@ def _diffusers_named(raw: dict, shapes: dict) -> dict:
     return out
 
 
+def stored_configs(path) -> tuple[dict, TernaryConfig]:
+    """(transformer config, quantization config) from a bitflux-written GGUF file's metadata, reading no
+    tensor data (`bitflux inspect`)."""
+    reader = _open(path)
+    stored, transformer = _field_string(reader, _META_CONFIG), _field_string(reader, _META_TRANSFORMER)
+    if not stored or not transformer:
+        raise BitfluxError(f"{path}: a GGUF file without bitflux's metadata; `bitflux quantize {Path(path).name} "
+                           "-o FOLDER` reads it, then inspect FOLDER")
+    config = parse_json_object(transformer, f"{path}: {_META_TRANSFORMER}")
+    return config, TernaryConfig.from_dict(parse_json_object(stored, f"{path}: {_META_CONFIG}"))
+
+
 def read_gguf(path) -> GGUFContents:
     """Read a GGUF file (ours or another tool's; diffusers or original FLUX names) into bitflux's
     state-dict convention with diffusers names. Holds the whole model: ternary codes stay packed."""
