@@ -90,7 +90,7 @@ def test_load_refuses_full_precision_folder(tiny_folder):
 @pytest.mark.parametrize("fmt", ["tq2", "tq1"])
 @pytest.mark.parametrize("damage,message", [
     (lambda t, key: t[key].to(torch.int8) if key.endswith("weight_packed") else t[key], "is int8, expected uint8"),
-    (lambda t, key: t[key].double() if key.endswith("weight_scale") else t[key], "is float64, expected float16"),
+    (lambda t, key: t[key].double() if key.endswith("weight_scale") else t[key], "is float64, expected float32, "),
     (lambda t, key: t[key].long() if key.endswith("bias") else t[key], "is int64, expected float32, float16 or"),
     (lambda t, key: torch.full_like(t[key], 255) if key.endswith("weight_packed") else t[key], "no tq. codes"),
 ])
@@ -107,6 +107,23 @@ def test_load_refuses_tensors_of_the_wrong_kind(tmp_path, tiny_folder, fmt, dama
     with pytest.raises(BitfluxError, match=message) as info:
         load_transformer(out)
     assert "\n" not in str(info.value)
+
+
+def test_scales_are_stored_and_loaded_in_the_config_dtype(tmp_path, tiny_folder):
+    """save_transformer writes the scales in its config's dtype; a folder whose scales are another float
+    dtype (written by an older bitflux) loads them converted to the config's."""
+    from safetensors.torch import load_file, save_file
+
+    quantize_checkpoint(tiny_folder, tmp_path / "a", TernaryConfig())
+    model = load_transformer(tmp_path / "a")
+    save_transformer(model, tmp_path / "b", TernaryConfig(scale_dtype="bfloat16"))
+    stored = {k: v for f in (tmp_path / "b").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert {v.dtype for k, v in stored.items() if k.endswith("weight_scale")} == {torch.bfloat16}
+    for file in (tmp_path / "a").glob("*.safetensors"):  # float16 scales under a float32 config
+        tensors = load_file(file)
+        save_file({k: v.half() if k.endswith("weight_scale") else v for k, v in tensors.items()}, file)
+    assert {m.weight_scale.dtype for m in load_transformer(tmp_path / "a").modules()
+            if isinstance(m, TernaryLinear)} == {torch.float32}
 
 
 def test_codes_outside_the_ternary_set_are_not_packed():

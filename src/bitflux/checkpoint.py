@@ -185,10 +185,12 @@ class ShardWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def stored_tensors(name: str, module, fmt: str) -> dict[str, torch.Tensor]:
-    """The tensors a TernaryLinear is saved as, its codes repacked from its own packing to `fmt`."""
+def stored_tensors(name: str, module, fmt: str, scale_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a TernaryLinear is saved as, its codes repacked from its own packing to `fmt` and its
+    scales in `scale_dtype` (the folder config's), so that the config describes them."""
+    scale = module.weight_scale if scale_dtype is None else module.weight_scale.to(scale_dtype)
     tensors = {f"{name}.weight_packed": formats.convert(module.weight_packed, module.in_features, module.packing, fmt),
-               f"{name}.weight_scale": module.weight_scale}
+               f"{name}.weight_scale": scale}
     if module.bias is not None:
         tensors[f"{name}.bias"] = module.bias
     return tensors
@@ -282,7 +284,7 @@ def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bo
         ternary = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
         skip = {f"{n}.{s}" for n in ternary for s in ("weight_packed", "weight_scale", "bias")}
         for name, module in ternary.items():
-            for key, tensor in stored_tensors(name, module, config.format).items():
+            for key, tensor in stored_tensors(name, module, config.format, config.scale_torch_dtype).items():
                 writer.add(key, tensor)
         for key, tensor in model.state_dict().items():
             if key not in skip:
@@ -298,9 +300,9 @@ _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_dtype(folder: Path, key: str, tensor: torch.Tensor, want: torch.dtype, fmt: str) -> None:
-    """Codes are uint8 holding only valid codes, scales the config's scale dtype, the other tensors a float
-    dtype the model runs in: anything else would load and compute wrong weights (a truncated int64 bias)."""
-    exact = want == torch.uint8 or key.endswith(".weight_scale")
+    """Codes are uint8 holding only valid codes, every other tensor a float dtype the model runs in: anything
+    else would load and compute wrong weights (a truncated int64 bias, a code 3 read as a weight of 2)."""
+    exact = want == torch.uint8
     if (tensor.dtype != want) if exact else (tensor.dtype not in _DENSE_DTYPES):
         expected = str(want).removeprefix("torch.") if exact else "float32, float16 or bfloat16"
         raise BitfluxError(f"{folder}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, "
@@ -333,7 +335,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
         _check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
-        if dtype is not None and tensor.is_floating_point() and not key.endswith(".weight_scale"):
+        if key.endswith(".weight_scale"):
+            tensor = tensor.to(expected[key].dtype)  # the config's scale dtype (older folders could differ)
+        elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise BitfluxError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
