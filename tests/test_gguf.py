@@ -52,7 +52,8 @@ def test_decode_inverts_encode(qtype, fill):
 
 
 @pytest.mark.parametrize("granularity,scale_shape", [("tensor", (1, 1)), ("channel", (6, 1)),
-                                                     ("group:512", (6, 3)), ("group:256", (6, 5))])
+                                                     ("group:512", (6, 3)), ("group:256", (6, 5)),
+                                                     ("group:100000", (6, 1))])  # a group longer than a row
 def test_scales_map_to_blocks_and_back_exactly(granularity, scale_shape):
     config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
     scales = (torch.rand(scale_shape) + 0.01).half().float()

@@ -145,8 +145,8 @@ def from_block_scales(block_scales: torch.Tensor, granularity: str, group_size: 
         scales = block_scales[:1, :1]
     elif granularity == "channel":
         scales = block_scales[:, :1]
-    elif group_size % BLOCK == 0:
-        scales = block_scales[:, ::group_size // BLOCK]
+    elif group_size % BLOCK == 0 or group_size >= block_scales.shape[1] * BLOCK:  # whole blocks, or whole rows
+        scales = block_scales[:, ::max(1, group_size // BLOCK)]
     else:
         return None
     per_group = 1 if scales.shape[1] == 1 else group_size // BLOCK
