@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
-    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args.run(args)
     except BitfluxError as exc:
@@ -351,12 +353,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -116,7 +116,6 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
     config = config or TernaryConfig()
     found = resolve_source(source)
     checkpoint.check_output_apart(found.pipeline_root or source, out)
-    checkpoint.check_output_apart(source, out)
     model = flux.build_transformer(found.transformer_config, "meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     report = quantize_(model, config)
@@ -164,6 +163,9 @@ def copy_pipeline_components(root: Path, dest: Path) -> None:
             _link_or_copy(item, target)
 
 
+_LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never edited in place
+
+
 def _link_or_copy(src, dst):
     if Path(src).suffix in _LINKED_SUFFIXES:
         try:
@@ -173,6 +175,3 @@ def _link_or_copy(src, dst):
             pass
     shutil.copy2(src, dst)
     return dst
-
-
-_LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never edited in place

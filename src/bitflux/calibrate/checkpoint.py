@@ -36,10 +36,10 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     """
     from diffusers import FluxPipeline
 
-    check_output_apart(source, out)
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
     found = resolve_source(source)
+    check_output_apart(found.pipeline_root or source, out)
     if found.pipeline_root is None:
         raise BitfluxError(f"{source}: calibration needs a whole FLUX pipeline folder (its text encoders turn "
                            "the prompts into the teacher's inputs), not a transformer alone")

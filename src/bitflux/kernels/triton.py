@@ -695,8 +695,7 @@ if triton is not None:
     def _plane_value(packed, p: tl.constexpr):
         """w = u - 1 of the code at bits 2p of each element (a tq2 byte, or a tq1 byte's table bits), in fp32,
         exactly: the same trick without shifting the code down first. Its bits in the mantissa of 1.0 make the
-        float 1 + u 2^(2p - 23),
-        and one multiply-add by powers of two leaves u - 1."""
+        float 1 + u 2^(2p - 23), and one multiply-add by powers of two leaves u - 1."""
         one_plus = ((packed.to(tl.int32) | 0x3F800000) & (0x3F800000 | (3 << (2 * p)))).to(tl.float32, bitcast=True)
         return one_plus * (2.0 ** (23 - 2 * p)) - (2.0 ** (23 - 2 * p) + 1.0)
 
@@ -1089,9 +1088,9 @@ if triton is not None:
             elif DOT_FP32:
                 acc = _accumulate(a.to(tl.float32), _ternary_value(digits), acc, True, "ieee")
             elif ACT == 2:
-                acc = _accumulate(a, (_ternary_value(digits)).to(a.dtype), acc, True, "fp8")
+                acc = _accumulate(a, _ternary_value(digits).to(a.dtype), acc, True, "fp8")
             else:
-                acc = _accumulate(a, (_ternary_value(digits)).to(a.dtype), acc, True, "native")
+                acc = _accumulate(a, _ternary_value(digits).to(a.dtype), acc, True, "native")
         acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
         _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
                      FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
