@@ -178,14 +178,21 @@ def variants(quick: bool):
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
-        for fma, (block_m, block_n, block_k, warps, stages) in ((False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)):
+        tiles = [(False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)]
+        if act != "a16" and not quick:
+            tiles += [(True, tile) for tile in tk.GEMV_QUANTIZING_TILES]
+        for fma, (block_m, block_n, block_k, warps, stages) in tiles:
             # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked)
             for tq1, even_k in ((False, True), (True, True), (False, False), (True, False)):
                 if not even_k and act != "a16":
                     continue
-                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}",
+                default = (block_m, block_n, block_k) in (tk.GEMV_TILE[:3], tk.SPLITK_TILE[:3])
+                rows = "" if default else f" {block_n} rows"
+                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}{rows}",
                        tk._gemv_kernel,
-                       {"x_ptr": x_dtype, "w_ptr": u8, "table_ptr": torch.int16, **epilogue_ptrs, "out_ptr": bf16},
+                       # the GEMV quantizes its one float row itself
+                       {"x_ptr": bf16 if fma else x_dtype, "w_ptr": u8, "table_ptr": torch.int16, **epilogue_ptrs,
+                        "out_ptr": bf16},
                        {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
                         "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
                         "BLOCK_K": block_k}, warps, stages, fp8_targets if act == "fp8" else all_targets)

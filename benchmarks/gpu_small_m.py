@@ -2,9 +2,9 @@
 cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token) and how many programs per SM the K split
 aims for, at FLUX.1-dev layer shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead)
 beside cuBLAS's bf16 GEMM on the same weight, and its output is checked against that GEMM's, so a fast but
-wrong candidate shows. Prints the default's time and the best candidate's per (layer, M, mode, strategy);
-writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE and PROGRAMS_PER_SM
-in bitflux/kernels/triton.py.
+wrong candidate shows. Prints the default's time (the backend's choice) and the best candidate's per (layer,
+M, mode, strategy); writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE,
+GEMV_QUANTIZING_TILES and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
 
     PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
@@ -63,6 +63,10 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                         continue
                     row = {"layer": name, "M": m, "N": n, "K": k, "mode": mode, "strategy": strategy,
                            "bf16_ms": bf16_ms, "candidates": []}
+                    # first the backend's own choice as it stands (for the GEMV with int8/e4m3 activations
+                    # that depends on the layer: GEMV_QUANTIZING_TILES), then each tile at each target
+                    row["candidates"].append(measure(x, prepared, bias, activations, strategy, None,
+                                                     triton_backend.PROGRAMS_PER_SM, expected, device))
                     candidates = CANDIDATES[strategy][:2] if dry_run else CANDIDATES[strategy]
                     for tile in candidates:
                         for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
@@ -73,10 +77,16 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
 
 def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, programs: int, expected, device
             ) -> dict:
-    """One candidate set as the backend's constants: its GPU time and its error vs the bf16 GEMM."""
-    constant = "GEMV_TILE" if strategy == "gemv" else "SPLITK_TILE"
-    saved = getattr(triton_backend, constant), triton_backend.PROGRAMS_PER_SM
-    setattr(triton_backend, constant, tile)
+    """One candidate set as the backend's constants (tile None: the backend's own choice): its GPU time and its
+    error vs the bf16 GEMM."""
+    names = ("GEMV_TILE", "GEMV_QUANTIZING_TILES") if strategy == "gemv" else ("SPLITK_TILE",)
+    saved = {name: getattr(triton_backend, name) for name in (*names, "PROGRAMS_PER_SM")}
+    if tile is None:
+        tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"
+                else triton_backend.SPLITK_TILE)
+    else:
+        for name in names:  # this tile for every layer
+            setattr(triton_backend, name, tile if name != "GEMV_QUANTIZING_TILES" else ())
     triton_backend.PROGRAMS_PER_SM = programs
     result = {"tile": list(tile), "programs_per_sm": programs}
     try:
@@ -88,8 +98,8 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
     except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run (registers, shared memory)
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     finally:
-        setattr(triton_backend, constant, saved[0])
-        triton_backend.PROGRAMS_PER_SM = saved[1]
+        for name, value in saved.items():
+            setattr(triton_backend, name, value)
     return result
 
 

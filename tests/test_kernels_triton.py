@@ -393,6 +393,36 @@ def test_whole_steps_read_the_codes_unmasked(strategy, activations, packing, mon
         _assert_close(out, reference.linear(x, weight, None, "a16"), torch.bfloat16)
 
 
+def _ties(activations: str, k: int) -> torch.Tensor:
+    """One row whose scale is exactly 1 (max |x| = 127 or 448) and whose values lie on the quantizer's rounding
+    ties (halves for int8; midpoints of e4m3 neighbours, normal and subnormal, for fp8), beside random ones."""
+    if activations == "a8":
+        special = [127.0, -126.5, 2.5, -0.5, 1.5, 0.5, 3.5, -3.5]
+    else:
+        special = [448.0, 1.0625, -1.1875, 17.0, 19.0, -104.0, 3 * 2.0**-10, -5 * 2.0**-10, 2.0**-10, 464.0 / 2]
+    x = _activations(1, k, torch.float32).cpu()
+    x[0, :len(special)] = torch.tensor(special)
+    return x.to(DEVICE)
+
+
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+@pytest.mark.parametrize("activations", ["a8", "fp8"])
+@pytest.mark.parametrize("k", [300, 512])
+def test_gemv_quantizes_its_row_exactly(k, activations, packing):
+    """The one-token GEMV quantizes x itself (no quantizer launch): with identity codes each output is one
+    quantized value x its scale, so the outputs show every rounding, bit for bit against the reference. K = N:
+    300 (masked steps) and 512 (whole steps), both with enough rows for a GEMV_QUANTIZING_TILES tile; a zero
+    row (scale 1e-12 / qmax) too."""
+    codes = torch.eye(k, dtype=torch.int8)
+    weight = TernaryWeight(formats.pack(codes, packing).to(DEVICE), torch.ones(1, 1, device=DEVICE), k, k, None,
+                           packing)
+    linear = {"a8": reference.linear_a8, "fp8": reference.linear_fp8}[activations]
+    for x in (_ties(activations, k), torch.zeros(1, k, device=DEVICE)):
+        out = tk.linear(x, tk.prepare(weight), None, activations, strategy="gemv")
+        assert torch.equal(out, _on_cpu(linear, x, _cpu_weight(weight), None))
+    assert tk._gemv_tile(k, activations, torch.device(DEVICE)) != tk.GEMV_TILE or DEVICE == "cuda"
+
+
 def test_gemv_keeps_int8_sums_exact():
     """gemv sums int8 products in fp32: offered for a8 only while 127 K < 2^24 (FLUX's longest rows: 15360)."""
     assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K, 8), "a8")

@@ -8,7 +8,8 @@ six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, g
             the bytes.
   gemv      the same for one token without tl.dot: fp32 products and sums on CUDA cores (no 16-row padding),
             the weights built from the codes' bits, never converted from integers; tq2: x's step loaded
-            contiguously times the codes unpacked in K order; tq1: per digit plane, x at stride 5.
+            contiguously times the codes unpacked in K order; tq1: per digit plane, x at stride 5. int8 and
+            e4m3 activations are quantized in the same kernel (one launch).
   tiled     the fused tile kernel: 2-bit tiles unpacked in registers (the next tile's bytes loaded ahead),
             tl.dot, scales + bias epilogue; some tile configs swap the operands (codes @ x^T).
   planar    the activations in plane-major order (bit plane p of tq2 byte j multiplies column 4j + p, so
@@ -67,6 +68,11 @@ EXPAND_TILES = {"tq2": (16, 128, 8), "tq1": (32, 64, 4)}
 SPLITK_TILE = (16, 64, 128, 4, 4)
 GEMV_TILE = (1, 8, 1024, 4, 3)
 PROGRAMS_PER_SM = 4
+# The GEMV with int8/e4m3 activations quantizes x itself: every program divides the whole row once (a correctly
+# rounded division is ~18 instructions on sm_90), so more rows a program share it: 8 x 1024 tiles take
+# 6.8-7.5 instructions a code against a16's 4.5, 32 x 256 ones 4.9-5.2 (benchmarks/gpu_compile.py). Used when
+# a layer has enough rows for PROGRAMS_PER_SM programs an SM without splitting K (partial sums cost a launch).
+GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -439,8 +445,11 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
     applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue.
     fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
-    q, act_scale = _quantized(x2, activations)
-    block_m, block_n, block_k, warps, stages = GEMV_TILE if fma else SPLITK_TILE
+    if fma and activations != "a16":  # the GEMV quantizes its one row itself
+        q, act_scale = x2, torch.empty(M, dtype=torch.float32, device=x2.device)
+    else:
+        q, act_scale = _quantized(x2, activations)
+    block_m, block_n, block_k, warps, stages = _gemv_tile(N, activations, x2.device) if fma else SPLITK_TILE
     # A step reads block_k / 4 bytes a row: block_k codes in tq2, 5 / 4 of that in tq1.
     step = block_k // 4 * (5 if prepared.tq1 else 4)
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
@@ -453,6 +462,14 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=K % step == 0, num_warps=warps, num_stages=stages)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
+
+
+def _gemv_tile(N: int, activations: str, device: torch.device) -> tuple:
+    if activations != "a16":
+        for tile in GEMV_QUANTIZING_TILES:
+            if _cdiv(N, tile[1]) >= _target_programs(device):
+                return tile
+    return GEMV_TILE
 
 
 def _split_k(steps: int, tiles: int, M: int, N: int, out_dtype, device) -> tuple[int, torch.Tensor]:
@@ -622,11 +639,7 @@ if triton is not None:
             tl.store(q_row + _plane_major_column(offs, PLANE), _quantize_values(x, scale, qmax, FP8),
                      mask=offs < KQ)
         else:
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK):
-                offs = k0 + tl.arange(0, BLOCK)
-                amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-            scale = _absmax_scale(tl.max(amax, axis=0), qmax)
+            scale = _absmax_scale(_row_absmax(x_row, K, BLOCK), qmax)
             for k0 in range(0, KQ, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -635,17 +648,34 @@ if triton is not None:
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
+    def _row_absmax(x_row, K, BLOCK: tl.constexpr):
+        """max |x| over a row of K values, read in blocks of BLOCK."""
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        return tl.max(amax, axis=0)
+
+    @triton.jit
     def _absmax_scale(amax, qmax: tl.constexpr):
         # div_rn: the default fp32 division on GPUs is approximate, the reference's is correctly rounded.
         return tl.math.div_rn(tl.maximum(amax, 1e-12), qmax)
 
     @triton.jit
     def _quantize_values(x, scale, qmax: tl.constexpr, FP8: tl.constexpr):
+        if FP8:
+            return _quantized_fp32(x, scale, qmax, FP8).to(tl.float8e4nv)  # exact: the value is representable
+        else:
+            return _quantized_fp32(x, scale, qmax, FP8).to(tl.int8)
+
+    @triton.jit
+    def _quantized_fp32(x, scale, qmax: tl.constexpr, FP8: tl.constexpr):
+        """x's quantized values (int8 or e4m3), still in fp32."""
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -qmax), qmax)
         if FP8:
-            return _round_to_e4m3(v).to(tl.float8e4nv)  # exact: the value is representable
+            return _round_to_e4m3(v)
         else:
-            return _round_half_even(v).to(tl.int8)
+            return _round_half_even(v)
 
     @triton.jit
     def _plane_major_column(column, PLANE: tl.constexpr):
@@ -747,16 +777,24 @@ if triton is not None:
         return tl.reshape(slots, (BLOCK_N, 8 * BYTES))
 
     @triton.jit
-    def _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                        SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _row_scales(act_scale_ptr, offs_m, mask_m, ACT_SCALED: tl.constexpr):
+        """The activation scales of rows offs_m (ACT_SCALED; else zeros, never used)."""
+        if ACT_SCALED:
+            return tl.load(act_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        else:
+            return tl.zeros(offs_m.shape, dtype=tl.float32)
+
+    @triton.jit
+    def _scale_and_bias(acc, offs_n, mask_n, scale_ptr, row_scales, bias_ptr, SCALE_MODE: tl.constexpr,
+                        ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
         """The epilogue shared by every kernel, in the reference's order: x weight scale, x activation
-        scale, + bias (fp32)."""
+        scale (row_scales: one a row of acc), + bias (fp32)."""
         if SCALE_MODE == 0:
             acc = acc * tl.load(scale_ptr)
         elif SCALE_MODE == 1:
             acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if ACT_SCALED:
-            acc = acc * tl.load(act_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+            acc = acc * row_scales[:, None]
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         return acc
@@ -783,15 +821,15 @@ if triton is not None:
             return tl.dot(left, right, acc)
 
     @triton.jit
-    def _store_slice(acc, split_index, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr,
+    def _store_slice(acc, split_index, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, row_scales, bias_ptr,
                      out_ptr, FUSED: tl.constexpr, SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr,
                      HAS_BIAS: tl.constexpr):
         """A split-K program's (M, N) tile: FUSED (the only slice), scaled and stored as the output; else its
         fp32 partial sums at out[split_index], for _epilogue_kernel."""
         mask = mask_m[:, None] & mask_n[None, :]
         if FUSED:
-            acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                                  SCALE_MODE, ACT_SCALED, HAS_BIAS)
+            acc = _scale_and_bias(acc, offs_n, mask_n, scale_ptr, row_scales, bias_ptr, SCALE_MODE, ACT_SCALED,
+                                  HAS_BIAS)
             out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -829,7 +867,11 @@ if triton is not None:
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
         fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
         columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step). table_ptr: tq1_digit_table,
-        which the tensor-core tq1 loop reads (any pointer otherwise)."""
+        which the tensor-core tq1 loop reads (any pointer otherwise). FMA with int8 or e4m3 ACT: x is the
+        float row itself, quantized here as _quantize_row does (bit for bit): every program reads the
+        whole row once for its scale (from L2 and L1: the row is a few KB, the weights MBs), and program
+        (0, 0) stores the scale for _epilogue_kernel. That saves the quantizer's launch, which at one token
+        took as long as the GEMV on small layers (H100: 3.5-6.5 us)."""
         BYTES: tl.constexpr = BLOCK_K // 4
         PER_BYTE: tl.constexpr = 5 if TQ1 else 4
         STEP: tl.constexpr = BYTES * PER_BYTE
@@ -844,6 +886,15 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         offs_j = tl.arange(0, BYTES)  # planes: byte j of a step holds columns PER_BYTE j .. PER_BYTE j + PER_BYTE - 1
+        QUANTIZE: tl.constexpr = FMA and ACT != 0
+        QMAX: tl.constexpr = 448.0 if ACT == 2 else 127.0
+        if QUANTIZE:
+            act_scale = _absmax_scale(_row_absmax(x_ptr, K, BLOCK_K), QMAX)
+            row_scales = tl.full([BLOCK_M], act_scale, dtype=tl.float32)
+            if (pid_n == 0) & (pid_k == 0):
+                tl.store(act_scale_ptr, act_scale)
+        else:
+            row_scales = _row_scales(act_scale_ptr, offs_m, mask_m, ACT != 0)
         # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end;
         # in fp32 for every ACT, which is exact for int8 activations (|sum| <= 127 K < 2^24).
         acc_columns = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # tq2: one lane a column of the step
@@ -867,6 +918,8 @@ if triton is not None:
                 # The step's columns of x loaded once, contiguously, times the codes unpacked into K order
                 # (on CUDA cores the joins only rename registers).
                 x_step = tl.load(x_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+                if QUANTIZE:
+                    x_step = _quantized_fp32(x_step, act_scale, QMAX, ACT == 2)
                 acc_columns += x_step[None, :] * _unpack_values(packed, BLOCK_N, BLOCK_K)
             elif TQ1:
                 # Plane p of the bytes holds columns k0 + 5 j + p: no tile of a power-of-two width to unpack into.
@@ -878,8 +931,10 @@ if triton is not None:
                 for p in tl.static_range(PER_BYTE):
                     cols = k0 + PER_BYTE * offs_j + p
                     if FMA:
-                        a = tl.load(x_ptr + cols, mask=cols < K, other=0.0)  # the one row (M == 1)
-                        acc_bytes += a.to(tl.float32)[None, :] * _ternary_value(_tq1_plane(packed, p))
+                        a = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)  # the one row (M == 1)
+                        if QUANTIZE:
+                            a = _quantized_fp32(a, act_scale, QMAX, ACT == 2)
+                        acc_bytes += a[None, :] * _ternary_value(_tq1_plane(packed, p))
                     else:
                         a = tl.load(x_rows + cols[None, :], mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
                         acc, acc_int = _dot_weights(a, _tq1_weights(bits, p, ACT), acc, acc_int, ACT, DOT_FP32)
@@ -895,7 +950,7 @@ if triton is not None:
             acc = tl.where(offs_m[:, None] == 0, sums[None, :], 0.0)
         elif ACT == 1:
             acc = acc_int.to(tl.float32)  # |sum| <= 127 K < 2^24: exact
-        _store_slice(acc, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
+        _store_slice(acc, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, row_scales, bias_ptr, out_ptr,
                      FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
 
     @triton.jit
@@ -925,8 +980,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for s in range(S):  # in order: deterministic
             acc += tl.load(partial_ptr + s * M * N + tile, mask=mask, other=0).to(tl.float32)
-        acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                              SCALE_MODE, ACT_SCALED, HAS_BIAS)
+        acc = _scale_and_bias(acc, offs_n, mask_n, scale_ptr, _row_scales(act_scale_ptr, offs_m, mask_m, ACT_SCALED),
+                              bias_ptr, SCALE_MODE, ACT_SCALED, HAS_BIAS)
         tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     def _config(block_m, block_n, block_k, warps, stages, swap=False):
@@ -1043,8 +1098,8 @@ if triton is not None:
             acc = acc_int.to(tl.float32)
         if SWAP:
             acc = tl.trans(acc)
-        acc = _scale_and_bias(acc, offs_m, offs_n, mask_m, mask_n, scale_ptr, act_scale_ptr, bias_ptr,
-                              SCALE_MODE, ACT != 0, HAS_BIAS)
+        acc = _scale_and_bias(acc, offs_n, mask_n, scale_ptr, _row_scales(act_scale_ptr, offs_m, mask_m, ACT != 0),
+                              bias_ptr, SCALE_MODE, ACT != 0, HAS_BIAS)
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -1092,5 +1147,6 @@ if triton is not None:
             else:
                 acc = _accumulate(a, _ternary_value(digits).to(a.dtype), acc, True, "native")
         acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
-        _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, act_scale_ptr, bias_ptr, out_ptr,
-                     FUSED, SCALE_MODE, ACT != 0, HAS_BIAS)
+        _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr,
+                     _row_scales(act_scale_ptr, offs_m, mask_m, ACT != 0), bias_ptr, out_ptr, FUSED, SCALE_MODE,
+                     ACT != 0, HAS_BIAS)
