@@ -457,7 +457,7 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp
     monkeypatch.setattr(tk, "_stored", None)
     monkeypatch.setattr(tk, "chosen", {})
     monkeypatch.setattr(tk, "timings", {})
-    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())  # "time" = fn's result
+    monkeypatch.setattr(tk, "_gpu_ms", lambda fn, graph: fn())  # "time" = fn's result
 
     def run(name):
         if name == "broken":
@@ -468,7 +468,7 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp
     names = ["slow", "broken", "fast"]
     assert tk._choose(key, names, run, "cuda") == "fast"
     assert tk.timings[key] == {"slow": 2.0, "broken": math.inf, "fast": 1.0}
-    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: pytest.fail("timed twice"))
+    monkeypatch.setattr(tk, "_gpu_ms", lambda fn, graph: pytest.fail("timed twice"))
     assert tk._choose(key, names, run, "cuda") == "fast"
     # A new process (nothing in memory) reads the choice back from the cache: no timing.
     monkeypatch.setattr(tk, "chosen", {})
@@ -478,8 +478,33 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp
     assert stored == {"test GPU": {"a16 bfloat16 scales 0 bias 1 4096x3072x3072": "fast"}}
     # A stored strategy that no longer applies is timed again.
     monkeypatch.setattr(tk, "chosen", {})
-    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    monkeypatch.setattr(tk, "_gpu_ms", lambda fn, graph: fn())
     assert tk._choose(key, ["slow"], run, "cuda") == "slow"
+
+
+def test_choose_times_gpu_time_and_nothing_while_capturing(monkeypatch, tmp_path):
+    """Few-token candidates are timed replayed from a CUDA graph (eagerly where capture fails); a call first
+    seen during a capture takes the default, remembered nowhere."""
+    monkeypatch.setattr(tk.triton.testing, "do_bench_cudagraph", lambda fn, **kwargs: fn() / 10)
+    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    assert tk._gpu_ms(lambda: 5.0, graph=True) == 0.5
+    assert tk._gpu_ms(lambda: 5.0, graph=False) == 5.0  # large calls: eager, L2 flushed
+
+    def uncapturable(fn, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(tk.triton.testing, "do_bench_cudagraph", uncapturable)
+    assert tk._gpu_ms(lambda: 5.0, graph=True) == 5.0
+    monkeypatch.setenv("BITFLUX_CACHE", str(tmp_path))
+    monkeypatch.setattr(tk, "_namespace", lambda device: "test GPU")
+    monkeypatch.setattr(tk, "_stored", None)
+    monkeypatch.setattr(tk, "chosen", {})
+    monkeypatch.setattr(tk.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tk.torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(tk, "_gpu_ms", lambda fn, graph: pytest.fail("timed during a capture"))
+    key = tk.CallKey("a16", torch.bfloat16, tk._SCALE_TENSOR, False, 1, 3072, 3072)
+    assert tk._choose(key, ["splitk", "gemv"], lambda name: 1.0, "cuda") == "splitk"
+    assert tk.chosen == {} and not (tmp_path / tk.STRATEGY_FILE).exists()
 
 
 def test_strategy_choices_are_kept_per_kernel_source(monkeypatch):
@@ -499,7 +524,7 @@ def test_an_unwritable_strategy_cache_only_warns(monkeypatch, tmp_path):
     monkeypatch.setattr(tk, "_stored", None)
     monkeypatch.setattr(tk, "chosen", {})
     monkeypatch.setattr(tk, "timings", {})
-    monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
+    monkeypatch.setattr(tk, "_gpu_ms", lambda fn, graph: fn())
     key = tk.CallKey("a8", torch.bfloat16, tk._SCALE_CHANNEL, False, 512, 3072, 3072)
     with pytest.warns(UserWarning, match="cannot keep Triton strategy choices"):
         assert tk._choose(key, ["only"], lambda name: 1.0, "cuda") == "only"

@@ -254,8 +254,9 @@ _stored: dict | None = None  # STRATEGY_FILE's contents, read once per process
 def _choose(key: CallKey, names: list[str], run, device: torch.device) -> str:
     """The fastest strategy for calls of this key, timed once per GPU and software versions: the choice is
     kept in STRATEGY_FILE (in the bitflux cache), so a later process (another `bitflux generate`) starts
-    without timing. Warm up before CUDA-graph capture, as for any Triton autotune. A strategy that fails
-    on this GPU (a shape cuBLAS refuses, a missing instruction) is skipped."""
+    without timing. Warm up before CUDA-graph capture, as for any Triton autotune (a call first seen while
+    a graph is being captured cannot be timed: it takes the default strategy, not remembered). A strategy
+    that fails on this GPU (a shape cuBLAS refuses, a missing instruction) is skipped."""
     if key in chosen:
         return chosen[key]
     namespace, entry = _namespace(device), _entry(key)
@@ -263,16 +264,32 @@ def _choose(key: CallKey, names: list[str], run, device: torch.device) -> str:
     if stored in names:
         chosen[key] = stored
         return stored
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return names[0]
     times = {}
     for name in names:
         try:
-            times[name] = triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
+            times[name] = _gpu_ms(lambda: run(name), graph=key.M <= SMALL_M)
         except Exception:  # noqa: BLE001 - a strategy this GPU cannot run is simply not chosen
             times[name] = float("inf")
     timings[key] = times
     chosen[key] = min(times, key=times.get)
     _save_stored(namespace, entry, chosen[key])
     return chosen[key]
+
+
+def _gpu_ms(fn, graph: bool) -> float:
+    """Median milliseconds a call of fn. graph (few tokens): replayed from a CUDA graph, the kernels' GPU time;
+    timed eagerly, a few-us kernel measures its launch instead (on 3072 x 3072 at one token that chose `tiled`,
+    13 us of GPU time, over `gemv`'s 3.6 us; BENCHMARKS.md). Where fn cannot be captured, and for the large
+    calls, whose kernels outlast their launch: eagerly, with L2 flushed between calls. (Replayed, weights that
+    fit in L2 stay there; every candidate reads the same bytes.)"""
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - capture refused (a host sync, an uncapturable library call)
+            pass
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
 STRATEGY_FILE = "triton-strategies.json"
