@@ -433,8 +433,8 @@ def test_gemv_keeps_int8_sums_exact():
 
 def test_default_strategies_and_refusals():
     layer, grouped = _layer(tk._SCALE_TENSOR, 256, 144), _layer(tk._SCALE_GROUP, 256, 144)
-    assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar"]
-    assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar"]
+    assert tk.strategies(1, layer, "a16") == ["splitk", "gemv", "tiled", "planar", "splitk8", "gemv8"]
+    assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar", "splitk8"]
     assert tk.strategies(17, layer, "a8") == ["tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["tiled", "planar", "expanded", "cublas"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
@@ -443,7 +443,7 @@ def test_default_strategies_and_refusals():
     assert "cublas" not in tk.strategies(200, odd, "a8") and "cublas" in tk.strategies(200, odd, "a16")
     # tq1: no tile kernels on 2-bit tiles; the expanded GEMM computes what the split-K kernel cannot
     tq1, tq1_grouped = _layer(tk._SCALE_TENSOR, 256, 144, "tq1"), _layer(tk._SCALE_GROUP, 256, 144, "tq1")
-    assert tk.strategies(1, tq1, "a16") == ["splitk", "gemv", "expanded"]
+    assert tk.strategies(1, tq1, "a16") == ["splitk", "gemv", "expanded", "splitk8", "gemv8"]
     assert tk.strategies(17, tq1, "fp8") == ["expanded", "cublas"]
     assert tk.strategies(1, tq1_grouped, "a8") == ["expanded"]
     weight = _weight(20, 130)

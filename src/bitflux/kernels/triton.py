@@ -21,6 +21,7 @@ six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, g
             activations), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue.
+  splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
 tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
@@ -73,6 +74,11 @@ PROGRAMS_PER_SM = 4
 # 6.8-7.5 instructions a code against a16's 4.5, 32 x 256 ones 4.9-5.2 (benchmarks/gpu_compile.py). Used when
 # a layer has enough rows for PROGRAMS_PER_SM programs an SM without splitting K (partial sums cost a launch).
 GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
+# Variants the chooser also times at few tokens ("splitk8", "gemv8"): twice the programs an SM, which the H100
+# sweeps found better for norm1.linear (18432 x 3072): gemv on 16 x 512 tiles 13.7 against 15.0 us, split-K
+# 26.5-31.0 against 32.5-40.1 us (BENCHMARKS.md); one tile for every shape leaves such differences.
+WIDE_PROGRAMS_PER_SM = 8
+GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -187,9 +193,11 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     first."""
     grouped = prepared.scale_mode == _SCALE_GROUP
     names = []
-    if not grouped and M <= SMALL_M:
+    few = not grouped and M <= SMALL_M
+    gemv = few and M <= GEMV_M and (activations != "a8" or prepared.in_features <= GEMV_MAX_INT8_K)
+    if few:
         names.append("splitk")
-    if not grouped and M <= GEMV_M and (activations != "a8" or prepared.in_features <= GEMV_MAX_INT8_K):
+    if gemv:
         names.append("gemv")
     if not prepared.tq1:  # the tile kernels unpack 2-bit tiles
         names.append("tiled")
@@ -201,7 +209,7 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
-    return names
+    return names + ["splitk8"] * few + ["gemv8"] * gemv
 
 
 def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None, activations: str,
@@ -457,20 +465,24 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     return out.to(x2.dtype)
 
 
-def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False) -> torch.Tensor:
+def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False, tile: tuple | None = None,
+                   per_sm: int | None = None) -> torch.Tensor:
     """Every (N tile, K slice) is one program, so a few tokens still fill the GPU. One slice: the kernel
     applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue.
-    fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles."""
+    fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles. tile, per_sm: other
+    than the defaults (GEMV_TILE or SPLITK_TILE, PROGRAMS_PER_SM)."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
     if fma and activations != "a16":  # the GEMV quantizes its one row itself
         q, act_scale = x2, torch.empty(M, dtype=torch.float32, device=x2.device)
     else:
         q, act_scale = _quantized(x2, activations)
-    block_m, block_n, block_k, warps, stages = _gemv_tile(N, activations, x2.device) if fma else SPLITK_TILE
+    if tile is None:
+        tile = _gemv_tile(N, activations, x2.device) if fma else SPLITK_TILE
+    block_m, block_n, block_k, warps, stages = tile
     # A step reads block_k / 4 bytes a row: block_k codes in tq2, 5 / 4 of that in tq1.
     step = block_k // 4 * (5 if prepared.tq1 else 4)
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
-    steps_per_slice, out = _split_k(_cdiv(K, step), tiles, M, N, out_dtype, x2.device)
+    steps_per_slice, out = _split_k(_cdiv(K, step), tiles, M, N, out_dtype, x2.device, per_sm)
     _gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         q, prepared.packed, _or(prepared.digit_table, prepared.packed), prepared.scales,
         _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
@@ -489,11 +501,12 @@ def _gemv_tile(N: int, activations: str, device: torch.device) -> tuple:
     return GEMV_TILE
 
 
-def _split_k(steps: int, tiles: int, M: int, N: int, out_dtype, device) -> tuple[int, torch.Tensor]:
-    """Spread `steps` K steps over slices so that tiles x slices about fill the GPU: the steps per slice,
-    and the output the kernel writes: the (M, N) result itself when one slice does it all, else fp32
-    partial sums (slices, M, N) for _finish_split."""
-    split = max(1, min(steps, _target_programs(device) // tiles))
+def _split_k(steps: int, tiles: int, M: int, N: int, out_dtype, device, per_sm: int | None = None
+             ) -> tuple[int, torch.Tensor]:
+    """Spread `steps` K steps over slices so that tiles x slices about fill the GPU (per_sm programs an SM):
+    the steps per slice, and the output the kernel writes: the (M, N) result itself when one slice does it
+    all, else fp32 partial sums (slices, M, N) for _finish_split."""
+    split = max(1, min(steps, _target_programs(device, per_sm) // tiles))
     per_slice = _cdiv(steps, split)
     slices = _cdiv(steps, per_slice)
     if slices == 1:
@@ -514,11 +527,11 @@ def _or(tensor, placeholder):
     return tensor if tensor is not None else placeholder
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, per_sm: int | None = None) -> int:
+    per_sm = per_sm or PROGRAMS_PER_SM
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None
-                                                  else torch.cuda.current_device())
-    return 8  # the interpreter: still split, to exercise the reduction
+        return per_sm * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * per_sm  # the interpreter: still split, to exercise the reduction
 
 
 @functools.cache
@@ -600,7 +613,9 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear}
+               "cublas": _cublas_linear, "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
+               "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE,
+                                          per_sm=WIDE_PROGRAMS_PER_SM)}
 
 
 if triton is not None:
