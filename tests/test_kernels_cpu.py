@@ -97,35 +97,43 @@ def test_worst_case_sums_do_not_overflow(sign, m, k):
         assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
 
 
+def _widened(tq1: torch.Tensor, k: int) -> torch.Tensor:
+    """The C kernel's widening of a whole tq1 layer into tq2 rows (bf_linear widens as it reads)."""
+    out = torch.empty(formats.packed_shape(tq1.shape[0], k, "tq2"), dtype=torch.uint8)
+    cpu._lib.bf_tq1_to_tq2(tq1.data_ptr(), tq1.stride(0), tq1.shape[0], k, out.data_ptr(), out.stride(0), 2)
+    return out
+
+
 @pytest.mark.parametrize("k", [1, 4, 5, 7, 19, 20, 21, 33, 40, 130])
 def test_tq1_to_tq2_is_the_exact_repacking(k):
     """The C widening of tq1 rows (4 bytes -> 5 by table, then a bit stream for the row's tail) equals
     formats.convert bit for bit, padding included, for every byte value (243..255 are no valid tq1 byte
-    but decode as formats.unpack reads them); the rows here are strided, so they are read through a
-    contiguous copy."""
+    but decode as formats.unpack reads them); the rows here are strided."""
     gen = torch.Generator().manual_seed(k)
     cols = formats.packed_columns(k, "tq1")
     rows = torch.randint(0, 256, (37, cols + 3), dtype=torch.uint8, generator=gen)[:, :cols]
     if k == 130:
         rows[:10, :] = torch.arange(260, dtype=torch.uint8)[:cols * 10].reshape(10, cols)  # every byte
-    tq1 = TernaryWeight(rows, torch.ones(1, 1), k, 37, None, "tq1")
-    prepared = cpu.prepare(tq1)
-    assert torch.equal(prepared.tq2_codes(), formats.convert(rows.contiguous(), k, "tq1", "tq2"))
+    assert torch.equal(_widened(rows, k), formats.convert(rows.contiguous(), k, "tq1", "tq2"))
 
 
-@pytest.mark.parametrize("k", [1, 7, 33, 130])
-def test_tq1_weights_run_as_their_tq2_codes(k):
-    """A tq1 layer is read in place and widened to tq2 for each call (the C kernel reads tq2): the outputs
-    are the tq2 weight's, and no tq2 copy is kept."""
-    tq2 = make_weight(20, k, seed=k)
-    tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 20, None, "tq1")
+@pytest.mark.parametrize("k,group_size", [(1, None), (7, None), (33, None), (130, None), (160, 32)])
+def test_tq1_weights_run_as_their_tq2_codes(k, group_size, threads):
+    """A tq1 layer is read in place and widened to tq2 as the C kernel reads it: a panel at a time (GEMV), a
+    weight tile at a time (one row block), or whole into a transient first (several row blocks: 2400 rows
+    of K <= 160 exceed the 320 KiB activation block). The outputs are the tq2 weight's, on every ISA, and
+    no tq2 copy is kept."""
+    tq2 = make_weight(37, k, group_size=group_size, seed=k)
+    tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 37, group_size, "tq1")
     prepared = cpu.prepare(tq1)
     assert prepared.codes is tq1.packed and prepared.codes_copy is None
-    assert torch.equal(prepared.tq2_codes(), tq2.packed)
-    for m in (3, 9):  # GEMV, tiles
-        x = torch.randn(m, k)
-        assert torch.equal(run_cpu(x, tq1), reference.linear_a8(x, tq2, None))
-    assert torch.equal(reference.linear_a8(x, tq1, None), reference.linear_a8(x, tq2, None))
+    assert torch.equal(_widened(tq1.packed, k), tq2.packed)
+    for m in (1, 3, 9, 2400):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        expected = reference.linear_a8(x, tq2, None)
+        for isa in cpu.supported_isas():
+            assert torch.equal(run_cpu(x, tq1, isa=isa), expected), (m, isa)
+    assert torch.equal(reference.linear_a8(x, tq1, None), expected)
 
 
 def test_every_isa_gives_identical_outputs(threads):

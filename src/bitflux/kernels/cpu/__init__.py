@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ... import formats
 from ...errors import BitfluxError
 from .. import needs_gradient
 from . import _library
@@ -74,7 +73,7 @@ class PreparedWeight:
 
     codes_ref: weakref.ref | None  # to the layer's own (out, bytes) codes
     codes_copy: torch.Tensor | None  # else a copy of them
-    packing: str  # tq2, or tq1, which the C kernel reads widened to tq2 for each call
+    packing: str  # tq2, or tq1, which the C kernel widens to tq2 as it reads it
     scales: torch.Tensor  # (ceil(out / 16) * 16, groups) float32, zero for padding rows
     in_features: int
     out_features: int
@@ -88,18 +87,6 @@ class PreparedWeight:
         if codes is None:
             raise RuntimeError("the layer bytes this prepared weight was made from are gone: prepare() it again")
         return codes
-
-    def tq2_codes(self) -> torch.Tensor:
-        """What the C kernel reads: a tq2 layer's codes themselves; a tq1 layer's widened into a transient
-        tq2 buffer, for this call only (the largest FLUX.1-dev layer: 14 MB, ~3 ms on 2 cores), so that at
-        rest the layer holds its 1.6-bit codes alone."""
-        codes = self.codes
-        if self.packing == "tq2":
-            return codes
-        widened = torch.empty(formats.packed_shape(self.out_features, self.in_features, "tq2"), dtype=torch.uint8)
-        _lib.bf_tq1_to_tq2(codes.data_ptr(), codes.stride(0), self.out_features, self.in_features,
-                           widened.data_ptr(), widened.stride(0), torch.get_num_threads())
-        return widened
 
 
 def prepare(weight) -> PreparedWeight:
@@ -124,11 +111,11 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], prepared.out_features, dtype=torch.float32)
     if rows.shape[0] > 0:
-        codes = prepared.tq2_codes()
+        codes = prepared.codes
         bias = None if bias is None else bias.float().contiguous()
         status = _lib.bf_linear(
             rows.data_ptr(), rows.shape[0], prepared.in_features, rows.stride(0),
-            codes.data_ptr(), codes.shape[1], prepared.out_features,
+            codes.data_ptr(), codes.shape[1], prepared.packing == "tq1", prepared.out_features,
             prepared.scales.data_ptr(), prepared.scales.shape[1], prepared.group_chunks,
             None if bias is None else bias.data_ptr(), out.data_ptr(),
             torch.get_num_threads(), ISAS.index(current_isa()))

@@ -29,8 +29,8 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"cannot load {path.name}: {exc}"
     lib.bf_isa_supported.argtypes = [ctypes.c_int]
     lib.bf_isa_supported.restype = ctypes.c_int
-    lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr,
-                              ctypes.c_int, ctypes.c_int]
+    lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, _i64, _ptr, _i64, _i64, _ptr,
+                              _ptr, ctypes.c_int, ctypes.c_int]
     lib.bf_linear.restype = ctypes.c_int
     lib.bf_tq1_to_tq2.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int]
     lib.bf_tq1_to_tq2.restype = None

@@ -567,20 +567,80 @@ static void compute_tile(tile_fn tile, const int8_t *q, int64_t ldq, const float
     }
 }
 
-/* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's tq2 codes, N rows of
- * ldw >= ceil(K / 4) bytes; scales (ceil(N / 16) * 16, groups) fp32, group_chunks 16-input chunks per
- * group; bias (N) or NULL. Returns 0, or -1 if the ISA is not supported here, -2 if out of memory. */
-int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t ldw, int64_t N,
-              const float *scales, int64_t groups, int64_t group_chunks, const float *bias, float *out,
+/* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
+ * tq2, so bf_linear widens a tq1 layer's rows as it goes instead of the layer keeping a tq2 copy. A tq1 byte's
+ * 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1 bytes become 5 tq2 bytes
+ * by table and shifts. A widened row has ceil(K / 4) bytes, codes past K as 1 (w = 0), as formats.pack pads
+ * them. */
+static void tq1_digit_table(uint16_t digits[256]) {
+    /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as formats.unpack reads them) */
+    for (int b = 0; b < 256; b++) {
+        int v = b, bits = 0;
+        for (int p = 0; p < 5; p++, v /= 3) bits |= (v % 3) << (2 * p);
+        digits[b] = (uint16_t)bits;
+    }
+}
+
+static void tq1_row_to_tq2(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d) {
+    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
+    const uint16_t ones = 0x155; /* five digits 1: past the tq1 row's end */
+    int64_t j = 0, o = 0;
+    for (; j + 4 <= in_bytes && o + 8 <= out_bytes; j += 4, o += 5) { /* 8-byte stores, 3 rewritten next */
+        uint64_t v = digits[s[j]] | (uint64_t)digits[s[j + 1]] << 10 | (uint64_t)digits[s[j + 2]] << 20
+                     | (uint64_t)digits[s[j + 3]] << 30;
+        for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
+    }
+    uint32_t stream = 0; /* the row's last codes (up to 28), through a bit stream */
+    int bits = 0;
+    for (; o < out_bytes; o++) {
+        for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
+        d[o] = (uint8_t)stream;
+        stream >>= 8, bits -= 8;
+    }
+    if (K % 4) { /* codes past K in the last byte */
+        const uint8_t kept = (uint8_t)((1u << (2 * (K % 4))) - 1);
+        d[out_bytes - 1] = (uint8_t)((d[out_bytes - 1] & kept) | (ZERO_CODES & ~kept));
+    }
+}
+
+/* Rows [n0, n1) of a tq1 layer (rows lds apart) into tq2 rows from dst on, ldd apart. */
+static void tq1_rows_to_tq2(const uint8_t *src, int64_t lds, int64_t n0, int64_t n1, int64_t K,
+                            const uint16_t *digits, uint8_t *dst, int64_t ldd) {
+    for (int64_t n = n0; n < n1; n++) tq1_row_to_tq2(src + n * lds, K, digits, dst + (n - n0) * ldd);
+}
+
+/* The whole layer widened (tests compare it with formats.convert; bf_linear uses it for many tokens). */
+void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
+                   int threads) {
+    if (N <= 0 || K <= 0) return;
+    uint16_t digits[256];
+    tq1_digit_table(digits);
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * ((K + 4) / 5) >= PARALLEL_GEMV_BYTES)
+    for (int64_t n = 0; n < N; n++) tq1_rows_to_tq2(src, lds, n, n + 1, K, digits, dst + n * ldd, ldd);
+}
+
+/* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's codes, N rows of ldw
+ * bytes, tq2 (ldw >= ceil(K / 4)) or, with tq1, tq1 (ldw >= ceil(K / 5)), widened to tq2 as they are read: a
+ * panel or weight tile at a time into a per-thread buffer (L1/L2), where the whole layer would be written
+ * to memory and read back (at few tokens that round trip took 4-5x the GEMV's time); only when row blocks
+ * would widen each tile more than once is the layer widened first, into a transient. scales (ceil(N / 16) *
+ * 16, groups) fp32, group_chunks 16-input chunks per group; bias (N) or NULL. Returns 0, or -1 if the ISA
+ * is not supported here, -2 if out of memory. */
+int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t ldw, int tq1,
+              int64_t N, const float *scales, int64_t groups, int64_t group_chunks, const float *bias, float *out,
               int threads, int isa) {
     isa_kernels k;
     if (select_isa(isa, &k)) return -1;
     if (M <= 0) return 0;
     const int64_t Kc = (K + CHUNK - 1) / CHUNK, panels = (N + PANEL - 1) / PANEL;
     const int gemv = M <= GEMV_ROWS && groups == 1;
+    uint16_t digits[256];
+    if (tq1) tq1_digit_table(digits);
+    const int64_t ldt = tq1 ? (K + 3) / 4 : ldw; /* the tq2 rows the kernels read */
     /* The GEMV's planes hold 4 activations per chunk, padded for its last (masked) step of code bytes; the
      * tiles read whole chunks. */
-    const int64_t row_codes = ldw > 4 * Kc ? ldw : 4 * Kc; /* code bytes a GEMV step may read a row */
+    const int64_t row_codes = ldt > 4 * Kc ? ldt : 4 * Kc; /* code bytes a GEMV step may read a row */
     const int64_t plane = gemv ? (row_codes + GEMV_STEP - 1) / GEMV_STEP * GEMV_STEP : 0;
     const int64_t ldq = gemv ? 4 * plane : Kc * CHUNK;
     int8_t *q = aligned_alloc(64, (size_t)((M * ldq + 63) / 64 * 64)); /* C11: a multiple of the alignment */
@@ -617,16 +677,31 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     int status = 0;
     if (gemv) {
         /* Few tokens: each output's codes are read once, in place; runs of 16 outputs, 4 runs a task. */
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (N * ldw >= PARALLEL_GEMV_BYTES)
-        for (int64_t p = 0; p < panels; p++) {
-            const int64_t n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
-            int32_t c[GEMV_ROWS * PANEL];
-            k.gemv(q, ldq, plane, (int)M, w, ldw, n0, n1, c);
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t n = n0; n < n1; n++) {
-                    const float f = (float)(c[m * (n1 - n0) + n - n0] - act_sums[m]) * scales[n];
-                    out[m * N + n] = finish(f, act_scale[m], bias, n);
+#pragma omp parallel num_threads(threads) if (N * ldw >= PARALLEL_GEMV_BYTES)
+        {
+            uint8_t *widened = tq1 ? malloc((size_t)(PANEL * ldt)) : NULL; /* a tq1 panel's tq2 rows */
+            if (tq1 && !widened) {
+#pragma omp atomic write
+                status = -2;
+            }
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t p = 0; p < panels; p++) {
+                if (tq1 && !widened) continue;
+                const int64_t n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
+                int32_t c[GEMV_ROWS * PANEL];
+                if (tq1) {
+                    tq1_rows_to_tq2(w, ldw, n0, n1, K, digits, widened, ldt);
+                    k.gemv(q, ldq, plane, (int)M, widened, ldt, 0, n1 - n0, c);
+                } else {
+                    k.gemv(q, ldq, plane, (int)M, w, ldw, n0, n1, c);
                 }
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = n0; n < n1; n++) {
+                        const float f = (float)(c[m * (n1 - n0) + n - n0] - act_sums[m]) * scales[n];
+                        out[m * N + n] = finish(f, act_scale[m], bias, n);
+                    }
+            }
+            free(widened);
         }
     } else {
         /* Rows go in blocks whose activations stay in L2; a block is shared out to the threads by weight tile,
@@ -635,72 +710,50 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
         int64_t block_rows = L2_ACTIVATION_BYTES / ldq / k.rows * k.rows;
         block_rows = block_rows < k.rows ? k.rows : block_rows;
         const int64_t m_blocks = (M + block_rows - 1) / block_rows, n_tiles = (panels + k.panels - 1) / k.panels;
+        /* tq1: each tile is widened where it is gathered, unless several row blocks would gather it */
+        const int tile_widening = tq1 && m_blocks == 1;
+        uint8_t *transient = tq1 && !tile_widening ? malloc((size_t)(N * ldt)) : NULL;
+        if (tq1 && !tile_widening) {
+            if (!transient) {
+                free(q), free(natural), free(act_scale), free(act_sums);
+                return -2;
+            }
+            bf_tq1_to_tq2(w, ldw, N, K, transient, ldt, threads);
+        }
+        const uint8_t *codes = transient ? transient : w;
+        const int64_t ldc = transient ? ldt : ldw;
 #pragma omp parallel num_threads(threads)
         {
             uint8_t *blocks = aligned_alloc(64, (size_t)(k.panels * Kc * BLOCK_BYTES));
-            if (!blocks) {
+            uint8_t *widened = tile_widening ? malloc((size_t)(k.panels * PANEL * ldt)) : NULL;
+            if (!blocks || (tile_widening && !widened)) {
 #pragma omp atomic write
                 status = -2;
             }
 #pragma omp for collapse(2) schedule(dynamic)
             for (int64_t mb = 0; mb < m_blocks; mb++)
                 for (int64_t nt = 0; nt < n_tiles; nt++) {
-                    if (!blocks) continue;
+                    if (!blocks || (tile_widening && !widened)) continue;
                     const int64_t p0 = nt * k.panels, m_end = (mb + 1) * block_rows < M ? (mb + 1) * block_rows : M;
                     const int np = (int)(panels - p0 < k.panels ? panels - p0 : k.panels);
-                    k.gather(w, ldw, N, p0, np, Kc, blocks);
+                    if (tile_widening) { /* the tile's rows, then gathered as a layer of that many rows */
+                        const int64_t n0 = p0 * PANEL, n1 = n0 + np * PANEL < N ? n0 + np * PANEL : N;
+                        tq1_rows_to_tq2(w, ldw, n0, n1, K, digits, widened, ldt);
+                        k.gather(widened, ldt, n1 - n0, 0, np, Kc, blocks);
+                    } else {
+                        k.gather(codes, ldc, N, p0, np, Kc, blocks);
+                    }
                     for (int64_t m0 = mb * block_rows; m0 < m_end; m0 += k.rows) {
                         const int rows = (int)(m_end - m0 < k.rows ? m_end - m0 : k.rows);
                         compute_tile(k.tile, q, ldq, act_scale, act_sums, m0, rows, blocks, Kc, p0, np, N,
                                      scales, groups, group_chunks, bias, out);
                     }
                 }
-            free(blocks);
+            free(blocks), free(widened);
         }
+        free(transient);
     }
 
     free(q), free(natural), free(act_scale), free(act_sums);
     return status;
-}
-
-/* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
- * tq2, so each call widens the layer's codes into a transient buffer instead of the layer keeping a tq2
- * copy. A tq1 byte's 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1
- * bytes become 5 tq2 bytes by table and shifts. src: N rows of lds >= ceil(K / 5) bytes; dst: N rows of
- * ldd >= ceil(K / 4) bytes, of which ceil(K / 4) are written, codes past K as 1 (w = 0), as formats.pack
- * pads them. */
-void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
-                   int threads) {
-    if (N <= 0 || K <= 0) return;
-    uint16_t digits[256]; /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as unpack reads them) */
-    for (int b = 0; b < 256; b++) {
-        int v = b, bits = 0;
-        for (int p = 0; p < 5; p++, v /= 3) bits |= (v % 3) << (2 * p);
-        digits[b] = (uint16_t)bits;
-    }
-    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
-    const uint16_t ones = 0x155; /* five digits 1: past the tq1 row's end */
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * in_bytes >= PARALLEL_GEMV_BYTES)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *s = src + n * lds;
-        uint8_t *d = dst + n * ldd;
-        int64_t j = 0, o = 0;
-        for (; j + 4 <= in_bytes && o + 8 <= out_bytes; j += 4, o += 5) { /* 8-byte stores, 3 rewritten next */
-            uint64_t v = digits[s[j]] | (uint64_t)digits[s[j + 1]] << 10 | (uint64_t)digits[s[j + 2]] << 20
-                         | (uint64_t)digits[s[j + 3]] << 30;
-            for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
-        }
-        uint32_t stream = 0; /* the row's last codes (up to 28), through a bit stream */
-        int bits = 0;
-        for (; o < out_bytes; o++) {
-            for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
-            d[o] = (uint8_t)stream;
-            stream >>= 8, bits -= 8;
-        }
-        if (K % 4) { /* codes past K in the last byte */
-            const uint8_t kept = (uint8_t)((1u << (2 * (K % 4))) - 1);
-            d[out_bytes - 1] = (uint8_t)((d[out_bytes - 1] & kept) | (ZERO_CODES & ~kept));
-        }
-    }
 }
