@@ -97,24 +97,27 @@ def test_worst_case_sums_do_not_overflow(sign, m, k):
         assert torch.equal(run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None))
 
 
-def _widened(tq1: torch.Tensor, k: int) -> torch.Tensor:
+def _widened(tq1: torch.Tensor, k: int, isa: str) -> torch.Tensor:
     """The C kernel's widening of a whole tq1 layer into tq2 rows (bf_linear widens as it reads)."""
     out = torch.empty(formats.packed_shape(tq1.shape[0], k, "tq2"), dtype=torch.uint8)
-    cpu._lib.bf_tq1_to_tq2(tq1.data_ptr(), tq1.stride(0), tq1.shape[0], k, out.data_ptr(), out.stride(0), 2)
+    assert cpu._lib.bf_tq1_to_tq2(tq1.data_ptr(), tq1.stride(0), tq1.shape[0], k, out.data_ptr(), out.stride(0),
+                                  2, cpu.ISAS.index(isa)) == 0
     return out
 
 
-@pytest.mark.parametrize("k", [1, 4, 5, 7, 19, 20, 21, 33, 40, 130])
+@pytest.mark.parametrize("k", [1, 4, 5, 7, 19, 20, 21, 33, 40, 130, 209, 1283])
 def test_tq1_to_tq2_is_the_exact_repacking(k):
-    """The C widening of tq1 rows (4 bytes -> 5 by table, then a bit stream for the row's tail) equals
-    formats.convert bit for bit, padding included, for every byte value (243..255 are no valid tq1 byte
-    but decode as formats.unpack reads them); the rows here are strided."""
+    """The C widening of tq1 rows (16 bytes -> 20 by SIMD arithmetic on AVX2 and up, 4 -> 5 by table, then a
+    bit stream for the row's tail) equals formats.convert bit for bit, padding included, on every ISA, for
+    every byte value (243..255 are no valid tq1 byte but decode as formats.unpack reads them); the rows here
+    are strided. K = 209: the first K with a SIMD step; 1283: many."""
     gen = torch.Generator().manual_seed(k)
     cols = formats.packed_columns(k, "tq1")
     rows = torch.randint(0, 256, (37, cols + 3), dtype=torch.uint8, generator=gen)[:, :cols]
-    if k == 130:
-        rows[:10, :] = torch.arange(260, dtype=torch.uint8)[:cols * 10].reshape(10, cols)  # every byte
-    assert torch.equal(_widened(rows, k), formats.convert(rows.contiguous(), k, "tq1", "tq2"))
+    if k >= 130:
+        rows[:] = (torch.arange(rows.numel()) % 256).to(torch.uint8).reshape(rows.shape)  # every byte value
+    for isa in cpu.supported_isas():
+        assert torch.equal(_widened(rows, k, isa), formats.convert(rows.contiguous(), k, "tq1", "tq2")), isa
 
 
 @pytest.mark.parametrize("k,group_size", [(1, None), (7, None), (33, None), (130, None), (160, 32)])
@@ -127,7 +130,7 @@ def test_tq1_weights_run_as_their_tq2_codes(k, group_size, threads):
     tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 37, group_size, "tq1")
     prepared = cpu.prepare(tq1)
     assert prepared.codes is tq1.packed and prepared.codes_copy is None
-    assert torch.equal(_widened(tq1.packed, k), tq2.packed)
+    assert torch.equal(_widened(tq1.packed, k, cpu.current_isa()), tq2.packed)
     for m in (1, 3, 9, 2400):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         expected = reference.linear_a8(x, tq2, None)

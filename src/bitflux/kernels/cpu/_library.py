@@ -32,6 +32,6 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, _i64, _ptr, _i64, _i64, _ptr,
                               _ptr, ctypes.c_int, ctypes.c_int]
     lib.bf_linear.restype = ctypes.c_int
-    lib.bf_tq1_to_tq2.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int]
-    lib.bf_tq1_to_tq2.restype = None
+    lib.bf_tq1_to_tq2.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, ctypes.c_int]
+    lib.bf_tq1_to_tq2.restype = ctypes.c_int
     return lib, None

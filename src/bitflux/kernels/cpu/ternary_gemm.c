@@ -169,6 +169,49 @@ static void gather_generic(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0,
             gather_words(w, ldw, N, (p0 + p) * PANEL + n, 0, Kc, blocks + p * Kc * BLOCK_BYTES + 4 * n);
 }
 
+/* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
+ * tq2, so bf_linear widens a tq1 layer's rows as it goes instead of the layer keeping a tq2 copy. A tq1 byte's
+ * 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1 bytes become 5 tq2 bytes
+ * by table and shifts. A widened row has ceil(K / 4) bytes, codes past K as 1 (w = 0), as formats.pack pads
+ * them. */
+static void tq1_digit_table(uint16_t digits[256]) {
+    /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as formats.unpack reads them) */
+    for (int b = 0; b < 256; b++) {
+        int v = b, bits = 0;
+        for (int p = 0; p < 5; p++, v /= 3) bits |= (v % 3) << (2 * p);
+        digits[b] = (uint16_t)bits;
+    }
+}
+
+typedef void (*widen_fn)(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d);
+
+/* A row from tq1 byte j on (a multiple of 4; the bytes before it done). */
+static void tq1_row_from(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d, int64_t j) {
+    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
+    const uint16_t ones = 0x155; /* five digits 1: past the tq1 row's end */
+    int64_t o = j / 4 * 5;
+    for (; j + 4 <= in_bytes && o + 8 <= out_bytes; j += 4, o += 5) { /* 8-byte stores, 3 rewritten next */
+        uint64_t v = digits[s[j]] | (uint64_t)digits[s[j + 1]] << 10 | (uint64_t)digits[s[j + 2]] << 20
+                     | (uint64_t)digits[s[j + 3]] << 30;
+        for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
+    }
+    uint32_t stream = 0; /* the row's last codes (up to 28), through a bit stream */
+    int bits = 0;
+    for (; o < out_bytes; o++) {
+        for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
+        d[o] = (uint8_t)stream;
+        stream >>= 8, bits -= 8;
+    }
+    if (K % 4) { /* codes past K in the last byte */
+        const uint8_t kept = (uint8_t)((1u << (2 * (K % 4))) - 1);
+        d[out_bytes - 1] = (uint8_t)((d[out_bytes - 1] & kept) | (ZERO_CODES & ~kept));
+    }
+}
+
+static void widen_generic(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d) {
+    tq1_row_from(s, K, digits, d, 0);
+}
+
 /* ---------------------------------------------------------------- x86 SIMD */
 #ifdef BF_X86
 
@@ -298,6 +341,38 @@ static void gemv_avx2(const int8_t *a, int64_t lda, int64_t plane, int rows, con
             default: gemv_avx2_fixed(a, lda, plane, u, ldw, cn, n1 - n0, 3); break; /* GEMV_ROWS */
         }
     }
+}
+
+/* tq1 -> tq2, 16 tq1 bytes (80 codes) a step: each byte's five digits as 10 bits, computed as b + q1 + 4 q2 +
+ * 16 q3 + 64 q4 - 768 q5 with q_p = floor(b / 3^p) (that is sum_p (q_p - 3 q_(p+1)) 4^p; 16-bit multiply-high
+ * by ceil(2^16 / 3^p) is exact for bytes), pairs joined into 20 bits a dword by vpmaddwd, pairs of those into
+ * 40 bits a qword, and each qword's 5 bytes moved together: 20 bytes out, by two overlapping 16-byte stores
+ * (the 6 past them rewritten by the next step or the scalar tail). */
+static void widen_avx2(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d) {
+    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
+    const __m256i third = _mm256_set1_epi16(21846), ninth = _mm256_set1_epi16(7282);
+    const __m256i q3_of = _mm256_set1_epi16(2428), q4_of = _mm256_set1_epi16(810), q5_of = _mm256_set1_epi16(270);
+    const __m256i join = _mm256_set1_epi32(1 | 1024 << 16), low = _mm256_set1_epi64x(0xFFFFF);
+    const __m256i high = _mm256_set1_epi64x(0xFFFFFLL << 20), three_fourths = _mm256_set1_epi16(768);
+    const __m256i five_of_eight = _mm256_setr_epi8(0, 1, 2, 3, 4, 8, 9, 10, 11, 12, -1, -1, -1, -1, -1, -1,
+                                                   0, 1, 2, 3, 4, 8, 9, 10, 11, 12, -1, -1, -1, -1, -1, -1);
+    int64_t j = 0;
+    for (; j + 16 <= in_bytes && j / 4 * 5 + 26 <= out_bytes; j += 16) {
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(s + j)));
+        __m256i bits = _mm256_add_epi16(b, _mm256_mulhi_epu16(b, third));
+        bits = _mm256_add_epi16(bits, _mm256_slli_epi16(_mm256_mulhi_epu16(b, ninth), 2));
+        bits = _mm256_add_epi16(bits, _mm256_slli_epi16(_mm256_mulhi_epu16(b, q3_of), 4));
+        bits = _mm256_add_epi16(bits, _mm256_slli_epi16(_mm256_mulhi_epu16(b, q4_of), 6));
+        bits = _mm256_sub_epi16(bits, _mm256_mullo_epi16(_mm256_mulhi_epu16(b, q5_of), three_fourths));
+        const __m256i pairs = _mm256_madd_epi16(bits, join);
+        const __m256i quads = _mm256_or_si256(_mm256_and_si256(pairs, low),
+                                              _mm256_and_si256(_mm256_srli_epi64(pairs, 12), high));
+        const __m256i packed = _mm256_shuffle_epi8(quads, five_of_eight);
+        uint8_t *o = d + j / 4 * 5;
+        _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(packed));
+        _mm_storeu_si128((__m128i *)(o + 10), _mm256_extracti128_si256(packed, 1));
+    }
+    tq1_row_from(s, K, digits, d, j);
 }
 
 /* 8 rows' words of 8 chunks (a row's 32 bytes a register) transposed into 8 blocks' half (`half`: outputs
@@ -501,6 +576,7 @@ typedef struct {
     gather_fn gather;
     quantize_fn quantize;
     transpose_fn transpose_chunks;
+    widen_fn widen;
     int rows, panels; /* the tile shape `tile` is fastest at */
 } isa_kernels;
 
@@ -519,12 +595,12 @@ int bf_isa_supported(int isa) {
 static int select_isa(int isa, isa_kernels *k) {
     if (!bf_isa_supported(isa)) return -1;
     *k = (isa_kernels){tile_generic, gemv_generic, gather_generic, quantize_row_generic, transpose_chunks_generic,
-                          4, 1};
+                          widen_generic, 4, 1};
 #ifdef BF_X86
     if (isa == ISA_AVX2) *k = (isa_kernels){tile_avx2, gemv_avx2, gather_avx2, quantize_row_avx2,
-                                          transpose_chunks_avx2, 6, 1};
+                                          transpose_chunks_avx2, widen_avx2, 6, 1};
     if (isa == ISA_AVX512VNNI) *k = (isa_kernels){tile_avx512, gemv_avx512, gather_avx512, quantize_row_avx512,
-                                                transpose_chunks_avx2, AVX512_ROWS, 2};
+                                                transpose_chunks_avx2, widen_avx2, AVX512_ROWS, 2};
 #endif
     return 0;
 }
@@ -567,58 +643,27 @@ static void compute_tile(tile_fn tile, const int8_t *q, int64_t ldq, const float
     }
 }
 
-/* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
- * tq2, so bf_linear widens a tq1 layer's rows as it goes instead of the layer keeping a tq2 copy. A tq1 byte's
- * 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1 bytes become 5 tq2 bytes
- * by table and shifts. A widened row has ceil(K / 4) bytes, codes past K as 1 (w = 0), as formats.pack pads
- * them. */
-static void tq1_digit_table(uint16_t digits[256]) {
-    /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as formats.unpack reads them) */
-    for (int b = 0; b < 256; b++) {
-        int v = b, bits = 0;
-        for (int p = 0; p < 5; p++, v /= 3) bits |= (v % 3) << (2 * p);
-        digits[b] = (uint16_t)bits;
-    }
-}
-
-static void tq1_row_to_tq2(const uint8_t *s, int64_t K, const uint16_t *digits, uint8_t *d) {
-    const int64_t in_bytes = (K + 4) / 5, out_bytes = (K + 3) / 4;
-    const uint16_t ones = 0x155; /* five digits 1: past the tq1 row's end */
-    int64_t j = 0, o = 0;
-    for (; j + 4 <= in_bytes && o + 8 <= out_bytes; j += 4, o += 5) { /* 8-byte stores, 3 rewritten next */
-        uint64_t v = digits[s[j]] | (uint64_t)digits[s[j + 1]] << 10 | (uint64_t)digits[s[j + 2]] << 20
-                     | (uint64_t)digits[s[j + 3]] << 30;
-        for (int i = 0; i < 8; i++, v >>= 8) d[o + i] = (uint8_t)v; /* one store, little-endian or not */
-    }
-    uint32_t stream = 0; /* the row's last codes (up to 28), through a bit stream */
-    int bits = 0;
-    for (; o < out_bytes; o++) {
-        for (; bits < 8; bits += 10, j++) stream |= (uint32_t)(j < in_bytes ? digits[s[j]] : ones) << bits;
-        d[o] = (uint8_t)stream;
-        stream >>= 8, bits -= 8;
-    }
-    if (K % 4) { /* codes past K in the last byte */
-        const uint8_t kept = (uint8_t)((1u << (2 * (K % 4))) - 1);
-        d[out_bytes - 1] = (uint8_t)((d[out_bytes - 1] & kept) | (ZERO_CODES & ~kept));
-    }
-}
-
 /* Rows [n0, n1) of a tq1 layer (rows lds apart) into tq2 rows from dst on, ldd apart. */
-static void tq1_rows_to_tq2(const uint8_t *src, int64_t lds, int64_t n0, int64_t n1, int64_t K,
+static void tq1_rows_to_tq2(widen_fn widen, const uint8_t *src, int64_t lds, int64_t n0, int64_t n1, int64_t K,
                             const uint16_t *digits, uint8_t *dst, int64_t ldd) {
-    for (int64_t n = n0; n < n1; n++) tq1_row_to_tq2(src + n * lds, K, digits, dst + (n - n0) * ldd);
+    for (int64_t n = n0; n < n1; n++) widen(src + n * lds, K, digits, dst + (n - n0) * ldd);
 }
 
-/* The whole layer widened (tests compare it with formats.convert; bf_linear uses it for many tokens). */
-void bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
-                   int threads) {
-    if (N <= 0 || K <= 0) return;
+/* The whole layer widened (tests compare it with formats.convert on each ISA; bf_linear uses it for many
+ * tokens). Returns 0, or -1 if the ISA is not supported here. */
+int bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
+                  int threads, int isa) {
+    isa_kernels k;
+    if (select_isa(isa, &k)) return -1;
+    if (N <= 0 || K <= 0) return 0;
     uint16_t digits[256];
     tq1_digit_table(digits);
     if (threads < 1) threads = 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * ((K + 4) / 5) >= PARALLEL_GEMV_BYTES)
-    for (int64_t n = 0; n < N; n++) tq1_rows_to_tq2(src, lds, n, n + 1, K, digits, dst + n * ldd, ldd);
+    for (int64_t n = 0; n < N; n++) tq1_rows_to_tq2(k.widen, src, lds, n, n + 1, K, digits, dst + n * ldd, ldd);
+    return 0;
 }
+
 
 /* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's codes, N rows of ldw
  * bytes, tq2 (ldw >= ceil(K / 4)) or, with tq1, tq1 (ldw >= ceil(K / 5)), widened to tq2 as they are read: a
@@ -690,7 +735,7 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
                 const int64_t n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
                 int32_t c[GEMV_ROWS * PANEL];
                 if (tq1) {
-                    tq1_rows_to_tq2(w, ldw, n0, n1, K, digits, widened, ldt);
+                    tq1_rows_to_tq2(k.widen, w, ldw, n0, n1, K, digits, widened, ldt);
                     k.gemv(q, ldq, plane, (int)M, widened, ldt, 0, n1 - n0, c);
                 } else {
                     k.gemv(q, ldq, plane, (int)M, w, ldw, n0, n1, c);
@@ -718,7 +763,7 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
                 free(q), free(natural), free(act_scale), free(act_sums);
                 return -2;
             }
-            bf_tq1_to_tq2(w, ldw, N, K, transient, ldt, threads);
+            bf_tq1_to_tq2(w, ldw, N, K, transient, ldt, threads, isa);
         }
         const uint8_t *codes = transient ? transient : w;
         const int64_t ldc = transient ? ldt : ldw;
@@ -738,7 +783,7 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
                     const int np = (int)(panels - p0 < k.panels ? panels - p0 : k.panels);
                     if (tile_widening) { /* the tile's rows, then gathered as a layer of that many rows */
                         const int64_t n0 = p0 * PANEL, n1 = n0 + np * PANEL < N ? n0 + np * PANEL : N;
-                        tq1_rows_to_tq2(w, ldw, n0, n1, K, digits, widened, ldt);
+                        tq1_rows_to_tq2(k.widen, w, ldw, n0, n1, K, digits, widened, ldt);
                         k.gather(widened, ldt, n1 - n0, 0, np, Kc, blocks);
                     } else {
                         k.gather(codes, ldc, N, p0, np, Kc, blocks);
