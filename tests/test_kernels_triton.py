@@ -423,6 +423,25 @@ def test_gemv_quantizes_its_row_exactly(k, activations, packing):
     assert tk._gemv_tile(k, activations, torch.device(DEVICE)) != tk.GEMV_TILE or DEVICE == "cuda"
 
 
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+@pytest.mark.parametrize("scales,with_bias", [(("tensor", None), True), (("tensor", None), False),
+                                              (("channel", None), True)])
+def test_overlapped_pieces_make_the_whole_output(scales, with_bias, packing, monkeypatch):
+    """`overlapped` (a16, many tokens): the codes widened and multiplied in column pieces (on a GPU the
+    widening of one piece on a side stream beside the GEMM of the one before); here the pieces run in turn.
+    Pieces of 32 columns make 4 of an odd N, the last one short."""
+    monkeypatch.setattr(tk, "OVERLAP_MIN_COLUMNS", 32)
+    m, k, n = 130, 256, 129
+    assert tk._column_pieces(n) == [(0, 64), (64, 128), (128, 129)] and len(tk._column_pieces(2 * 32 - 1)) == 1
+    weight = _weight(n, k, scales[0], packing=packing)
+    layer = _layer(tk._SCALE_TENSOR if scales[0] == "tensor" else tk._SCALE_CHANNEL, k, n, packing)
+    assert "overlapped" in tk.strategies(m, layer, "a16") and "overlapped" not in tk.strategies(m, layer, "a8")
+    x = _activations(m, k, torch.bfloat16)
+    bias = _activations(1, n, torch.bfloat16, seed=2).reshape(-1) if with_bias else None
+    out = tk.linear(x, tk.prepare(weight), bias, "a16", strategy="overlapped")
+    _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.bfloat16)
+
+
 def test_gemv_keeps_int8_sums_exact():
     """gemv sums int8 products in fp32: offered for a8 only while 127 K < 2^24 (FLUX's longest rows: 15360)."""
     assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K, 8), "a8")

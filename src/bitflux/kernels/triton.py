@@ -1,7 +1,8 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
 Weights at rest are only the layer's own bytes, tq2 or tq1 (no repacked copy). A call can be computed in up to
-six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, gemv, expanded and cublas:
+six ways ("strategies"), and three variants of them; tq1 bytes (5 base-3 codes a byte) are read by all but
+tiled and planar:
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them. tq1: one tl.dot per code position (plane) of
@@ -21,6 +22,8 @@ six ways ("strategies"); tq1 bytes (5 base-3 codes a byte) are read by splitk, g
             activations), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue.
+  overlapped  cublas for a16 at many tokens in column pieces, each piece's codes widened on a side stream
+            while the GEMM of the piece before runs.
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
@@ -32,6 +35,7 @@ sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), su
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -79,6 +83,11 @@ GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
 # 26.5-31.0 against 32.5-40.1 us (BENCHMARKS.md); one tile for every shape leaves such differences.
 WIDE_PROGRAMS_PER_SM = 8
 GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
+# `overlapped` (a16, many tokens): the GEMM in up to OVERLAP_PIECES column pieces of at least
+# OVERLAP_MIN_COLUMNS (narrower cuBLAS GEMMs leave SMs idle at the last wave: 4608 x 768 is 108 tiles of
+# 128 x 256 for 132 SMs), so FLUX's 3072-wide layers are not split.
+OVERLAP_PIECES = 4
+OVERLAP_MIN_COLUMNS = 2048
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -209,6 +218,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
+    if M > SMALL_M and not grouped and activations == "a16" and len(_column_pieces(prepared.out_features)) > 1:
+        names.append("overlapped")
     return names + ["splitk8"] * few + ["gemv8"] * gemv
 
 
@@ -378,22 +389,25 @@ def _padded(K: int) -> int:
     return _cdiv(K, 4 * PLANE) * 4 * PLANE
 
 
-def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
+def expand(prepared: PreparedWeight, dtype: torch.dtype, outputs: slice = slice(None),
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
     for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
-    full-precision weight ever exists."""
-    return _operands(None, prepared=prepared, codes_dtype=dtype)[2]
+    full-precision weight ever exists. outputs: only those rows of codes; out: written there (contiguous
+    rows)."""
+    return _operands(None, prepared=prepared, codes_dtype=dtype, outputs=outputs, codes=out)[2]
 
 
 def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = False,
-              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None):
+              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None,
+              outputs: slice = slice(None), codes: torch.Tensor | None = None):
     """One launch of _operands_kernel: x2's rows quantized (q, per-token scales) and/or the layer's codes
     expanded (codes); what is not asked for is None. Both at once for the a8/fp8 GEMMs on expanded codes:
     an eager forward pays the host ~20-35 us per Triton launch (BENCHMARKS.md), more than some layers' GPU
-    time."""
+    time. outputs, codes: as expand's outputs, out."""
     # The part not asked for gets no programs (rows = 0 or tiles = 0), sizes that are never read, and any
     # tensor of the call for its pointers: its code is compiled out (QUANTIZE / EXPAND are constexpr).
-    q = scale = codes = packed = None
+    q = scale = packed = None
     rows = stride_x = N = tiles = 0
     tq1 = False
     K = columns = tiles_k = 1  # K: the input features, shared by both parts
@@ -405,9 +419,11 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         stride_x = x2.stride(0)
     block_n, block_bytes, expand_warps = EXPAND_TILES["tq2"]
     if prepared is not None:
-        packed, N, K, tq1 = prepared.packed, prepared.out_features, prepared.in_features, prepared.tq1
+        packed, K, tq1 = prepared.packed[outputs], prepared.in_features, prepared.tq1
+        N = packed.shape[0]
         block_n, block_bytes, expand_warps = EXPAND_TILES["tq1" if tq1 else "tq2"]
-        codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
+        if codes is None:
+            codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
         tiles_k = _cdiv(packed.shape[1], block_bytes)
         tiles = _cdiv(N, block_n) * tiles_k
     # Short rows are read once and kept in registers; longer rows take two passes over blocks.
@@ -463,6 +479,51 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     out = torch._scaled_mm(q, codes_t, scale_a=act_scale[:, None], scale_b=prepared.scale_row,
                            bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
     return out.to(x2.dtype)
+
+
+def _overlapped_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+    """cublas for a16 with the widening hidden behind the GEMM: the output's columns in pieces, each piece's
+    codes widened on a side stream while cuBLAS multiplies the piece before (the GEMM is compute-bound, the
+    widening memory-bound; the widening was 7-13 % of an a16 layer at 4096 tokens, H100/H200). Only the
+    first piece's widening is exposed. Events fork and join the streams, so CUDA graphs capture it; on a
+    CPU (the interpreter) the pieces run in turn."""
+    M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
+    codes = torch.empty(N, K, dtype=x2.dtype, device=x2.device)
+    raw = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    tensor_scale = prepared.scale_mode == _SCALE_TENSOR
+    pieces = _column_pieces(N)
+    main = torch.cuda.current_stream(x2.device) if x2.is_cuda else None
+    side = _side_stream(x2.device) if x2.is_cuda else None
+    expand(prepared, x2.dtype, slice(*pieces[0]), codes[slice(*pieces[0])])
+    if side is not None:
+        side.wait_stream(main)  # the codes buffer and the first piece are main's
+    for i, (n0, n1) in enumerate(pieces):
+        if i + 1 < len(pieces):
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                expand(prepared, x2.dtype, slice(*pieces[i + 1]), codes[slice(*pieces[i + 1])])
+        piece = codes[n0:n1].t()
+        if tensor_scale:  # the scale as alpha, the bias as the added term: out is finished here
+            piece_bias = bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(())
+            torch.addmm(piece_bias, x2, piece, beta=1 if bias is not None else 0, alpha=prepared.tensor_scale,
+                        out=raw[:, n0:n1])
+        else:
+            torch.mm(x2, piece, out=raw[:, n0:n1])
+        if side is not None and i + 1 < len(pieces):
+            main.wait_stream(side)  # the next piece's codes are written
+    # main has waited for every widening, so freeing codes on main's order is safe
+    return raw if tensor_scale else _epilogue(raw[None], prepared, None, bias, x2.dtype)
+
+
+def _column_pieces(N: int) -> list[tuple[int, int]]:
+    """Up to OVERLAP_PIECES column ranges of at least OVERLAP_MIN_COLUMNS, on expand tile boundaries."""
+    count = max(1, min(OVERLAP_PIECES, N // OVERLAP_MIN_COLUMNS))
+    step = _cdiv(_cdiv(N, count), 32) * 32
+    return [(n0, min(n0 + step, N)) for n0 in range(0, N, step)]
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False, tile: tuple | None = None,
@@ -613,7 +674,7 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear, "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
+               "cublas": _cublas_linear, "overlapped": _overlapped_linear, "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
                "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE,
                                           per_sm=WIDE_PROGRAMS_PER_SM)}
 
