@@ -22,8 +22,8 @@ tiled and planar:
             activations), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue.
-  overlapped  cublas for a16 at many tokens in column pieces, each piece's codes widened on a side stream
-            while the GEMM of the piece before runs.
+  overlapped  cublas in column pieces, each piece's codes widened on a side stream while the GEMM of the
+            piece before runs.
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
@@ -218,8 +218,10 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
-    if M > SMALL_M and not grouped and activations == "a16" and len(_column_pieces(prepared.out_features)) > 1:
-        names.append("overlapped")
+        # a16 only: the pieces are column slices of the output, which torch._int_mm refuses (contiguous
+        # output only) and _scaled_mm's row-wise CUTLASS fallback (cuBLAS < 12.9) is not known to honour
+        if activations == "a16" and len(_column_pieces(prepared.out_features)) > 1:
+            names.append("overlapped")
     return names + ["splitk8"] * few + ["gemv8"] * gemv
 
 
@@ -465,53 +467,53 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
     return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype)
 
 
-def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    q, act_scale, codes = _expanded_operands(x2, prepared, activations)
-    codes_t = codes.t()
-    if activations == "a16" and prepared.scale_mode == _SCALE_TENSOR:  # the scale rides as cuBLAS's alpha
-        return torch.addmm(bias.to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, codes_t,
-                           beta=1 if bias is not None else 0, alpha=prepared.tensor_scale)
-    if activations == "a16":
-        return _epilogue(torch.mm(x2, codes_t)[None], prepared, None, bias, x2.dtype)
-    if activations == "a8":
-        return _epilogue(torch._int_mm(q, codes_t)[None], prepared, act_scale, bias, x2.dtype)  # exact int32
-    # Row-wise scaling wants bf16 output (and bias); other dtypes are converted after.
-    out = torch._scaled_mm(q, codes_t, scale_a=act_scale[:, None], scale_b=prepared.scale_row,
-                           bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
-    return out.to(x2.dtype)
-
-
-def _overlapped_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    """cublas for a16 with the widening hidden behind the GEMM: the output's columns in pieces, each piece's
-    codes widened on a side stream while cuBLAS multiplies the piece before (the GEMM is compute-bound, the
-    widening memory-bound; the widening was 7-13 % of an a16 layer at 4096 tokens, H100/H200). Only the
-    first piece's widening is exposed. Events fork and join the streams, so CUDA graphs capture it; on a
-    CPU (the interpreter) the pieces run in turn."""
+def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap: bool = False) -> torch.Tensor:
+    """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
+    torch._scaled_mm (fp8), scales in the epilogue. overlap (the `overlapped` strategy, a16): the output's
+    columns in pieces, each piece's codes expanded on a side stream while cuBLAS multiplies the piece before
+    (the GEMM is compute-bound, the expansion memory-bound: 7-13 % of an a16 layer at 4096 tokens); only the
+    first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU (the interpreter) the
+    pieces run in turn."""
     M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
-    codes = torch.empty(N, K, dtype=x2.dtype, device=x2.device)
-    raw = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    tensor_scale = prepared.scale_mode == _SCALE_TENSOR
-    pieces = _column_pieces(N)
-    main = torch.cuda.current_stream(x2.device) if x2.is_cuda else None
-    side = _side_stream(x2.device) if x2.is_cuda else None
-    expand(prepared, x2.dtype, slice(*pieces[0]), codes[slice(*pieces[0])])
+    pieces = _column_pieces(N) if overlap else [(0, N)]
+    codes = torch.empty(N, K, dtype=_operand_dtype(activations, x2.dtype), device=x2.device)
+    first = slice(*pieces[0])
+    q, act_scale, _ = _operands(None if activations == "a16" else x2, fp8=activations == "fp8", prepared=prepared,
+                                codes_dtype=codes.dtype, outputs=first, codes=codes[first])
+    q = x2 if activations == "a16" else q
+    alpha = prepared.scale_mode == _SCALE_TENSOR and activations == "a16"  # the scale rides as cuBLAS's alpha
+    raw_dtype = {"a8": torch.int32, "fp8": torch.bfloat16}.get(activations, x2.dtype)
+    raw = torch.empty(M, N, dtype=raw_dtype, device=x2.device)
+    # Row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after.
+    fp8_bias = bias.to(torch.bfloat16) if activations == "fp8" and bias is not None else None
+    main = torch.cuda.current_stream(x2.device) if x2.is_cuda and len(pieces) > 1 else None
+    side = _side_stream(x2.device) if main is not None else None
     if side is not None:
         side.wait_stream(main)  # the codes buffer and the first piece are main's
     for i, (n0, n1) in enumerate(pieces):
         if i + 1 < len(pieces):
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                expand(prepared, x2.dtype, slice(*pieces[i + 1]), codes[slice(*pieces[i + 1])])
-        piece = codes[n0:n1].t()
-        if tensor_scale:  # the scale as alpha, the bias as the added term: out is finished here
-            piece_bias = bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(())
-            torch.addmm(piece_bias, x2, piece, beta=1 if bias is not None else 0, alpha=prepared.tensor_scale,
-                        out=raw[:, n0:n1])
+                expand(prepared, codes.dtype, slice(*pieces[i + 1]), codes[slice(*pieces[i + 1])])
+        piece, out = codes[n0:n1].t(), raw[:, n0:n1]
+        if alpha:
+            torch.addmm(bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, piece,
+                        beta=1 if bias is not None else 0, alpha=prepared.tensor_scale, out=out)
+        elif activations == "a16":
+            torch.mm(x2, piece, out=out)
+        elif activations == "a8":
+            torch._int_mm(q, piece, out=out)  # exact int32
         else:
-            torch.mm(x2, piece, out=raw[:, n0:n1])
+            torch._scaled_mm(q, piece, scale_a=act_scale[:, None], scale_b=prepared.scale_row[:, n0:n1],
+                             bias=fp8_bias[n0:n1] if fp8_bias is not None else None, out_dtype=torch.bfloat16,
+                             out=out)
         if side is not None and i + 1 < len(pieces):
             main.wait_stream(side)  # the next piece's codes are written
-    # main has waited for every widening, so freeing codes on main's order is safe
-    return raw if tensor_scale else _epilogue(raw[None], prepared, None, bias, x2.dtype)
+    # main has waited for every expansion, so freeing codes in main's order is safe
+    if alpha:
+        return raw
+    if activations == "fp8":
+        return raw.to(x2.dtype)
+    return _epilogue(raw[None], prepared, act_scale, bias, x2.dtype)
 
 
 def _column_pieces(N: int) -> list[tuple[int, int]]:
@@ -674,7 +676,7 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear, "overlapped": _overlapped_linear, "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
+               "cublas": _cublas_linear, "overlapped": functools.partial(_cublas_linear, overlap=True), "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
                "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE,
                                           per_sm=WIDE_PROGRAMS_PER_SM)}
 
