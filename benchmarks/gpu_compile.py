@@ -179,12 +179,13 @@ def variants(quick: bool):
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
         tiles = [(False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)]
-        if act != "a16" and not quick:
-            tiles += [(True, tile) for tile in tk.GEMV_QUANTIZING_TILES]
+        if not quick:  # the tiles that some layers or the gemv8 variant take
+            tiles += [(True, tile) for tile in (tk.GEMV_QUANTIZING_TILES if act != "a16" else (tk.GEMV_WIDE_TILE,))]
         for fma, (block_m, block_n, block_k, warps, stages) in tiles:
-            # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked)
+            # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked;
+            # the GEMV's own loop for each activation type, as it quantizes int8/e4m3 itself)
             for tq1, even_k in ((False, True), (True, True), (False, False), (True, False)):
-                if not even_k and act != "a16":
+                if not even_k and act != "a16" and not (fma and (block_m, block_n, block_k) == tk.GEMV_TILE[:3]):
                     continue
                 default = (block_m, block_n, block_k) in (tk.GEMV_TILE[:3], tk.SPLITK_TILE[:3])
                 rows = "" if default else f" {block_n} rows"

@@ -407,20 +407,27 @@ def _ties(activations: str, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("packing", ["tq2", "tq1"])
 @pytest.mark.parametrize("activations", ["a8", "fp8"])
-@pytest.mark.parametrize("k", [300, 512])
-def test_gemv_quantizes_its_row_exactly(k, activations, packing):
+@pytest.mark.parametrize("strategy,k,n,split", [("gemv", 300, 300, False), ("gemv", 512, 512, False),
+                                                ("gemv", 2100, 20, True), ("gemv8", 2100, 20, True)])
+def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, packing, monkeypatch):
     """The one-token GEMV quantizes x itself (no quantizer launch): with identity codes each output is one
-    quantized value x its scale, so the outputs show every rounding, bit for bit against the reference. K = N:
-    300 (masked steps) and 512 (whole steps), both with enough rows for a GEMV_QUANTIZING_TILES tile; a zero
-    row (scale 1e-12 / qmax) too."""
-    codes = torch.eye(k, dtype=torch.int8)
-    weight = TernaryWeight(formats.pack(codes, packing).to(DEVICE), torch.ones(1, 1, device=DEVICE), k, k, None,
+    quantized value x its scale, so the outputs show every rounding, bit for bit against the reference; a zero
+    row (scale 1e-12 / qmax) too. N = K = 300 (masked steps) and 512 (whole steps) take a
+    GEMV_QUANTIZING_TILES tile in one K slice (8 programs aimed at, on a GPU too); 20 x 2100 splits K, so the
+    scale reaches the epilogue kernel through memory (stored by program (0, 0))."""
+    monkeypatch.setattr(tk, "_target_programs", lambda device, per_sm=None: 2 * (per_sm or tk.PROGRAMS_PER_SM))
+    codes = torch.eye(n, k, dtype=torch.int8)
+    weight = TernaryWeight(formats.pack(codes, packing).to(DEVICE), torch.ones(1, 1, device=DEVICE), k, n, None,
                            packing)
     linear = {"a8": reference.linear_a8, "fp8": reference.linear_fp8}[activations]
+    splits = []
+    real_split_k = tk._split_k
+    monkeypatch.setattr(tk, "_split_k", lambda *args: splits.append(real_split_k(*args)) or splits[-1])
     for x in (_ties(activations, k), torch.zeros(1, k, device=DEVICE)):
-        out = tk.linear(x, tk.prepare(weight), None, activations, strategy="gemv")
+        out = tk.linear(x, tk.prepare(weight), None, activations, strategy=strategy)
         assert torch.equal(out, _on_cpu(linear, x, _cpu_weight(weight), None))
-    assert tk._gemv_tile(k, activations, torch.device(DEVICE)) != tk.GEMV_TILE or DEVICE == "cuda"
+    assert all((result[1].dim() == 3) == split for result in splits)
+    assert (tk._gemv_tile(n, activations, torch.device(DEVICE)) != tk.GEMV_TILE) == (n >= 256)
 
 
 @pytest.mark.parametrize("packing", ["tq2", "tq1"])
@@ -503,17 +510,22 @@ def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp
 
 
 def test_choose_times_gpu_time_and_nothing_while_capturing(monkeypatch, tmp_path):
-    """Few-token candidates are timed replayed from a CUDA graph (eagerly where capture fails); a call first
-    seen during a capture takes the default, remembered nowhere."""
-    monkeypatch.setattr(tk.triton.testing, "do_bench_cudagraph", lambda fn, **kwargs: fn() / 10)
+    """Few-token candidates are timed replayed from a CUDA graph; after a failed capture, eagerly for the
+    rest of the process (one warning); a call first seen during a capture takes the default, remembered
+    nowhere."""
+    monkeypatch.setattr(tk, "_graph_timing", True)
+    monkeypatch.setattr(tk, "_graph_ms", lambda fn: fn() / 10)
     monkeypatch.setattr(tk.triton.testing, "do_bench", lambda fn, **kwargs: fn())
     assert tk._gpu_ms(lambda: 5.0, graph=True) == 0.5
     assert tk._gpu_ms(lambda: 5.0, graph=False) == 5.0  # large calls: eager, L2 flushed
 
-    def uncapturable(fn, **kwargs):
+    def uncapturable(fn):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(tk.triton.testing, "do_bench_cudagraph", uncapturable)
+    monkeypatch.setattr(tk, "_graph_ms", uncapturable)
+    with pytest.warns(UserWarning, match="timed eagerly from now on"):
+        assert tk._gpu_ms(lambda: 5.0, graph=True) == 5.0
+    monkeypatch.setattr(tk, "_graph_ms", lambda fn: pytest.fail("captured after a failed capture"))
     assert tk._gpu_ms(lambda: 5.0, graph=True) == 5.0
     monkeypatch.setenv("BITFLUX_CACHE", str(tmp_path))
     monkeypatch.setattr(tk, "_namespace", lambda device: "test GPU")
@@ -525,6 +537,14 @@ def test_choose_times_gpu_time_and_nothing_while_capturing(monkeypatch, tmp_path
     key = tk.CallKey("a16", torch.bfloat16, tk._SCALE_TENSOR, False, 1, 3072, 3072)
     assert tk._choose(key, ["splitk", "gemv"], lambda name: 1.0, "cuda") == "splitk"
     assert tk.chosen == {} and not (tmp_path / tk.STRATEGY_FILE).exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_timing_runs_on_the_default_stream():
+    """_graph_ms captures on a side stream (Triton 3.0/3.1's do_bench_cudagraph refused the default one)."""
+    x = torch.randn(64, 64, device="cuda")
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert 0 < tk._graph_ms(lambda: x @ x) < 100
 
 
 def test_strategy_choices_are_kept_per_kernel_source(monkeypatch):

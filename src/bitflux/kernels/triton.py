@@ -302,15 +302,58 @@ def _choose(key: CallKey, names: list[str], run, device: torch.device) -> str:
 def _gpu_ms(fn, graph: bool) -> float:
     """Median milliseconds a call of fn. graph (few tokens): replayed from a CUDA graph, the kernels' GPU time;
     timed eagerly, a few-us kernel measures its launch instead (on 3072 x 3072 at one token that chose `tiled`,
-    13 us of GPU time, over `gemv`'s 3.6 us; BENCHMARKS.md). Where fn cannot be captured, and for the large
-    calls, whose kernels outlast their launch: eagerly, with L2 flushed between calls. (Replayed, weights that
-    fit in L2 stay there; every candidate reads the same bytes.)"""
-    if graph:
+    13 us of GPU time, over `gemv`'s 3.6 us; BENCHMARKS.md). For the large calls, whose kernels outlast their
+    launch, and once a capture has failed in this process: eagerly, with L2 flushed between calls. (Replayed,
+    weights that fit in L2 stay there; every candidate reads the same bytes.)"""
+    global _graph_timing
+    if graph and _graph_timing:
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-        except Exception:  # noqa: BLE001 - capture refused (a host sync, an uncapturable library call)
-            pass
+            return _graph_ms(fn)
+        except Exception as exc:  # noqa: BLE001 - capture refused (a host sync, an uncapturable library call)
+            # A failed capture can leave torch's allocator mid-capture (pytorch#159594): no more captures here.
+            _graph_timing = False
+            warnings.warn(f"bitflux: timing Triton strategies as CUDA graphs failed ({type(exc).__name__}: "
+                          f"{exc}); they are timed eagerly from now on", stacklevel=2)
     return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+_graph_timing = True  # off after a failed capture
+GRAPH_TIMING_MS = 10  # about this much GPU time of calls in the timed graph, replayed GRAPH_REPLAYS times
+GRAPH_REPLAYS = 5
+
+
+def _graph_ms(fn) -> float:
+    """fn's GPU time: as many calls as take ~GRAPH_TIMING_MS captured into one graph on a side stream (capture
+    is refused on the default stream), after eager warm-up calls (Triton compiles and autotunes outside the
+    capture), replayed GRAPH_REPLAYS times; the median per call. Errors of the capture are this thread's
+    only (thread_local), so another thread's CUDA work is not invalidated."""
+    current = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(current)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+            start.record()
+            for _ in range(3):
+                fn()
+            end.record()
+            end.synchronize()
+            calls = max(1, min(1000, round(GRAPH_TIMING_MS / max(start.elapsed_time(end) / 3, 1e-3))))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                for _ in range(calls):
+                    fn()
+            times = []
+            for _ in range(GRAPH_REPLAYS):
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / calls)
+    finally:
+        current.wait_stream(stream)
+    return sorted(times)[len(times) // 2]
 
 
 STRATEGY_FILE = "triton-strategies.json"
@@ -472,8 +515,8 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap
     torch._scaled_mm (fp8), scales in the epilogue. overlap (the `overlapped` strategy, a16): the output's
     columns in pieces, each piece's codes expanded on a side stream while cuBLAS multiplies the piece before
     (the GEMM is compute-bound, the expansion memory-bound: 7-13 % of an a16 layer at 4096 tokens); only the
-    first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU (the interpreter) the
-    pieces run in turn."""
+    first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU
+    (the interpreter) the pieces run in turn."""
     M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
     pieces = _column_pieces(N) if overlap else [(0, N)]
     codes = torch.empty(N, K, dtype=_operand_dtype(activations, x2.dtype), device=x2.device)
@@ -676,9 +719,9 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear, "overlapped": functools.partial(_cublas_linear, overlap=True), "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
-               "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE,
-                                          per_sm=WIDE_PROGRAMS_PER_SM)}
+               "cublas": _cublas_linear, "overlapped": functools.partial(_cublas_linear, overlap=True),
+               "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
+               "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM)}
 
 
 if triton is not None:
@@ -964,9 +1007,9 @@ if triton is not None:
         columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step). table_ptr: tq1_digit_table,
         which the tensor-core tq1 loop reads (any pointer otherwise). FMA with int8 or e4m3 ACT: x is the
         float row itself, quantized here as _quantize_row does (bit for bit): every program reads the
-        whole row once for its scale (from L2 and L1: the row is a few KB, the weights MBs), and program
-        (0, 0) stores the scale for _epilogue_kernel. That saves the quantizer's launch, which at one token
-        took as long as the GEMV on small layers (H100: 3.5-6.5 us)."""
+        whole row once for its scale (from L2 and L1; 2 K bytes of bf16 against BLOCK_N K / 4 of codes), and
+        program (0, 0) stores the scale for _epilogue_kernel. That saves the quantizer's launch, which at one
+        token took as long as the GEMV on small layers (H100: 3.5-6.5 us)."""
         BYTES: tl.constexpr = BLOCK_K // 4
         PER_BYTE: tl.constexpr = 5 if TQ1 else 4
         STEP: tl.constexpr = BYTES * PER_BYTE
