@@ -9,7 +9,7 @@ peak resident memory (ru_maxrss) is its own.
 
 Prints, per variant: blocks, weight bytes, build time, forward time, peak RSS; then the ratios at equal
 depth (fp32 vs ternary, `--short` double and single blocks) and the full ternary model's figures.
-`--packing tq1`: the ternary codes held in 1.6 bits (widened to tq2 for each call) instead of 2.
+`--packing tq1`: the ternary codes held in 1.6 bits (widened to tq2 as the kernel reads them) instead of 2.
 """
 
 from __future__ import annotations

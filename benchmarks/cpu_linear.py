@@ -6,7 +6,7 @@
 Runs both side by side in one process on the same inputs; prints milliseconds per call and the speed-up
 of bitflux over torch fp32, and the bytes each holds for the layer: torch's fp32 weight against bitflux's
 codes, scales and whatever its kernel keeps beside them (the prepared weight). `--packing tq1` holds the
-codes in 1.6 bits, which the kernel widens to tq2 for each call. Times are the best of repeated calls
+codes in 1.6 bits, which the kernel widens to tq2 as it reads them. Times are the best of repeated calls
 (other processes make the rest noisy).
 """
 

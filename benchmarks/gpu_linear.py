@@ -103,13 +103,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def strategy_ms(x, prepared, bias, mode: str, name: str, expected: torch.Tensor) -> dict | str:
     """One strategy forced (the backend's choice may come from its cache, without timings of its own): its
-    time, and its error against the bf16 GEMM, so a strategy that is wrong at real shapes shows."""
+    time (up to GRAPH_M tokens on a GPU also as a CUDA graph: GPU time, what the chooser compares there), and
+    its error against the bf16 GEMM, so a strategy that is wrong at real shapes shows."""
+    def call():
+        return triton_backend.linear(x, prepared, bias, mode, strategy=name)
+
     try:
-        out = triton_backend.linear(x, prepared, bias, mode, strategy=name)
-        return {"ms": bench_ms(lambda: triton_backend.linear(x, prepared, bias, mode, strategy=name)),
-                "rel_err": relative_error(out, expected)}
+        result = {"ms": bench_ms(call), "rel_err": relative_error(call(), expected)}
     except Exception as exc:  # noqa: BLE001 - a strategy this GPU cannot run is reported, not fatal
         return f"n/a ({type(exc).__name__})"
+    if x.shape[0] <= GRAPH_M and torch.cuda.is_available():
+        try:
+            result["ms_graph"] = bench_ms(call, graph=True)
+        except Exception as exc:  # noqa: BLE001 - the eager time still stands
+            result["ms_graph"] = f"n/a ({type(exc).__name__})"
+    return result
 
 
 def kernel_us(fn, calls: int = 5) -> dict[str, float]:
@@ -262,7 +270,11 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 
 def _strategy_text(result) -> str:
-    return result if isinstance(result, str) else f"{result['ms']:.3f} ({result['rel_err']:.1e})"
+    if isinstance(result, str):
+        return result
+    graph = result.get("ms_graph")
+    graph = "" if graph is None else f", graph {graph}" if isinstance(graph, str) else f", graph {graph:.4f}"
+    return f"{result['ms']:.3f}{graph} ({result['rel_err']:.1e})"
 
 
 def main(argv=None) -> int:

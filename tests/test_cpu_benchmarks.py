@@ -30,7 +30,7 @@ def test_cpu_flux_measures_a_ternary_forward(packing):
 
 @pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
 def test_cpu_linear_compares_a_layer_with_fp32(tmp_path):
-    """The per-layer benchmark, one tiny shape, tq1 codes (widened for each call)."""
+    """The per-layer benchmark, one tiny shape, tq1 codes (widened as the kernel reads them)."""
     out = tmp_path / "rows.json"
     result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_linear.py"), "--m", "1", "20", "--shapes", "80x48",
                              "--packing", "tq1", "--no-bf16", "--min-seconds", "0", "--json", str(out)],

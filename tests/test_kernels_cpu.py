@@ -110,7 +110,7 @@ def test_tq1_to_tq2_is_the_exact_repacking(k):
     """The C widening of tq1 rows (16 bytes -> 20 by SIMD arithmetic on AVX2 and up, 4 -> 5 by table, then a
     bit stream for the row's tail) equals formats.convert bit for bit, padding included, on every ISA, for
     every byte value (243..255 are no valid tq1 byte but decode as formats.unpack reads them); the rows here
-    are strided. K = 209: the first K with a SIMD step; 1283: many."""
+    are strided. K = 130 and 209 take one SIMD step (the first K that does: 101), 1283 many."""
     gen = torch.Generator().manual_seed(k)
     cols = formats.packed_columns(k, "tq1")
     rows = torch.randint(0, 256, (37, cols + 3), dtype=torch.uint8, generator=gen)[:, :cols]
@@ -124,8 +124,8 @@ def test_tq1_to_tq2_is_the_exact_repacking(k):
 def test_tq1_weights_run_as_their_tq2_codes(k, group_size, threads):
     """A tq1 layer is read in place and widened to tq2 as the C kernel reads it: a panel at a time (GEMV), a
     weight tile at a time (one row block), or whole into a transient first (several row blocks: 2400 rows
-    of K <= 160 exceed the 320 KiB activation block). The outputs are the tq2 weight's, on every ISA, and
-    no tq2 copy is kept."""
+    of K = 130 or 160 exceed the 320 KiB activation block; the shorter rows stay in one). The outputs are the
+    tq2 weight's, on every ISA, and no tq2 copy is kept."""
     tq2 = make_weight(37, k, group_size=group_size, seed=k)
     tq1 = TernaryWeight(formats.convert(tq2.packed, k, "tq2", "tq1"), tq2.scales, k, 37, group_size, "tq1")
     prepared = cpu.prepare(tq1)

@@ -28,8 +28,9 @@ from bitflux.kernels import triton as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (M, K, N): K and N off the tile sizes, M = 1, a partial small tile, a partial large tile. Without a
-# GPU's timing each call takes its default strategy (split-K up to 16 tokens, then tiled); on a GPU the
-# fastest is measured. (130, 256, 144) is one that every strategy, cuBLAS's 8-bit GEMMs included, takes.
+# GPU's timing each call takes its default strategy (gemv at one token, split-K up to 16, then cuBLAS or, for
+# a8, the tile kernel on expanded codes); on a GPU the fastest is measured. (130, 256, 144) is one that every
+# strategy for many tokens, cuBLAS's 8-bit GEMMs included, takes.
 SHAPES = [(1, 130, 20), (5, 300, 70), (17, 384, 33), (130, 256, 129)]
 DENSE_SHAPE = (130, 256, 144)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -436,7 +437,7 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
 def test_overlapped_pieces_make_the_whole_output(scales, with_bias, packing, monkeypatch):
     """`overlapped` (a16, many tokens): the codes widened and multiplied in column pieces (on a GPU the
     widening of one piece on a side stream beside the GEMM of the one before); here the pieces run in turn.
-    Pieces of 32 columns make 4 of an odd N, the last one short."""
+    At least 32 columns a piece, 4 pieces at most: 3 of 64 columns for N = 129, the last one short."""
     monkeypatch.setattr(tk, "OVERLAP_MIN_COLUMNS", 32)
     m, k, n = 130, 256, 129
     assert tk._column_pieces(n) == [(0, 64), (64, 128), (128, 129)] and len(tk._column_pieces(2 * 32 - 1)) == 1

@@ -29,7 +29,7 @@ class TernaryConfig:
     format: the codes' packing, on disk and in memory: tq2 (4 codes a byte) runs on every kernel; tq1
         (5 a byte) takes 20% fewer bytes. On a GPU the Triton backend reads tq1 with every strategy but
         its two fused 2-bit tile kernels; the CPU kernel reads tq2 in place and widens a tq1 layer to tq2
-        for each call (held in 1.6 bits, slower at few tokens: docs/CPU_KERNEL.md).
+        as it reads it (held in 1.6 bits, slower at few tokens: docs/CPU_KERNEL.md).
     activations: a16 keeps activations in the input dtype; a8 quantizes them per token to int8; fp8 per
         token to float8 e4m3 (tensor-core speed on Hopper-class GPUs; per-tensor/channel scales only).
         Slightly different numerics from a16. On CPUs the fast kernel always uses int8 activations.

@@ -79,8 +79,9 @@ PROGRAMS_PER_SM = 4
 # a layer has enough rows for PROGRAMS_PER_SM programs an SM without splitting K (partial sums cost a launch).
 GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
 # Variants the chooser also times at few tokens ("splitk8", "gemv8"): twice the programs an SM, which the H100
-# sweeps found better for norm1.linear (18432 x 3072): gemv on 16 x 512 tiles 13.7 against 15.0 us, split-K
-# 26.5-31.0 against 32.5-40.1 us (BENCHMARKS.md); one tile for every shape leaves such differences.
+# sweeps found better for norm1.linear (18432 x 3072), a16: gemv on 16 x 512 tiles 13.7 against 15.0 us,
+# split-K 26.5-28.0 against 32.5-33.3 us (docs/gpu/h100/gpu_small_m_bit_weights.md); one tile for every shape
+# leaves such differences.
 WIDE_PROGRAMS_PER_SM = 8
 GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
 # `overlapped` (a16, many tokens): the GEMM in up to OVERLAP_PIECES column pieces of at least
@@ -326,15 +327,15 @@ def _gpu_ms(fn, graph: bool) -> float:
 
 
 _graph_timing = True  # off after a failed capture
-GRAPH_TIMING_MS = 10  # about this much GPU time of calls in the timed graph, replayed GRAPH_REPLAYS times
+GRAPH_TIMING_MS = 10  # as many calls in the timed graph as take this long eagerly; replayed GRAPH_REPLAYS times
 GRAPH_REPLAYS = 5
 
 
 def _graph_ms(fn) -> float:
-    """fn's GPU time: as many calls as take ~GRAPH_TIMING_MS captured into one graph on a side stream (capture
-    is refused on the default stream), after eager warm-up calls (Triton compiles and autotunes outside the
-    capture), replayed GRAPH_REPLAYS times; the median per call. Errors of the capture are this thread's
-    only (thread_local), so another thread's CUDA work is not invalidated."""
+    """fn's GPU time: as many calls as take ~GRAPH_TIMING_MS eagerly, captured into one graph on a side stream
+    (capture is refused on the default stream), after eager warm-up calls (Triton compiles and autotunes
+    outside the capture), replayed GRAPH_REPLAYS times; the median per call. Errors of the capture are this
+    thread's only (thread_local), so another thread's CUDA work is not invalidated."""
     current = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
     stream.wait_stream(current)

@@ -171,9 +171,9 @@ static void gather_generic(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0,
 
 /* tq1 -> tq2 codes, for a layer held in tq1 (5 base-3 digits a byte, 20 % fewer bytes): the kernels read
  * tq2, so bf_linear widens a tq1 layer's rows as it goes instead of the layer keeping a tq2 copy. A tq1 byte's
- * 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1 bytes become 5 tq2 bytes
- * by table and shifts. A widened row has ceil(K / 4) bytes, codes past K as 1 (w = 0), as formats.pack pads
- * them. */
+ * 5 digits are 10 consecutive bits of tq2's stream of 2-bit digits, so every 4 tq1 bytes become 5 tq2 bytes:
+ * here by table and shifts, 16 at a time by SIMD arithmetic on AVX2 and up (widen_avx2). A widened row has
+ * ceil(K / 4) bytes, codes past K as 1 (w = 0), as formats.pack pads them. */
 static void tq1_digit_table(uint16_t digits[256]) {
     /* byte -> its digits floor(b / 3^p) mod 3 at bits 2p (bytes > 242 as formats.unpack reads them) */
     for (int b = 0; b < 256; b++) {
@@ -668,8 +668,9 @@ int bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t
 /* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's codes, N rows of ldw
  * bytes, tq2 (ldw >= ceil(K / 4)) or, with tq1, tq1 (ldw >= ceil(K / 5)), widened to tq2 as they are read: a
  * panel or weight tile at a time into a per-thread buffer (L1/L2), where the whole layer would be written
- * to memory and read back (at few tokens that round trip took 4-5x the GEMV's time); only when row blocks
- * would widen each tile more than once is the layer widened first, into a transient. scales (ceil(N / 16) *
+ * to memory and read back (at one token, by table, the whole-layer widening took 4-5x the GEMV's time); only
+ * when row blocks would widen each tile more than once (many tokens) is the layer widened first, into a
+ * transient. scales (ceil(N / 16) *
  * 16, groups) fp32, group_chunks 16-input chunks per group; bias (N) or NULL. Returns 0, or -1 if the ISA
  * is not supported here, -2 if out of memory. */
 int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t ldw, int tq1,
