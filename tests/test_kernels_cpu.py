@@ -225,3 +225,12 @@ def test_signed_zeros_and_nan_rows_as_the_reference(m):
         keep = torch.arange(m) != 1
         assert torch.equal(y[keep].view(torch.int32), expected[keep].view(torch.int32))
         assert torch.signbit(y[keep]).all()
+
+
+def test_a_library_built_from_other_source_is_refused(monkeypatch):
+    """An editable install whose C library was not rebuilt after the exported signatures changed would be
+    called with the wrong arguments: load() refuses it, saying why (the backend then falls back)."""
+    assert _library.load()[1] is None
+    monkeypatch.setattr(_library, "ABI_VERSION", _library.ABI_VERSION + 1)
+    lib, reason = _library.load()
+    assert lib is None and "from another bitflux version" in reason and "reinstall bitflux" in reason

@@ -7,6 +7,7 @@ import importlib.machinery
 from pathlib import Path
 
 _STEM = "_ternary_gemm"
+ABI_VERSION = 2  # ternary_gemm.c's BF_ABI_VERSION: the signatures bound below
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -27,6 +28,10 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         return None, f"cannot load {path.name}: {exc}"
+    abi = lib.bf_abi_version() if hasattr(lib, "bf_abi_version") else 1
+    if abi != ABI_VERSION:
+        return None, (f"compiled library {path.name} is from another bitflux version (interface {abi}, this one "
+                      f"needs {ABI_VERSION}): reinstall bitflux (pip install -e .) to rebuild it")
     lib.bf_isa_supported.argtypes = [ctypes.c_int]
     lib.bf_isa_supported.restype = ctypes.c_int
     lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, _i64, _ptr, _i64, _i64, _ptr,

@@ -580,6 +580,13 @@ typedef struct {
     int rows, panels; /* the tile shape `tile` is fastest at */
 } isa_kernels;
 
+/* The exported functions' signatures, as _library.py binds them: bumped with any change, so that a library
+ * built from older source (an editable install not rebuilt) is refused instead of called with the wrong
+ * arguments. 2: bf_linear's tq1 flag, bf_tq1_to_tq2's ISA. */
+#define BF_ABI_VERSION 2
+
+int bf_abi_version(void) { return BF_ABI_VERSION; }
+
 int bf_isa_supported(int isa) {
     if (isa == ISA_GENERIC) return 1;
 #ifdef BF_X86
