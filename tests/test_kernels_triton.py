@@ -525,7 +525,13 @@ def test_choose_times_gpu_time_and_nothing_while_capturing(monkeypatch, tmp_path
     def uncapturable(fn):
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    def unsupported():
+        raise RuntimeError("cuBLAS refuses this shape")
+
     monkeypatch.setattr(tk, "_graph_ms", uncapturable)
+    with pytest.raises(RuntimeError, match="refuses"):  # a strategy that fails eagerly: skipped by _choose
+        tk._gpu_ms(unsupported, graph=True)
+    assert tk._graph_timing  # and graph timing stays on
     with pytest.warns(UserWarning, match="timed eagerly from now on"):
         assert tk._gpu_ms(lambda: 5.0, graph=True) == 5.0
     monkeypatch.setattr(tk, "_graph_ms", lambda fn: pytest.fail("captured after a failed capture"))

@@ -316,6 +316,7 @@ def _gpu_ms(fn, graph: bool) -> float:
     weights that fit in L2 stay there; every candidate reads the same bytes.)"""
     global _graph_timing
     if graph and _graph_timing:
+        fn()  # a strategy this GPU cannot run fails here, eagerly, and is skipped: not a capture's failure
         try:
             return _graph_ms(fn)
         except Exception as exc:  # noqa: BLE001 - capture refused (a host sync, an uncapturable library call)
