@@ -656,8 +656,15 @@ static void tq1_rows_to_tq2(widen_fn widen, const uint8_t *src, int64_t lds, int
     for (int64_t n = n0; n < n1; n++) widen(src + n * lds, K, digits, dst + (n - n0) * ldd);
 }
 
-/* The whole layer widened (tests compare it with formats.convert on each ISA; bf_linear uses it for many
- * tokens). Returns 0, or -1 if the ISA is not supported here. */
+/* The whole layer widened, its rows shared out to the threads (bf_linear's transient for many tokens). */
+static void tq1_layer_to_tq2(widen_fn widen, const uint8_t *src, int64_t lds, int64_t N, int64_t K,
+                             const uint16_t *digits, uint8_t *dst, int64_t ldd, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * ((K + 4) / 5) >= PARALLEL_GEMV_BYTES)
+    for (int64_t n = 0; n < N; n++) widen(src + n * lds, K, digits, dst + n * ldd);
+}
+
+/* tq1_layer_to_tq2 on its own, for the tests to compare with formats.convert on each ISA. Returns 0, or -1
+ * if the ISA is not supported here. */
 int bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t *dst, int64_t ldd,
                   int threads, int isa) {
     isa_kernels k;
@@ -665,21 +672,17 @@ int bf_tq1_to_tq2(const uint8_t *src, int64_t lds, int64_t N, int64_t K, uint8_t
     if (N <= 0 || K <= 0) return 0;
     uint16_t digits[256];
     tq1_digit_table(digits);
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * ((K + 4) / 5) >= PARALLEL_GEMV_BYTES)
-    for (int64_t n = 0; n < N; n++) tq1_rows_to_tq2(k.widen, src, lds, n, n + 1, K, digits, dst + n * ldd, ldd);
+    tq1_layer_to_tq2(k.widen, src, lds, N, K, digits, dst, ldd, threads < 1 ? 1 : threads);
     return 0;
 }
-
 
 /* out (M, N) fp32 = W1.58A8 linear of x (M, K) fp32 rows `ldx` apart. w: the layer's codes, N rows of ldw
  * bytes, tq2 (ldw >= ceil(K / 4)) or, with tq1, tq1 (ldw >= ceil(K / 5)), widened to tq2 as they are read: a
  * panel or weight tile at a time into a per-thread buffer (L1/L2), where the whole layer would be written
  * to memory and read back (at one token, by table, the whole-layer widening took 4-5x the GEMV's time); only
  * when row blocks would widen each tile more than once (many tokens) is the layer widened first, into a
- * transient. scales (ceil(N / 16) *
- * 16, groups) fp32, group_chunks 16-input chunks per group; bias (N) or NULL. Returns 0, or -1 if the ISA
- * is not supported here, -2 if out of memory. */
+ * transient. scales (ceil(N / 16) * 16, groups) fp32, group_chunks 16-input chunks per group; bias (N) or
+ * NULL. Returns 0, or -1 if the ISA is not supported here, -2 if out of memory. */
 int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t ldw, int tq1,
               int64_t N, const float *scales, int64_t groups, int64_t group_chunks, const float *bias, float *out,
               int threads, int isa) {
@@ -771,7 +774,7 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
                 free(q), free(natural), free(act_scale), free(act_sums);
                 return -2;
             }
-            bf_tq1_to_tq2(w, ldw, N, K, transient, ldt, threads, isa);
+            tq1_layer_to_tq2(k.widen, w, ldw, N, K, digits, transient, ldt, threads);
         }
         const uint8_t *codes = transient ? transient : w;
         const int64_t ldc = transient ? ldt : ldw;
