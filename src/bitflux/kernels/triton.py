@@ -511,13 +511,15 @@ def _quantized(x2: torch.Tensor, activations: str):
     return quantize_activations(x2, fp8=activations == "fp8")
 
 
-def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: str):
-    """The left operand, its per-token scales (None for a16) and the layer's expanded codes, for the GEMMs on
-    expanded codes: one launch."""
+def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: str, outputs: slice = slice(None),
+                       codes: torch.Tensor | None = None):
+    """The left operand, its per-token scales (None for a16) and the layer's expanded codes (outputs, codes: as
+    expand's outputs, out), for the GEMMs on expanded codes: one launch."""
     codes_dtype = _operand_dtype(activations, x2.dtype)
     if activations == "a16":
-        return x2, None, expand(prepared, codes_dtype)
-    return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype)
+        return x2, None, expand(prepared, codes_dtype, outputs, codes)
+    return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype, outputs=outputs,
+                     codes=codes)
 
 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap: bool = False) -> torch.Tensor:
@@ -531,9 +533,7 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap
     pieces = _column_pieces(N) if overlap else [(0, N)]
     codes = torch.empty(N, K, dtype=_operand_dtype(activations, x2.dtype), device=x2.device)
     first = slice(*pieces[0])
-    q, act_scale, _ = _operands(None if activations == "a16" else x2, fp8=activations == "fp8", prepared=prepared,
-                                codes_dtype=codes.dtype, outputs=first, codes=codes[first])
-    q = x2 if activations == "a16" else q
+    q, act_scale, _ = _expanded_operands(x2, prepared, activations, first, codes[first])
     alpha = prepared.scale_mode == _SCALE_TENSOR and activations == "a16"  # the scale rides as cuBLAS's alpha
     raw_dtype = {"a8": torch.int32, "fp8": torch.bfloat16}.get(activations, x2.dtype)
     raw = torch.empty(M, N, dtype=raw_dtype, device=x2.device)
