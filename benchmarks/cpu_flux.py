@@ -5,11 +5,13 @@ torch runs fastest on a CPU) at a depth whose fp32 weights fit this machine, sin
 peak resident memory (ru_maxrss) is its own.
 
     PYTHONPATH=src:benchmarks python benchmarks/cpu_flux.py [--image-tokens 256] [--text-tokens 512]
-        [--short 2 4] [--packing tq1] [--json out.json]
+        [--short 2 4] [--packing tq1] [--separate] [--json out.json]
 
 Prints, per variant: blocks, weight bytes, build time, forward time, peak RSS; then the ratios at equal
 depth (fp32 vs ternary, `--short` double and single blocks) and the full ternary model's figures.
 `--packing tq1`: the ternary codes held in 1.6 bits (widened to tq2 as the kernel reads them) instead of 2.
+The ternary models run each attention's q/k/v as one GEMM (bitflux.fusion, as load_pipeline does);
+`--separate`: one by one.
 """
 
 from __future__ import annotations
@@ -28,26 +30,30 @@ from gpu_flux import fill_random_, inputs, weight_bytes
 from bitflux import TernaryConfig
 from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
+from bitflux.fusion import fuse_projections
 from bitflux.kernels import use_backend
 from bitflux.surgery import quantize_
 
 
-def build(config: dict, ternary: bool, packing: str = "tq2") -> torch.nn.Module:
+def build(config: dict, ternary: bool, packing: str = "tq2", fused: bool = True) -> torch.nn.Module:
     """fp32 model with random weights on the CPU; `ternary`: its block linears as random codes in `packing`
     (the fp32 block weights are never allocated: the model is made on the meta device first)."""
     model = build_transformer(config, "meta")
     if ternary:
         quantize_(model, TernaryConfig(activations="a8", format=packing))
     model.to_empty(device="cpu")
-    return fill_random_(model, "cpu")
+    fill_random_(model, "cpu")
+    if ternary and fused:
+        fuse_projections(model)
+    return model
 
 
 def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text_tokens: int,
-                packing: str = "tq2") -> dict:
+                packing: str = "tq2", fused: bool = True) -> dict:
     """In this process: build, one warm-up forward, one timed forward."""
     config = {**FLUX_DEV_CONFIG, "num_layers": double, "num_single_layers": single}
     start = time.perf_counter()
-    model = build(config, ternary, packing)
+    model = build(config, ternary, packing, fused)
     build_s = time.perf_counter() - start
     batch = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
              for k, v in inputs(config, image_tokens, text_tokens, "cpu").items()}
@@ -57,7 +63,7 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
         out = model(**batch)[0]
         forward_s = time.perf_counter() - start
     return {"double": double, "single": single, "variant": "ternary" if ternary else "fp32",
-            "packing": packing if ternary else None,
+            "packing": packing if ternary else None, "qkv_fused": ternary and fused,
             "weight_bytes": weight_bytes(model), "build_s": round(build_s, 1), "forward_s": round(forward_s, 2),
             "output_finite": bool(torch.isfinite(out).all()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -66,7 +72,7 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
 def child(args, double: int, single: int, ternary: bool) -> dict:
     command = [sys.executable, __file__, "--child", str(double), str(single), str(int(ternary)),
                "--image-tokens", str(args.image_tokens), "--text-tokens", str(args.text_tokens),
-               "--packing", args.packing]
+               "--packing", args.packing, *(["--separate"] if args.separate else [])]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -80,13 +86,14 @@ def main() -> None:
     parser.add_argument("--short", type=int, nargs=2, default=[2, 4], metavar=("DOUBLE", "SINGLE"),
                         help="the depth at which fp32 and ternary are compared")
     parser.add_argument("--packing", default="tq2", choices=["tq2", "tq1"], help="the ternary codes' packing")
+    parser.add_argument("--separate", action="store_true", help="ternary q/k/v projections not fused")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         double, single, ternary = args.child
         print(json.dumps(run_variant(double, single, bool(ternary), args.image_tokens, args.text_tokens,
-                                     args.packing)))
+                                     args.packing, not args.separate)))
         return
 
     full = (FLUX_DEV_CONFIG["num_layers"], FLUX_DEV_CONFIG["num_single_layers"])

@@ -2,7 +2,9 @@
 random weights, nothing downloaded) at 1024x1024 (4096 image + 512 text tokens): bf16 vs bitflux
 W1.58A16, W1.58A8 and W1.58 fp8 (tq2: 2 bits a weight), and fp8 on tq1 codes (1.6 bits), one model at a
 time, each built on the meta device and materialized directly on the GPU (the ternary models never hold a
-bf16 copy of their block weights), then freed.
+bf16 copy of their block weights), then freed. The ternary models run each attention's q/k/v as one GEMM
+(bitflux.fusion, as load_pipeline does); `fp8-separate` runs them one by one, and `bf16-fused` is bf16 with
+diffusers' fuse_qkv_projections (which keeps a second copy of those weights).
 
     PYTHONPATH=src python benchmarks/gpu_flux.py --out results/      # on a GPU (needs diffusers)
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_flux.py --dry-run   # CPU: a tiny FLUX
@@ -31,6 +33,7 @@ import torch
 from bitflux import TernaryConfig, TernaryLinear, kernels
 from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
+from bitflux.fusion import fuse_projections
 from bitflux.graphs import cuda_graphed
 from bitflux.surgery import quantize_
 from gpu_linear import mode_parts
@@ -40,19 +43,34 @@ TINY_CONFIG = {**FLUX_DEV_CONFIG, "in_channels": 16, "num_layers": 1, "num_singl
                "pooled_projection_dim": 32, "axes_dims_rope": [8, 12, 12]}
 WEIGHT_STD = 0.02  # keeps random activations finite through 57 blocks
 # activations[-packing]; most telling first: a run cut short keeps those
-MODES = ("bf16", "fp8", "fp8-tq1", "a16", "a8")
+MODES = ("bf16", "fp8", "fp8-tq1", "a16", "a8", "fp8-separate", "bf16-fused")
 LABELS = {"bf16": "bf16 (torch)", "a16": "bitflux W1.58A16", "a8": "bitflux W1.58A8", "fp8": "bitflux W1.58 fp8",
-          "fp8-tq1": "bitflux W1.58 fp8, tq1 codes"}
+          "fp8-tq1": "bitflux W1.58 fp8, tq1 codes", "fp8-separate": "bitflux W1.58 fp8, q/k/v not fused",
+          "bf16-fused": "bf16, q/k/v fused (diffusers)"}
+
+
+def model_kind(mode: str) -> tuple[str | None, str | None, bool]:
+    """A mode -> (activations, None for bf16; packing; q/k/v fused). Ternary models are fused unless the mode
+    ends in -separate; bf16 only as bf16-fused."""
+    name, fused = (mode.removesuffix("-separate"), False) if mode.endswith("-separate") else (mode, True)
+    if name.startswith("bf16"):
+        return None, None, name == "bf16-fused"
+    return (*mode_parts(name), fused)
 
 
 def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
     """The transformer with random weights on `device`, ternary block linears unless mode is bf16."""
+    activations, packing, fused = model_kind(mode)
     model = build_transformer(config, "meta").to(torch.bfloat16)
-    if mode != "bf16":
-        activations, packing = mode_parts(mode)
+    if activations is not None:
         quantize_(model, TernaryConfig(activations=activations, format=packing))
     model.to_empty(device=device)
-    return fill_random_(model, device)
+    fill_random_(model, device)
+    if fused and activations is not None:
+        fuse_projections(model)
+    elif fused:
+        model.fuse_qkv_projections()
+    return model
 
 
 def fill_random_(model: torch.nn.Module, device) -> torch.nn.Module:
@@ -175,13 +193,14 @@ def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int
     model = build(config, mode, device)
     result = {"mode": mode, "build_s": round(time.perf_counter() - start, 1), "weight_bytes": weight_bytes(model)}
     batch = inputs(config, *batch_shape, device)
-    with kernels.use_backend("triton" if mode != "bf16" else "auto"):
-        if mode != "bf16":
-            _check_triton_in_use(model, mode_parts(mode)[0], device)
+    activations = model_kind(mode)[0]
+    with kernels.use_backend("triton" if activations else "auto"):
+        if activations:
+            _check_triton_in_use(model, activations, device)
         if compile:  # the warm-up forwards compile; bitflux.graphs does not capture a compiled module
             model = torch.compile(model)
         result.update(time_forwards(model, batch, warmup, iters, device, graphs=not compile))
-    if mode != "bf16":
+    if activations:
         result["strategies"] = chosen_strategies(mode)
     del model, batch
     gc.collect()
@@ -192,7 +211,7 @@ def chosen_strategies(mode: str) -> dict[str, str]:
     """Which strategy the Triton backend measured fastest for each layer shape of this mode."""
     from bitflux.kernels import triton as triton_backend
 
-    activations, packing = mode_parts(mode)
+    activations, packing, _ = model_kind(mode)
     return {f"M={key.M} N={key.N} K={key.K}": name for key, name in triton_backend.chosen.items()
             if key.activations == activations and key.tq1 == (packing == "tq1")}
 

@@ -38,11 +38,11 @@ FLUX_LAYERS = {
     "attn to_q/k/v, to_out": (3072, 3072),
     "ff net.0.proj, proj_mlp": (12288, 3072),
     "ff net.2": (3072, 12288),
-    "single norm.linear": (9216, 3072),
+    "single norm.linear, fused to_qkv": (9216, 3072),
     "single proj_out": (3072, 15360),
 }
 TOKENS = (1, 16, 512, 4096, 4608)
-QUICK_LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
+QUICK_LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "single norm.linear, fused to_qkv", "ff net.2")
 QUICK_TOKENS = (1, 16, 4096)
 # activations[-packing] (tq2 unless named) -> label
 MODES = {"a16": "W1.58A16", "a8": "W1.58A8", "fp8": "W1.58 fp8", "a16-tq1": "W1.58A16 tq1", "fp8-tq1": "W1.58 fp8 tq1"}

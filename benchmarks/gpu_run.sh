@@ -5,15 +5,15 @@
 # limit and failures do not stop the next part; every part writes its results as it goes (the sweep after
 # every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~7
 # minutes on an H200 with Triton 3.6 before the torch.compile parts, which only use what is left of a
-# 10-minute call; limits sum to 1100 s): every strategy's and tile config's test, the exactness and CUDA-graph
+# 10-minute call; limits sum to 1230 s): every strategy's and tile config's test, the exactness and CUDA-graph
 # subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies; fp8 on tq1
-# codes too), the two benches, gpu_linear on 3 layers x M in {1, 16, 4096}, the sweep (a16, fp8, fp8 on
-# tq1 codes), the demo bench and the full-size bf16
-# and fp8 forwards with torch.compile.
+# codes, fp8 with q/k/v not fused and bf16 with them fused too), the two benches, gpu_linear on 4 layers x M
+# in {1, 16, 4096}, the sweep (a16, fp8, fp8 on tq1 codes), the demo bench and the full-size bf16 and fp8
+# forwards with torch.compile.
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
 #
-# --layers (~6 minutes, limits sum to 410 s): after a kernel change, what a layer shows: the quick test subset,
+# --layers (~6 minutes, limits sum to 450 s): after a kernel change, what a layer shows: the quick test subset,
 # gpu_linear --quick and the small-M sweep, without the full forward, the benches or torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
@@ -88,9 +88,9 @@ XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or overlapped" -q --tb=short -rfE $XDIST -p no:cacheprovider
-    [ -z "$LAYERS" ] && part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
+    [ -z "$LAYERS" ] && part gpu_flux 330 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     [ -z "$LAYERS" ] && pipeline_bench
-    part gpu_linear 110 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
+    part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
         --modes a16 fp8 fp8-tq1
     [ -z "$LAYERS" ] && compiled

@@ -33,7 +33,7 @@ def test_gpu_linear_rehearses_every_mode_and_strategy(tmp_path):
 def test_gpu_flux_rehearses_every_model(tmp_path):
     _run("gpu_flux.py", "--out", str(tmp_path), "--warmup", "1", "--iters", "1")
     results = json.loads((tmp_path / "gpu_flux.json").read_text())["results"]
-    assert set(results) == {"bf16", "fp8", "fp8-tq1", "a16", "a8"}
+    assert set(results) == {"bf16", "fp8", "fp8-tq1", "a16", "a8", "fp8-separate", "bf16-fused"}
     assert all(result["output_finite"] for result in results.values())
 
 

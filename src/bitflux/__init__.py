@@ -7,11 +7,12 @@ from .config import TernaryConfig  # noqa: E402
 from .convert import quantize_checkpoint  # noqa: E402
 from .demo import demo_model_path  # noqa: E402
 from .errors import BitfluxError  # noqa: E402
+from .fusion import fuse_projections  # noqa: E402
 from .graphs import cuda_graphed  # noqa: E402
 from .linear import TernaryLinear  # noqa: E402
 from .pipeline import generate, load_pipeline, load_transformer, quantize_pipeline  # noqa: E402
 from .surgery import QuantizationReport, quantize_, set_activations, set_packing  # noqa: E402
 
 __all__ = ["BitfluxError", "QuantizationReport", "TernaryConfig", "TernaryLinear", "__version__", "cuda_graphed",
-           "demo_model_path", "generate", "load_pipeline", "load_transformer", "quantize_pipeline", "quantize_",
+           "demo_model_path", "fuse_projections", "generate", "load_pipeline", "load_transformer", "quantize_pipeline", "quantize_",
            "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]

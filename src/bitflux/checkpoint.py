@@ -159,7 +159,9 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self.pending[name] = tensor.contiguous()
+        # a view (fused projections' codes are row views of one tensor) is copied: safetensors refuses tensors
+        # that share memory
+        self.pending[name] = tensor.contiguous() if tensor._base is None else tensor.clone()
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
 

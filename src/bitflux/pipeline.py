@@ -13,6 +13,7 @@ from .cache import cache_dir
 from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
+from .fusion import fuse_projections
 from .surgery import QuantizationReport, quantize_, set_activations
 
 
@@ -52,14 +53,16 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
     parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
     (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then
-    never sit on the GPU together with it."""
+    never sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one GEMM
+    (bitflux.fusion; diffusers' `transformer.unfuse_qkv_projections()` undoes it)."""
     root = Path(path)
     if not (root / "model_index.json").exists():
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
     _check_offload(device, offload)
     dtype = dtype or default_dtype(device)
     extra = {}
-    if is_ternary_pipeline(root):
+    ternary = is_ternary_pipeline(root)
+    if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
                                                            dtype=dtype)
     try:
@@ -67,6 +70,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     except (OSError, ValueError) as exc:
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(leave=False)
+    if ternary:
+        fuse_projections(pipe.transformer)
     return _place(pipe, device, offload)
 
 
@@ -83,10 +88,11 @@ def _place(pipe, device, offload: bool):
 
 
 def quantize_pipeline(pipe, config: TernaryConfig | None = None, copy_transformer: bool = True):
-    """Ternarize a loaded FluxPipeline's transformer in memory: returns (pipeline, report). With
-    copy_transformer the given pipeline is left as it was (for side-by-side comparisons)."""
+    """Ternarize a loaded FluxPipeline's transformer in memory (q/k/v fused, as load_pipeline does): returns
+    (pipeline, report). With copy_transformer the given pipeline is left as it was (side-by-side comparisons)."""
     transformer = copy.deepcopy(pipe.transformer) if copy_transformer else pipe.transformer
     report: QuantizationReport = quantize_(transformer, config or TernaryConfig())
+    fuse_projections(transformer)
     components = dict(pipe.components, transformer=transformer)
     ternary = type(pipe)(**components)
     ternary.set_progress_bar_config(leave=False)

@@ -1,0 +1,173 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_inputs
+
+from bitflux import (
+    TernaryConfig,
+    TernaryLinear,
+    load_transformer,
+    quantize_,
+    save_transformer,
+    set_activations,
+    set_packing,
+)
+from bitflux.fusion import FusedProjection, fuse_projections
+from bitflux.interop.lora import load_lora
+from bitflux.kernels import use_backend
+
+
+def ternary_tiny(granularity="tensor", fmt="tq2", activations="a16", seed=0):
+    model = build_tiny(seed)
+    config = TernaryConfig(format=fmt, activations=activations, **TernaryConfig.parse_granularity(granularity))
+    quantize_(model, config)
+    return model, config
+
+
+def forward(model, backend="cpu"):
+    with torch.no_grad(), use_backend(backend):
+        return model(**tiny_inputs())[0]
+
+
+def fused_pair(granularity="tensor", fmt="tq2", activations="a16"):
+    separate, config = ternary_tiny(granularity, fmt, activations)
+    fused, _ = ternary_tiny(granularity, fmt, activations)
+    assert fuse_projections(fused) == 4  # 2 double blocks (text and image groups) + 2 single blocks
+    return separate, fused, config
+
+
+def lora_on_q(model, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    name = "transformer_blocks.0.attn.to_q"
+    layer = model.get_submodule(name)
+    down = torch.randn(4, layer.in_features, generator=generator)
+    up = torch.randn(layer.out_features, 4, generator=generator)
+    return load_lora(model, {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("granularity,fmt,activations", [
+    ("tensor", "tq2", "a16"), ("channel", "tq1", "a8"), ("group:16", "tq2", "a8"), ("tensor", "tq1", "fp8"),
+])
+def test_fused_model_computes_what_the_separate_layers_do(backend, granularity, fmt, activations):
+    separate, fused, _ = fused_pair(granularity, fmt, activations)
+    attention = fused.transformer_blocks[0].attn
+    assert attention.fused_projections and isinstance(attention.to_qkv, FusedProjection)
+    assert isinstance(attention.to_added_qkv, FusedProjection)
+    # the same codes and scales, the same per-token activation quantization: equal up to the order in which
+    # a kernel sums (exactly equal for the integer 8-bit modes)
+    expected, actual = forward(separate, backend), forward(fused, backend)
+    if activations == "a16":
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(actual, expected)
+
+
+def test_codes_are_held_once_and_state_dict_is_unchanged():
+    separate, fused, _ = fused_pair()
+    attention = fused.single_transformer_blocks[0].attn
+    base = attention.to_qkv.packed()
+    assert all(getattr(attention, n).weight_packed._base is base for n in ("to_q", "to_k", "to_v"))
+    expected, actual = separate.state_dict(), fused.state_dict()
+    assert list(actual) == list(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_saved_fused_model_loads_as_the_separate_one(tmp_path):
+    separate, fused, config = fused_pair("channel")
+    save_transformer(fused, tmp_path / "out", config)
+    loaded = load_transformer(tmp_path / "out")
+    assert not loaded.transformer_blocks[0].attn.fused_projections
+    assert torch.equal(forward(loaded), forward(separate))
+
+
+def test_lora_side_branch_runs_on_a_fused_model():
+    separate, fused, _ = fused_pair()
+    lora_on_q(separate), lora_on_q(fused)
+    assert torch.equal(forward(fused), forward(separate))
+
+
+def test_changed_layers_are_fused_again():
+    separate, fused, _ = fused_pair("channel")
+    # a fused LoRA gives to_q new codes and scales
+    adapters = lora_on_q(separate), lora_on_q(fused)
+    for adapter in adapters:
+        adapter.fuse()
+    assert torch.equal(forward(fused), forward(separate))
+    for adapter in adapters:
+        adapter.remove()  # unfuses: to_q gets back its view of the fused codes
+    assert torch.equal(forward(fused), forward(separate))
+    # in place: new scales, and a state dict loaded into the layers
+    for model in (separate, fused):
+        with torch.no_grad():
+            model.transformer_blocks[1].attn.add_k_proj.weight_scale.mul_(1.5)
+    assert torch.equal(forward(fused), forward(separate))
+    other, _ = ternary_tiny("channel", seed=5)
+    for model in (separate, fused):
+        model.load_state_dict(other.state_dict())
+    assert torch.equal(forward(fused), forward(other))
+    # new activations and a new packing for every layer
+    for model in (separate, fused):
+        set_activations(model, "a8")
+        set_packing(model, "tq1")
+    assert torch.equal(forward(fused), forward(separate))
+    attention = fused.transformer_blocks[0].attn
+    assert attention.to_q.weight_packed._base is attention.to_qkv.packed()  # gathered again
+
+
+def test_diffusers_unfuse_returns_to_the_separate_layers():
+    separate, fused, _ = fused_pair()
+    fused.unfuse_qkv_projections()
+    assert not any(isinstance(m, FusedProjection) for m in fused.modules())
+    assert torch.equal(forward(fused), forward(separate))
+    assert fuse_projections(fused) == 4
+
+
+def test_only_ternary_attention_is_fused():
+    model = build_tiny()
+    assert fuse_projections(model) == 0  # full precision: diffusers' own fuse_qkv_projections is for that
+    quantize_(model, TernaryConfig())
+    model.single_transformer_blocks[0].attn.to_v = torch.nn.Linear(64, 64)
+    assert fuse_projections(model) == 3
+    assert not model.single_transformer_blocks[0].attn.fused_projections
+    assert fuse_projections(model) == 0  # fused once
+    assert sum(isinstance(m, TernaryLinear) for m in model.modules()) > 0
+
+
+def test_a_moved_model_frees_the_old_fused_codes_and_gathers_again():
+    separate, fused, _ = fused_pair()
+    attention = fused.transformer_blocks[0].attn
+    old = weakref.ref(attention.to_qkv.packed())
+    fused._apply(lambda tensor: tensor.clone())  # what .to(device) does: every buffer replaced
+    gc.collect()
+    assert old() is None and attention.to_qkv.packed() is None
+    assert torch.equal(forward(fused), forward(separate))
+    assert attention.to_q.weight_packed._base is attention.to_qkv.packed()
+
+
+def test_a_fused_model_compiles_as_one_graph():
+    """torch.compile traces each FusedProjection as one operator, as it does TernaryLinear (tests/test_surgery.py):
+    no graph break, and the eager model's result."""
+    _, fused, _ = fused_pair("channel")
+    inputs = tiny_inputs()
+    with torch.no_grad(), use_backend("reference"):
+        explained = torch._dynamo.explain(fused)(**inputs)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        ops = [node.target for graph in explained.graphs for node in graph.graph.nodes]
+        eager = fused(**inputs)[0]
+        compiled = torch.compile(fused, fullgraph=True)(**inputs)[0]
+    # per double block 14 ternary layers, 10 fused; per single block 6, fused 4
+    assert ops.count(torch.ops.bitflux.ternary_linear.default) == 2 * 10 + 2 * 4
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_gathered_under_inference_mode_the_layers_stay_writable():
+    separate, fused, _ = fused_pair()
+    for model in (separate, fused):
+        set_packing(model, "tq1")  # new codes: gathered again at the next call
+    with torch.inference_mode():
+        fused(**tiny_inputs())
+    fused.load_state_dict(separate.state_dict())  # in place, outside inference_mode
+    assert torch.equal(forward(fused), forward(separate))
