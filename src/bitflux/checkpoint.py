@@ -161,7 +161,8 @@ class ShardWriter:
             self._flush()
         # a view (fused projections' codes are row views of one tensor) is copied: safetensors refuses tensors
         # that share memory
-        self.pending[name] = tensor.contiguous() if tensor._base is None else tensor.clone()
+        self.pending[name] = (tensor.contiguous() if tensor._base is None
+                              else tensor.clone(memory_format=torch.contiguous_format))
         self.pending_bytes += nbytes
         self.total_bytes += nbytes
 

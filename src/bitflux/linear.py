@@ -42,7 +42,6 @@ class TernaryLinear(nn.Module):
         self.group_size = group_size
         self.activations = activations
         self.packing = packing
-        self.state_loads = 0  # load_state_dict calls, which write the buffers in place (fusion.py watches it)
         self.register_buffer(
             "weight_packed",
             torch.full(formats.packed_shape(out_features, in_features, packing), formats.ZERO_BYTE[packing],
@@ -115,7 +114,6 @@ class TernaryLinear(nn.Module):
         # The buffers are written in place: what a backend prepared from them must go (kernels._version sees
         # in-place writes, except to tensors made under inference_mode).
         forget_prepared(self.weight_packed)
-        self.state_loads += 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -149,6 +149,9 @@ def forget_prepared(packed: torch.Tensor) -> None:
     """Drop what was prepared from these bytes (before they are written in place, where _version cannot see
     it: tensors made under inference_mode)."""
     _prepared.pop(packed, None)
+    if packed._base is not None:  # rows of a concatenation (ternary_linear_rows): its entries go too
+        _prepared.pop(packed._base, None)
+        _row_epilogues.pop(packed._base, None)
 
 
 def ternary_linear(
@@ -177,6 +180,53 @@ def ternary_linear(
     return backend.linear(x, entry[2], bias, activations)
 
 
+def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive rows these codes are, in this order and all of it (views that
+    bitflux.fusion makes), or None."""
+    base = packed[0]._base
+    if base is None or base.dim() != 2 or not base.is_contiguous():
+        return None
+    storage, offset = base.untyped_storage().data_ptr(), base.storage_offset()
+    for rows in packed:
+        if (rows._base is not base or rows.untyped_storage().data_ptr() != storage  # `.data =` swaps the storage
+                or rows.storage_offset() != offset or not rows.is_contiguous() or rows.shape[1] != base.shape[1]):
+            return None
+        offset += rows.numel()
+    return base if offset == base.storage_offset() + base.numel() else None
+
+
+# Per concatenation of codes (keyed weakly by it): its layers' scales and biases concatenated, made again when
+# one of those is replaced, swapped or written in place, as _prepared does for a layer's.
+_row_epilogues = WeakIdKeyDictionary()
+
+
+def _rows_epilogue(base: torch.Tensor, weights: list[TernaryWeight], biases: list[torch.Tensor | None]):
+    tensors = [w.scales for w in weights] + [b for b in biases if b is not None]
+    key = tuple((t.data_ptr(), _version(t)) for t in tensors)
+    entry = _row_epilogues.get(base)
+    if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], tensors)):
+        # a per-tensor scale becomes one per row of its layer
+        scales = torch.cat([w.scales.expand(w.out_features, w.scales.shape[1]) for w in weights])
+        bias = None if biases[0] is None else torch.cat(biases)
+        entry = (key, [weakref.ref(t) for t in tensors], scales, bias)
+        _row_epilogues[base] = entry
+    return entry[2], entry[3]
+
+
+def ternary_linear_rows(x: torch.Tensor, weights: list[TernaryWeight], biases: list[torch.Tensor | None],
+                        activations: str = "a16") -> torch.Tensor:
+    """cat([ternary_linear(x, w, b) for w, b in zip(weights, biases)], -1): layers of the same inputs, packing and
+    scale groups, with biases all or none. Where their codes are consecutive rows of one tensor, as one
+    ternary_linear over it (one GEMM, one activation quantization)."""
+    base = consecutive_rows([w.packed for w in weights])
+    if base is None:
+        return torch.cat([ternary_linear(x, w, b, activations) for w, b in zip(weights, biases)], dim=-1)
+    scales, bias = _rows_epilogue(base, weights, biases)
+    first = weights[0]
+    return ternary_linear(x, TernaryWeight(base, scales, first.in_features, base.shape[0], first.group_size,
+                                           first.packing), bias, activations)
+
+
 # torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
 # code (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
 # ~500 graphs with nothing fused between them.
@@ -192,3 +242,19 @@ def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
 @ternary_linear_op.register_fake
 def _(x, packed, scales, bias, in_features, out_features, group_size, activations, packing):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("bitflux::ternary_linear_rows", mutates_args=())
+def ternary_linear_rows_op(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
+                           biases: list[torch.Tensor], in_features: int, out_features: list[int], group_size: int,
+                           activations: str, packing: str) -> torch.Tensor:
+    """ternary_linear_rows as a torch operator (biases: [] for none; group_size 0: none). Opaque, so whether the
+    codes are one tensor's rows is found when it runs, not when torch.compile traces."""
+    weights = [TernaryWeight(p, s, in_features, n, group_size or None, packing)
+               for p, s, n in zip(packed, scales, out_features)]
+    return ternary_linear_rows(x, weights, biases or [None] * len(weights), activations)
+
+
+@ternary_linear_rows_op.register_fake
+def _(x, packed, scales, biases, in_features, out_features, group_size, activations, packing):
+    return x.new_empty((*x.shape[:-1], sum(out_features)))
