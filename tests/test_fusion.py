@@ -96,10 +96,17 @@ def test_saved_fused_model_loads_as_the_separate_one(tmp_path):
     assert torch.equal(forward(loaded), forward(separate))
 
 
-def test_lora_side_branch_runs_on_a_fused_model():
+def test_lora_side_branch_runs_on_the_fused_output():
     separate, fused, _ = fused_pair()
     lora_on_q(separate), lora_on_q(fused)
+    kernels._row_epilogues.clear()
     assert torch.equal(forward(fused), forward(separate))
+    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_epilogues  # one GEMM for q/k/v
+    # a hook of another kind (here, before the call) makes that attention run its layers one by one
+    calls = []
+    for model in (separate, fused):
+        model.transformer_blocks[0].attn.to_k.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert torch.equal(forward(fused), forward(separate)) and len(calls) == 2
 
 
 def test_changed_layers_are_fused_again():
@@ -159,10 +166,13 @@ def test_a_moved_model_frees_the_old_fused_codes_and_gathers_again():
     assert gathered(attention) is not None
 
 
-def test_a_fused_model_compiles_as_one_graph():
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_a_fused_model_compiles_as_one_graph(with_lora):
     """torch.compile traces each FusedProjection as one operator, as it does TernaryLinear (tests/test_surgery.py):
-    no graph break, and the eager model's result."""
+    no graph break (a LoRA's hook included), and the eager model's result."""
     _, fused, _ = fused_pair("channel")
+    if with_lora:
+        lora_on_q(fused)
     inputs = tiny_inputs()
     with torch.no_grad(), use_backend("reference"):
         explained = torch._dynamo.explain(fused)(**inputs)

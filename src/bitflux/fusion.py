@@ -16,8 +16,9 @@ undoes it (the views stay: they cost nothing).
 It computes what the layers hold at the time: codes that are no longer views of one tensor (new codes from a
 fused LoRA or set_packing, a model moved to another device) are gathered into one again at the next eager call
 (while a CUDA graph is captured or torch.compile traces, the layers then run one by one); new or rewritten
-scales and biases are concatenated again. Layers with forward hooks (LoRA side branches) or a replaced forward
-(accelerate's sequential offloading) run one by one, so that those run; so does a replaced layer.
+scales and biases are concatenated again. A layer's forward hooks (LoRA side branches) run on its slice of the
+fused output; layers with other hooks or a replaced forward (accelerate's sequential offloading) run one by
+one, so that those run, and so does a replaced layer.
 """
 
 from __future__ import annotations
@@ -53,8 +54,24 @@ def fusible(layers: list[nn.Module]) -> bool:
     return all(kind(layer) == first for layer in layers)
 
 
-def _runs_hooks(layer: nn.Module) -> bool:
-    return bool(layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__)
+def _needs_own_call(layer: nn.Module) -> bool:
+    """A layer whose call does more than forward + plain forward hooks (which run on its slice of the fused
+    output): pre-hooks, hooks taking kwargs or always called, a replaced forward (accelerate's sequential
+    offloading), global hooks."""
+    return bool(layer._forward_pre_hooks or layer._forward_hooks_with_kwargs or layer._forward_hooks_always_called
+                or "forward" in layer.__dict__ or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def _run_forward_hooks(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each layer's forward hooks (LoRA side branches) on its slice of y, as its own call would run them."""
+    outputs = list(y.split([layer.out_features for layer in layers], dim=-1))
+    for i, layer in enumerate(layers):
+        for hook in layer._forward_hooks.values():
+            result = hook(layer, (x,), outputs[i])
+            if result is not None:
+                outputs[i] = result
+    return torch.cat(outputs, dim=-1)
 
 
 # Not inference tensors even when called under inference_mode: the layers' buffers must stay writable in place
@@ -84,20 +101,22 @@ class FusedProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
         compiling = torch.compiler.is_compiling()
-        if (any(_runs_hooks(layer) for layer in layers) or not fusible(layers)
+        if (not fusible(layers) or any(_needs_own_call(layer) for layer in layers)
                 or (compiling and needs_gradient(x))):  # the operator has no backward (as in TernaryLinear)
             return torch.cat([layer(x) for layer in layers], dim=-1)
         first = layers[0]
         if compiling:
-            return ternary_linear_rows_op(
+            y = ternary_linear_rows_op(
                 x, [layer.weight_packed for layer in layers], [layer.weight_scale for layer in layers],
                 [] if first.bias is None else [layer.bias for layer in layers], first.in_features,
                 [layer.out_features for layer in layers], first.group_size or 0, first.activations, first.packing)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a captured graph
-        if not capturing and consecutive_rows([layer.weight_packed for layer in layers]) is None:
-            gather_codes(layers)
-        return ternary_linear_rows(x, [layer.ternary_weight for layer in layers], [layer.bias for layer in layers],
-                                   first.activations)
+        else:
+            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a captured graph
+            if not capturing and consecutive_rows([layer.weight_packed for layer in layers]) is None:
+                gather_codes(layers)
+            y = ternary_linear_rows(x, [layer.ternary_weight for layer in layers], [layer.bias for layer in layers],
+                                    first.activations)
+        return _run_forward_hooks(layers, x, y) if any(layer._forward_hooks for layer in layers) else y
 
     def extra_repr(self) -> str:
         return f"fuses {', '.join(self.names)}"
