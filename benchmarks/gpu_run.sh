@@ -87,7 +87,7 @@ compiled() {  # torch.compile, last: it only uses what time is left. The demo be
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
-        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or overlapped" -q --tb=short -rfE $XDIST -p no:cacheprovider
+        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or overlapped or alpha" -q --tb=short -rfE $XDIST -p no:cacheprovider
     [ -z "$LAYERS" ] && part gpu_flux 330 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     [ -z "$LAYERS" ] && pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}

@@ -99,9 +99,9 @@ def test_saved_fused_model_loads_as_the_separate_one(tmp_path):
 def test_lora_side_branch_runs_on_the_fused_output():
     separate, fused, _ = fused_pair()
     lora_on_q(separate), lora_on_q(fused)
-    kernels._row_epilogues.clear()
+    kernels._row_scales.clear()
     assert torch.equal(forward(fused), forward(separate))
-    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_epilogues  # one GEMM for q/k/v
+    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_scales  # one GEMM for q/k/v
     # a hook of another kind (here, before the call) makes that attention run its layers one by one
     calls = []
     for model in (separate, fused):
@@ -216,8 +216,8 @@ def test_compiled_model_sees_changed_layers():
             model.load_state_dict(other.state_dict())
             model.transformer_blocks[0].attn.to_k.weight_scale.mul_(2)
         torch.testing.assert_close(compiled(**inputs)[0], separate(**inputs)[0], rtol=1e-4, atol=1e-4)
-    # and ran the three layers as one: their concatenated scales were made for the codes they are rows of
-    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_epilogues
+    # and ran the three layers as one: their scales were joined for the codes they are rows of
+    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_scales
 
 
 def test_replaced_layers_and_swapped_storage_are_run_as_they_are():
@@ -248,3 +248,31 @@ def test_loaded_ternary_pipelines_are_fused():
     pipe = load_pipeline(demo_ternary_path(progress=False))
     attentions = [m for m in pipe.transformer.modules() if hasattr(m, "fused_projections")]
     assert attentions and all(m.fused_projections for m in attentions)
+
+
+def test_biases_edited_through_data_are_seen():
+    separate, fused, _ = fused_pair("channel")
+    forward(fused)
+    for model in (separate, fused):
+        model.transformer_blocks[0].attn.to_k.bias.data.mul_(3)  # no version bump
+    assert torch.equal(forward(fused), forward(separate))
+
+
+def test_hooks_get_their_layers_own_output_and_other_hooks_their_own_call():
+    separate, fused, _ = fused_pair()
+    shapes = []
+    for model in (separate, fused):
+        model.transformer_blocks[0].attn.to_k.register_forward_hook(
+            lambda module, args, out: shapes.append(out.view(-1).shape) or out * 2)
+    assert torch.equal(forward(fused), forward(separate)) and shapes[0] == shapes[1]
+    x = torch.randn(2, 64, requires_grad=True)
+    called = []
+    fused.transformer_blocks[1].attn.to_v.register_full_backward_hook(lambda *args: called.append(1))
+    fused.transformer_blocks[1].attn.to_qkv(x).sum().backward()
+    assert called and x.grad is not None
+
+
+def test_a_repacked_model_is_gathered_before_it_is_compiled():
+    _, fused, _ = fused_pair()
+    set_packing(fused, "tq1")
+    assert gathered(fused.transformer_blocks[0].attn) is not None

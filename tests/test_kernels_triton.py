@@ -451,6 +451,24 @@ def test_overlapped_pieces_make_the_whole_output(scales, with_bias, packing, mon
     _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("strategy", ["cublas", "overlapped"])
+def test_one_scale_a_fused_layer_rides_as_cublas_alpha(strategy, monkeypatch):
+    """Layers fused by bitflux.fusion (per-tensor scales joined into one row each): a16 on cuBLAS runs one
+    GEMM a layer with its scale as alpha, as a per-tensor layer does, rather than a separate scale epilogue."""
+    monkeypatch.setattr(tk, "OVERLAP_MIN_COLUMNS", 32)
+    m, k, n = 130, 256, 96
+    weight = _weight(n, k)
+    scales = torch.tensor([0.5, 2.0, 0.25]).repeat_interleave(32)[:, None].to(weight.scales.device)
+    weight = TernaryWeight(weight.packed, scales, k, n, None)
+    assert tk.prepare(weight).alpha_pieces == ((0, 32, 0.5), (32, 64, 2.0), (64, 96, 0.25))
+    assert tk.prepare(TernaryWeight(weight.packed, scales.roll(1, 0), k, n, None)).alpha_pieces is None  # unaligned
+    monkeypatch.setattr(tk, "_epilogue", None)  # never called
+    x = _activations(m, k, torch.bfloat16)
+    bias = _activations(1, n, torch.bfloat16, seed=2).reshape(-1)
+    out = tk.linear(x, tk.prepare(weight), bias, "a16", strategy=strategy)
+    _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.bfloat16)
+
+
 def test_gemv_keeps_int8_sums_exact():
     """gemv sums int8 products in fp32: offered for a8 only while 127 K < 2^24 (FLUX's longest rows: 15360)."""
     assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K, 8), "a8")

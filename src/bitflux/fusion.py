@@ -15,7 +15,8 @@ undoes it (the views stay: they cost nothing).
 
 It computes what the layers hold at the time: codes that are no longer views of one tensor (new codes from a
 fused LoRA or set_packing, a model moved to another device) are gathered into one again at the next eager call
-(while a CUDA graph is captured or torch.compile traces, the layers then run one by one); new or rewritten
+or by gather_fused (which set_packing and accelerate_transformer call: while a CUDA graph is captured or
+torch.compile traces, the layers would run one by one); new or rewritten
 scales and biases are concatenated again. A layer's forward hooks (LoRA side branches) run on its slice of the
 fused output; layers with other hooks or a replaced forward (accelerate's sequential offloading) run one by
 one, so that those run, and so does a replaced layer.
@@ -56,16 +57,24 @@ def fusible(layers: list[nn.Module]) -> bool:
 
 def _needs_own_call(layer: nn.Module) -> bool:
     """A layer whose call does more than forward + plain forward hooks (which run on its slice of the fused
-    output): pre-hooks, hooks taking kwargs or always called, a replaced forward (accelerate's sequential
-    offloading), global hooks."""
+    output): pre-hooks, hooks taking kwargs or always called, backward hooks, a replaced forward (accelerate's
+    sequential offloading), global hooks."""
+    hooks = nn.modules.module
     return bool(layer._forward_pre_hooks or layer._forward_hooks_with_kwargs or layer._forward_hooks_always_called
-                or "forward" in layer.__dict__ or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+                or layer._backward_hooks or layer._backward_pre_hooks or "forward" in layer.__dict__
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def _settings(layer: TernaryLinear) -> tuple:
+    """What layers computed as one must share, besides their codes' tensor (fusible() checks it all)."""
+    return (layer.in_features, layer.packing, layer.activations, layer.group_size, layer.weight_scale.dtype,
+            None if layer.bias is None else layer.bias.dtype)
 
 
 def _run_forward_hooks(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each layer's forward hooks (LoRA side branches) on its slice of y, as its own call would run them."""
-    outputs = list(y.split([layer.out_features for layer in layers], dim=-1))
+    """Each layer's forward hooks (LoRA side branches) on its own (contiguous) slice of y, as its call would."""
+    outputs = [part.contiguous() for part in y.split([layer.out_features for layer in layers], dim=-1)]
     for i, layer in enumerate(layers):
         for hook in layer._forward_hooks.values():
             result = hook(layer, (x,), outputs[i])
@@ -100,26 +109,54 @@ class FusedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
-        compiling = torch.compiler.is_compiling()
-        if (not fusible(layers) or any(_needs_own_call(layer) for layer in layers)
-                or (compiling and needs_gradient(x))):  # the operator has no backward (as in TernaryLinear)
-            return torch.cat([layer(x) for layer in layers], dim=-1)
+        if (not all(isinstance(layer, TernaryLinear) for layer in layers)
+                or any(_needs_own_call(layer) for layer in layers)
+                or (torch.compiler.is_compiling() and needs_gradient(x))):  # the operator has no backward
+            return self._separately(layers, x)
         first = layers[0]
-        if compiling:
-            y = ternary_linear_rows_op(
-                x, [layer.weight_packed for layer in layers], [layer.weight_scale for layer in layers],
-                [] if first.bias is None else [layer.bias for layer in layers], first.in_features,
-                [layer.out_features for layer in layers], first.group_size or 0, first.activations, first.packing)
+        packed = [layer.weight_packed for layer in layers]
+        scales = [layer.weight_scale for layer in layers]
+        biases = None if first.bias is None else [layer.bias for layer in layers]
+        if torch.compiler.is_compiling():
+            if not fusible(layers):
+                return self._separately(layers, x)
+            y = ternary_linear_rows_op(x, packed, scales, biases or [], first.in_features, first.group_size or 0,
+                                       first.activations, first.packing)
         else:
-            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a captured graph
-            if not capturing and consecutive_rows([layer.weight_packed for layer in layers]) is None:
-                gather_codes(layers)
-            y = ternary_linear_rows(x, [layer.ternary_weight for layer in layers], [layer.bias for layer in layers],
-                                    first.activations)
+            rows = consecutive_rows(packed)
+            settings = _settings(first)
+            if rows is None or any(_settings(layer) != settings for layer in layers[1:]):
+                capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a graph
+                if capturing or not fusible(layers):
+                    return self._separately(layers, x)
+                if rows is None:
+                    gather_codes(layers)
+                    packed = [layer.weight_packed for layer in layers]
+                    rows = consecutive_rows(packed)
+            y = ternary_linear_rows(x, packed, scales, biases, first.in_features, first.group_size, first.packing,
+                                    first.activations, rows)
         return _run_forward_hooks(layers, x, y) if any(layer._forward_hooks for layer in layers) else y
+
+    @staticmethod
+    def _separately(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in layers], dim=-1)
 
     def extra_repr(self) -> str:
         return f"fuses {', '.join(self.names)}"
+
+
+def gather_fused(model: nn.Module) -> int:
+    """Gather the codes of fused layers again where they are no longer one tensor's rows (new codes from
+    set_packing or a fused LoRA, a move to another device), as their next eager call would: for a model about
+    to be compiled, which cannot. Returns how many were gathered."""
+    gathered = 0
+    for module in model.modules():
+        if isinstance(module, FusedProjection):
+            layers = module.layers()
+            if fusible(layers) and consecutive_rows([layer.weight_packed for layer in layers]) is None:
+                gather_codes(layers)
+                gathered += 1
+    return gathered
 
 
 def _diffusers_reads_fused_flag() -> bool:

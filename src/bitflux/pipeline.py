@@ -13,7 +13,7 @@ from .cache import cache_dir
 from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
-from .fusion import fuse_projections
+from .fusion import fuse_projections, gather_fused
 from .surgery import QuantizationReport, quantize_, set_activations
 
 
@@ -124,6 +124,7 @@ def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False
     fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
     if cuda_graph and compile:
         raise BitfluxError("CUDA graphs and torch.compile: choose one")
+    gather_fused(pipe.transformer)  # what a traced or captured call could not do
     if cuda_graph:
         from .graphs import cuda_graphed
 

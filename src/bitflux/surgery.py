@@ -11,6 +11,7 @@ from torch import nn
 from . import formats
 from .config import ACTIVATIONS, FORMATS, TernaryConfig
 from .errors import BitfluxError
+from .fusion import gather_fused
 from .graphs import GraphedForward
 from .linear import TernaryLinear, scale_shape
 
@@ -122,6 +123,7 @@ def set_packing(model: nn.Module, packing: str) -> int:
     for layer in layers:
         layer.weight_packed = formats.convert(layer.weight_packed, layer.in_features, layer.packing, packing)
         layer.packing = packing
+    gather_fused(model)  # fused q/k/v: their new codes as one tensor's rows again
     return len(layers)
 
 

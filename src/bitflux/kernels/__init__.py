@@ -151,7 +151,7 @@ def forget_prepared(packed: torch.Tensor) -> None:
     _prepared.pop(packed, None)
     if packed._base is not None:  # rows of a concatenation (ternary_linear_rows): its entries go too
         _prepared.pop(packed._base, None)
-        _row_epilogues.pop(packed._base, None)
+        _row_scales.pop(packed._base, None)
 
 
 def ternary_linear(
@@ -195,36 +195,39 @@ def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:
     return base if offset == base.storage_offset() + base.numel() else None
 
 
-# Per concatenation of codes (keyed weakly by it): its layers' scales and biases concatenated, made again when
-# one of those is replaced, swapped or written in place, as _prepared does for a layer's.
-_row_epilogues = WeakIdKeyDictionary()
+# Per concatenation of codes (keyed weakly by it): its layers' scales concatenated, made again when one of them is
+# replaced, swapped or written in place, as _prepared does for a layer's (and, as there, writes that bump no
+# version, to `.data` or to inference tensors, are not seen: forget_prepared).
+_row_scales = WeakIdKeyDictionary()
 
 
-def _rows_epilogue(base: torch.Tensor, weights: list[TernaryWeight], biases: list[torch.Tensor | None]):
-    tensors = [w.scales for w in weights] + [b for b in biases if b is not None]
-    key = tuple((t.data_ptr(), _version(t)) for t in tensors)
-    entry = _row_epilogues.get(base)
-    if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], tensors)):
+def _rows_scales(base: torch.Tensor, scales: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    key = tuple((t.data_ptr(), _version(t)) for t in scales)
+    entry = _row_scales.get(base)
+    if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], scales)):
         # a per-tensor scale becomes one per row of its layer
-        scales = torch.cat([w.scales.expand(w.out_features, w.scales.shape[1]) for w in weights])
-        bias = None if biases[0] is None else torch.cat(biases)
-        entry = (key, [weakref.ref(t) for t in tensors], scales, bias)
-        _row_epilogues[base] = entry
-    return entry[2], entry[3]
+        joined = torch.cat([t.expand(n, t.shape[1]) for t, n in zip(scales, rows)])
+        entry = (key, [weakref.ref(t) for t in scales], joined)
+        _row_scales[base] = entry
+    return entry[2]
 
 
-def ternary_linear_rows(x: torch.Tensor, weights: list[TernaryWeight], biases: list[torch.Tensor | None],
-                        activations: str = "a16") -> torch.Tensor:
-    """cat([ternary_linear(x, w, b) for w, b in zip(weights, biases)], -1): layers of the same inputs, packing and
-    scale groups, with biases all or none. Where their codes are consecutive rows of one tensor, as one
-    ternary_linear over it (one GEMM, one activation quantization)."""
-    base = consecutive_rows([w.packed for w in weights])
-    if base is None:
-        return torch.cat([ternary_linear(x, w, b, activations) for w, b in zip(weights, biases)], dim=-1)
-    scales, bias = _rows_epilogue(base, weights, biases)
-    first = weights[0]
-    return ternary_linear(x, TernaryWeight(base, scales, first.in_features, base.shape[0], first.group_size,
-                                           first.packing), bias, activations)
+def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
+                        biases: list[torch.Tensor] | None, in_features: int, group_size: int | None, packing: str,
+                        activations: str = "a16", rows: torch.Tensor | None = None) -> torch.Tensor:
+    """cat([ternary_linear(x, layer) for each layer], -1) for layers (their codes, scales, biases or None for
+    none) of the same inputs, packing and scale groups. Where the codes are consecutive rows of one tensor
+    (`rows`: consecutive_rows(packed), when the caller has it), as one ternary_linear over it: one GEMM, one
+    activation quantization."""
+    rows = rows if rows is not None else consecutive_rows(packed)
+    if rows is None:
+        return torch.cat([ternary_linear(x, TernaryWeight(p, s, in_features, p.shape[0], group_size, packing),
+                                         None if biases is None else b, activations)
+                          for p, s, b in zip(packed, scales, biases or packed)], dim=-1)
+    weight = TernaryWeight(rows, _rows_scales(rows, scales, [p.shape[0] for p in packed]), in_features,
+                           rows.shape[0], group_size, packing)
+    # biases are small: joined at every call, so none is ever stale
+    return ternary_linear(x, weight, None if biases is None else torch.cat(biases), activations)
 
 
 # torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
@@ -246,15 +249,14 @@ def _(x, packed, scales, bias, in_features, out_features, group_size, activation
 
 @torch.library.custom_op("bitflux::ternary_linear_rows", mutates_args=())
 def ternary_linear_rows_op(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
-                           biases: list[torch.Tensor], in_features: int, out_features: list[int], group_size: int,
-                           activations: str, packing: str) -> torch.Tensor:
+                           biases: list[torch.Tensor], in_features: int, group_size: int, activations: str,
+                           packing: str) -> torch.Tensor:
     """ternary_linear_rows as a torch operator (biases: [] for none; group_size 0: none). Opaque, so whether the
     codes are one tensor's rows is found when it runs, not when torch.compile traces."""
-    weights = [TernaryWeight(p, s, in_features, n, group_size or None, packing)
-               for p, s, n in zip(packed, scales, out_features)]
-    return ternary_linear_rows(x, weights, biases or [None] * len(weights), activations)
+    return ternary_linear_rows(x, packed, scales, biases or None, in_features, group_size or None, packing,
+                               activations)
 
 
 @ternary_linear_rows_op.register_fake
-def _(x, packed, scales, biases, in_features, out_features, group_size, activations, packing):
-    return x.new_empty((*x.shape[:-1], sum(out_features)))
+def _(x, packed, scales, biases, in_features, group_size, activations, packing):
+    return x.new_empty((*x.shape[:-1], sum(p.shape[0] for p in packed)))

@@ -21,7 +21,8 @@ tiled and planar:
             (int8, e4m3 or the activation dtype; for a8/fp8 in the same launch that quantizes the
             activations), then the same tile kernel reads it as a plain GEMM.
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-            torch._scaled_mm (fp8), scales in the epilogue.
+            torch._scaled_mm (fp8), scales in the epilogue (a16 with one scale a tensor, or one a layer of
+            q/k/v fused by bitflux.fusion: cuBLAS's alpha, one GEMM a scale).
   overlapped  cublas in column pieces, each piece's codes widened on a side stream while the GEMM of the
             piece before runs.
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
@@ -156,7 +157,9 @@ class PreparedWeight:
     in_features: int
     out_features: int
     group_size: int  # 0 unless per group
-    tensor_scale: float | None  # per tensor: the scale as a number, for cuBLAS's alpha
+    # Column ranges of one scale each, as numbers, for cuBLAS's alpha (a16; one range per tensor, one per layer
+    # for layers fused by bitflux.fusion, which joins their codes); None otherwise
+    alpha_pieces: tuple[tuple[int, int, float], ...] | None
     scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
     tq1: bool = False  # the bytes are tq1 (5 codes a byte, base 3), else tq2
     digit_table: torch.Tensor | None = None  # tq1: tq1_digit_table on the layer's device
@@ -179,11 +182,23 @@ def prepare(weight) -> PreparedWeight:
         mode, group_size = _SCALE_GROUP, weight.group_size
     scales = scales.contiguous() if mode == _SCALE_GROUP else scales.reshape(-1).contiguous()
     # Built once per layer (prepare is cached), not on every call.
-    tensor_scale = scales.item() if mode == _SCALE_TENSOR else None
+    alpha_pieces = _alpha_pieces(scales, weight.out_features) if mode != _SCALE_GROUP else None
     scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
     tq1 = weight.packing == "tq1"
     return PreparedWeight(weakref.ref(weight.packed), scales, mode, weight.in_features, weight.out_features, group_size,
-                          tensor_scale, scale_row, tq1, tq1_digit_table(weight.packed.device) if tq1 else None)
+                          alpha_pieces, scale_row, tq1, tq1_digit_table(weight.packed.device) if tq1 else None)
+
+
+def _alpha_pieces(scales: torch.Tensor, N: int) -> tuple[tuple[int, int, float], ...] | None:
+    """(start, end, scale) for runs of one scale over the output columns, if there are at most OVERLAP_PIECES
+    runs starting on expand tile boundaries (one a tensor; one a layer for fused q/k/v), else None."""
+    values = scales.cpu()
+    if values.numel() == 1:
+        return ((0, N, values.item()),)
+    starts = [0, *(torch.nonzero(values[1:] != values[:-1]).flatten() + 1).tolist()]
+    if len(starts) > OVERLAP_PIECES or any(start % 32 for start in starts):
+        return None
+    return tuple((start, end, values[start].item()) for start, end in zip(starts, [*starts[1:], N]))
 
 
 @functools.cache
@@ -530,27 +545,32 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap
     first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU
     (the interpreter) the pieces run in turn."""
     M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
-    pieces = _column_pieces(N) if overlap else [(0, N)]
+    # a16 with one scale per tensor or per fused layer: the scales ride as cuBLAS's alpha, one GEMM a scale
+    alphas = prepared.alpha_pieces if activations == "a16" else None
+    if alphas is not None and len(alphas) > 1:
+        pieces = [(n0, n1) for n0, n1, _ in alphas]
+    else:
+        pieces = _column_pieces(N) if overlap else [(0, N)]
     codes = torch.empty(N, K, dtype=_operand_dtype(activations, x2.dtype), device=x2.device)
-    first = slice(*pieces[0])
+    first = slice(*pieces[0]) if overlap else slice(None)
     q, act_scale, _ = _expanded_operands(x2, prepared, activations, first, codes[first])
-    alpha = prepared.scale_mode == _SCALE_TENSOR and activations == "a16"  # the scale rides as cuBLAS's alpha
     raw_dtype = {"a8": torch.int32, "fp8": torch.bfloat16}.get(activations, x2.dtype)
     raw = torch.empty(M, N, dtype=raw_dtype, device=x2.device)
     # Row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after.
     fp8_bias = bias.to(torch.bfloat16) if activations == "fp8" and bias is not None else None
-    main = torch.cuda.current_stream(x2.device) if x2.is_cuda and len(pieces) > 1 else None
+    main = torch.cuda.current_stream(x2.device) if x2.is_cuda and overlap and len(pieces) > 1 else None
     side = _side_stream(x2.device) if main is not None else None
     if side is not None:
         side.wait_stream(main)  # the codes buffer and the first piece are main's
     for i, (n0, n1) in enumerate(pieces):
-        if i + 1 < len(pieces):
+        if overlap and i + 1 < len(pieces):
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 expand(prepared, codes.dtype, slice(*pieces[i + 1]), codes[slice(*pieces[i + 1])])
         piece, out = codes[n0:n1].t(), raw[:, n0:n1]
-        if alpha:
+        if alphas is not None:
+            alpha = next(scale for start, end, scale in alphas if start <= n0 < end)
             torch.addmm(bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, piece,
-                        beta=1 if bias is not None else 0, alpha=prepared.tensor_scale, out=out)
+                        beta=1 if bias is not None else 0, alpha=alpha, out=out)
         elif activations == "a16":
             torch.mm(x2, piece, out=out)
         elif activations == "a8":
@@ -562,7 +582,7 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap
         if side is not None and i + 1 < len(pieces):
             main.wait_stream(side)  # the next piece's codes are written
     # main has waited for every expansion, so freeing codes in main's order is safe
-    if alpha:
+    if alphas is not None:
         return raw
     if activations == "fp8":
         return raw.to(x2.dtype)
