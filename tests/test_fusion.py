@@ -276,3 +276,15 @@ def test_a_repacked_model_is_gathered_before_it_is_compiled():
     _, fused, _ = fused_pair()
     set_packing(fused, "tq1")
     assert gathered(fused.transformer_blocks[0].attn) is not None
+
+
+def test_codes_swapped_under_their_views_are_left_in_place():
+    """diffusers' group offloading swaps buffers' storage (`.data =`) and finds them again by identity: a fused
+    attention whose views were swapped so runs its layers one by one rather than replacing the buffers."""
+    separate, fused, _ = fused_pair()
+    attention = fused.transformer_blocks[0].attn
+    held = [attention.to_q.weight_packed, attention.to_k.weight_packed, attention.to_v.weight_packed]
+    for codes in held:
+        codes.data = codes.clone()
+    assert torch.equal(forward(fused), forward(separate))
+    assert all(getattr(attention, name).weight_packed is codes for name, codes in zip(("to_q", "to_k", "to_v"), held))

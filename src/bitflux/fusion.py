@@ -14,7 +14,7 @@ at every call and runs kernels.ternary_linear_rows over their codes. diffusers' 
 undoes it (the views stay: they cost nothing).
 
 It computes what the layers hold at the time: codes that are no longer views of one tensor (new codes from a
-fused LoRA or set_packing, a model moved to another device) are gathered into one again at the next eager call
+fused LoRA or set_packing, a model moved to another device with .to()) are gathered into one again at the next eager call
 or by gather_fused (which set_packing and accelerate_transformer call: while a CUDA graph is captured or
 torch.compile traces, the layers would run one by one); new or rewritten
 scales and biases are concatenated again. A layer's forward hooks (LoRA side branches) run on its slice of the
@@ -83,6 +83,13 @@ def _run_forward_hooks(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
     return torch.cat(outputs, dim=-1)
 
 
+def _gatherable(packed: list[torch.Tensor]) -> bool:
+    """Codes to gather again: some layer holds new ones (not a view). Views whose storage was swapped under
+    them (`.data =`: diffusers' group offloading moves buffers so, and finds them again by identity) are left
+    as they are, and run one by one."""
+    return any(codes._base is None for codes in packed)
+
+
 # Not inference tensors even when called under inference_mode: the layers' buffers must stay writable in place
 # (load_state_dict) outside it.
 @torch.inference_mode(False)
@@ -127,7 +134,7 @@ class FusedProjection(nn.Module):
             settings = _settings(first)
             if rows is None or any(_settings(layer) != settings for layer in layers[1:]):
                 capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a graph
-                if capturing or not fusible(layers):
+                if capturing or not fusible(layers) or (rows is None and not _gatherable(packed)):
                     return self._separately(layers, x)
                 if rows is None:
                     gather_codes(layers)
@@ -153,7 +160,8 @@ def gather_fused(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, FusedProjection):
             layers = module.layers()
-            if fusible(layers) and consecutive_rows([layer.weight_packed for layer in layers]) is None:
+            packed = [layer.weight_packed for layer in layers]
+            if fusible(layers) and consecutive_rows(packed) is None and _gatherable(packed):
                 gather_codes(layers)
                 gathered += 1
     return gathered
