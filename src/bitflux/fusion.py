@@ -13,13 +13,13 @@ and inspect see the model as before; diffusers' own fused path (`attn.fused_proj
 at every call and runs kernels.ternary_linear_rows over their codes. diffusers' `unfuse_qkv_projections()`
 undoes it (the views stay: they cost nothing).
 
-It computes what the layers hold at the time: codes that are no longer views of one tensor (new codes from a
-fused LoRA or set_packing, a model moved to another device with .to()) are gathered into one again at the next eager call
-or by gather_fused (which set_packing and accelerate_transformer call: while a CUDA graph is captured or
-torch.compile traces, the layers would run one by one); new or rewritten
-scales and biases are concatenated again. A layer's forward hooks (LoRA side branches) run on its slice of the
-fused output; layers with other hooks or a replaced forward (accelerate's sequential offloading) run one by
-one, so that those run, and so does a replaced layer.
+It computes what the layers hold at the time. Codes that are no longer views of one tensor (new codes from a
+fused LoRA or set_packing, a model moved to another device with .to()) are gathered into one again at the
+next eager call, or by gather_fused (set_packing and accelerate_transformer call it: while a CUDA graph is
+captured or torch.compile traces, such layers run one by one). New or rewritten scales and biases are joined
+again. A layer's forward hooks (LoRA side branches) run on its slice of the fused output; a replaced layer, or
+one with other hooks or a replaced forward (accelerate's sequential offloading), makes its attention run the
+layers one by one, so that those run.
 """
 
 from __future__ import annotations
@@ -42,17 +42,11 @@ GROUPS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "ad
 
 
 def fusible(layers: list[nn.Module]) -> bool:
-    """Ternary layers that one GEMM can compute together: same inputs, packing, activations, scale groups,
-    device and dtypes, and all or none with a bias."""
+    """Ternary layers that one GEMM can compute together: the same _settings, on one device."""
     if not layers or not all(isinstance(layer, TernaryLinear) for layer in layers):
         return False
-
-    def kind(layer):
-        return (layer.in_features, layer.packing, layer.activations, layer.group_size, layer.weight_packed.device,
-                layer.weight_scale.dtype, layer.bias is None, None if layer.bias is None else layer.bias.dtype)
-
-    first = kind(layers[0])
-    return all(kind(layer) == first for layer in layers)
+    first = (_settings(layers[0]), layers[0].weight_packed.device)
+    return all((_settings(layer), layer.weight_packed.device) == first for layer in layers[1:])
 
 
 def _needs_own_call(layer: nn.Module) -> bool:
@@ -67,7 +61,8 @@ def _needs_own_call(layer: nn.Module) -> bool:
 
 
 def _settings(layer: TernaryLinear) -> tuple:
-    """What layers computed as one must share, besides their codes' tensor (fusible() checks it all)."""
+    """What layers computed as one must share besides a device: inputs, packing, activations, scale groups,
+    dtypes, and all or none a bias."""
     return (layer.in_features, layer.packing, layer.activations, layer.group_size, layer.weight_scale.dtype,
             None if layer.bias is None else layer.bias.dtype)
 
