@@ -221,9 +221,9 @@ def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: lis
     activation quantization."""
     rows = rows if rows is not None else consecutive_rows(packed)
     if rows is None:
-        return torch.cat([ternary_linear(x, TernaryWeight(p, s, in_features, p.shape[0], group_size, packing),
-                                         None if biases is None else b, activations)
-                          for p, s, b in zip(packed, scales, biases or packed)], dim=-1)
+        return torch.cat([ternary_linear(x, TernaryWeight(p, s, in_features, p.shape[0], group_size, packing), b,
+                                         activations)
+                          for p, s, b in zip(packed, scales, biases or [None] * len(packed))], dim=-1)
     weight = TernaryWeight(rows, _rows_scales(rows, scales, [p.shape[0] for p in packed]), in_features,
                            rows.shape[0], group_size, packing)
     # biases are small: joined at every call, so none is ever stale
