@@ -20,6 +20,7 @@ from bitflux.fusion import (
     FusedProjection,
     _diffusers_reads_fused_flag,
     fuse_projections,
+    gather_codes,
 )
 from bitflux.interop.lora import load_lora
 from bitflux.kernels import consecutive_rows, use_backend
@@ -288,3 +289,22 @@ def test_codes_swapped_under_their_views_are_left_in_place():
         codes.data = codes.clone()
     assert torch.equal(forward(fused), forward(separate))
     assert all(getattr(attention, name).weight_packed is codes for name, codes in zip(("to_q", "to_k", "to_v"), held))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_rows_of_one_tensor_or_not_give_the_separate_layers_result(with_bias):
+    torch.manual_seed(0)
+    layers = [TernaryLinear.from_linear(torch.nn.Linear(40, n, bias=with_bias), TernaryConfig()) for n in (8, 24, 16)]
+    x = torch.randn(5, 40)
+    expected = torch.cat([layer(x) for layer in layers], dim=-1)
+
+    def rows_call():
+        return kernels.ternary_linear_rows(x, [layer.weight_packed for layer in layers],
+                                           [layer.weight_scale for layer in layers],
+                                           [layer.bias for layer in layers] if with_bias else None, 40, None, "tq2")
+
+    assert consecutive_rows([layer.weight_packed for layer in layers]) is None
+    torch.testing.assert_close(rows_call(), expected, rtol=1e-6, atol=1e-6)
+    gather_codes(layers)
+    assert consecutive_rows([layer.weight_packed for layer in layers]) is not None
+    torch.testing.assert_close(rows_call(), expected, rtol=1e-6, atol=1e-6)
