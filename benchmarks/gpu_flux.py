@@ -59,7 +59,7 @@ def model_kind(mode: str) -> tuple[str | None, str | None, bool]:
 
 
 def build(config: dict, mode: str, device: torch.device) -> torch.nn.Module:
-    """The transformer with random weights on `device`, ternary block linears unless mode is bf16."""
+    """The transformer with random weights on `device`, ternary block linears unless mode is bf16[-fused]."""
     activations, packing, fused = model_kind(mode)
     model = build_transformer(config, "meta").to(torch.bfloat16)
     if activations is not None:

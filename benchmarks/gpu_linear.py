@@ -7,7 +7,7 @@ column is also timed inside a CUDA graph: the GPU time without Python's launch o
 pipeline hides and one lone small call does not.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out results/       # on a GPU
-    PYTHONPATH=src python benchmarks/gpu_linear.py --quick --out results/   # 3 layers x M in {1, 16, 4096}
+    PYTHONPATH=src python benchmarks/gpu_linear.py --quick --out results/   # 4 layers x M in {1, 16, 4096}
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_linear.py --dry-run   # CPU: tiny shapes
 
 Every bitflux output is checked against the dense bf16 result (relative Frobenius error) so a fast but

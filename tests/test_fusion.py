@@ -118,8 +118,9 @@ def test_changed_layers_are_fused_again():
         adapter.fuse()
     assert torch.equal(forward(fused), forward(separate))
     for adapter in adapters:
-        adapter.remove()  # unfuses: to_q gets back its view of the fused codes
+        adapter.remove()  # unfuses: to_q gets back its view of the codes as they were first gathered
     assert torch.equal(forward(fused), forward(separate))
+    assert gathered(fused.transformer_blocks[0].attn) is not None  # gathered again
     # in place: new scales, and a state dict loaded into the layers
     for model in (separate, fused):
         with torch.no_grad():

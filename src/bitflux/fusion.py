@@ -2,8 +2,9 @@
 
 FLUX's attention projects the same hidden states three times (to_q, to_k, to_v; the double blocks again for
 the text tokens: add_q_proj, add_k_proj, add_v_proj). One GEMM of 3 x 3072 outputs instead of three of 3072
-is one layer call instead of three: one kernel launch (and one activation quantization in the 8-bit modes)
-where there were three, and a shape that fills a GPU better (at 4096 tokens fp8 ran the 3072 x 3072 layers at
+is one layer call instead of three: one call's kernel launches (and one activation quantization in the 8-bit
+modes) where there were three, and a shape that fills a GPU better (a16 on cuBLAS still runs one GEMM a
+layer's scale, after one widening) (at 4096 tokens fp8 ran the 3072 x 3072 layers at
 0.77-1.03x of bf16 and the 18432 x 3072 ones at 1.18-1.34x: BENCHMARKS.md).
 
 Nothing is held twice: the three layers' codes are moved into one tensor and each layer's `weight_packed`
@@ -79,10 +80,11 @@ def _run_forward_hooks(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
 
 
 def _gatherable(packed: list[torch.Tensor]) -> bool:
-    """Codes to gather again: some layer holds new ones (not a view). Views whose storage was swapped under
-    them (`.data =`: diffusers' group offloading moves buffers so, and finds them again by identity) are left
-    as they are, and run one by one."""
-    return any(codes._base is None for codes in packed)
+    """Codes to gather again: some layer holds new ones (not a view), or views of another tensor (a fused
+    LoRA's unfuse() puts back the view it took). Views of one tensor whose storage was swapped under them
+    (`.data =`: diffusers' group offloading moves buffers so, and finds them again by identity) are left as
+    they are, and run one by one."""
+    return any(codes._base is None or codes._base is not packed[0]._base for codes in packed)
 
 
 # Not inference tensors even when called under inference_mode: the layers' buffers must stay writable in place
@@ -175,7 +177,9 @@ def _diffusers_reads_fused_flag() -> bool:
 def fuse_projections(model: nn.Module) -> int:
     """Run each attention's ternary q/k/v projections (and its added ones for the text tokens) as one GEMM.
     Returns how many attention modules were fused; 0 with a diffusers too old to read `fused_projections`.
-    Numerics are those of the separate layers (the same codes, scales and activation quantization)."""
+    The same codes, scales and per-token activation quantization as the separate layers: on the reference and
+    cpu backends the same results (exactly, in the 8-bit modes); on a GPU the joined shape may take another
+    strategy, whose sums round in another order."""
     if not _diffusers_reads_fused_flag():
         return 0
     fused = 0

@@ -53,8 +53,9 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
     parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
     (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then
-    never sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one GEMM
-    (bitflux.fusion; diffusers' `transformer.unfuse_qkv_projections()` undoes it)."""
+    never sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer
+    call (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
+    `transformer.unfuse_qkv_projections()` undoes it)."""
     root = Path(path)
     if not (root / "model_index.json").exists():
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
@@ -120,7 +121,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
 
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
     """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed: no per-kernel launch cost on
-    a GPU); compile: torch.compile'd (each ternary layer one operator, the float ops between them fused into
+    a GPU); compile: torch.compile'd (each ternary layer or fused q/k/v one operator, the float ops between them fused into
     fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
     if cuda_graph and compile:
         raise BitfluxError("CUDA graphs and torch.compile: choose one")

@@ -1,5 +1,6 @@
 """The one dispatch point for ternary matrix multiplication: `ternary_linear` (and `ternary_linear_op`, the same
-as the torch operator that torch.compile sees).
+as the torch operator that torch.compile sees); `ternary_linear_rows` (`ternary_linear_rows_op`) runs layers
+whose codes are rows of one tensor (q/k/v fused by bitflux.fusion) through it as one.
 
 A backend is a module with:
     NAME: str
@@ -230,7 +231,7 @@ def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: lis
     return ternary_linear(x, weight, None if biases is None else torch.cat(biases), activations)
 
 
-# torch.compile sees each ternary linear as this one opaque operator: dynamo cannot trace the backends' host
+# torch.compile sees each ternary linear as this one opaque operator (fused q/k/v: ternary_linear_rows_op): dynamo cannot trace the backends' host
 # code (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
 # ~500 graphs with nothing fused between them.
 @torch.library.custom_op("bitflux::ternary_linear", mutates_args=())

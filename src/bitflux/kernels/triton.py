@@ -539,7 +539,8 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap: bool = False) -> torch.Tensor:
     """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-    torch._scaled_mm (fp8), scales in the epilogue. overlap (the `overlapped` strategy, a16): the output's
+    torch._scaled_mm (fp8), scales in the epilogue (a16 with alpha_pieces: as alpha, one GEMM a piece). overlap
+    (the `overlapped` strategy, a16): the output's
     columns in pieces, each piece's codes expanded on a side stream while cuBLAS multiplies the piece before
     (the GEMM is compute-bound, the expansion memory-bound: 7-13 % of an a16 layer at 4096 tokens); only the
     first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU
