@@ -121,8 +121,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
 
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
     """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed: no per-kernel launch cost on
-    a GPU); compile: torch.compile'd (each ternary layer or fused q/k/v one operator, the float ops between them fused into
-    fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
+    a GPU); compile: torch.compile'd (each ternary layer or fused q/k/v one operator, the float ops between them
+    fused into fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
     if cuda_graph and compile:
         raise BitfluxError("CUDA graphs and torch.compile: choose one")
     gather_fused(pipe.transformer)  # what a traced or captured call could not do
