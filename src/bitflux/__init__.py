@@ -14,5 +14,5 @@ from .pipeline import generate, load_pipeline, load_transformer, quantize_pipeli
 from .surgery import QuantizationReport, quantize_, set_activations, set_packing  # noqa: E402
 
 __all__ = ["BitfluxError", "QuantizationReport", "TernaryConfig", "TernaryLinear", "__version__", "cuda_graphed",
-           "demo_model_path", "fuse_projections", "generate", "load_pipeline", "load_transformer", "quantize_pipeline", "quantize_",
-           "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]
+           "demo_model_path", "fuse_projections", "generate", "load_pipeline", "load_transformer", "quantize_pipeline",
+           "quantize_", "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]

@@ -231,9 +231,9 @@ def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: lis
     return ternary_linear(x, weight, None if biases is None else torch.cat(biases), activations)
 
 
-# torch.compile sees each ternary linear as this one opaque operator (fused q/k/v: ternary_linear_rows_op): dynamo cannot trace the backends' host
-# code (ctypes pointers, Triton's strategy timing), and a graph break at every layer would cut FLUX.1 into
-# ~500 graphs with nothing fused between them.
+# torch.compile sees each ternary linear as this one opaque operator (fused q/k/v: ternary_linear_rows_op):
+# dynamo cannot trace the backends' host code (ctypes pointers, Triton's strategy timing), and a graph break at
+# every layer would cut FLUX.1 into ~500 graphs with nothing fused between them.
 @torch.library.custom_op("bitflux::ternary_linear", mutates_args=())
 def ternary_linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                       in_features: int, out_features: int, group_size: int, activations: str,
