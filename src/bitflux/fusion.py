@@ -113,15 +113,16 @@ class FusedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
+        compiling = torch.compiler.is_compiling()
         if (not all(isinstance(layer, TernaryLinear) for layer in layers)
                 or any(_needs_own_call(layer) for layer in layers)
-                or (torch.compiler.is_compiling() and needs_gradient(x))):  # the operator has no backward
+                or (compiling and needs_gradient(x))):  # the operator has no backward
             return self._separately(layers, x)
         first = layers[0]
         packed = [layer.weight_packed for layer in layers]
         scales = [layer.weight_scale for layer in layers]
         biases = None if first.bias is None else [layer.bias for layer in layers]
-        if torch.compiler.is_compiling():
+        if compiling:
             if not fusible(layers):
                 return self._separately(layers, x)
             y = ternary_linear_rows_op(x, packed, scales, biases or [], first.in_features, first.group_size or 0,

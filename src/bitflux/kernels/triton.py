@@ -192,9 +192,7 @@ def prepare(weight) -> PreparedWeight:
 def _alpha_pieces(scales: torch.Tensor, N: int) -> tuple[tuple[int, int, float], ...] | None:
     """(start, end, scale) for runs of one scale over the output columns, if there are at most OVERLAP_PIECES
     runs starting on expand tile boundaries (one a tensor; one a layer for fused q/k/v), else None."""
-    values = scales.cpu()
-    if values.numel() == 1:
-        return ((0, N, values.item()),)
+    values = scales.cpu()  # per tensor: one value, one run
     starts = [0, *(torch.nonzero(values[1:] != values[:-1]).flatten() + 1).tolist()]
     if len(starts) > OVERLAP_PIECES or any(start % 32 for start in starts):
         return None
@@ -540,11 +538,10 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap: bool = False) -> torch.Tensor:
     """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
     torch._scaled_mm (fp8), scales in the epilogue (a16 with alpha_pieces: as alpha, one GEMM a piece). overlap
-    (the `overlapped` strategy, a16): the output's
-    columns in pieces, each piece's codes expanded on a side stream while cuBLAS multiplies the piece before
-    (the GEMM is compute-bound, the expansion memory-bound: 7-13 % of an a16 layer at 4096 tokens); only the
-    first piece's expansion is exposed. Events fork and join the streams, so CUDA graphs capture it; on a CPU
-    (the interpreter) the pieces run in turn."""
+    (the `overlapped` strategy, a16): the output's columns in pieces, each piece's codes expanded on a side
+    stream while cuBLAS multiplies the piece before (the GEMM is compute-bound, the expansion memory-bound: 7-13 %
+    of an a16 layer at 4096 tokens); only the first piece's expansion is exposed. Events fork and join the
+    streams, so CUDA graphs capture it; on a CPU (the interpreter) the pieces run in turn."""
     M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
     # a16 with one scale per tensor or per fused layer: the scales ride as cuBLAS's alpha, one GEMM a scale
     alphas = prepared.alpha_pieces if activations == "a16" else None
