@@ -35,6 +35,7 @@ from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.fusion import fuse_projections
 from bitflux.graphs import cuda_graphed
+from bitflux.pipeline import compile_transformer
 from bitflux.surgery import quantize_
 from gpu_linear import mode_parts
 
@@ -198,7 +199,7 @@ def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int
         if activations:
             _check_triton_in_use(model, activations, device)
         if compile:  # the warm-up forwards compile; bitflux.graphs does not capture a compiled module
-            model = torch.compile(model)
+            model = compile_transformer(model)
         result.update(time_forwards(model, batch, warmup, iters, device, graphs=not compile))
     if activations:
         result["strategies"] = chosen_strategies(mode)
@@ -291,7 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each model (no CUDA-graph rows; minutes of compiling at full size)")
+                        help="torch.compile each model as --compile does (bitflux.pipeline.compile_transformer: a block "
+                             "class at a time); no CUDA-graph rows")
     args = parser.parse_args(argv)
     import triton
     import platform

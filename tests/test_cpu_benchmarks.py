@@ -40,3 +40,16 @@ def test_cpu_linear_compares_a_layer_with_fp32(tmp_path):
     assert [row["M"] for row in rows] == [1, 20] and all(row["packing"] == "tq1" for row in rows)
     # held: 16 bytes a row of tq1 codes (80 / 5) plus scale and bias, far below fp32's 80 x 48 x 4
     assert all(0 < row["bitflux_bytes"] < row["fp32_bytes"] / 10 and row["speedup"] > 0 for row in rows)
+
+
+def test_cpu_text_encoder_compares_fp32_with_narrow_weights(tmp_path):
+    """The text encoder benchmark on a T5 of width 64: half the parameter bytes, the same encoding."""
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_text_encoder.py"), "--tiny", "--layers", "2",
+                             "--tokens", "16", "--dir", str(tmp_path), "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp32, ours = json.loads(out.read_text())
+    assert (fp32["variant"], ours["variant"]) == ("fp32", "bitflux")
+    assert fp32["output_sha256"] == ours["output_sha256"]
+    assert fp32["parameter_bytes"] > 1.8 * ours["parameter_bytes"]

@@ -81,6 +81,37 @@ def test_accelerate_transformer_compiles_it():
         accelerate_transformer(pipe, cuda_graph=True, compile=True)
 
 
+def test_a_deep_transformer_is_compiled_a_block_class_at_a_time():
+    """--compile on a transformer of many blocks (FLUX.1: 57) compiles each block class once and reuses the
+    code for every block of it (regional compilation: seconds, not minutes, at FLUX.1-dev's size); the module
+    stays in place and computes what it did eagerly."""
+    from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+
+    from bitflux import TernaryConfig, fuse_projections, quantize_
+    from bitflux.kernels import use_backend
+    from bitflux.pipeline import REGIONAL_COMPILE_MIN_BLOCKS, accelerate_transformer
+
+    config = {**TINY_CONFIG, "num_layers": REGIONAL_COMPILE_MIN_BLOCKS // 2,
+              "num_single_layers": REGIONAL_COMPILE_MIN_BLOCKS // 2}
+    model = build_tiny(config=config)
+    quantize_(model, TernaryConfig())
+    fuse_projections(model)
+    inputs = tiny_inputs(config)
+    with torch.no_grad(), use_backend("reference"):
+        eager = model(**inputs)[0]
+        pipe = SimpleNamespace(transformer=model)
+        accelerate_transformer(pipe, compile=True)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = pipe.transformer(**inputs)[0]
+    assert pipe.transformer is model
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    # one graph per block class, and one more for the first single block (its input is a slice of a cat)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_default_dtype_is_bf16_on_gpus_fp32_on_cpus():
     import torch
 

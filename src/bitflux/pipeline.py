@@ -15,6 +15,7 @@ from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
 from .surgery import QuantizationReport, quantize_, set_activations
+from .text_encoders import narrow_text_encoders
 
 
 def _flux_pipeline_class():
@@ -51,9 +52,11 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
                   offload: bool = False):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
-    parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
-    (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then
-    never sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer
+    parts' (default: default_dtype(device)); text encoders stored narrower (FLUX.1's, in bf16, for fp32 on a
+    CPU) keep their linear weights so and widen each for its use (bitflux.text_encoders: T5-XXL's half the
+    memory, the same outputs). `offload` keeps each component on the CPU until it runs (diffusers' model CPU
+    offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never sit on the GPU
+    together with it. A ternary transformer runs each attention's q/k/v as one layer
     call (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
     `transformer.unfuse_qkv_projections()` undoes it)."""
     root = Path(path)
@@ -61,7 +64,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
     _check_offload(device, offload)
     dtype = dtype or default_dtype(device)
-    extra = {}
+    extra = narrow_text_encoders(root, dtype)
     ternary = is_ternary_pipeline(root)
     if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
@@ -122,7 +125,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
     """cuda_graph: the transformer replayed as CUDA graphs (bitflux.cuda_graphed: no per-kernel launch cost on
     a GPU); compile: torch.compile'd (each ternary layer or fused q/k/v one operator, the float ops between them
-    fused into fewer kernels). Not both: a compiled module is not captured by bitflux.graphs."""
+    fused into fewer kernels: compile_transformer). Not both: a compiled module is not captured by
+    bitflux.graphs."""
     if cuda_graph and compile:
         raise BitfluxError("CUDA graphs and torch.compile: choose one")
     gather_fused(pipe.transformer)  # what a traced or captured call could not do
@@ -131,7 +135,30 @@ def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False
 
         cuda_graphed(pipe.transformer)
     if compile:
-        pipe.transformer = torch.compile(pipe.transformer)
+        pipe.transformer = compile_transformer(pipe.transformer)
+
+
+def compile_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer torch.compile'd; it compiles at its first call.
+
+    A deep transformer that names its repeated blocks (diffusers' `_repeated_blocks`: FLUX's two block classes)
+    is compiled in place a block class at a time, every block of a class reusing the code: FLUX.1-dev's forward
+    on a CPU as fast as with the whole model compiled, after 5 s of compiling instead of 84 (BENCHMARKS.md). A
+    shallow one is compiled whole, quickly, and the glue outside its blocks, a large part of a small model's
+    step, is compiled too (the demo's step: 7.7 ms whole, 9.5 ms by blocks, 10.5 eager)."""
+    if _repeated_blocks(transformer) >= REGIONAL_COMPILE_MIN_BLOCKS:
+        transformer.compile_repeated_blocks()
+        return transformer
+    return torch.compile(transformer)
+
+
+REGIONAL_COMPILE_MIN_BLOCKS = 16  # FLUX.1: 57; the demo: 6
+
+
+def _repeated_blocks(transformer) -> int:
+    """How many blocks of the classes a diffusers model names as repeated (0 if it names none)."""
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    return sum(type(module).__name__ in names for module in transformer.modules())
 
 
 def default_image_size(pipe) -> tuple[int, int]:

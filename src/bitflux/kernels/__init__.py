@@ -146,6 +146,19 @@ def _version(tensor: torch.Tensor) -> int:
 _prepared = WeakIdKeyDictionary()
 
 
+def _cached(cache: WeakIdKeyDictionary, owner: torch.Tensor, sources: tuple[torch.Tensor, ...], make, tag=None):
+    """make(), kept in cache under owner (weakly: freed with it) and made again when one of `sources` is
+    replaced, swapped (`.data =`: data_ptr) or written in place (_version), or `tag` changes. Identity is checked
+    as well as the address, as a new tensor can take a freed one's address. Writes that bump no version (to
+    inference tensors) are not seen: forget_prepared."""
+    key = (tag, *((t.data_ptr(), _version(t)) for t in sources))
+    entry = cache.get(owner)
+    if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], sources)):
+        entry = (key, [weakref.ref(t) for t in sources], make())
+        cache[owner] = entry
+    return entry[2]
+
+
 def forget_prepared(packed: torch.Tensor) -> None:
     """Drop what was prepared from these bytes (before they are written in place, where _version cannot see
     it: tensors made under inference_mode)."""
@@ -170,15 +183,9 @@ def ternary_linear(
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
-    packed, scales = weight.packed, weight.scales
-    # data_ptr: storage swapped under the same tensor (`.data = ...`); the scales' identity too, as a new
-    # tensor can take a freed one's address
-    key = (backend.NAME, packed.data_ptr(), scales.data_ptr(), _version(packed), _version(scales))
-    entry = _prepared.get(packed)
-    if entry is None or entry[0] != key or entry[1]() is not scales:
-        entry = (key, weakref.ref(scales), backend.prepare(weight))
-        _prepared[packed] = entry
-    return backend.linear(x, entry[2], bias, activations)
+    prepared = _cached(_prepared, weight.packed, (weight.packed, weight.scales), lambda: backend.prepare(weight),
+                       tag=backend.NAME)
+    return backend.linear(x, prepared, bias, activations)
 
 
 def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:
@@ -196,21 +203,14 @@ def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:
     return base if offset == base.storage_offset() + base.numel() else None
 
 
-# Per concatenation of codes (keyed weakly by it): its layers' scales concatenated, made again when one of them is
-# replaced, swapped or written in place, as _prepared does for a layer's (and, as there, writes that bump no
-# version, to `.data` or to inference tensors, are not seen: forget_prepared).
+# Per concatenation of codes (keyed weakly by it): its layers' scales concatenated, one row per output (a
+# per-tensor scale repeated over its layer's rows).
 _row_scales = WeakIdKeyDictionary()
 
 
 def _rows_scales(base: torch.Tensor, scales: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
-    key = tuple((t.data_ptr(), _version(t)) for t in scales)
-    entry = _row_scales.get(base)
-    if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], scales)):
-        # a per-tensor scale becomes one per row of its layer
-        joined = torch.cat([t.expand(n, t.shape[1]) for t, n in zip(scales, rows)])
-        entry = (key, [weakref.ref(t) for t in scales], joined)
-        _row_scales[base] = entry
-    return entry[2]
+    return _cached(_row_scales, base, tuple(scales),
+                   lambda: torch.cat([t.expand(n, t.shape[1]) for t, n in zip(scales, rows)]))
 
 
 def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],

@@ -1,0 +1,120 @@
+"""FLUX.1's T5-XXL text encoder (text_encoder_2) at full size on a CPU: loaded in fp32, as diffusers loads
+it for an fp32 pipeline, against bitflux's load_pipeline, which holds its bf16 linear weights as stored and
+widens each for its own use (bitflux.text_encoders). Random weights written once as a bf16 checkpoint (9.5 GB,
+as FLUX.1-dev ships it; nothing downloaded); each variant loads it in its own child process, so peak resident
+memory (ru_maxrss) is its own.
+
+    PYTHONPATH=src python benchmarks/cpu_text_encoder.py [--dir /tmp/t5xxl] [--tokens 512] [--layers 24]
+        [--tiny] [--json out.json]
+
+Prints, per variant: load time, an encode of a prompt padded to --tokens (best of two), peak RSS, parameter
+bytes; then
+the ratios and whether both encodings are bit-identical. `--layers`: fewer than T5-XXL's 24 for a quick run;
+`--tiny`: a T5 of width 64 (what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bitflux.checkpoint import write_text_atomic
+
+TINY = {"d_model": 64, "d_ff": 160, "d_kv": 16, "num_heads": 4, "vocab_size": 32}
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False}
+
+
+def write_checkpoint(root: Path, config: dict) -> None:
+    """A T5-XXL-shaped encoder with random bf16 weights, saved as transformers saves it, as a pipeline folder's
+    text_encoder_2 (with a model_index.json naming it alone)."""
+    from transformers import T5Config, T5EncoderModel
+
+    if (root / "model_index.json").exists():
+        return
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**config))
+    model.to_empty(device="cpu").to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            # weights of unit-variance outputs, as a trained encoder keeps its activations
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) / max(tensor.shape[-1], 1) ** 0.5
+                         if tensor.dim() > 1 else torch.ones(tensor.shape))
+    model.save_pretrained(root / "text_encoder_2", max_shard_size="2GB")
+    (root / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "T5EncoderModel"]}))
+
+
+def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
+    """In this process: load, one encode of `tokens` token ids, figures."""
+    from transformers import T5EncoderModel
+
+    from bitflux.text_encoders import narrow_text_encoders
+
+    start = time.perf_counter()
+    if variant == "fp32":
+        model = T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), torch_dtype=torch.float32,
+                                               local_files_only=True)
+    else:  # what load_pipeline does
+        model = narrow_text_encoders(root, torch.float32)["text_encoder_2"]
+    load_s = time.perf_counter() - start
+    ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    encode_s = []
+    with torch.inference_mode():
+        for _ in range(2):  # the best of two: the first also allocates what the second reuses
+            start = time.perf_counter()
+            out = model(ids).last_hidden_state
+            encode_s.append(time.perf_counter() - start)
+    return {"variant": variant, "load_s": round(load_s, 2), "encode_s": round(min(encode_s), 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+            "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="/tmp/bitflux-t5xxl", help="where the random checkpoint is (written once)")
+    parser.add_argument("--tokens", type=int, default=512, help="FLUX.1-dev pads prompts to 512")
+    parser.add_argument("--layers", type=int, default=T5_XXL["num_layers"])
+    parser.add_argument("--tiny", action="store_true", help="width 64 instead of T5-XXL's 4096")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--child", choices=["fp32", "bitflux"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = {**T5_XXL, **(TINY if args.tiny else {}), "num_layers": args.layers}
+    root = Path(args.dir) / f"t5-{config['d_model']}-wide-{args.layers}-layers"
+    if args.child:
+        print(json.dumps(run_variant(root, args.child, args.tokens, config["vocab_size"])))
+        return
+    write_checkpoint(root, config)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; T5 of width {config['d_model']}, "
+          f"{args.layers} layers, bf16 checkpoint; one prompt of {args.tokens} tokens")
+    print(f"{'variant':>8} {'load s':>7} {'encode s':>9} {'peak RSS GB':>11} {'params GB':>9}")
+    rows = {}
+    for variant in ("fp32", "bitflux"):
+        command = [sys.executable, __file__, "--dir", args.dir, "--tokens", str(args.tokens), "--layers",
+                   str(args.layers), *(["--tiny"] if args.tiny else []), "--child", variant]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+        row = rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{variant:>8} {row['load_s']:7.1f} {row['encode_s']:9.1f} {row['peak_rss_bytes'] / 1e9:11.2f} "
+              f"{row['parameter_bytes'] / 1e9:9.2f}", flush=True)
+    fp, ours = rows["fp32"], rows["bitflux"]
+    print(f"fp32 / bitflux: peak RSS {fp['peak_rss_bytes'] / ours['peak_rss_bytes']:.2f}x, parameters "
+          f"{fp['parameter_bytes'] / ours['parameter_bytes']:.2f}x, encode time "
+          f"{ours['encode_s'] / fp['encode_s']:.2f}x as long; outputs bit-identical: "
+          f"{fp['output_sha256'] == ours['output_sha256']}")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(list(rows.values()), indent=1))
+
+
+if __name__ == "__main__":
+    main()

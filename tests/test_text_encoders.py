@@ -1,0 +1,95 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bitflux import BitfluxError, demo_model_path, load_pipeline
+from bitflux.text_encoders import checkpoint_dtype, narrow_text_encoders, widen_on_use
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(11, 8), nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_widened_on_use_computes_what_the_wide_model_does_from_narrow_weights(storage):
+    """Weights whose values the narrow dtype holds (what a bf16 or fp16 checkpoint loads): the same outputs,
+    bit for bit, as the model converted to fp32, with the linear weights stored narrow."""
+    wide = tiny_encoder()
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.copy_(p.to(storage).float())  # representable in storage, as a checkpoint's values are
+    narrow = tiny_encoder().to(storage)
+    narrow.load_state_dict({k: v.to(storage) for k, v in wide.state_dict().items()})
+    widen_on_use(narrow, storage, torch.float32)
+    tokens = torch.tensor([[1, 5, 10, 0]])
+    assert torch.equal(narrow(tokens), wide(tokens))
+    for layer in (narrow[2], narrow[4]):
+        assert layer.parametrizations.weight.original.dtype == storage
+        assert layer.weight.dtype == layer.bias.dtype == torch.float32
+    assert narrow[0].weight.dtype == narrow[1].weight.dtype == torch.float32  # embeddings, norms: widened once
+
+
+def test_a_wider_stored_linear_is_narrowed():
+    """transformers keeps some layers of a bf16 checkpoint in fp32 (T5's `wo`): stored narrow all the same."""
+    model = tiny_encoder().to(torch.bfloat16)
+    model[4].float()
+    widen_on_use(model, torch.bfloat16, torch.float32)
+    assert model[4].parametrizations.weight.original.dtype == torch.bfloat16
+
+
+def test_checkpoint_dtype(tmp_path):
+    for name, tensors, want in [
+        ("bf16", {"a": torch.zeros(2, dtype=torch.bfloat16), "ids": torch.zeros(2, dtype=torch.int64)}, torch.bfloat16),
+        ("fp32", {"a": torch.zeros(2)}, torch.float32),
+        ("mixed", {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float16)}, None),
+    ]:
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+        assert checkpoint_dtype(tmp_path / name) == want
+    (tmp_path / "none").mkdir()
+    with pytest.raises(BitfluxError, match="no safetensors"):
+        checkpoint_dtype(tmp_path / "none")
+
+
+def prompt_embeddings(pipe):
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(["a red cube", "two blue spheres"], None,
+                                               max_sequence_length=pipe.tokenizer_2.model_max_length)
+    return embeds, pooled
+
+
+def test_a_pipeline_on_the_cpu_holds_its_bf16_text_encoders_narrow():
+    """The demo ships bf16 text encoders: load_pipeline in fp32 keeps their linear weights in bf16 (half the
+    bytes) and encodes prompts exactly as the encoders loaded in fp32 do."""
+    from diffusers import FluxPipeline
+
+    root = demo_model_path()
+    assert checkpoint_dtype(root / "text_encoder_2") == torch.bfloat16
+    pipe = load_pipeline(root, dtype=torch.float32)
+    plain = FluxPipeline.from_pretrained(root, torch_dtype=torch.float32, local_files_only=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name)
+        linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(m.parametrizations.weight.original.dtype == torch.bfloat16 for m in linears)
+        stored = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
+        wide = sum(t.numel() * t.element_size() for t in getattr(plain, name).state_dict().values())
+        assert stored < 0.75 * wide
+        assert encoder.dtype == torch.float32  # what FluxPipeline casts the encoder's outputs to
+    for ours, theirs in zip(prompt_embeddings(pipe), prompt_embeddings(plain)):
+        assert ours.dtype == torch.float32
+        assert torch.equal(ours, theirs)
+
+
+def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):
+    root = tmp_path / "pipe"
+    shutil.copytree(demo_model_path(), root)
+    assert narrow_text_encoders(root, torch.bfloat16) == {}  # already the pipeline's dtype
+    index = json.loads((root / "model_index.json").read_text())
+    index["text_encoder"] = [None, None]
+    (root / "model_index.json").write_text(json.dumps(index))
+    assert set(narrow_text_encoders(root, torch.float32)) == {"text_encoder_2"}
