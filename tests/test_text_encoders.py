@@ -7,7 +7,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitflux import BitfluxError, demo_model_path, load_pipeline
-from bitflux.text_encoders import checkpoint_dtype, narrow_text_encoders, widen_on_use
+from bitflux.text_encoders import (
+    NarrowLinear,
+    checkpoint_dtype,
+    narrow,
+    narrow_text_encoders,
+)
 
 
 def tiny_encoder(seed=0):
@@ -23,23 +28,31 @@ def test_widened_on_use_computes_what_the_wide_model_does_from_narrow_weights(st
     with torch.no_grad():
         for p in wide.parameters():
             p.copy_(p.to(storage).float())  # representable in storage, as a checkpoint's values are
-    narrow = tiny_encoder().to(storage)
-    narrow.load_state_dict({k: v.to(storage) for k, v in wide.state_dict().items()})
-    widen_on_use(narrow, storage, torch.float32)
+    model = tiny_encoder().to(storage)
+    model.load_state_dict({k: v.to(storage) for k, v in wide.state_dict().items()})
+    narrow(model, storage, torch.float32)
     tokens = torch.tensor([[1, 5, 10, 0]])
-    assert torch.equal(narrow(tokens), wide(tokens))
-    for layer in (narrow[2], narrow[4]):
-        assert layer.parametrizations.weight.original.dtype == storage
+    assert torch.equal(model(tokens), wide(tokens))
+    assert NarrowLinear.latest[0] is None  # no widened copy kept after the call
+    for layer in (model[2], model[4]):
+        assert isinstance(layer, NarrowLinear)
+        assert layer.state_dict()["weight"].dtype == storage
         assert layer.weight.dtype == layer.bias.dtype == torch.float32
-    assert narrow[0].weight.dtype == narrow[1].weight.dtype == torch.float32  # embeddings, norms: widened once
+    assert model[0].weight.dtype == model[1].weight.dtype == torch.float32  # embeddings, norms: widened once
+    # saved as stored, under the usual names: a plain model loads it
+    plain = tiny_encoder(seed=1)
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(tokens), wide(tokens))
+    # .to(dtype) sets what it computes in
+    assert model.to(torch.float64)(tokens).dtype == torch.float64
 
 
 def test_a_wider_stored_linear_is_narrowed():
     """transformers keeps some layers of a bf16 checkpoint in fp32 (T5's `wo`): stored narrow all the same."""
     model = tiny_encoder().to(torch.bfloat16)
     model[4].float()
-    widen_on_use(model, torch.bfloat16, torch.float32)
-    assert model[4].parametrizations.weight.original.dtype == torch.bfloat16
+    narrow(model, torch.bfloat16, torch.float32)
+    assert model[4].state_dict()["weight"].dtype == torch.bfloat16
 
 
 def test_checkpoint_dtype(tmp_path):
@@ -75,7 +88,8 @@ def test_a_pipeline_on_the_cpu_holds_its_bf16_text_encoders_narrow():
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name)
         linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
-        assert linears and all(m.parametrizations.weight.original.dtype == torch.bfloat16 for m in linears)
+        assert linears and all(isinstance(m, NarrowLinear) and m.state_dict()["weight"].dtype == torch.bfloat16
+                               for m in linears)
         stored = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
         wide = sum(t.numel() * t.element_size() for t in getattr(plain, name).state_dict().values())
         assert stored < 0.75 * wide
@@ -89,7 +103,9 @@ def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):
     root = tmp_path / "pipe"
     shutil.copytree(demo_model_path(), root)
     assert narrow_text_encoders(root, torch.bfloat16) == {}  # already the pipeline's dtype
+    config = json.loads((root / "text_encoder" / "config.json").read_text())
+    (root / "text_encoder" / "config.json").write_text(json.dumps({**config, "quantization_config": {}}))
+    assert set(narrow_text_encoders(root, torch.float32)) == {"text_encoder_2"}  # quantized: not ours to widen
     index = json.loads((root / "model_index.json").read_text())
-    index["text_encoder"] = [None, None]
-    (root / "model_index.json").write_text(json.dumps(index))
-    assert set(narrow_text_encoders(root, torch.float32)) == {"text_encoder_2"}
+    (root / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
+    assert narrow_text_encoders(root, torch.float32) == {}

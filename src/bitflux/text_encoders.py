@@ -1,11 +1,15 @@
-"""The text encoders held in their checkpoint's 16-bit dtype and computed in a wider one.
+"""The text encoders held in their checkpoint's 16-bit dtype and computed in fp32.
 
 FLUX.1 ships its text encoders in bf16 (T5-XXL: 9.5 GB), and a CPU runs them in fp32, whose matmuls are
 several times faster there than bf16's. Loaded in fp32 they take twice the memory for no extra precision:
-T5-XXL alone 19 GB, the whole FLUX.1-dev pipeline with the ternary transformer more than a 24 GiB machine.
-Here each linear layer keeps its stored weight and widens it for its own use only (a transient the size of one
-layer), and the small rest (embeddings, norms, biases) is widened once. Every widened value is the stored
-one exactly, so the outputs are those of the encoder loaded in the wide dtype.
+T5-XXL alone 19.6 GB, the whole FLUX.1-dev pipeline with the ternary transformer more than a 24 GiB machine.
+Here each linear layer keeps its stored weight and widens it for its own use only (a transient the size of
+one layer), and the small rest (embeddings, norms, biases) is widened once. Every widened value is the stored
+one exactly, so the outputs are those of the encoder loaded in fp32. The cost: each weight converted at each
+use (T5-XXL's encode 1.3x as long, once per prompt; BENCHMARKS.md).
+
+A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights: load text
+encoder LoRAs unfused, or the pipeline with the encoders in fp32 (diffusers' own from_pretrained).
 """
 
 from __future__ import annotations
@@ -17,48 +21,58 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .checkpoint import _TORCH_DTYPES, read_safetensors_header, weight_files
 from .errors import BitfluxError
+from .kernels import _version
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FluxPipeline's: CLIP-L and T5-XXL
 
 
-class _Widened(nn.Module):
-    """A parametrization: the stored weight, read in `dtype`. The latest widening, of any layer, is kept until
-    the next: a weight read again before another one is not widened again (T5 reads its `wo` weight's dtype
-    twice before calling it), and no more than one layer's wide copy outlives its use."""
+class NarrowLinear(nn.Linear):
+    """An nn.Linear whose weight parameter stays as stored (state_dict saves it so), while `weight`, what
+    forward and callers read, is it widened to the dtype of the `wide` buffer (empty: it only carries the
+    dtype, so that `.to(dtype)` sets what the layer computes in)."""
 
-    latest: tuple = (None, None, None)  # (weakref to the stored weight, its version, the widened weight)
+    # The latest widening, of any layer: a weight read again before another one is not widened again (T5 reads
+    # its `wo` weight's dtype before calling it); cleared after each encoder call (forget_widened).
+    latest: tuple = (None, None, None)
 
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:
+        stored = self._parameters.get("weight")
+        if stored is None:
+            raise AttributeError("weight")  # while nn.Linear registers it, hasattr must see none
         if torch.is_grad_enabled() and stored.requires_grad:
-            return stored.to(self.dtype)  # a widening in an autograd graph is not shared between calls
-        ref, version, widened = _Widened.latest  # one read: another thread may replace it
-        if ref is None or ref() is not stored or version != stored._version or widened.dtype != self.dtype:
-            widened = stored.to(self.dtype)
-            _Widened.latest = (weakref.ref(stored), stored._version, widened)
+            return stored.to(self.wide.dtype)  # a widening in an autograd graph is not shared between calls
+        key = (stored.device, stored.data_ptr(), _version(stored), self.wide.dtype)
+        holder, latest_key, widened = NarrowLinear.latest  # one read: another thread may replace it
+        if holder is None or holder() is not stored or latest_key != key:
+            widened = stored.to(self.wide.dtype)
+            NarrowLinear.latest = (weakref.ref(stored), key, widened)
         return widened
 
 
-def widen_on_use(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -> nn.Module:
-    """The module's linear weights stored in `storage` and read in `compute` at each use; its other floating
-    parameters and buffers converted to `compute`. Exact only for weights whose values `storage` holds (what
-    a checkpoint in `storage` loads)."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear) and not parametrize.is_parametrized(layer, "weight"):
-            layer.weight.data = layer.weight.data.to(storage)  # transformers keeps some (T5's wo) wider
-            # unsafe: the parametrization changes the dtype, which torch checks against by default
-            parametrize.register_parametrization(layer, "weight", _Widened(compute), unsafe=True)
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not name.endswith("parametrizations.weight.original"):
-            tensor.data = tensor.data.to(compute)
-    return module
+def forget_widened(*_) -> None:
+    """Drop the latest widening (a forward hook on each narrowed encoder: it is not kept between calls)."""
+    NarrowLinear.latest = (None, None, None)
+
+
+def narrow(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -> nn.Module:
+    """The module's nn.Linear layers made NarrowLinear, their weights stored in `storage` and read in
+    `compute`; its other floating parameters and buffers converted to `compute`. Exact only for weights whose
+    values `storage` holds (what a checkpoint in `storage` loads)."""
+    for layer in [m for m in module.modules() if type(m) is nn.Linear]:
+        layer.__class__ = NarrowLinear  # in place: the parent's reference, names and hooks stay
+        layer._parameters["weight"].data = layer._parameters["weight"].data.to(storage)  # T5's wo loads wider
+        layer.register_buffer("wide", torch.empty(0, dtype=compute), persistent=False)
+    for owner in module.modules():
+        for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+            stored = isinstance(owner, NarrowLinear) and name == "weight"
+            if tensor is not None and tensor.is_floating_point() and not stored:
+                tensor.data = tensor.data.to(compute)
+    module.register_forward_hook(forget_widened)
+    return module.requires_grad_(False)
 
 
 def checkpoint_dtype(folder: Path) -> torch.dtype | None:
@@ -71,25 +85,33 @@ def checkpoint_dtype(folder: Path) -> torch.dtype | None:
 
 
 def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """The pipeline folder's text encoders whose checkpoints are narrower than `dtype` (bf16 or fp16 ones, for
-    fp32), loaded in their own dtype and computed in `dtype` (widen_on_use); the others are left to diffusers."""
+    """For an fp32 pipeline, the pipeline folder's text encoders stored in bf16 or fp16 (not quantized),
+    loaded in their own dtype and computed in fp32 (narrow); the others are left to diffusers."""
+    if dtype != torch.float32:
+        return {}
     index = json.loads((root / "model_index.json").read_text())
     loaded = {}
     for name in TEXT_ENCODERS:
         folder = root / name
         library, class_name = (index.get(name) or [None, None])[:2]
-        if library != "transformers" or not folder.is_dir():
+        if library != "transformers" or not (folder / "config.json").is_file():
+            continue
+        if "quantization_config" in json.loads((folder / "config.json").read_text()):
             continue
         try:
             storage = checkpoint_dtype(folder)
         except BitfluxError:
             continue  # no safetensors (pickle weights): diffusers loads it as it can
-        if storage is None or storage.itemsize >= dtype.itemsize:
+        if storage not in (torch.bfloat16, torch.float16):
             continue
-        model_class = getattr(importlib.import_module(library), class_name)
-        model = widen_on_use(model_class.from_pretrained(str(folder), torch_dtype=storage, local_files_only=True),
-                             storage, dtype)
+        try:
+            model_class = getattr(importlib.import_module(library), class_name)
+            model = model_class.from_pretrained(str(folder), torch_dtype=storage, local_files_only=True)
+        except (AttributeError, OSError, ValueError) as exc:
+            raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
+        model = narrow(model, storage, dtype)
         # FluxPipeline casts an encoder's outputs to the dtype it reports, its first parameter's: the token
-        # embedding, widened, in CLIP and T5; one whose first parameter is a stored weight is widened whole
-        loaded[name] = model if model.dtype == dtype else model.to(dtype)
+        # embedding, widened, in CLIP and T5; an encoder where that is a stored weight is left to diffusers
+        if model.dtype == dtype:
+            loaded[name] = model
     return loaded

@@ -150,7 +150,7 @@ def _cached(cache: WeakIdKeyDictionary, owner: torch.Tensor, sources: tuple[torc
     """make(), kept in cache under owner (weakly: freed with it) and made again when one of `sources` is
     replaced, swapped (`.data =`: data_ptr) or written in place (_version), or `tag` changes. Identity is checked
     as well as the address, as a new tensor can take a freed one's address. Writes that bump no version (to
-    inference tensors) are not seen: forget_prepared."""
+    inference tensors, through `.data`) are not seen: forget_prepared."""
     key = (tag, *((t.data_ptr(), _version(t)) for t in sources))
     entry = cache.get(owner)
     if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], sources)):
