@@ -43,6 +43,7 @@ def write_checkpoint(root: Path, config: dict) -> None:
     with torch.device("meta"):
         model = T5EncoderModel(T5Config(**config))
     model.to_empty(device="cpu").to(torch.bfloat16)
+    model.encoder.embed_tokens.weight = model.shared.weight  # tied, as built (to_empty unties them)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in model.state_dict().values():

@@ -44,7 +44,38 @@ def test_widened_on_use_computes_what_the_wide_model_does_from_narrow_weights(st
     plain.load_state_dict(model.state_dict())
     assert torch.equal(plain(tokens), wide(tokens))
     # .to(dtype) sets what it computes in
-    assert model.to(torch.float64)(tokens).dtype == torch.float64
+    assert torch.equal(model.to(torch.float64)(tokens), wide.double()(tokens))
+
+
+def test_a_weight_is_widened_once_for_reads_in_a_row_and_none_is_kept_between_calls():
+    """T5 reads its `wo` weight's dtype before calling it: reads in a row share one widening, which goes when
+    another layer's weight is read, and when the encoder's call starts or ends, even by an exception."""
+    model = narrow(tiny_encoder().to(torch.bfloat16), torch.bfloat16, torch.float32)
+    first, second = model[2], model[4]
+    assert first.weight is first.weight
+    widened = first.weight
+    assert second.weight is not widened and first.weight is not widened
+    with pytest.raises(IndexError):
+        model(torch.tensor([[11]]))  # past the embedding
+    assert NarrowLinear.latest[0] is None
+    with torch.no_grad():
+        first._parameters["weight"].data.fill_(0)  # a write no version counter sees
+    model(torch.tensor([[1]]))  # a call starts afresh: reads the new weights
+    assert torch.equal(first.weight, torch.zeros_like(first.weight))
+
+
+def test_a_narrowed_encoder_copies_and_pickles():
+    import copy
+    import io
+
+    model = narrow(tiny_encoder().to(torch.bfloat16), torch.bfloat16, torch.float32)
+    tokens = torch.tensor([[1, 2, 3]])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert isinstance(other[2], NarrowLinear) and other[2].state_dict()["weight"].dtype == torch.bfloat16
+        assert torch.equal(other(tokens), model(tokens))
 
 
 def test_a_wider_stored_linear_is_narrowed():

@@ -226,7 +226,8 @@ def _cmd_eval(args) -> None:
 ACTIVATIONS_HELP = ("run the ternary layers with these activations (default: as quantized; fp8 is the fastest on "
                     "Hopper GPUs)")
 DTYPE_HELP = "the unquantized parts' dtype (default auto: bf16 on cuda, fp32 on cpu)"
-COMPILE_HELP = "torch.compile the transformer (each ternary layer or fused q/k/v one operator; the first step compiles)"
+COMPILE_HELP = ("torch.compile the transformer (each ternary layer or fused q/k/v one operator; FLUX.1 a block class at a "
+                "time; the first step compiles)")
 OFFLOAD_HELP = ("keep each component on the CPU until it runs (diffusers' model CPU offload): for GPUs too small "
                 "for FLUX.1's text encoders beside the transformer")
 CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"

@@ -143,7 +143,7 @@ def compile_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
 
     A deep transformer that names its repeated blocks (diffusers' `_repeated_blocks`: FLUX's two block classes)
     is compiled in place a block class at a time, every block of a class reusing the code: FLUX.1-dev's forward
-    on a CPU as fast as with the whole model compiled, after ~4 s of compiling instead of 84 (BENCHMARKS.md). A
+    on a CPU as fast as with the whole model compiled, after ~5 s of compiling instead of 84 (BENCHMARKS.md). A
     shallow one is compiled whole, quickly, and the glue outside its blocks, a large part of a small model's
     step, is compiled too (the demo's step: 7.7 ms whole, 9.5 ms by blocks, 10.5 eager)."""
     if _repeated_blocks(transformer) >= REGIONAL_COMPILE_MIN_BLOCKS:

@@ -2,14 +2,16 @@
 
 FLUX.1 ships its text encoders in bf16 (T5-XXL: 9.5 GB), and a CPU runs them in fp32, whose matmuls are
 several times faster there than bf16's. Loaded in fp32 they take twice the memory for no extra precision:
-T5-XXL alone 19.6 GB, the whole FLUX.1-dev pipeline with the ternary transformer more than a 24 GiB machine.
-Here each linear layer keeps its stored weight and widens it for its own use only (a transient the size of
-one layer), and the small rest (embeddings, norms, biases) is widened once. Every widened value is the stored
-one exactly, so the outputs are those of the encoder loaded in fp32. The cost: each weight converted at each
-use (T5-XXL's encode 1.3x as long, once per prompt; BENCHMARKS.md).
+T5-XXL alone 19 GB, the whole FLUX.1-dev pipeline with the ternary transformer more than a 24 GiB machine.
+Here each linear layer keeps its stored weight and widens it for its own use (one layer's wide copy at a
+time, kept until the next layer's or the end of the encoder's call), and the small rest (embeddings, norms,
+biases) is widened once. Every widened value is the stored one exactly, so the outputs are those of the
+encoder loaded in fp32. The cost: each weight converted at each use (T5-XXL's encode 1.2x as long, once per
+prompt; BENCHMARKS.md).
 
-A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights: load text
-encoder LoRAs unfused, or the pipeline with the encoders in fp32 (diffusers' own from_pretrained).
+A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights, and PEFT
+then stops adding its branch: the LoRA is lost. Load text encoder LoRAs unfused, or the pipeline with the
+encoders in fp32 (diffusers' own from_pretrained).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FluxPipeline's: CLIP-L and
 class NarrowLinear(nn.Linear):
     """An nn.Linear whose weight parameter stays as stored (state_dict saves it so), while `weight`, what
     forward and callers read, is it widened to the dtype of the `wide` buffer (empty: it only carries the
-    dtype, so that `.to(dtype)` sets what the layer computes in)."""
+    dtype, so that `.to(dtype)`, which converts the stored weight too, sets what the layer computes in)."""
 
     # The latest widening, of any layer: a weight read again before another one is not widened again (T5 reads
-    # its `wo` weight's dtype before calling it); cleared after each encoder call (forget_widened).
+    # its `wo` weight's dtype before calling it); dropped when an encoder call starts and ends (forget_widened).
+    # It refers to its layer weakly and to the stored weight by address only, so that nothing but the wide copy
+    # is kept, and .to() may swap the parameters.
     latest: tuple = (None, None, None)
 
     @property
@@ -43,18 +47,20 @@ class NarrowLinear(nn.Linear):
         stored = self._parameters.get("weight")
         if stored is None:
             raise AttributeError("weight")  # while nn.Linear registers it, hasattr must see none
-        if torch.is_grad_enabled() and stored.requires_grad:
-            return stored.to(self.wide.dtype)  # a widening in an autograd graph is not shared between calls
-        key = (stored.device, stored.data_ptr(), _version(stored), self.wide.dtype)
-        holder, latest_key, widened = NarrowLinear.latest  # one read: another thread may replace it
-        if holder is None or holder() is not stored or latest_key != key:
+        if (torch.is_grad_enabled() and stored.requires_grad) or torch.compiler.is_compiling():
+            return stored.to(self.wide.dtype)  # not shared between calls: an autograd graph's, a traced one
+        key = (id(stored), stored.device, stored.data_ptr(), _version(stored), self.wide.dtype)
+        layer, latest_key, widened = NarrowLinear.latest  # one read: another thread may replace it
+        if layer is None or layer() is not self or latest_key != key:
+            NarrowLinear.latest = (None, None, None)  # the previous wide copy goes before the next is made
             widened = stored.to(self.wide.dtype)
-            NarrowLinear.latest = (weakref.ref(stored), key, widened)
+            NarrowLinear.latest = (weakref.ref(self), key, widened)
         return widened
 
 
 def forget_widened(*_) -> None:
-    """Drop the latest widening (a forward hook on each narrowed encoder: it is not kept between calls)."""
+    """Drop the latest widening (hooks on each narrowed encoder: none is kept between its calls, or taken from
+    before one, when weights may have been changed in ways no version counter shows)."""
     NarrowLinear.latest = (None, None, None)
 
 
@@ -71,7 +77,8 @@ def narrow(module: nn.Module, storage: torch.dtype, compute: torch.dtype) -> nn.
             stored = isinstance(owner, NarrowLinear) and name == "weight"
             if tensor is not None and tensor.is_floating_point() and not stored:
                 tensor.data = tensor.data.to(compute)
-    module.register_forward_hook(forget_widened)
+    module.register_forward_pre_hook(forget_widened)
+    module.register_forward_hook(forget_widened, always_call=True)  # also when the call raises
     return module.requires_grad_(False)
 
 
@@ -107,7 +114,7 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]
         try:
             model_class = getattr(importlib.import_module(library), class_name)
             model = model_class.from_pretrained(str(folder), torch_dtype=storage, local_files_only=True)
-        except (AttributeError, OSError, ValueError) as exc:
+        except (AttributeError, OSError, RuntimeError, ValueError) as exc:
             raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
         model = narrow(model, storage, dtype)
         # FluxPipeline casts an encoder's outputs to the dtype it reports, its first parameter's: the token
