@@ -20,15 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from gpu_flux import fill_random_, inputs, weight_bytes
+from child_rows import child_row
+from gpu_flux import fill_random_, inputs
 
 from bitflux import TernaryConfig
+from bitflux.bench import weight_bytes
 from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.fusion import fuse_projections
@@ -69,7 +70,8 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
         forward_s = time.perf_counter() - start
     return {"double": double, "single": single, "variant": "ternary" if ternary else "fp32",
             "packing": packing if ternary else None, "qkv_fused": ternary and fused, "compiled": compile,
-            "weight_bytes": weight_bytes(model), "build_s": round(build_s, 1), "first_forward_s": round(first_s, 1), "forward_s": round(forward_s, 2),
+            "weight_bytes": weight_bytes(model), "build_s": round(build_s, 1), "first_forward_s": round(first_s, 1),
+            "forward_s": round(forward_s, 2),
             "output_finite": bool(torch.isfinite(out).all()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -79,10 +81,7 @@ def child(args, double: int, single: int, ternary: bool) -> dict:
                "--image-tokens", str(args.image_tokens), "--text-tokens", str(args.text_tokens),
                "--packing", args.packing, *(["--separate"] if args.separate else []),
                *(["--compile"] if args.compile else [])]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_row(command)
 
 
 def main() -> None:
@@ -108,13 +107,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.image_tokens} image + "
           f"{args.text_tokens} text tokens; full FLUX.1-dev weights: {bf16_full / 1e9:.1f} GB in bf16, "
           f"{2 * bf16_full / 1e9:.1f} GB in fp32")
-    print(f"{'variant':>8} {'blocks':>7} {'weights GB':>10} {'build s':>8} {'first s':>8} {'forward s':>9} {'peak RSS GB':>11}")
+    print(f"{'variant':>8} {'blocks':>7} {'weights GB':>10} {'build s':>8} {'first s':>8} {'forward s':>9} "
+          f"{'peak RSS GB':>11}")
     rows = []
     for double, single, ternary in ((*args.short, False), (*args.short, True), (*full, True)):
         row = child(args, double, single, ternary)
         rows.append(row)
         print(f"{row['variant']:>8} {f'{double}+{single}':>7} {row['weight_bytes'] / 1e9:10.2f} "
-              f"{row['build_s']:8.1f} {row['first_forward_s']:8.1f} {row['forward_s']:9.2f} {row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
+              f"{row['build_s']:8.1f} {row['first_forward_s']:8.1f} {row['forward_s']:9.2f} "
+              f"{row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
     fp, short, whole = rows
     print(f"at {args.short[0]}+{args.short[1]} blocks, fp32 / ternary: "
           f"forward {fp['forward_s'] / short['forward_s']:.2f}x, "

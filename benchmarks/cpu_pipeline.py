@@ -21,13 +21,12 @@ import argparse
 import json
 import resource
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from child_rows import child_row
 from cpu_flux import build
 from cpu_text_encoder import T5_XXL, write_checkpoint
 
@@ -116,14 +115,11 @@ def main() -> None:
     for variant in args.variants:
         command = [sys.executable, __file__, "--dir", args.dir, "--size", str(args.size), "--steps",
                    str(args.steps), "--child", variant]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode == -signal.SIGKILL:
+        row = child_row(command, may_be_killed=True)
+        if row is None:
             rows.append({"variant": variant, "killed": "SIGKILL (out of memory)"})
             print(f"{variant:>20}  killed by the system (SIGKILL: out of memory)", flush=True)
             continue
-        if done.returncode:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{variant:>20} {row['load_s']:7.1f} {row['generate_s']:10.1f} {row['peak_rss_bytes'] / 1e9:11.2f}",
               flush=True)

@@ -19,13 +19,14 @@ import argparse
 import hashlib
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from child_rows import child_row
 
+from bitflux.bench import weight_bytes
 from bitflux.checkpoint import write_text_atomic
 
 TINY = {"d_model": 64, "d_ff": 160, "d_kv": 16, "num_heads": 4, "vocab_size": 32}
@@ -76,7 +77,7 @@ def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
             encode_s.append(time.perf_counter() - start)
     return {"variant": variant, "load_s": round(load_s, 2), "encode_s": round(min(encode_s), 3),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+            "parameter_bytes": weight_bytes(model),
             "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest()}
 
 
@@ -102,10 +103,7 @@ def main() -> None:
     for variant in ("fp32", "bitflux"):
         command = [sys.executable, __file__, "--dir", args.dir, "--tokens", str(args.tokens), "--layers",
                    str(args.layers), *(["--tiny"] if args.tiny else []), "--child", variant]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-        row = rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        row = rows[variant] = child_row(command)
         print(f"{variant:>8} {row['load_s']:7.1f} {row['encode_s']:9.1f} {row['peak_rss_bytes'] / 1e9:11.2f} "
               f"{row['parameter_bytes'] / 1e9:9.2f}", flush=True)
     fp, ours = rows["fp32"], rows["bitflux"]

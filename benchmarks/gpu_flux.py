@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bitflux import TernaryConfig, TernaryLinear, kernels
+from bitflux.bench import weight_bytes
 from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.fusion import fuse_projections
@@ -178,10 +179,6 @@ def graph_timings(model, batch: dict, iters: int, eager_out: torch.Tensor) -> di
     finally:
         del model.forward  # the graphs and their memory go with the wrapper
     return {"graph_latency_ms": statistics.median(times), "graph_max_abs_diff_vs_eager": difference}
-
-
-def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def measure(config: dict, mode: str, batch_shape: tuple, warmup: int, iters: int, device,

@@ -26,7 +26,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _weight_bytes(module: torch.nn.Module) -> int:
+def weight_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -88,7 +88,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
             "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
-            else "process_peak_rss", "transformer_weight_bytes": _weight_bytes(pipe.transformer),
+            else "process_peak_rss", "transformer_weight_bytes": weight_bytes(pipe.transformer),
             "packing": sorted({m.packing for m in pipe.transformer.modules() if isinstance(m, TernaryLinear)})}
 
 

@@ -52,9 +52,9 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
                   offload: bool = False):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
-    parts' (default: default_dtype(device)); text encoders stored narrower (FLUX.1's, in bf16, for fp32 on a
-    CPU) keep their linear weights so and widen each for its use (bitflux.text_encoders: T5-XXL's half the
-    memory, the same outputs). `offload` keeps each component on the CPU until it runs (diffusers' model CPU
+    parts' (default: default_dtype(device)); in fp32 (a CPU's default), text encoders stored in bf16 or fp16
+    (FLUX.1's: bf16) keep their linear weights so and widen each for its use (bitflux.text_encoders: T5-XXL's
+    half the memory, the same outputs). `offload` keeps each component on the CPU until it runs (diffusers' model CPU
     offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never sit on the GPU
     together with it. A ternary transformer runs each attention's q/k/v as one layer
     call (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'

@@ -17,14 +17,19 @@ encoders in fp32 (diffusers' own from_pretrained).
 from __future__ import annotations
 
 import importlib
-import json
 import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import _TORCH_DTYPES, read_safetensors_header, weight_files
+from .checkpoint import (
+    _TORCH_DTYPES,
+    parse_json_object,
+    read_config,
+    read_safetensors_header,
+    weight_files,
+)
 from .errors import BitfluxError
 from .kernels import _version
 
@@ -96,14 +101,14 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]
     loaded in their own dtype and computed in fp32 (narrow); the others are left to diffusers."""
     if dtype != torch.float32:
         return {}
-    index = json.loads((root / "model_index.json").read_text())
+    index = parse_json_object((root / "model_index.json").read_bytes(), str(root / "model_index.json"))
     loaded = {}
     for name in TEXT_ENCODERS:
         folder = root / name
         library, class_name = (index.get(name) or [None, None])[:2]
         if library != "transformers" or not (folder / "config.json").is_file():
             continue
-        if "quantization_config" in json.loads((folder / "config.json").read_text()):
+        if "quantization_config" in read_config(folder):
             continue
         try:
             storage = checkpoint_dtype(folder)
