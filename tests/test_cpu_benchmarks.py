@@ -42,6 +42,23 @@ def test_cpu_linear_compares_a_layer_with_fp32(tmp_path):
     assert all(0 < row["bitflux_bytes"] < row["fp32_bytes"] / 10 and row["speedup"] > 0 for row in rows)
 
 
+@pytest.mark.skipif(cpu.available() is not None, reason=f"cpu backend: {cpu.available()}")
+def test_cpu_linear_times_several_isa_paths(tmp_path):
+    """--isas: each path timed in turns, the first one the bitflux column; a path the CPU lacks: one line."""
+    out = tmp_path / "rows.json"
+    args = [sys.executable, str(BENCHMARKS / "cpu_linear.py"), "--m", "3", "--shapes", "64x32", "--no-bf16",
+            "--min-seconds", "0", "--json", str(out), "--isas"]
+    result = subprocess.run([*args, *reversed(cpu.supported_isas())], capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert list(row["isa_ms"]) == cpu.supported_isas()[::-1] and row["isa"] == cpu.supported_isas()[-1]
+    missing = [isa for isa in cpu.ISAS if isa not in cpu.supported_isas()]
+    if missing:
+        result = subprocess.run([*args, missing[0]], capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 1 and "this CPU lacks" in result.stderr
+
+
 def test_cpu_text_encoder_compares_fp32_with_narrow_weights(tmp_path):
     """The text encoder benchmark on a T5 of width 64: half the parameter bytes, the same encoding."""
     out = tmp_path / "rows.json"

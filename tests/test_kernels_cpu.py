@@ -4,6 +4,9 @@ The kernel's int32 sums are exact and its fp32 epilogue does the reference's ope
 order, so outputs are compared with torch.equal (bit for bit), on every ISA path this CPU has.
 """
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -183,6 +186,22 @@ def test_isa_selection():
             pass
     with cpu.use_isa("generic"):
         assert cpu.current_isa() == "generic"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_isa_detection_agrees_with_the_kernel():
+    """The C library's CPUID checks name the same features as Linux does (AVX-VNNI is read from CPUID leaf 7.1
+    directly, which older compilers' __builtin_cpu_supports lacks)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if not flags or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("no x86 feature flags")
+    expected = {"avx2": "avx2" in flags, "avxvnni": "avx2" in flags and "avx_vnni" in flags,
+                "avx512vnni": {"avx512f", "avx512bw", "avx512_vnni"} <= flags}
+    assert {isa: isa in cpu.supported_isas() for isa in expected} == expected
 
 
 def test_isa_from_environment(monkeypatch):

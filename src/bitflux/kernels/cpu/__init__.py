@@ -1,4 +1,4 @@
-"""The `cpu` backend: W1.58A8 linear in C (generic, AVX2, AVX-512 VNNI), loaded with ctypes.
+"""The `cpu` backend: W1.58A8 linear in C (generic, AVX2, AVX-VNNI, AVX-512 VNNI), loaded with ctypes.
 
 It always quantizes activations per token to int8 (reference.linear_a8's numerics, bit for bit), in both
 activation modes: a16 has no fast CPU path, and `use_backend("reference")` keeps exact a16 available.
@@ -21,7 +21,7 @@ from . import _library
 
 NAME = "cpu"
 ACTIVATIONS = ("a16", "a8")
-ISAS = ("generic", "avx2", "avx512vnni")  # index = the C library's ISA number
+ISAS = ("generic", "avx2", "avxvnni", "avx512vnni")  # index = the C library's ISA number, best last
 PANEL = 16  # output features per block of the C kernel
 CHUNK = 16  # input features per block (a 4-byte word of a tq2 row)
 
@@ -48,7 +48,7 @@ def current_isa() -> str:
 
 @contextlib.contextmanager
 def use_isa(name: str):
-    """Force one ISA path ("generic", "avx2", "avx512vnni") inside the block, e.g. to compare paths."""
+    """Force one ISA path ("generic", "avx2", "avxvnni", "avx512vnni") inside the block, e.g. to compare paths."""
     _forced_isa.append(name)
     try:
         current_isa()

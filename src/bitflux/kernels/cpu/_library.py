@@ -7,7 +7,7 @@ import importlib.machinery
 from pathlib import Path
 
 _STEM = "_ternary_gemm"
-ABI_VERSION = 2  # ternary_gemm.c's BF_ABI_VERSION: the signatures bound below
+ABI_VERSION = 3  # ternary_gemm.c's BF_ABI_VERSION: the signatures bound below
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
