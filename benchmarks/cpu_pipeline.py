@@ -4,15 +4,19 @@ weights (the encoders and VAE stored in bf16, as FLUX.1-dev ships them; nothing 
 a bitflux pipeline folder. Each variant loads it and generates one image in its own child process, so its
 peak resident memory (ru_maxrss) is its own:
 
-- bitflux: load_pipeline, as `bitflux generate` does (text encoders held in bf16, computed in fp32);
+- staged: as `bitflux generate` does: the prompt encoded by the text encoders alone (encode_prompts), which
+  are freed before the rest of the pipeline is loaded without them;
+- bitflux: the whole pipeline loaded at once by load_pipeline (text encoders held in bf16, computed in fp32),
+  as the Python API, `bitflux bench` and `eval` do;
 - fp32-text-encoders: the same pipeline with its text encoders loaded in fp32, as diffusers loads them for
   an fp32 pipeline (and load_pipeline did before bitflux.text_encoders).
 
     PYTHONPATH=src:benchmarks python benchmarks/cpu_pipeline.py [--dir /tmp/bitflux-flux-dev] [--size 256]
-        [--steps 2] [--variants bitflux fp32-text-encoders] [--json out.json]
+        [--steps 2] [--variants staged bitflux fp32-text-encoders] [--json out.json]
 
-Prints, per variant: load time, generate() time (prompt encoding, the steps, decoding), peak RSS; a variant
-killed by the system (out of memory) is reported as such.
+Prints, per variant: load time, generate() time (prompt encoding, the steps, decoding; for `staged` the
+encoding, with the text encoders' loading, counts as load time), their total, peak RSS; a variant killed by
+the system (out of memory) is reported as such.
 """
 
 from __future__ import annotations
@@ -69,10 +73,14 @@ def write_pipeline(root: Path) -> None:
 
 def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     """In this process: load the pipeline, generate one image."""
-    from bitflux.pipeline import generate, load_pipeline
+    from bitflux.pipeline import encode_prompts, generate, load_pipeline
 
+    prompts, embeddings = ["a red cube on a blue sphere"], None
     start = time.perf_counter()
-    if variant == "bitflux":
+    if variant == "staged":
+        embeddings = encode_prompts(root, prompts)
+        pipe = load_pipeline(root, text_encoders=False)
+    elif variant == "bitflux":
         pipe = load_pipeline(root)
     else:
         from diffusers import FluxPipeline
@@ -86,9 +94,11 @@ def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
         fuse_projections(pipe.transformer)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
-    image = generate(pipe, ["a red cube on a blue sphere"], [0], steps=steps, height=size, width=size,
-                     progress=False)[0]
-    return {"variant": variant, "load_s": round(load_s, 1), "generate_s": round(time.perf_counter() - start, 1),
+    image = generate(pipe, prompts, [0], steps=steps, height=size, width=size, progress=False,
+                     embeddings=embeddings)[0]
+    generate_s = time.perf_counter() - start
+    return {"variant": variant, "load_s": round(load_s, 1), "generate_s": round(generate_s, 1),
+            "total_s": round(load_s + generate_s, 1),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "image_size": list(image.size)}
 
@@ -98,8 +108,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/bitflux-flux-dev", help="where the pipeline is (written once)")
     parser.add_argument("--size", type=int, default=256, help="image width and height")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["bitflux", "fp32-text-encoders"],
-                        choices=["bitflux", "fp32-text-encoders"])
+    parser.add_argument("--variants", nargs="+", default=["staged", "bitflux", "fp32-text-encoders"],
+                        choices=["staged", "bitflux", "fp32-text-encoders"])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +120,7 @@ def main() -> None:
     write_pipeline(root)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1-dev-sized pipeline, "
           f"{args.size}x{args.size}, {args.steps} steps, prompts of 512 T5 tokens")
-    print(f"{'variant':>20} {'load s':>7} {'generate s':>10} {'peak RSS GB':>11}")
+    print(f"{'variant':>20} {'load s':>7} {'generate s':>10} {'total s':>7} {'peak RSS GB':>11}")
     rows = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--dir", args.dir, "--size", str(args.size), "--steps",
@@ -121,8 +131,8 @@ def main() -> None:
             print(f"{variant:>20}  killed by the system (SIGKILL: out of memory)", flush=True)
             continue
         rows.append(row)
-        print(f"{variant:>20} {row['load_s']:7.1f} {row['generate_s']:10.1f} {row['peak_rss_bytes'] / 1e9:11.2f}",
-              flush=True)
+        print(f"{variant:>20} {row['load_s']:7.1f} {row['generate_s']:10.1f} {row['total_s']:7.1f} "
+              f"{row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 

@@ -135,6 +135,28 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
     assert Image.open(both).size[0] == 128
 
 
+def test_prompts_encoded_first_give_the_same_images(tmp_path, capsys):
+    """encode_prompts, then a pipeline without text encoders (what `bitflux generate` does, so that the text
+    encoders are freed before the transformer is loaded): the images of the whole pipeline, pixel for pixel."""
+    from bitflux import demo_model_path, encode_prompts, generate
+    from bitflux.pipeline import load_variants
+
+    prompts, seeds = ["a red cube", "two blue balls"], [0, 1]
+    whole = load_variants(None, want_fp=False, progress=False)[1]
+    expected = generate(whole, prompts, seeds, steps=3, progress=False)
+    embeddings = encode_prompts(demo_model_path(), prompts)
+    without = load_variants(None, want_fp=False, progress=False, text_encoders=False)[1]
+    assert without.text_encoder is None and without.text_encoder_2 is None and without.tokenizer_2 is None
+    images = generate(without, prompts, seeds, steps=3, progress=False, embeddings=embeddings)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    with pytest.raises(ValueError, match="one embedding per prompt"):
+        generate(without, prompts[:1], seeds[:1], steps=1, embeddings=embeddings)
+    out = tmp_path / "cli.png"  # the CLI's image is the whole pipeline's too (one prompt: a batch of one)
+    assert _run(capsys, "generate", prompts[0], "--steps", "3", "--seed", "0", "-o", out)[0] == 0
+    alone = generate(whole, prompts[:1], seeds[:1], steps=3, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(alone))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -10,9 +10,15 @@ from .errors import BitfluxError  # noqa: E402
 from .fusion import fuse_projections  # noqa: E402
 from .graphs import cuda_graphed  # noqa: E402
 from .linear import TernaryLinear  # noqa: E402
-from .pipeline import generate, load_pipeline, load_transformer, quantize_pipeline  # noqa: E402
+from .pipeline import (  # noqa: E402
+    encode_prompts,
+    generate,
+    load_pipeline,
+    load_transformer,
+    quantize_pipeline,
+)
 from .surgery import QuantizationReport, quantize_, set_activations, set_packing  # noqa: E402
 
 __all__ = ["BitfluxError", "QuantizationReport", "TernaryConfig", "TernaryLinear", "__version__", "cuda_graphed",
-           "demo_model_path", "fuse_projections", "generate", "load_pipeline", "load_transformer", "quantize_pipeline",
-           "quantize_", "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]
+           "demo_model_path", "encode_prompts", "fuse_projections", "generate", "load_pipeline", "load_transformer",
+           "quantize_pipeline", "quantize_", "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]

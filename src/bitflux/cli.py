@@ -146,8 +146,8 @@ def _check_common(args) -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import (accelerate_transformer, default_image_size, dtype_named, generate, load_variants,
-                           save_png, side_by_side)
+    from .pipeline import (accelerate_transformer, default_image_size, dtype_named, encode_prompts, generate,
+                           load_variants, resolve_pipeline_path, save_png, side_by_side)
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
@@ -156,8 +156,11 @@ def _cmd_generate(args) -> None:
     _check_image_output(args.output)
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
+    # The prompt first, then the transformer: the text encoders (T5-XXL alone is 9.5 GB in bf16) are freed before
+    # it is loaded, so the peak is the larger of the two, not their sum.
+    embeddings = encode_prompts(resolve_pipeline_path(args.model), [args.prompt], args.device, dtype_named(args.dtype))
     fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
-                                dtype=dtype_named(args.dtype), offload=args.offload)
+                                dtype=dtype_named(args.dtype), offload=args.offload, text_encoders=False)
     pipes = [p for p in (fp, ternary) if p is not None]
     if args.activations:
         from .surgery import set_activations
@@ -177,9 +180,9 @@ def _cmd_generate(args) -> None:
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
-        image = generate(ternary, [args.prompt], [args.seed], **settings)[0]
+        image = generate(ternary, [args.prompt], [args.seed], embeddings=embeddings, **settings)[0]
     if args.compare:
-        reference = generate(fp, [args.prompt], [args.seed], **settings)[0]
+        reference = generate(fp, [args.prompt], [args.seed], embeddings=embeddings, **settings)[0]
         image = side_by_side([reference, image], ["full precision", "ternary"])
     save_png(image, args.output)
     print(f"wrote {args.output}")

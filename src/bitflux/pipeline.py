@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from pathlib import Path
 
@@ -48,35 +49,69 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  offload: bool = False):
+                  offload: bool = False, text_encoders: bool = True):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
     parts' (default: default_dtype(device)); in fp32 (a CPU's default), text encoders stored in bf16 or fp16
     (FLUX.1's: bf16) keep their linear weights so and widen each for its use (bitflux.text_encoders: T5-XXL's
     half the memory, the same outputs). `offload` keeps each component on the CPU until it runs (diffusers' model CPU
     offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never sit on the GPU
-    together with it. A ternary transformer runs each attention's q/k/v as one layer
+    together with it. `text_encoders=False` leaves the text encoders and tokenizers out, for prompts encoded
+    beforehand (encode_prompts). A ternary transformer runs each attention's q/k/v as one layer
     call (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
     `transformer.unfuse_qkv_projections()` undoes it)."""
-    root = Path(path)
-    if not (root / "model_index.json").exists():
-        raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
+    root = _pipeline_folder(path)
     _check_offload(device, offload)
     dtype = dtype or default_dtype(device)
-    extra = narrow_text_encoders(root, dtype)
+    extra = narrow_text_encoders(root, dtype) if text_encoders else dict.fromkeys(TEXT_COMPONENTS)
     ternary = is_ternary_pipeline(root)
     if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
                                                            dtype=dtype)
-    try:
-        pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True, **extra)
-    except (OSError, ValueError) as exc:
-        raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
-    pipe.set_progress_bar_config(leave=False)
+    pipe = _from_pretrained(root, dtype, extra)
     if ternary:
         fuse_projections(pipe.transformer)
     return _place(pipe, device, offload)
+
+
+@torch.no_grad()
+def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
+    them, made by the pipeline folder's text encoders alone, loaded as load_pipeline loads them and freed
+    before this returns: with a pipeline loaded without them (load_pipeline(text_encoders=False)), the text
+    encoders and the transformer are never in memory together (`bitflux generate` does so; a FLUX.1-dev-sized
+    pipeline on a CPU: 11.x GB at the peak instead of 16.4, BENCHMARKS.md)."""
+    root = _pipeline_folder(path)
+    dtype = dtype or default_dtype(device)
+    encoders = _from_pretrained(root, dtype, {**narrow_text_encoders(root, dtype), "transformer": None, "vae": None})
+    encoders.to(device)
+    prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
+        list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
+    del encoders
+    gc.collect()  # the encoders' modules hold reference cycles: free their weights now, not at some later collection
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+
+
+def _pipeline_folder(path: str | Path) -> Path:
+    root = Path(path)
+    if not (root / "model_index.json").exists():
+        raise BitfluxError(f"{root}: not a pipeline folder (no model_index.json)")
+    return root
+
+
+def _from_pretrained(root: Path, dtype: torch.dtype, components: dict):
+    try:
+        pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True,
+                                                      **components)
+    except (OSError, ValueError) as exc:
+        raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
 
 
 def _check_offload(device, offload: bool) -> None:
@@ -110,16 +145,19 @@ def text_length(pipe) -> int:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.5,
-             height: int = 64, width: int = 64, progress: bool = True):
+             height: int = 64, width: int = 64, progress: bool = True, embeddings: dict | None = None):
     """PIL images, one per prompt; the noise of each depends only on its seed, so full-precision and
-    ternary pipelines given the same seeds start from the same latents."""
+    ternary pipelines given the same seeds start from the same latents. `embeddings`: the prompts' as
+    encode_prompts made them (the pipeline may then have no text encoders), the same images."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if embeddings is not None and len(embeddings["prompt_embeds"]) != len(prompts):
+        raise ValueError("one embedding per prompt")
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    return pipe(prompt=list(prompts), height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance, generator=generators, max_sequence_length=text_length(pipe),
-                output_type="pil").images
+    text = {"prompt": list(prompts)} if embeddings is None else embeddings
+    return pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                generator=generators, max_sequence_length=text_length(pipe), output_type="pil").images
 
 
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
@@ -247,15 +285,17 @@ def save_png(image, path: str | Path) -> Path:
 
 
 def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, want_ternary: bool = True,
-                  progress: bool = True, dtype: torch.dtype | None = None, offload: bool = False):
+                  progress: bool = True, dtype: torch.dtype | None = None, offload: bool = False,
+                  text_encoders: bool = True):
     """(full-precision pipeline or None, ternary pipeline or None) for a --model argument: None is the embedded
     demo (its ternary form cached on disk), a full-precision folder is quantized in memory, a bitflux folder
-    is ternary already (and has no full-precision twin). With `offload`, one pipeline at a time."""
+    is ternary already (and has no full-precision twin). With `offload`, one pipeline at a time;
+    `text_encoders=False`: none (load_pipeline's)."""
     if offload and want_fp and want_ternary:
         raise BitfluxError("offloading runs one pipeline at a time: not with a full-precision comparison")
     _check_offload(device, offload)
     path = resolve_pipeline_path(model)
-    place = dict(device=device, dtype=dtype, offload=offload)
+    place = dict(device=device, dtype=dtype, offload=offload, text_encoders=text_encoders)
     if model is None:
         return (load_pipeline(path, **place) if want_fp else None,
                 load_pipeline(demo_ternary_path(progress=progress), **place) if want_ternary else None)
@@ -264,7 +304,7 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
             raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
         return None, load_pipeline(path, **place)
     # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU.
-    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device))
+    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device), text_encoders=text_encoders)
     ternary = quantize_pipeline(fp, copy_transformer=want_fp)[0] if want_ternary else None
     fp = fp if want_fp else None
     if offload:
