@@ -1,16 +1,17 @@
 """FLUX.1's T5-XXL text encoder (text_encoder_2) at full size on a CPU: loaded in fp32, as diffusers loads
 it for an fp32 pipeline, against bitflux's load_pipeline, which holds its bf16 linear weights as stored and
-widens each for its own use (bitflux.text_encoders). Random weights written once as a bf16 checkpoint (9.5 GB,
-as FLUX.1-dev ships it; nothing downloaded); each variant loads it in its own child process, so peak resident
-memory (ru_maxrss) is its own.
+widens each for its own use (`bitflux`), and against encode_prompts, which streams its blocks' weights from
+the checkpoint a block at a time (`streamed`; bitflux.text_encoders). Random weights written once as a bf16
+checkpoint (9.5 GB, as FLUX.1-dev ships it; nothing downloaded); each variant loads it in its own child
+process, so peak resident memory (ru_maxrss) is its own.
 
     PYTHONPATH=src python benchmarks/cpu_text_encoder.py [--dir /tmp/t5xxl] [--tokens 512] [--layers 24]
-        [--tiny] [--json out.json]
+        [--variants fp32 bitflux streamed] [--tiny] [--json out.json]
 
 Prints, per variant: load time, an encode of a prompt padded to --tokens (best of two), peak RSS, parameter
-bytes; then
-the ratios and whether both encodings are bit-identical. `--layers`: fewer than T5-XXL's 24 for a quick run;
-`--tiny`: a T5 of width 64 (what the tests run).
+bytes held between encodes; then the ratios to the first variant and whether the encodings are
+bit-identical. `--layers`: fewer than T5-XXL's 24 for a quick run; `--tiny`: a T5 of width 64 (what the
+tests run).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 from child_rows import child_row
 
-from bitflux.bench import weight_bytes
 from bitflux.checkpoint import write_text_atomic
 
 TINY = {"d_model": 64, "d_ff": 160, "d_kv": 16, "num_heads": 4, "vocab_size": 32}
+VARIANTS = ("fp32", "bitflux", "streamed")
 T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False}
 
@@ -59,14 +60,16 @@ def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
     """In this process: load, one encode of `tokens` token ids, figures."""
     from transformers import T5EncoderModel
 
-    from bitflux.text_encoders import narrow_text_encoders
+    from bitflux.text_encoders import narrow_text_encoders, stream_t5
 
     start = time.perf_counter()
     if variant == "fp32":
         model = T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), torch_dtype=torch.float32,
                                                local_files_only=True)
-    else:  # what load_pipeline does
+    elif variant == "bitflux":  # what load_pipeline does
         model = narrow_text_encoders(root, torch.float32)["text_encoder_2"]
+    else:  # what encode_prompts does
+        model = stream_t5(root / "text_encoder_2", torch.float32)
     load_s = time.perf_counter() - start
     ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     encode_s = []
@@ -77,7 +80,8 @@ def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
             encode_s.append(time.perf_counter() - start)
     return {"variant": variant, "load_s": round(load_s, 2), "encode_s": round(min(encode_s), 3),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "parameter_bytes": weight_bytes(model),
+            "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                                   if not t.is_meta),  # held between encodes (streamed: not the blocks')
             "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest()}
 
 
@@ -87,8 +91,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="FLUX.1-dev pads prompts to 512")
     parser.add_argument("--layers", type=int, default=T5_XXL["num_layers"])
     parser.add_argument("--tiny", action="store_true", help="width 64 instead of T5-XXL's 4096")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--child", choices=["fp32", "bitflux"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = {**T5_XXL, **(TINY if args.tiny else {}), "num_layers": args.layers}
     root = Path(args.dir) / f"t5-{config['d_model']}-wide-{args.layers}-layers"
@@ -100,17 +105,19 @@ def main() -> None:
           f"{args.layers} layers, bf16 checkpoint; one prompt of {args.tokens} tokens")
     print(f"{'variant':>8} {'load s':>7} {'encode s':>9} {'peak RSS GB':>11} {'params GB':>9}")
     rows = {}
-    for variant in ("fp32", "bitflux"):
+    for variant in args.variants:
         command = [sys.executable, __file__, "--dir", args.dir, "--tokens", str(args.tokens), "--layers",
                    str(args.layers), *(["--tiny"] if args.tiny else []), "--child", variant]
         row = rows[variant] = child_row(command)
         print(f"{variant:>8} {row['load_s']:7.1f} {row['encode_s']:9.1f} {row['peak_rss_bytes'] / 1e9:11.2f} "
               f"{row['parameter_bytes'] / 1e9:9.2f}", flush=True)
-    fp, ours = rows["fp32"], rows["bitflux"]
-    print(f"fp32 / bitflux: peak RSS {fp['peak_rss_bytes'] / ours['peak_rss_bytes']:.2f}x, parameters "
-          f"{fp['parameter_bytes'] / ours['parameter_bytes']:.2f}x, encode time "
-          f"{ours['encode_s'] / fp['encode_s']:.2f}x as long; outputs bit-identical: "
-          f"{fp['output_sha256'] == ours['output_sha256']}")
+    first = rows[args.variants[0]]
+    for name in args.variants[1:]:
+        ours = rows[name]
+        print(f"{args.variants[0]} / {name}: peak RSS {first['peak_rss_bytes'] / ours['peak_rss_bytes']:.2f}x, "
+              f"parameters {first['parameter_bytes'] / ours['parameter_bytes']:.2f}x, encode time "
+              f"{ours['encode_s'] / first['encode_s']:.2f}x as long; outputs bit-identical: "
+              f"{first['output_sha256'] == ours['output_sha256']}")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(list(rows.values()), indent=1))
 

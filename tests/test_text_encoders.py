@@ -6,12 +6,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitflux import BitfluxError, demo_model_path, load_pipeline
+from bitflux import BitfluxError, demo_model_path, encode_prompts, load_pipeline
 from bitflux.text_encoders import (
     NarrowLinear,
     checkpoint_dtype,
     narrow,
     narrow_text_encoders,
+    stream_t5,
+    streamed_text_encoders,
 )
 
 
@@ -140,3 +142,54 @@ def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):
     index = json.loads((root / "model_index.json").read_text())
     (root / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
     assert narrow_text_encoders(root, torch.float32) == {}
+
+
+def test_t5_streamed_from_its_checkpoint_computes_what_the_loaded_one_does():
+    """Each block's weights read (and widened) right before it runs and dropped after it, also when the call
+    raises: the outputs of the encoder loaded whole in fp32, bit for bit, and no block weights held between
+    calls."""
+    from transformers import T5EncoderModel
+
+    folder = demo_model_path() / "text_encoder_2"
+    plain = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    streamed = stream_t5(folder, torch.float32)
+    tokens = torch.tensor([[5, 17, 2, 40, 1], [3, 3, 9, 1, 0]]) % plain.config.vocab_size
+    with torch.no_grad():
+        expected = plain(tokens)[0]
+        assert torch.equal(streamed(tokens)[0], expected)
+        assert all(p.is_meta for p in streamed.encoder.block.parameters())
+        assert not streamed.shared.weight.is_meta and streamed.dtype == torch.float32
+        assert streamed.encoder.embed_tokens.weight is streamed.shared.weight or torch.equal(
+            streamed.encoder.embed_tokens.weight, streamed.shared.weight)
+        failing = streamed.encoder.block[1].layer[1].register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(RuntimeError("in the middle")))
+        with pytest.raises(RuntimeError, match="in the middle"):
+            streamed(tokens)
+        assert all(p.is_meta for p in streamed.encoder.block.parameters())
+        failing.remove()
+        assert torch.equal(streamed(tokens)[0], expected)
+    assert not streamed.training and not any(p.requires_grad for p in streamed.parameters())
+
+
+def test_encode_prompts_streams_t5_on_a_cpu_with_the_whole_pipelines_embeddings():
+    root = demo_model_path()
+    assert set(streamed_text_encoders(root, torch.float32, "cpu")) == {"text_encoder_2"}
+    assert streamed_text_encoders(root, torch.bfloat16, "cpu") == {}  # streamed only where computed in fp32
+    assert streamed_text_encoders(root, torch.float32, "cuda") == {}  # and on the CPU
+    embeddings = encode_prompts(root, ["a red cube", "two blue spheres"], dtype=torch.float32)
+    whole = prompt_embeddings(load_pipeline(root, dtype=torch.float32))
+    assert torch.equal(embeddings["prompt_embeds"], whole[0])
+    assert torch.equal(embeddings["pooled_prompt_embeds"], whole[1])
+
+
+def test_a_t5_checkpoint_missing_a_block_tensor_is_one_line(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "text_encoder_2"
+    shutil.copytree(demo_model_path() / "text_encoder_2", folder)
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    save_file(tensors, file)
+    with pytest.raises(BitfluxError, match="block 1's tensors are not a T5 block's"):
+        stream_t5(folder, torch.float32)

@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -105,24 +106,27 @@ _TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16":
                  "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def iter_tensors(files: list[Path]):
-    """(name, tensor) one at a time, read with plain file reads rather than a memory map: mapped pages of
-    a 24 GB file would count towards resident memory, and this keeps one source tensor in memory at most."""
+def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer: torch.Tensor | None = None):
+    """(name, tensor) one at a time (only those in `names`, if given), read with plain file reads rather than a
+    memory map: mapped pages of a 24 GB file would count towards resident memory, and this keeps one source
+    tensor in memory at most. `buffer` (uint8): tensors that fit are read into it, each valid until the next is
+    read (no fresh memory, whose first touch costs page faults, for each)."""
     for file in files:
         header = read_safetensors_header(file)
         with open(file, "rb") as f:
             data_start = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, info in header.items():
-                if name == "__metadata__":
+                if name == "__metadata__" or (names is not None and name not in names):
                     continue
                 if info["dtype"] not in _TORCH_DTYPES:
                     raise BitfluxError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 begin, end = info["data_offsets"]
-                buffer = torch.empty(end - begin, dtype=torch.uint8)
+                fits = buffer is not None and buffer.numel() >= end - begin
+                data = buffer[:end - begin] if fits else torch.empty(end - begin, dtype=torch.uint8)
                 f.seek(data_start + begin)
-                if f.readinto(buffer.numpy()) != end - begin:
+                if f.readinto(data.numpy()) != end - begin:
                     raise BitfluxError(f"{file}: truncated while reading {name!r}")
-                yield name, buffer.view(_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
+                yield name, data.view(_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def read_config(folder: Path) -> dict:

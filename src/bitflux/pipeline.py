@@ -16,7 +16,7 @@ from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
 from .surgery import QuantizationReport, quantize_, set_activations
-from .text_encoders import narrow_text_encoders
+from .text_encoders import TEXT_ENCODERS, narrow_text_encoders, streamed_text_encoders
 
 
 def _flux_pipeline_class():
@@ -82,14 +82,18 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
 def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
-    them, made by the pipeline folder's text encoders alone, loaded as load_pipeline loads them and freed
-    before this returns: with a pipeline loaded without them (load_pipeline(text_encoders=False)), the text
-    encoders and the transformer are never in memory together (`bitflux generate` does so; a FLUX.1-dev-sized
-    pipeline on a CPU: 11.x GB at the peak instead of 16.4, BENCHMARKS.md)."""
+    them, made by the pipeline folder's text encoders alone, freed before this returns: with a pipeline loaded
+    without them (load_pipeline(text_encoders=False)), the text encoders and the transformer are never in
+    memory together (`bitflux generate` does so). On a CPU in fp32, T5 is streamed from its checkpoint a block
+    at a time (text_encoders.stream_t5: T5-XXL in one block's memory), the other encoders load as
+    load_pipeline loads them. The embeddings are the same as the whole pipeline's."""
     root = _pipeline_folder(path)
     dtype = dtype or default_dtype(device)
-    encoders = _from_pretrained(root, dtype, {**narrow_text_encoders(root, dtype), "transformer": None, "vae": None})
-    encoders.to(device)
+    streamed = streamed_text_encoders(root, dtype, device)
+    narrowed = narrow_text_encoders(root, dtype, [name for name in TEXT_ENCODERS if name not in streamed])
+    encoders = _from_pretrained(root, dtype, {**narrowed, **streamed, "transformer": None, "vae": None})
+    if torch.device(device).type != "cpu":  # loaded on the CPU (a streamed encoder's blocks: meta, not movable)
+        encoders.to(device)
     prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
         list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
     del encoders

@@ -12,6 +12,10 @@ prompt; BENCHMARKS.md).
 A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights, and PEFT
 then stops adding its branch: the LoRA is lost. Load text encoder LoRAs unfused, or the pipeline with the
 encoders in fp32 (diffusers' own from_pretrained).
+
+For prompts encoded once, before the transformer is loaded (pipeline.encode_prompts), T5 is streamed instead:
+its blocks' weights stay in the checkpoint and each block's are read and widened right before it runs and
+dropped after it, so that T5-XXL takes one block's memory (0.8 GB in fp32) instead of all of its 24.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from torch import nn
 
 from .checkpoint import (
     _TORCH_DTYPES,
+    iter_tensors,
     parse_json_object,
     read_config,
     read_safetensors_header,
+    tensor_shapes,
     weight_files,
 )
 from .errors import BitfluxError
@@ -96,14 +102,11 @@ def checkpoint_dtype(folder: Path) -> torch.dtype | None:
     return floating.pop() if len(floating) == 1 else None
 
 
-def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """For an fp32 pipeline, the pipeline folder's text encoders stored in bf16 or fp16 (not quantized),
-    loaded in their own dtype and computed in fp32 (narrow); the others are left to diffusers."""
-    if dtype != torch.float32:
-        return {}
+def _encoders(root: Path, names=TEXT_ENCODERS):
+    """(name, folder, class name, stored dtype) of each of the pipeline folder's text encoders that bitflux
+    may load itself: transformers models in safetensors, not quantized, in one floating dtype."""
     index = parse_json_object((root / "model_index.json").read_bytes(), str(root / "model_index.json"))
-    loaded = {}
-    for name in TEXT_ENCODERS:
+    for name in names:
         folder = root / name
         library, class_name = (index.get(name) or [None, None])[:2]
         if library != "transformers" or not (folder / "config.json").is_file():
@@ -114,10 +117,21 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]
             storage = checkpoint_dtype(folder)
         except BitfluxError:
             continue  # no safetensors (pickle weights): diffusers loads it as it can
+        if storage is not None:
+            yield name, folder, class_name, storage
+
+
+def narrow_text_encoders(root: Path, dtype: torch.dtype, names=TEXT_ENCODERS) -> dict[str, nn.Module]:
+    """For an fp32 pipeline, the pipeline folder's text encoders (of `names`) stored in bf16 or fp16 (not
+    quantized), loaded in their own dtype and computed in fp32 (narrow); the others are left to diffusers."""
+    if dtype != torch.float32:
+        return {}
+    loaded = {}
+    for name, folder, class_name, storage in _encoders(root, names):
         if storage not in (torch.bfloat16, torch.float16):
             continue
         try:
-            model_class = getattr(importlib.import_module(library), class_name)
+            model_class = getattr(importlib.import_module("transformers"), class_name)
             model = model_class.from_pretrained(str(folder), torch_dtype=storage, local_files_only=True)
         except (AttributeError, OSError, RuntimeError, ValueError) as exc:
             raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
@@ -127,3 +141,80 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype) -> dict[str, nn.Module]
         if model.dtype == dtype:
             loaded[name] = model
     return loaded
+
+
+T5_BLOCKS = "encoder.block."  # T5EncoderModel's blocks' weight names begin so
+
+
+def streamed_text_encoders(root: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, nn.Module]:
+    """For an fp32 pipeline on a CPU, the pipeline folder's T5 encoder (FLUX's text_encoder_2) with its
+    blocks' weights left in the checkpoint (stream_t5); other encoders are left to the caller."""
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        return {}
+    return {name: stream_t5(folder, dtype) for name, folder, class_name, _ in _encoders(root)
+            if class_name == "T5EncoderModel"}
+
+
+def stream_t5(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """A T5EncoderModel whose blocks hold no weights between calls: each block's are read from the folder's
+    safetensors (plain file reads) and converted to `dtype` right before the block runs, and dropped after it
+    (also when it raises). The embedding and the final norm are loaded once. Outputs equal those of the model
+    loaded whole in `dtype`; each call reads the blocks' bytes again (from the page cache, if it holds them)."""
+    from transformers import T5Config, T5EncoderModel
+
+    files = weight_files(folder)
+    stored = set(tensor_shapes(files))
+    try:
+        with torch.device("meta"):
+            model = T5EncoderModel(T5Config.from_pretrained(str(folder), local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
+    rest = {name: tensor.to(dtype) for name, tensor in iter_tensors(files, stored - _names_under(stored, T5_BLOCKS))}
+    embedding = rest.get("shared.weight", rest.get("encoder.embed_tokens.weight"))  # tied: often saved once
+    rest.update({"shared.weight": embedding, "encoder.embed_tokens.weight": embedding})
+    blocks = model.encoder.block
+    expected = set(model.state_dict()) - _names_under(set(model.state_dict()), T5_BLOCKS)
+    if embedding is None or set(rest) != expected:
+        raise BitfluxError(f"{folder}: not a T5 encoder checkpoint (its tensors are not T5EncoderModel's)")
+    model.load_state_dict(rest, strict=False, assign=True)
+    # Memory reused from block to block, whose first touch would cost page faults each time: the stored bytes
+    # are read into one buffer, and widened into the previous block's tensors. Neither is kept between calls.
+    reused: dict = {}
+    for i, block in enumerate(blocks):
+        prefix = f"{T5_BLOCKS}{i}."
+        names = _names_under(stored, prefix)
+        if {prefix + key for key in block.state_dict()} != names:
+            raise BitfluxError(f"{folder}: block {i}'s tensors are not a T5 block's")
+        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, reused))
+        block.register_forward_hook(_block_dropper(reused), always_call=True)
+    model.register_forward_hook(lambda *_: reused.clear(), always_call=True)
+    return model.eval().requires_grad_(False)
+
+
+def _names_under(names: set[str], prefix: str) -> set[str]:
+    return {name for name in names if name.startswith(prefix)}
+
+
+def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, reused: dict):
+    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
+                  if name in names for begin, end in [info["data_offsets"]])
+
+    def load(block: nn.Module, _args) -> None:
+        if reused.get("buffer") is None or reused["buffer"].numel() < largest:
+            reused["buffer"] = torch.empty(largest, dtype=torch.uint8)
+        spare, state = reused.setdefault("tensors", {}), {}
+        for name, tensor in iter_tensors(files, names, reused["buffer"]):
+            key = name[len(prefix):]
+            wide = spare.pop(key, None)
+            if wide is None or wide.shape != tensor.shape:
+                wide = torch.empty(tensor.shape, dtype=dtype)
+            state[key] = wide.copy_(tensor)
+        block.load_state_dict(state, assign=True)
+    return load
+
+
+def _block_dropper(reused: dict):
+    def drop(block: nn.Module, _args, _output) -> None:
+        reused.setdefault("tensors", {}).update(block.state_dict())  # for the next block; this one holds none
+        block.to("meta")
+    return drop
