@@ -5,8 +5,24 @@ and bitflux runs on the reference backend, saying so once.
 """
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
+
+
+class BuildExtWithoutAvxVnniIfNeeded(build_ext):
+    """A compiler that knows AVX-VNNI with an assembler that does not (binutils < 2.36) fails the whole file:
+    then it is built again without that path, rather than the library not at all."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except CompileError:
+            ext.define_macros.append(("BF_NO_AVXVNNI", "1"))
+            super().build_extension(ext)
+
 
 setup(
+    cmdclass={"build_ext": BuildExtWithoutAvxVnniIfNeeded},
     ext_modules=[
         Extension(
             "bitflux.kernels.cpu._ternary_gemm",

@@ -2,7 +2,7 @@
 CPU: one denoising forward of the ternary model through the C kernel, against full precision (fp32, what
 torch runs fastest on a CPU) at a depth whose fp32 weights fit this machine, since the whole fp32 model
 (47.6 GB) or even bf16 (23.8 GB) does not fit 24 GiB. Each variant runs in its own child process, so its
-peak resident memory (ru_maxrss) is its own.
+peak resident memory (VmHWM) is its own.
 
     PYTHONPATH=src:benchmarks python benchmarks/cpu_flux.py [--image-tokens 256] [--text-tokens 512]
         [--short 2 4] [--packing tq1] [--separate] [--compile] [--json out.json]
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from gpu_flux import fill_random_, inputs
 
 from bitflux import TernaryConfig
 from bitflux.bench import weight_bytes
+from bitflux.calibrate.memory import peak_resident_bytes
 from bitflux.checkpoint import write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG, build_transformer
 from bitflux.fusion import fuse_projections
@@ -73,7 +73,7 @@ def run_variant(double: int, single: int, ternary: bool, image_tokens: int, text
             "weight_bytes": weight_bytes(model), "build_s": round(build_s, 1), "first_forward_s": round(first_s, 1),
             "forward_s": round(forward_s, 2),
             "output_finite": bool(torch.isfinite(out).all()),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_resident_bytes()}
 
 
 def child(args, double: int, single: int, ternary: bool) -> dict:

@@ -2,7 +2,7 @@
 ternary transformer (19 double + 38 single blocks, tq2 codes) and the VAE, all at full size with random
 weights (the encoders and VAE stored in bf16, as FLUX.1-dev ships them; nothing downloaded), written once as
 a bitflux pipeline folder. Each variant loads it and generates one image in its own child process, so its
-peak resident memory (ru_maxrss) is its own:
+peak resident memory (VmHWM) is its own:
 
 - staged: as `bitflux generate` does: the prompt encoded by the text encoders alone (encode_prompts), which
   are freed before the rest of the pipeline is loaded without them;
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from cpu_flux import build
 from cpu_text_encoder import T5_XXL, write_checkpoint
 
 from bitflux import TernaryConfig, demo_model_path
+from bitflux.calibrate.memory import peak_resident_bytes
 from bitflux.checkpoint import save_transformer, write_text_atomic
 from bitflux.flux import FLUX_DEV_CONFIG
 
@@ -99,7 +99,7 @@ def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     generate_s = time.perf_counter() - start
     return {"variant": variant, "load_s": round(load_s, 1), "generate_s": round(generate_s, 1),
             "total_s": round(load_s + generate_s, 1),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_resident_bytes(),
             "image_size": list(image.size)}
 
 

@@ -3,7 +3,7 @@ it for an fp32 pipeline, against bitflux's load_pipeline, which holds its bf16 l
 widens each for its own use (`bitflux`), and against encode_prompts, which streams its blocks' weights from
 the checkpoint a block at a time (`streamed`; bitflux.text_encoders). Random weights written once as a bf16
 checkpoint (9.5 GB, as FLUX.1-dev ships it; nothing downloaded); each variant loads it in its own child
-process, so peak resident memory (ru_maxrss) is its own.
+process, so peak resident memory (VmHWM) is its own.
 
     PYTHONPATH=src python benchmarks/cpu_text_encoder.py [--dir /tmp/t5xxl] [--tokens 512] [--layers 24]
         [--variants fp32 bitflux streamed] [--tiny] [--json out.json]
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from child_rows import child_row
 
+from bitflux.calibrate.memory import peak_resident_bytes
 from bitflux.checkpoint import write_text_atomic
 
 TINY = {"d_model": 64, "d_ff": 160, "d_kv": 16, "num_heads": 4, "vocab_size": 32}
@@ -79,7 +79,7 @@ def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
             out = model(ids).last_hidden_state
             encode_s.append(time.perf_counter() - start)
     return {"variant": variant, "load_s": round(load_s, 2), "encode_s": round(min(encode_s), 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_resident_bytes(),
             "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                                    if not t.is_meta),  # held between encodes (streamed: not the blocks')
             "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest()}

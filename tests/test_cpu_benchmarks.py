@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bitflux.kernels import cpu
 
@@ -71,3 +72,16 @@ def test_cpu_text_encoder_compares_fp32_with_narrow_weights(tmp_path):
     assert (fp32["variant"], ours["variant"], streamed["variant"]) == ("fp32", "bitflux", "streamed")
     assert fp32["output_sha256"] == ours["output_sha256"] == streamed["output_sha256"]
     assert fp32["parameter_bytes"] > 1.8 * ours["parameter_bytes"] > 1.8 * streamed["parameter_bytes"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_a_childs_peak_memory_is_its_own():
+    """The CPU benchmarks run each variant in a child process for its own peak; getrusage's ru_maxrss there
+    counts the parent's peak too (inherited at exec), VmHWM (peak_resident_bytes) does not."""
+    from bitflux.calibrate.memory import peak_resident_bytes
+
+    big = torch.ones(2**30 // 4)  # 1 GiB touched by this process
+    del big
+    code = "from bitflux.calibrate.memory import peak_resident_bytes; print(peak_resident_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert 0 < int(child.stdout) < 2**30 <= peak_resident_bytes()

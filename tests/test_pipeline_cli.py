@@ -151,6 +151,14 @@ def test_prompts_encoded_first_give_the_same_images(tmp_path, capsys):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
     with pytest.raises(ValueError, match="one embedding per prompt"):
         generate(without, prompts[:1], seeds[:1], steps=1, embeddings=embeddings)
+    with pytest.raises(ValueError, match="one embedding per prompt"):  # the pooled ones count too
+        generate(without, prompts, seeds, steps=1, embeddings={**embeddings, "pooled_prompt_embeds":
+                                                                 embeddings["pooled_prompt_embeds"][:1]})
+    # embeddings made in another dtype are taken in the transformer's (diffusers would fail on them)
+    narrow = {key: value.bfloat16() for key, value in embeddings.items()}
+    assert generate(without, prompts[:1], seeds[:1], steps=1, embeddings={k: v[:1] for k, v in narrow.items()})
+    with pytest.raises(BitfluxError, match="a list of prompts"):
+        encode_prompts(demo_model_path(), "a red cube")
     out = tmp_path / "cli.png"  # the CLI's image is the whole pipeline's too (one prompt: a batch of one)
     assert _run(capsys, "generate", prompts[0], "--steps", "3", "--seed", "0", "-o", out)[0] == 0
     alone = generate(whole, prompts[:1], seeds[:1], steps=3, progress=False)[0]
@@ -202,6 +210,16 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     code, _, err = _run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
+
+
+def test_compare_on_a_ternary_folder_is_refused_before_encoding(tmp_path, capsys, monkeypatch):
+    import bitflux.pipeline
+    from bitflux.pipeline import demo_ternary_path
+
+    monkeypatch.setattr(bitflux.pipeline, "encode_prompts", lambda *a, **k: pytest.fail("encoded first"))
+    code, _, err = _run(capsys, "generate", "a", "--compare", "--model", demo_ternary_path(progress=False),
+                        "-o", tmp_path / "x.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "already ternary" in err, err
 
 
 def test_bench_json(capsys):

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -182,14 +183,38 @@ def test_encode_prompts_streams_t5_on_a_cpu_with_the_whole_pipelines_embeddings(
     assert torch.equal(embeddings["pooled_prompt_embeds"], whole[1])
 
 
-def test_a_t5_checkpoint_missing_a_block_tensor_is_one_line(tmp_path):
+def _edited_t5(tmp_path, edit):
     from safetensors.torch import load_file
 
     folder = tmp_path / "text_encoder_2"
     shutil.copytree(demo_model_path() / "text_encoder_2", folder)
     (file,) = folder.glob("*.safetensors")
     tensors = load_file(file)
-    del tensors["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    edit(tensors)
     save_file(tensors, file)
-    with pytest.raises(BitfluxError, match="block 1's tensors are not a T5 block's"):
-        stream_t5(folder, torch.float32)
+    return folder
+
+
+def test_t5_checkpoints_saved_otherwise_stream_alike(tmp_path):
+    """The tied embedding saved under the encoder's name instead, and a decoder's tensors beside the encoder's
+    (not read): the same outputs; the embedding held once."""
+    def otherwise(tensors):
+        tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+        tensors["decoder.final_layer_norm.weight"] = torch.ones(8)
+
+    tokens = torch.tensor([[5, 17, 2, 1]])
+    with torch.no_grad():
+        expected = stream_t5(demo_model_path() / "text_encoder_2", torch.float32)(tokens)[0]
+        model = stream_t5(_edited_t5(tmp_path, otherwise), torch.float32)
+        assert torch.equal(model(tokens)[0], expected)
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight"),
+     "encoder.block.1.layer.1.DenseReluDense.wo.weight: missing"),
+    (lambda t: t.update({"encoder.final_layer_norm.weight": torch.ones(3)}), "shape [3], expected"),
+])
+def test_a_t5_checkpoint_not_matching_its_config_is_one_line(tmp_path, edit, words):
+    with pytest.raises(BitfluxError, match=re.escape(words)):
+        stream_t5(_edited_t5(tmp_path, edit), torch.float32)

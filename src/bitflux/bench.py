@@ -4,7 +4,6 @@ process of its own, so the peak memory it reports (RSS on CPU, max_memory_alloca
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
                     activations: str | None = None, packing: str | None = None, dtype: str | None = None,
                     offload: bool = False, repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
+    from .calibrate.memory import peak_resident_bytes
     from .kernels import use_backend
     from .linear import TernaryLinear
     from .pipeline import (accelerate_transformer, default_dtype, default_image_size, dtype_named, generate,
@@ -81,8 +81,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             image_seconds.append((time.perf_counter() - start) / len(prompts))
     for handle in handles:
         handle.remove()
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_resident_bytes()
     torch_dtype = dtype_named(dtype) or default_dtype(device)
     return {"variant": variant, "device": device, "dtype": str(torch_dtype).removeprefix("torch."),
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),

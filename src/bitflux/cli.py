@@ -146,8 +146,8 @@ def _check_common(args) -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import (accelerate_transformer, default_image_size, dtype_named, encode_prompts, generate,
-                           load_variants, resolve_pipeline_path, save_png, side_by_side)
+    from .pipeline import (accelerate_transformer, check_comparable, default_image_size, dtype_named,
+                           encode_prompts, generate, load_variants, resolve_pipeline_path, save_png, side_by_side)
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
@@ -158,7 +158,9 @@ def _cmd_generate(args) -> None:
     loras = [_parse_lora(text) for text in args.lora]
     # The prompt first, then the transformer: the text encoders (T5-XXL alone is 9.5 GB in bf16) are freed before
     # it is loaded, so the peak is the larger of the two, not their sum.
-    embeddings = encode_prompts(resolve_pipeline_path(args.model), [args.prompt], args.device, dtype_named(args.dtype))
+    path = resolve_pipeline_path(args.model)
+    check_comparable(path, args.compare)  # before minutes of encoding
+    embeddings = encode_prompts(path, [args.prompt], args.device, dtype_named(args.dtype))
     fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
                                 dtype=dtype_named(args.dtype), offload=args.offload, text_encoders=False)
     pipes = [p for p in (fp, ternary) if p is not None]

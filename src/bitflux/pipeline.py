@@ -87,6 +87,8 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     memory together (`bitflux generate` does so). On a CPU in fp32, T5 is streamed from its checkpoint a block
     at a time (text_encoders.stream_t5: T5-XXL in one block's memory), the other encoders load as
     load_pipeline loads them. The embeddings are the same as the whole pipeline's."""
+    if isinstance(prompts, str):
+        raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
     dtype = dtype or default_dtype(device)
     streamed = streamed_text_encoders(root, dtype, device)
@@ -155,11 +157,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     encode_prompts made them (the pipeline may then have no text encoders), the same images."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    if embeddings is not None and len(embeddings["prompt_embeds"]) != len(prompts):
-        raise ValueError("one embedding per prompt")
+    if embeddings is None:
+        text = {"prompt": list(prompts)}
+    else:  # where and in what the transformer computes (diffusers takes given embeddings as they are)
+        if any(len(embeddings[key]) != len(prompts) for key in ("prompt_embeds", "pooled_prompt_embeds")):
+            raise ValueError("one embedding per prompt")
+        text = {key: embeddings[key].to(pipe._execution_device, pipe.transformer.dtype)
+                for key in ("prompt_embeds", "pooled_prompt_embeds")}
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    text = {"prompt": list(prompts)} if embeddings is None else embeddings
     return pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                 generator=generators, max_sequence_length=text_length(pipe), output_type="pil").images
 
@@ -303,9 +309,8 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
     if model is None:
         return (load_pipeline(path, **place) if want_fp else None,
                 load_pipeline(demo_ternary_path(progress=progress), **place) if want_ternary else None)
+    check_comparable(path, want_fp)
     if is_ternary_pipeline(path):
-        if want_fp:
-            raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
         return None, load_pipeline(path, **place)
     # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU.
     fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device), text_encoders=text_encoders)
@@ -314,6 +319,12 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
     if offload:
         _place(ternary if ternary is not None else fp, device, offload)
     return fp, ternary
+
+
+def check_comparable(path: Path, want_fp: bool) -> None:
+    """A full-precision comparison needs a full-precision folder (a bitflux one has no twin)."""
+    if want_fp and is_ternary_pipeline(path):
+        raise BitfluxError(f"{path} is already ternary; comparing needs the full-precision pipeline")
 
 
 def variant_config(name: str) -> TernaryConfig:

@@ -15,7 +15,8 @@ encoders in fp32 (diffusers' own from_pretrained).
 
 For prompts encoded once, before the transformer is loaded (pipeline.encode_prompts), T5 is streamed instead:
 its blocks' weights stay in the checkpoint and each block's are read and widened right before it runs and
-dropped after it, so that T5-XXL takes one block's memory (0.8 GB in fp32) instead of all of its 24.
+dropped after it, so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
+instead of all of its 24 blocks.
 """
 
 from __future__ import annotations
@@ -158,36 +159,42 @@ def streamed_text_encoders(root: Path, dtype: torch.dtype, device: str | torch.d
 def stream_t5(folder: Path, dtype: torch.dtype) -> nn.Module:
     """A T5EncoderModel whose blocks hold no weights between calls: each block's are read from the folder's
     safetensors (plain file reads) and converted to `dtype` right before the block runs, and dropped after it
-    (also when it raises). The embedding and the final norm are loaded once. Outputs equal those of the model
-    loaded whole in `dtype`; each call reads the blocks' bytes again (from the page cache, if it holds them)."""
+    (also when it raises). The embedding and the final norm are loaded once; tensors the encoder does not use
+    (a decoder's) are not read. Outputs equal those of the model loaded whole in `dtype`; each call reads the
+    blocks' bytes again (from the page cache, if it holds them). One call at a time: the blocks share the
+    memory they are read into."""
     from transformers import T5Config, T5EncoderModel
 
     files = weight_files(folder)
-    stored = set(tensor_shapes(files))
+    stored = tensor_shapes(files)
     try:
         with torch.device("meta"):
             model = T5EncoderModel(T5Config.from_pretrained(str(folder), local_files_only=True))
     except (OSError, ValueError) as exc:
         raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
-    rest = {name: tensor.to(dtype) for name, tensor in iter_tensors(files, stored - _names_under(stored, T5_BLOCKS))}
-    embedding = rest.get("shared.weight", rest.get("encoder.embed_tokens.weight"))  # tied: often saved once
-    rest.update({"shared.weight": embedding, "encoder.embed_tokens.weight": embedding})
-    blocks = model.encoder.block
-    expected = set(model.state_dict()) - _names_under(set(model.state_dict()), T5_BLOCKS)
-    if embedding is None or set(rest) != expected:
-        raise BitfluxError(f"{folder}: not a T5 encoder checkpoint (its tensors are not T5EncoderModel's)")
-    model.load_state_dict(rest, strict=False, assign=True)
+    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # The token embedding is tied (shared.weight is encoder.embed_tokens.weight) and often saved under one name.
+    embedding = next((name for name in ("shared.weight", "encoder.embed_tokens.weight") if name in stored), None)
+    for name, shape in wanted.items():
+        tied = name in ("shared.weight", "encoder.embed_tokens.weight")
+        found = stored.get(embedding if tied else name)
+        if found != shape:
+            raise BitfluxError(f"{folder}: not a T5 encoder checkpoint for its config ({name}: "
+                               f"{'missing' if found is None else f'shape {list(found)}, expected {list(shape)}'})")
+    rest = {name for name in wanted if not name.startswith(T5_BLOCKS) and name in stored}
+    state = {name: tensor.to(dtype) for name, tensor in iter_tensors(files, rest | {embedding})}
+    state["shared.weight"] = state.pop(embedding)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight
     # Memory reused from block to block, whose first touch would cost page faults each time: the stored bytes
     # are read into one buffer, and widened into the previous block's tensors. Neither is kept between calls.
     reused: dict = {}
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(model.encoder.block):
         prefix = f"{T5_BLOCKS}{i}."
-        names = _names_under(stored, prefix)
-        if {prefix + key for key in block.state_dict()} != names:
-            raise BitfluxError(f"{folder}: block {i}'s tensors are not a T5 block's")
+        names = {prefix + key for key in block.state_dict()}
         block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, reused))
         block.register_forward_hook(_block_dropper(reused), always_call=True)
-    model.register_forward_hook(lambda *_: reused.clear(), always_call=True)
+    model.encoder.register_forward_hook(lambda *_: reused.clear(), always_call=True)
     return model.eval().requires_grad_(False)
 
 
@@ -215,6 +222,7 @@ def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.
 
 def _block_dropper(reused: dict):
     def drop(block: nn.Module, _args, _output) -> None:
-        reused.setdefault("tensors", {}).update(block.state_dict())  # for the next block; this one holds none
+        spare = {key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta}
+        reused.setdefault("tensors", {}).update(spare)  # for the next block; this one holds none
         block.to("meta")
     return drop

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import torch
@@ -16,6 +17,20 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:
         return 0
+
+
+def peak_resident_bytes() -> int:
+    """The largest resident set size of this process so far: Linux's VmHWM, the peak of this process's own
+    memory. (getrusage's ru_maxrss is not: a child started by exec inherits its parent's peak there, so a
+    small child of a large parent reports the parent's figure.) ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakMemory:

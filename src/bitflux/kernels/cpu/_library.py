@@ -32,8 +32,9 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     if abi != ABI_VERSION:
         return None, (f"compiled library {path.name} is from another bitflux version (interface {abi}, this one "
                       f"needs {ABI_VERSION}): reinstall bitflux (pip install -e .) to rebuild it")
-    lib.bf_isa_supported.argtypes = [ctypes.c_int]
-    lib.bf_isa_supported.restype = ctypes.c_int
+    for name in ("bf_isa_built", "bf_isa_supported"):
+        getattr(lib, name).argtypes = [ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
     lib.bf_linear.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, _i64, _ptr, _i64, _i64, _ptr,
                               _ptr, ctypes.c_int, ctypes.c_int]
     lib.bf_linear.restype = ctypes.c_int

@@ -33,8 +33,9 @@
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3 };
 
 /* AVX-VNNI (vpdpbusd on ymm, VEX-encoded: Alder Lake and later Intel cores, AMD Zen 5) needs GCC 11 or
- * clang 12 to compile; older compilers build the other paths. */
-#if defined(BF_X86) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+ * clang 12 to compile and binutils 2.36 to assemble; older tools build the other paths (setup.py builds again
+ * with BF_NO_AVXVNNI defined if the first build fails). */
+#if defined(BF_X86) && !defined(BF_NO_AVXVNNI) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define BF_AVXVNNI 1
 #endif
 
@@ -675,6 +676,17 @@ typedef struct {
 
 int bf_abi_version(void) { return BF_ABI_VERSION; }
 
+/* Whether this build has the ISA's path (bf_isa_supported: and this CPU can run it). */
+int bf_isa_built(int isa) {
+#ifdef BF_X86
+    if (isa == ISA_AVX2 || isa == ISA_AVX512VNNI) return 1;
+#endif
+#ifdef BF_AVXVNNI
+    if (isa == ISA_AVXVNNI) return 1;
+#endif
+    return isa == ISA_GENERIC;
+}
+
 int bf_isa_supported(int isa) {
     if (isa == ISA_GENERIC) return 1;
 #ifdef BF_X86
@@ -682,8 +694,9 @@ int bf_isa_supported(int isa) {
     if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2");
 #ifdef BF_AVXVNNI
     if (isa == ISA_AVXVNNI) { /* CPUID leaf 7, subleaf 1, EAX bit 4 (older compilers' cpu_supports lack it) */
-        unsigned int eax, ebx, ecx, edx;
-        return __builtin_cpu_supports("avx2") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 4 & 1);
+        unsigned int subleaves, eax, ebx, ecx, edx;
+        return __builtin_cpu_supports("avx2") && __get_cpuid_count(7, 0, &subleaves, &ebx, &ecx, &edx) &&
+               subleaves >= 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 4 & 1);
     }
 #endif
     if (isa == ISA_AVX512VNNI)
