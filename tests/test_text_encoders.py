@@ -172,13 +172,14 @@ def test_t5_streamed_from_its_checkpoint_computes_what_the_loaded_one_does():
     assert not streamed.training and not any(p.requires_grad for p in streamed.parameters())
 
 
-def test_encode_prompts_streams_t5_on_a_cpu_with_the_whole_pipelines_embeddings():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_prompts_streams_t5_with_the_whole_pipelines_embeddings(dtype):
     root = demo_model_path()
-    assert set(streamed_text_encoders(root, torch.float32, "cpu")) == {"text_encoder_2"}
-    assert streamed_text_encoders(root, torch.bfloat16, "cpu") == {}  # streamed only where computed in fp32
-    assert streamed_text_encoders(root, torch.float32, "cuda") == {}  # and on the CPU
-    embeddings = encode_prompts(root, ["a red cube", "two blue spheres"], dtype=torch.float32)
-    whole = prompt_embeddings(load_pipeline(root, dtype=torch.float32))
+    assert set(streamed_text_encoders(root, dtype, "cpu")) == {"text_encoder_2"}
+    assert streamed_text_encoders(root, torch.float16, "cpu") == {}  # transformers keeps fp16 T5's `wo` in fp32
+    embeddings = encode_prompts(root, ["a red cube", "two blue spheres"], dtype=dtype)
+    whole = prompt_embeddings(load_pipeline(root, dtype=dtype))
+    assert embeddings["prompt_embeds"].dtype == dtype
     assert torch.equal(embeddings["prompt_embeds"], whole[0])
     assert torch.equal(embeddings["pooled_prompt_embeds"], whole[1])
 
@@ -193,6 +194,19 @@ def _edited_t5(tmp_path, edit):
     edit(tensors)
     save_file(tensors, file)
     return folder
+
+
+def test_t5_streamed_in_bf16_computes_what_the_loaded_one_does():
+    """In bf16 (a GPU pipeline's dtype), the same outputs as transformers' T5 loaded in bf16, bit for bit."""
+    from transformers import T5EncoderModel
+
+    folder = demo_model_path() / "text_encoder_2"
+    plain = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.bfloat16, local_files_only=True)
+    streamed = stream_t5(folder, torch.bfloat16)
+    tokens = torch.tensor([[5, 17, 2, 40, 1]]) % plain.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(streamed(tokens)[0], plain(tokens)[0])
+    assert streamed.dtype == torch.bfloat16
 
 
 def test_t5_checkpoints_saved_otherwise_stream_alike(tmp_path):

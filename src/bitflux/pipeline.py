@@ -84,9 +84,9 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
     them, made by the pipeline folder's text encoders alone, freed before this returns: with a pipeline loaded
     without them (load_pipeline(text_encoders=False)), the text encoders and the transformer are never in
-    memory together (`bitflux generate` does so). On a CPU in fp32, T5 is streamed from its checkpoint a block
-    at a time (text_encoders.stream_t5: T5-XXL in one block's memory), the other encoders load as
-    load_pipeline loads them. The embeddings are the same as the whole pipeline's."""
+    memory together (`bitflux generate` does so). In fp32 or bf16, T5 is streamed from its checkpoint a block
+    at a time (text_encoders.stream_t5: T5-XXL in one block's memory, on a CPU or a GPU), the other encoders
+    load as load_pipeline loads them. The embeddings are the same as the whole pipeline's."""
     if isinstance(prompts, str):
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
@@ -94,8 +94,9 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     streamed = streamed_text_encoders(root, dtype, device)
     narrowed = narrow_text_encoders(root, dtype, [name for name in TEXT_ENCODERS if name not in streamed])
     encoders = _from_pretrained(root, dtype, {**narrowed, **streamed, "transformer": None, "vae": None})
-    if torch.device(device).type != "cpu":  # loaded on the CPU (a streamed encoder's blocks: meta, not movable)
-        encoders.to(device)
+    for name in TEXT_ENCODERS:  # a streamed encoder is on `device` already (its blocks: meta, not movable)
+        if name not in streamed and getattr(encoders, name, None) is not None:
+            getattr(encoders, name).to(device)
     prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
         list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
     del encoders

@@ -147,19 +147,22 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype, names=TEXT_ENCODERS) ->
 T5_BLOCKS = "encoder.block."  # T5EncoderModel's blocks' weight names begin so
 
 
+STREAMED_DTYPES = (torch.float32, torch.bfloat16)  # what transformers loads T5 in whole (fp16 keeps `wo` in fp32)
+
+
 def streamed_text_encoders(root: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, nn.Module]:
-    """For an fp32 pipeline on a CPU, the pipeline folder's T5 encoder (FLUX's text_encoder_2) with its
-    blocks' weights left in the checkpoint (stream_t5); other encoders are left to the caller."""
-    if dtype != torch.float32 or torch.device(device).type != "cpu":
+    """The pipeline folder's T5 encoder (FLUX's text_encoder_2) with its blocks' weights left in the checkpoint
+    (stream_t5), computing in fp32 or bf16 on `device`; other encoders are left to the caller."""
+    if dtype not in STREAMED_DTYPES:
         return {}
-    return {name: stream_t5(folder, dtype) for name, folder, class_name, _ in _encoders(root)
+    return {name: stream_t5(folder, dtype, device) for name, folder, class_name, _ in _encoders(root)
             if class_name == "T5EncoderModel"}
 
 
-def stream_t5(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """A T5EncoderModel whose blocks hold no weights between calls: each block's are read from the folder's
-    safetensors (plain file reads) and converted to `dtype` right before the block runs, and dropped after it
-    (also when it raises). The embedding and the final norm are loaded once; tensors the encoder does not use
+def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """A T5EncoderModel on `device` whose blocks hold no weights between calls: each block's are read from the
+    folder's safetensors (plain file reads) and converted to `dtype` on `device` right before the block runs,
+    and dropped after it (also when it raises); on a GPU, T5-XXL then needs one block's memory, not 9.5 GB. The embedding and the final norm are loaded once; tensors the encoder does not use
     (a decoder's) are not read. Outputs equal those of the model loaded whole in `dtype`; each call reads the
     blocks' bytes again (from the page cache, if it holds them). One call at a time: the blocks share the
     memory they are read into."""
@@ -182,7 +185,7 @@ def stream_t5(folder: Path, dtype: torch.dtype) -> nn.Module:
             raise BitfluxError(f"{folder}: not a T5 encoder checkpoint for its config ({name}: "
                                f"{'missing' if found is None else f'shape {list(found)}, expected {list(shape)}'})")
     rest = {name for name in wanted if not name.startswith(T5_BLOCKS) and name in stored}
-    state = {name: tensor.to(dtype) for name, tensor in iter_tensors(files, rest | {embedding})}
+    state = {name: tensor.to(device, dtype) for name, tensor in iter_tensors(files, rest | {embedding})}
     state["shared.weight"] = state.pop(embedding)
     model.load_state_dict(state, strict=False, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight
@@ -192,7 +195,7 @@ def stream_t5(folder: Path, dtype: torch.dtype) -> nn.Module:
     for i, block in enumerate(model.encoder.block):
         prefix = f"{T5_BLOCKS}{i}."
         names = {prefix + key for key in block.state_dict()}
-        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, reused))
+        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, torch.device(device), reused))
         block.register_forward_hook(_block_dropper(reused), always_call=True)
     model.encoder.register_forward_hook(lambda *_: reused.clear(), always_call=True)
     return model.eval().requires_grad_(False)
@@ -202,7 +205,8 @@ def _names_under(names: set[str], prefix: str) -> set[str]:
     return {name for name in names if name.startswith(prefix)}
 
 
-def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, reused: dict):
+def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, device: torch.device,
+                  reused: dict):
     largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
                   if name in names for begin, end in [info["data_offsets"]])
 
@@ -214,8 +218,8 @@ def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.
             key = name[len(prefix):]
             wide = spare.pop(key, None)
             if wide is None or wide.shape != tensor.shape:
-                wide = torch.empty(tensor.shape, dtype=dtype)
-            state[key] = wide.copy_(tensor)
+                wide = torch.empty(tensor.shape, dtype=dtype, device=device)
+            state[key] = wide.copy_(tensor)  # synchronous from the reused (pageable) buffer: safe to overwrite
         block.load_state_dict(state, assign=True)
     return load
 
