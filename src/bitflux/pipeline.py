@@ -94,13 +94,17 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     streamed = streamed_text_encoders(root, dtype, device)
     narrowed = narrow_text_encoders(root, dtype, [name for name in TEXT_ENCODERS if name not in streamed])
     encoders = _from_pretrained(root, dtype, {**narrowed, **streamed, "transformer": None, "vae": None})
-    for name in TEXT_ENCODERS:  # a streamed encoder is on `device` already (its blocks: meta, not movable)
-        if name not in streamed and getattr(encoders, name, None) is not None:
-            getattr(encoders, name).to(device)
-    prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
-        list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
-    del encoders
-    gc.collect()  # the encoders' modules hold reference cycles: free their weights now, not at some later collection
+    try:
+        for name in TEXT_ENCODERS:  # a streamed encoder is on `device` already (its blocks: meta, not movable)
+            if name not in streamed and getattr(encoders, name, None) is not None:
+                getattr(encoders, name).to(device)
+        prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
+            list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
+    finally:  # also on failure (a traceback would keep them): the encoders' memory back before the transformer's
+        del encoders, streamed, narrowed
+        gc.collect()  # their modules hold reference cycles
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # to the GPU, not this process's cache: CUDA graphs allocate their own pool
     return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
 
