@@ -5,7 +5,8 @@ a bitflux pipeline folder. Each variant loads it and generates one image in its 
 peak resident memory (VmHWM) is its own:
 
 - staged: as `bitflux generate` does: the prompt encoded by the text encoders alone (encode_prompts), which
-  are freed before the rest of the pipeline is loaded without them;
+  are freed before the rest of the pipeline is loaded without them, and the transformer released before the
+  VAE decodes;
 - bitflux: the whole pipeline loaded at once by load_pipeline (text encoders held in bf16, computed in fp32),
   as the Python API, `bitflux bench` and `eval` do;
 - fp32-text-encoders: the same pipeline with its text encoders loaded in fp32, as diffusers loads them for
@@ -95,7 +96,7 @@ def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     image = generate(pipe, prompts, [0], steps=steps, height=size, width=size, progress=False,
-                     embeddings=embeddings)[0]
+                     embeddings=embeddings, release_transformer=variant == "staged")[0]
     generate_s = time.perf_counter() - start
     return {"variant": variant, "load_s": round(load_s, 1), "generate_s": round(generate_s, 1),
             "total_s": round(load_s + generate_s, 1),

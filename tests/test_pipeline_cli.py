@@ -137,7 +137,8 @@ def test_same_seed_same_image_and_compare(tmp_path, capsys):
 
 def test_prompts_encoded_first_give_the_same_images(tmp_path, capsys):
     """encode_prompts, then a pipeline without text encoders (what `bitflux generate` does, so that the text
-    encoders are freed before the transformer is loaded): the images of the whole pipeline, pixel for pixel."""
+    encoders are freed before the transformer is loaded), and the transformer released before decoding: the
+    images of the whole pipeline, pixel for pixel."""
     from bitflux import demo_model_path, encode_prompts, generate
     from bitflux.pipeline import load_variants
 
@@ -148,6 +149,12 @@ def test_prompts_encoded_first_give_the_same_images(tmp_path, capsys):
     without = load_variants(None, want_fp=False, progress=False, text_encoders=False)[1]
     assert without.text_encoder is None and without.text_encoder_2 is None and without.tokenizer_2 is None
     images = generate(without, prompts, seeds, steps=3, progress=False, embeddings=embeddings)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    # the transformer released before the VAE decodes (what the CLI does too): the same images
+    released = load_variants(None, want_fp=False, progress=False, text_encoders=False)[1]
+    images = generate(released, prompts, seeds, steps=3, progress=False, embeddings=embeddings,
+                      release_transformer=True)
+    assert released.transformer is None
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
     with pytest.raises(ValueError, match="one embedding per prompt"):
         generate(without, prompts[:1], seeds[:1], steps=1, embeddings=embeddings)

@@ -182,9 +182,11 @@ def _cmd_generate(args) -> None:
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
     settings = dict(steps=args.steps, guidance=args.guidance, height=height, width=width)
     with use_backend(args.backend):
-        image = generate(ternary, [args.prompt], [args.seed], embeddings=embeddings, **settings)[0]
+        image = generate(ternary, [args.prompt], [args.seed], embeddings=embeddings, release_transformer=True,
+                         **settings)[0]
     if args.compare:
-        reference = generate(fp, [args.prompt], [args.seed], embeddings=embeddings, **settings)[0]
+        reference = generate(fp, [args.prompt], [args.seed], embeddings=embeddings, release_transformer=True,
+                             **settings)[0]
         image = side_by_side([reference, image], ["full precision", "ternary"])
     save_png(image, args.output)
     print(f"wrote {args.output}")

@@ -156,10 +156,14 @@ def text_length(pipe) -> int:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.5,
-             height: int = 64, width: int = 64, progress: bool = True, embeddings: dict | None = None):
+             height: int = 64, width: int = 64, progress: bool = True, embeddings: dict | None = None,
+             release_transformer: bool = False):
     """PIL images, one per prompt; the noise of each depends only on its seed, so full-precision and
     ternary pipelines given the same seeds start from the same latents. `embeddings`: the prompts' as
-    encode_prompts made them (the pipeline may then have no text encoders), the same images."""
+    encode_prompts made them (the pipeline may then have no text encoders), the same images.
+    `release_transformer`: the pipeline drops its transformer once the latents are made, before the VAE
+    decodes them (the peak is then the larger of the two, not their sum: the decoder at 1024x1024 takes ~4 GB
+    on a CPU); the same images, and the pipeline cannot denoise again."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     if embeddings is None:
@@ -171,8 +175,39 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
                 for key in ("prompt_embeds", "pooled_prompt_embeds")}
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    return pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                generator=generators, max_sequence_length=text_length(pipe), output_type="pil").images
+    latents = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=generators, max_sequence_length=text_length(pipe),
+                   output_type="latent" if release_transformer else "pil").images
+    if not release_transformer:
+        return latents
+    pipe.transformer = None
+    gc.collect()
+    _trim_heap()
+    return decode(pipe, latents, height, width)
+
+
+def _trim_heap() -> None:
+    """Hand glibc's freed heap memory back to the system (the denoising's activations under its mmap threshold,
+    which it keeps for reuse; the VAE's large tensors are mapped afresh and would not reuse it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor, height: int, width: int):
+    """PIL images of a FluxPipeline's packed latents (its output_type="latent"), as its own call decodes them."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents.to(get_module_execution_device(pipe.vae)), return_dict=False)[0]
+    images = pipe.image_processor.postprocess(image, output_type="pil")
+    pipe.maybe_free_model_hooks()  # offloading: the VAE back to the CPU
+    return images
 
 
 def accelerate_transformer(pipe, cuda_graph: bool = False, compile: bool = False) -> None:
