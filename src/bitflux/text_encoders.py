@@ -190,34 +190,44 @@ def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cp
     state["shared.weight"] = state.pop(embedding)
     model.load_state_dict(state, strict=False, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight
-    # Memory reused from block to block, whose first touch would cost page faults each time: the stored bytes
-    # are read into one buffer, and widened into the previous block's tensors. Neither is kept between calls.
-    reused: dict = {}
+    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
+                  if name.startswith(T5_BLOCKS) for begin, end in [info["data_offsets"]])
+    memory = _BlockMemory(largest)
     for i, block in enumerate(model.encoder.block):
         prefix = f"{T5_BLOCKS}{i}."
         names = {prefix + key for key in block.state_dict()}
-        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, torch.device(device), reused))
-        block.register_forward_hook(_block_dropper(reused), always_call=True)
-    model.encoder.register_forward_hook(lambda *_: reused.clear(), always_call=True)
+        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, torch.device(device), memory))
+        block.register_forward_hook(_block_dropper(memory), always_call=True)
+    model.encoder.register_forward_hook(lambda *_: memory.clear(), always_call=True)
     return model.eval().requires_grad_(False)
 
 
-def _names_under(names: set[str], prefix: str) -> set[str]:
-    return {name for name in names if name.startswith(prefix)}
+class _BlockMemory:
+    """Memory the streamed blocks reuse from one to the next, as its first touch would cost page faults each
+    time: one buffer the stored bytes are read into (`largest` bytes, a block tensor's most), and the previous
+    block's tensors, which the next block's are widened into. Emptied after each encoder call."""
+
+    def __init__(self, largest: int):
+        self.largest = largest
+        self.clear()
+
+    def clear(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.spare: dict[str, torch.Tensor] = {}
+
+    def read_buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.largest, dtype=torch.uint8)
+        return self.buffer
 
 
 def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, device: torch.device,
-                  reused: dict):
-    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
-                  if name in names for begin, end in [info["data_offsets"]])
-
+                  memory: _BlockMemory):
     def load(block: nn.Module, _args) -> None:
-        if reused.get("buffer") is None or reused["buffer"].numel() < largest:
-            reused["buffer"] = torch.empty(largest, dtype=torch.uint8)
-        spare, state = reused.setdefault("tensors", {}), {}
-        for name, tensor in iter_tensors(files, names, reused["buffer"]):
+        state = {}
+        for name, tensor in iter_tensors(files, names, memory.read_buffer()):
             key = name[len(prefix):]
-            wide = spare.pop(key, None)
+            wide = memory.spare.pop(key, None)
             if wide is None or wide.shape != tensor.shape:
                 wide = torch.empty(tensor.shape, dtype=dtype, device=device)
             # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU the
@@ -227,9 +237,9 @@ def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.
     return load
 
 
-def _block_dropper(reused: dict):
+def _block_dropper(memory: _BlockMemory):
     def drop(block: nn.Module, _args, _output) -> None:
-        spare = {key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta}
-        reused.setdefault("tensors", {}).update(spare)  # for the next block; this one holds none
+        # the block's tensors kept for the next block; the block itself holds none
+        memory.spare.update({key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta})
         block.to("meta")
     return drop
