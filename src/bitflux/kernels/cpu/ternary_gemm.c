@@ -239,6 +239,28 @@ static void transpose_chunks_avx2(int8_t *q, int64_t bytes) {
         _mm_storeu_si128((__m128i *)(q + c), _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(q + c)), order));
 }
 
+/* The 256-bit tiles' loop over chunks [FROM, TO) of a panel (both paths': only the product instruction
+ * differs): each block's two halves (outputs 0-7, 8-15) split into digit planes by shift and mask, each plane
+ * against the 4 activations of each of the R rows it meets, broadcast; ACCUMULATE(acc, codes, activations)
+ * adds their products into acc[r][half]. Uses the enclosing function's a, lda, w, R, mask and acc. */
+#define TILE_256_CHUNKS(FROM, TO, ACCUMULATE)                                                     \
+    for (int64_t ch = (FROM); ch < (TO); ch++) {                                                  \
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES));           \
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES + 32));      \
+        const int8_t *x = a + ch * CHUNK;                                                         \
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {                                     \
+            const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * i), mask);             \
+            const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * i), mask);             \
+            _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                \
+                const __m256i b = _mm256_set1_epi32(load_i32(x + r * lda + 4 * i));               \
+                ACCUMULATE(acc[r][0], u0, b);                                                     \
+                ACCUMULATE(acc[r][1], u1, b);                                                     \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+#define MADDUBS_INTO_INT16(acc, u, b) (acc) = _mm256_add_epi16((acc), _mm256_maddubs_epi16((u), (b)))
+
 /* vpmaddubsw gives u0 q0 + u1 q1 in [-508, 508] per int16 lane; 64 of them fit int16 exactly, so the
  * int16 sums are widened (vpmaddwd by 1) into c every 16 chunks = 64 instructions per lane. */
 #define AVX2_FLUSH_CHUNKS 16
@@ -256,22 +278,7 @@ static inline __attribute__((always_inline)) void tile_avx2_fixed(const int8_t *
         const int64_t stop = start + AVX2_FLUSH_CHUNKS < c1 ? start + AVX2_FLUSH_CHUNKS : c1;
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        for (int64_t ch = start; ch < stop; ch++) {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES));
-            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES + 32));
-            const int8_t *x = a + ch * CHUNK;
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * i), mask);
-                const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * i), mask);
-#pragma GCC unroll 16
-                for (int r = 0; r < R; r++) {
-                    const __m256i b = _mm256_set1_epi32(load_i32(x + r * lda + 4 * i));
-                    acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(u0, b));
-                    acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(u1, b));
-                }
-            }
-        }
+        TILE_256_CHUNKS(start, stop, MADDUBS_INTO_INT16)
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++)
             for (int h = 0; h < 2; h++) {
@@ -452,6 +459,8 @@ static void gather_avx2(const uint8_t *w, int64_t ldw, int64_t N, int64_t p0, in
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avxvnni")
 
+#define DPBUSD_INTO_INT32(acc, u, b) (acc) = _mm256_dpbusd_avx_epi32((acc), (u), (b))
+
 /* The AVX2 tile with vpdpbusd: 4 products a lane summed straight into int32, so no int16 sums to widen, and
  * one instruction where AVX2 takes two (vpmaddubsw + vpaddw). (12 rows against one half of a panel at a
  * time, decoding each digit plane for twice the rows, was as fast from 256 tokens and 1.15x slower at 16.) */
@@ -462,22 +471,7 @@ static inline __attribute__((always_inline)) void tile_avxvnni_fixed(const int8_
     __m256i acc[MAX_ROWS][2];
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    for (int64_t ch = c0; ch < c1; ch++) {
-        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES));
-        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + ch * BLOCK_BYTES + 32));
-        const int8_t *x = a + ch * CHUNK;
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            const __m256i u0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * i), mask);
-            const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * i), mask);
-#pragma GCC unroll 16
-            for (int r = 0; r < R; r++) {
-                const __m256i b = _mm256_set1_epi32(load_i32(x + r * lda + 4 * i));
-                acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], u0, b);
-                acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], u1, b);
-            }
-        }
-    }
+    TILE_256_CHUNKS(c0, c1, DPBUSD_INTO_INT32)
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) {
         _mm256_storeu_si256((__m256i *)(c + r * TILE_LD), acc[r][0]);
