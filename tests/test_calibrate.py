@@ -367,6 +367,30 @@ def test_teacher_keeps_each_trajectory_text_once(tmp_path):
             assert torch.equal(batch[key], torch.cat([call[key] for call in seen]))
 
 
+def test_the_streamed_teacher_records_what_the_whole_pipeline_does(tmp_path):
+    """quantize_calibrated's teacher holds no model whole: the prompts encoded first (T5 streamed), then the
+    transformer streamed a block at a time; its records are the whole pipeline's, bit for bit."""
+    from diffusers import FluxPipeline
+
+    from bitflux.calibrate.checkpoint import teacher_pipeline
+    from bitflux.calibrate.teacher import collect
+    from bitflux.pipeline import encode_prompts
+
+    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    prompts = ["a red circle", "a blue square", "a red square left of a blue circle"]
+    settings = dict(samples=4, batch_size=3, progress=False, num_inference_steps=3, height=16, width=16,
+                    max_sequence_length=8)  # trajectory 3 takes prompt 0 again, in another batch
+    whole = collect(FluxPipeline.from_pretrained(tmp_path / "fp", torch_dtype=torch.float32), prompts, **settings)
+    streamed = collect(teacher_pipeline(tmp_path / "fp", torch.float32, torch.device("cpu")), prompts,
+                       embeddings=encode_prompts(tmp_path / "fp", prompts), **settings)
+    assert len(streamed) == 4 * 3 and streamed.inputs.keys() == whole.inputs.keys()
+    for key in whole.inputs:
+        assert torch.equal(streamed.inputs[key], whole.inputs[key]), key
+    for key in whole.prompts:
+        assert torch.equal(streamed.prompts[key], whole.prompts[key]), key
+    assert torch.equal(streamed.velocity, whole.velocity)
+
+
 def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
     from bitflux import load_pipeline
     from bitflux.calibrate.checkpoint import quantize_calibrated

@@ -15,7 +15,7 @@ encoders in fp32 (diffusers' own from_pretrained).
 
 For prompts encoded once, before the transformer is loaded (pipeline.encode_prompts), T5 is streamed instead:
 its blocks' weights stay in the checkpoint and each block's are read and widened right before it runs and
-dropped after it, so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
+dropped after it (bitflux.streaming), so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
 instead of all of its 24 blocks.
 """
 
@@ -30,7 +30,6 @@ from torch import nn
 
 from .checkpoint import (
     _TORCH_DTYPES,
-    iter_tensors,
     parse_json_object,
     read_config,
     read_safetensors_header,
@@ -39,6 +38,7 @@ from .checkpoint import (
 )
 from .errors import BitfluxError
 from .kernels import _version
+from .streaming import check_stored, load_outside, stream_blocks
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FluxPipeline's: CLIP-L and T5-XXL
 
@@ -145,6 +145,7 @@ def narrow_text_encoders(root: Path, dtype: torch.dtype, names=TEXT_ENCODERS) ->
 
 
 T5_BLOCKS = "encoder.block."  # T5EncoderModel's blocks' weight names begin so
+TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 STREAMED_DTYPES = (torch.float32, torch.bfloat16)  # what transformers loads T5 in whole (fp16 keeps `wo` in fp32)
@@ -160,13 +161,11 @@ def streamed_text_encoders(root: Path, dtype: torch.dtype, device: str | torch.d
 
 
 def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
-    """A T5EncoderModel on `device` whose blocks hold no weights between calls: each block's are read from the
-    folder's safetensors (plain file reads) and converted to `dtype` on `device` right before the block runs,
-    and dropped after it (also when it raises an Exception). The embedding and the final norm are loaded once
-    (T5-XXL: 0.5 GB in fp32, 0.26 in bf16), the blocks take one block's memory (0.8 / 0.4 GB) instead of 24;
-    tensors the encoder does not use (a decoder's) are not read. Outputs equal those of the model loaded whole
-    in `dtype`; each call reads the blocks' bytes again (from the page cache, if it holds them). One call at a
-    time: the blocks share the memory they are read into."""
+    """A T5EncoderModel on `device` whose blocks hold no weights between calls (streaming.stream_blocks): each
+    block's are read from the folder's safetensors and converted to `dtype` on `device` right before it runs,
+    and dropped after it. The embedding and the final norm are loaded once (T5-XXL: 0.5 GB in fp32, 0.26 in
+    bf16), the blocks take one block's memory (0.8 / 0.4 GB) instead of 24; tensors the encoder does not use (a
+    decoder's) are not read. Outputs equal those of the model loaded whole in `dtype`."""
     from transformers import T5Config, T5EncoderModel
 
     files = weight_files(folder)
@@ -176,70 +175,11 @@ def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cp
             model = T5EncoderModel(T5Config.from_pretrained(str(folder), local_files_only=True))
     except (OSError, ValueError) as exc:
         raise BitfluxError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
-    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     # The token embedding is tied (shared.weight is encoder.embed_tokens.weight) and often saved under one name.
-    embedding = next((name for name in ("shared.weight", "encoder.embed_tokens.weight") if name in stored), None)
-    for name, shape in wanted.items():
-        tied = name in ("shared.weight", "encoder.embed_tokens.weight")
-        found = stored.get(embedding if tied else name)
-        if found != shape:
-            raise BitfluxError(f"{folder}: not a T5 encoder checkpoint for its config ({name}: "
-                               f"{'missing' if found is None else f'shape {list(found)}, expected {list(shape)}'})")
-    rest = {name for name in wanted if not name.startswith(T5_BLOCKS) and name in stored}
-    state = {name: tensor.to(device, dtype) for name, tensor in iter_tensors(files, rest | {embedding})}
-    state["shared.weight"] = state.pop(embedding)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.encoder.embed_tokens.weight = model.shared.weight
-    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
-                  if name.startswith(T5_BLOCKS) for begin, end in [info["data_offsets"]])
-    memory = _BlockMemory(largest)
-    for i, block in enumerate(model.encoder.block):
-        prefix = f"{T5_BLOCKS}{i}."
-        names = {prefix + key for key in block.state_dict()}
-        block.register_forward_pre_hook(_block_loader(files, names, prefix, dtype, torch.device(device), memory))
-        block.register_forward_hook(_block_dropper(memory), always_call=True)
-    model.encoder.register_forward_hook(lambda *_: memory.clear(), always_call=True)
-    return model.eval().requires_grad_(False)
-
-
-class _BlockMemory:
-    """Memory the streamed blocks reuse from one to the next, as its first touch would cost page faults each
-    time: one buffer the stored bytes are read into (`largest` bytes, a block tensor's most), and the previous
-    block's tensors, which the next block's are widened into. Emptied after each encoder call."""
-
-    def __init__(self, largest: int):
-        self.largest = largest
-        self.clear()
-
-    def clear(self) -> None:
-        self.buffer: torch.Tensor | None = None
-        self.spare: dict[str, torch.Tensor] = {}
-
-    def read_buffer(self) -> torch.Tensor:
-        if self.buffer is None:
-            self.buffer = torch.empty(self.largest, dtype=torch.uint8)
-        return self.buffer
-
-
-def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, device: torch.device,
-                  memory: _BlockMemory):
-    def load(block: nn.Module, _args) -> None:
-        state = {}
-        for name, tensor in iter_tensors(files, names, memory.read_buffer()):
-            key = name[len(prefix):]
-            wide = memory.spare.pop(key, None)
-            if wide is None or wide.shape != tensor.shape:
-                wide = torch.empty(tensor.shape, dtype=dtype, device=device)
-            # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU the
-            # stored bytes go first and are widened there (a CPU-side conversion would allocate a copy each).
-            state[key] = wide.copy_(tensor if device.type == "cpu" else tensor.to(device))
-        block.load_state_dict(state, assign=True)
-    return load
-
-
-def _block_dropper(memory: _BlockMemory):
-    def drop(block: nn.Module, _args, _output) -> None:
-        # the block's tensors kept for the next block; the block itself holds none
-        memory.spare.update({key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta})
-        block.to("meta")
-    return drop
+    embedding = next((name for name in TIED_EMBEDDING if name in stored), TIED_EMBEDDING[0])
+    check_stored(model, stored, folder, dict.fromkeys(TIED_EMBEDDING, embedding))
+    rest = {name for name in model.state_dict() if not name.startswith(T5_BLOCKS) and name in stored}
+    load_outside(model, files, rest | {embedding}, dtype, device)
+    model.shared.weight = model.encoder.embed_tokens.weight = model.get_parameter(embedding)
+    blocks = [f"{T5_BLOCKS}{i}" for i in range(len(model.encoder.block))]
+    return stream_blocks(model, blocks, files, dtype, device)

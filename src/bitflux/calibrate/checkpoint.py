@@ -12,7 +12,7 @@ from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
-from ..pipeline import default_image_size, text_length
+from ..pipeline import default_image_size, encode_prompts, text_length
 from . import CalibrationConfig, CalibrationReport, calibrate_transformer, check_workdir, measured, teacher_data
 from .sources import FolderSource
 
@@ -30,12 +30,11 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
                         workdir: str | Path | None = None, progress: bool = True) -> CalibrationReport:
     """Calibrate the transformer of the FLUX pipeline folder SOURCE and write a bitflux pipeline folder OUT.
 
-    The teacher (the whole full-precision pipeline) runs first and is released; block-wise stages then
-    read full-precision weights from SOURCE one block at a time. Compute runs on `device` (default: cuda
-    when available), in bfloat16 there and float32 on CPU.
+    Nothing is held whole in full precision: the prompts are encoded first by the text encoders alone (T5
+    streamed, pipeline.encode_prompts), then the teacher samples with the full-precision transformer streamed
+    from SOURCE a block at a time (streaming.stream_transformer), then the block-wise stages read it a block
+    at a time. Compute runs on `device` (default: cuda when available), in bfloat16 there and float32 on CPU.
     """
-    from diffusers import FluxPipeline
-
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
     found = resolve_source(source)
@@ -48,19 +47,34 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         raise BitfluxError(f"{out} exists; pass --force to replace it")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer_source = FolderSource(found.pipeline_root / "transformer", dtype)
+    root = found.pipeline_root
+    transformer_source = FolderSource(root / "transformer", dtype)
     report = CalibrationReport(calib.stages)
     with measured(report, device):
-        pipe = FluxPipeline.from_pretrained(str(found.pipeline_root), torch_dtype=dtype, local_files_only=True).to(device)
+        pipe = teacher_pipeline(root, dtype, device)
         calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
-        teacher = teacher_data(pipe, prompts, calib, workdir, progress, report)
+        teacher = teacher_data(pipe, prompts, calib, workdir, progress, report,
+                               encode=lambda used: encode_prompts(root, used, device, dtype))
         del pipe  # the teacher's weights are not needed again
         gc.collect()
         model, report = calibrate_transformer(transformer_source, teacher, config, calib, device, workdir, progress,
                                               report)
     with AtomicFolder(out, force) as tmp:
         save_transformer(model.to(torch.device("cpu")), tmp / "transformer", config)
-        copy_pipeline_components(found.pipeline_root, tmp)
+        copy_pipeline_components(root, tmp)
     return report
+
+
+def teacher_pipeline(root: Path, dtype: torch.dtype, device: torch.device):
+    """The full-precision pipeline the teacher samples with: no text encoders (prompts come encoded), the
+    transformer streamed a block at a time from the folder, on `device`."""
+    from ..pipeline import _from_pretrained
+    from ..streaming import stream_transformer
+    from ..text_encoders import TEXT_ENCODERS
+
+    transformer = stream_transformer(root / "transformer", dtype, device)
+    pipe = _from_pretrained(root, dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
+    pipe.vae.to(device)  # not run (the teacher stops at latents), but the pipeline takes its device from it
+    return pipe

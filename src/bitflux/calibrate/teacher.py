@@ -57,12 +57,21 @@ class TeacherData:
 
 @torch.no_grad()
 def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_size: int = 8,
-            progress: bool = True, **call_kwargs) -> TeacherData:
+            progress: bool = True, embeddings: dict[str, torch.Tensor] | None = None, **call_kwargs) -> TeacherData:
     """Sample `samples` trajectories (prompt j mod len(prompts), noise seed `seed + j`) with the pipeline
-    and record every transformer call. `call_kwargs` go to the pipeline (num_inference_steps,
-    guidance_scale, height, width, max_sequence_length, ...)."""
+    and record every transformer call. `embeddings`: the prompts' (pipeline.encode_prompts, a row per prompt,
+    at least the first `samples`), for a pipeline without text encoders. `call_kwargs` go to the pipeline
+    (num_inference_steps, guidance_scale, height, width, max_sequence_length, ...)."""
     if not prompts:
         raise BitfluxError("no calibration prompts")
+
+    def text(index: range) -> dict:
+        rows = [j % len(prompts) for j in index]
+        if embeddings is None:
+            return {"prompt": [prompts[row] for row in rows]}
+        # where and in what the transformer computes (diffusers takes given embeddings as they are)
+        return {key: embeddings[key][rows].to(pipeline._execution_device, pipeline.transformer.dtype)
+                for key in ("prompt_embeds", "pooled_prompt_embeds")}
     calls: list[dict[str, torch.Tensor]] = []
     conditioning: list[dict[str, torch.Tensor]] = []  # one entry per distinct text conditioning tensor
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # this pipeline call's conditionings and their rows
@@ -90,7 +99,7 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
                           disable=not progress):
             index = range(start, min(samples, start + batch_size))
             seen.clear()
-            pipeline(prompt=[prompts[j % len(prompts)] for j in index],
+            pipeline(**text(index),
                      generator=[torch.Generator().manual_seed(seed + j) for j in index],
                      output_type="latent", **call_kwargs)
     finally:

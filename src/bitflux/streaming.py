@@ -1,0 +1,127 @@
+"""Models larger than memory, run a block at a time: each block's weights stay in the checkpoint's safetensors
+and are read (plain file reads) and converted right before the block runs, and dropped after it; the small
+rest of the model is loaded once. T5-XXL (text_encoders.stream_t5) then takes one of its 24 blocks' memory,
+and the full-precision FLUX.1-dev transformer the calibration teacher samples with (stream_transformer) one of
+its 57 blocks' instead of 23.8 GB in bf16 (47.6 in fp32).
+
+Outputs equal those of the model loaded whole in the same dtype: only where the weights live changes. Each
+call reads the blocks' bytes again (from the page cache, if it holds them), so this is for models run a few
+times (a prompt's encoding, a teacher's trajectories), not for generation. One call at a time: the blocks share
+the memory they are read into.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    iter_tensors,
+    read_config,
+    read_safetensors_header,
+    tensor_shapes,
+    weight_files,
+)
+from .errors import BitfluxError
+
+
+def check_stored(model: nn.Module, stored: dict[str, tuple], where: Path, aliases: dict[str, str] | None = None) -> None:
+    """Every tensor of the (meta) model is in the checkpoint with its shape (`aliases`: a name stored under
+    another), else a one-line BitfluxError."""
+    aliases = aliases or {}
+    for name, tensor in model.state_dict().items():
+        found = stored.get(aliases.get(name, name))
+        if found != tuple(tensor.shape):
+            raise BitfluxError(f"{where}: not a checkpoint of its config's model ({name}: "
+                               f"{'missing' if found is None else f'shape {list(found)}, expected {list(tensor.shape)}'})")
+
+
+def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path], dtype: torch.dtype,
+                  device: str | torch.device) -> nn.Module:
+    """Hook the model's submodules named in `blocks` (weights on the meta device, stored in `files` under their
+    own names) so that each is loaded in `dtype` on `device` right before it runs and dropped after it (also
+    when it raises); the memory they share is let go when the model's call ends."""
+    device = torch.device(device)
+    names = {prefix: {f"{prefix}.{key}" for key in model.get_submodule(prefix).state_dict()} for prefix in blocks}
+    wanted = set().union(*names.values())
+    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
+                  if name in wanted for begin, end in [info["data_offsets"]])
+    memory = _BlockMemory(largest)
+    for prefix, block_names in names.items():
+        block = model.get_submodule(prefix)
+        block.register_forward_pre_hook(_block_loader(files, block_names, prefix, dtype, device, memory))
+        block.register_forward_hook(_block_dropper(memory), always_call=True)
+    model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_outside(model: nn.Module, files: list[Path], names: set[str], dtype: torch.dtype,
+                 device: str | torch.device) -> None:
+    """Load the model's tensors named `names` from `files` once, floating ones in `dtype`, on `device`."""
+    state = {name: tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+             for name, tensor in iter_tensors(files, names)}
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """The full-precision FluxTransformer2DModel of a diffusers transformer folder, on `device` in `dtype`, its
+    19 + 38 blocks (FLUX.1) streamed from the folder's safetensors: it holds its embedders and output layers and
+    one block at a time. Not movable (its blocks are on the meta device between calls)."""
+    from .flux import build_transformer, check_flux_config
+
+    folder = Path(folder)
+    config = read_config(folder)
+    check_flux_config(config, str(folder))
+    files = weight_files(folder)
+    model = build_transformer(config, "meta")
+    check_stored(model, tensor_shapes(files), folder)
+    blocks = [f"{group}.{i}" for group in ("transformer_blocks", "single_transformer_blocks")
+              for i in range(len(getattr(model, group)))]
+    rest = {name for name in model.state_dict() if not any(name.startswith(f"{b}.") for b in blocks)}
+    load_outside(model, files, rest, dtype, device)
+    return stream_blocks(model, blocks, files, dtype, device)
+
+
+class _BlockMemory:
+    """Memory the streamed blocks reuse from one to the next, as its first touch would cost page faults each
+    time: one buffer the stored bytes are read into (`largest` bytes, a block tensor's most), and the previous
+    block's tensors, which the next block's are converted into. Emptied after each call of the model."""
+
+    def __init__(self, largest: int):
+        self.largest = largest
+        self.clear()
+
+    def clear(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.spare: dict[str, torch.Tensor] = {}
+
+    def read_buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.largest, dtype=torch.uint8)
+        return self.buffer
+
+
+def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, device: torch.device,
+                  memory: _BlockMemory):
+    def load(block: nn.Module, _args) -> None:
+        state = {}
+        for name, tensor in iter_tensors(files, names, memory.read_buffer()):
+            key = name[len(prefix) + 1:]
+            wide = memory.spare.pop(key, None)
+            if wide is None or wide.shape != tensor.shape:
+                wide = torch.empty(tensor.shape, dtype=dtype, device=device)
+            # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU the
+            # stored bytes go first and are converted there (a CPU-side conversion would allocate a copy each).
+            state[key] = wide.copy_(tensor if device.type == "cpu" else tensor.to(device))
+        block.load_state_dict(state, assign=True)
+    return load
+
+
+def _block_dropper(memory: _BlockMemory):
+    def drop(block: nn.Module, _args, _output) -> None:
+        # the block's tensors kept for the next block; the block itself holds none
+        memory.spare.update({key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta})
+        block.to("meta")
+    return drop

@@ -1,0 +1,63 @@
+import re
+
+import pytest
+import torch
+from conftest import build_tiny, tiny_inputs
+from safetensors.torch import load_file, save_file
+
+from bitflux import BitfluxError
+from bitflux.streaming import stream_transformer
+
+BLOCK_GROUPS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def _block_parameters(model):
+    return [p for group in BLOCK_GROUPS for p in getattr(model, group).parameters()]
+
+
+@pytest.mark.parametrize("stored, dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16)])
+def test_a_streamed_transformer_computes_what_the_loaded_one_does(tmp_path, stored, dtype):
+    """Each block's weights read (converted from the stored dtype) right before it runs and dropped after it,
+    also when the call raises: the outputs of the transformer loaded whole in `dtype`, bit for bit, with one
+    block's weights held at a time and none between calls."""
+    from diffusers import FluxTransformer2DModel
+
+    build_tiny().to(stored).save_pretrained(tmp_path / "transformer")
+    whole = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=dtype).eval()
+    streamed = stream_transformer(tmp_path / "transformer", dtype)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in tiny_inputs().items()}
+    held = []
+    for group in BLOCK_GROUPS:
+        for block in getattr(streamed, group):
+            block.register_forward_hook(lambda *_: held.append(sum(not p.is_meta for p in _block_parameters(streamed))),
+                                        prepend=True)  # before the block is dropped
+    with torch.no_grad():
+        expected = whole(**inputs)[0]
+        for _ in range(2):  # the second call reuses the first's memory
+            assert torch.equal(streamed(**inputs)[0], expected)
+        assert all(p.is_meta for p in _block_parameters(streamed))
+        one_block = [len(list(block.parameters())) for group in BLOCK_GROUPS for block in getattr(whole, group)]
+        assert held == one_block * 2
+        failing = streamed.single_transformer_blocks[0].register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(RuntimeError("in the middle")))
+        with pytest.raises(RuntimeError, match="in the middle"):
+            streamed(**inputs)
+        assert all(p.is_meta for p in _block_parameters(streamed))
+        failing.remove()
+        assert torch.equal(streamed(**inputs)[0], expected)
+    assert streamed.dtype == dtype and not any(p.requires_grad for p in streamed.parameters())
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.pop("transformer_blocks.1.ff.net.2.weight"), "transformer_blocks.1.ff.net.2.weight: missing"),
+    (lambda t: t.update({"proj_out.bias": torch.ones(3)}), "proj_out.bias: shape [3], expected"),
+])
+def test_a_transformer_checkpoint_not_matching_its_config_is_one_line(tmp_path, edit, words):
+    build_tiny().save_pretrained(tmp_path / "transformer")
+    (file,) = (tmp_path / "transformer").glob("*.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+    with pytest.raises(BitfluxError, match=re.escape(words)):
+        stream_transformer(tmp_path / "transformer", torch.float32)
