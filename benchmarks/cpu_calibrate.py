@@ -69,13 +69,19 @@ def write_fp_pipeline(root: Path, ternary_root: Path) -> None:
 def run_variant(root: Path, variant: str, size: int, text_tokens: int, steps: int, samples: int) -> dict:
     """In this process: the teacher's records (whole or streamed), or the whole calibrated quantization."""
     from bitflux.calibrate import CalibrationConfig, teacher_data
-    from bitflux.calibrate.checkpoint import quantize_calibrated, teacher_pipeline, teacher_settings
+    from bitflux.calibrate.checkpoint import (
+        quantize_calibrated,
+        teacher_pipeline,
+        teacher_settings,
+    )
+    from bitflux.calibrate.memory import reset_peak_resident
     from bitflux.pipeline import encode_prompts
 
     settings = {"height": size, "width": size, "num_inference_steps": steps, "max_sequence_length": text_tokens}
     calib = CalibrationConfig(stages=("scales",), samples=samples, batch_size=samples, pipeline_kwargs=settings)
     prompts = [PROMPT]
     start = time.perf_counter()
+    phases = {}
     if variant == "quantize":
         report = quantize_calibrated(root, root.parent / f"{root.name}-calibrated", prompts, calibration=calib,
                                      force=True, device="cpu", progress=False)
@@ -88,11 +94,19 @@ def run_variant(root: Path, variant: str, size: int, text_tokens: int, steps: in
             encode = None
         else:
             pipe = teacher_pipeline(root, torch.float32, torch.device("cpu"))
-            encode = lambda used: encode_prompts(root, used)  # noqa: E731
+
+            def encode(used):  # the peak of loading and encoding, apart from the sampling's
+                embeddings = encode_prompts(root, used)
+                phases["encoding_peak_rss_bytes"] = peak_resident_bytes()
+                reset_peak_resident()
+                return embeddings
         calib.pipeline_kwargs = teacher_settings(pipe, **settings)
         records = len(teacher_data(pipe, prompts, calib, progress=False, encode=encode))
+    peak = max(peak_resident_bytes(), phases.get("encoding_peak_rss_bytes", 0))
+    if phases:
+        phases["sampling_peak_rss_bytes"] = peak_resident_bytes()
     return {"variant": variant, "seconds": round(time.perf_counter() - start, 1), "records": records,
-            "peak_rss_bytes": peak_resident_bytes()}
+            "peak_rss_bytes": peak, **phases}
 
 
 def main() -> None:
@@ -126,7 +140,10 @@ def main() -> None:
             print(f"{variant:>10}  killed by the system (SIGKILL: out of memory)", flush=True)
             continue
         rows.append(row)
-        print(f"{variant:>10} {row['records']:7d} {row['seconds']:8.1f} {row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
+        phases = (f" (encoding {row['encoding_peak_rss_bytes'] / 1e9:.2f}, sampling {row['sampling_peak_rss_bytes'] / 1e9:.2f})"
+                  if "encoding_peak_rss_bytes" in row else "")
+        print(f"{variant:>10} {row['records']:7d} {row['seconds']:8.1f} {row['peak_rss_bytes'] / 1e9:11.2f}{phases}",
+              flush=True)
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(rows, indent=1))
 

@@ -85,3 +85,19 @@ def test_a_childs_peak_memory_is_its_own():
     code = "from bitflux.calibrate.memory import peak_resident_bytes; print(peak_resident_bytes())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert 0 < int(child.stdout) < 2**30 <= peak_resident_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc")
+def test_the_peak_memory_starts_afresh_when_reset():
+    """`bitflux bench` resets the peak after its warm-up, so that loading and encoding do not count."""
+    from bitflux.calibrate.memory import (
+        peak_resident_bytes,
+        reset_peak_resident,
+        resident_bytes,
+    )
+
+    big = torch.ones(2**30 // 4)  # 1 GiB touched, then freed
+    del big
+    assert peak_resident_bytes() >= resident_bytes() + 2**29
+    reset_peak_resident()
+    assert peak_resident_bytes() < resident_bytes() + 2**29

@@ -30,20 +30,20 @@ def test_a_streamed_transformer_computes_what_the_loaded_one_does(tmp_path, stor
     held = []
     for group in BLOCK_GROUPS:
         for block in getattr(streamed, group):
-            block.register_forward_hook(lambda *_: held.append(sum(not p.is_meta for p in _block_parameters(streamed))),
+            block.register_forward_hook(lambda *_: held.append(len(_block_parameters(streamed))),
                                         prepend=True)  # before the block is dropped
     with torch.no_grad():
         expected = whole(**inputs)[0]
         for _ in range(2):  # the second call reuses the first's memory
             assert torch.equal(streamed(**inputs)[0], expected)
-        assert all(p.is_meta for p in _block_parameters(streamed))
+        assert not _block_parameters(streamed)
         one_block = [len(list(block.parameters())) for group in BLOCK_GROUPS for block in getattr(whole, group)]
         assert held == one_block * 2
         failing = streamed.single_transformer_blocks[0].register_forward_pre_hook(
             lambda *_: (_ for _ in ()).throw(RuntimeError("in the middle")))
         with pytest.raises(RuntimeError, match="in the middle"):
             streamed(**inputs)
-        assert all(p.is_meta for p in _block_parameters(streamed))
+        assert not _block_parameters(streamed)
         failing.remove()
         assert torch.equal(streamed(**inputs)[0], expected)
     assert streamed.dtype == dtype and not any(p.requires_grad for p in streamed.parameters())
@@ -61,3 +61,18 @@ def test_a_transformer_checkpoint_not_matching_its_config_is_one_line(tmp_path, 
     save_file(tensors, file)
     with pytest.raises(BitfluxError, match=re.escape(words)):
         stream_transformer(tmp_path / "transformer", torch.float32)
+
+
+def test_a_streamed_transformer_moves_and_converts_as_any_other(tmp_path):
+    """Between calls its blocks hold nothing, so `.to()` (and diffusers' offloading) moves what it holds, and
+    the blocks load where and in what it computes: the outputs of the whole model converted alike."""
+    from diffusers import FluxTransformer2DModel
+
+    build_tiny().save_pretrained(tmp_path / "transformer")
+    whole = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").eval().to(torch.bfloat16)
+    streamed = stream_transformer(tmp_path / "transformer", torch.float32).to("cpu", torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in tiny_inputs().items()}
+    with torch.no_grad():
+        assert torch.equal(streamed(**inputs)[0], whole(**inputs)[0])
+    assert streamed.dtype == torch.bfloat16 and not _block_parameters(streamed)

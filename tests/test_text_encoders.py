@@ -2,12 +2,13 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitflux import BitfluxError, demo_model_path, encode_prompts, load_pipeline
+from bitflux import BitfluxError, demo_model_path, encode_prompts, generate, load_pipeline
 from bitflux.text_encoders import (
     NarrowLinear,
     checkpoint_dtype,
@@ -117,7 +118,7 @@ def test_a_pipeline_on_the_cpu_holds_its_bf16_text_encoders_narrow():
 
     root = demo_model_path()
     assert checkpoint_dtype(root / "text_encoder_2") == torch.bfloat16
-    pipe = load_pipeline(root, dtype=torch.float32)
+    pipe = load_pipeline(root, dtype=torch.float32, text_encoders="whole")
     plain = FluxPipeline.from_pretrained(root, torch_dtype=torch.float32, local_files_only=True)
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name)
@@ -131,6 +132,24 @@ def test_a_pipeline_on_the_cpu_holds_its_bf16_text_encoders_narrow():
     for ours, theirs in zip(prompt_embeddings(pipe), prompt_embeddings(plain)):
         assert ours.dtype == torch.float32
         assert torch.equal(ours, theirs)
+
+
+def test_a_pipeline_on_the_cpu_streams_t5():
+    """load_pipeline's default on a CPU: T5 streamed (no block weights held between encodings), CLIP narrowed;
+    the same embeddings and images as with T5 loaded whole; the pipeline still moves as a whole."""
+    root = demo_model_path()
+    pipe = load_pipeline(root)
+    whole = load_pipeline(root, text_encoders="whole")
+    assert not list(pipe.text_encoder_2.encoder.block.parameters())
+    assert list(whole.text_encoder_2.encoder.block.parameters())
+    assert any(isinstance(m, NarrowLinear) for m in pipe.text_encoder.modules())
+    for ours, theirs in zip(prompt_embeddings(pipe), prompt_embeddings(whole)):
+        assert torch.equal(ours, theirs)
+    pipe.to("cpu", torch.float32)
+    image = generate(pipe, ["a red cube"], [0], steps=2)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(generate(whole, ["a red cube"], [0], steps=2)[0]))
+    with pytest.raises(BitfluxError, match="text_encoders must be"):
+        load_pipeline(root, text_encoders="partly")
 
 
 def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):
@@ -158,15 +177,15 @@ def test_t5_streamed_from_its_checkpoint_computes_what_the_loaded_one_does():
     with torch.no_grad():
         expected = plain(tokens)[0]
         assert torch.equal(streamed(tokens)[0], expected)
-        assert all(p.is_meta for p in streamed.encoder.block.parameters())
-        assert not streamed.shared.weight.is_meta and streamed.dtype == torch.float32
+        assert not list(streamed.encoder.block.parameters())
+        assert streamed.dtype == torch.float32
         assert streamed.encoder.embed_tokens.weight is streamed.shared.weight or torch.equal(
             streamed.encoder.embed_tokens.weight, streamed.shared.weight)
         failing = streamed.encoder.block[1].layer[1].register_forward_pre_hook(
             lambda *_: (_ for _ in ()).throw(RuntimeError("in the middle")))
         with pytest.raises(RuntimeError, match="in the middle"):
             streamed(tokens)
-        assert all(p.is_meta for p in streamed.encoder.block.parameters())
+        assert not list(streamed.encoder.block.parameters())
         failing.remove()
         assert torch.equal(streamed(tokens)[0], expected)
     assert not streamed.training and not any(p.requires_grad for p in streamed.parameters())
@@ -178,7 +197,7 @@ def test_encode_prompts_streams_t5_with_the_whole_pipelines_embeddings(dtype):
     assert set(streamed_text_encoders(root, dtype, "cpu")) == {"text_encoder_2"}
     assert streamed_text_encoders(root, torch.float16, "cpu") == {}  # transformers keeps fp16 T5's `wo` in fp32
     embeddings = encode_prompts(root, ["a red cube", "two blue spheres"], dtype=dtype)
-    whole = prompt_embeddings(load_pipeline(root, dtype=dtype))
+    whole = prompt_embeddings(load_pipeline(root, dtype=dtype, text_encoders="whole"))
     assert embeddings["prompt_embeds"].dtype == dtype
     assert torch.equal(embeddings["prompt_embeds"], whole[0])
     assert torch.equal(embeddings["pooled_prompt_embeds"], whole[1])

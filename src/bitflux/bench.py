@@ -1,5 +1,7 @@
 """`bitflux bench`: full precision vs ternary with the same prompts and seeds. Each variant runs in a child
-process of its own, so the peak memory it reports (RSS on CPU, max_memory_allocated on CUDA) is its own."""
+process of its own, so the peak memory it reports (RSS on CPU, max_memory_allocated on CUDA) is its own. As
+`bitflux generate` does, the prompts are encoded first by the text encoders alone, which are gone before the
+pipeline loads: the peak is the generation's (transformer, activations, VAE), not the text encoders'."""
 
 from __future__ import annotations
 
@@ -35,15 +37,28 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
                     activations: str | None = None, packing: str | None = None, dtype: str | None = None,
                     offload: bool = False, repeats: int = 2) -> dict:
     """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
-    from .calibrate.memory import peak_resident_bytes
+    from .calibrate.memory import peak_resident_bytes, reset_peak_resident
     from .kernels import use_backend
     from .linear import TernaryLinear
-    from .pipeline import (accelerate_transformer, default_dtype, default_image_size, dtype_named, generate,
-                           load_variants)
+    from .pipeline import (
+        accelerate_transformer,
+        default_dtype,
+        default_image_size,
+        dtype_named,
+        encode_prompts,
+        generate,
+        load_variants,
+        resolve_pipeline_path,
+    )
     from .surgery import set_activations, set_packing
 
+    prompts = list(PROMPTS)
+    seeds = list(range(len(prompts)))
+    start = time.perf_counter()
+    embeddings = encode_prompts(resolve_pipeline_path(model), prompts, device, dtype_named(dtype))
+    encode_seconds = time.perf_counter() - start
     fp, ternary = load_variants(model, device, want_fp=variant == "fp", want_ternary=variant == "ternary",
-                                progress=False, dtype=dtype_named(dtype), offload=offload)
+                                progress=False, dtype=dtype_named(dtype), offload=offload, text_encoders=False)
     pipe = fp if variant == "fp" else ternary
     if activations and variant == "ternary":
         set_activations(pipe.transformer, activations)
@@ -63,20 +78,20 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         step_seconds.append(time.perf_counter() - started["t"])
 
     handles = [pipe.transformer.register_forward_pre_hook(before), pipe.transformer.register_forward_hook(after)]
-    prompts = list(PROMPTS)
-    seeds = list(range(len(prompts)))
+    text = {"embeddings": embeddings, "height": height, "width": width, "progress": False}
     with use_backend(backend):
         # Warm-up at the timed batch size: kernels that tune per shape (Triton) do so here, and CUDA graphs
         # are captured, outside the timings and before the peak-memory reset.
-        generate(pipe, prompts, seeds, steps=1, height=height, width=width, progress=False)
+        generate(pipe, prompts, seeds, steps=1, **text)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        reset_peak_resident()  # the encoders' and the loading's peak is not the generation's
         step_seconds.clear()
         image_seconds = []
         for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
-            generate(pipe, prompts, seeds, steps=steps, height=height, width=width, progress=False)
+            generate(pipe, prompts, seeds, steps=steps, **text)
             _sync(device)
             image_seconds.append((time.perf_counter() - start) / len(prompts))
     for handle in handles:
@@ -85,7 +100,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     torch_dtype = dtype_named(dtype) or default_dtype(device)
     return {"variant": variant, "device": device, "dtype": str(torch_dtype).removeprefix("torch."),
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
-            "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
+            "prompt_encoding_s": encode_seconds, "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
             else "process_peak_rss", "transformer_weight_bytes": weight_bytes(pipe.transformer),
             "packing": sorted({m.packing for m in pipe.transformer.modules() if isinstance(m, TernaryLinear)})}
@@ -123,7 +138,8 @@ def format_bench(result: dict) -> str:
              f"{', codes packed ' + '+'.join(ternary['packing']) if ternary.get('packing') else ''}"
              f"{', CUDA graphs' if result.get('cuda_graph') else ''}"
              f"{', torch.compile' if result.get('compile') else ''}, "
-             f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}",
+             f"{fp['size'][0]}x{fp['size'][1]}, {fp['steps']} steps, batch {fp['batch']}; the prompts encoded first "
+             f"(text encoders loaded, run and freed: {fp['prompt_encoding_s']:.1f} s, not in the image time)",
              f"{'':26s} {'full precision':>15s} {'ternary':>10s} {'fp / ternary':>13s}"]
     for label, key, unit in MEASURES:
         lines.append(f"{label:26s} {fp[key] * unit:15.2f} {ternary[key] * unit:10.2f} "

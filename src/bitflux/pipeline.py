@@ -53,21 +53,31 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  offload: bool = False, text_encoders: bool = True):
+                  offload: bool = False, text_encoders: bool | str = True):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
-    parts' (default: default_dtype(device)); in fp32 (a CPU's default), text encoders stored in bf16 or fp16
-    (FLUX.1's: bf16) keep their linear weights so and widen each for its use (bitflux.text_encoders: T5-XXL's
-    half the memory, the same outputs). `offload` keeps each component on the CPU until it runs (diffusers' model CPU
-    offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never sit on the GPU
-    together with it. `text_encoders=False` leaves the text encoders and tokenizers out, for prompts encoded
-    beforehand (encode_prompts). A ternary transformer runs each attention's q/k/v as one layer
-    call (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
-    `transformer.unfuse_qkv_projections()` undoes it)."""
+    parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
+    (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never
+    sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer call
+    (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
+    `transformer.unfuse_qkv_projections()` undoes it).
+
+    text_encoders: True loads them as suits the device: on a CPU, T5 streamed from its checkpoint a block at a
+    time at each encoding (bitflux.streaming: T5-XXL in ~1 GB instead of 9.5, for the same time there), and in
+    fp32 the others stored in bf16 or fp16 (FLUX.1's: bf16) keep their linear weights so and widen each for its
+    use (bitflux.text_encoders); on a GPU, whole. "streamed" streams T5 anywhere (on a GPU each encoding reads
+    its 9.5 GB again), "whole" loads it whole anywhere, False leaves the text encoders and tokenizers out, for
+    prompts encoded beforehand (encode_prompts). The embeddings are the same whichever way."""
+    if text_encoders not in (True, False, "streamed", "whole"):
+        raise BitfluxError(f"text_encoders must be True, False, 'streamed' or 'whole', got {text_encoders!r}")
     root = _pipeline_folder(path)
     _check_offload(device, offload)
     dtype = dtype or default_dtype(device)
-    extra = narrow_text_encoders(root, dtype) if text_encoders else dict.fromkeys(TEXT_COMPONENTS)
+    if text_encoders:
+        stream = text_encoders == "streamed" or (text_encoders is True and torch.device(device).type == "cpu")
+        extra = _text_encoders(root, dtype, "cpu" if offload else device, stream)
+    else:
+        extra = dict.fromkeys(TEXT_COMPONENTS)
     ternary = is_ternary_pipeline(root)
     if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
@@ -76,6 +86,13 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     if ternary:
         fuse_projections(pipe.transformer)
     return _place(pipe, device, offload)
+
+
+def _text_encoders(root: Path, dtype: torch.dtype, device, stream: bool) -> dict:
+    """The folder's text encoders that bitflux loads itself (diffusers loads the others): with `stream`, T5
+    streamed on `device` (in fp32 or bf16); in fp32, the others stored in 16 bits narrowed."""
+    streamed = streamed_text_encoders(root, dtype, device) if stream else {}
+    return {**narrow_text_encoders(root, dtype, [name for name in TEXT_ENCODERS if name not in streamed]), **streamed}
 
 
 @torch.no_grad()
@@ -91,17 +108,16 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
     dtype = dtype or default_dtype(device)
-    streamed = streamed_text_encoders(root, dtype, device)
-    narrowed = narrow_text_encoders(root, dtype, [name for name in TEXT_ENCODERS if name not in streamed])
-    encoders = _from_pretrained(root, dtype, {**narrowed, **streamed, "transformer": None, "vae": None})
+    encoders = _from_pretrained(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
+                                              "transformer": None, "vae": None})
     try:
-        for name in TEXT_ENCODERS:  # a streamed encoder is on `device` already (its blocks: meta, not movable)
-            if name not in streamed and getattr(encoders, name, None) is not None:
+        for name in TEXT_ENCODERS:
+            if getattr(encoders, name, None) is not None:
                 getattr(encoders, name).to(device)
         prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
             list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
     finally:  # also on failure (a traceback would keep them): the encoders' memory back before the transformer's
-        del encoders, streamed, narrowed
+        del encoders
         gc.collect()  # their modules hold reference cycles
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()  # to the GPU, not this process's cache: CUDA graphs allocate their own pool

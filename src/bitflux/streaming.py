@@ -4,10 +4,12 @@ rest of the model is loaded once. T5-XXL (text_encoders.stream_t5) then takes on
 and the full-precision FLUX.1-dev transformer the calibration teacher samples with (stream_transformer) one of
 its 57 blocks' instead of 23.8 GB in bf16 (47.6 in fp32).
 
-Outputs equal those of the model loaded whole in the same dtype: only where the weights live changes. Each
-call reads the blocks' bytes again (from the page cache, if it holds them), so this is for models run a few
-times (a prompt's encoding, a teacher's trajectories), not for generation. One call at a time: the blocks share
-the memory they are read into.
+Between calls the blocks hold no tensors at all (their parameters are None), so a streamed model moves and
+converts as any other (`.to()`, diffusers' offloading): its blocks load onto the device and in the dtype of its
+resident tensors. Outputs equal those of the model loaded whole in that dtype: only where the weights live
+changes. Each call reads the blocks' bytes again (from the page cache, if it holds them), so this is for models
+run once per prompt or per batch of trajectories, not at every denoising step. One call at a time: the blocks
+share the memory they are read into. A streamed model is not for saving: its state_dict has no block weights.
 """
 
 from __future__ import annotations
@@ -38,21 +40,21 @@ def check_stored(model: nn.Module, stored: dict[str, tuple], where: Path, aliase
                                f"{'missing' if found is None else f'shape {list(found)}, expected {list(tensor.shape)}'})")
 
 
-def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path], dtype: torch.dtype,
-                  device: str | torch.device) -> nn.Module:
-    """Hook the model's submodules named in `blocks` (weights on the meta device, stored in `files` under their
-    own names) so that each is loaded in `dtype` on `device` right before it runs and dropped after it (also
-    when it raises); the memory they share is let go when the model's call ends."""
-    device = torch.device(device)
-    names = {prefix: {f"{prefix}.{key}" for key in model.get_submodule(prefix).state_dict()} for prefix in blocks}
-    wanted = set().union(*names.values())
+def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path]) -> nn.Module:
+    """Empty the model's submodules named in `blocks` (their tensors stored in `files` under their own names)
+    and hook them so that each is loaded right before it runs, on the device and in the dtype of the model's
+    first parameter outside them, and emptied after it (also when it raises); the memory they share is let
+    go when the model's call ends."""
+    names = {prefix: list(model.get_submodule(prefix).state_dict()) for prefix in blocks}
+    wanted = {f"{prefix}.{key}" for prefix, keys in names.items() for key in keys}
     largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
                   if name in wanted for begin, end in [info["data_offsets"]])
     memory = _BlockMemory(largest)
-    for prefix, block_names in names.items():
+    for prefix in blocks:
         block = model.get_submodule(prefix)
-        block.register_forward_pre_hook(_block_loader(files, block_names, prefix, dtype, device, memory))
+        block.register_forward_pre_hook(_block_loader(model, files, prefix, memory))
         block.register_forward_hook(_block_dropper(memory), always_call=True)
+        _empty(block)
     model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
     return model.eval().requires_grad_(False)
 
@@ -68,7 +70,7 @@ def load_outside(model: nn.Module, files: list[Path], names: set[str], dtype: to
 def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
     """The full-precision FluxTransformer2DModel of a diffusers transformer folder, on `device` in `dtype`, its
     19 + 38 blocks (FLUX.1) streamed from the folder's safetensors: it holds its embedders and output layers and
-    one block at a time. Not movable (its blocks are on the meta device between calls)."""
+    one block at a time."""
     from .flux import build_transformer, check_flux_config
 
     folder = Path(folder)
@@ -81,7 +83,13 @@ def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | tor
               for i in range(len(getattr(model, group)))]
     rest = {name for name in model.state_dict() if not any(name.startswith(f"{b}.") for b in blocks)}
     load_outside(model, files, rest, dtype, device)
-    return stream_blocks(model, blocks, files, dtype, device)
+    return stream_blocks(model, blocks, files)
+
+
+def _empty(block: nn.Module) -> None:
+    for module in block.modules():
+        for table in (module._parameters, module._buffers):
+            table.update(dict.fromkeys(table))
 
 
 class _BlockMemory:
@@ -103,25 +111,33 @@ class _BlockMemory:
         return self.buffer
 
 
-def _block_loader(files: list[Path], names: set[str], prefix: str, dtype: torch.dtype, device: torch.device,
-                  memory: _BlockMemory):
-    def load(block: nn.Module, _args) -> None:
-        state = {}
-        for name, tensor in iter_tensors(files, names, memory.read_buffer()):
-            key = name[len(prefix) + 1:]
+def _block_loader(model: nn.Module, files: list[Path], prefix: str, memory: _BlockMemory):
+    block = model.get_submodule(prefix)
+    slots = {".".join(filter(None, (prefix, owner_name, name))): (table is owner._parameters, table, name)
+             for owner_name, owner in block.named_modules() for table in (owner._parameters, owner._buffers)
+             for name in table}
+
+    def load(_block: nn.Module, _args) -> None:
+        resident = next(model.parameters())  # where and in what the model computes now
+        for stored_name, tensor in iter_tensors(files, slots, memory.read_buffer()):
+            dtype = resident.dtype if tensor.is_floating_point() else tensor.dtype
+            key = stored_name[len(prefix) + 1:]
             wide = memory.spare.pop(key, None)
-            if wide is None or wide.shape != tensor.shape:
-                wide = torch.empty(tensor.shape, dtype=dtype, device=device)
-            # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU the
-            # stored bytes go first and are converted there (a CPU-side conversion would allocate a copy each).
-            state[key] = wide.copy_(tensor if device.type == "cpu" else tensor.to(device))
-        block.load_state_dict(state, assign=True)
+            if wide is None or (wide.shape, wide.dtype, wide.device) != (tensor.shape, dtype, resident.device):
+                wide = torch.empty(tensor.shape, dtype=dtype, device=resident.device)
+            # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU, bytes
+            # of another dtype go first and are converted there (a CPU-side conversion would allocate a copy each);
+            # bytes already in `dtype` are copied straight in.
+            direct = resident.device.type == "cpu" or tensor.dtype == dtype
+            wide.copy_(tensor if direct else tensor.to(resident.device))
+            is_parameter, table, name = slots[stored_name]
+            table[name] = nn.Parameter(wide, requires_grad=False) if is_parameter else wide
     return load
 
 
 def _block_dropper(memory: _BlockMemory):
     def drop(block: nn.Module, _args, _output) -> None:
         # the block's tensors kept for the next block; the block itself holds none
-        memory.spare.update({key: tensor for key, tensor in block.state_dict().items() if not tensor.is_meta})
-        block.to("meta")
+        memory.spare.update(block.state_dict())
+        _empty(block)
     return drop

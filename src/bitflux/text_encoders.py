@@ -182,4 +182,4 @@ def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cp
     load_outside(model, files, rest | {embedding}, dtype, device)
     model.shared.weight = model.encoder.embed_tokens.weight = model.get_parameter(embedding)
     blocks = [f"{T5_BLOCKS}{i}" for i in range(len(model.encoder.block))]
-    return stream_blocks(model, blocks, files, dtype, device)
+    return stream_blocks(model, blocks, files)

@@ -13,7 +13,14 @@ from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
 from ..pipeline import default_image_size, encode_prompts, text_length
-from . import CalibrationConfig, CalibrationReport, calibrate_transformer, check_workdir, measured, teacher_data
+from . import (
+    CalibrationConfig,
+    CalibrationReport,
+    calibrate_transformer,
+    check_workdir,
+    measured,
+    teacher_data,
+)
 from .sources import FolderSource
 
 

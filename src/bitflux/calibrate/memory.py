@@ -33,6 +33,15 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_resident() -> None:
+    """Start peak_resident_bytes afresh from the present resident size (Linux; elsewhere nothing changes)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class PeakMemory:
     """`with PeakMemory(device) as peak:` ... then peak.host_bytes (largest RSS seen, sampled every
     `interval` s, so brief spikes can be missed), peak.host_start_bytes, and peak.device_bytes on CUDA."""
