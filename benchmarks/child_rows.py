@@ -17,3 +17,9 @@ def child_row(command: list[str], may_be_killed: bool = False) -> dict | None:
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def killed_row(variant: str, width: int) -> dict:
+    """The row of a variant the system killed, its line printed in a table whose first column is `width` wide."""
+    print(f"{variant:>{width}}  killed by the system (SIGKILL: out of memory)", flush=True)
+    return {"variant": variant, "killed": "SIGKILL (out of memory)"}

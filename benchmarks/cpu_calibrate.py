@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from child_rows import child_row
+from child_rows import child_row, killed_row
 from cpu_pipeline import write_pipeline
 from gpu_flux import fill_random_
 
@@ -93,10 +93,10 @@ def run_variant(root: Path, variant: str, size: int, text_tokens: int, steps: in
             pipe = FluxPipeline.from_pretrained(str(root), torch_dtype=torch.float32, local_files_only=True)
             encode = None
         else:
-            pipe = teacher_pipeline(root, torch.float32, torch.device("cpu"))
+            pipe = teacher_pipeline(root, torch.float32, torch.device("cpu"), stream=True)
 
-            def encode(used):  # the peak of loading and encoding, apart from the sampling's
-                embeddings = encode_prompts(root, used)
+            def encode(batch, length):  # the peak of loading and encoding, apart from the sampling's
+                embeddings = encode_prompts(root, batch, max_sequence_length=length)
                 phases["encoding_peak_rss_bytes"] = peak_resident_bytes()
                 reset_peak_resident()
                 return embeddings
@@ -134,12 +134,10 @@ def main() -> None:
     for variant in args.variants:
         command = [sys.executable, __file__, "--dir", args.dir, "--size", str(args.size), "--text-tokens",
                    str(args.text_tokens), "--steps", str(args.steps), "--samples", str(args.samples), "--child", variant]
-        row = child_row(command, may_be_killed=True)
-        if row is None:
-            rows.append({"variant": variant, "killed": "SIGKILL (out of memory)"})
-            print(f"{variant:>10}  killed by the system (SIGKILL: out of memory)", flush=True)
-            continue
+        row = child_row(command, may_be_killed=True) or killed_row(variant, width=10)
         rows.append(row)
+        if "killed" in row:
+            continue
         phases = (f" (encoding {row['encoding_peak_rss_bytes'] / 1e9:.2f}, sampling {row['sampling_peak_rss_bytes'] / 1e9:.2f})"
                   if "encoding_peak_rss_bytes" in row else "")
         print(f"{variant:>10} {row['records']:7d} {row['seconds']:8.1f} {row['peak_rss_bytes'] / 1e9:11.2f}{phases}",

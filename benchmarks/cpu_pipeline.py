@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from child_rows import child_row
+from child_rows import child_row, killed_row
 from cpu_flux import build
 from cpu_text_encoder import T5_XXL, write_checkpoint
 
@@ -126,12 +126,10 @@ def main() -> None:
     for variant in args.variants:
         command = [sys.executable, __file__, "--dir", args.dir, "--size", str(args.size), "--steps",
                    str(args.steps), "--child", variant]
-        row = child_row(command, may_be_killed=True)
-        if row is None:
-            rows.append({"variant": variant, "killed": "SIGKILL (out of memory)"})
-            print(f"{variant:>20}  killed by the system (SIGKILL: out of memory)", flush=True)
-            continue
+        row = child_row(command, may_be_killed=True) or killed_row(variant, width=20)
         rows.append(row)
+        if "killed" in row:
+            continue
         print(f"{variant:>20} {row['load_s']:7.1f} {row['generate_s']:10.1f} {row['total_s']:7.1f} "
               f"{row['peak_rss_bytes'] / 1e9:11.2f}", flush=True)
     if args.json:

@@ -367,9 +367,11 @@ def test_teacher_keeps_each_trajectory_text_once(tmp_path):
             assert torch.equal(batch[key], torch.cat([call[key] for call in seen]))
 
 
-def test_the_streamed_teacher_records_what_the_whole_pipeline_does(tmp_path):
-    """quantize_calibrated's teacher holds no model whole: the prompts encoded first (T5 streamed), then the
-    transformer streamed a block at a time; its records are the whole pipeline's, bit for bit."""
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(tmp_path, stream):
+    """quantize_calibrated's teacher: each batch's prompts encoded by the text encoders alone (T5 streamed), the
+    transformer streamed a block at a time or held whole; its records are the whole pipeline's, bit for bit
+    (a text length under the tokenizer's: the encoding pads to it as the pipeline does)."""
     from diffusers import FluxPipeline
 
     from bitflux.calibrate.checkpoint import teacher_pipeline
@@ -379,16 +381,20 @@ def test_the_streamed_teacher_records_what_the_whole_pipeline_does(tmp_path):
     _tiny_pipeline().save_pretrained(tmp_path / "fp")
     prompts = ["a red circle", "a blue square", "a red square left of a blue circle"]
     settings = dict(samples=4, batch_size=3, progress=False, num_inference_steps=3, height=16, width=16,
-                    max_sequence_length=8)  # trajectory 3 takes prompt 0 again, in another batch
+                    max_sequence_length=5)  # trajectory 3 takes prompt 0 again, in another batch
     whole = collect(FluxPipeline.from_pretrained(tmp_path / "fp", torch_dtype=torch.float32), prompts, **settings)
-    streamed = collect(teacher_pipeline(tmp_path / "fp", torch.float32, torch.device("cpu")), prompts,
-                       embeddings=encode_prompts(tmp_path / "fp", prompts), **settings)
-    assert len(streamed) == 4 * 3 and streamed.inputs.keys() == whole.inputs.keys()
+    pipe = teacher_pipeline(tmp_path / "fp", torch.float32, torch.device("cpu"), stream=stream)
+    assert (not list(pipe.transformer.transformer_blocks.parameters())) == stream
+    separate = collect(pipe, prompts, encode=lambda batch, length: encode_prompts(tmp_path / "fp", batch,
+                                                                                 max_sequence_length=length),
+                       **settings)
+    assert len(separate) == 4 * 3 and separate.inputs.keys() == whole.inputs.keys()
+    assert separate.prompts["encoder_hidden_states"].shape[1] == 5
     for key in whole.inputs:
-        assert torch.equal(streamed.inputs[key], whole.inputs[key]), key
+        assert torch.equal(separate.inputs[key], whole.inputs[key]), key
     for key in whole.prompts:
-        assert torch.equal(streamed.prompts[key], whole.prompts[key]), key
-    assert torch.equal(streamed.velocity, whole.velocity)
+        assert torch.equal(separate.prompts[key], whole.prompts[key]), key
+    assert torch.equal(separate.velocity, whole.velocity)
 
 
 def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
@@ -409,6 +415,9 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
         quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], calibration=calib, device="cpu")
     with pytest.raises(BitfluxError, match="whole FLUX pipeline"):
         quantize_calibrated(tmp_path / "fp" / "transformer", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
+    calib.pipeline_kwargs.update(negative_prompt="blurry", true_cfg_scale=4.0)
+    with pytest.raises(BitfluxError, match=r"true CFG \(negative_prompt, true_cfg_scale\)"):
+        quantize_calibrated(tmp_path / "fp", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
 
 
 def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):

@@ -46,7 +46,16 @@ def test_a_streamed_transformer_computes_what_the_loaded_one_does(tmp_path, stor
         assert not _block_parameters(streamed)
         failing.remove()
         assert torch.equal(streamed(**inputs)[0], expected)
+        # A KeyboardInterrupt skips the hooks that empty blocks after an Exception: the next call starts clean.
+        interrupted = streamed.single_transformer_blocks[0].register_forward_hook(
+            lambda *_: (_ for _ in ()).throw(KeyboardInterrupt), prepend=True)
+        with pytest.raises(KeyboardInterrupt):
+            streamed(**inputs)
+        interrupted.remove()
+        assert torch.equal(streamed(**inputs)[0], expected) and not _block_parameters(streamed)
     assert streamed.dtype == dtype and not any(p.requires_grad for p in streamed.parameters())
+    with pytest.raises(BitfluxError, match="holds no block weights to save"):
+        streamed.state_dict()
 
 
 @pytest.mark.parametrize("edit, words", [

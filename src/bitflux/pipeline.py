@@ -16,7 +16,7 @@ from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
 from .surgery import QuantizationReport, quantize_, set_activations
-from .text_encoders import TEXT_ENCODERS, narrow_text_encoders, streamed_text_encoders
+from .text_encoders import STREAMED_DTYPES, TEXT_ENCODERS, narrow_text_encoders, streamed_text_encoders
 
 
 def _flux_pipeline_class():
@@ -73,6 +73,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     root = _pipeline_folder(path)
     _check_offload(device, offload)
     dtype = dtype or default_dtype(device)
+    if text_encoders == "streamed" and dtype not in STREAMED_DTYPES:
+        raise BitfluxError(f"T5 is streamed in {' or '.join(str(d)[6:] for d in STREAMED_DTYPES)}, not {str(dtype)[6:]}")
     if text_encoders:
         stream = text_encoders == "streamed" or (text_encoders is True and torch.device(device).type == "cpu")
         extra = _text_encoders(root, dtype, "cpu" if offload else device, stream)
@@ -82,7 +84,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
                                                            dtype=dtype)
-    pipe = _from_pretrained(root, dtype, extra)
+    pipe = pipeline_from_folder(root, dtype, extra)
     if ternary:
         fuse_projections(pipe.transformer)
     return _place(pipe, device, offload)
@@ -97,25 +99,26 @@ def _text_encoders(root: Path, dtype: torch.dtype, device, stream: bool) -> dict
 
 @torch.no_grad()
 def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | None = None, max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
     """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
     them, made by the pipeline folder's text encoders alone, freed before this returns: with a pipeline loaded
     without them (load_pipeline(text_encoders=False)), the text encoders and the transformer are never in
     memory together (`bitflux generate` does so). In fp32 or bf16, T5 is streamed from its checkpoint a block
     at a time (text_encoders.stream_t5: T5-XXL in one block's memory, on a CPU or a GPU), the other encoders
-    load as load_pipeline loads them. The embeddings are the same as the whole pipeline's."""
+    load as load_pipeline loads them. The embeddings are the same as the whole pipeline's. T5's text is padded
+    to `max_sequence_length` tokens (default: as `generate` pads it, text_length)."""
     if isinstance(prompts, str):
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
     dtype = dtype or default_dtype(device)
-    encoders = _from_pretrained(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
+    encoders = pipeline_from_folder(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
                                               "transformer": None, "vae": None})
     try:
         for name in TEXT_ENCODERS:
             if getattr(encoders, name, None) is not None:
                 getattr(encoders, name).to(device)
         prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
-            list(prompts), device=torch.device(device), max_sequence_length=text_length(encoders))
+            list(prompts), device=torch.device(device), max_sequence_length=max_sequence_length or text_length(encoders))
     finally:  # also on failure (a traceback would keep them): the encoders' memory back before the transformer's
         del encoders
         gc.collect()  # their modules hold reference cycles
@@ -131,7 +134,9 @@ def _pipeline_folder(path: str | Path) -> Path:
     return root
 
 
-def _from_pretrained(root: Path, dtype: torch.dtype, components: dict):
+def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
+    """diffusers' FluxPipeline.from_pretrained from local files, `components` given (None: left out); a folder
+    it cannot load is a one-line BitfluxError."""
     try:
         pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True,
                                                       **components)
@@ -352,7 +357,7 @@ def save_png(image, path: str | Path) -> Path:
 
 def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, want_ternary: bool = True,
                   progress: bool = True, dtype: torch.dtype | None = None, offload: bool = False,
-                  text_encoders: bool = True):
+                  text_encoders: bool | str = True):
     """(full-precision pipeline or None, ternary pipeline or None) for a --model argument: None is the embedded
     demo (its ternary form cached on disk), a full-precision folder is quantized in memory, a bitflux folder
     is ternary already (and has no full-precision twin). With `offload`, one pipeline at a time;
@@ -368,8 +373,10 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
     check_comparable(path, want_fp)
     if is_ternary_pipeline(path):
         return None, load_pipeline(path, **place)
-    # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU.
-    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device), text_encoders=text_encoders)
+    # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU (nor
+    # are the text encoders chosen as for a CPU pipeline: they will run on the GPU).
+    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device),
+                       text_encoders="whole" if offload and text_encoders is True else text_encoders)
     ternary = quantize_pipeline(fp, copy_transformer=want_fp)[0] if want_ternary else None
     fp = fp if want_fp else None
     if offload:

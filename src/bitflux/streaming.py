@@ -5,11 +5,13 @@ and the full-precision FLUX.1-dev transformer the calibration teacher samples wi
 its 57 blocks' instead of 23.8 GB in bf16 (47.6 in fp32).
 
 Between calls the blocks hold no tensors at all (their parameters are None), so a streamed model moves and
-converts as any other (`.to()`, diffusers' offloading): its blocks load onto the device and in the dtype of its
-resident tensors. Outputs equal those of the model loaded whole in that dtype: only where the weights live
-changes. Each call reads the blocks' bytes again (from the page cache, if it holds them), so this is for models
-run once per prompt or per batch of trajectories, not at every denoising step. One call at a time: the blocks
-share the memory they are read into. A streamed model is not for saving: its state_dict has no block weights.
+converts as any other (`.to()`, diffusers' model CPU offload; not sequential offload, which leaves the resident
+tensors on the meta device): its blocks load onto the device and in the dtype of its resident tensors. Outputs
+equal those of the model loaded whole in that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this
+does not: bf16 or fp32 only). Each call reads the blocks' bytes again (from the page cache, if it holds them),
+so this is for models run once per prompt or per batch of trajectories, not at every denoising step. One call
+at a time: the blocks share the memory they are read into. Inference only, and not for saving: its state_dict
+is refused (it would lack the block weights).
 """
 
 from __future__ import annotations
@@ -45,18 +47,25 @@ def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path]) -> nn.
     and hook them so that each is loaded right before it runs, on the device and in the dtype of the model's
     first parameter outside them, and emptied after it (also when it raises); the memory they share is let
     go when the model's call ends."""
-    names = {prefix: list(model.get_submodule(prefix).state_dict()) for prefix in blocks}
-    wanted = {f"{prefix}.{key}" for prefix, keys in names.items() for key in keys}
+    wanted = {f"{prefix}.{key}" for prefix in blocks for key in model.get_submodule(prefix).state_dict()}
     largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
                   if name in wanted for begin, end in [info["data_offsets"]])
     memory = _BlockMemory(largest)
-    for prefix in blocks:
-        block = model.get_submodule(prefix)
-        block.register_forward_pre_hook(_block_loader(model, files, prefix, memory))
-        block.register_forward_hook(_block_dropper(memory), always_call=True)
-        _empty(block)
+    streamed = [_StreamedBlock(model, prefix, files, memory) for prefix in blocks]
+
+    def start(*_):  # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
+        for block in streamed:
+            block.empty()
+        memory.clear()
+
+    model.register_forward_pre_hook(start)
     model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
+    model.register_state_dict_pre_hook(_refuse_state_dict)
     return model.eval().requires_grad_(False)
+
+
+def _refuse_state_dict(*_) -> None:
+    raise BitfluxError("a streamed model holds no block weights to save: its checkpoint is the folder it streams from")
 
 
 def load_outside(model: nn.Module, files: list[Path], names: set[str], dtype: torch.dtype,
@@ -86,12 +95,6 @@ def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | tor
     return stream_blocks(model, blocks, files)
 
 
-def _empty(block: nn.Module) -> None:
-    for module in block.modules():
-        for table in (module._parameters, module._buffers):
-            table.update(dict.fromkeys(table))
-
-
 class _BlockMemory:
     """Memory the streamed blocks reuse from one to the next, as its first touch would cost page faults each
     time: one buffer the stored bytes are read into (`largest` bytes, a block tensor's most), and the previous
@@ -111,18 +114,34 @@ class _BlockMemory:
         return self.buffer
 
 
-def _block_loader(model: nn.Module, files: list[Path], prefix: str, memory: _BlockMemory):
-    block = model.get_submodule(prefix)
-    slots = {".".join(filter(None, (prefix, owner_name, name))): (table is owner._parameters, table, name)
-             for owner_name, owner in block.named_modules() for table in (owner._parameters, owner._buffers)
-             for name in table}
+class _StreamedBlock:
+    """One block's hooks. Its slots: for each of its stored tensors (parameters and persistent buffers), the
+    table (a module's _parameters or _buffers) and name it goes in, filled before the block runs, emptied after."""
 
-    def load(_block: nn.Module, _args) -> None:
-        resident = next(model.parameters())  # where and in what the model computes now
-        for stored_name, tensor in iter_tensors(files, slots, memory.read_buffer()):
+    def __init__(self, model: nn.Module, prefix: str, files: list[Path], memory: _BlockMemory):
+        self.model, self.prefix, self.files, self.memory = model, prefix, files, memory
+        block = model.get_submodule(prefix)
+        self.slots = {}
+        for key in block.state_dict():
+            owner_name, _, name = key.rpartition(".")
+            owner = block.get_submodule(owner_name)
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            self.slots[f"{prefix}.{key}"] = (key, table is owner._parameters, table, name)
+        block.register_forward_pre_hook(self.load)
+        block.register_forward_hook(self.drop, always_call=True)
+        self.empty()
+
+    def empty(self) -> None:
+        for _key, _is_parameter, table, name in self.slots.values():
+            table[name] = None
+
+    def load(self, _block, _args) -> None:
+        resident = next(self.model.parameters())  # where and in what the model computes now
+        spare, self.memory.spare = self.memory.spare, {}  # what this block does not reuse is let go with it
+        for stored_name, tensor in iter_tensors(self.files, self.slots, self.memory.read_buffer()):
+            key, is_parameter, table, name = self.slots[stored_name]
             dtype = resident.dtype if tensor.is_floating_point() else tensor.dtype
-            key = stored_name[len(prefix) + 1:]
-            wide = memory.spare.pop(key, None)
+            wide = spare.pop(key, None)
             if wide is None or (wide.shape, wide.dtype, wide.device) != (tensor.shape, dtype, resident.device):
                 wide = torch.empty(tensor.shape, dtype=dtype, device=resident.device)
             # Copies from the reused (pageable) buffer are synchronous: it may be overwritten next. To a GPU, bytes
@@ -130,14 +149,10 @@ def _block_loader(model: nn.Module, files: list[Path], prefix: str, memory: _Blo
             # bytes already in `dtype` are copied straight in.
             direct = resident.device.type == "cpu" or tensor.dtype == dtype
             wide.copy_(tensor if direct else tensor.to(resident.device))
-            is_parameter, table, name = slots[stored_name]
             table[name] = nn.Parameter(wide, requires_grad=False) if is_parameter else wide
-    return load
 
-
-def _block_dropper(memory: _BlockMemory):
-    def drop(block: nn.Module, _args, _output) -> None:
-        # the block's tensors kept for the next block; the block itself holds none
-        memory.spare.update(block.state_dict())
-        _empty(block)
-    return drop
+    def drop(self, _block, _args, _output) -> None:
+        # the block's tensors kept for the next block's; the block itself holds none
+        self.memory.spare = {key: table[name].detach() for key, _is_parameter, table, name in self.slots.values()
+                             if table[name] is not None}
+        self.empty()

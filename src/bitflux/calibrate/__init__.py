@@ -97,15 +97,13 @@ def measured(report: CalibrationReport, device):
 def teacher_data(pipeline, prompts: list[str], calib: CalibrationConfig, workdir: Path | None = None,
                  progress: bool = True, report: CalibrationReport | None = None, encode=None) -> TeacherData:
     """The teacher's records, read from `workdir` when a previous run of the same settings saved them.
-    `encode(prompts) -> embeddings` (as pipeline.encode_prompts makes them), for a pipeline without text
-    encoders: called once, on the prompts the trajectories use."""
+    `encode`: for a pipeline without text encoders (teacher.collect)."""
     start = time.perf_counter()
     cached = Path(workdir) / _TEACHER if workdir else None
     if cached is not None and cached.exists():
         teacher = TeacherData.load(cached)
     else:
-        embeddings = encode(prompts[:calib.samples]) if encode is not None else None  # trajectory j: prompt j mod n
-        teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress, embeddings,
+        teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress, encode,
                           **calib.pipeline_kwargs)
         if cached is not None:
             teacher.save(cached)

@@ -21,6 +21,7 @@ from . import (
     measured,
     teacher_data,
 )
+from .memory import available_memory
 from .sources import FolderSource
 
 
@@ -37,10 +38,12 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
                         workdir: str | Path | None = None, progress: bool = True) -> CalibrationReport:
     """Calibrate the transformer of the FLUX pipeline folder SOURCE and write a bitflux pipeline folder OUT.
 
-    Nothing is held whole in full precision: the prompts are encoded first by the text encoders alone (T5
-    streamed, pipeline.encode_prompts), then the teacher samples with the full-precision transformer streamed
-    from SOURCE a block at a time (streaming.stream_transformer), then the block-wise stages read it a block
-    at a time. Compute runs on `device` (default: cuda when available), in bfloat16 there and float32 on CPU.
+    The text encoders and the full-precision transformer are never in memory together: the teacher gets each
+    batch of prompts encoded by the text encoders alone (T5 streamed, pipeline.encode_prompts) and samples
+    with the transformer held whole if it takes under half the device's free memory, else streamed from
+    SOURCE a block at a time (streaming.stream_transformer: FLUX.1-dev on a 24 GB machine); the block-wise
+    stages read it a block at a time. Compute runs on `device` (default: cuda when available), in bfloat16
+    there and float32 on CPU.
     """
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
@@ -52,6 +55,10 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     out = Path(out)
     if out.exists() and not force:
         raise BitfluxError(f"{out} exists; pass --force to replace it")
+    negative = sorted(set(calib.pipeline_kwargs) & {"negative_prompt", "negative_prompt_2", "true_cfg_scale"})
+    if negative:
+        raise BitfluxError(f"true CFG ({', '.join(negative)}) is not supported here, where prompts are encoded "
+                           "apart; bitflux.calibrate.calibrate samples with a whole pipeline")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     root = found.pipeline_root
@@ -63,7 +70,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
         teacher = teacher_data(pipe, prompts, calib, workdir, progress, report,
-                               encode=lambda used: encode_prompts(root, used, device, dtype))
+                               encode=lambda batch, length: encode_prompts(root, batch, device, dtype, length))
         del pipe  # the teacher's weights are not needed again
         gc.collect()
         model, report = calibrate_transformer(transformer_source, teacher, config, calib, device, workdir, progress,
@@ -74,14 +81,26 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     return report
 
 
-def teacher_pipeline(root: Path, dtype: torch.dtype, device: torch.device):
-    """The full-precision pipeline the teacher samples with: no text encoders (prompts come encoded), the
-    transformer streamed a block at a time from the folder, on `device`."""
-    from ..pipeline import _from_pretrained
+def teacher_pipeline(root: Path, dtype: torch.dtype, device: torch.device, stream: bool | None = None):
+    """The full-precision pipeline the teacher samples with, on `device`: no text encoders (prompts come
+    encoded), the transformer streamed a block at a time from the folder (`stream`; None: unless it takes
+    under half the device's free memory, when holding it whole spares reading its weights at every step)."""
+    from ..pipeline import pipeline_from_folder
     from ..streaming import stream_transformer
     from ..text_encoders import TEXT_ENCODERS
+    from . import full_model
 
-    transformer = stream_transformer(root / "transformer", dtype, device)
-    pipe = _from_pretrained(root, dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
-    pipe.vae.to(device)  # not run (the teacher stops at latents), but the pipeline takes its device from it
+    source = FolderSource(root / "transformer", dtype)
+    if stream is None:
+        stream = 2 * weight_bytes(source.config, dtype) > available_memory(device)
+    transformer = stream_transformer(root / "transformer", dtype, device) if stream else full_model(source, device)
+    pipe = pipeline_from_folder(root, dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
+    pipe.vae.to(device)  # not run (the teacher stops at latents), but older diffusers take the device from it
     return pipe
+
+
+def weight_bytes(config: dict, dtype: torch.dtype) -> int:
+    """The transformer's weights in `dtype`."""
+    from ..flux import build_transformer
+
+    return sum(p.numel() for p in build_transformer(config, "meta").parameters()) * dtype.itemsize

@@ -33,6 +33,22 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def available_memory(device) -> int:
+    """Bytes free for new tensors: the GPU's free memory, or the system's available memory (Linux
+    MemAvailable; 0 where unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak_resident() -> None:
     """Start peak_resident_bytes afresh from the present resident size (Linux; elsewhere nothing changes)."""
     try:

@@ -57,21 +57,24 @@ class TeacherData:
 
 @torch.no_grad()
 def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_size: int = 8,
-            progress: bool = True, embeddings: dict[str, torch.Tensor] | None = None, **call_kwargs) -> TeacherData:
+            progress: bool = True, encode=None, **call_kwargs) -> TeacherData:
     """Sample `samples` trajectories (prompt j mod len(prompts), noise seed `seed + j`) with the pipeline
-    and record every transformer call. `embeddings`: the prompts' (pipeline.encode_prompts, a row per prompt,
-    at least the first `samples`), for a pipeline without text encoders. `call_kwargs` go to the pipeline
+    and record every transformer call. `encode(prompts, max_sequence_length) -> embeddings` (as
+    pipeline.encode_prompts makes them), for a pipeline without text encoders: called for each batch of
+    trajectories, with the prompts the pipeline would have encoded itself. `call_kwargs` go to the pipeline
     (num_inference_steps, guidance_scale, height, width, max_sequence_length, ...)."""
     if not prompts:
         raise BitfluxError("no calibration prompts")
 
     def text(index: range) -> dict:
-        rows = [j % len(prompts) for j in index]
-        if embeddings is None:
-            return {"prompt": [prompts[row] for row in rows]}
+        batch = [prompts[j % len(prompts)] for j in index]
+        if encode is None:
+            return {"prompt": batch}
+        embeddings = encode(batch, call_kwargs.get("max_sequence_length", 512))  # FluxPipeline's default length
         # where and in what the transformer computes (diffusers takes given embeddings as they are)
-        return {key: embeddings[key][rows].to(pipeline._execution_device, pipeline.transformer.dtype)
+        return {key: embeddings[key].to(pipeline._execution_device, pipeline.transformer.dtype)
                 for key in ("prompt_embeds", "pooled_prompt_embeds")}
+
     calls: list[dict[str, torch.Tensor]] = []
     conditioning: list[dict[str, torch.Tensor]] = []  # one entry per distinct text conditioning tensor
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # this pipeline call's conditionings and their rows
