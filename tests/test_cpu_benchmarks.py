@@ -99,5 +99,5 @@ def test_the_peak_memory_starts_afresh_when_reset():
     big = torch.ones(2**30 // 4)  # 1 GiB touched, then freed
     del big
     assert peak_resident_bytes() >= resident_bytes() + 2**29
-    reset_peak_resident()
+    assert reset_peak_resident()
     assert peak_resident_bytes() < resident_bytes() + 2**29

@@ -85,7 +85,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         generate(pipe, prompts, seeds, steps=1, **text)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        reset_peak_resident()  # the encoders' and the loading's peak is not the generation's
+        since_warmup = reset_peak_resident()  # the encoders' and the loading's peak is not the generation's
         step_seconds.clear()
         image_seconds = []
         for _ in range(repeats):
@@ -102,7 +102,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
             "prompt_encoding_s": encode_seconds, "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
-            else "process_peak_rss", "transformer_weight_bytes": weight_bytes(pipe.transformer),
+            else "process_peak_rss_since_warmup" if since_warmup else "process_peak_rss",
+            "transformer_weight_bytes": weight_bytes(pipe.transformer),
             "packing": sorted({m.packing for m in pipe.transformer.modules() if isinstance(m, TernaryLinear)})}
 
 

@@ -49,13 +49,14 @@ def available_memory(device) -> int:
     return 0
 
 
-def reset_peak_resident() -> None:
-    """Start peak_resident_bytes afresh from the present resident size (Linux; elsewhere nothing changes)."""
+def reset_peak_resident() -> bool:
+    """Start peak_resident_bytes afresh from the present resident size (Linux); False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 class PeakMemory:
