@@ -35,6 +35,7 @@ def _cmd_quantize(args) -> None:
         from .calibrate.prompts import read_prompts
 
         prompts = read_prompts(args.calibrate)
+        _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
         calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples,
                                                   distill_steps=args.distill_steps)
         report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
@@ -101,8 +102,7 @@ def _parse_lora(text: str) -> tuple[str, float]:
 
 
 def _check_common(args) -> None:
-    """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries'
-    loading chatter so that bitflux's own progress bars and lines are what the user reads."""
+    """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries."""
     import torch
 
     from .kernels import unavailable_reason
@@ -135,6 +135,12 @@ def _check_common(args) -> None:
             raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
     if device == "cuda" and not torch.cuda.is_available():
         raise BitfluxError("--device cuda: no CUDA GPU is available to this torch (a CPU build, or no driver)")
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' loading chatter off, so that bitflux's own progress bars and lines are
+    what the user reads."""
     import diffusers
     import transformers
 
