@@ -7,13 +7,15 @@ peak resident memory (VmHWM) is its own:
 - staged: as `bitflux generate` does: the prompt encoded by the text encoders alone (encode_prompts), which
   are freed before the rest of the pipeline is loaded without them, and the transformer released before the
   VAE decodes;
-- bitflux: the whole pipeline loaded at once by load_pipeline (text encoders held in bf16, computed in fp32),
-  as the Python API, `bitflux bench` and `eval` do;
+- bitflux: the whole pipeline loaded at once by load_pipeline, as the Python API and `bitflux eval` do (on a
+  CPU: T5 streamed at each encoding, CLIP held in bf16 and computed in fp32);
+- narrow-t5: the same with T5 held whole in bf16 and computed in fp32 (load_pipeline(text_encoders="whole"),
+  its default on a CPU before T5 was streamed there);
 - fp32-text-encoders: the same pipeline with its text encoders loaded in fp32, as diffusers loads them for
   an fp32 pipeline (and load_pipeline did before bitflux.text_encoders).
 
     PYTHONPATH=src:benchmarks python benchmarks/cpu_pipeline.py [--dir /tmp/bitflux-flux-dev] [--size 256]
-        [--steps 2] [--variants staged bitflux fp32-text-encoders] [--json out.json]
+        [--steps 2] [--variants staged bitflux narrow-t5 fp32-text-encoders] [--json out.json]
 
 Prints, per variant: load time, generate() time (prompt encoding, the steps, decoding; for `staged` the
 encoding, with the text encoders' loading, counts as load time), their total, peak RSS; a variant killed by
@@ -81,8 +83,8 @@ def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     if variant == "staged":
         embeddings = encode_prompts(root, prompts)
         pipe = load_pipeline(root, text_encoders=False)
-    elif variant == "bitflux":
-        pipe = load_pipeline(root)
+    elif variant in ("bitflux", "narrow-t5"):
+        pipe = load_pipeline(root, text_encoders=True if variant == "bitflux" else "whole")
     else:
         from diffusers import FluxPipeline
 
@@ -109,8 +111,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/bitflux-flux-dev", help="where the pipeline is (written once)")
     parser.add_argument("--size", type=int, default=256, help="image width and height")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["staged", "bitflux", "fp32-text-encoders"],
-                        choices=["staged", "bitflux", "fp32-text-encoders"])
+    parser.add_argument("--variants", nargs="+", default=["staged", "bitflux", "narrow-t5", "fp32-text-encoders"],
+                        choices=["staged", "bitflux", "narrow-t5", "fp32-text-encoders"])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -66,22 +66,22 @@ def run_variant(root: Path, variant: str, tokens: int, vocab_size: int) -> dict:
     if variant == "fp32":
         model = T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), torch_dtype=torch.float32,
                                                local_files_only=True)
-    elif variant == "bitflux":  # what load_pipeline does
+    elif variant == "bitflux":  # what load_pipeline(text_encoders="whole") does on a CPU
         model = narrow_text_encoders(root, torch.float32)["text_encoder_2"]
-    else:  # what encode_prompts does
+    else:  # what encode_prompts, and load_pipeline on a CPU, do
         model = stream_t5(root / "text_encoder_2", torch.float32)
     load_s = time.perf_counter() - start
     ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     encode_s = []
     with torch.inference_mode():
-        for _ in range(2):  # the best of two: the first also allocates what the second reuses
+        for _ in range(2):  # the best of two
             start = time.perf_counter()
             out = model(ids).last_hidden_state
             encode_s.append(time.perf_counter() - start)
     return {"variant": variant, "load_s": round(load_s, 2), "encode_s": round(min(encode_s), 3),
             "peak_rss_bytes": peak_resident_bytes(),
-            "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-                                   if not t.is_meta),  # held between encodes (streamed: not the blocks')
+            "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+            # held between encodes (streamed: not the blocks')
             "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest()}
 
 

@@ -383,7 +383,8 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
     settings = dict(samples=4, batch_size=3, progress=False, num_inference_steps=3, height=16, width=16,
                     max_sequence_length=5)  # trajectory 3 takes prompt 0 again, in another batch
     whole = collect(FluxPipeline.from_pretrained(tmp_path / "fp", torch_dtype=torch.float32), prompts, **settings)
-    pipe = teacher_pipeline(tmp_path / "fp", torch.float32, torch.device("cpu"), stream=stream)
+    pipe = teacher_pipeline(tmp_path / "fp", FolderSource(tmp_path / "fp" / "transformer", torch.float32),
+                            torch.device("cpu"), stream=stream)
     assert (not list(pipe.transformer.transformer_blocks.parameters())) == stream
     separate = collect(pipe, prompts, encode=lambda batch, length: encode_prompts(tmp_path / "fp", batch,
                                                                                  max_sequence_length=length),
@@ -415,8 +416,8 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
         quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], calibration=calib, device="cpu")
     with pytest.raises(BitfluxError, match="whole FLUX pipeline"):
         quantize_calibrated(tmp_path / "fp" / "transformer", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
-    calib.pipeline_kwargs.update(negative_prompt="blurry", true_cfg_scale=4.0)
-    with pytest.raises(BitfluxError, match=r"true CFG \(negative_prompt, true_cfg_scale\)"):
+    calib.pipeline_kwargs.update(negative_prompt="blurry", prompt_2="a circle", true_cfg_scale=4.0)
+    with pytest.raises(BitfluxError, match="^negative_prompt, prompt_2: not taken here"):
         quantize_calibrated(tmp_path / "fp", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
 
 

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -236,7 +237,9 @@ def test_bench_json(capsys):
     for variant in ("fp", "ternary"):
         entry = result["variants"][variant]
         assert entry["transformer_step_s"] > 0 and entry["image_s"] > 0 and entry["peak_memory_bytes"] > 0
-        assert entry["prompt_encoding_s"] > 0 and entry["peak_memory_kind"] == "process_peak_rss_since_warmup"
+        assert entry["prompt_encoding_s"] > 0
+        if Path("/proc/self/clear_refs").exists():  # Linux: the peak starts afresh after the warm-up
+            assert entry["peak_memory_kind"] == "process_peak_rss_since_warmup"
     ratios = result["ratios_fp_over_ternary"]
     assert set(ratios) == {"transformer_step_s", "image_s", "peak_memory_bytes", "transformer_weight_bytes"}
     assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 1.6-bit codes plus 32-bit rest

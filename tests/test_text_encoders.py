@@ -152,6 +152,18 @@ def test_a_pipeline_on_the_cpu_streams_t5():
         load_pipeline(root, text_encoders="partly")
 
 
+def test_a_pipeline_with_t5_streamed_saves_whole(tmp_path):
+    """diffusers' pipeline saving calls each component's save_pretrained: a streamed T5 writes the checkpoint
+    it streams from (hard links); its state_dict, which would lack the blocks, is refused."""
+    pipe = load_pipeline(demo_model_path())
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = load_pipeline(tmp_path / "saved", text_encoders="whole")
+    for ours, theirs in zip(prompt_embeddings(saved), prompt_embeddings(pipe)):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(BitfluxError, match="holds no block weights"):
+        pipe.text_encoder_2.state_dict()
+
+
 def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):
     root = tmp_path / "pipe"
     shutil.copytree(demo_model_path(), root)

@@ -5,6 +5,7 @@ pipeline loads: the peak is the generation's (transformer, activations, VAE), no
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         generate,
         load_variants,
         resolve_pipeline_path,
+        trim_heap,
     )
     from .surgery import set_activations, set_packing
 
@@ -85,6 +87,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         generate(pipe, prompts, seeds, steps=1, **text)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        trim_heap()  # glibc's heap freed while loading, handed back before the peak starts afresh
         since_warmup = reset_peak_resident()  # the encoders' and the loading's peak is not the generation's
         step_seconds.clear()
         image_seconds = []

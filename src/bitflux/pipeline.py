@@ -189,11 +189,10 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         raise ValueError("one seed per prompt")
     if embeddings is None:
         text = {"prompt": list(prompts)}
-    else:  # where and in what the transformer computes (diffusers takes given embeddings as they are)
+    else:
         if any(len(embeddings[key]) != len(prompts) for key in ("prompt_embeds", "pooled_prompt_embeds")):
             raise ValueError("one embedding per prompt")
-        text = {key: embeddings[key].to(pipe._execution_device, pipe.transformer.dtype)
-                for key in ("prompt_embeds", "pooled_prompt_embeds")}
+        text = placed_embeddings(pipe, embeddings)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     latents = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
@@ -203,11 +202,18 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         return latents
     pipe.transformer = None
     gc.collect()
-    _trim_heap()
+    trim_heap()
     return decode(pipe, latents, height, width)
 
 
-def _trim_heap() -> None:
+def placed_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """encode_prompts' embeddings where and in what the pipeline's transformer computes (diffusers takes given
+    embeddings as they are), as the pipeline's keyword arguments."""
+    return {key: embeddings[key].to(pipe._execution_device, pipe.transformer.dtype)
+            for key in ("prompt_embeds", "pooled_prompt_embeds")}
+
+
+def trim_heap() -> None:
     """Hand glibc's freed heap memory back to the system (the denoising's activations under its mmap threshold,
     which it keeps for reuse; the VAE's large tensors are mapped afresh and would not reuse it)."""
     import ctypes

@@ -5,17 +5,20 @@ and the full-precision FLUX.1-dev transformer the calibration teacher samples wi
 its 57 blocks' instead of 23.8 GB in bf16 (47.6 in fp32).
 
 Between calls the blocks hold no tensors at all (their parameters are None), so a streamed model moves and
-converts as any other (`.to()`, diffusers' model CPU offload; not sequential offload, which leaves the resident
-tensors on the meta device): its blocks load onto the device and in the dtype of its resident tensors. Outputs
-equal those of the model loaded whole in that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this
-does not: bf16 or fp32 only). Each call reads the blocks' bytes again (from the page cache, if it holds them),
-so this is for models run once per prompt or per batch of trajectories, not at every denoising step. One call
-at a time: the blocks share the memory they are read into. Inference only, and not for saving: its state_dict
-is refused (it would lack the block weights).
+converts as any other (`.to()`, diffusers' model CPU offload; not accelerate's sequential offload): its blocks
+load onto the device and in the dtype of its resident tensors. Outputs equal those of the model loaded whole in
+that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this does not: bf16 or fp32 only). Each call
+reads the blocks' bytes again (from the page cache, if it holds them): worth it where the model would not fit
+otherwise (the teacher's transformer, run at every denoising step) or where the reading costs about what the
+compute does (T5 on a CPU). One call at a time: the blocks share the memory they are read into. Inference
+only; not copied or pickled. `save_pretrained` copies the folder it streams from; its state_dict is refused
+(it would lack the block weights), and its parameter counts are the resident tensors'.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,14 +45,15 @@ def check_stored(model: nn.Module, stored: dict[str, tuple], where: Path, aliase
                                f"{'missing' if found is None else f'shape {list(found)}, expected {list(tensor.shape)}'})")
 
 
-def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path]) -> nn.Module:
-    """Empty the model's submodules named in `blocks` (their tensors stored in `files` under their own names)
-    and hook them so that each is loaded right before it runs, on the device and in the dtype of the model's
-    first parameter outside them, and emptied after it (also when it raises); the memory they share is let
-    go when the model's call ends."""
+def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Module:
+    """Empty the model's submodules named in `blocks` (their tensors stored in the folder's safetensors under
+    their own names) and hook them so that each is loaded right before it runs, on the device and in the dtype
+    of the model's first parameter outside them, and emptied after it (also when it raises); the memory they
+    share is let go when the model's call ends."""
+    files = weight_files(Path(folder))
     wanted = {f"{prefix}.{key}" for prefix in blocks for key in model.get_submodule(prefix).state_dict()}
-    largest = max(end - begin for file in files for name, info in read_safetensors_header(file).items()
-                  if name in wanted for begin, end in [info["data_offsets"]])
+    largest = max((end - begin for file in files for name, info in read_safetensors_header(file).items()
+                   if name in wanted for begin, end in [info["data_offsets"]]), default=0)
     memory = _BlockMemory(largest)
     streamed = [_StreamedBlock(model, prefix, files, memory) for prefix in blocks]
 
@@ -61,11 +65,26 @@ def stream_blocks(model: nn.Module, blocks: list[str], files: list[Path]) -> nn.
     model.register_forward_pre_hook(start)
     model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
     model.register_state_dict_pre_hook(_refuse_state_dict)
+    # an instance attribute, found before the class's method (what diffusers' pipeline saving calls)
+    model.save_pretrained = lambda directory, *_args, **_kwargs: _copy_folder(folder, Path(directory))
     return model.eval().requires_grad_(False)
 
 
 def _refuse_state_dict(*_) -> None:
-    raise BitfluxError("a streamed model holds no block weights to save: its checkpoint is the folder it streams from")
+    raise BitfluxError("a streamed model holds no block weights: save_pretrained copies the folder it streams "
+                       "from; a state_dict needs the model loaded whole (T5: load_pipeline(..., text_encoders='whole'))")
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """The checkpoint folder's files into `target`: hard links where the file system allows, else copies."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.is_file():
+            (target / file.name).unlink(missing_ok=True)
+            try:
+                os.link(file, target / file.name)
+            except OSError:
+                shutil.copy2(file, target / file.name)
 
 
 def load_outside(model: nn.Module, files: list[Path], names: set[str], dtype: torch.dtype,
@@ -92,7 +111,7 @@ def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | tor
               for i in range(len(getattr(model, group)))]
     rest = {name for name in model.state_dict() if not any(name.startswith(f"{b}.") for b in blocks)}
     load_outside(model, files, rest, dtype, device)
-    return stream_blocks(model, blocks, files)
+    return stream_blocks(model, blocks, folder)
 
 
 class _BlockMemory:

@@ -13,9 +13,9 @@ A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach th
 then stops adding its branch: the LoRA is lost. Load text encoder LoRAs unfused, or the pipeline with the
 encoders in fp32 (diffusers' own from_pretrained).
 
-For prompts encoded once, before the transformer is loaded (pipeline.encode_prompts), T5 is streamed instead:
-its blocks' weights stay in the checkpoint and each block's are read and widened right before it runs and
-dropped after it (bitflux.streaming), so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
+On a CPU (load_pipeline's default there) and for prompts encoded before the transformer is loaded
+(pipeline.encode_prompts), T5 is streamed instead: its blocks' weights stay in the checkpoint and each block's
+are read and widened right before it runs and dropped after it (bitflux.streaming), so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
 instead of all of its 24 blocks.
 """
 
@@ -182,4 +182,4 @@ def stream_t5(folder: Path, dtype: torch.dtype, device: str | torch.device = "cp
     load_outside(model, files, rest | {embedding}, dtype, device)
     model.shared.weight = model.encoder.embed_tokens.weight = model.get_parameter(embedding)
     blocks = [f"{T5_BLOCKS}{i}" for i in range(len(model.encoder.block))]
-    return stream_blocks(model, blocks, files)
+    return stream_blocks(model, blocks, folder)

@@ -44,6 +44,7 @@ class CalibrationReport:
     peak_device_bytes: int = 0  # CUDA allocator peak (0 on CPU)
     blocks: list[BlockRecord] = field(default_factory=list)
     distill_error: tuple[float, float] | None = None  # relative velocity error before, after
+    teacher_streamed: bool | None = None  # quantize_calibrated's teacher: transformer streamed a block at a time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +52,8 @@ class CalibrationReport:
     def summary(self) -> str:
         lines = [f"calibration ({', '.join(self.stages)}) on {self.records} teacher records: "
                  f"{self.seconds.get('total', 0):.1f} s, peak memory {self.peak_host_bytes / 2**20:.0f} MiB host"
-                 + (f", {self.peak_device_bytes / 2**20:.0f} MiB device" if self.peak_device_bytes else "")]
+                 + (f", {self.peak_device_bytes / 2**20:.0f} MiB device" if self.peak_device_bytes else "")
+                 + (", the teacher's transformer streamed a block at a time" if self.teacher_streamed else "")]
         for b in self.blocks:
             if b.loss_before is not None:
                 lines.append(f"  {b.name}: block output error {b.loss_before:.4f} -> {b.loss_after:.4f}")

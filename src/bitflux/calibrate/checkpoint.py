@@ -35,15 +35,16 @@ def teacher_settings(pipe, **given) -> dict:
 
 def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str], config: TernaryConfig | None = None,
                         calibration: CalibrationConfig | None = None, *, force: bool = False, device=None,
-                        workdir: str | Path | None = None, progress: bool = True) -> CalibrationReport:
+                        workdir: str | Path | None = None, progress: bool = True,
+                        stream_teacher: bool | None = None) -> CalibrationReport:
     """Calibrate the transformer of the FLUX pipeline folder SOURCE and write a bitflux pipeline folder OUT.
 
     The text encoders and the full-precision transformer are never in memory together: the teacher gets each
     batch of prompts encoded by the text encoders alone (T5 streamed, pipeline.encode_prompts) and samples
-    with the transformer held whole if it takes under half the device's free memory, else streamed from
-    SOURCE a block at a time (streaming.stream_transformer: FLUX.1-dev on a 24 GB machine); the block-wise
-    stages read it a block at a time. Compute runs on `device` (default: cuda when available), in bfloat16
-    there and float32 on CPU.
+    with the transformer streamed from SOURCE a block at a time (streaming.stream_transformer: FLUX.1-dev on a
+    24 GB machine) if `stream_teacher`, or when None unless it fits in the device's free memory with room
+    (teacher_pipeline); the block-wise stages read it a block at a time. Compute runs on `device` (default:
+    cuda when available), in bfloat16 there and float32 on CPU.
     """
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
@@ -55,17 +56,18 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     out = Path(out)
     if out.exists() and not force:
         raise BitfluxError(f"{out} exists; pass --force to replace it")
-    negative = sorted(set(calib.pipeline_kwargs) & {"negative_prompt", "negative_prompt_2", "true_cfg_scale"})
-    if negative:
-        raise BitfluxError(f"true CFG ({', '.join(negative)}) is not supported here, where prompts are encoded "
-                           "apart; bitflux.calibrate.calibrate samples with a whole pipeline")
+    text = sorted(key for key in calib.pipeline_kwargs if "prompt" in key)
+    if text:
+        raise BitfluxError(f"{', '.join(text)}: not taken here, where the calibration prompts are encoded apart; "
+                           "bitflux.calibrate.calibrate samples with a whole pipeline")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     root = found.pipeline_root
     transformer_source = FolderSource(root / "transformer", dtype)
     report = CalibrationReport(calib.stages)
     with measured(report, device):
-        pipe = teacher_pipeline(root, dtype, device)
+        pipe = teacher_pipeline(root, transformer_source, device, stream_teacher)
+        report.teacher_streamed = not list(pipe.transformer.transformer_blocks.parameters())
         calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
@@ -81,26 +83,21 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     return report
 
 
-def teacher_pipeline(root: Path, dtype: torch.dtype, device: torch.device, stream: bool | None = None):
-    """The full-precision pipeline the teacher samples with, on `device`: no text encoders (prompts come
-    encoded), the transformer streamed a block at a time from the folder (`stream`; None: unless it takes
-    under half the device's free memory, when holding it whole spares reading its weights at every step)."""
+def teacher_pipeline(root: Path, source: FolderSource, device: torch.device, stream: bool | None = None):
+    """The full-precision pipeline the teacher samples with, on `device`, in the source's dtype: no text
+    encoders (prompts come encoded), the transformer streamed a block at a time from the folder if `stream`;
+    None: unless its weights and a quarter more (at least 4 GiB, for the activations) fit in the device's free
+    memory, when holding it whole spares reading its weights again at every step."""
     from ..pipeline import pipeline_from_folder
     from ..streaming import stream_transformer
     from ..text_encoders import TEXT_ENCODERS
     from . import full_model
 
-    source = FolderSource(root / "transformer", dtype)
     if stream is None:
-        stream = 2 * weight_bytes(source.config, dtype) > available_memory(device)
-    transformer = stream_transformer(root / "transformer", dtype, device) if stream else full_model(source, device)
-    pipe = pipeline_from_folder(root, dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
+        weights = sum(p.numel() for p in source.skeleton.parameters()) * source.dtype.itemsize
+        stream = weights + max(weights // 4, 4 * 2**30) > available_memory(device)
+    transformer = (stream_transformer(root / "transformer", source.dtype, device) if stream
+                   else full_model(source, device))
+    pipe = pipeline_from_folder(root, source.dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
     pipe.vae.to(device)  # not run (the teacher stops at latents), but older diffusers take the device from it
     return pipe
-
-
-def weight_bytes(config: dict, dtype: torch.dtype) -> int:
-    """The transformer's weights in `dtype`."""
-    from ..flux import build_transformer
-
-    return sum(p.numel() for p in build_transformer(config, "meta").parameters()) * dtype.itemsize

@@ -35,16 +35,28 @@ def peak_resident_bytes() -> int:
 
 def available_memory(device) -> int:
     """Bytes free for new tensors: the GPU's free memory, or the system's available memory (Linux
-    MemAvailable; 0 where unknown)."""
+    MemAvailable, within this process's cgroup limit: a container's; 0 where unknown)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = _read_number("/proc/meminfo", "MemAvailable:") * 1024
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                            "memory/memory.usage_in_bytes")):  # cgroup v2, v1
+        cap, used = _read_number(f"/sys/fs/cgroup/{limit}"), _read_number(f"/sys/fs/cgroup/{usage}")
+        if cap and used:
+            available = min(available, max(cap - used, 0))
+    return available
+
+
+def _read_number(path: str, label: str = "") -> int:
+    """The number after `label` on its line of a /proc or /sys file (the file's first number without one);
+    0 if absent or not a number ("max": no limit)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                if line.startswith(label):
+                    return int(line[len(label):].split()[0])
+    except (OSError, ValueError, IndexError):
         pass
     return 0
 

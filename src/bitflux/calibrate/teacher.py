@@ -70,10 +70,9 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
         batch = [prompts[j % len(prompts)] for j in index]
         if encode is None:
             return {"prompt": batch}
-        embeddings = encode(batch, call_kwargs.get("max_sequence_length", 512))  # FluxPipeline's default length
-        # where and in what the transformer computes (diffusers takes given embeddings as they are)
-        return {key: embeddings[key].to(pipeline._execution_device, pipeline.transformer.dtype)
-                for key in ("prompt_embeds", "pooled_prompt_embeds")}
+        from ..pipeline import placed_embeddings
+
+        return placed_embeddings(pipeline, encode(batch, call_kwargs.get("max_sequence_length", 512)))
 
     calls: list[dict[str, torch.Tensor]] = []
     conditioning: list[dict[str, torch.Tensor]] = []  # one entry per distinct text conditioning tensor

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     try:
         if a.out.suffix != ".safetensors":
             raise BitfluxError(f"{a.out}: output must be a .safetensors file")
-        pipe = load_pipeline(demo_model_path())
+        pipe = load_pipeline(demo_model_path(), text_encoders="whole")  # it encodes at every step: not streamed
         state, log = train(pipe, a.steps, a.rank, a.style, a.batch, a.scenes, a.lr, a.guidance, a.seed)
         meta = {k: str(v) for k, v in log.items() if k != "losses"}
         save_lora(state, a.out, metadata={"bitflux_lora": "style", **meta})
