@@ -87,7 +87,8 @@ compiled() {  # torch.compile, last: it only uses what time is left. The demo be
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
-        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or overlapped or alpha" -q --tb=short -rfE $XDIST -p no:cacheprovider
+        tests/test_streaming.py \
+        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or overlapped or alpha or gpu" -q --tb=short -rfE $XDIST -p no:cacheprovider
     [ -z "$LAYERS" ] && part gpu_flux 330 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     [ -z "$LAYERS" ] && pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
@@ -96,7 +97,7 @@ if [ -n "$QUICK" ]; then
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
-        -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
+        tests/test_streaming.py -v --tb=short -rfE --durations=5 $XDIST -p no:cacheprovider
     part gpu_flux 240 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY ${DRY:+--warmup 1 --iters 1}
     pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" $DRY

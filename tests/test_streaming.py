@@ -85,3 +85,28 @@ def test_a_streamed_transformer_moves_and_converts_as_any_other(tmp_path):
     with torch.no_grad():
         assert torch.equal(streamed(**inputs)[0], whole(**inputs)[0])
     assert streamed.dtype == torch.bfloat16 and not _block_parameters(streamed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_run.sh runs it)")
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_streamed_models_on_a_gpu_compute_what_the_loaded_ones_do(tmp_path, stored):
+    """On a GPU, bytes of another dtype are copied first and converted there, bytes already in the dtype copied
+    straight in: the outputs of the models loaded whole on the GPU, bit for bit."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    from bitflux import demo_model_path
+    from bitflux.text_encoders import stream_t5
+
+    build_tiny().to(stored).save_pretrained(tmp_path / "transformer")
+    whole = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16).cuda().eval()
+    streamed = stream_transformer(tmp_path / "transformer", torch.bfloat16, "cuda")
+    inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              v.cuda() if torch.is_tensor(v) else v for k, v in tiny_inputs().items()}
+    folder = demo_model_path() / "text_encoder_2"
+    t5 = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.bfloat16, local_files_only=True).cuda()
+    tokens = torch.tensor([[5, 17, 2, 40, 1]], device="cuda") % t5.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(streamed(**inputs)[0], whole(**inputs)[0])
+        assert torch.equal(stream_t5(folder, torch.bfloat16, "cuda")(tokens)[0], t5(tokens)[0])
+    assert not _block_parameters(streamed)
