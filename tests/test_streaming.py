@@ -54,8 +54,9 @@ def test_a_streamed_transformer_computes_what_the_loaded_one_does(tmp_path, stor
         interrupted.remove()
         assert torch.equal(streamed(**inputs)[0], expected) and not _block_parameters(streamed)
     assert streamed.dtype == dtype and not any(p.requires_grad for p in streamed.parameters())
-    with pytest.raises(BitfluxError, match="holds no block weights"):
-        streamed.state_dict()
+    for module in (streamed, streamed.transformer_blocks, streamed.single_transformer_blocks):
+        with pytest.raises(BitfluxError, match="holds no block weights"):
+            module.state_dict()
 
 
 @pytest.mark.parametrize("edit, words", [

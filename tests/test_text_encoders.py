@@ -160,8 +160,9 @@ def test_a_pipeline_with_t5_streamed_saves_whole(tmp_path):
     saved = load_pipeline(tmp_path / "saved", text_encoders="whole")
     for ours, theirs in zip(prompt_embeddings(saved), prompt_embeddings(pipe)):
         assert torch.equal(ours, theirs)
-    with pytest.raises(BitfluxError, match="holds no block weights"):
-        pipe.text_encoder_2.state_dict()
+    for module in (pipe.text_encoder_2, pipe.text_encoder_2.encoder, pipe.text_encoder_2.encoder.block):
+        with pytest.raises(BitfluxError, match="holds no block weights"):
+            module.state_dict()
 
 
 def test_encoders_no_narrower_than_the_pipeline_are_left_to_diffusers(tmp_path):

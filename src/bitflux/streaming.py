@@ -11,8 +11,9 @@ that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this does not:
 reads the blocks' bytes again (from the page cache, if it holds them): worth it where the model would not fit
 otherwise (the teacher's transformer, run at every denoising step) or where the reading costs about what the
 compute does (T5 on a CPU). One call at a time: the blocks share the memory they are read into. Inference
-only; not copied or pickled. `save_pretrained` copies the folder it streams from; its state_dict is refused
-(it would lack the block weights), and its parameter counts are the resident tensors'.
+only; not copied or pickled. `save_pretrained` copies the folder it streams from; its state_dict, and its
+blocks' containers', are refused (they would lack the block weights), and its parameter counts are the
+resident tensors'.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Modul
 
     model.register_forward_pre_hook(start)
     model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
-    model.register_state_dict_pre_hook(_refuse_state_dict)
+    # the model's and its blocks' containers' (T5's `encoder`, FLUX's block lists): each would lack the blocks
+    containers = {prefix.rsplit(".", depth)[0] for prefix in blocks for depth in range(1, prefix.count(".") + 1)}
+    for module in [model, *(model.get_submodule(name) for name in sorted(containers))]:
+        module.register_state_dict_pre_hook(_refuse_state_dict)
     # an instance attribute, found before the class's method (what diffusers' pipeline saving calls)
     model.save_pretrained = lambda directory, *_args, **_kwargs: _copy_folder(folder, Path(directory))
     return model.eval().requires_grad_(False)
