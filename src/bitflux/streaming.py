@@ -51,12 +51,17 @@ def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Modul
     their own names) and hook them so that each is loaded right before it runs, on the device and in the dtype
     of the model's first parameter outside them, and emptied after it (also when it raises); the memory they
     share is let go when the model's call ends."""
-    files = weight_files(Path(folder))
-    wanted = {f"{prefix}.{key}" for prefix in blocks for key in model.get_submodule(prefix).state_dict()}
-    largest = max((end - begin for file in files for name, info in read_safetensors_header(file).items()
+    headers = {file: read_safetensors_header(file) for file in weight_files(Path(folder))}
+    names = {prefix: {f"{prefix}.{key}" for key in model.get_submodule(prefix).state_dict()} for prefix in blocks}
+    wanted = set().union(*names.values())
+    largest = max((end - begin for header in headers.values() for name, info in header.items()
                    if name in wanted for begin, end in [info["data_offsets"]]), default=0)
     memory = _BlockMemory(largest)
-    streamed = [_StreamedBlock(model, prefix, files, memory) for prefix in blocks]
+    # each block reads only the shards holding its tensors (a sharded checkpoint: one or two of several), whose
+    # headers it parses again at each load
+    streamed = [_StreamedBlock(model, prefix, [file for file, header in headers.items()
+                                               if not names[prefix].isdisjoint(header)], memory)
+                for prefix in blocks]
 
     def start(*_):  # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
         for block in streamed:

@@ -15,8 +15,8 @@ encoders in fp32 (diffusers' own from_pretrained).
 
 On a CPU (load_pipeline's default there) and for prompts encoded before the transformer is loaded
 (pipeline.encode_prompts), T5 is streamed instead: its blocks' weights stay in the checkpoint and each block's
-are read and widened right before it runs and dropped after it (bitflux.streaming), so that T5-XXL holds its embedding (0.5 GB in fp32) and one block at a time (0.8 GB)
-instead of all of its 24 blocks.
+are read and widened right before it runs and dropped after it (bitflux.streaming), so that T5-XXL holds its
+embedding (0.5 GB in fp32) and one block at a time (0.8 GB) instead of all of its 24 blocks.
 """
 
 from __future__ import annotations
