@@ -52,6 +52,15 @@ def tiny_inputs(config=None, batch=1, image_tokens=16, text_tokens=6, seed=1):
     )
 
 
+def owned_weights(model):
+    """The model with its weights copied into memory of its own. from_pretrained with safetensors >= 0.8 leaves
+    them views of the mapped file, placed as it lays them out (8-byte aligned), and some CPUs' BLAS (an AMD
+    EPYC's) sums in another order there: 1e-6 off the same model in allocated memory, as bitflux loads it."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        tensor.data = tensor.data.clone()
+    return model
+
+
 @pytest.fixture
 def tiny_folder(tmp_path):
     """A diffusers transformer folder of a tiny FLUX with random weights."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+from conftest import TINY_CONFIG, build_tiny, owned_weights, tiny_inputs
 from torch import nn
 
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, load_transformer, save_transformer
@@ -318,8 +318,8 @@ def _tiny_pipeline():
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
                         scaling_factor=1.0, shift_factor=0.0)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer(),
-                        text_encoder_2=t5, tokenizer_2=tokenizer(), transformer=build_tiny())
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(),
+                        tokenizer=tokenizer(), text_encoder_2=t5.eval(), tokenizer_2=tokenizer(), transformer=build_tiny())
 
 
 def test_calibrate_a_pipeline_end_to_end(tmp_path):
@@ -367,6 +367,60 @@ def test_teacher_keeps_each_trajectory_text_once(tmp_path):
             assert torch.equal(batch[key], torch.cat([call[key] for call in seen]))
 
 
+def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
+    """First the teacher's trajectories of the given seeds, exactly as collect records them; then the student's
+    own trajectories of the same seeds (its inputs at each step), each labelled with the teacher's velocity there."""
+    import copy
+
+    from bitflux import quantize_
+    from bitflux.calibrate.teacher import collect, onpolicy_records
+
+    pipe = _tiny_pipeline()
+    student = copy.deepcopy(pipe.transformer)
+    quantize_(student, _ternary_config())
+    prompts = ["a red circle", "a blue square left of a red circle"]
+    settings = {"samples": 3, "seed": 7, "batch_size": 2, "progress": False, "num_inference_steps": 3, "height": 16,
+                "width": 16, "max_sequence_length": 8}
+    records = onpolicy_records(pipe, student, prompts, **settings)
+    teacher = collect(pipe, prompts, **settings)
+    own = collect(type(pipe)(**{**pipe.components, "transformer": student}), prompts, **settings)
+    assert len(records) == 2 * 3 * 3 and len(records.prompts["encoder_hidden_states"]) == 2 * 3
+    first, second = torch.arange(len(teacher)), torch.arange(len(teacher), len(records))
+    for part, expected in ((first, teacher), (second, own)):
+        batch, wanted = records.batch(part, "cpu"), expected.batch(torch.arange(len(expected)), "cpu")
+        for key, value in wanted.items():
+            assert value is None or key == "return_dict" or torch.equal(batch[key], value), key
+    assert torch.equal(records.velocity[first], teacher.velocity)
+    assert not torch.equal(own.inputs["hidden_states"], teacher.inputs["hidden_states"])  # the student drifts
+    with torch.no_grad():
+        relabelled = pipe.transformer(**records.batch(second, "cpu"))[0]
+    torch.testing.assert_close(records.velocity[second], relabelled, rtol=1e-4, atol=1e-5)  # other batches: rounding
+    assert (records.velocity[second] - own.velocity).abs().max() > 1e-3  # the teacher's, not the student's
+    with pytest.raises(BitfluxError, match="image sizes"):
+        teacher.joined(collect(pipe, prompts, **{**settings, "height": 32}))
+
+
+def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
+    pipe = _tiny_pipeline()
+    calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60,
+                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
+    config, prompts = _ternary_config(), ["a red circle", "a blue square"]
+    model, report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
+    assert report.records == 2 * 3 and report.onpolicy_records == 2 * 2 * 3
+    before, after = report.onpolicy_error
+    assert after < 0.9 * before
+    assert "onpolicy (12 fresh and own records)" in report.summary()
+    assert (tmp_path / "onpolicy.safetensors").exists() and (tmp_path / "onpolicy.pt").exists()
+    assert not any(isinstance(m, LatentTernaryLinear) for m in model.modules())
+    again, again_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
+    assert again_report.onpolicy_error == report.onpolicy_error
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in again.state_dict().items())
+    with pytest.raises(BitfluxError, match="onpolicy stage samples"):
+        calibrate_transformer(ModelSource(pipe.transformer), _random_teacher(pipe.transformer), config, calib,
+                              progress=False)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(tmp_path, stream):
     """quantize_calibrated's teacher: each batch's prompts encoded by the text encoders alone (T5 streamed), the
@@ -382,7 +436,9 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
     prompts = ["a red circle", "a blue square", "a red square left of a blue circle"]
     settings = dict(samples=4, batch_size=3, progress=False, num_inference_steps=3, height=16, width=16,
                     max_sequence_length=5)  # trajectory 3 takes prompt 0 again, in another batch
-    whole = collect(FluxPipeline.from_pretrained(tmp_path / "fp", torch_dtype=torch.float32), prompts, **settings)
+    reference = FluxPipeline.from_pretrained(tmp_path / "fp", torch_dtype=torch.float32)
+    owned_weights(reference.transformer)
+    whole = collect(reference, prompts, **settings)
     pipe = teacher_pipeline(tmp_path / "fp", FolderSource(tmp_path / "fp" / "transformer", torch.float32),
                             torch.device("cpu"), stream=stream)
     assert (not list(pipe.transformer.transformer_blocks.parameters())) == stream
@@ -403,11 +459,12 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
     from bitflux.calibrate.checkpoint import quantize_calibrated
 
     _tiny_pipeline().save_pretrained(tmp_path / "fp")
-    calib = _calib(("scales", "blockwise"), samples=2, pipeline_kwargs={"num_inference_steps": 3, "height": 16,
-                                                                         "width": 16})
+    calib = _calib(("scales", "blockwise", "onpolicy"), samples=2, onpolicy_steps=4,
+                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16})
     report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
-                                 device="cpu", progress=False)
+                                 device="cpu", progress=False, stream_teacher=True)
     assert report.records == 2 * 3 and len(report.blocks) == len(block_names(TINY_CONFIG))
+    assert report.onpolicy_records == 2 * 2 * 3 and report.teacher_streamed
     pipe = load_pipeline(tmp_path / "out")
     assert any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules())
     image = pipe(["a red circle"], height=16, width=16, num_inference_steps=2, max_sequence_length=8).images[0]

@@ -270,9 +270,10 @@ def test_eval_two_gloo_ranks_equal_one():
     for variant in one:
         assert one[variant]["categories"] == two[variant]["categories"]
         assert one[variant]["overall"] == two[variant]["overall"]
-    # Ranks batch different prompts together; batched float sums may move a pixel by one level.
-    assert one["absmean"]["psnr"] == pytest.approx(two["absmean"]["psnr"], rel=1e-4)
-    assert one["absmean"]["ssim"] == pytest.approx(two["absmean"]["ssim"], rel=1e-4)
+    # Ranks batch different prompts together; batched float sums may move a pixel by one level (on an AMD EPYC:
+    # 0.0016 dB of 12.6).
+    assert one["absmean"]["psnr"] == pytest.approx(two["absmean"]["psnr"], rel=1e-3)
+    assert one["absmean"]["ssim"] == pytest.approx(two["absmean"]["ssim"], rel=1e-3)
     assert one["fp"]["n_images"] == 6 and "psnr" in one["absmean"]
 
 

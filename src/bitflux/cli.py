@@ -37,7 +37,8 @@ def _cmd_quantize(args) -> None:
         prompts = read_prompts(args.calibrate)
         _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
         calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples,
-                                                  distill_steps=args.distill_steps)
+                                                  distill_steps=args.distill_steps,
+                                                  onpolicy_steps=args.onpolicy_steps)
         report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
@@ -263,10 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations the kernels use: 16-bit (the default), int8 or fp8 per token")
     q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
                    help="calibrate with the full-precision model as teacher on these prompts (one per line)")
-    q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill"],
+    q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill", "onpolicy"],
                    help="the last calibration stage to run (each runs the cheaper ones before it)")
     q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
     q.add_argument("--distill-steps", type=int, default=500, help="end-to-end distillation steps (distill stage)")
+    q.add_argument("--onpolicy-steps", type=int, default=500,
+                   help="distillation steps on fresh teacher and the student's own trajectories (onpolicy stage)")
     q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
     q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
     q.add_argument("--force", action="store_true", help="replace an existing output")

@@ -1,6 +1,7 @@
 """Data-free calibration of ternary FLUX transformers: prompts only, the full-precision model as its own
 teacher. Stages (any subset, in this order): closed-form output-error scales, block-wise
-reconstruction, end-to-end velocity distillation. See docs/CALIBRATION.md."""
+reconstruction, end-to-end velocity distillation, and distillation on fresh and on the student's own
+(on-policy) trajectories. See docs/CALIBRATION.md."""
 
 from __future__ import annotations
 
@@ -18,20 +19,22 @@ from ..checkpoint import write_text_atomic
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..flux import build_transformer
+from ..surgery import quantize_
 from .blockwise import BlockRecord, reconstruct
 from .config import LEVELS, STAGES, CalibrationConfig
 from .distill import distill
 from .memory import PeakMemory
 from .prompts import read_prompts
 from .sources import FolderSource, ModelSource
-from .teacher import TeacherData, collect
+from .teacher import TeacherData, collect, onpolicy_records
 
 __all__ = ["LEVELS", "STAGES", "CalibrationConfig", "CalibrationReport", "FolderSource", "ModelSource",
-           "TeacherData", "calibrate", "calibrate_transformer", "check_workdir", "measured", "read_prompts",
-           "teacher_data"]
+           "TeacherData", "calibrate", "calibrate_transformer", "check_workdir", "measured", "onpolicy_data",
+           "read_prompts", "teacher_data"]
 
 _MANIFEST = "manifest.json"
 _TEACHER = "teacher.safetensors"
+_ONPOLICY = "onpolicy.safetensors"
 
 
 @dataclass
@@ -44,6 +47,8 @@ class CalibrationReport:
     peak_device_bytes: int = 0  # CUDA allocator peak (0 on CPU)
     blocks: list[BlockRecord] = field(default_factory=list)
     distill_error: tuple[float, float] | None = None  # relative velocity error before, after
+    onpolicy_records: int = 0  # fresh teacher records and the student's own, for the onpolicy stage
+    onpolicy_error: tuple[float, float] | None = None  # relative velocity error on those, before, after
     teacher_streamed: bool | None = None  # quantize_calibrated's teacher: transformer streamed a block at a time
 
     def to_dict(self) -> dict:
@@ -63,6 +68,9 @@ class CalibrationReport:
                 lines.append(f"  {b.name}: mean layer output error {before:.4f} -> {after:.4f}")
         if self.distill_error:
             lines.append(f"  distill: velocity error {self.distill_error[0]:.4f} -> {self.distill_error[1]:.4f}")
+        if self.onpolicy_error:
+            lines.append(f"  onpolicy ({self.onpolicy_records} fresh and own records): velocity error "
+                         f"{self.onpolicy_error[0]:.4f} -> {self.onpolicy_error[1]:.4f}")
         return "\n".join(lines)
 
 
@@ -101,17 +109,30 @@ def teacher_data(pipeline, prompts: list[str], calib: CalibrationConfig, workdir
     """The teacher's records, read from `workdir` when a previous run of the same settings saved them.
     `encode`: for a pipeline without text encoders (teacher.collect)."""
     start = time.perf_counter()
-    cached = Path(workdir) / _TEACHER if workdir else None
-    if cached is not None and cached.exists():
-        teacher = TeacherData.load(cached)
-    else:
-        teacher = collect(pipeline, prompts, calib.samples, calib.seed, calib.batch_size, progress, encode,
-                          **calib.pipeline_kwargs)
-        if cached is not None:
-            teacher.save(cached)
+    teacher = _saved(workdir, _TEACHER, lambda: collect(pipeline, prompts, calib.samples, calib.seed,
+                                                        calib.batch_size, progress, encode, **calib.pipeline_kwargs))
     if report is not None:
         report.seconds["teacher"] = time.perf_counter() - start
     return teacher
+
+
+def _saved(workdir: Path | None, name: str, make) -> TeacherData:
+    """Records `make()` returns, read from workdir/name instead when an earlier run saved them there."""
+    path = Path(workdir) / name if workdir else None
+    if path is not None and path.exists():
+        return TeacherData.load(path)
+    records = make()
+    if path is not None:
+        records.save(path)
+    return records
+
+
+def onpolicy_data(pipeline, student: nn.Module, prompts: list[str], calib: CalibrationConfig, progress: bool = True,
+                  encode=None) -> TeacherData:
+    """The onpolicy stage's records (teacher.onpolicy_records) at the calibration's settings: `calib.samples`
+    fresh teacher trajectories after the first records' seeds, and as many of the student's own."""
+    return onpolicy_records(pipeline, student, prompts, calib.samples, calib.seed + calib.samples, calib.batch_size,
+                            progress, encode, **calib.pipeline_kwargs)
 
 
 def full_model(source, device) -> nn.Module:
@@ -124,9 +145,14 @@ def full_model(source, device) -> nn.Module:
 
 def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, calib: CalibrationConfig,
                           device="cpu", workdir: Path | None = None, progress: bool = True,
-                          report: CalibrationReport | None = None) -> tuple[nn.Module, CalibrationReport]:
+                          report: CalibrationReport | None = None,
+                          onpolicy=None) -> tuple[nn.Module, CalibrationReport]:
     """The ternary transformer calibrated on teacher records, full-precision weights read from `source`
-    (ModelSource or FolderSource) one submodule at a time."""
+    (ModelSource or FolderSource) one submodule at a time. `onpolicy(student) -> TeacherData`, for the onpolicy
+    stage: the records of onpolicy_data for the student calibrated by the earlier stages."""
+    if "onpolicy" in calib.stages and onpolicy is None:
+        raise BitfluxError("the onpolicy stage samples with the student and the teacher: give `onpolicy` "
+                           "(calibrate and quantize_calibrated do)")
     report = report or CalibrationReport(calib.stages)
     report.records = len(teacher)
     start = time.perf_counter()
@@ -139,6 +165,13 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
         start = time.perf_counter()
         report.distill_error = distill(model, teacher, config, calib, device, progress, workdir)
         report.seconds["distill"] = time.perf_counter() - start
+    if "onpolicy" in calib.stages:
+        start = time.perf_counter()
+        quantize_(model, config)  # plain rounding when no stage before made it ternary; else nothing to do
+        records = _saved(workdir, _ONPOLICY, lambda: onpolicy(model))
+        report.onpolicy_records = len(records)
+        report.onpolicy_error = distill(model, records, config, calib, device, progress, workdir, "onpolicy")
+        report.seconds["onpolicy"] = time.perf_counter() - start
     return model, report
 
 
@@ -162,5 +195,7 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
         workdir = check_workdir(workdir, config, calib, source.config, prompts)
     with measured(CalibrationReport(calib.stages), device) as report:
         teacher = teacher_data(pipeline, prompts, calib, workdir, progress, report)
-        model, report = calibrate_transformer(source, teacher, config, calib, device, workdir, progress, report)
+        model, report = calibrate_transformer(
+            source, teacher, config, calib, device, workdir, progress, report,
+            onpolicy=lambda student: onpolicy_data(pipeline, student, prompts, calib, progress))
     return model, report

@@ -19,6 +19,7 @@ from . import (
     calibrate_transformer,
     check_workdir,
     measured,
+    onpolicy_data,
     teacher_data,
 )
 from .memory import available_memory
@@ -71,12 +72,19 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
-        teacher = teacher_data(pipe, prompts, calib, workdir, progress, report,
-                               encode=lambda batch, length: encode_prompts(root, batch, device, dtype, length))
-        del pipe  # the teacher's weights are not needed again
+        def encode(batch, length):
+            return encode_prompts(root, batch, device, dtype, length)
+
+        teacher = teacher_data(pipe, prompts, calib, workdir, progress, report, encode)
+        del pipe  # the block-wise stages read the teacher's weights a block at a time, beside the student
         gc.collect()
+
+        def onpolicy(student):  # the teacher again, by the same rule now that the student is in memory too
+            return onpolicy_data(teacher_pipeline(root, transformer_source, device, stream_teacher), student, prompts,
+                                 calib, progress, encode)
+
         model, report = calibrate_transformer(transformer_source, teacher, config, calib, device, workdir, progress,
-                                              report)
+                                              report, onpolicy)
     with AtomicFolder(out, force) as tmp:
         save_transformer(model.to(torch.device("cpu")), tmp / "transformer", config)
         copy_pipeline_components(root, tmp)

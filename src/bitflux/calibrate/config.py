@@ -7,17 +7,19 @@ from dataclasses import dataclass, field
 
 from ..errors import BitfluxError
 
-STAGES = ("scales", "blockwise", "distill")
+STAGES = ("scales", "blockwise", "distill", "onpolicy")
 # `--calibration X` on the command line runs X and every cheaper stage before it.
-LEVELS = {"scales": ("scales",), "blockwise": ("scales", "blockwise"), "distill": STAGES}
+LEVELS = {"scales": ("scales",), "blockwise": ("scales", "blockwise"), "distill": ("scales", "blockwise", "distill"),
+          "onpolicy": STAGES}
 
 
 @dataclass
 class CalibrationConfig:
-    """stages: any of scales, blockwise, distill, run in that order.
+    """stages: any of scales, blockwise, distill, onpolicy, run in that order.
     samples: teacher trajectories (one image each, prompts cycled, noise seed `seed + j`); every
-        denoising step of each is one training record.
-    steps: optimisation steps per block (blockwise); distill_steps: in total (distill).
+        denoising step of each is one training record. The onpolicy stage records as many fresh ones (seeds
+        `seed + samples + j`) and as many of the student's own.
+    steps: optimisation steps per block (blockwise); distill_steps, onpolicy_steps: in total (distill, onpolicy).
     pipeline_kwargs: how the teacher samples (num_inference_steps, guidance_scale, height, width,
         max_sequence_length): calibrate at the settings you generate with.
     """
@@ -26,6 +28,7 @@ class CalibrationConfig:
     samples: int = 32
     steps: int = 200
     distill_steps: int = 500
+    onpolicy_steps: int = 500
     batch_size: int = 16
     latent_lr: float = 1e-2  # in rounding steps per optimisation step (see latent.py)
     scale_lr: float = 1e-3  # on log(scale)
@@ -42,7 +45,7 @@ class CalibrationConfig:
                                f"choose from {', '.join(STAGES)}")
         if list(self.stages) != sorted(set(self.stages), key=STAGES.index):
             raise BitfluxError(f"calibration stages run in the order {', '.join(STAGES)}, each once")
-        for name in ("samples", "steps", "distill_steps", "batch_size", "eval_records"):
+        for name in ("samples", "steps", "distill_steps", "onpolicy_steps", "batch_size", "eval_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
                 raise BitfluxError(f"calibration {name} must be a positive integer, got {value!r}")

@@ -1,5 +1,6 @@
 """End-to-end velocity distillation: the ternary student matches the teacher's velocity predictions
-on the records of the teacher's own sampling trajectories."""
+on the records of the teacher's sampling trajectories (the distill stage), and then on fresh ones and on the
+student's own (the onpolicy stage, teacher.onpolicy_records)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from .config import CalibrationConfig
 from .latent import fit, freeze, to_latent
 from .teacher import TeacherData
 
-_CHECKPOINT = "distill.pt"  # in the workdir: the training state, written every few minutes
-_START = "distill-start.json"  # the velocity error before training, for the report of a resumed run
+# In the workdir, for each stage: STAGE.pt, the training state, written every few minutes; STAGE-start.json, the
+# velocity error before training, for the report of a resumed run.
 
 
 def _velocity_error(model, teacher: TeacherData, index, device, norm) -> torch.Tensor:
@@ -32,25 +33,27 @@ def evaluate(model, teacher: TeacherData, index: torch.Tensor, batch_size: int, 
 
 
 def distill(model: nn.Module, teacher: TeacherData, config: TernaryConfig, calib: CalibrationConfig, device="cpu",
-            progress: bool = True, workdir: Path | None = None) -> tuple[float, float]:
+            progress: bool = True, workdir: Path | None = None, stage: str = "distill") -> tuple[float, float]:
     """In place: the model's targeted layers (full precision: starting from the config's rounding;
     ternary: from their codes and scales) are trained as LatentTernaryLinear, then frozen.
     Only ternary weights and scales learn; everything else stays the teacher's. Returns the relative
-    velocity error on the evaluation records before and after. With `workdir`, training checkpoints go to
-    workdir/distill.pt and a repeated run goes on from the last one."""
+    velocity error on the evaluation records before and after. `stage`: distill or onpolicy (its steps, its
+    seed, its files). With `workdir`, training checkpoints go to workdir/STAGE.pt and a repeated run goes on from
+    the last one."""
+    steps, seed = (calib.distill_steps, calib.seed + 1) if stage == "distill" else (calib.onpolicy_steps, calib.seed + 2)
     to_latent(model, config)
     eval_index = calib.eval_index(len(teacher))
     norm = teacher.velocity.float().pow(2).mean()
-    start_file = Path(workdir) / _START if workdir else None
+    start_file = Path(workdir) / f"{stage}-start.json" if workdir else None
     if start_file is not None and start_file.exists():  # resumed: the error of the untrained student
         before = json.loads(start_file.read_text())["velocity_error"]
     else:
         before = evaluate(model, teacher, eval_index, calib.batch_size, device)
         if start_file is not None:
             write_text_atomic(start_file, json.dumps({"velocity_error": before}))
-    fit(model, lambda index: _velocity_error(model, teacher, index, device, norm), len(teacher), calib.distill_steps,
-        calib.batch_size, calib.latent_lr, calib.scale_lr, calib.seed + 1, progress, "distill",
-        checkpoint=Path(workdir) / _CHECKPOINT if workdir else None)
+    fit(model, lambda index: _velocity_error(model, teacher, index, device, norm), len(teacher), steps,
+        calib.batch_size, calib.latent_lr, calib.scale_lr, seed, progress, stage,
+        checkpoint=Path(workdir) / f"{stage}.pt" if workdir else None)
     after = evaluate(model, teacher, eval_index, calib.batch_size, device)
     freeze(model)
     return before, after

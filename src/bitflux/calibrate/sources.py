@@ -51,9 +51,14 @@ class FolderSource:
         state = {}
         for file, keys in by_file.items():
             with safe_open(str(file), "pt", device="cpu") as f:
-                state.update({key[len(prefix):]: f.get_tensor(key) for key in keys})
+                for key in keys:
+                    # A copy of its own: safetensors >= 0.8 gives views of the mapped file, placed as the file
+                    # lays them out (8-byte aligned), and some CPUs' BLAS sums in another order at such addresses.
+                    tensor = f.get_tensor(key)
+                    dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+                    state[key[len(prefix):]] = tensor.to(device, dtype, copy=True)
         module.load_state_dict(state, assign=True, strict=True)
-        return module.to(device, self.dtype)
+        return module
 
 
 def block_names(config: dict) -> list[str]:

@@ -43,6 +43,17 @@ class TeacherData:
         kwargs.setdefault("guidance", None)
         return {**kwargs, "return_dict": False}
 
+    def joined(self, other: TeacherData) -> TeacherData:
+        """These records, then `other`'s (recorded at the same image size, each with its own text rows)."""
+        if any(not torch.equal(self.inputs[key], other.inputs[key]) for key in SHARED):
+            raise BitfluxError("records of different image sizes or text lengths cannot be joined")
+        offset = len(self.prompts["encoder_hidden_states"])
+        inputs = {key: value if key in SHARED else
+                  torch.cat([value, other.inputs[key] + (offset if key == PROMPT_INDEX else 0)])
+                  for key, value in self.inputs.items()}
+        return TeacherData(inputs, torch.cat([self.velocity, other.velocity]),
+                           {key: torch.cat([value, other.prompts[key]]) for key, value in self.prompts.items()})
+
     def save(self, path: Path) -> None:
         prompts = {f"prompt.{k}": v for k, v in self.prompts.items()}
         write_atomic(Path(path), lambda tmp: save_file({**self.inputs, **prompts, "velocity": self.velocity}, str(tmp)))
@@ -57,9 +68,11 @@ class TeacherData:
 
 @torch.no_grad()
 def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_size: int = 8,
-            progress: bool = True, encode=None, **call_kwargs) -> TeacherData:
+            progress: bool = True, encode=None, label=None, desc: str = "teacher trajectories",
+            **call_kwargs) -> TeacherData:
     """Sample `samples` trajectories (prompt j mod len(prompts), noise seed `seed + j`) with the pipeline
-    and record every transformer call. `encode(prompts, max_sequence_length) -> embeddings` (as
+    and record every transformer call, with the velocity it returned or, given `label` (a transformer),
+    the velocity `label` predicts for the same inputs. `encode(prompts, max_sequence_length) -> embeddings` (as
     pipeline.encode_prompts makes them), for a pipeline without text encoders: called for each batch of
     trajectories, with the prompts the pipeline would have encoded itself. `call_kwargs` go to the pipeline
     (num_inference_steps, guidance_scale, height, width, max_sequence_length, ...)."""
@@ -90,14 +103,14 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
             seen.append((states, rows))
             conditioning.append({k: kwargs[k].detach().cpu() for k in PROMPT})
         call[PROMPT_INDEX] = rows
-        call["velocity"] = output[0].detach().cpu()
+        call["velocity"] = (label(*args, **kwargs) if label is not None else output)[0].detach().cpu()
         calls.append(call)
 
     saved_bar_config = dict(getattr(pipeline, "_progress_bar_config", {}))
     pipeline.set_progress_bar_config(disable=True)
     handle = pipeline.transformer.register_forward_hook(record, with_kwargs=True)
     try:
-        for start in tqdm(range(0, samples, batch_size), desc="teacher trajectories", unit="batch",
+        for start in tqdm(range(0, samples, batch_size), desc=desc, unit="batch",
                           disable=not progress):
             index = range(start, min(samples, start + batch_size))
             seen.clear()
@@ -115,3 +128,17 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
     inputs.update({k: calls[0][k] for k in SHARED})
     prompt_rows = {k: torch.cat([c[k] for c in conditioning]) for k in PROMPT}
     return TeacherData(inputs, torch.cat([c["velocity"] for c in calls]), prompt_rows)
+
+
+def onpolicy_records(pipeline, student, prompts: list[str], samples: int, seed: int, batch_size: int = 8,
+                     progress: bool = True, encode=None, **call_kwargs) -> TeacherData:
+    """Records a calibrated student has not been fitted on: `samples` fresh trajectories of the pipeline (the
+    teacher), then as many of the student's own, each of its states labelled with the teacher's velocity there
+    (on-policy: where the student's sampling drifts, the teacher says how to go on). Noise seeds `seed + j`
+    for both; arguments as for collect."""
+    kwargs = {"samples": samples, "seed": seed, "batch_size": batch_size, "progress": progress, "encode": encode,
+              **call_kwargs}
+    fresh = collect(pipeline, prompts, **kwargs)
+    student_pipeline = type(pipeline)(**{**pipeline.components, "transformer": student})
+    own = collect(student_pipeline, prompts, label=pipeline.transformer, desc="student trajectories", **kwargs)
+    return fresh.joined(own)
