@@ -1,4 +1,5 @@
-"""Does the shipped calibrated demo model gain from more velocity distillation, and from which records? Starting
+"""Does the shipped calibrated demo model gain from more velocity distillation, and from which records? (The
+experiment behind the onpolicy calibration stage, which records "both" below.) Starting
 from it, 500 more distillation steps on each of: fresh teacher trajectories (other noise seeds than the ones
 it was calibrated on: `fresh`), the student's own trajectories with the teacher's velocity at each of its
 states (`student`, on-policy), and both together (`both`); then `bitflux eval` scores them beside full
@@ -26,30 +27,13 @@ from bitflux import demo_model_path, load_pipeline, load_transformer, save_trans
 from bitflux.calibrate import CalibrationConfig
 from bitflux.calibrate.checkpoint import teacher_settings
 from bitflux.calibrate.distill import distill
-from bitflux.calibrate.teacher import PROMPT_INDEX, SHARED, TeacherData, collect
+from bitflux.calibrate.teacher import collect
 from bitflux.checkpoint import read_config
 from bitflux.config import TernaryConfig
 from bitflux.demo.scenes import calibration_prompts
 from bitflux.pipeline import demo_ternary_path
 
 FRESH_SEED = 10_000  # the shipped model's teacher trajectories used seeds 0..63
-
-
-def with_teacher_velocity(records: TeacherData, teacher) -> TeacherData:
-    """The records' inputs with the teacher's velocity at each."""
-    with torch.no_grad():
-        velocity = torch.cat([teacher(**records.batch(index, "cpu"))[0]
-                              for index in torch.arange(len(records)).split(64)])
-    return TeacherData(records.inputs, velocity, records.prompts)
-
-
-def joined(a: TeacherData, b: TeacherData) -> TeacherData:
-    """Both sets of records (b's text-conditioning rows after a's)."""
-    offset = len(a.prompts["encoder_hidden_states"])
-    inputs = {key: a.inputs[key] if key in SHARED else
-              torch.cat([a.inputs[key], b.inputs[key] + (offset if key == PROMPT_INDEX else 0)]) for key in a.inputs}
-    return TeacherData(inputs, torch.cat([a.velocity, b.velocity]),
-                       {key: torch.cat([a.prompts[key], b.prompts[key]]) for key in a.prompts})
 
 
 def main() -> None:
@@ -72,9 +56,9 @@ def main() -> None:
     if {"fresh", "both"} & set(args.variants):
         records["fresh"] = collect(teacher, prompts, **record)
     if {"student", "both"} & set(args.variants):
-        records["student"] = with_teacher_velocity(collect(student, prompts, **record), teacher.transformer)
-    if "both" in args.variants:
-        records["both"] = joined(records["fresh"], records["student"])
+        records["student"] = collect(student, prompts, label=teacher.transformer, **record)
+    if "both" in args.variants:  # what the onpolicy calibration stage records (teacher.onpolicy_records)
+        records["both"] = records["fresh"].joined(records["student"])
     config = TernaryConfig.from_dict(read_config(shipped / "transformer")["quantization_config"])
     calib = CalibrationConfig(stages=("distill",), distill_steps=args.steps, batch_size=16)
     folders = []

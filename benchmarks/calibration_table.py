@@ -1,14 +1,16 @@
 """The calibration table: plain rounding variants against data-free calibration on the embedded demo model.
 
     python benchmarks/calibration_table.py [--model DIR] [--samples 32] [--steps 200] [--distill-steps 500]
+        [--onpolicy-steps 500]
         [--per-category 48] [--threads 1] [--out docs/calibration] [--device cpu]
 
 Every row generates ShapeEval's images with the same seeds as full precision (20 steps, guidance 3.5, the
 model's own size) and reports ShapeEval overall and per category (0-100), PSNR and SSIM against the
 full-precision images, and the calibration's time and peak memory. The teacher records are collected
 once (prompts from the demo's caption grammar, disjoint from ShapeEval's) and shared by the calibrated
-rows; each calibrated row's time includes the teacher's. Each calibration runs in a child process that
-loads the full-precision transformer and the saved teacher records; its memory is that process's peak
+rows; each calibrated row's time includes the teacher's (the on-policy rows record their own further
+records). Each calibration runs in a child process that loads the full-precision pipeline and the saved
+teacher records; its memory is that process's peak
 resident memory (sampled every 20 ms; Python, torch and the model included), and on CUDA the allocator's
 peak.
 Writes OUT/calibration.json, OUT/calibration_table.md and OUT/calibration_grid.png (same seeds, one row of
@@ -30,7 +32,7 @@ import torch
 
 from bitflux import TernaryConfig, load_transformer, quantize_, save_transformer
 from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData, calibrate_transformer,
-                               measured, teacher_data)
+                               measured, onpolicy_data, teacher_data)
 from bitflux.calibrate.checkpoint import teacher_settings
 from bitflux.checkpoint import write_atomic, write_text_atomic
 from bitflux.eval.fidelity import fidelity
@@ -40,7 +42,8 @@ PLAIN = [("absmean", "tensor"), ("twn", "tensor"), ("lsq", "tensor"), ("absmean"
          ("absmean", "group:64")]
 CALIBRATED_GRANULARITIES = ["tensor", "channel"]
 LEVELS = [("+ scales", ("scales",)), ("+ block-wise", ("scales", "blockwise")),
-          ("+ distillation", ("scales", "blockwise", "distill"))]
+          ("+ distillation", ("scales", "blockwise", "distill")),
+          ("+ on-policy", ("scales", "blockwise", "distill", "onpolicy"))]
 GRID_IMAGES = 8
 
 
@@ -104,17 +107,18 @@ def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
 def child(job: dict) -> None:
     """Calibrate one variant from saved teacher records and write it as a bitflux folder; the report
     (time, peak memory of this process alone) goes to stdout as the last line."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
     torch.set_num_threads(job["threads"])
     config = TernaryConfig.from_dict(job["config"])
     calib = CalibrationConfig(**job["calibration"])
     teacher = TeacherData.load(Path(job["teacher"]))
-    fp = FluxTransformer2DModel.from_pretrained(job["model"], subfolder="transformer", torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True).to(job["device"])
     report = CalibrationReport(calib.stages)
     with measured(report, job["device"]):
-        model, report = calibrate_transformer(ModelSource(fp.to(job["device"])), teacher, config, calib, job["device"],
-                                              progress=False, report=report)
+        model, report = calibrate_transformer(
+            ModelSource(pipe.transformer), teacher, config, calib, job["device"], progress=False, report=report,
+            onpolicy=lambda student: onpolicy_data(pipe, student, job["prompts"], calib, progress=False))
     save_transformer(model.to("cpu"), job["out"], config, force=True)
     print(json.dumps(report.to_dict()))
 
@@ -128,6 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=32, help="teacher trajectories")
     parser.add_argument("--steps", type=int, default=200, help="optimisation steps per block")
     parser.add_argument("--distill-steps", type=int, default=500)
+    parser.add_argument("--onpolicy-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-category", type=int, default=48, help="ShapeEval prompts per category")
     parser.add_argument("--granularities", nargs="+", default=CALIBRATED_GRANULARITIES)
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
         record(f"{method} {granularity}", plain, fp_images, time.perf_counter() - start)
 
     base = CalibrationConfig(samples=args.samples, steps=args.steps, distill_steps=args.distill_steps,
-                             batch_size=args.batch_size, pipeline_kwargs=settings)
+                             onpolicy_steps=args.onpolicy_steps, batch_size=args.batch_size, pipeline_kwargs=settings)
     teacher_report = CalibrationReport(("teacher",))
     with measured(teacher_report, device):
         teacher = teacher_data(pipe, prompts, base, progress=True, report=teacher_report)
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
         calib = CalibrationConfig(**{**base.to_dict(), "stages": stages})
         job = {"model": str(model_path), "teacher": str(work / "teacher.safetensors"), "out": str(work / "student"),
                "config": config.to_dict(), "calibration": calib.to_dict(), "device": args.device,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "prompts": prompts}
         done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=True,
                               stdout=subprocess.PIPE, text=True)
         report = json.loads(done.stdout.strip().splitlines()[-1])
