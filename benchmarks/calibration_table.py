@@ -107,17 +107,22 @@ def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
 def child(job: dict) -> None:
     """Calibrate one variant from saved teacher records and write it as a bitflux folder; the report
     (time, peak memory of this process alone) goes to stdout as the last line."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     torch.set_num_threads(job["threads"])
     config = TernaryConfig.from_dict(job["config"])
     calib = CalibrationConfig(**job["calibration"])
     teacher = TeacherData.load(Path(job["teacher"]))
-    pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True).to(job["device"])
+    # The whole pipeline only for the onpolicy stage (it samples), so the other rows' memory is the transformer's.
+    if "onpolicy" in calib.stages:
+        pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True)
+        fp = pipe.to(job["device"]).transformer
+    else:
+        fp = FluxTransformer2DModel.from_pretrained(job["model"], subfolder="transformer", torch_dtype=torch.float32)
     report = CalibrationReport(calib.stages)
     with measured(report, job["device"]):
         model, report = calibrate_transformer(
-            ModelSource(pipe.transformer), teacher, config, calib, job["device"], progress=False, report=report,
+            ModelSource(fp.to(job["device"])), teacher, config, calib, job["device"], progress=False, report=report,
             onpolicy=lambda student: onpolicy_data(pipe, student, job["prompts"], calib, progress=False))
     save_transformer(model.to("cpu"), job["out"], config, force=True)
     print(json.dumps(report.to_dict()))

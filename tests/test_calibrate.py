@@ -368,8 +368,8 @@ def test_teacher_keeps_each_trajectory_text_once(tmp_path):
 
 
 def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
-    """First the teacher's trajectories of the given seeds, exactly as collect records them; then the student's
-    own trajectories of the same seeds (its inputs at each step), each labelled with the teacher's velocity there."""
+    """First the teacher's trajectories of the given seeds, exactly as collect records them; then as many of the
+    student's own (the next seeds; its inputs at each step), each labelled with the teacher's velocity there."""
     import copy
 
     from bitflux import quantize_
@@ -383,7 +383,7 @@ def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
                 "width": 16, "max_sequence_length": 8}
     records = onpolicy_records(pipe, student, prompts, **settings)
     teacher = collect(pipe, prompts, **settings)
-    own = collect(type(pipe)(**{**pipe.components, "transformer": student}), prompts, **settings)
+    own = collect(type(pipe)(**{**pipe.components, "transformer": student}), prompts, **{**settings, "seed": 7 + 3})
     assert len(records) == 2 * 3 * 3 and len(records.prompts["encoder_hidden_states"]) == 2 * 3
     first, second = torch.arange(len(teacher)), torch.arange(len(teacher), len(records))
     for part, expected in ((first, teacher), (second, own)):
@@ -398,6 +398,8 @@ def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
     assert (records.velocity[second] - own.velocity).abs().max() > 1e-3  # the teacher's, not the student's
     with pytest.raises(BitfluxError, match="image sizes"):
         teacher.joined(collect(pipe, prompts, **{**settings, "height": 32}))
+    with pytest.raises(BitfluxError, match="the student is on meta, the pipeline runs on cpu"):
+        onpolicy_records(pipe, student.to("meta"), prompts, **settings)
 
 
 def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
@@ -416,6 +418,8 @@ def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
     assert again_report.onpolicy_error == report.onpolicy_error
     expected = model.state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in again.state_dict().items())
+    with pytest.raises(BitfluxError, match="goes on from a calibrated student"):
+        _calib(("onpolicy",))
     with pytest.raises(BitfluxError, match="onpolicy stage samples"):
         calibrate_transformer(ModelSource(pipe.transformer), _random_teacher(pipe.transformer), config, calib,
                               progress=False)
@@ -454,7 +458,8 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
     assert torch.equal(separate.velocity, whole.velocity)
 
 
-def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
+@pytest.mark.parametrize("stream", [True, False])
+def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path, stream):
     from bitflux import load_pipeline
     from bitflux.calibrate.checkpoint import quantize_calibrated
 
@@ -462,9 +467,9 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path):
     calib = _calib(("scales", "blockwise", "onpolicy"), samples=2, onpolicy_steps=4,
                    pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16})
     report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
-                                 device="cpu", progress=False, stream_teacher=True)
+                                 device="cpu", progress=False, stream_teacher=stream)
     assert report.records == 2 * 3 and len(report.blocks) == len(block_names(TINY_CONFIG))
-    assert report.onpolicy_records == 2 * 2 * 3 and report.teacher_streamed
+    assert report.onpolicy_records == 2 * 2 * 3 and report.teacher_streamed == stream
     pipe = load_pipeline(tmp_path / "out")
     assert any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules())
     image = pipe(["a red circle"], height=16, width=16, num_inference_steps=2, max_sequence_length=8).images[0]
@@ -490,3 +495,16 @@ def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):
     manifest.write_text(json.dumps(earlier))
     with pytest.raises(BitfluxError, match="other settings"):
         check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
+
+
+def test_a_workdir_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from bitflux.calibrate import check_workdir
+
+    config, calib = TernaryConfig(), CalibrationConfig()
+    manifest = check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"]) / "manifest.json"
+    earlier = json.loads(manifest.read_text())
+    del earlier["calibration"]["onpolicy_steps"]
+    manifest.write_text(json.dumps(earlier))
+    check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
+    with pytest.raises(BitfluxError, match="other settings"):
+        check_workdir(tmp_path, config, CalibrationConfig(onpolicy_steps=7), TINY_CONFIG, ["a red circle"])

@@ -19,7 +19,6 @@ from ..checkpoint import write_text_atomic
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..flux import build_transformer
-from ..surgery import quantize_
 from .blockwise import BlockRecord, reconstruct
 from .config import LEVELS, STAGES, CalibrationConfig
 from .distill import distill
@@ -86,7 +85,11 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / _MANIFEST
     if path.exists():
-        if json.loads(path.read_text()) != json.loads(text):
+        saved = json.loads(path.read_text())
+        # settings added since the workdir was written (e.g. onpolicy_steps) take their defaults there
+        saved["calibration"] = {**json.loads(json.dumps(CalibrationConfig().to_dict(), default=list)),
+                                **saved.get("calibration", {})}
+        if saved != json.loads(text):
             raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
         return workdir
     write_text_atomic(path, text)
@@ -167,7 +170,6 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
         report.seconds["distill"] = time.perf_counter() - start
     if "onpolicy" in calib.stages:
         start = time.perf_counter()
-        quantize_(model, config)  # plain rounding when no stage before made it ternary; else nothing to do
         records = _saved(workdir, _ONPOLICY, lambda: onpolicy(model))
         report.onpolicy_records = len(records)
         report.onpolicy_error = distill(model, records, config, calib, device, progress, workdir, "onpolicy")

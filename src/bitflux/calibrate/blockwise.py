@@ -199,7 +199,9 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             targets = run_block(block, fp_stream, cond, calib.batch_size, device)
             del block
             block = model.get_submodule(name)
-            block.load_state_dict(load_file(str(saved), device=str(device)), assign=True, strict=True)
+            # copies of their own, not views of the mapped file (safetensors >= 0.8), as a block calibrated now has
+            saved_state = {key: tensor.clone() for key, tensor in load_file(str(saved), device=str(device)).items()}
+            block.load_state_dict(saved_state, assign=True, strict=True)
             record.resumed = True
         else:
             grams = InputGrams(target_linears(block, config, name)) if "scales" in calib.stages else None

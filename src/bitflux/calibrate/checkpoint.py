@@ -1,5 +1,6 @@
 """`bitflux quantize SOURCE -o OUT --calibrate PROMPTS.txt`: calibrate a FLUX pipeline folder into a
-bitflux pipeline folder, never holding the full-precision transformer beside the student."""
+bitflux pipeline folder, the full-precision transformer beside the student only a block at a time (or whole
+for the onpolicy stage's teacher, where it fits in free memory)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from . import (
     onpolicy_data,
     teacher_data,
 )
-from .memory import available_memory
+from .memory import available_memory, release_cached_memory
 from .sources import FolderSource
 
 
@@ -79,9 +80,14 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         del pipe  # the block-wise stages read the teacher's weights a block at a time, beside the student
         gc.collect()
 
-        def onpolicy(student):  # the teacher again, by the same rule now that the student is in memory too
-            return onpolicy_data(teacher_pipeline(root, transformer_source, device, stream_teacher), student, prompts,
-                                 calib, progress, encode)
+        def onpolicy(student):
+            release_cached_memory(device)  # distillation's freed memory counts as free for the rule below
+            # the teacher again, by the same rule now that the student is in memory too
+            pipe = teacher_pipeline(root, transformer_source, device, stream_teacher)
+            records = onpolicy_data(pipe, student, prompts, calib, progress, encode)
+            del pipe
+            gc.collect()  # a streamed transformer's hooks hold it in reference cycles
+            return records
 
         model, report = calibrate_transformer(transformer_source, teacher, config, calib, device, workdir, progress,
                                               report, onpolicy)

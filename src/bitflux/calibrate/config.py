@@ -45,6 +45,8 @@ class CalibrationConfig:
                                f"choose from {', '.join(STAGES)}")
         if list(self.stages) != sorted(set(self.stages), key=STAGES.index):
             raise BitfluxError(f"calibration stages run in the order {', '.join(STAGES)}, each once")
+        if self.stages == ("onpolicy",):
+            raise BitfluxError("the onpolicy stage goes on from a calibrated student: run it after another stage")
         for name in ("samples", "steps", "distill_steps", "onpolicy_steps", "batch_size", "eval_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):

@@ -48,6 +48,19 @@ def available_memory(device) -> int:
     return available
 
 
+def release_cached_memory(device) -> None:
+    """Memory freed but kept for reuse handed back, so that available_memory counts it: garbage in reference
+    cycles, the CUDA allocator's cache, glibc's heap."""
+    import gc
+
+    from ..pipeline import trim_heap
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    trim_heap()
+
+
 def _read_number(path: str, label: str = "") -> int:
     """The number after `label` on its line of a /proc or /sys file (the file's first number without one);
     0 if absent or not a number ("max": no limit)."""

@@ -58,7 +58,7 @@ class FolderSource:
                     dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
                     state[key[len(prefix):]] = tensor.to(device, dtype, copy=True)
         module.load_state_dict(state, assign=True, strict=True)
-        return module
+        return module.to(device)  # nothing left on the skeleton's meta device (it would fail here)
 
 
 def block_names(config: dict) -> list[str]:

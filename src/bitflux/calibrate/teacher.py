@@ -133,12 +133,15 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
 def onpolicy_records(pipeline, student, prompts: list[str], samples: int, seed: int, batch_size: int = 8,
                      progress: bool = True, encode=None, **call_kwargs) -> TeacherData:
     """Records a calibrated student has not been fitted on: `samples` fresh trajectories of the pipeline (the
-    teacher), then as many of the student's own, each of its states labelled with the teacher's velocity there
-    (on-policy: where the student's sampling drifts, the teacher says how to go on). Noise seeds `seed + j`
-    for both; arguments as for collect."""
-    kwargs = {"samples": samples, "seed": seed, "batch_size": batch_size, "progress": progress, "encode": encode,
-              **call_kwargs}
-    fresh = collect(pipeline, prompts, **kwargs)
+    teacher, noise seeds `seed + j`), then as many of the student's own (seeds `seed + samples + j`), each of
+    its states labelled with the teacher's velocity there (on-policy: where the student's sampling drifts, the
+    teacher says how to go on). The student runs where the pipeline does. Arguments as for collect."""
+    if next(student.parameters()).device != pipeline._execution_device:
+        raise BitfluxError(f"the student is on {next(student.parameters()).device}, the pipeline runs on "
+                           f"{pipeline._execution_device}: the onpolicy stage samples with both on one device")
+    kwargs = {"batch_size": batch_size, "progress": progress, "encode": encode, **call_kwargs}
+    fresh = collect(pipeline, prompts, samples, seed, **kwargs)
     student_pipeline = type(pipeline)(**{**pipeline.components, "transformer": student})
-    own = collect(student_pipeline, prompts, label=pipeline.transformer, desc="student trajectories", **kwargs)
+    own = collect(student_pipeline, prompts, samples, seed + samples, label=pipeline.transformer,
+                  desc="student trajectories", **kwargs)
     return fresh.joined(own)
