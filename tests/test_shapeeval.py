@@ -1,6 +1,7 @@
 """ShapeEval: the prompt set, the detector's accuracy on rendered ground truth, and the scoring rules."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -95,3 +96,45 @@ def test_evaluate_takes_plain_prompts_and_reports_their_categories():
     res = E.evaluate(E.ground_truth_generate_fn(), prompts=prompts, progress=False, grid=False)
     assert res["categories"] == {"position": 1.0, "count_color": 1.0}
     assert [r["prompt"] for r in res["records"]] == prompts
+
+
+def _records(passes: dict[str, list[bool]], seed: int = 0) -> list[dict]:
+    return [{"seed": seed, "index": 100 * c + i, "category": cat, "passed": p}
+            for c, (cat, ps) in enumerate(passes.items()) for i, p in enumerate(ps)]
+
+
+def test_overall_standard_error_is_the_categories_binomial_errors_averaged():
+    cats = list(E.CATEGORIES)[:2]
+    res = E.summarize(_records({cats[0]: [True, False, True, True], cats[1]: [False, False, True, False]}), (0,))
+    assert res["overall"] == pytest.approx((0.75 + 0.25) / 2)
+    # each category: sample variance 0.25 (ddof 1) over 4 images; the overall averages 2 categories
+    assert res["overall_stderr"] == pytest.approx(math.sqrt(0.25 / 4 + 0.25 / 4) / 2)
+    assert E.summarize(_records({cats[0]: [True] * 5}), (0,))["overall_stderr"] == 0.0
+
+
+def test_paired_difference_counts_only_the_images_that_changed():
+    cats = list(E.CATEGORIES)[:2]
+    reference = _records({cats[0]: [True, False, True, True], cats[1]: [False, False, True, False]})
+    assert E.paired_difference(reference, reference) == (0.0, 0.0)
+    variant = [dict(r, passed=not r["passed"]) if r["index"] == 1 else r for r in reference]  # one image now passes
+    difference, stderr = E.paired_difference(variant, reference)
+    assert difference == pytest.approx((1 / 4) / 2)
+    assert stderr == pytest.approx(math.sqrt(np.var([0, 1, 0, 0], ddof=1) / 4) / 2)
+    # about a third of the unpaired error of either score when all but 2 of 80 images agree
+    many = _records({cats[0]: [i % 2 == 0 for i in range(40)], cats[1]: [i % 3 == 0 for i in range(40)]})
+    flipped = [dict(r, passed=True) if r["index"] in (1, 3) else r for r in many]
+    assert E.paired_difference(flipped, many)[1] < 0.4 * E.summarize(flipped, (0,))["overall_stderr"]
+    with pytest.raises(ValueError, match="no reference image for seed 1, prompt 0"):
+        E.paired_difference(_records({cats[0]: [True]}, seed=1), reference)
+
+
+def test_the_eval_table_shows_errors_and_the_difference_from_full_precision():
+    from bitflux.eval.runner import variant_table
+
+    cats = list(E.CATEGORIES)[:2]
+    fp = E.summarize(_records({cats[0]: [True, False, True, True], cats[1]: [False, False, True, False]}), (0,))
+    ternary = E.summarize(_records({cats[0]: [True, False, False, True], cats[1]: [False, False, True, False]}), (0,))
+    ternary.update(vs_fp={"difference": -0.125, "stderr": 0.0625}, psnr=20.0, ssim=0.8)
+    lines = variant_table({"fp": fp, "ternary": ternary}).splitlines()
+    assert "50.0 ±17.7" in lines[1] and lines[1].split()[3] == "-"
+    assert "37.5 ±" in lines[2] and "-12.5 ±6.2" in lines[2] and "20.00" in lines[2]

@@ -82,6 +82,8 @@ def evaluate_variants(build_pipeline, variants: list[str], seeds=(0,), per_categ
                 records = [r for part, _ in gathered for r in part]
                 summary = shapeeval.summarize(records, seeds)
                 if name != "fp":
+                    difference, stderr = shapeeval.paired_difference(records, results["fp"]["records"])
+                    summary["vs_fp"] = {"difference": difference, "stderr": stderr}
                     finite = [r["psnr"] for r in records if np.isfinite(r["psnr"])]
                     summary["psnr"] = float(np.mean(finite)) if finite else float("inf")
                     summary["ssim"] = float(np.mean([r["ssim"] for r in records]))
@@ -91,12 +93,16 @@ def evaluate_variants(build_pipeline, variants: list[str], seeds=(0,), per_categ
 
 
 def variant_table(results: dict) -> str:
+    """ShapeEval overall with its standard error, the difference from full precision image by image with its own,
+    the categories, and fidelity."""
     categories = list(shapeeval.CATEGORIES)
-    lines = [f"{'variant':24s} {'overall':>8s} " + " ".join(f"{c[:10]:>10s}" for c in categories)
+    lines = [f"{'variant':24s} {'overall':>11s} {'vs fp':>11s} " + " ".join(f"{c[:10]:>10s}" for c in categories)
              + f" {'PSNR dB':>8s} {'SSIM':>6s}"]
     for name, r in results.items():
         fid = f" {r['psnr']:8.2f} {r['ssim']:6.3f}" if "psnr" in r else f" {'-':>8s} {'-':>6s}"
-        lines.append(f"{name:24s} {100 * r['overall']:8.1f} "
+        versus = (f"{100 * r['vs_fp']['difference']:+5.1f} ±{100 * r['vs_fp']['stderr']:3.1f}" if "vs_fp" in r
+                  else "-")
+        lines.append(f"{name:24s} {100 * r['overall']:5.1f} ±{100 * r['overall_stderr']:3.1f} {versus:>11s} "
                      + " ".join(f"{100 * r['categories'].get(c, 0):10.1f}" for c in categories) + fid)
     return "\n".join(lines)
 

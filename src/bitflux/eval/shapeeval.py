@@ -268,17 +268,43 @@ def image_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def _category_means(values: dict[str, list[float]]) -> tuple[float, float]:
+    """The mean of the categories' means (as GenEval's overall), and its standard error: each category's mean
+    has var(values) / n (images independent), and the overall averages the categories."""
+    means = [sum(v) / len(v) for v in values.values()]
+    variances = [float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else 0.0 for v in values.values()]
+    return sum(means) / max(len(means), 1), math.sqrt(sum(variances)) / max(len(means), 1)
+
+
+def paired_difference(records: list[dict], reference: list[dict]) -> tuple[float, float]:
+    """Overall score of `records` minus `reference`'s, image by image on the same prompts and seeds, and its
+    standard error. Paired, the error shrinks with the share of images on which both variants pass or both
+    fail (a variant that changes few images is told apart from its reference at one seed); with little
+    agreement it is about the two scores' own errors."""
+    passed = {(r["seed"], r["index"]): r["passed"] for r in reference}
+    differences: dict[str, list[float]] = {}
+    for r in records:
+        key = (r["seed"], r["index"])
+        if key not in passed:
+            raise ValueError(f"no reference image for seed {key[0]}, prompt {key[1]}")
+        differences.setdefault(r["category"], []).append(float(r["passed"]) - float(passed[key]))
+    return _category_means(differences)
+
+
 def summarize(records: list[dict], seeds) -> dict:
-    """Scores from per-image records: per category the pass rate, overall their mean (as GenEval)."""
-    cats = {}
+    """Scores from per-image records: per category the pass rate, overall their mean (as GenEval), with the
+    overall's standard error."""
+    passed = {}
     for cat in S.TEMPLATES:
-        rs = [r["passed"] for r in records if r["category"] == cat]
+        rs = [float(r["passed"]) for r in records if r["category"] == cat]
         if rs:
-            cats[cat] = sum(rs) / len(rs)
+            passed[cat] = rs
+    overall, stderr = _category_means(passed)
     return {
         "version": VERSION,
-        "overall": sum(cats.values()) / max(len(cats), 1),
-        "categories": cats,
+        "overall": overall,
+        "overall_stderr": stderr,
+        "categories": {cat: sum(rs) / len(rs) for cat, rs in passed.items()},
         "n_images": len(records),
         "seeds": list(seeds),
         "records": sorted(records, key=lambda r: (r["seed"], r["index"])),
