@@ -71,6 +71,26 @@ def test_a_sharded_checkpoint_streams_alike(tmp_path):
                            whole(**tiny_inputs())[0])
 
 
+def test_a_copied_or_pickled_streamed_transformer_streams_alike_and_lets_its_memory_go(tmp_path):
+    """Copies take the blocks' hooks and their shared memory along: each streams from the same folder, and ends a
+    call holding no block tensors and no read buffer of its own or of the original's."""
+    import copy
+    import pickle
+
+    build_tiny().save_pretrained(tmp_path / "transformer")
+    streamed = stream_transformer(tmp_path / "transformer", torch.float32)
+    with torch.no_grad():
+        expected = streamed(**tiny_inputs())[0]
+        for twin in (copy.deepcopy(streamed), pickle.loads(pickle.dumps(streamed))):
+            assert torch.equal(twin(**tiny_inputs())[0], expected)
+            assert not _block_parameters(twin)
+            hooks = next(iter(twin._forward_hooks.values())).__self__
+            assert hooks.memory.buffer is None and not hooks.memory.spare
+            assert hooks.memory is not next(iter(streamed._forward_hooks.values())).__self__.memory
+            twin.save_pretrained(tmp_path / "saved")
+    assert {f.name for f in (tmp_path / "saved").iterdir()} == {f.name for f in (tmp_path / "transformer").iterdir()}
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda t: t.pop("transformer_blocks.1.ff.net.2.weight"), "transformer_blocks.1.ff.net.2.weight: missing"),
     (lambda t: t.update({"proj_out.bias": torch.ones(3)}), "proj_out.bias: shape [3], expected"),

@@ -11,7 +11,7 @@ that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this does not:
 reads the blocks' bytes again (from the page cache, if it holds them): worth it where the model would not fit
 otherwise (the teacher's transformer, run at every denoising step) or where the reading costs about what the
 compute does (T5 on a CPU). One call at a time: the blocks share the memory they are read into. Inference
-only; not copied or pickled. `save_pretrained` copies the folder it streams from; its state_dict, and its
+only. A deep copy or a pickle streams from the same folder. `save_pretrained` copies the folder it streams from; its state_dict, and its
 blocks' containers', are refused (they would lack the block weights), and its parameter counts are the
 resident tensors'.
 """
@@ -63,20 +63,36 @@ def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Modul
                                                if not names[prefix].isdisjoint(header)], memory)
                 for prefix in blocks]
 
-    def start(*_):  # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
-        for block in streamed:
-            block.empty()
-        memory.clear()
-
-    model.register_forward_pre_hook(start)
-    model.register_forward_hook(lambda *_: memory.clear(), always_call=True)
+    hooks = _ModelHooks(streamed, memory, Path(folder))
+    model.register_forward_pre_hook(hooks.start)
+    model.register_forward_hook(hooks.end, always_call=True)
     # the model's and its blocks' containers' (T5's `encoder`, FLUX's block lists): each would lack the blocks
     containers = {prefix.rsplit(".", depth)[0] for prefix in blocks for depth in range(1, prefix.count(".") + 1)}
     for module in [model, *(model.get_submodule(name) for name in sorted(containers))]:
         module.register_state_dict_pre_hook(_refuse_state_dict)
     # an instance attribute, found before the class's method (what diffusers' pipeline saving calls)
-    model.save_pretrained = lambda directory, *_args, **_kwargs: _copy_folder(folder, Path(directory))
+    model.save_pretrained = hooks.save_pretrained
     return model.eval().requires_grad_(False)
+
+
+class _ModelHooks:
+    """The streamed model's own hooks, methods of one object (not closures) so that a deep copy or a pickle of the
+    model takes its blocks, their shared memory and these along together."""
+
+    def __init__(self, streamed: list[_StreamedBlock], memory: _BlockMemory, folder: Path):
+        self.streamed, self.memory, self.folder = streamed, memory, folder
+
+    def start(self, *_) -> None:
+        # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
+        for block in self.streamed:
+            block.empty()
+        self.memory.clear()
+
+    def end(self, *_) -> None:
+        self.memory.clear()
+
+    def save_pretrained(self, directory, *_args, **_kwargs) -> None:
+        _copy_folder(self.folder, Path(directory))
 
 
 def _refuse_state_dict(*_) -> None:
