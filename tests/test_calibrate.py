@@ -483,6 +483,22 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path, stream):
         quantize_calibrated(tmp_path / "fp", tmp_path / "out2", ["a"], calibration=calib, device="cpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_run.sh runs it)")
+def test_quantize_calibrated_with_the_onpolicy_stage_on_a_gpu(tmp_path):
+    """In bf16 on a GPU: the student samples with its ternary kernels while the teacher labels its states."""
+    import math
+
+    from bitflux.calibrate.checkpoint import quantize_calibrated
+
+    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    calib = _calib(("scales", "blockwise", "distill", "onpolicy"), samples=2, distill_steps=4, onpolicy_steps=4,
+                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16})
+    report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
+                                 device="cuda", progress=False)
+    assert report.onpolicy_records == 2 * 2 * 3 and all(math.isfinite(e) for e in report.onpolicy_error)
+    assert report.peak_device_bytes > 0
+
+
 def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):
     """Workdirs before layout 2 saved blocks with tq2 codes whatever the format: not resumed into tq1 layers."""
     from bitflux.calibrate import check_workdir
