@@ -9,10 +9,10 @@ model's own size) and reports ShapeEval overall and per category (0-100), PSNR a
 full-precision images, and the calibration's time and peak memory. The teacher records are collected
 once (prompts from the demo's caption grammar, disjoint from ShapeEval's) and shared by the calibrated
 rows; each calibrated row's time includes the teacher's (the on-policy rows record their own further
-records). Each calibration runs in a child process that loads the full-precision pipeline and the saved
-teacher records; its memory is that process's peak
-resident memory (sampled every 20 ms; Python, torch and the model included), and on CUDA the allocator's
-peak.
+records). Each calibration runs in a child process that loads the full-precision transformer (the whole
+pipeline for the on-policy rows, which sample) and the saved teacher records; its memory is that process's
+peak resident memory (sampled every 20 ms; Python, torch and the model included), and on CUDA the
+allocator's peak.
 Writes OUT/calibration.json, OUT/calibration_table.md and OUT/calibration_grid.png (same seeds, one row of
 images per variant).
 """
@@ -114,16 +114,19 @@ def child(job: dict) -> None:
     calib = CalibrationConfig(**job["calibration"])
     teacher = TeacherData.load(Path(job["teacher"]))
     # The whole pipeline only for the onpolicy stage (it samples), so the other rows' memory is the transformer's.
+    onpolicy = None
     if "onpolicy" in calib.stages:
         pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True)
         fp = pipe.to(job["device"]).transformer
+
+        def onpolicy(student):
+            return onpolicy_data(pipe, student, job["prompts"], calib, progress=False)
     else:
         fp = FluxTransformer2DModel.from_pretrained(job["model"], subfolder="transformer", torch_dtype=torch.float32)
     report = CalibrationReport(calib.stages)
     with measured(report, job["device"]):
-        model, report = calibrate_transformer(
-            ModelSource(fp.to(job["device"])), teacher, config, calib, job["device"], progress=False, report=report,
-            onpolicy=lambda student: onpolicy_data(pipe, student, job["prompts"], calib, progress=False))
+        model, report = calibrate_transformer(ModelSource(fp.to(job["device"])), teacher, config, calib,
+                                              job["device"], progress=False, report=report, onpolicy=onpolicy)
     save_transformer(model.to("cpu"), job["out"], config, force=True)
     print(json.dumps(report.to_dict()))
 

@@ -11,9 +11,9 @@ that dtype (for T5 in fp16 transformers keeps `wo` in fp32, which this does not:
 reads the blocks' bytes again (from the page cache, if it holds them): worth it where the model would not fit
 otherwise (the teacher's transformer, run at every denoising step) or where the reading costs about what the
 compute does (T5 on a CPU). One call at a time: the blocks share the memory they are read into. Inference
-only. A deep copy or a pickle streams from the same folder. `save_pretrained` copies the folder it streams from; its state_dict, and its
-blocks' containers', are refused (they would lack the block weights), and its parameter counts are the
-resident tensors'.
+only. A deep copy or a pickle streams from the same folder. `save_pretrained` copies the folder it streams
+from; its state_dict, and its blocks' containers', are refused (they would lack the block weights), and its
+parameter counts are the resident tensors'.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Modul
     streamed = [_StreamedBlock(model, prefix, [file for file, header in headers.items()
                                                if not names[prefix].isdisjoint(header)], memory)
                 for prefix in blocks]
-
     hooks = _ModelHooks(streamed, memory, Path(folder))
     model.register_forward_pre_hook(hooks.start)
     model.register_forward_hook(hooks.end, always_call=True)

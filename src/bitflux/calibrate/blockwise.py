@@ -200,7 +200,7 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             del block
             block = model.get_submodule(name)
             # copies of their own, not views of the mapped file (safetensors >= 0.8), as a block calibrated now has
-            saved_state = {key: tensor.clone() for key, tensor in load_file(str(saved), device=str(device)).items()}
+            saved_state = {key: tensor.to(device, copy=True) for key, tensor in load_file(str(saved)).items()}
             block.load_state_dict(saved_state, assign=True, strict=True)
             record.resumed = True
         else:

@@ -73,6 +73,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
+
         def encode(batch, length):
             return encode_prompts(root, batch, device, dtype, length)
 

@@ -40,7 +40,8 @@ def distill(model: nn.Module, teacher: TeacherData, config: TernaryConfig, calib
     velocity error on the evaluation records before and after. `stage`: distill or onpolicy (its steps, its
     seed, its files). With `workdir`, training checkpoints go to workdir/STAGE.pt and a repeated run goes on from
     the last one."""
-    steps, seed = {"distill": (calib.distill_steps, calib.seed + 1), "onpolicy": (calib.onpolicy_steps, calib.seed + 2)}[stage]
+    steps, seed = {"distill": (calib.distill_steps, calib.seed + 1),
+                   "onpolicy": (calib.onpolicy_steps, calib.seed + 2)}[stage]
     to_latent(model, config)
     eval_index = calib.eval_index(len(teacher))
     norm = teacher.velocity.float().pow(2).mean()
