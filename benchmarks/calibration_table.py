@@ -119,8 +119,8 @@ def child(job: dict) -> None:
         pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True)
         fp = pipe.to(job["device"]).transformer
 
-        def onpolicy(student):
-            return onpolicy_data(pipe, student, job["prompts"], calib, progress=False)
+        def onpolicy(student, round_index):
+            return onpolicy_data(pipe, student, job["prompts"], calib, progress=False, round_index=round_index)
     else:
         fp = FluxTransformer2DModel.from_pretrained(job["model"], subfolder="transformer", torch_dtype=torch.float32)
     report = CalibrationReport(calib.stages)

@@ -409,11 +409,35 @@ def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
     config, prompts = _ternary_config(), ["a red circle", "a blue square"]
     model, report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
     assert report.records == 2 * 3 and report.onpolicy_records == 2 * 2 * 3
-    before, after = report.onpolicy_error
+    [(before, after)] = report.onpolicy_error
     assert after < 0.9 * before
-    assert "onpolicy (12 fresh and own records)" in report.summary()
+    assert "onpolicy (12 fresh and own records): velocity error" in report.summary()
     assert (tmp_path / "onpolicy.safetensors").exists() and (tmp_path / "onpolicy.pt").exists()
     assert not any(isinstance(m, LatentTernaryLinear) for m in model.modules())
+    again, again_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
+    assert again_report.onpolicy_error == report.onpolicy_error
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in again.state_dict().items())
+
+
+def test_onpolicy_rounds_record_new_trajectories_and_distil_on_all_so_far(tmp_path):
+    from bitflux.calibrate.teacher import TeacherData
+
+    pipe = _tiny_pipeline()
+    calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60, onpolicy_rounds=2,
+                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
+    config, prompts = _ternary_config(), ["a red circle", "a blue square"]
+    model, report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
+    assert report.onpolicy_records == 2 * (2 * 2 * 3)
+    assert len(report.onpolicy_error) == 2 and all(after < before for before, after in report.onpolicy_error)
+    assert "onpolicy (24 fresh and own records, 2 rounds): velocity error" in report.summary()
+    first, second = (TeacherData.load(tmp_path / name) for name in ("onpolicy.safetensors", "onpolicy-2.safetensors"))
+    # the second round's trajectories start from other noise: no initial state in common with the first's
+    starts = [data.inputs["hidden_states"][::3] for data in (first, second)]
+    assert not any(torch.equal(a, b) for a in starts[0] for b in starts[1])
+    # interrupted before the second round's distillation: it runs again on the saved records, to the same model
+    for name in ("onpolicy-2.pt", "onpolicy-2-start.json"):
+        (tmp_path / name).unlink()
     again, again_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
     assert again_report.onpolicy_error == report.onpolicy_error
     expected = model.state_dict()
@@ -519,7 +543,7 @@ def test_a_workdir_from_before_a_setting_existed_resumes_with_its_default(tmp_pa
     config, calib = TernaryConfig(), CalibrationConfig()
     manifest = check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"]) / "manifest.json"
     earlier = json.loads(manifest.read_text())
-    del earlier["calibration"]["onpolicy_steps"]
+    del earlier["calibration"]["onpolicy_steps"], earlier["calibration"]["onpolicy_rounds"]
     manifest.write_text(json.dumps(earlier))
     check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
     with pytest.raises(BitfluxError, match="other settings"):

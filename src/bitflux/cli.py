@@ -38,7 +38,8 @@ def _cmd_quantize(args) -> None:
         _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
         calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples,
                                                   distill_steps=args.distill_steps,
-                                                  onpolicy_steps=args.onpolicy_steps)
+                                                  onpolicy_steps=args.onpolicy_steps,
+                                                  onpolicy_rounds=args.onpolicy_rounds)
         report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
@@ -269,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
     q.add_argument("--distill-steps", type=int, default=500, help="end-to-end distillation steps (distill stage)")
     q.add_argument("--onpolicy-steps", type=int, default=500,
-                   help="distillation steps on fresh teacher and the student's own trajectories (onpolicy stage)")
+                   help="distillation steps on fresh teacher and the student's own trajectories, in each round "
+                        "(onpolicy stage)")
+    q.add_argument("--onpolicy-rounds", type=int, default=1,
+                   help="onpolicy rounds: each records the student's trajectories again and distils on all so far")
     q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
     q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
     q.add_argument("--force", action="store_true", help="replace an existing output")

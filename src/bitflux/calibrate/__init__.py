@@ -6,6 +6,7 @@ reconstruction, end-to-end velocity distillation, and distillation on fresh and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -21,7 +22,7 @@ from ..errors import BitfluxError
 from ..flux import build_transformer
 from .blockwise import BlockRecord, reconstruct
 from .config import LEVELS, STAGES, CalibrationConfig
-from .distill import distill
+from .distill import distill, stage_name
 from .memory import PeakMemory
 from .prompts import read_prompts
 from .sources import FolderSource, ModelSource
@@ -33,7 +34,6 @@ __all__ = ["LEVELS", "STAGES", "CalibrationConfig", "CalibrationReport", "Folder
 
 _MANIFEST = "manifest.json"
 _TEACHER = "teacher.safetensors"
-_ONPOLICY = "onpolicy.safetensors"
 
 
 @dataclass
@@ -46,8 +46,8 @@ class CalibrationReport:
     peak_device_bytes: int = 0  # CUDA allocator peak (0 on CPU)
     blocks: list[BlockRecord] = field(default_factory=list)
     distill_error: tuple[float, float] | None = None  # relative velocity error before, after
-    onpolicy_records: int = 0  # fresh teacher records and the student's own, for the onpolicy stage
-    onpolicy_error: tuple[float, float] | None = None  # relative velocity error on those, before, after
+    onpolicy_records: int = 0  # fresh teacher records and the student's own, of all the onpolicy stage's rounds
+    onpolicy_error: list[tuple[float, float]] = field(default_factory=list)  # velocity error before, after a round
     teacher_streamed: bool | None = None  # quantize_calibrated's teacher: transformer streamed a block at a time
 
     def to_dict(self) -> dict:
@@ -68,8 +68,9 @@ class CalibrationReport:
         if self.distill_error:
             lines.append(f"  distill: velocity error {self.distill_error[0]:.4f} -> {self.distill_error[1]:.4f}")
         if self.onpolicy_error:
-            lines.append(f"  onpolicy ({self.onpolicy_records} fresh and own records): velocity error "
-                         f"{self.onpolicy_error[0]:.4f} -> {self.onpolicy_error[1]:.4f}")
+            rounds = f", {len(self.onpolicy_error)} rounds" if len(self.onpolicy_error) > 1 else ""
+            lines.append(f"  onpolicy ({self.onpolicy_records} fresh and own records{rounds}): velocity error "
+                         + ", ".join(f"{before:.4f} -> {after:.4f}" for before, after in self.onpolicy_error))
         return "\n".join(lines)
 
 
@@ -131,11 +132,13 @@ def _saved(workdir: Path | None, name: str, make) -> TeacherData:
 
 
 def onpolicy_data(pipeline, student: nn.Module, prompts: list[str], calib: CalibrationConfig, progress: bool = True,
-                  encode=None) -> TeacherData:
-    """The onpolicy stage's records (teacher.onpolicy_records) at the calibration's settings: `calib.samples`
-    fresh teacher trajectories after the first records' seeds, and as many of the student's own."""
-    return onpolicy_records(pipeline, student, prompts, calib.samples, calib.seed + calib.samples, calib.batch_size,
-                            progress, encode, **calib.pipeline_kwargs)
+                  encode=None, round_index: int = 0) -> TeacherData:
+    """The records of the onpolicy stage's round `round_index` (teacher.onpolicy_records) at the calibration's
+    settings: `calib.samples` fresh teacher trajectories and as many of the student's own, on noise seeds after
+    those of the first records and of the rounds before."""
+    seed = calib.seed + calib.samples * (1 + 2 * round_index)
+    return onpolicy_records(pipeline, student, prompts, calib.samples, seed, calib.batch_size, progress, encode,
+                            **calib.pipeline_kwargs)
 
 
 def full_model(source, device) -> nn.Module:
@@ -151,8 +154,8 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
                           report: CalibrationReport | None = None,
                           onpolicy=None) -> tuple[nn.Module, CalibrationReport]:
     """The ternary transformer calibrated on teacher records, full-precision weights read from `source`
-    (ModelSource or FolderSource) one submodule at a time. `onpolicy(student) -> TeacherData`, for the onpolicy
-    stage: the records of onpolicy_data for the student calibrated by the earlier stages."""
+    (ModelSource or FolderSource) one submodule at a time. `onpolicy(student, round_index) -> TeacherData`, for
+    the onpolicy stage: the records of onpolicy_data for the student as the stages and rounds before left it."""
     if "onpolicy" in calib.stages and onpolicy is None:
         raise BitfluxError("the onpolicy stage samples with the student and the teacher: give `onpolicy` "
                            "(calibrate and quantize_calibrated do)")
@@ -170,9 +173,14 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
         report.seconds["distill"] = time.perf_counter() - start
     if "onpolicy" in calib.stages:
         start = time.perf_counter()
-        records = _saved(workdir, _ONPOLICY, lambda: onpolicy(model))
+        records = None
+        for round_index in range(calib.onpolicy_rounds):
+            new = _saved(workdir, f"{stage_name('onpolicy', round_index)}.safetensors",
+                         functools.partial(onpolicy, model, round_index))
+            records = new if records is None else records.joined(new)
+            report.onpolicy_error.append(distill(model, records, config, calib, device, progress, workdir, "onpolicy",
+                                                 round_index))
         report.onpolicy_records = len(records)
-        report.onpolicy_error = distill(model, records, config, calib, device, progress, workdir, "onpolicy")
         report.seconds["onpolicy"] = time.perf_counter() - start
     return model, report
 
@@ -199,5 +207,6 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
         teacher = teacher_data(pipeline, prompts, calib, workdir, progress, report)
         model, report = calibrate_transformer(
             source, teacher, config, calib, device, workdir, progress, report,
-            onpolicy=lambda student: onpolicy_data(pipeline, student, prompts, calib, progress))
+            onpolicy=lambda student, round_index: onpolicy_data(pipeline, student, prompts, calib, progress,
+                                                                round_index=round_index))
     return model, report

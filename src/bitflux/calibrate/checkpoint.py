@@ -81,11 +81,11 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         del pipe  # the block-wise stages read the teacher's weights a block at a time, beside the student
         gc.collect()
 
-        def onpolicy(student):
+        def onpolicy(student, round_index):
             release_cached_memory(device)  # distillation's freed memory counts as free for the rule below
             # the teacher again, by the same rule now that the student is in memory too
             pipe = teacher_pipeline(root, transformer_source, device, stream_teacher)
-            records = onpolicy_data(pipe, student, prompts, calib, progress, encode)
+            records = onpolicy_data(pipe, student, prompts, calib, progress, encode, round_index)
             del pipe
             gc.collect()  # a streamed transformer's hooks hold it in reference cycles
             return records

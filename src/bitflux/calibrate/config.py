@@ -19,7 +19,10 @@ class CalibrationConfig:
     samples: teacher trajectories (one image each, prompts cycled, noise seed `seed + j`); every
         denoising step of each is one training record. The onpolicy stage records as many fresh ones (seeds
         `seed + samples + j`) and as many of the student's own.
-    steps: optimisation steps per block (blockwise); distill_steps, onpolicy_steps: in total (distill, onpolicy).
+    steps: optimisation steps per block (blockwise); distill_steps: in total (distill); onpolicy_steps: in
+        each round of the onpolicy stage.
+    onpolicy_rounds: each round records as many fresh and own trajectories again (new seeds, the student as the
+        round before left it), adds them to the earlier rounds' records and distils on all of them (DAgger).
     pipeline_kwargs: how the teacher samples (num_inference_steps, guidance_scale, height, width,
         max_sequence_length): calibrate at the settings you generate with.
     """
@@ -29,6 +32,7 @@ class CalibrationConfig:
     steps: int = 200
     distill_steps: int = 500
     onpolicy_steps: int = 500
+    onpolicy_rounds: int = 1
     batch_size: int = 16
     latent_lr: float = 1e-2  # in rounding steps per optimisation step (see latent.py)
     scale_lr: float = 1e-3  # on log(scale)
@@ -47,7 +51,8 @@ class CalibrationConfig:
             raise BitfluxError(f"calibration stages run in the order {', '.join(STAGES)}, each once")
         if self.stages == ("onpolicy",):
             raise BitfluxError("the onpolicy stage goes on from a calibrated student: run it after another stage")
-        for name in ("samples", "steps", "distill_steps", "onpolicy_steps", "batch_size", "eval_records"):
+        for name in ("samples", "steps", "distill_steps", "onpolicy_steps", "onpolicy_rounds", "batch_size",
+                     "eval_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
                 raise BitfluxError(f"calibration {name} must be a positive integer, got {value!r}")
