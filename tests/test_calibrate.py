@@ -1,3 +1,4 @@
+import dataclasses
 import gc
 import importlib
 import json
@@ -418,35 +419,35 @@ def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
     assert again_report.onpolicy_error == report.onpolicy_error
     expected = model.state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in again.state_dict().items())
-
-
-def test_onpolicy_rounds_record_new_trajectories_and_distil_on_all_so_far(tmp_path):
-    from bitflux.calibrate.teacher import TeacherData
-
-    pipe = _tiny_pipeline()
-    calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60, onpolicy_rounds=2,
-                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
-    config, prompts = _ternary_config(), ["a red circle", "a blue square"]
-    model, report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
-    assert report.onpolicy_records == 2 * (2 * 2 * 3)
-    assert len(report.onpolicy_error) == 2 and all(after < before for before, after in report.onpolicy_error)
-    assert "onpolicy (24 fresh and own records, 2 rounds): velocity error" in report.summary()
-    first, second = (TeacherData.load(tmp_path / name) for name in ("onpolicy.safetensors", "onpolicy-2.safetensors"))
-    # the second round's trajectories start from other noise: no initial state in common with the first's
-    starts = [data.inputs["hidden_states"][::3] for data in (first, second)]
-    assert not any(torch.equal(a, b) for a in starts[0] for b in starts[1])
-    # interrupted before the second round's distillation: it runs again on the saved records, to the same model
-    for name in ("onpolicy-2.pt", "onpolicy-2-start.json"):
-        (tmp_path / name).unlink()
-    again, again_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path, progress=False)
-    assert again_report.onpolicy_error == report.onpolicy_error
-    expected = model.state_dict()
-    assert all(torch.equal(tensor, expected[key]) for key, tensor in again.state_dict().items())
     with pytest.raises(BitfluxError, match="goes on from a calibrated student"):
         _calib(("onpolicy",))
     with pytest.raises(BitfluxError, match="onpolicy stage samples"):
         calibrate_transformer(ModelSource(pipe.transformer), _random_teacher(pipe.transformer), config, calib,
                               progress=False)
+
+
+def test_onpolicy_rounds_record_new_trajectories_and_distil_on_all_so_far(tmp_path):
+    pipe = _tiny_pipeline()
+    calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60, onpolicy_rounds=2,
+                   pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
+    config, prompts = _ternary_config(), ["a red circle", "a blue square"]
+    model, report = calibrate(pipe, prompts, config, calib, workdir=tmp_path / "whole", progress=False)
+    assert report.onpolicy_records == 2 * (2 * 2 * 3)
+    assert len(report.onpolicy_error) == 2 and all(after < before for before, after in report.onpolicy_error)
+    assert "onpolicy (24 fresh and own records, 2 rounds): velocity error" in report.summary()
+    first, second = (TeacherData.load(tmp_path / "whole" / name)
+                     for name in ("onpolicy.safetensors", "onpolicy-2.safetensors"))
+    # the second round's trajectories start from other noise: no initial state in common with the first's
+    starts = [data.inputs["hidden_states"][::3] for data in (first, second)]
+    assert not any(torch.equal(a, b) for a in starts[0] for b in starts[1])
+    # one round first, then a second in the same workdir: the same model as two rounds at once
+    one, one_report = calibrate(pipe, prompts, config, dataclasses.replace(calib, onpolicy_rounds=1),
+                                workdir=tmp_path / "grown", progress=False)
+    assert one_report.onpolicy_error == report.onpolicy_error[:1]
+    grown, grown_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path / "grown", progress=False)
+    assert grown_report.onpolicy_error == report.onpolicy_error
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in grown.state_dict().items())
 
 
 @pytest.mark.parametrize("stream", [True, False])

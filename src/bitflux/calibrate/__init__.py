@@ -90,8 +90,12 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
         # settings added since the workdir was written (e.g. onpolicy_steps) take their defaults there
         saved["calibration"] = {**json.loads(json.dumps(CalibrationConfig().to_dict(), default=list)),
                                 **saved.get("calibration", {})}
+        # a round of the onpolicy stage does not depend on how many follow it: a workdir takes more rounds or fewer
+        saved["calibration"]["onpolicy_rounds"] = calib.onpolicy_rounds
         if saved != json.loads(text):
             raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
+        if path.read_text() != text:
+            write_text_atomic(path, text)
         return workdir
     write_text_atomic(path, text)
     return workdir
@@ -178,6 +182,7 @@ def calibrate_transformer(source, teacher: TeacherData, config: TernaryConfig, c
             new = _saved(workdir, f"{stage_name('onpolicy', round_index)}.safetensors",
                          functools.partial(onpolicy, model, round_index))
             records = new if records is None else records.joined(new)
+            del new  # the joined copy holds them
             report.onpolicy_error.append(distill(model, records, config, calib, device, progress, workdir, "onpolicy",
                                                  round_index))
         report.onpolicy_records = len(records)

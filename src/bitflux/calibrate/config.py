@@ -21,8 +21,9 @@ class CalibrationConfig:
         `seed + samples + j`) and as many of the student's own.
     steps: optimisation steps per block (blockwise); distill_steps: in total (distill); onpolicy_steps: in
         each round of the onpolicy stage.
-    onpolicy_rounds: each round records as many fresh and own trajectories again (new seeds, the student as the
-        round before left it), adds them to the earlier rounds' records and distils on all of them (DAgger).
+    onpolicy_rounds: each round records as many fresh and own trajectories again (round r: seeds
+        `seed + samples * (1 + 2r) + j` and `seed + samples * (2 + 2r) + j`; the student as the round before left
+        it), adds them to the earlier rounds' records and distils on all of them (DAgger).
     pipeline_kwargs: how the teacher samples (num_inference_steps, guidance_scale, height, width,
         max_sequence_length): calibrate at the settings you generate with.
     """
