@@ -441,8 +441,8 @@ def test_onpolicy_rounds_record_new_trajectories_and_distil_on_all_so_far(tmp_pa
     starts = [data.inputs["hidden_states"][::3] for data in (first, second)]
     assert not any(torch.equal(a, b) for a in starts[0] for b in starts[1])
     # one round first, then a second in the same workdir: the same model as two rounds at once
-    one, one_report = calibrate(pipe, prompts, config, dataclasses.replace(calib, onpolicy_rounds=1),
-                                workdir=tmp_path / "grown", progress=False)
+    _, one_report = calibrate(pipe, prompts, config, dataclasses.replace(calib, onpolicy_rounds=1),
+                              workdir=tmp_path / "grown", progress=False)
     assert one_report.onpolicy_error == report.onpolicy_error[:1]
     grown, grown_report = calibrate(pipe, prompts, config, calib, workdir=tmp_path / "grown", progress=False)
     assert grown_report.onpolicy_error == report.onpolicy_error

@@ -94,10 +94,7 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
         saved["calibration"]["onpolicy_rounds"] = calib.onpolicy_rounds
         if saved != json.loads(text):
             raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
-        if path.read_text() != text:
-            write_text_atomic(path, text)
-        return workdir
-    write_text_atomic(path, text)
+    write_text_atomic(path, text)  # a resumed run's too: the manifest says how many rounds the workdir now holds
     return workdir
 
 
