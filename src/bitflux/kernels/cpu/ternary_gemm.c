@@ -261,11 +261,13 @@ static void transpose_chunks_avx2(int8_t *q, int64_t bytes) {
 
 /* One product and its sum as one asm statement: written as intrinsics, GCC 12 reassociates each accumulator's
  * chain of int16 adds (they are associative) into trees of products that outlive the 16 ymm registers, and
- * spilled 6-12 accumulators per chunk (the 6-row tile ran at 1.2x of this on an AVX2-only Zen 3). */
+ * spilled 6-12 accumulators per chunk (the 6-row tile took 1.2-1.3x this time on an AVX2-only Zen 3). Both
+ * assembler dialects ({AT&T|Intel}), so that a build with -masm=intel in CFLAGS still assembles. */
 #define MADDUBS_INTO_INT16(acc, u, b)                                                             \
     do {                                                                                          \
         __m256i product_;                                                                         \
-        __asm__("vpmaddubsw %[codes_b], %[codes_u], %[product]\n\tvpaddw %[product], %[sums], %[sums]" \
+        __asm__("{vpmaddubsw %[codes_b], %[codes_u], %[product]|vpmaddubsw %[product], %[codes_u], %[codes_b]}" \
+                "\n\t{vpaddw %[product], %[sums], %[sums]|vpaddw %[sums], %[sums], %[product]}"     \
                 : [sums] "+x"(acc), [product] "=&x"(product_)                                      \
                 : [codes_u] "x"(u), [codes_b] "x"(b));                                             \
     } while (0)
