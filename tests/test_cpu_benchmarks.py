@@ -3,6 +3,7 @@ few tokens, so that the script the figures in BENCHMARKS.md come from keeps runn
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,15 @@ def test_the_peak_memory_starts_afresh_when_reset():
     assert peak_resident_bytes() >= resident_bytes() + 2**29
     assert reset_peak_resident()
     assert peak_resident_bytes() < resident_bytes() + 2**29
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_cpu_tile_times_every_path_this_cpu_has(tmp_path):
+    """The C tile benchmark (it includes the kernel source) builds with setup.py's flags and times each path."""
+    binary = tmp_path / "cpu_tile"
+    subprocess.run(["gcc", "-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", str(BENCHMARKS / "cpu_tile.c"),
+                    "-o", str(binary)], check=True, capture_output=True, timeout=300)
+    result = subprocess.run([str(binary), "0.01"], capture_output=True, text=True, timeout=120, check=True)
+    timed = [line.split()[0] for line in result.stdout.splitlines()]
+    assert timed[0] == "generic" and (cpu.available() is not None or timed[-1] == cpu.supported_isas()[-1])
+    assert all("G multiply-adds/s" in line for line in result.stdout.splitlines())

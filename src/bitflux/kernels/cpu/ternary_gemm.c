@@ -76,18 +76,28 @@ static inline int32_t load_i32(const int8_t *p) {
 
 static void tile_generic(const int8_t *a, int64_t lda, int rows, const uint8_t *w, int64_t panel_stride,
                          int panels, int64_t c0, int64_t c1, int32_t *c) {
-    for (int r = 0; r < rows; r++)
-        for (int p = 0; p < panels; p++)
-            for (int n = 0; n < PANEL; n++) {
-                int32_t sum = 0;
-                for (int64_t ch = c0; ch < c1; ch++) {
-                    const uint8_t *b = w + p * panel_stride + ch * BLOCK_BYTES + 4 * n;
-                    const int8_t *x = a + r * lda + ch * CHUNK;
-                    for (int i = 0; i < 4; i++)
-                        for (int j = 0; j < 4; j++) sum += ((b[j] >> (2 * i)) & 3) * x[4 * i + j];
+    for (int p = 0; p < panels; p++) {
+        int32_t acc[MAX_ROWS][PANEL] = {{0}};
+        for (int64_t ch = c0; ch < c1; ch++) {
+            const uint8_t *block = w + p * panel_stride + ch * BLOCK_BYTES;
+            for (int i = 0; i < 4; i++) {
+                /* Digit plane i decoded once for all rows, [byte b][output n], so that the loop over the
+                 * outputs below is one the compiler vectorizes (16-bit lanes: SSE2, NEON) */
+                int16_t digits[4][PANEL];
+                for (int b = 0; b < 4; b++)
+                    for (int n = 0; n < PANEL; n++) digits[b][n] = (int16_t)(block[4 * n + b] >> (2 * i) & 3);
+                for (int r = 0; r < rows; r++) {
+                    const int8_t *x = a + r * lda + ch * CHUNK + 4 * i;
+                    const int16_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+                    for (int n = 0; n < PANEL; n++) /* 4 products of at most 2 x 127: an int16 sum */
+                        acc[r][n] += (int16_t)(digits[0][n] * x0 + digits[1][n] * x1 + digits[2][n] * x2 +
+                                               digits[3][n] * x3);
                 }
-                c[r * TILE_LD + p * PANEL + n] = sum;
             }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int n = 0; n < PANEL; n++) c[r * TILE_LD + p * PANEL + n] = acc[r][n];
+    }
 }
 
 static void gemv_generic(const int8_t *a, int64_t lda, int64_t plane, int rows, const uint8_t *w, int64_t ldw,
