@@ -108,8 +108,14 @@ def test_the_peak_memory_starts_afresh_when_reset():
 def test_cpu_tile_times_every_path_this_cpu_has(tmp_path):
     """The C tile benchmark (it includes the kernel source) builds with setup.py's flags and times each path."""
     binary = tmp_path / "cpu_tile"
-    subprocess.run(["gcc", "-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", str(BENCHMARKS / "cpu_tile.c"),
-                    "-o", str(binary)], check=True, capture_output=True, timeout=300)
+    command = ["gcc", "-O3", "-std=c11", "-fopenmp", "-ffp-contract=off", str(BENCHMARKS / "cpu_tile.c"), "-o", str(binary)]
+    for extra in ([], ["-DBF_NO_AVXVNNI"]):  # as setup.py: an assembler without AVX-VNNI builds the rest
+        built = subprocess.run(command + extra, capture_output=True, text=True, timeout=300, check=False)
+        if built.returncode == 0:
+            break
+    if built.returncode != 0 and cpu.available() is not None:
+        pytest.skip(f"this machine builds no C kernel either: {cpu.available()}")
+    assert built.returncode == 0, built.stderr[-3000:]
     result = subprocess.run([str(binary), "0.01"], capture_output=True, text=True, timeout=120, check=True)
     timed = [line.split()[0] for line in result.stdout.splitlines()]
     assert timed[0] == "generic" and (cpu.available() is not None or timed[-1] == cpu.supported_isas()[-1])

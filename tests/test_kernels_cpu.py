@@ -254,19 +254,3 @@ def test_a_library_built_from_other_source_is_refused(monkeypatch):
     monkeypatch.setattr(_library, "ABI_VERSION", _library.ABI_VERSION + 1)
     lib, reason = _library.load()
     assert lib is None and "from another bitflux version" in reason and "reinstall bitflux" in reason
-
-
-def test_portable_path_leaves_many_tokens_to_the_reference(monkeypatch):
-    """On a CPU whose best path is the portable C (no AVX2), the dispatcher gives it few tokens only: beyond
-    PORTABLE_MAX_TOKENS the reference is faster. A forced ISA is run as asked."""
-    monkeypatch.setattr(cpu, "_SUPPORTED_ISAS", ["generic"])
-    monkeypatch.delenv("BITFLUX_CPU_ISA", raising=False)
-    weight = make_weight(16, 32)
-    few = torch.randn(2, cpu.PORTABLE_MAX_TOKENS // 2, 32)
-    many = torch.randn(cpu.PORTABLE_MAX_TOKENS + 1, 32)
-    assert select_backend(few, weight, "a8") is cpu
-    assert select_backend(many, weight, "a8") is reference
-    with cpu.use_isa("generic"):
-        assert select_backend(many, weight, "a8") is cpu
-    monkeypatch.setenv("BITFLUX_CPU_ISA", "generic")
-    assert select_backend(many, weight, "a8") is cpu

@@ -24,9 +24,6 @@ ACTIVATIONS = ("a16", "a8")
 ISAS = ("generic", "avx2", "avxvnni", "avx512vnni")  # index = the C library's ISA number, best last
 PANEL = 16  # output features per block of the C kernel
 CHUNK = 16  # input features per block (a 4-byte word of a tq2 row)
-# Where the portable C path is the best this CPU has (no AVX2: e.g. aarch64), its tiles run ~6 G multiply-adds/s
-# a core, and beyond this many tokens the reference (unpack, then torch's GEMM) is faster (docs/CPU_KERNEL.md)
-PORTABLE_MAX_TOKENS = 64
 
 _lib, _load_error = _library.load()
 _SUPPORTED_ISAS = [name for i, name in enumerate(ISAS) if _lib is not None and _lib.bf_isa_supported(i)]
@@ -62,14 +59,10 @@ def use_isa(name: str):
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
     # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
-    # that need a gradient: the C kernel has no backward. A forced ISA (use_isa, $BITFLUX_CPU_ISA) is run
-    # as asked, at any token count.
+    # that need a gradient: the C kernel has no backward.
     grouped = weight.scales.shape[1] > 1
-    forced = bool(_forced_isa or os.environ.get("BITFLUX_CPU_ISA"))
-    portable_too_slow = (not forced and _SUPPORTED_ISAS[-1:] == ["generic"]
-                         and x.numel() > PORTABLE_MAX_TOKENS * weight.in_features)
     return (x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
-            and (not grouped or weight.group_size % CHUNK == 0) and not portable_too_slow)
+            and (not grouped or weight.group_size % CHUNK == 0))
 
 
 @dataclass(frozen=True)

@@ -276,10 +276,10 @@ static void transpose_chunks_avx2(int8_t *q, int64_t bytes) {
 #define MADDUBS_INTO_INT16(acc, u, b)                                                             \
     do {                                                                                          \
         __m256i product_;                                                                         \
-        __asm__("{vpmaddubsw %[codes_b], %[codes_u], %[product]|vpmaddubsw %[product], %[codes_u], %[codes_b]}" \
+        __asm__("{vpmaddubsw %[acts], %[codes_u], %[product]|vpmaddubsw %[product], %[codes_u], %[acts]}" \
                 "\n\t{vpaddw %[product], %[sums], %[sums]|vpaddw %[sums], %[sums], %[product]}"     \
                 : [sums] "+x"(acc), [product] "=&x"(product_)                                      \
-                : [codes_u] "x"(u), [codes_b] "x"(b));                                             \
+                : [codes_u] "x"(u), [acts] "x"(b));                                             \
     } while (0)
 
 /* vpmaddubsw gives u0 q0 + u1 q1 in [-508, 508] per int16 lane; 64 of them fit int16 exactly, so the
