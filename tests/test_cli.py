@@ -134,6 +134,17 @@ def test_missing_path(tmp_path, capsys):
     _assert_one_line_error(code, err, "no such file")
 
 
+@pytest.mark.parametrize("before, after", [(None, "1"), ("0", "0")])
+def test_huge_pages_for_torch_unless_turned_off(tmp_path, capsys, monkeypatch, before, after):
+    """The command turns on torch's huge pages for large CPU tensors; THP_MEM_ALLOC_ENABLE=0 keeps them off."""
+    if before is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", before)
+    _run(capsys, "quantize", tmp_path / "nope", "-o", tmp_path / "out")
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == after
+
+
 @pytest.mark.parametrize("class_name", ["UNet2DConditionModel", "SD3Transformer2DModel"])
 def test_other_architecture(tmp_path, tiny_folder, capsys, class_name):
     config = json.loads((tiny_folder / "config.json").read_text())
