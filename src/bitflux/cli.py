@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Huge pages for torch's large CPU tensors, on Linux: 2 MB pages instead of a page fault per 4 KB of every
     # fresh activation or weight buffer (torch 2.13 reads this when it first allocates a large block, not at
-    # import: measured). Quantizing ran ~2x faster a byte, a FLUX.1-dev forward peaked 1.1-1.6 GB lower at
-    # the same speed (BENCHMARKS.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+    # import: measured). Quantizing ran 1.6-1.8x faster, a FLUX.1-dev forward peaked 1.1-1.6 GB lower at the
+    # same speed (BENCHMARKS.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = build_parser().parse_args(argv)
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
