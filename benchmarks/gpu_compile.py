@@ -151,21 +151,22 @@ def variants(quick: bool):
     for fp8_out in (False, True):
         q_dtype = fp8 if fp8_out else i8
         for plane in (0, tk.PLANE):
-            for one_pass, block in ((True, tk._ONE_PASS_COLUMNS), (False, tk._TWO_PASS_BLOCK)):
+            for one_pass, block in ((True, tk._ONE_PASS_COLUMNS), *((False, b) for b in tk.QUANTIZE_BLOCKS)):
                 quantize = {"FP8": fp8_out, "PLANE": plane, "BLOCK": block, "ONE_PASS": one_pass}
                 name = (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}"
-                        f"{' one pass' if one_pass else ' two passes'}")
+                        f"{' one pass' if one_pass else f' two passes of {block}'}")
                 yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
                                                    "w_ptr": q_dtype, "table_ptr": torch.int16, "codes_ptr": q_dtype},
-                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_tiles[False][0]}, 4, 1,
+                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_tiles[False][0]},
+                       tk._QUANTIZE_WARPS, 1,
                        fp8_targets if fp8_out else all_targets)
                 if not plane:  # the expanded GEMMs' operands, in one launch
-                    for tq1, (tile, warps) in expand_tiles.items():
+                    for tq1, (tile, _) in expand_tiles.items():  # in the quantizer's warps
                         yield (f"{name} + expand{' tq1' if tq1 else ''}", tk._operands_kernel,
                                {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8,
                                 "table_ptr": torch.int16, "codes_ptr": q_dtype},
                                {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **tile},
-                               warps, 1, fp8_targets if fp8_out else all_targets)
+                               tk._QUANTIZE_WARPS, 1, fp8_targets if fp8_out else all_targets)
     for dtype in (i8, fp8, bf16):
         for tq1, (tile, warps) in expand_tiles.items():
             yield (f"expand {_TYPES[dtype]}{' tq1' if tq1 else ''}", tk._operands_kernel,

@@ -44,3 +44,13 @@ def test_gpu_small_m_rehearses_every_candidate_kind(tmp_path):
     for row in rows:
         assert row["candidates"] and all("error" not in c and c["rel_err"] < 4e-2 for c in row["candidates"])
     assert "best tile" in (tmp_path / "gpu_small_m.md").read_text()
+
+
+def test_gpu_operands_rehearses_every_candidate(tmp_path):
+    _run("gpu_operands.py", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "gpu_operands.json").read_text())["results"]
+    assert len(results) == 1
+    sweep = results[0]["sweep"]
+    # each candidate, for the quantizer alone and with expansion, int8 and e4m3: timed, its outputs equal
+    assert len(sweep) == 4 * 7 and all("ms" in row for row in sweep), [row for row in sweep if "ms" not in row]
+    assert set(results[0]["calls"]) == {"bf16 cuBLAS", "W1.58 fp8", "W1.58A8"}

@@ -117,10 +117,10 @@ def test_a_prepared_weight_refers_to_its_bytes_without_keeping_them():
 
 @pytest.fixture(params=["one pass", "two passes"])
 def quantizer_passes(request, monkeypatch):
-    """Both paths of the activation quantizer: whole rows in registers, and (rows longer than the
-    threshold, lowered here) two passes over blocks of 2048 columns."""
+    """Both paths of the activation quantizer: whole rows in registers, and (more rows than the threshold,
+    lowered here) two passes over blocks of QUANTIZE_BLOCKS[0] columns."""
     if request.param == "two passes":
-        monkeypatch.setattr(tk, "_ONE_PASS_COLUMNS", 256)
+        monkeypatch.setattr(tk, "_ONE_PASS_ROWS", 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -58,9 +58,18 @@ SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, 
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
 # gemv sums int8 products in fp32, exact while |sum| <= 127 K < 2^24: longer rows keep to splitk's int32 sums
 GEMV_MAX_INT8_K = (2**24 - 1) // 127
-_ONE_PASS_COLUMNS = 4096  # the activation quantizer keeps rows up to this long in registers (H200: ~8%
-# faster at K = 3072; whole rows of 12288 in 16 warps were 1.5x slower than two passes)
-_TWO_PASS_BLOCK = 2048  # longer rows: read twice, in blocks of this many columns
+# The activation quantizer: up to _ONE_PASS_ROWS rows of up to _ONE_PASS_COLUMNS are read once and kept in
+# registers; other rows are read twice, their absmax and then their values (the second read mostly from L2), in
+# blocks of QUANTIZE_BLOCKS[0] columns for rows up to 4096 long and [1] for longer ones; in _QUANTIZE_WARPS
+# warps, also when the same launch expands codes. H200 at 4096 tokens (benchmarks/gpu_operands.py,
+# BENCHMARKS.md): at K = 3072, 1024-column blocks quantize 1.3x faster than whole rows in registers or blocks of
+# 2048, and with the codes' expansion in the launch, 4 warps take 0.8-0.9x the time of expansion's 8; at
+# K = 12288 / 15360, 4096-column blocks are 1.1x faster than 2048. Up to 512 rows (FLUX's text tokens), whose
+# programs fill the GPU once at most, the one read stays, as before (not measured against two since).
+_ONE_PASS_ROWS = 512
+_ONE_PASS_COLUMNS = 4096
+QUANTIZE_BLOCKS = (1024, 4096)
+_QUANTIZE_WARPS = 4
 # expand()'s tiles per packing: (rows, bytes a row, warps). tq2: long rows of codes write wide contiguous runs
 # (H200: 2.5-3.3 TB/s, 10-20% above 32 x 128 tiles); tq1: the best of six tiles timed on an H100 at
 # FLUX.1-dev shapes, 1.0-1.2 TB/s into e4m3 (BENCHMARKS.md)
@@ -494,17 +503,18 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
             codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
         tiles_k = _cdiv(packed.shape[1], block_bytes)
         tiles = _cdiv(N, block_n) * tiles_k
-    # Short rows are read once and kept in registers; longer rows take two passes over blocks.
     block = _next_power_of_2(columns)
-    one_pass = block <= _ONE_PASS_COLUMNS
+    one_pass = rows <= _ONE_PASS_ROWS and block <= _ONE_PASS_COLUMNS
+    if not one_pass:
+        block = min(block, QUANTIZE_BLOCKS[columns > 4096])
     table = prepared.digit_table if prepared is not None and tq1 else None
     _operands_kernel[(rows + tiles,)](
         _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(table, _or(packed, q)), _or(codes, q),
         rows, K, columns, N,
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
         EXPAND=codes is not None, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
-        BLOCK=block if one_pass else _TWO_PASS_BLOCK, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
-        num_warps=expand_warps if codes is not None else 4)
+        BLOCK=block, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
+        num_warps=_QUANTIZE_WARPS if q is not None else expand_warps)
     return q, scale, codes
 
 
@@ -795,7 +805,8 @@ if triton is not None:
     def _quantize_row(x_ptr, q_ptr, scale_ptr, row, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
                       BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
         """One row of x -> KQ >= K quantized columns (zeros past K) and its scale; with PLANE, in plane-major
-        order. ONE_PASS (KQ <= BLOCK): the row is read from memory once and kept in registers."""
+        order. ONE_PASS (KQ <= BLOCK): the row is read from memory once and kept in registers; else two passes
+        over blocks of BLOCK columns, the row's absmax, then its values."""
         x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * KQ
         qmax: tl.constexpr = 448.0 if FP8 else 127.0
         if ONE_PASS:
