@@ -13,16 +13,17 @@ much of a large-M layer's time is the host's. Writes gpu_operands.json and gpu_o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_linear import FLUX_LAYERS, bench_ms, environment, prepared_layers, random_codes
 
 from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import triton as triton_backend
-from gpu_linear import FLUX_LAYERS, bench_ms, environment, prepared_layers, random_codes
 
 LAYERS = ("attn to_q/k/v, to_out", "double norm1.linear", "single norm.linear, fused to_qkv", "ff net.2",
           "single proj_out")
@@ -64,9 +65,9 @@ def sweep(x: torch.Tensor, prepared, device) -> list[dict]:
     for fp8 in (False, True):
         codes_dtype = torch.float8_e4m3fn if fp8 else torch.int8
         parts = {
-            "quantize": (lambda: triton_backend.quantize_activations(x, fp8=fp8), M * K * 3 + M * 4),
-            "quantize + expand": (lambda: triton_backend._operands(x, fp8=fp8, prepared=prepared,
-                                                                   codes_dtype=codes_dtype),
+            "quantize": (functools.partial(triton_backend.quantize_activations, x, fp8=fp8), M * K * 3 + M * 4),
+            "quantize + expand": (functools.partial(triton_backend._operands, x, fp8=fp8, prepared=prepared,
+                                                    codes_dtype=codes_dtype),
                                   M * K * 3 + M * 4 + prepared.packed.numel() + N * K),
         }
         for part, (fn, min_bytes) in parts.items():
@@ -77,7 +78,7 @@ def sweep(x: torch.Tensor, prepared, device) -> list[dict]:
                     if not same(with_constants(constants, fn), reference):
                         row["error"] = "outputs differ from the backend's"
                     else:
-                        row["ms"] = with_constants(constants, lambda: bench_ms(fn))
+                        row["ms"] = with_constants(constants, functools.partial(bench_ms, fn))
                         row["tb_s"] = min_bytes / (row["ms"] * 1e-3) / 1e12
                 except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
@@ -101,8 +102,8 @@ def whole_calls(x, prepared, dense, device) -> dict:
 
 def markdown(env: dict, results: list[dict]) -> str:
     lines = [f"# Operand kernel sweep at M = {results[0]['M'] if results else '-'} on {env['device']}", "",
-             f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU us per call (L2 flushed) and "
-             "the least bytes each must move as TB/s; every candidate's outputs equal the backend's bit for bit.",
+             (f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU us per call (L2 flushed) and "
+              "the least bytes each must move as TB/s; every candidate's outputs equal the backend's bit for bit."),
              ""]
     for result in results:
         lines += [f"## {result['layer']} (N {result['N']}, K {result['K']})", "",
