@@ -23,8 +23,6 @@ tiled and planar:
   cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
             torch._scaled_mm (fp8), scales in the epilogue (a16 with one scale a tensor, or one a layer of
             q/k/v fused by bitflux.fusion: cuBLAS's alpha, one GEMM a scale).
-  overlapped  cublas in column pieces, each piece's codes widened on a side stream while the GEMM of the
-            piece before runs.
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
@@ -36,7 +34,6 @@ sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), su
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -94,11 +91,9 @@ GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
 # leaves such differences.
 WIDE_PROGRAMS_PER_SM = 8
 GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
-# `overlapped` (a16, many tokens): the GEMM in up to OVERLAP_PIECES column pieces of at least
-# OVERLAP_MIN_COLUMNS (narrower cuBLAS GEMMs leave SMs idle at the last wave: 4608 x 768 is 108 tiles of
-# 128 x 256 for 132 SMs), so FLUX's 3072-wide layers are not split.
-OVERLAP_PIECES = 4
-OVERLAP_MIN_COLUMNS = 2048
+# a16 on cuBLAS with one scale a run of output columns: at most this many runs (one GEMM each, the scale as
+# cuBLAS's alpha: one a tensor, one a layer of q/k/v fused by bitflux.fusion), else a scale epilogue
+ALPHA_PIECES = 4
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -199,11 +194,11 @@ def prepare(weight) -> PreparedWeight:
 
 
 def _alpha_pieces(scales: torch.Tensor, N: int) -> tuple[tuple[int, int, float], ...] | None:
-    """(start, end, scale) for runs of one scale over the output columns, if there are at most OVERLAP_PIECES
+    """(start, end, scale) for runs of one scale over the output columns, if there are at most ALPHA_PIECES
     runs starting on expand tile boundaries (one a tensor; one a layer for fused q/k/v), else None."""
     values = scales.cpu()  # per tensor: one value, one run
     starts = [0, *(torch.nonzero(values[1:] != values[:-1]).flatten() + 1).tolist()]
-    if len(starts) > OVERLAP_PIECES or any(start % 32 for start in starts):
+    if len(starts) > ALPHA_PIECES or any(start % 32 for start in starts):
         return None
     return tuple((start, end, values[start].item()) for start, end in zip(starts, [*starts[1:], N]))
 
@@ -241,10 +236,6 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
-        # a16 only: the pieces are column slices of the output, which torch._int_mm refuses (contiguous
-        # output only) and _scaled_mm's row-wise CUTLASS fallback (cuBLAS < 12.9) is not known to honour
-        if activations == "a16" and len(_column_pieces(prepared.out_features)) > 1:
-            names.append("overlapped")
     names += ["splitk8"] * few + ["gemv8"] * gemv
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
@@ -545,68 +536,28 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
                      codes=codes)
 
 
-def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str, overlap: bool = False) -> torch.Tensor:
+def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
     """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-    torch._scaled_mm (fp8), scales in the epilogue (a16 with alpha_pieces: as alpha, one GEMM a piece). overlap
-    (the `overlapped` strategy, a16): the output's columns in pieces, each piece's codes expanded on a side
-    stream while cuBLAS multiplies the piece before (the GEMM is compute-bound, the expansion memory-bound: 7-13 %
-    of an a16 layer at 4096 tokens); only the first piece's expansion is exposed. Events fork and join the
-    streams, so CUDA graphs capture it; on a CPU (the interpreter) the pieces run in turn."""
-    M, N, K = x2.shape[0], prepared.out_features, prepared.in_features
-    # a16 with one scale per tensor or per fused layer: the scales ride as cuBLAS's alpha, one GEMM a scale
+    torch._scaled_mm (fp8), scales in the epilogue (a16 with alpha_pieces: as alpha, one GEMM a piece, into
+    column slices of the output)."""
+    M, N = x2.shape[0], prepared.out_features
+    q, act_scale, codes = _expanded_operands(x2, prepared, activations)
     alphas = prepared.alpha_pieces if activations == "a16" else None
-    if alphas is not None and len(alphas) > 1:
-        pieces = [(n0, n1) for n0, n1, _ in alphas]
-    else:
-        pieces = _column_pieces(N) if overlap else [(0, N)]
-    codes = torch.empty(N, K, dtype=_operand_dtype(activations, x2.dtype), device=x2.device)
-    first = slice(*pieces[0]) if overlap else slice(None)
-    q, act_scale, _ = _expanded_operands(x2, prepared, activations, first, codes[first])
-    raw_dtype = {"a8": torch.int32, "fp8": torch.bfloat16}.get(activations, x2.dtype)
-    raw = torch.empty(M, N, dtype=raw_dtype, device=x2.device)
-    # Row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after.
-    fp8_bias = bias.to(torch.bfloat16) if activations == "fp8" and bias is not None else None
-    main = torch.cuda.current_stream(x2.device) if x2.is_cuda and overlap and len(pieces) > 1 else None
-    side = _side_stream(x2.device) if main is not None else None
-    if side is not None:
-        side.wait_stream(main)  # the codes buffer and the first piece are main's
-    for i, (n0, n1) in enumerate(pieces):
-        if overlap and i + 1 < len(pieces):
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                expand(prepared, codes.dtype, slice(*pieces[i + 1]), codes[slice(*pieces[i + 1])])
-        piece, out = codes[n0:n1].t(), raw[:, n0:n1]
-        if alphas is not None:
-            alpha = next(scale for start, end, scale in alphas if start <= n0 < end)
-            torch.addmm(bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, piece,
-                        beta=1 if bias is not None else 0, alpha=alpha, out=out)
-        elif activations == "a16":
-            torch.mm(x2, piece, out=out)
-        elif activations == "a8":
-            torch._int_mm(q, piece, out=out)  # exact int32
-        else:
-            torch._scaled_mm(q, piece, scale_a=act_scale[:, None], scale_b=prepared.scale_row[:, n0:n1],
-                             bias=fp8_bias[n0:n1] if fp8_bias is not None else None, out_dtype=torch.bfloat16,
-                             out=out)
-        if side is not None and i + 1 < len(pieces):
-            main.wait_stream(side)  # the next piece's codes are written
-    # main has waited for every expansion, so freeing codes in main's order is safe
     if alphas is not None:
-        return raw
-    if activations == "fp8":
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+        for n0, n1, alpha in alphas:
+            torch.addmm(bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, codes[n0:n1].t(),
+                        beta=1 if bias is not None else 0, alpha=alpha, out=out[:, n0:n1])
+        return out
+    if activations == "a16":
+        raw = torch.mm(x2, codes.t())
+    elif activations == "a8":
+        raw = torch._int_mm(q, codes.t())  # exact int32
+    else:  # row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after
+        raw = torch._scaled_mm(q, codes.t(), scale_a=act_scale[:, None], scale_b=prepared.scale_row,
+                               bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
         return raw.to(x2.dtype)
     return _epilogue(raw[None], prepared, act_scale, bias, x2.dtype)
-
-
-def _column_pieces(N: int) -> list[tuple[int, int]]:
-    """Up to OVERLAP_PIECES column ranges of at least OVERLAP_MIN_COLUMNS, on expand tile boundaries."""
-    count = max(1, min(OVERLAP_PIECES, N // OVERLAP_MIN_COLUMNS))
-    step = _cdiv(_cdiv(N, count), 32) * 32
-    return [(n0, min(n0 + step, N)) for n0 in range(0, N, step)]
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
 
 
 def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False, tile: tuple | None = None,
@@ -757,7 +708,7 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 _ACT = {"a16": _ACT_FLOAT, "a8": _ACT_INT8, "fp8": _ACT_FP8}
 _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linear, fma=True),
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
-               "cublas": _cublas_linear, "overlapped": functools.partial(_cublas_linear, overlap=True),
+               "cublas": _cublas_linear,
                "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
                "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM)}
 
