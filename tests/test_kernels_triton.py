@@ -115,17 +115,21 @@ def test_a_prepared_weight_refers_to_its_bytes_without_keeping_them():
         tk.linear(_activations(2, 256, torch.float32), prepared, None, "a16")
 
 
-@pytest.fixture(params=["one pass", "two passes"])
+@pytest.fixture(params=["one pass", "two passes", "two passes, long rows"])
 def quantizer_passes(request, monkeypatch):
-    """Both paths of the activation quantizer: whole rows in registers, and (more rows than the threshold,
-    lowered here) two passes over blocks of QUANTIZE_BLOCKS[0] columns."""
-    if request.param == "two passes":
+    """Each path of the activation quantizer: whole rows in registers, and (more rows than the threshold,
+    lowered here) two passes over blocks of QUANTIZE_BLOCKS[0] columns, or of QUANTIZE_BLOCKS[1] for rows
+    past 4096 columns (made as small here, so that the test's rows of 2500 take them)."""
+    if request.param != "one pass":
         monkeypatch.setattr(tk, "_ONE_PASS_ROWS", 0)
+    if request.param == "two passes, long rows":
+        monkeypatch.setattr(tk, "QUANTIZE_BLOCKS", (1 << 20, 512))
+        monkeypatch.setattr(tk, "_LONG_ROWS", 2048)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_activations_is_bit_identical(dtype, quantizer_passes):
-    x = _activations(6, 2500, dtype)  # two passes: K spans two blocks of each row
+    x = _activations(6, 2500, dtype)  # two passes: K spans three blocks of each row (five of the long rows')
     x[1] = 0.0
     x[2, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: exact ties must round half to even
     x[2, 4:] = 0.0

@@ -57,14 +57,16 @@ GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cor
 GEMV_MAX_INT8_K = (2**24 - 1) // 127
 # The activation quantizer: up to _ONE_PASS_ROWS rows of up to _ONE_PASS_COLUMNS are read once and kept in
 # registers; other rows are read twice, their absmax and then their values (the second read mostly from L2), in
-# blocks of QUANTIZE_BLOCKS[0] columns for rows up to 4096 long and [1] for longer ones; in _QUANTIZE_WARPS
+# blocks of QUANTIZE_BLOCKS[0] columns for rows up to _LONG_ROWS long and [1] for longer ones; in _QUANTIZE_WARPS
 # warps, also when the same launch expands codes. H200 at 4096 tokens (benchmarks/gpu_operands.py,
 # BENCHMARKS.md): at K = 3072, 1024-column blocks quantize 1.3x faster than whole rows in registers or blocks of
-# 2048, and with the codes' expansion in the launch, 4 warps take 0.8-0.9x the time of expansion's 8; at
+# 2048, and with the codes' expansion in the launch, 4 warps take ~0.9x the time of expansion's 8; at
 # K = 12288 / 15360, 4096-column blocks are 1.1x faster than 2048. Up to 512 rows (FLUX's text tokens), whose
-# programs fill the GPU once at most, the one read stays, as before (not measured against two since).
+# programs fill the GPU once at most, the one read stays, as before (not measured against two since); the
+# blocks of longer rows and the warps apply at any M (measured at 4096 tokens only).
 _ONE_PASS_ROWS = 512
 _ONE_PASS_COLUMNS = 4096
+_LONG_ROWS = 4096
 QUANTIZE_BLOCKS = (1024, 4096)
 _QUANTIZE_WARPS = 4
 # expand()'s tiles per packing: (rows, bytes a row, warps). tq2: long rows of codes write wide contiguous runs
@@ -457,25 +459,22 @@ def _padded(K: int) -> int:
     return _cdiv(K, 4 * PLANE) * 4 * PLANE
 
 
-def expand(prepared: PreparedWeight, dtype: torch.dtype, outputs: slice = slice(None),
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
     for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
-    full-precision weight ever exists. outputs: only those rows of codes; out: written there (contiguous
-    rows)."""
-    return _operands(None, prepared=prepared, codes_dtype=dtype, outputs=outputs, codes=out)[2]
+    full-precision weight ever exists."""
+    return _operands(None, prepared=prepared, codes_dtype=dtype)[2]
 
 
 def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = False,
-              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None,
-              outputs: slice = slice(None), codes: torch.Tensor | None = None):
+              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None):
     """One launch of _operands_kernel: x2's rows quantized (q, per-token scales) and/or the layer's codes
     expanded (codes); what is not asked for is None. Both at once for the a8/fp8 GEMMs on expanded codes:
     an eager forward pays the host ~20-35 us per Triton launch (BENCHMARKS.md), more than some layers' GPU
-    time. outputs, codes: as expand's outputs, out."""
+    time."""
     # The part not asked for gets no programs (rows = 0 or tiles = 0), sizes that are never read, and any
     # tensor of the call for its pointers: its code is compiled out (QUANTIZE / EXPAND are constexpr).
-    q = scale = packed = None
+    q = scale = packed = codes = None
     rows = stride_x = N = tiles = 0
     tq1 = False
     K = columns = tiles_k = 1  # K: the input features, shared by both parts
@@ -487,17 +486,15 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         stride_x = x2.stride(0)
     block_n, block_bytes, expand_warps = EXPAND_TILES["tq2"]
     if prepared is not None:
-        packed, K, tq1 = prepared.packed[outputs], prepared.in_features, prepared.tq1
-        N = packed.shape[0]
+        packed, K, N, tq1 = prepared.packed, prepared.in_features, prepared.out_features, prepared.tq1
         block_n, block_bytes, expand_warps = EXPAND_TILES["tq1" if tq1 else "tq2"]
-        if codes is None:
-            codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
+        codes = torch.empty(N, K, dtype=codes_dtype, device=packed.device)
         tiles_k = _cdiv(packed.shape[1], block_bytes)
         tiles = _cdiv(N, block_n) * tiles_k
     block = _next_power_of_2(columns)
     one_pass = rows <= _ONE_PASS_ROWS and block <= _ONE_PASS_COLUMNS
     if not one_pass:
-        block = min(block, QUANTIZE_BLOCKS[columns > 4096])
+        block = min(block, QUANTIZE_BLOCKS[columns > _LONG_ROWS])
     table = prepared.digit_table if prepared is not None and tq1 else None
     _operands_kernel[(rows + tiles,)](
         _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(table, _or(packed, q)), _or(codes, q),
@@ -525,15 +522,13 @@ def _quantized(x2: torch.Tensor, activations: str):
     return quantize_activations(x2, fp8=activations == "fp8")
 
 
-def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: str, outputs: slice = slice(None),
-                       codes: torch.Tensor | None = None):
-    """The left operand, its per-token scales (None for a16) and the layer's expanded codes (outputs, codes: as
-    expand's outputs, out), for the GEMMs on expanded codes: one launch."""
+def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: str):
+    """The left operand, its per-token scales (None for a16) and the layer's expanded codes, for the GEMMs on
+    expanded codes: one launch."""
     codes_dtype = _operand_dtype(activations, x2.dtype)
     if activations == "a16":
-        return x2, None, expand(prepared, codes_dtype, outputs, codes)
-    return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype, outputs=outputs,
-                     codes=codes)
+        return x2, None, expand(prepared, codes_dtype)
+    return _operands(x2, fp8=activations == "fp8", prepared=prepared, codes_dtype=codes_dtype)
 
 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
