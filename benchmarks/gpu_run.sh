@@ -13,16 +13,18 @@
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
 #
-# --layers (~5 minutes on an H100, limits sum to 450 s): after a kernel change, what a layer shows: the quick test subset,
-# gpu_linear --quick and the small-M sweep, without the full forward, the benches or torch.compile.
+# --layers (~5 minutes on an H100, limits sum to 540 s): after a kernel change, what a layer shows: the quick test
+# subset, gpu_linear --quick, the small-M sweep and the operand sweep (gpu_operands, ~30 s on an H200), without the
+# full forward, the benches or torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
 # compile the tests' kernels in parallel), fetched beforehand with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-xdist execnet
 #
-# Files written to $OUT (8, what the device tool returns at most): run.log, pytest.txt, gpu_flux.{json,md},
-# gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the strategy chosen per layer shape.
+# Files written to $OUT (8, what the device tool returns at most): run.log, pytest.txt, gpu_flux.{json,md}
+# (--layers: gpu_operands.{json,md} instead), gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the
+# strategy chosen per layer shape.
 set -u
 QUICK=""
 LAYERS=""
@@ -95,6 +97,7 @@ if [ -n "$QUICK" ]; then
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
         --modes a16 fp8 fp8-tq1
+    [ -n "$LAYERS" ] && part gpu_operands 90 "$LOG" python benchmarks/gpu_operands.py --out "$OUT" $DRY
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
