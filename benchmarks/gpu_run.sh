@@ -3,9 +3,10 @@
 # forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), the per-layer GEMM
 # benchmark, the small-M kernels' parameter sweep, then torch.compile runs. Each part has its own time
 # limit and failures do not stop the next part; every part writes its results as it goes (the sweep after
-# every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~9
-# minutes before the torch.compile parts, estimated: ~7 on an H200 with Triton 3.6 when gpu_flux ran 5 models;
-# the compiled runs only use what is left of a 10-minute call; limits sum to 1230 s): every strategy's and tile config's test, the exactness and CUDA-graph
+# every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~8
+# minutes before the torch.compile parts: 474 s on an H200 with Triton 3.6, 2026-11-27, gpu_flux's 7 models
+# in 96 s; the compiled runs only use what is left of a 10-minute call; limits sum to 1230 s): every
+# strategy's and tile config's test, the exactness and CUDA-graph
 # subset, gpu_flux with 3 timed forwards (the warm-up measures each layer shape's strategies; fp8 on tq1
 # codes, fp8 with q/k/v not fused and bf16 with them fused too), the two benches, gpu_linear on 4 layers x M
 # in {1, 16, 4096}, the sweep (a16, fp8, fp8 on tq1 codes), the demo bench and the full-size bf16 and fp8
