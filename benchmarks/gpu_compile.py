@@ -182,22 +182,27 @@ def variants(quick: bool):
         tiles = [(False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)]
         if not quick:  # the tiles that some layers or the gemv8 variant take
             tiles += [(True, tile) for tile in (tk.GEMV_QUANTIZING_TILES if act != "a16" else (tk.GEMV_WIDE_TILE,))]
+        if act != "a16":  # qgemv: the GEMV on activations the quantizer's launch quantized
+            tiles.append(("prequantized", tk.GEMV_TILE))
         for fma, (block_m, block_n, block_k, warps, stages) in tiles:
+            prequantized = fma == "prequantized"
+            quantize = bool(fma) and code != 0 and not prequantized  # the GEMV quantizes its one float row
             # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked;
             # the GEMV's own loop for each activation type, as it quantizes int8/e4m3 itself)
             for tq1, even_k in ((False, True), (True, True), (False, False), (True, False)):
-                if not even_k and act != "a16" and not (fma and (block_m, block_n, block_k) == tk.GEMV_TILE[:3]):
+                if not even_k and act != "a16" and not (quantize and (block_m, block_n, block_k) == tk.GEMV_TILE[:3]):
                     continue
                 default = (block_m, block_n, block_k) in (tk.GEMV_TILE[:3], tk.SPLITK_TILE[:3])
                 rows = "" if default else f" {block_n} rows"
-                yield (f"{'gemv' if fma else 'splitk'} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}{rows}",
+                kind = "qgemv" if prequantized else "gemv" if fma else "splitk"
+                yield (f"{kind} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}{rows}",
                        tk._gemv_kernel,
-                       # the GEMV quantizes its one float row itself
-                       {"x_ptr": bf16 if fma else x_dtype, "w_ptr": u8, "table_ptr": torch.int16, **epilogue_ptrs,
-                        "out_ptr": bf16},
-                       {"ACT": code, "FMA": fma, "TQ1": tq1, "FUSED": True, "SCALE_MODE": 0, "HAS_BIAS": True,
-                        "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                        "BLOCK_K": block_k}, warps, stages, fp8_targets if act == "fp8" else all_targets)
+                       {"x_ptr": bf16 if quantize else x_dtype, "w_ptr": u8, "table_ptr": torch.int16,
+                        **epilogue_ptrs, "out_ptr": bf16},
+                       {"ACT": code, "FMA": bool(fma), "QUANTIZE": quantize, "TQ1": tq1, "FUSED": True,
+                        "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
+                        "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
+                       fp8_targets if act == "fp8" else all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,

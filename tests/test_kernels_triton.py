@@ -413,13 +413,15 @@ def _ties(activations: str, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("packing", ["tq2", "tq1"])
 @pytest.mark.parametrize("activations", ["a8", "fp8"])
 @pytest.mark.parametrize("strategy,k,n,split", [("gemv", 300, 300, False), ("gemv", 512, 512, False),
-                                                ("gemv", 2100, 20, True), ("gemv8", 2100, 20, True)])
+                                                ("gemv", 2100, 20, True), ("gemv8", 2100, 20, True),
+                                                ("qgemv", 300, 300, False), ("qgemv", 2100, 20, True)])
 def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, packing, monkeypatch):
     """The one-token GEMV quantizes x itself (no quantizer launch): with identity codes each output is one
     quantized value x its scale, so the outputs show every rounding, bit for bit against the reference; a zero
     row (scale 1e-12 / qmax) too. N = K = 300 (masked steps) and 512 (whole steps) take a
     GEMV_QUANTIZING_TILES tile in one K slice (8 programs aimed at, on a GPU too); 20 x 2100 splits K, so the
-    scale reaches the epilogue kernel through memory (stored by program (0, 0))."""
+    scale reaches the epilogue kernel through memory (stored by program (0, 0)). qgemv, the same GEMV on the
+    quantizer launch's output, gives the same bits."""
     monkeypatch.setattr(tk, "_target_programs", lambda device, per_sm=None: 2 * (per_sm or tk.PROGRAMS_PER_SM))
     codes = torch.eye(n, k, dtype=torch.int8)
     weight = TernaryWeight(formats.pack(codes, packing).to(DEVICE), torch.ones(1, 1, device=DEVICE), k, n, None,
@@ -465,6 +467,7 @@ def test_default_strategies_and_refusals():
     cuBLAS above for a16 and fp8, the int8 tile kernel on expanded codes for a8."""
     layer, grouped = _layer(tk._SCALE_TENSOR, 256, 144), _layer(tk._SCALE_GROUP, 256, 144)
     assert tk.strategies(1, layer, "a16") == ["gemv", "splitk", "tiled", "planar", "splitk8", "gemv8"]
+    assert tk.strategies(1, layer, "fp8") == ["gemv", "splitk", "tiled", "planar", "splitk8", "gemv8", "qgemv"]
     assert tk.strategies(3, layer, "a16") == ["splitk", "tiled", "planar", "splitk8"]
     assert tk.strategies(17, layer, "a8") == ["expanded", "tiled", "planar", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["cublas", "tiled", "planar", "expanded"]

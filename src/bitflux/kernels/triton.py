@@ -24,6 +24,8 @@ tiled and planar:
             torch._scaled_mm (fp8), scales in the epilogue (a16 with one scale a tensor, or one a layer of
             q/k/v fused by bitflux.fusion: cuBLAS's alpha, one GEMM a scale).
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
+  qgemv     a8/fp8, one token: gemv on activations quantized by the quantizer's launch beforehand, instead of
+            quantized by every program of the GEMV itself.
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
 tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
@@ -238,7 +240,7 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
-    names += ["splitk8"] * few + ["gemv8"] * gemv
+    names += ["splitk8"] * few + ["gemv8"] * gemv + ["qgemv"] * (gemv and activations != "a16")
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
     usual = "gemv" if gemv else "splitk" if few else "expanded" if activations == "a8" else "cublas"
@@ -556,18 +558,20 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 
 
 def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bool = False, tile: tuple | None = None,
-                   per_sm: int | None = None) -> torch.Tensor:
+                   per_sm: int | None = None, prequantized: bool = False) -> torch.Tensor:
     """Every (N tile, K slice) is one program, so a few tokens still fill the GPU. One slice: the kernel
     applies scales and bias itself (one launch); several: fp32 partials, summed in order by _epilogue.
-    fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles. tile, per_sm: other
-    than the defaults (GEMV_TILE or SPLITK_TILE, PROGRAMS_PER_SM)."""
+    fma: products on CUDA cores (the gemv strategy, M == 1), else tl.dot on 16-row tiles; with int8/e4m3
+    activations the GEMV quantizes its row itself unless `prequantized` (qgemv: the quantizer's launch first).
+    tile, per_sm: other than the defaults (GEMV_TILE or SPLITK_TILE, PROGRAMS_PER_SM)."""
     M, K, N, out_dtype = x2.shape[0], prepared.in_features, prepared.out_features, x2.dtype
-    if fma and activations != "a16":  # the GEMV quantizes its one row itself
+    quantize_here = fma and activations != "a16" and not prequantized  # the GEMV quantizes its one row itself
+    if quantize_here:
         q, act_scale = x2, torch.empty(M, dtype=torch.float32, device=x2.device)
     else:
         q, act_scale = _quantized(x2, activations)
     if tile is None:
-        tile = _gemv_tile(N, activations, x2.device) if fma else SPLITK_TILE
+        tile = (_gemv_tile(N, activations, x2.device) if quantize_here else GEMV_TILE) if fma else SPLITK_TILE
     block_m, block_n, block_k, warps, stages = tile
     # A step reads block_k / 4 bytes a row: block_k codes in tq2, 5 / 4 of that in tq1.
     step = block_k // 4 * (5 if prepared.tq1 else 4)
@@ -577,7 +581,8 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         q, prepared.packed, _or(prepared.digit_table, prepared.packed), prepared.scales,
         _or(act_scale, prepared.scales), _or(bias, prepared.scales), out,
         M, N, K, q.stride(0), prepared.packed.stride(0), steps_per_slice * step,
-        ACT=_ACT[activations], FMA=fma, TQ1=prepared.tq1, FUSED=_slices(out) == 1, SCALE_MODE=prepared.scale_mode,
+        ACT=_ACT[activations], FMA=fma, QUANTIZE=quantize_here, TQ1=prepared.tq1, FUSED=_slices(out) == 1,
+        SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, EVEN_K=K % step == 0, num_warps=warps, num_stages=stages)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
@@ -705,7 +710,8 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
                "tiled": _tiled_linear, "planar": _planar_linear, "expanded": _expanded_linear,
                "cublas": _cublas_linear,
                "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
-               "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM)}
+               "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM),
+               "qgemv": functools.partial(_splitk_linear, fma=True, prequantized=True)}
 
 
 if triton is not None:
@@ -984,17 +990,19 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, table_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
-                     stride_wn, k_slice, ACT: tl.constexpr, FMA: tl.constexpr, TQ1: tl.constexpr, FUSED: tl.constexpr,
+                     stride_wn, k_slice, ACT: tl.constexpr, FMA: tl.constexpr, QUANTIZE: tl.constexpr,
+                     TQ1: tl.constexpr, FUSED: tl.constexpr,
                      SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
         fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
         columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step). table_ptr: tq1_digit_table,
-        which the tensor-core tq1 loop reads (any pointer otherwise). FMA with int8 or e4m3 ACT: x is the
-        float row itself, quantized here as _quantize_row does (bit for bit): every program reads the
+        which the tensor-core tq1 loop reads (any pointer otherwise). QUANTIZE (FMA with int8 or e4m3 ACT): x
+        is the float row itself, quantized here as _quantize_row does (bit for bit): every program reads the
         whole row once for its scale (from L2 and L1; 2 K bytes of bf16 against BLOCK_N K / 4 of codes), and
         program (0, 0) stores the scale for _epilogue_kernel. That saves the quantizer's launch, which at one
-        token took as long as the GEMV on small layers (H100: 3.5-6.5 us)."""
+        token took as long as the GEMV on small layers (H100: 3.5-6.5 us), but delays every program's weight
+        stream by that read (qgemv, without it, lets the chooser compare)."""
         BYTES: tl.constexpr = BLOCK_K // 4
         PER_BYTE: tl.constexpr = 5 if TQ1 else 4
         STEP: tl.constexpr = BYTES * PER_BYTE
@@ -1009,7 +1017,6 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_int = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         offs_j = tl.arange(0, BYTES)  # planes: byte j of a step holds columns PER_BYTE j .. PER_BYTE j + PER_BYTE - 1
-        QUANTIZE: tl.constexpr = FMA and ACT != 0
         QMAX: tl.constexpr = 448.0 if ACT == 2 else 127.0
         if QUANTIZE:
             act_scale = _absmax_scale(_row_absmax(x_ptr, K, BLOCK_K), QMAX)
