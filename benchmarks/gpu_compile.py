@@ -179,14 +179,14 @@ def variants(quick: bool):
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)
     acts = {"a16": (bf16, 0), "a8": (i8, 1), "fp8": (fp8, 2)}
     for act, (x_dtype, code) in acts.items():
-        tiles = [(False, tk.SPLITK_TILE), (True, tk.GEMV_TILE)]
+        tiles = [("splitk", tk.SPLITK_TILE), ("gemv", tk.GEMV_TILE)]
         if not quick:  # the tiles that some layers or the gemv8 variant take
-            tiles += [(True, tile) for tile in (tk.GEMV_QUANTIZING_TILES if act != "a16" else (tk.GEMV_WIDE_TILE,))]
+            tiles += [("gemv", tile) for tile in (tk.GEMV_QUANTIZING_TILES if act != "a16" else (tk.GEMV_WIDE_TILE,))]
         if act != "a16":  # qgemv: the GEMV on activations the quantizer's launch quantized
-            tiles.append(("prequantized", tk.GEMV_TILE))
-        for fma, (block_m, block_n, block_k, warps, stages) in tiles:
-            prequantized = fma == "prequantized"
-            quantize = bool(fma) and code != 0 and not prequantized  # the GEMV quantizes its one float row
+            tiles.append(("qgemv", tk.GEMV_TILE))
+        for kind, (block_m, block_n, block_k, warps, stages) in tiles:
+            fma = kind != "splitk"
+            quantize = kind == "gemv" and code != 0  # the GEMV quantizes its one float row
             # K a whole number of steps (every FLUX.1-dev layer in tq2: unmasked byte loads), or not (masked;
             # the GEMV's own loop for each activation type, as it quantizes int8/e4m3 itself)
             for tq1, even_k in ((False, True), (True, True), (False, False), (True, False)):
@@ -194,12 +194,11 @@ def variants(quick: bool):
                     continue
                 default = (block_m, block_n, block_k) in (tk.GEMV_TILE[:3], tk.SPLITK_TILE[:3])
                 rows = "" if default else f" {block_n} rows"
-                kind = "qgemv" if prequantized else "gemv" if fma else "splitk"
                 yield (f"{kind} {act}{' tq1' if tq1 else ''}{'' if even_k else ' masked'}{rows}",
                        tk._gemv_kernel,
                        {"x_ptr": bf16 if quantize else x_dtype, "w_ptr": u8, "table_ptr": torch.int16,
                         **epilogue_ptrs, "out_ptr": bf16},
-                       {"ACT": code, "FMA": bool(fma), "QUANTIZE": quantize, "TQ1": tq1, "FUSED": True,
+                       {"ACT": code, "FMA": fma, "QUANTIZE": quantize, "TQ1": tq1, "FUSED": True,
                         "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                        fp8_targets if act == "fp8" else all_targets)

@@ -74,6 +74,18 @@ def bench_both(row: dict, label: str, fn) -> None:
             row.setdefault("ms_graph", {})[label] = f"n/a ({type(exc).__name__})"
 
 
+def with_constants(constants: dict, fn):
+    """fn() with these backend constants set, then restored."""
+    saved = {name: getattr(triton_backend, name) for name in constants}
+    for name, value in constants.items():
+        setattr(triton_backend, name, value)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            setattr(triton_backend, name, value)
+
+
 def random_codes(n: int, k: int, device, generator) -> torch.Tensor:
     """Random codes (about 1/3 zeros, as absmean gives on Gaussian weights)."""
     return torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_linear import FLUX_LAYERS, bench_ms, environment, prepared_layers, random_codes
+from gpu_linear import (
+    FLUX_LAYERS,
+    bench_ms,
+    environment,
+    prepared_layers,
+    random_codes,
+    with_constants,
+)
 
 from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import triton as triton_backend
@@ -38,18 +45,6 @@ CANDIDATES = {
     "8 warps": {"_QUANTIZE_WARPS": 8},
     "2 warps": {"_QUANTIZE_WARPS": 2},
 }
-
-
-def with_constants(constants: dict, fn):
-    """fn() with these backend constants set, then restored."""
-    saved = {name: getattr(triton_backend, name) for name in constants}
-    for name, value in constants.items():
-        setattr(triton_backend, name, value)
-    try:
-        return fn()
-    finally:
-        for name, value in saved.items():
-            setattr(triton_backend, name, value)
 
 
 def same(a: tuple, b: tuple) -> bool:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bitflux.checkpoint import write_text_atomic
 from bitflux.kernels import triton as triton_backend
 from gpu_linear import (DRY_LAYERS, FLUX_LAYERS, MODES, bench_ms, environment, mode_parts, random_codes,
-                        prepared_layers, relative_error)
+                        prepared_layers, relative_error, with_constants)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the default first. gemv keeps a (BLOCK_N, BLOCK_K / 4) fp32
 # tile of products per program: fewer rows and longer K steps put more bytes in flight per row.
@@ -79,27 +79,26 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
             ) -> dict:
     """One candidate set as the backend's constants (tile None: the backend's own choice): its GPU time and its
     error vs the bf16 GEMM."""
-    names = ("GEMV_TILE", "GEMV_QUANTIZING_TILES") if strategy == "gemv" else ("SPLITK_TILE",)
-    saved = {name: getattr(triton_backend, name) for name in (*names, "PROGRAMS_PER_SM")}
+    constants = {"PROGRAMS_PER_SM": programs}
     if tile is None:
         tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"
                 else triton_backend.SPLITK_TILE)
-    else:
-        for name in names:  # this tile for every layer
-            setattr(triton_backend, name, tile if name != "GEMV_QUANTIZING_TILES" else ())
-    triton_backend.PROGRAMS_PER_SM = programs
+    else:  # this tile for every layer
+        names = ("GEMV_TILE", "GEMV_QUANTIZING_TILES") if strategy == "gemv" else ("SPLITK_TILE",)
+        constants.update({name: tile if name != "GEMV_QUANTIZING_TILES" else () for name in names})
     result = {"tile": list(tile), "programs_per_sm": programs}
-    try:
-        def call():
-            return triton_backend.linear(x, prepared, bias, activations, strategy=strategy)
 
+    def call():
+        return triton_backend.linear(x, prepared, bias, activations, strategy=strategy)
+
+    def measured():
         result["rel_err"] = relative_error(call(), expected)
         result["ms"] = bench_ms(call, graph=device.type == "cuda")
+
+    try:
+        with_constants(constants, measured)
     except Exception as exc:  # noqa: BLE001 - a candidate this GPU cannot run (registers, shared memory)
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    finally:
-        for name, value in saved.items():
-            setattr(triton_backend, name, value)
     return result
 
 
