@@ -66,8 +66,8 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
 
 pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and with --cuda-graph (GPU only)
     [ -n "$DRY" ] && return
-    part bench 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8
-    part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --cuda-graph
+    part bench 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --no-cuda-graph
+    part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8
 }
 
 compiled() {  # torch.compile, last: it only uses what time is left. The demo bench, then the full-size

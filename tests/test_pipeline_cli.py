@@ -180,6 +180,25 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err, err
 
 
+@pytest.mark.parametrize("argv,graphs", [
+    (["generate", "a", "--device", "cuda"], True),  # eager forwards are bound by launches: graphs by default
+    (["bench", "--device", "cuda"], True),
+    (["generate", "a", "--device", "cuda", "--no-cuda-graph"], False),
+    (["generate", "a", "--device", "cuda", "--offload"], False),  # what cannot be captured runs eager, no error
+    (["bench", "--device", "cuda", "--compile"], False),
+    (["generate", "a", "--device", "cuda", "--cuda-graph"], True),
+    (["generate", "a"], False),
+    (["bench", "--no-cuda-graph"], False),
+])
+def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graphs):
+    from bitflux.cli import _check_common, build_parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = build_parser().parse_args(argv + ["-o", "x.png"] * (argv[0] == "generate"))
+    _check_common(args)
+    assert args.cuda_graph is graphs
+
+
 @pytest.mark.parametrize("argv,words", [
     (["generate", "", "-o", "x.png"], "prompt is empty"),
     (["generate", "a", "--size", "60x64", "-o", "x.png"], "multiples of 16"),

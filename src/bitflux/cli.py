@@ -128,6 +128,10 @@ def _check_common(args) -> None:
         raise BitfluxError("--cuda-graph needs --device cuda")
     if getattr(args, "cuda_graph", False) and getattr(args, "compile", False):
         raise BitfluxError("--cuda-graph and --compile: choose one")
+    if hasattr(args, "cuda_graph") and args.cuda_graph is None:
+        # Not asked either way: graphs wherever they can run. Eager, a ternary forward is bound by the host's
+        # kernel launches (FLUX.1-dev on an H200: fp8 0.98x of bf16 eager, 1.14x replayed; BENCHMARKS.md).
+        args.cuda_graph = device == "cuda" and not args.offload and not args.compile
     if getattr(args, "offload", False):
         if not args.device.startswith("cuda"):
             raise BitfluxError("--offload needs --device cuda")
@@ -245,7 +249,8 @@ COMPILE_HELP = ("torch.compile the transformer (each ternary layer or fused q/k/
                 "time; the first step compiles)")
 OFFLOAD_HELP = ("keep each component on the CPU until it runs (diffusers' model CPU offload): for GPUs too small "
                 "for FLUX.1's text encoders beside the transformer")
-CUDA_GRAPH_HELP = "replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost)"
+CUDA_GRAPH_HELP = ("replay the transformer as CUDA graphs, captured at the first step (no per-kernel launch cost); "
+                   "the default on cuda unless --offload or --compile: --no-cuda-graph runs it eager")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +350,7 @@ def _add_run_options(parser) -> None:
     parser.add_argument("--packing", default=None, choices=FORMATS,
                         help="repack the ternary codes in memory (default: as stored; "
                              "tq1: 20%% fewer weight bytes, tq2: faster on a CPU)")
-    parser.add_argument("--cuda-graph", action="store_true", help=CUDA_GRAPH_HELP)
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help=CUDA_GRAPH_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     parser.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
