@@ -543,8 +543,10 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     if alphas is not None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
         for n0, n1, alpha in alphas:
-            torch.addmm(bias[n0:n1].to(x2.dtype) if bias is not None else x2.new_zeros(()), x2, codes[n0:n1].t(),
-                        beta=1 if bias is not None else 0, alpha=alpha, out=out[:, n0:n1])
+            if bias is None:  # beta=0: the empty output is not read (a zeros tensor would cost a fill launch)
+                out[:, n0:n1].addmm_(x2, codes[n0:n1].t(), beta=0, alpha=alpha)
+            else:
+                torch.addmm(bias[n0:n1].to(x2.dtype), x2, codes[n0:n1].t(), alpha=alpha, out=out[:, n0:n1])
         return out
     if activations == "a16":
         raw = torch.mm(x2, codes.t())
