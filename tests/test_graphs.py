@@ -1,5 +1,6 @@
 """bitflux.graphs: which calls are captured, and (on a GPU) that replays compute what eager calls do."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -87,3 +88,19 @@ def test_replays_match_eager_calls_with_new_inputs(activations):
         for got, want in zip(replayed, eager):
             assert torch.equal(got, want)
         del model.forward
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_generate_on_cuda_replays_graphs_and_gives_the_eager_image(tmp_path):
+    """`bitflux generate --device cuda` captures the demo transformer as CUDA graphs by default: the image
+    --no-cuda-graph gives (the same kernels, their strategies already chosen by the first run)."""
+    from PIL import Image
+
+    from bitflux.cli import main
+
+    images = {}
+    for name, flags in (("eager", ["--no-cuda-graph"]), ("graphs", [])):
+        path = tmp_path / f"{name}.png"
+        assert main(["generate", "a red cube", "--device", "cuda", "--steps", "3", "-o", str(path), *flags]) == 0
+        images[name] = np.asarray(Image.open(path)).astype(np.int16)
+    assert np.abs(images["graphs"] - images["eager"]).max() <= 1
