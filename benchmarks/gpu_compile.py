@@ -16,7 +16,9 @@ Writes gpu_compile.json and gpu_compile.md to --out when given.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -202,6 +204,12 @@ def variants(quick: bool):
                         "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                        fp8_targets if act == "fp8" else all_targets)
+    block_n, words, warps = tk.DP4A_TILE  # the a8 GEMV on words of codes, in DP4A
+    for even_k in (True, False):
+        yield (f"dp4a a8{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
+               {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
+               {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "ASM": True, "EVEN_K": even_k, "BLOCK_N": block_n,
+                "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1, all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,
@@ -226,24 +234,35 @@ def variants(quick: bool):
                    fp8_targets if code == 2 else all_targets)
 
 
+def compile_row(quick: bool, job: tuple[int, str]) -> dict:
+    """The report row of variant `index` of variants(quick), compiled for `target`."""
+    index, target = job
+    name, kernel, pointers, constexprs, warps, stages, _ = list(variants(quick))[index]
+    row = {"variant": name, "target": target}
+    try:
+        compiled = compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)
+        row.update(describe(compiled))
+        row.update(registers(compiled, target))
+        row.update(sass_loop(compiled))
+        # too much shared memory is not an error: the launch refuses it and the autotuner skips it
+        row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the first and the compute-bound tile configs only")
     parser.add_argument("--out", type=Path, help="folder for gpu_compile.json and gpu_compile.md")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="variants compiled at once (processes)")
     args = parser.parse_args(argv)
     rows, start = [], time.perf_counter()
-    for name, kernel, pointers, constexprs, warps, stages, targets in variants(args.quick):
-        for target in targets:
-            row = {"variant": name, "target": target}
-            try:
-                compiled = compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)
-                row.update(describe(compiled))
-                row.update(registers(compiled, target))
-                row.update(sass_loop(compiled))
-                # too much shared memory is not an error: the launch refuses it and the autotuner skips it
-                row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
-            except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    jobs = [(index, target) for index, variant in enumerate(variants(args.quick)) for target in variant[-1]]
+    # Each compile is one thread's work (LLVM, then ptxas and nvdisasm): processes use the other cores. Forked,
+    # so a worker finds each variant by its index in the same list, not by pickling kernels.
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        for row in pool.imap(functools.partial(compile_row, args.quick), jobs):
             rows.append(row)
             print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     failed = [row for row in rows if "error" in row]
