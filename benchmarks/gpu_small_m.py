@@ -1,10 +1,10 @@
 """Sweep of the small-M kernels' launch parameters on a GPU: the split-K kernel's tiles (`splitk`, tensor
-cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token) and how many programs per SM the K split
-aims for, at FLUX.1-dev layer shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead)
+cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token; `dp4a`, the a8 GEMV in integer dot products)
+and how many programs per SM the K split aims for, at FLUX.1-dev layer shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead)
 beside cuBLAS's bf16 GEMM on the same weight, and its output is checked against that GEMM's, so a fast but
 wrong candidate shows. Prints the default's time (the backend's choice) and the best candidate's per (layer,
 M, mode, strategy); writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE,
-GEMV_QUANTIZING_TILES and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
+GEMV_QUANTIZING_TILES, DP4A_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
 
     PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
@@ -35,6 +35,9 @@ CANDIDATES = {
              (1, 8, 512, 4, 3), (1, 8, 512, 2, 3), (1, 16, 256, 4, 3)],
     "splitk": [triton_backend.SPLITK_TILE, (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 16, 512, 4, 3),
                (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
+    # (BLOCK_N, words of 16 codes a step, warps): the a8 GEMV in DP4A, not yet timed on a GPU
+    "dp4a": [triton_backend.DP4A_TILE, (8, 64, 4), (32, 64, 4), (16, 128, 4), (16, 32, 4), (8, 128, 4),
+             (32, 32, 4), (16, 64, 8)],
 }  # the H100 sweeps' 15 tiles (BENCHMARKS.md), whose choice is the default, and 3 more; all compile for sm_90
 # without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
@@ -58,7 +61,7 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
             for mode in modes:
                 activations, packing = mode_parts(mode)
                 prepared = layers_by_packing[packing][1]
-                for strategy in ("gemv", "splitk"):
+                for strategy, tiles in CANDIDATES.items():
                     if strategy not in triton_backend.strategies(m, prepared, activations):
                         continue
                     row = {"layer": name, "M": m, "N": n, "K": k, "mode": mode, "strategy": strategy,
@@ -67,7 +70,7 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                     # that depends on the layer: GEMV_QUANTIZING_TILES), then each tile at each target
                     row["candidates"].append(measure(x, prepared, bias, activations, strategy, None,
                                                      triton_backend.PROGRAMS_PER_SM, expected, device))
-                    candidates = CANDIDATES[strategy][:2] if dry_run else CANDIDATES[strategy]
+                    candidates = tiles[:2] if dry_run else tiles
                     for tile in candidates:
                         for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
                             row["candidates"].append(
@@ -82,9 +85,9 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
     constants = {"PROGRAMS_PER_SM": programs}
     if tile is None:
         tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"
-                else triton_backend.SPLITK_TILE)
+                else triton_backend.DP4A_TILE if strategy == "dp4a" else triton_backend.SPLITK_TILE)
     else:  # this tile for every layer
-        names = ("GEMV_TILE", "GEMV_QUANTIZING_TILES") if strategy == "gemv" else ("SPLITK_TILE",)
+        names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "dp4a": ("DP4A_TILE",)}.get(strategy, ("SPLITK_TILE",))
         constants.update({name: tile if name != "GEMV_QUANTIZING_TILES" else () for name in names})
     result = {"tile": list(tile), "programs_per_sm": programs}
 
