@@ -204,12 +204,13 @@ def variants(quick: bool):
                         "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                        fp8_targets if act == "fp8" else all_targets)
-    block_n, words, warps = tk.DP4A_TILE  # the a8 GEMV on words of codes, in DP4A
-    for even_k in (True, False):
-        yield (f"dp4a a8{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
-               {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
-               {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "ASM": True, "EVEN_K": even_k, "BLOCK_N": block_n,
-                "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1, all_targets)
+    for block_m, (block_n, words, warps) in ((1, tk.DP4A_TILE), (16, tk.DP4A_FEW_TILE)):  # a8 in DP4A
+        for even_k in (True, False):
+            yield (f"dp4a a8 {block_m}x{block_n}{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
+                   {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
+                   {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "ASM": True, "EVEN_K": even_k,
+                    "BLOCK_M": block_m, "BLOCK_N": block_n, "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1,
+                   all_targets)
     for act, (x_dtype, code) in acts.items():
         for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,

@@ -437,25 +437,28 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
     assert (tk._gemv_tile(n, activations, torch.device(DEVICE)) != tk.GEMV_TILE) == (n >= 256)
 
 
+@pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("k,n,granularity,with_bias", [(16, 3, "tensor", False), (400, 33, "channel", True),
                                                        (1024, 70, "channel", False), (2048, 20, "tensor", True),
                                                        (2064, 20, "channel", False)])
-def test_dp4a_gemv_is_exact(k, n, granularity, with_bias):
-    """The a8 GEMV on words of codes (DP4A): bit for bit the integer reference, on a random row and on one
-    of the quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked loads); 1024 (one step)
-    and 2048 (two, split over two K slices here): whole steps, unmasked; 2064: split, its last step partial."""
+def test_dp4a_is_exact(m, k, n, granularity, with_bias):
+    """a8 on words of codes (DP4A): bit for bit the integer reference, on random rows and one of the
+    quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked loads); 1024 (one step) and
+    2048 (two, split over K slices here): whole steps, unmasked; 2064: split, its last step partial. One token
+    takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one."""
     weight = _weight(n, k, granularity, power_of_two=True)
     bias = _activations(1, n, torch.float32, seed=2).reshape(-1) if with_bias else None
-    for x in (_activations(1, k, torch.float32), _ties("a8", k)):
-        out = tk.linear(x, tk.prepare(weight), bias, "a8", strategy="dp4a")
-        assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias))
+    x = torch.cat([_ties("a8", k), _activations(m - 1, k, torch.float32)])
+    out = tk.linear(x, tk.prepare(weight), bias, "a8", strategy="dp4a")
+    assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias))
 
 
 def test_dp4a_is_offered_for_one_int8_token_on_tq2_words():
     layer = _layer(tk._SCALE_CHANNEL, 3072, 64)
     assert "dp4a" in tk.strategies(1, layer, "a8")
+    assert "dp4a" in tk.strategies(16, layer, "a8")
     assert all("dp4a" not in tk.strategies(*case) for case in [
-        (2, layer, "a8"), (1, layer, "a16"), (1, layer, "fp8"), (1, _layer(tk._SCALE_TENSOR, 3072, 64, "tq1"), "a8"),
+        (17, layer, "a8"), (1, layer, "a16"), (1, layer, "fp8"), (1, _layer(tk._SCALE_TENSOR, 3072, 64, "tq1"), "a8"),
         (1, _layer(tk._SCALE_TENSOR, 3080, 64), "a8"), (1, _layer(tk._SCALE_GROUP, 3072, 64), "a8"),
         (1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K // 16 * 16 + 16, 64), "a8")])  # split sums exact in fp32
 

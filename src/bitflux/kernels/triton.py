@@ -101,6 +101,7 @@ ALPHA_PIECES = 4
 # The DP4A GEMV's (rows, words of 16 codes a step, warps): 16 x 1024 codes a step, 4 KB of codes a program in
 # flight with the next step's; a first choice, not yet timed on a GPU
 DP4A_TILE = (16, 64, 4)
+DP4A_FEW_TILE = (8, 32, 4)  # 2-16 tokens in one tile of up to 16: an int32 sum a (token, row, word), 32 registers
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
@@ -244,9 +245,10 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
     if M > SMALL_M and not grouped and (activations == "a16" or aligned):
         names.append("cublas")
     names += ["splitk8"] * few + ["gemv8"] * gemv + ["qgemv"] * (gemv and activations != "a16")
-    # DP4A: int8 activations on tq2 words (whole words a row); exact int32 sums, kept as gemv's K bound for the
+    # DP4A: int8 activations on tq2 words (whole words a row); exact int32 sums, kept to gemv's K bound for the
     # fp32 partial sums of split slices
-    names += ["dp4a"] * (gemv and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0)
+    names += ["dp4a"] * (few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
+                         and prepared.in_features <= GEMV_MAX_INT8_K)
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
     usual = "gemv" if gemv else "splitk" if few else "expanded" if activations == "a8" else "cublas"
@@ -714,20 +716,21 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
 
 
 def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
-    """One token, int8 activations (a8): the GEMV in integer dot products of four codes (DP4A), on words of the
-    codes as they lie and of the row quantized in plane-major order; split over K like gemv when the N tiles
-    alone cannot fill the GPU."""
-    N, out_dtype = prepared.out_features, x2.dtype
+    """Up to 16 tokens of int8 activations (a8): integer dot products of four codes (DP4A) on CUDA cores, on
+    words of the codes as they lie and of the rows quantized in plane-major order; split over K like splitk
+    when the N tiles alone cannot fill the GPU."""
+    M, N, out_dtype = x2.shape[0], prepared.out_features, x2.dtype
     q, act_scale = quantize_activations(x2, plane_major=True)
-    block_n, words, warps = DP4A_TILE
-    words_per_slice, out = _split_k(_cdiv(prepared.in_features // 16, words), _cdiv(N, block_n), 1, N, out_dtype,
+    block_m = min(_next_power_of_2(M), SMALL_M)
+    block_n, words, warps = DP4A_TILE if M == 1 else DP4A_FEW_TILE
+    words_per_slice, out = _split_k(_cdiv(prepared.in_features // 16, words), _cdiv(N, block_n), M, N, out_dtype,
                                     x2.device)
-    packed = prepared.packed.view(torch.int32)  # 16 codes a word, no copy (K % 16 == 0: whole words a row)
-    _dp4a_gemv_kernel[(_cdiv(N, block_n), _slices(out))](
-        q.view(torch.int32), packed, prepared.scales, act_scale, _or(bias, prepared.scales), out, N,
-        prepared.in_features, packed.stride(0), words_per_slice * words, SCALE_MODE=prepared.scale_mode,
+    packed, x_words = prepared.packed.view(torch.int32), q.view(torch.int32)  # no copies (K % 16 == 0)
+    _dp4a_gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
+        x_words, packed, prepared.scales, act_scale, _or(bias, prepared.scales), out, M, N, prepared.in_features,
+        x_words.stride(0), packed.stride(0), words_per_slice * words, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, FUSED=_slices(out) == 1, ASM=not _interpreting(),
-        EVEN_K=prepared.in_features // 16 % words == 0, BLOCK_N=block_n, WORDS=words,
+        EVEN_K=prepared.in_features // 16 % words == 0, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words,
         PLANE_WORDS=PLANE // 4, num_warps=warps)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
@@ -1322,68 +1325,95 @@ if triton is not None:
             return c
 
     @triton.jit
-    def _dp4a_gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, k_slice,
-                          SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr,
-                          ASM: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                          PLANE_WORDS: tl.constexpr):
-        """One token of int8 activations (x: plane-major, see plane_major, as int32 words) @ codes^T (tq2 rows
-        as int32 words of 16 codes; K % 16 == 0) over one slice of k_slice words, for one N tile: FUSED, the
-        finished output; else fp32 partial sums (split, 1, N) for _epilogue_kernel.
+    def _words_after(w_rows, w0, w_end, mask_n, offs_w, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+        """The (BLOCK_N, WORDS) words of codes of the step after the one at word w0 (EVEN_K: re-reading the
+        slice's last step after it, unmasked; else zeros past the slice)."""
+        if EVEN_K:
+            return tl.load(w_rows + tl.minimum(w0 + WORDS, w_end - WORDS))
+        else:
+            return tl.load(w_rows + w0 + WORDS, mask=mask_n[:, None] & (w0 + WORDS + offs_w < w_end)[None, :],
+                           other=0)
 
-        Plane p of a word (bits 2p of its four bytes, masked in place: one AND) holds four digits u = w + 1
-        times 4^p, and the four activations they multiply are one word of the plane-major row: word j of a
-        256-column block pairs with x word 16 p + j of the block. One DP4A multiplies and adds the four, so
-        a code costs half an instruction where the float GEMV spends ~4.5. The sums of plane p are 4^p times
-        the digit sums, and sum(w x) = sum(u x) - sum(x): integers throughout, exact."""
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    @triton.jit
+    def _x_plane(x_rows, w0, p: tl.constexpr, w_end, mask_m, offs_w, PLANE_WORDS: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+        """(BLOCK_M, WORDS) words of four plane-major int8 activations, those plane p of the step at word w0
+        multiplies (zeros past the slice and past M)."""
+        if EVEN_K:
+            return tl.load(x_rows + 4 * w0 + p * PLANE_WORDS, mask=mask_m[:, None], other=0)
+        else:
+            return tl.load(x_rows + 4 * w0 + p * PLANE_WORDS, mask=mask_m[:, None] & (w0 + offs_w < w_end)[None, :],
+                           other=0)
+
+    @triton.jit
+    def _dp4a_gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+                          k_slice, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr,
+                          ASM: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr):
+        """A few tokens of int8 activations (x: plane-major, see plane_major, as int32 words) @ codes^T (tq2
+        rows as int32 words of 16 codes; K % 16 == 0) over one slice of k_slice words, for one (M, N) tile:
+        FUSED, the finished output; else fp32 partial sums (split, M, N) for _epilogue_kernel.
+
+        Plane p of a word (bits 2p of its four bytes, shifted down and masked: digits u = w + 1 in four
+        bytes) pairs with one word of four activations of the plane-major row: word j of a 256-column block
+        with x word 16 p + j of the block. One DP4A multiplies and adds the four, for each token the tile
+        holds, from one unpacking: about 0.5 + 0.25 BLOCK_M instructions a code, where the float GEMV spends
+        ~4.5 for one token. sum(w x) = sum(u x) - sum(x): integers throughout, exact."""
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_w = tl.arange(0, WORDS)
-        mask_n = offs_n < N
-        # EVEN_K (whole steps only; FLUX.1's rows): no masks, so the loads are vectorized; rows past N read row
-        # N - 1 (never stored) and the prefetch after a slice's last step reads that step again.
+        mask_m, mask_n = offs_m < M, offs_n < N
+        # EVEN_K (whole steps only; FLUX.1's rows): no masks along K, so the loads are vectorized; rows past N
+        # read row N - 1 (never stored) and the prefetch after a slice's last step reads that step again.
         w_rows = (w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn + offs_w[None, :] if EVEN_K
                   else w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :])
         # x word of step word j, plane 0 (the step starts a block: word w0 of a row is x word 4 w0)
-        x_words = 4 * PLANE_WORDS * (offs_w // PLANE_WORDS) + offs_w % PLANE_WORDS
+        x_rows = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+                  + (4 * PLANE_WORDS * (offs_w // PLANE_WORDS) + offs_w % PLANE_WORDS)[None, :])
         w_start = pid_k * k_slice
         w_end = tl.minimum(w_start + k_slice, K // 16)
-        acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
-        acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
-        acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
-        acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
-        x_sums = tl.zeros([WORDS], dtype=tl.int32)
-        ones = tl.full([WORDS], 0x01010101, dtype=tl.int32)
         # The next step's words are loaded before this step's math (the latency overlaps it; Triton pipelines
         # no load that is not a tl.dot operand). Words past the slice read 0 against activations read 0.
-        if EVEN_K:
-            words_next = tl.load(w_rows + w_start)
+        words_next = _words_after(w_rows, w_start - WORDS, w_end, mask_n, offs_w, WORDS, EVEN_K)
+        if BLOCK_M == 1:
+            # One token: each plane masked in place (u 4^p in its bytes, no shift) into a sum of its own, all
+            # 2-D (no layout shuffles): 0.875 instructions a code on sm_90 against 1.375 the general way.
+            acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
+            acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
+            acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
+            acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
+            x_sums = tl.zeros([WORDS], dtype=tl.int32)
+            ones = tl.full([WORDS], 0x01010101, dtype=tl.int32)
+            for w0 in range(w_start, w_end, WORDS):
+                words = words_next
+                words_next = _words_after(w_rows, w0, w_end, mask_n, offs_w, WORDS, EVEN_K)
+                x0 = tl.reshape(_x_plane(x_rows, w0, 0, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                x1 = tl.reshape(_x_plane(x_rows, w0, 1, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                x2 = tl.reshape(_x_plane(x_rows, w0, 2, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                x3 = tl.reshape(_x_plane(x_rows, w0, 3, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                acc0 = _dp4a(words & 0x03030303, x0[None, :], acc0, ASM)
+                acc1 = _dp4a(words & 0x0C0C0C0C, x1[None, :], acc1, ASM)
+                acc2 = _dp4a(words & 0x30303030, x2[None, :], acc2, ASM)
+                acc3 = _dp4a(words & -0x3F3F3F40, x3[None, :], acc3, ASM)  # 0xC0C0C0C0 as an int32
+                x_sums = _dp4a(ones, x0, _dp4a(ones, x1, _dp4a(ones, x2, _dp4a(ones, x3, x_sums, ASM), ASM), ASM),
+                               ASM)
+            # plane p's sums are 4^p times its digit sums, exactly
+            sums = ((tl.sum(acc0, axis=1) + (tl.sum(acc1, axis=1) >> 2) + (tl.sum(acc2, axis=1) >> 4)
+                     + (tl.sum(acc3, axis=1) >> 6) - tl.sum(x_sums, axis=0))[None, :])
         else:
-            words_next = tl.load(w_rows + w_start, mask=mask_n[:, None] & (w_start + offs_w < w_end)[None, :],
-                                 other=0)
-        for w0 in range(w_start, w_end, WORDS):
-            words = words_next
-            x_step = x_ptr + 4 * w0 + x_words
-            if EVEN_K:
-                words_next = tl.load(w_rows + tl.minimum(w0 + WORDS, w_end - WORDS))
-                x0 = tl.load(x_step)
-                x1 = tl.load(x_step + PLANE_WORDS)
-                x2 = tl.load(x_step + 2 * PLANE_WORDS)
-                x3 = tl.load(x_step + 3 * PLANE_WORDS)
-            else:
-                mask_next = (w0 + WORDS + offs_w) < w_end
-                words_next = tl.load(w_rows + w0 + WORDS, mask=mask_n[:, None] & mask_next[None, :], other=0)
-                mask_w = w0 + offs_w < w_end
-                x0 = tl.load(x_step, mask=mask_w, other=0)
-                x1 = tl.load(x_step + PLANE_WORDS, mask=mask_w, other=0)
-                x2 = tl.load(x_step + 2 * PLANE_WORDS, mask=mask_w, other=0)
-                x3 = tl.load(x_step + 3 * PLANE_WORDS, mask=mask_w, other=0)
-            acc0 = _dp4a(words & 0x03030303, x0[None, :], acc0, ASM)
-            acc1 = _dp4a(words & 0x0C0C0C0C, x1[None, :], acc1, ASM)
-            acc2 = _dp4a(words & 0x30303030, x2[None, :], acc2, ASM)
-            acc3 = _dp4a(words & -0x3F3F3F40, x3[None, :], acc3, ASM)  # 0xC0C0C0C0 as an int32
-            x_sums = _dp4a(ones, x0, _dp4a(ones, x1, _dp4a(ones, x2, _dp4a(ones, x3, x_sums, ASM), ASM), ASM), ASM)
-        sums = (tl.sum(acc0, axis=1) + (tl.sum(acc1, axis=1) >> 2) + (tl.sum(acc2, axis=1) >> 4)
-                + (tl.sum(acc3, axis=1) >> 6) - tl.sum(x_sums, axis=0))
-        offs_m = tl.arange(0, 1)
-        _store_slice(sums.to(tl.float32)[None, :], pid_k, offs_m, offs_n, offs_m < 1, mask_n, 1, N, scale_ptr,
-                     tl.load(act_scale_ptr + offs_m), bias_ptr, out_ptr, FUSED, SCALE_MODE, True, HAS_BIAS)
+            acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS], dtype=tl.int32)
+            x_sums = tl.zeros([BLOCK_M, WORDS], dtype=tl.int32)
+            ones = tl.full([BLOCK_M, WORDS], 0x01010101, dtype=tl.int32)
+            for w0 in range(w_start, w_end, WORDS):
+                words = words_next
+                words_next = _words_after(w_rows, w0, w_end, mask_n, offs_w, WORDS, EVEN_K)
+                for p in tl.static_range(4):
+                    x_plane = _x_plane(x_rows, w0, p, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K)
+                    digits = (words >> (2 * p)) & 0x03030303  # unpacked once for every token of the tile
+                    acc = _dp4a(digits[None, :, :], x_plane[:, None, :], acc, ASM)
+                    x_sums = _dp4a(ones, x_plane, x_sums, ASM)
+            sums = tl.sum(acc, axis=2) - tl.sum(x_sums, axis=1)[:, None]
+        _store_slice(sums.to(tl.float32), pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr,
+                     _row_scales(act_scale_ptr, offs_m, mask_m, True), bias_ptr, out_ptr, FUSED, SCALE_MODE, True,
+                     HAS_BIAS)
