@@ -16,7 +16,6 @@ Writes gpu_compile.json and gpu_compile.md to --out when given.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 if os.environ.pop("TRITON_INTERPRET", None):  # must precede Triton's import: compiled, not interpreted
@@ -204,8 +204,9 @@ def variants(quick: bool):
                         "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                        fp8_targets if act == "fp8" else all_targets)
-    for block_m, (block_n, words, warps) in ((1, tk.DP4A_TILE), (16, tk.DP4A_FEW_TILE)):  # a8 in DP4A
-        for even_k in (True, False):
+    # a8 in DP4A: one token's own loop, and the token tiles of 2-16 (masked: one of each)
+    for block_m, (block_n, words, warps) in ((1, tk.DP4A_TILE), *((m, tk.DP4A_FEW_TILE) for m in (2, 4, 8, 16))):
+        for even_k in ((True, False) if block_m in (1, 16) else (True,)):
             yield (f"dp4a a8 {block_m}x{block_n}{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
                    {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
                    {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "ASM": True, "EVEN_K": even_k,
@@ -235,10 +236,13 @@ def variants(quick: bool):
                    fp8_targets if code == 2 else all_targets)
 
 
-def compile_row(quick: bool, job: tuple[int, str]) -> dict:
-    """The report row of variant `index` of variants(quick), compiled for `target`."""
+_VARIANTS: list[tuple] = []  # variants() of this run, set before the worker processes fork
+
+
+def compile_row(job: tuple[int, str]) -> dict:
+    """The report row of variant `index` of _VARIANTS, compiled for `target`."""
     index, target = job
-    name, kernel, pointers, constexprs, warps, stages, _ = list(variants(quick))[index]
+    name, kernel, pointers, constexprs, warps, stages, _ = _VARIANTS[index]
     row = {"variant": name, "target": target}
     try:
         compiled = compile_variant(kernel, TARGETS[target], pointers, constexprs, warps, stages)
@@ -256,14 +260,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the first and the compute-bound tile configs only")
     parser.add_argument("--out", type=Path, help="folder for gpu_compile.json and gpu_compile.md")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="variants compiled at once (processes)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="variants compiled at once (processes; default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     rows, start = [], time.perf_counter()
-    jobs = [(index, target) for index, variant in enumerate(variants(args.quick)) for target in variant[-1]]
+    _VARIANTS[:] = variants(args.quick)
+    jobs = [(index, target) for index, variant in enumerate(_VARIANTS) for target in variant[-1]]
     # Each compile is one thread's work (LLVM, then ptxas and nvdisasm): processes use the other cores. Forked,
-    # so a worker finds each variant by its index in the same list, not by pickling kernels.
-    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
-        for row in pool.imap(functools.partial(compile_row, args.quick), jobs):
+    # so a worker finds each variant by its index in the list it inherits, not by pickling kernels; a worker
+    # that dies (a compiler crash) fails the run (BrokenProcessPool) instead of hanging it.
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for row in pool.map(compile_row, jobs):
             rows.append(row)
             print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     failed = [row for row in rows if "error" in row]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU session script: the Triton kernel and CUDA-graph tests compiled for real, the full-FLUX
-# forward benchmark, `bitflux bench` on the demo pipeline (eager and --cuda-graph), the per-layer GEMM
+# forward benchmark, `bitflux bench` on the demo pipeline (eager and as CUDA graphs), the per-layer GEMM
 # benchmark, the small-M kernels' parameter sweep, then torch.compile runs. Each part has its own time
 # limit and failures do not stop the next part; every part writes its results as it goes (the sweep after
 # every row), so a run stopped by the device's 10-minute limit returns what it measured. --quick (~8
@@ -64,7 +64,7 @@ part() {  # part NAME SECONDS OUTFILE COMMAND...: run with a limit, log its stat
     echo "=== $name: exit $status after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
-pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and with --cuda-graph (GPU only)
+pipeline_bench() {  # `bitflux bench` on the embedded demo pipeline, eager and as CUDA graphs (GPU only)
     [ -n "$DRY" ] && return
     part bench 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8 --no-cuda-graph
     part bench-graph 60 "$LOG" python -m bitflux.cli bench --device cuda --steps 8

@@ -4,7 +4,7 @@ and how many programs per SM the K split aims for, at FLUX.1-dev layer shapes. E
 beside cuBLAS's bf16 GEMM on the same weight, and its output is checked against that GEMM's, so a fast but
 wrong candidate shows. Prints the default's time (the backend's choice) and the best candidate's per (layer,
 M, mode, strategy); writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE,
-GEMV_QUANTIZING_TILES, DP4A_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
+GEMV_QUANTIZING_TILES, DP4A_TILE, DP4A_FEW_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
 
     PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
@@ -35,11 +35,14 @@ CANDIDATES = {
              (1, 8, 512, 4, 3), (1, 8, 512, 2, 3), (1, 16, 256, 4, 3)],
     "splitk": [triton_backend.SPLITK_TILE, (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 16, 512, 4, 3),
                (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
-    # (BLOCK_N, words of 16 codes a step, warps): the a8 GEMV in DP4A, not yet timed on a GPU
+    # the H100 sweeps' 15 tiles above (BENCHMARKS.md), whose choice is the default, and 3 more; all compile for
+    # sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers.
+    # dp4a (a8, not yet timed on a GPU): (BLOCK_N, words of 16 codes a step, warps), at one token (DP4A_TILE)
     "dp4a": [triton_backend.DP4A_TILE, (8, 64, 4), (32, 64, 4), (16, 128, 4), (16, 32, 4), (8, 128, 4),
              (32, 32, 4), (16, 64, 8)],
-}  # the H100 sweeps' 15 tiles (BENCHMARKS.md), whose choice is the default, and 3 more; all compile for sm_90
-# without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers
+}
+# dp4a at 2-16 tokens (DP4A_FEW_TILE): a tile of 16 tokens keeps 16 x BLOCK_N x words int32 sums
+DP4A_FEW_CANDIDATES = [triton_backend.DP4A_FEW_TILE, (16, 32, 4), (8, 64, 4), (4, 64, 4), (8, 16, 4), (16, 16, 4)]
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
 LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
 TOKENS = (1, 16)
@@ -70,6 +73,7 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                     # that depends on the layer: GEMV_QUANTIZING_TILES), then each tile at each target
                     row["candidates"].append(measure(x, prepared, bias, activations, strategy, None,
                                                      triton_backend.PROGRAMS_PER_SM, expected, device))
+                    tiles = DP4A_FEW_CANDIDATES if strategy == "dp4a" and m > 1 else tiles
                     candidates = tiles[:2] if dry_run else tiles
                     for tile in candidates:
                         for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
@@ -83,11 +87,12 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
     """One candidate set as the backend's constants (tile None: the backend's own choice): its GPU time and its
     error vs the bf16 GEMM."""
     constants = {"PROGRAMS_PER_SM": programs}
+    names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "splitk": ("SPLITK_TILE",),
+             "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",)}[strategy]
     if tile is None:
         tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"
-                else triton_backend.DP4A_TILE if strategy == "dp4a" else triton_backend.SPLITK_TILE)
+                else getattr(triton_backend, names[0]))
     else:  # this tile for every layer
-        names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "dp4a": ("DP4A_TILE",)}.get(strategy, ("SPLITK_TILE",))
         constants.update({name: tile if name != "GEMV_QUANTIZING_TILES" else () for name in names})
     result = {"tile": list(tile), "programs_per_sm": programs}
 
@@ -115,7 +120,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Small-M kernel sweep on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU time per call in us "
              "(CUDA graphs); speed-up vs cuBLAS bf16 on the same weight in brackets. Tile: (BLOCK_M, BLOCK_N, "
-             "BLOCK_K, warps, stages); programs: the K split's target per SM.", "",
+             "BLOCK_K, warps, stages), dp4a's (BLOCK_N, words of 16 codes, warps); programs: the K split's target "
+             "per SM.", "",
              "| layer | M | mode | strategy | bf16 cuBLAS | default | best | best tile | programs | failed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -453,7 +453,7 @@ def test_dp4a_is_exact(m, k, n, granularity, with_bias):
     assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias))
 
 
-def test_dp4a_is_offered_for_one_int8_token_on_tq2_words():
+def test_dp4a_is_offered_for_few_int8_tokens_on_tq2_words():
     layer = _layer(tk._SCALE_CHANNEL, 3072, 64)
     assert "dp4a" in tk.strategies(1, layer, "a8")
     assert "dp4a" in tk.strategies(16, layer, "a8")

@@ -56,8 +56,12 @@ class GraphedForward:
                 warnings.warn(f"bitflux: {MAX_GRAPHS} input signatures captured already; this one runs eager",
                               stacklevel=2)
                 return self.eager(*args, **kwargs)
-            capture = self.graphs[key] = _Capture(self.eager, args, kwargs)
-        return capture.replay(args, kwargs)
+            # on the inputs' GPU, which need not be the current one (`--device cuda:1`): streams and graphs are
+            # made on the current device
+            with torch.cuda.device(next((t.device for t in _tensors((args, kwargs))), None)):
+                capture = self.graphs[key] = _Capture(self.eager, args, kwargs)
+        with torch.cuda.device(capture.device):
+            return capture.replay(args, kwargs)
 
 
 class _Uncapturable(Exception):
@@ -88,6 +92,7 @@ def _key(value):
 
 class _Capture:
     def __init__(self, forward, args: tuple, kwargs: dict):
+        self.device = torch.cuda.current_device()
         self.args, self.kwargs = _map_tensors(lambda t: t.clone(), (args, kwargs))
         side = torch.cuda.Stream()  # warm-up on a side stream before capturing, as torch.cuda.graph asks
         side.wait_stream(torch.cuda.current_stream())
