@@ -1,8 +1,8 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
 Weights at rest are only the layer's own bytes, tq2 or tq1 (no repacked copy). A call can be computed in up to
-six ways ("strategies"), and three variants of them; tq1 bytes (5 base-3 codes a byte) are read by all but
-tiled and planar:
+seven ways ("strategies"), and three variants of them; tq1 bytes (5 base-3 codes a byte) are read by all but
+tiled, planar and dp4a:
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
             slices' fp32 partials in order and applies them. tq1: one tl.dot per code position (plane) of
@@ -26,6 +26,8 @@ tiled and planar:
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
   qgemv     a8/fp8, one token: gemv on activations quantized by the quantizer's launch beforehand, instead of
             quantized by every program of the GEMV itself.
+  dp4a      a8, few tokens: the tq2 bytes read as int32 words of 16 codes against the plane-major int8 rows,
+            four codes multiplied and added by one integer DP4A instruction on CUDA cores; exact int32 sums.
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
 tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
