@@ -209,7 +209,7 @@ def variants(quick: bool):
         for even_k in ((True, False) if block_m in (1, 16) else (True,)):
             yield (f"dp4a a8 {block_m}x{block_n}{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
                    {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
-                   {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "ASM": True, "EVEN_K": even_k,
+                   {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "EVEN_K": even_k,
                     "BLOCK_M": block_m, "BLOCK_N": block_n, "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1,
                    all_targets)
     for act, (x_dtype, code) in acts.items():

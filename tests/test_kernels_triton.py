@@ -208,6 +208,80 @@ def test_every_tq1_byte_decodes(strategy):
         assert torch.equal(out.cpu(), codes[:, column].float()[None, :])
 
 
+def _halves(value: int, kind: str) -> list[float]:
+    """The two 16-bit floats of a register (bf16x2 or f16x2), element 0 in the low half."""
+    dtype = torch.bfloat16 if kind == "bf16x2" else torch.float16
+    bits = torch.tensor([value & 0xFFFF, value >> 16], dtype=torch.int32).to(torch.int16)  # wraps, bit for bit
+    return bits.view(dtype).float().tolist()
+
+
+def _from_halves(values: list[float], kind: str) -> int:
+    dtype = torch.bfloat16 if kind == "bf16x2" else torch.float16
+    bits = torch.tensor(values).to(dtype).view(torch.int16).int().tolist()
+    register = (bits[0] & 0xFFFF) | (bits[1] & 0xFFFF) << 16
+    assert _halves(register, kind) == values  # the results are exact: no rounding to model
+    return register
+
+
+def _run_ptx(asm: str, operands: list[int]) -> dict[str, int]:
+    """The registers after running `asm` (one of the decode PTX strings; operands $0.. by position, outputs
+    included) on one thread, by the PTX ISA's definitions of the few instructions it uses: no GPU runs the
+    inline PTX in CI, so this checks its selectors, masks and constants."""
+    regs = {f"${i}": value for i, value in enumerate(operands)}
+
+    def read(operand: str) -> int:
+        return regs[operand] if operand in regs else int(operand, 0) & 0xFFFFFFFF
+
+    for statement in asm.strip("{} ").split(";"):
+        op, _, args = statement.strip().partition(" ")
+        if not op or op == ".reg":
+            continue
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "mov.b32":
+            regs[d] = read(src[0])
+        elif op == "shr.b32":
+            regs[d] = read(src[0]) >> read(src[1])
+        elif op in ("and.b32", "or.b32"):
+            a, b = read(src[0]), read(src[1])
+            regs[d] = a & b if op == "and.b32" else a | b
+        elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of d from the 8 bytes {b, a}
+            pool, selector = read(src[0]) | read(src[1]) << 32, read(src[2])
+            assert all(selector >> (4 * i + 3) & 1 == 0 for i in range(4))  # no sign replication wanted
+            regs[d] = sum((pool >> (8 * (selector >> (4 * i) & 7)) & 0xFF) << (8 * i) for i in range(4))
+        elif op.startswith("fma.rn."):
+            kind = op.removeprefix("fma.rn.")
+            a, b, c = (_halves(read(x), kind) for x in src)
+            regs[d] = _from_halves([x * y + z for x, y, z in zip(a, b, c)], kind)
+        else:
+            raise AssertionError(f"no model of {op}")
+    return regs
+
+
+@pytest.mark.parametrize("shift", [0, 2, 4, 6])
+@pytest.mark.parametrize("codes", ["bf16", "fp16", "int8", "e4m3"])
+def test_ptx_decodes_every_tq2_byte(codes, shift):
+    """The inline PTX of _plane_codes, run by the model above on every valid tq2 byte (digits 0-2) in each
+    of a register's four places, beside random others: each element is the code of its own byte."""
+    gen = torch.Generator().manual_seed(shift)
+    valid = [b for b in range(256) if all(b >> (2 * p) & 3 != 3 for p in range(4))]
+    asm = {"bf16": tk._PTX_BF16, "fp16": tk._PTX_FP16, "int8": tk._PTX_INT8, "e4m3": tk._PTX_E4M3}[codes].value
+    for place in range(4):
+        for byte in valid:
+            row = [valid[i] for i in torch.randint(len(valid), (4,), generator=gen).tolist()]
+            row[place] = byte
+            word = sum(b << (8 * i) for i, b in enumerate(row))
+            expected = [(b >> shift & 3) - 1 for b in row]
+            if codes in ("bf16", "fp16"):
+                regs = _run_ptx(asm, [0, 0, word, shift, shift, shift, shift])
+                kind = "bf16x2" if codes == "bf16" else "f16x2"
+                got = [v for r in ("$0", "$1") for v in _halves(regs[r], kind)]
+            else:
+                regs = _run_ptx(asm, [0, word, shift, shift, shift, shift])
+                table = {0xFF: -1, 0x00: 0, 0x01: 1} if codes == "int8" else {0xB8: -1, 0x00: 0, 0x38: 1}
+                got = [table.get(regs["$0"] >> (8 * i) & 0xFF) for i in range(4)]
+            assert got == expected, (codes, shift, hex(word))
+
+
 @pytest.mark.parametrize("activations", ["a8", "fp8"])
 @pytest.mark.parametrize("m,k,n", [(1, 5, 3), (17, 390, 40), (33, 513, 17)])
 def test_expanded_operands_take_one_launch(activations, m, k, n, quantizer_passes, monkeypatch):

@@ -731,7 +731,7 @@ def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.
     _dp4a_gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         x_words, packed, prepared.scales, act_scale, _or(bias, prepared.scales), out, M, N, prepared.in_features,
         x_words.stride(0), packed.stride(0), words_per_slice * words, SCALE_MODE=prepared.scale_mode,
-        HAS_BIAS=bias is not None, FUSED=_slices(out) == 1, ASM=not _interpreting(),
+        HAS_BIAS=bias is not None, FUSED=_slices(out) == 1,
         EVEN_K=prepared.in_features // 16 % words == 0, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words,
         PLANE_WORDS=PLANE // 4, num_warps=warps)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
@@ -747,6 +747,25 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
 
 
 if triton is not None:
+
+    # Compiled, the tensor-core kernels decode tq2 codes with inline PTX (_plane_codes), and the DP4A GEMV
+    # multiplies with it; the interpreter runs no PTX and takes the same arithmetic spelled out.
+    _PTX = tl.constexpr(not _INTERPRETING)
+    # $2 (four tq2 bytes) >> $3 puts each byte's digit u = w + 1 in its bits 0-1. 16-bit floats: bytes 0, 1
+    # (2, 3) of that under a high byte 0x43 (bf16) or 0x64 (fp16), masked, are 2^7 + u or 2^10 + u (u in the
+    # mantissa's last bits), and one packed multiply-add takes off 2^7 + 1 (2^10 + 1): $0 (elements 0, 1) and
+    # $1 (2, 3) hold w exactly.
+    _PTX_16BIT = ("{{ .reg .b32 t, l, h, one, off; mov.b32 one, {one:#x}; mov.b32 off, {off:#x}; shr.b32 t, $2, $3; "
+                  "prmt.b32 l, t, {high:#x}, 0x4140; prmt.b32 h, t, {high:#x}, 0x4342; and.b32 l, l, 0xFF03FF03; "
+                  "and.b32 h, h, 0xFF03FF03; fma.rn.{kind} $0, l, one, off; fma.rn.{kind} $1, h, one, off; }}")
+    _PTX_BF16 = tl.constexpr(_PTX_16BIT.format(kind="bf16x2", high=0x43434343, one=0x3F803F80, off=0xC301C301))
+    _PTX_FP16 = tl.constexpr(_PTX_16BIT.format(kind="f16x2", high=0x64646464, one=0x3C003C00, off=0xE401E401))
+    # 8-bit codes: the four digits ($1 >> $2, masked) gathered into the nibbles of a byte permute's selector,
+    # which picks each code from a table of four bytes (u = 0, 1, 2 -> w = -1, 0, +1): one register, $0.
+    _PTX_8BIT = ("{{ .reg .b32 a, b; shr.b32 a, $1, $2; and.b32 a, a, 0x03030303; shr.b32 b, a, 4; "
+                 "or.b32 a, a, b; prmt.b32 a, a, 0, 0x4420; prmt.b32 $0, {table:#x}, 0, a; }}")
+    _PTX_INT8 = tl.constexpr(_PTX_8BIT.format(table=0x000100FF))  # -1, 0, +1 in int8
+    _PTX_E4M3 = tl.constexpr(_PTX_8BIT.format(table=0x003800B8))  # -1.0, 0, +1.0 in float8_e4m3fn
 
     @triton.jit
     def _round_half_even(v):
@@ -849,24 +868,45 @@ if triton is not None:
             return column - inner + (inner % 4) * PLANE + inner // 4
 
     @triton.jit
-    def _unpack_digits(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) digits u = w + 1, in K order."""
-        return _in_k_order(packed & 3, (packed >> 2) & 3, (packed >> 4) & 3, (packed >> 6) & 3, BLOCK_N, BLOCK_K)
-
-    @triton.jit
     def _unpack_values(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) weights w = u - 1 in fp32, in K order."""
         return _in_k_order(_plane_value(packed, 0), _plane_value(packed, 1), _plane_value(packed, 2),
                            _plane_value(packed, 3), BLOCK_N, BLOCK_K)
 
     @triton.jit
-    def _tq2_weights(packed, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) weights in K order: int8 for int8
-        activations (ACT == 1), else fp32 (exact; the interpreter mishandles integer -> 16-bit casts)."""
-        if ACT == 1:
-            return _unpack_digits(packed, BLOCK_N, BLOCK_K).to(tl.int8) - 1
+    def _tq2_weights(packed, CODES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K / 4) tq2 bytes -> (BLOCK_N, BLOCK_K) weights in K order, in the dtype CODES."""
+        if CODES == tl.float32:
+            return _unpack_values(packed, BLOCK_N, BLOCK_K)  # from the bits in place: no shifts
+        return _in_k_order(_plane_codes(packed, 0, CODES), _plane_codes(packed, 2, CODES),
+                           _plane_codes(packed, 4, CODES), _plane_codes(packed, 6, CODES), BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _plane_codes(packed, shift, CODES: tl.constexpr):
+        """w = u - 1 of the digits at bits `shift` of tq2 bytes (uint8), in CODES, the dtype of an MMA operand.
+        Compiled: inline PTX decodes four bytes (one register) at a time, 1.5-1.75 instructions a code (see
+        _PTX_16BIT, _PTX_8BIT) against ~4.5 for the float arithmetic and its conversion, which the tensor-core
+        loops spent (sm_90: planar's loop 290 -> 193 instructions for a16, 268 -> 150 for fp8; split-K's
+        393 -> 302). The interpreter runs no PTX: the same values by arithmetic (exact in every dtype; it
+        mishandles integer -> 16-bit casts, so floats are built in fp32)."""
+        if _PTX and CODES != tl.float32:
+            shifts = tl.zeros(packed.shape, tl.int32) + shift  # the same in each of the four; one register
+            if CODES == tl.bfloat16:
+                return tl.inline_asm_elementwise(_PTX_BF16, "=r,=r,r,r,r,r,r", [packed, shifts], dtype=tl.bfloat16,
+                                                 is_pure=True, pack=4)
+            elif CODES == tl.float16:
+                return tl.inline_asm_elementwise(_PTX_FP16, "=r,=r,r,r,r,r,r", [packed, shifts], dtype=tl.float16,
+                                                 is_pure=True, pack=4)
+            elif CODES == tl.int8:
+                return tl.inline_asm_elementwise(_PTX_INT8, "=r,r,r,r,r,r", [packed, shifts], dtype=tl.int8,
+                                                 is_pure=True, pack=4)
+            else:
+                return tl.inline_asm_elementwise(_PTX_E4M3, "=r,r,r,r,r,r", [packed, shifts], dtype=tl.float8e4nv,
+                                                 is_pure=True, pack=4)
+        elif CODES == tl.int8:
+            return ((packed >> shift) & 3).to(tl.int8) - 1
         else:
-            return _unpack_values(packed, BLOCK_N, BLOCK_K)
+            return _ternary_value((packed >> shift) & 3).to(CODES)
 
     @triton.jit
     def _in_k_order(plane0, plane1, plane2, plane3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -1002,7 +1042,7 @@ if triton is not None:
                      BLOCK_N: tl.constexpr,
                      BYTES: tl.constexpr):
         """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype."""
-        ACT: tl.constexpr = 1 if out_ptr.dtype.element_ty == tl.int8 else 0  # integer weights, or fp32 to cast
+        ACT: tl.constexpr = 1 if out_ptr.dtype.element_ty == tl.int8 else 0  # tq1: integer weights, or fp32 to cast
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         if TQ1:
@@ -1014,7 +1054,8 @@ if triton is not None:
             mask_k = (slot % 8 < 5) & (offs_k < K)
         else:
             k0 = tile_k * BYTES * 4
-            w = _tq2_weights(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES), ACT, BLOCK_N, BYTES * 4)
+            w = _tq2_weights(_load_packed(w_ptr, offs_n, mask_n, stride_wn, k0, K, BYTES), out_ptr.dtype.element_ty,
+                             BLOCK_N, BYTES * 4)
             offs_k = k0 + tl.arange(0, BYTES * 4)
             mask_k = offs_k < K
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -1102,8 +1143,10 @@ if triton is not None:
                         acc, acc_int = _dot_weights(a, _tq1_weights(bits, p, ACT), acc, acc_int, ACT, DOT_FP32)
             else:
                 a = tl.load(x_rows + k0 + offs_k[None, :], mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-                acc, acc_int = _dot_weights(a, _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K), acc, acc_int, ACT,
-                                            DOT_FP32)
+                # in the dtype _dot_weights multiplies them in (e4m3 activations: bf16 MMAs)
+                codes = _tq2_weights(packed, tl.int8 if ACT == 1 else tl.float32 if DOT_FP32 else
+                                     tl.bfloat16 if ACT == 2 else x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+                acc, acc_int = _dot_weights(a, codes, acc, acc_int, ACT, DOT_FP32)
         if FMA:
             if TQ1:
                 sums = tl.sum(acc_bytes, axis=1)
@@ -1232,7 +1275,10 @@ if triton is not None:
             else:
                 packed = packed_next
                 packed_next = _load_packed(w_ptr, offs_n, mask_n, stride_wn, k0 + BLOCK_K, K, BLOCK_K // 4)
-                codes = _tq2_weights(packed, ACT, BLOCK_N, BLOCK_K)
+                # 16-bit codes from _plane_codes' PTX stored as the shared-memory operand (not SWAP) fail two
+                # tile configs in Triton 3.9 ("Illegal shared layout", sm_90): those are built in fp32 and cast
+                codes = _tq2_weights(packed, tl.int8 if ACT == 1 else tl.float32 if DOT_FP32 or not (SWAP or ACT == 2)
+                                     else x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
             if SCALE_MODE == 2:
                 g_scale = tl.load(scale_ptr + offs_n * tl.cdiv(K, group_size) + k0 // group_size,
                                   mask=mask_n, other=0.0)
@@ -1299,26 +1345,26 @@ if triton is not None:
             else:
                 packed = tl.load(w_rows + byte0, mask=mask_n[:, None] & (byte0 + offs_j[None, :] < row_bytes), other=0)
             a = tl.load(x_rows + step * PLANE, mask=mask_m[:, None], other=0.0)  # padded columns: zeros
-            digits = (packed >> ((step % 4) * 2)) & 3
+            codes = _plane_codes(packed, (step % 4) * 2, tl.float32 if DOT_FP32 else x_ptr.dtype.element_ty)
             if ACT == 1:
-                acc = _accumulate(a, digits.to(tl.int8) - 1, acc, True, "int32")
+                acc = _accumulate(a, codes, acc, True, "int32")
             elif DOT_FP32:
-                acc = _accumulate(a.to(tl.float32), _ternary_value(digits), acc, True, "ieee")
+                acc = _accumulate(a.to(tl.float32), codes, acc, True, "ieee")
             elif ACT == 2:
-                acc = _accumulate(a, _ternary_value(digits).to(a.dtype), acc, True, "fp8")
+                acc = _accumulate(a, codes, acc, True, "fp8")
             else:
-                acc = _accumulate(a, _ternary_value(digits).to(a.dtype), acc, True, "native")
+                acc = _accumulate(a, codes, acc, True, "native")
         acc = tl.trans(acc.to(tl.float32))  # |int32 sums| <= 127 K < 2^24: exact
         _store_slice(acc, pid_s, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr,
                      _row_scales(act_scale_ptr, offs_m, mask_m, ACT != 0), bias_ptr, out_ptr, FUSED, SCALE_MODE,
                      ACT != 0, HAS_BIAS)
 
     @triton.jit
-    def _dp4a(a, b, c, ASM: tl.constexpr):
+    def _dp4a(a, b, c):
         """c + the dot product of a's four bytes (unsigned) and b's (signed), per int32 element: compiled, one
         DP4A instruction (four multiply-adds); in the interpreter, which runs no PTX, its arithmetic spelled
         out."""
-        if ASM:
+        if _PTX:
             return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
                                              is_pure=True, pack=1)
         else:
@@ -1350,7 +1396,7 @@ if triton is not None:
     @triton.jit
     def _dp4a_gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                           k_slice, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr,
-                          ASM: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr):
         """A few tokens of int8 activations (x: plane-major, see plane_major, as int32 words) @ codes^T (tq2
         rows as int32 words of 16 codes; K % 16 == 0) over one slice of k_slice words, for one (M, N) tile:
@@ -1395,12 +1441,11 @@ if triton is not None:
                 x1 = tl.reshape(_x_plane(x_rows, w0, 1, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
                 x2 = tl.reshape(_x_plane(x_rows, w0, 2, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
                 x3 = tl.reshape(_x_plane(x_rows, w0, 3, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
-                acc0 = _dp4a(words & 0x03030303, x0[None, :], acc0, ASM)
-                acc1 = _dp4a(words & 0x0C0C0C0C, x1[None, :], acc1, ASM)
-                acc2 = _dp4a(words & 0x30303030, x2[None, :], acc2, ASM)
-                acc3 = _dp4a(words & -0x3F3F3F40, x3[None, :], acc3, ASM)  # 0xC0C0C0C0 as an int32
-                x_sums = _dp4a(ones, x0, _dp4a(ones, x1, _dp4a(ones, x2, _dp4a(ones, x3, x_sums, ASM), ASM), ASM),
-                               ASM)
+                acc0 = _dp4a(words & 0x03030303, x0[None, :], acc0)
+                acc1 = _dp4a(words & 0x0C0C0C0C, x1[None, :], acc1)
+                acc2 = _dp4a(words & 0x30303030, x2[None, :], acc2)
+                acc3 = _dp4a(words & -0x3F3F3F40, x3[None, :], acc3)  # 0xC0C0C0C0 as an int32
+                x_sums = _dp4a(ones, x0, _dp4a(ones, x1, _dp4a(ones, x2, _dp4a(ones, x3, x_sums))))
             # plane p's sums are 4^p times its digit sums, exactly
             sums = ((tl.sum(acc0, axis=1) + (tl.sum(acc1, axis=1) >> 2) + (tl.sum(acc2, axis=1) >> 4)
                      + (tl.sum(acc3, axis=1) >> 6) - tl.sum(x_sums, axis=0))[None, :])
@@ -1414,8 +1459,8 @@ if triton is not None:
                 for p in tl.static_range(4):
                     x_plane = _x_plane(x_rows, w0, p, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K)
                     digits = (words >> (2 * p)) & 0x03030303  # unpacked once for every token of the tile
-                    acc = _dp4a(digits[None, :, :], x_plane[:, None, :], acc, ASM)
-                    x_sums = _dp4a(ones, x_plane, x_sums, ASM)
+                    acc = _dp4a(digits[None, :, :], x_plane[:, None, :], acc)
+                    x_sums = _dp4a(ones, x_plane, x_sums)
             sums = tl.sum(acc, axis=2) - tl.sum(x_sums, axis=1)[:, None]
         _store_slice(sums.to(tl.float32), pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr,
                      _row_scales(act_scale_ptr, offs_m, mask_m, True), bias_ptr, out_ptr, FUSED, SCALE_MODE, True,
