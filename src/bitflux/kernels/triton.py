@@ -886,9 +886,9 @@ if triton is not None:
         """w = u - 1 of the digits at bits `shift` of tq2 bytes (uint8), in CODES, the dtype of an MMA operand.
         Compiled: inline PTX decodes four bytes (one register) at a time, 1.5-1.75 instructions a code (see
         _PTX_16BIT, _PTX_8BIT) against ~4.5 for the float arithmetic and its conversion, which the tensor-core
-        loops spent (sm_90: planar's loop 290 -> 193 instructions for a16, 268 -> 150 for fp8; split-K's
-        393 -> 302). The interpreter runs no PTX: the same values by arithmetic (exact in every dtype; it
-        mishandles integer -> 16-bit casts, so floats are built in fp32)."""
+        loops spent (sm_90: planar's loop 290 -> 184 instructions for a16, 268 -> 145 for fp8; split-K's
+        393 -> 289; docs/GPU_KERNELS.md). The interpreter runs no PTX: the same values by arithmetic (exact
+        in every dtype; it mishandles integer -> 16-bit casts, so floats are built in fp32)."""
         if _PTX and CODES != tl.float32:
             shifts = tl.zeros(packed.shape, tl.int32) + shift  # the same in each of the four; one register
             if CODES == tl.bfloat16:
