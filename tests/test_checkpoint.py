@@ -147,3 +147,22 @@ def test_original_single_file_quantizes_like_the_diffusers_folder(tmp_path, tiny
     quantize_checkpoint(tiny_folder, tmp_path / "from_folder", progress=False)
     assert torch.equal(_forward(load_transformer(tmp_path / "from_single")),
                        _forward(load_transformer(tmp_path / "from_folder")))
+
+
+def test_an_fp8_checkpoint_quantizes_as_its_values_in_bf16(tmp_path):
+    """fp8 single files (block weights in e4m3, the rest bf16, as shared for FLUX.1-dev) quantize like the same
+    values in bf16: every fp8 value is a bf16 one."""
+    from safetensors.torch import save_file
+
+    from bitflux.flux import diffusers_to_original
+
+    original = diffusers_to_original(build_tiny().state_dict())
+    fp8 = {k: v.to(torch.float8_e4m3fn if v.dim() == 2 and "blocks" in k else torch.bfloat16).contiguous()
+           for k, v in original.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in fp8.items()}, str(tmp_path / "bf16.safetensors"))
+    for name in ("fp8", "bf16"):
+        quantize_checkpoint(tmp_path / f"{name}.safetensors", tmp_path / f"q-{name}", progress=False)
+    quantized = [load_transformer(tmp_path / f"q-{name}").state_dict() for name in ("fp8", "bf16")]
+    assert quantized[0].keys() == quantized[1].keys()
+    assert all(torch.equal(quantized[0][k], quantized[1][k]) for k in quantized[0])

@@ -202,19 +202,69 @@ def test_the_output_cannot_be_the_source(tmp_path, tiny_folder, capsys):
 def test_a_pipeline_output_copies_the_small_files(tmp_path, tiny_folder, capsys):
     """Weights may be hard links to the source's (no extra disk), but configs are copies: editing one in the
     output leaves the source's alone."""
-    pipeline = tmp_path / "pipe"
-    (pipeline / "transformer").mkdir(parents=True)
-    (pipeline / "scheduler").mkdir()
-    for item in tiny_folder.iterdir():
-        (pipeline / "transformer" / item.name).write_bytes(item.read_bytes())
-    (pipeline / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    (pipeline / "scheduler" / "scheduler_config.json").write_text("{}")
-    (pipeline / "scheduler" / "weights.safetensors").write_bytes(b"")
+    pipeline = _pipeline(tmp_path, tiny_folder)
     assert _run(capsys, "quantize", pipeline, "-o", tmp_path / "out", "-q")[0] == 0
     with open(tmp_path / "out" / "scheduler" / "scheduler_config.json", "a") as f:
         f.write("edited")
     assert (pipeline / "scheduler" / "scheduler_config.json").read_text() == "{}"
     assert (tmp_path / "out" / "model_index.json").stat().st_nlink == 1
+    assert (tmp_path / "out" / "vae" / "weights.safetensors").read_bytes() == b"vae"
+
+
+def _pipeline(tmp_path, tiny_folder):
+    """A pipeline folder around the tiny transformer, shaped like the FLUX.1-dev repository: components
+    named by model_index.json, and an original-layout checkpoint and autoencoder at the top."""
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    for item in tiny_folder.iterdir():
+        (pipeline / "transformer" / item.name).write_bytes(item.read_bytes())
+    (pipeline / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    for name, files in (("scheduler", {"scheduler_config.json": b"{}"}), ("vae", {"weights.safetensors": b"vae"}),
+                        (".", {"flux1-dev.safetensors": b"full precision", "ae.safetensors": b"ae",
+                               "README.md": b"readme"})):
+        (pipeline / name).mkdir(exist_ok=True)
+        for file, data in files.items():
+            (pipeline / name / file).write_bytes(data)
+    return pipeline
+
+
+def test_a_pipeline_output_leaves_out_weights_that_are_no_component(tmp_path, tiny_folder, capsys):
+    """The FLUX.1-dev repository keeps its full-precision original-layout checkpoint and autoencoder at its
+    top (24 GB): the ternary pipeline holds its components and small files only."""
+    assert _run(capsys, "quantize", _pipeline(tmp_path, tiny_folder), "-o", tmp_path / "out", "-q")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md", "model_index.json", "scheduler", "transformer", "vae"]
+
+
+def test_a_pipeline_from_the_hub_cache_gets_its_weights_not_links_to_links(tmp_path, tiny_folder, capsys):
+    """The Hugging Face cache's snapshots are relative symlinks into its blobs: the output links the files
+    themselves, which stay readable from the output's folder."""
+    pipeline = _pipeline(tmp_path, tiny_folder)
+    snapshot, blobs = tmp_path / "cache" / "snapshots" / "rev", tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    for i, file in enumerate(sorted(p for p in pipeline.rglob("*") if p.is_file())):
+        (blobs / str(i)).write_bytes(file.read_bytes())
+        link = snapshot / file.relative_to(pipeline)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blobs / str(i), link.parent))
+    assert _run(capsys, "quantize", snapshot, "-o", tmp_path / "out", "-q")[0] == 0
+    weights = tmp_path / "out" / "vae" / "weights.safetensors"
+    assert not weights.is_symlink() and weights.read_bytes() == b"vae"
+
+
+def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
+    from bitflux.flux import diffusers_to_original
+
+    from conftest import build_tiny
+
+    original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
+    original["single_blocks.0.linear1.weight"] = original["single_blocks.0.linear1.weight"][:5].contiguous()
+    save_file(original, str(tmp_path / "flux.safetensors"))
+    code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "linear1", "5 rows")
+    _assert_nothing_written(tmp_path / "out")
 
 
 def test_a_source_with_nan_is_refused(tmp_path, tiny_folder, capsys):

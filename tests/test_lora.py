@@ -250,3 +250,34 @@ def test_bad_lora_files_give_one_line_errors(flux, state, message):
 def test_branch_rejects_mismatched_pairs():
     with pytest.raises(BitfluxError, match="not \\(r, in\\)"):
         LoraBranch(torch.zeros(4, 8), torch.zeros(8, 3))
+
+
+def test_alpha_from_the_peft_config_diffusers_and_peft_write(flux, tmp_path):
+    """diffusers' save_lora_weights keeps PEFT's lora_alpha (and alpha_pattern) in the file's metadata, PEFT
+    in adapter_config.json beside the file, neither as .alpha tensors: read there, a pattern before the
+    default; an .alpha tensor still wins."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {}
+    for name in ("to_q", "to_k"):
+        down, up = lora_pair(WIDTH, WIDTH, seed=7)
+        state.update({f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight": down,
+                      f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight": up})
+    config = {"lora_alpha": 2, "alpha_pattern": {"attn.to_k": 8}, "r": 4}
+    save_file(state, str(tmp_path / "diffusers.safetensors"), metadata={"lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in config.items()})})
+    (tmp_path / "peft").mkdir()
+    save_file(state, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    for path in (tmp_path / "diffusers.safetensors", tmp_path / "peft" / "adapter_model.safetensors"):
+        pairs, _ = read_lora(path, flux)
+        assert pairs["transformer_blocks.0.attn.to_q"][2] == 2.0
+        assert pairs["transformer_blocks.0.attn.to_k"][2] == 8.0
+    save_file({**state, "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(4.0)},
+              str(tmp_path / "tensor.safetensors"), metadata={"lora_adapter_metadata": json.dumps({
+                  "transformer.lora_alpha": 2})})
+    assert read_lora(tmp_path / "tensor.safetensors", flux)[0]["transformer_blocks.0.attn.to_q"][2] == 4.0
+    with pytest.raises(BitfluxError, match="alpha holds 2 values"):
+        read_lora({**state, "transformer.transformer_blocks.0.attn.to_q.alpha": torch.ones(2)}, flux)

@@ -84,6 +84,8 @@ def _source_tensors(source: Source):
     """Yield dicts of diffusers-named tensors converted from one source tensor each."""
     width = flux.original_width(checkpoint.tensor_shapes(source.files)) if source.original_layout else 0
     for name, tensor in checkpoint.iter_tensors(source.files):
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
+            tensor = tensor.to(torch.bfloat16)
         yield flux.convert_original_tensor(name, tensor, width) if source.original_layout else {name: tensor}
 
 
@@ -150,17 +152,20 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
 
 
 def copy_pipeline_components(root: Path, dest: Path) -> None:
-    """Everything but the transformer: weight files hard-linked where the filesystem allows (no extra disk:
-    FLUX.1's T5 is 9.5 GB), the small files (configs, tokenizers) copied, so that editing one in the output
-    leaves the source's alone."""
+    """The pipeline's components but the transformer (the folders model_index.json names) and its small files:
+    weight files hard-linked where the filesystem allows (no extra disk: FLUX.1's T5 is 9.5 GB), the small files
+    (configs, tokenizers) copied, so that editing one in the output leaves the source's alone. Weight files at
+    the top are no component: the FLUX.1-dev repository keeps its original-layout transformer and autoencoder
+    there (flux1-dev.safetensors, ae.safetensors: 24 GB in full precision), which a ternary copy must not carry."""
+    index = checkpoint.parse_json_object((root / "model_index.json").read_bytes(), str(root / "model_index.json"))
+    components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
     for item in root.iterdir():
-        if item.name == "transformer":
-            continue
         target = dest / item.name
         if item.is_dir():
-            shutil.copytree(item, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(item, target)
+            if item.name in components and item.name != "transformer":
+                shutil.copytree(item, target, copy_function=_link_or_copy)
+        elif item.suffix not in _LINKED_SUFFIXES:
+            shutil.copy2(item, target)
 
 
 _LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never edited in place
@@ -169,7 +174,9 @@ _LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never
 def _link_or_copy(src, dst):
     if Path(src).suffix in _LINKED_SUFFIXES:
         try:
-            os.link(src, dst)
+            # the file itself: the Hugging Face cache's snapshots are relative symlinks into its blobs, and a
+            # hard link to such a symlink dangles from any other folder
+            os.link(os.path.realpath(src), dst)
             return dst
         except OSError:
             pass

@@ -123,6 +123,9 @@ def convert_original_tensor(key: str, tensor: torch.Tensor, width: int) -> dict[
     elif suffix.startswith("linear1."):
         # linear1 fuses q, k, v (width rows each) and the MLP input projection.
         param = suffix[len("linear1."):]
+        if tensor.shape[0] <= 3 * width:
+            raise BitfluxError(f"tensor {key!r} has {tensor.shape[0]} rows: a single block's linear1 holds q, k, v "
+                               f"({width} rows each) and the MLP's input projection")
         parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
         return {f"{prefix}{name}.{param}": part
                 for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts)}

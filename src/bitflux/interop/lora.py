@@ -13,12 +13,15 @@ Key layouts read (safetensors or a state dict):
   kohya:            lora_unet_<original BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
                     (e.g. lora_unet_double_blocks_0_img_attn_qkv: fused q/k/v rows split onto to_q/to_k/to_v)
   also dotted original names and lora_down/lora_up with diffusers names. Text-encoder keys are skipped.
-Without an alpha the scale is 1 (alpha = rank), as diffusers does.
+Alpha: an .alpha tensor; else PEFT's lora_alpha (and alpha_pattern) where diffusers' save_lora_weights keeps
+it, the file's metadata ("lora_adapter_metadata", keys "transformer.*"), or PEFT's adapter_config.json beside
+the file; without any the scale is 1 (alpha = rank), as diffusers does.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 
@@ -190,6 +193,32 @@ def _to_diffusers(name: str, down, up, model: nn.Module) -> dict[str, tuple]:
     return {k.removesuffix(".weight"): (down, part) for k, part in parts.items()}
 
 
+def _peft_alphas(path: Path) -> tuple[float | None, dict[str, float]]:
+    """PEFT's lora_alpha and alpha_pattern for the transformer, as diffusers' save_lora_weights writes them
+    into the file's metadata, or PEFT into adapter_config.json beside the file ((None, {}) without either)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw, prefix = (f.metadata() or {}).get("lora_adapter_metadata"), "transformer."
+    if raw is None and (path.parent / "adapter_config.json").is_file():
+        raw, prefix = (path.parent / "adapter_config.json").read_text(), ""
+    if raw is None:
+        return None, {}
+    try:
+        config = json.loads(raw)
+        alpha, pattern = config.get(prefix + "lora_alpha"), config.get(prefix + "alpha_pattern") or {}
+        return (None if alpha is None else float(alpha)), {str(k): float(v) for k, v in pattern.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BitfluxError(f"{path}: unreadable LoRA alpha in its PEFT config ({exc})") from None
+
+
+def _configured_alpha(name: str, alpha: float | None, pattern: dict[str, float]) -> float | None:
+    """A diffusers layer's alpha from PEFT's config: the alpha_pattern entry whose key matches the module
+    name's end (PEFT's own rule), else lora_alpha."""
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+    return pattern[key] if key is not None else alpha
+
+
 def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
     """A LoRA file or state dict -> ({diffusers layer: (down, up, alpha)}, number of skipped text-encoder pairs)."""
     if isinstance(source, (str, Path)):
@@ -199,8 +228,9 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
             state = load_file(str(source))
         except Exception as exc:  # safetensors' own error types
             raise BitfluxError(f"{source}: cannot read LoRA safetensors ({exc})") from None
+        configured = _peft_alphas(Path(source))
     else:
-        state = dict(source)
+        state, configured = dict(source), (None, {})
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         stem, role = _split_key(key)
@@ -215,7 +245,12 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
             skipped += 1
             continue
         layout, name = resolved
-        alpha = float(roles["alpha"]) if "alpha" in roles else None
+        if "alpha" in roles:
+            if roles["alpha"].numel() != 1:
+                raise BitfluxError(f"LoRA {stem!r}: alpha holds {roles['alpha'].numel()} values, not one")
+            alpha = float(roles["alpha"])
+        else:
+            alpha = _configured_alpha(name, *configured) if layout == "diffusers" else None
         targets = {name: (roles["down"], roles["up"])} if layout == "diffusers" else \
             _to_diffusers(name, roles["down"], roles["up"], model)
         for target, (down, up) in targets.items():
