@@ -314,6 +314,15 @@ def test_console_script_exit_code(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
 
 
+def test_a_reader_that_goes_away_stops_the_output_quietly(tiny_folder):
+    """`bitflux inspect ... | head`: the pipe closes before the output is written; no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "bitflux.cli", "inspect", str(tiny_folder), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 1 and stderr == "", stderr
+
+
 def test_export_gguf_and_back(tmp_path, capsys):
     from conftest import TINY_CONFIG, build_tiny
 

@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bitflux: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`bitflux inspect ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

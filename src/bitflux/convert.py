@@ -76,8 +76,8 @@ def from_hub_cache(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
         raise BitfluxError(
-            f"{repo_id} is not in the local Hugging Face cache and bitflux never downloads at run time; "
-            f"fetch it first with `huggingface-cli download {repo_id}` (or pass a local folder)") from None
+            f"{repo_id}: no such local path, and not in the local Hugging Face cache (bitflux never downloads at "
+            f"run time); fetch it first with `huggingface-cli download {repo_id}` or pass a local folder") from None
 
 
 def _source_tensors(source: Source):
