@@ -255,9 +255,9 @@ def test_a_pipeline_from_the_hub_cache_gets_its_weights_not_links_to_links(tmp_p
 
 
 def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
-    from bitflux.flux import diffusers_to_original
-
     from conftest import build_tiny
+
+    from bitflux.flux import diffusers_to_original
 
     original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
     original["single_blocks.0.linear1.weight"] = original["single_blocks.0.linear1.weight"][:5].contiguous()
