@@ -213,7 +213,7 @@ def variants(quick: bool):
                     "BLOCK_M": block_m, "BLOCK_N": block_n, "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1,
                    all_targets)
     for act, (x_dtype, code) in acts.items():
-        for block_m, block_n, warps, stages in ((16, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
+        for block_m, block_n, warps, stages in (tk.PLANAR_FEW_TILE, (64, 128, 4, 4), (128, 128, 8, 3)):
             yield (f"planar {act} {block_m}x{block_n}", tk._planar_matmul,
                    {"x_ptr": x_dtype, "w_ptr": u8, **epilogue_ptrs, "out_ptr": bf16},
                    {"SCALE_MODE": 0, "ACT": code, "HAS_BIAS": True, "DOT_FP32": False, "FUSED": True,

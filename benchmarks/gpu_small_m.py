@@ -1,10 +1,11 @@
 """Sweep of the small-M kernels' launch parameters on a GPU: the split-K kernel's tiles (`splitk`, tensor
-cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token; `dp4a`, the a8 GEMV in integer dot products)
-and how many programs per SM the K split aims for, at FLUX.1-dev layer shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead)
-beside cuBLAS's bf16 GEMM on the same weight, and its output is checked against that GEMM's, so a fast but
-wrong candidate shows. Prints the default's time (the backend's choice) and the best candidate's per (layer,
-M, mode, strategy); writes gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE,
-GEMV_QUANTIZING_TILES, DP4A_TILE, DP4A_FEW_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
+cores on 16-row tiles, M <= 16; `gemv`, CUDA cores, one token; `dp4a`, the a8 GEMV in integer dot products),
+the planar kernel's few-token tile, and how many programs per SM the K split aims for, at FLUX.1-dev layer
+shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead) beside cuBLAS's bf16 GEMM on the
+same weight, and its output is checked against that GEMM's, so a fast but wrong candidate shows. Prints the
+default's time (the backend's choice) and the best candidate's per (layer, M, mode, strategy); writes
+gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE, GEMV_QUANTIZING_TILES,
+DP4A_TILE, DP4A_FEW_TILE, PLANAR_FEW_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
 
     PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
@@ -40,6 +41,9 @@ CANDIDATES = {
     # dp4a (a8, not yet timed on a GPU): (BLOCK_N, words of 16 codes a step, warps), at one token (DP4A_TILE)
     "dp4a": [triton_backend.DP4A_TILE, (8, 64, 4), (32, 64, 4), (16, 128, 4), (16, 32, 4), (8, 128, 4),
              (32, 32, 4), (16, 64, 8)],
+    # planar (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens, at the default programs per SM only (the run's
+    # time limit): wider tiles spend fewer instructions a code (sm_90, offline), narrower hold fewer registers
+    "planar": [triton_backend.PLANAR_FEW_TILE, (16, 64, 4, 4), (16, 256, 4, 4), (16, 256, 8, 3)],
 }
 # dp4a at 2-16 tokens (DP4A_FEW_TILE): a tile of 16 tokens keeps 16 x BLOCK_N x words int32 sums
 DP4A_FEW_CANDIDATES = [triton_backend.DP4A_FEW_TILE, (16, 32, 4), (8, 64, 4), (4, 64, 4), (8, 16, 4), (16, 16, 4)]
@@ -76,7 +80,7 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                     tiles = DP4A_FEW_CANDIDATES if strategy == "dp4a" and m > 1 else tiles
                     candidates = tiles[1:2] if dry_run else tiles  # dry: one tile other than the default's
                     for tile in candidates:
-                        for programs in PROGRAMS[:2] if dry_run else PROGRAMS:
+                        for programs in PROGRAMS[:2] if dry_run else PROGRAMS[:1] if strategy == "planar" else PROGRAMS:
                             row["candidates"].append(
                                 measure(x, prepared, bias, activations, strategy, tile, programs, expected, device))
                     yield row
@@ -88,7 +92,8 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
     error vs the bf16 GEMM."""
     constants = {"PROGRAMS_PER_SM": programs}
     names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "splitk": ("SPLITK_TILE",),
-             "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",)}[strategy]
+             "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",),
+             "planar": ("PLANAR_FEW_TILE",)}[strategy]
     if tile is None:
         tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"
                 else getattr(triton_backend, names[0]))
@@ -120,8 +125,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Small-M kernel sweep on {env['device']}", "",
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU time per call in us "
              "(CUDA graphs); speed-up vs cuBLAS bf16 on the same weight in brackets. Tile: (BLOCK_M, BLOCK_N, "
-             "BLOCK_K, warps, stages), dp4a's (BLOCK_N, words of 16 codes, warps); programs: the K split's target "
-             "per SM.", "",
+             "BLOCK_K, warps, stages), dp4a's (BLOCK_N, words of 16 codes, warps), planar's (BLOCK_M, BLOCK_N, "
+             "warps, stages); programs: the K split's target per SM.", "",
              "| layer | M | mode | strategy | bf16 cuBLAS | default | best | best tile | programs | failed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -105,6 +105,10 @@ ALPHA_PIECES = 4
 DP4A_TILE = (16, 64, 4)
 DP4A_FEW_TILE = (8, 32, 4)  # 2-16 tokens in one tile of up to 16: an int32 sum a (token, row, word), 32 registers
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
+# The planar kernel's (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens. Compiled for sm_90, its loop's
+# instructions a code: 4.6 / 3.6 / 3.1 (a16 / fp8 / a8) on 128 rows, 76 registers or fewer; 5.8 / 4.5 / 4.3 on 64
+# (the tile before), 4.0 / 3.0 / 2.5 on 256 but at up to 168 registers. Not yet timed: gpu_small_m.py sweeps it.
+PLANAR_FEW_TILE = (16, 128, 4, 4)
 _SCALE_TENSOR, _SCALE_CHANNEL, _SCALE_GROUP = 0, 1, 2
 _ACT_FLOAT, _ACT_INT8, _ACT_FP8 = 0, 1, 2
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -704,7 +708,7 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     else:
         q, act_scale = quantize_activations(x2, fp8=activations == "fp8", plane_major=True)
     # one tile shape per regime: 16 tokens (memory-bound) ... 128 (compute-bound)
-    block_m, block_n, warps, stages = (16, 64, 4, 4) if M <= 16 else (64, 128, 4, 4) if M <= 64 else (128, 128, 8, 3)
+    block_m, block_n, warps, stages = PLANAR_FEW_TILE if M <= 16 else (64, 128, 4, 4) if M <= 64 else (128, 128, 8, 3)
     tiles = _cdiv(M, block_m) * _cdiv(N, block_n)
     # sliced by whole blocks: a block's 4 plane steps share its bytes in L2
     blocks_per_slice, out = _split_k(q.shape[1] // (4 * PLANE), tiles, M, N, out_dtype, x2.device)
