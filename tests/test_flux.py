@@ -69,3 +69,15 @@ def test_diffusers_to_original_round_trip_and_config():
         back.update(flux.convert_original_tensor(key, tensor, flux.original_width({k: v.shape for k, v in original.items()})))
     assert set(back) == set(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_a_conditioned_flux_gets_its_output_channels():
+    """FLUX.1 Fill, Canny and Depth take their conditioning as more input channels than they put out."""
+    config = dict(TINY_CONFIG, out_channels=16, in_channels=48)
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(**{k: v for k, v in config.items() if k != "_class_name"})
+    original = flux.diffusers_to_original(model.state_dict())
+    inferred = flux.config_from_original_shapes({k: v.shape for k, v in original.items()})
+    assert inferred["in_channels"] == 48 and inferred["out_channels"] == 16
+    assert FluxTransformer2DModel(**{k: v for k, v in inferred.items() if k != "_class_name"}).proj_out.out_features == 16

@@ -152,6 +152,9 @@ def config_from_original_shapes(shapes: dict[str, tuple]) -> dict:
             "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
             "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
         }
+        out_channels = shapes["final_layer.linear.weight"][0]
+        if out_channels != in_channels:  # FLUX.1 Fill / Canny / Depth: the conditioning enters with the latents
+            config["out_channels"] = out_channels
     except (KeyError, ValueError, IndexError) as exc:
         raise BitfluxError(f"not an original FLUX checkpoint: missing or malformed tensor {exc}") from None
     if head_dim % 32:
