@@ -161,6 +161,11 @@ def test_load_gguf_rebuilds_a_model_with_the_same_output(models, tmp_path, granu
     loaded = load_gguf(tmp_path / "m.gguf")
     assert set(ternary_layers(loaded)) == set(ternary_layers(model))
     assert torch.equal(output(loaded), output(model))
+    as_fp32 = load_gguf(tmp_path / "m.gguf", dtype=torch.float32)
+    dense = {k: v.dtype for k, v in as_fp32.state_dict().items() if v.is_floating_point()}
+    assert {d for k, d in dense.items() if not k.endswith(".weight_scale")} == {torch.float32}
+    assert {d for k, d in dense.items() if k.endswith(".weight_scale")} == {
+        v.dtype for k, v in loaded.state_dict().items() if k.endswith(".weight_scale")}
 
 
 def test_export_from_a_bitflux_folder_and_quantize_back_to_one(models, tmp_path):

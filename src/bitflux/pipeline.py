@@ -30,7 +30,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     if str(path).endswith(".gguf"):
         from .interop.gguf import load_gguf
 
-        return load_gguf(path, device)
+        return load_gguf(path, device, dtype)
     return checkpoint.load_transformer(path, device=device, dtype=dtype)
 
 

@@ -418,10 +418,16 @@ def read_gguf(path) -> GGUFContents:
     return GGUFContents(state_dict, config, transformer, architecture)
 
 
-def load_gguf(path, device: str | torch.device = "cpu") -> nn.Module:
+def load_gguf(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """A FluxTransformer2DModel from a GGUF file: layers stored as TQ blocks become TernaryLinear, the
-    rest load as they are (other ggml types dequantized to float32)."""
-    return _build(read_gguf(path), path).to(device)
+    rest load as they are (other ggml types dequantized to float32), or in `dtype` (the scales keep theirs,
+    as in a bitflux folder)."""
+    contents = read_gguf(path)
+    if dtype is not None:
+        contents.state_dict = {key: tensor.to(dtype) if tensor.is_floating_point()
+                               and not key.endswith(".weight_scale") else tensor
+                               for key, tensor in contents.state_dict.items()}
+    return _build(contents, path).to(device)
 
 
 def _build(contents: GGUFContents, path) -> nn.Module:
