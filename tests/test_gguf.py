@@ -176,6 +176,8 @@ def test_export_from_a_bitflux_folder_and_quantize_back_to_one(models, tmp_path)
     assert torch.equal(output(load_transformer(tmp_path / "back")), output(model))
     with pytest.raises(BitfluxError, match="already ternary with tensor scales"):
         gguf_to_folder(tmp_path / "m.gguf", tmp_path / "again", TernaryConfig(granularity="channel"))
+    with pytest.raises(BitfluxError, match="codes are copied as they are, so --method lsq would not apply"):
+        gguf_to_folder(tmp_path / "m.gguf", tmp_path / "again", overrides={"method": "lsq"})
 
 
 def test_a_tq1_model_exports_the_codes_of_its_tq2_twin_and_loads_back_as_tq1(models, tmp_path):

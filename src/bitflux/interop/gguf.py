@@ -463,6 +463,9 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
     if has_ternary and not same_scales:
         raise BitfluxError(f"{path} is already ternary with {stored.granularity} scales; converting them to "
                            f"{config.granularity} would need the full-precision weights")
+    if has_ternary and config.method != stored.method:
+        raise BitfluxError(f"{path} is already ternary ({stored.method}); its codes are copied as they are, so "
+                           f"--method {config.method} would not apply")
     model = _build(contents, path)
     quantize_(model, config)  # only the dense target layers are left to quantize
     return save_transformer(model, out, config, force)
