@@ -263,7 +263,7 @@ def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
     original["single_blocks.0.linear1.weight"] = original["single_blocks.0.linear1.weight"][:5].contiguous()
     save_file(original, str(tmp_path / "flux.safetensors"))
     code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
-    _assert_one_line_error(code, err, "linear1", "5 rows")
+    _assert_one_line_error(code, err, "flux.safetensors: ", "linear1", "5 rows")
     _assert_nothing_written(tmp_path / "out")
 
 

@@ -48,7 +48,10 @@ def resolve_source(source: str | Path) -> Source:
         if not flux.is_original_layout(shapes):
             raise BitfluxError(f"{path}: not an original FLUX checkpoint (no double_blocks / single_blocks); "
                                "for diffusers weights pass the folder holding config.json")
-        return Source(flux.config_from_original_shapes(shapes), [path], original_layout=True)
+        try:
+            return Source(flux.config_from_original_shapes(shapes), [path], original_layout=True)
+        except BitfluxError as exc:
+            raise BitfluxError(f"{path}: {exc}") from None
     if (path / "model_index.json").exists():
         index = checkpoint.parse_json_object((path / "model_index.json").read_bytes(), str(path / "model_index.json"))
         if index.get("_class_name") not in ("FluxPipeline", None) and "transformer" not in index:
@@ -86,7 +89,14 @@ def _source_tensors(source: Source):
     for name, tensor in checkpoint.iter_tensors(source.files):
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
             tensor = tensor.to(torch.bfloat16)
-        yield flux.convert_original_tensor(name, tensor, width) if source.original_layout else {name: tensor}
+        yield _original_to_diffusers(source, name, tensor, width) if source.original_layout else {name: tensor}
+
+
+def _original_to_diffusers(source: Source, name: str, tensor: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
+    try:
+        return flux.convert_original_tensor(name, tensor, width)
+    except BitfluxError as exc:  # the file it is in (an original layout is one file)
+        raise BitfluxError(f"{source.files[0]}: {exc}") from None
 
 
 def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
@@ -96,7 +106,7 @@ def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
         return shapes
     width = flux.original_width(shapes)
     return {k: tuple(v.shape) for key, shape in shapes.items()
-            for k, v in flux.convert_original_tensor(key, torch.empty(shape, device="meta"), width).items()}
+            for k, v in _original_to_diffusers(source, key, torch.empty(shape, device="meta"), width).items()}
 
 
 def check_shapes(shapes: dict, expected: dict, source: str) -> None:
