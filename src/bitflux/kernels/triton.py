@@ -752,9 +752,10 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
 
 if triton is not None:
 
-    # Compiled, the tensor-core kernels decode tq2 codes with inline PTX (_plane_codes), and the DP4A GEMV
-    # multiplies with it; the interpreter runs no PTX and takes the same arithmetic spelled out.
-    _PTX = tl.constexpr(not _INTERPRETING)
+    # Compiled for NVIDIA GPUs, the tensor-core kernels decode tq2 codes with inline PTX (_plane_codes), and the
+    # DP4A GEMV multiplies with it; the interpreter (and ROCm, whose torch also answers to "cuda") runs no PTX
+    # and takes the same arithmetic spelled out.
+    _PTX = tl.constexpr(not _INTERPRETING and torch.version.hip is None)
     # $2 (four tq2 bytes) >> $3 puts each byte's digit u = w + 1 in its bits 0-1. 16-bit floats: bytes 0, 1
     # (2, 3) of that under a high byte 0x43 (bf16) or 0x64 (fp16), masked, are 2^7 + u or 2^10 + u (u in the
     # mantissa's last bits), and one packed multiply-add takes off 2^7 + 1 (2^10 + 1): $0 (elements 0, 1) and
@@ -905,6 +906,7 @@ if triton is not None:
                 return tl.inline_asm_elementwise(_PTX_INT8, "=r,r,r,r,r,r", [packed, shifts], dtype=tl.int8,
                                                  is_pure=True, pack=4)
             else:
+                tl.static_assert(CODES == tl.float8e4nv, "tq2 codes decode into bf16, fp16, int8, e4m3 or fp32")
                 return tl.inline_asm_elementwise(_PTX_E4M3, "=r,r,r,r,r,r", [packed, shifts], dtype=tl.float8e4nv,
                                                  is_pure=True, pack=4)
         elif CODES == tl.int8:
