@@ -550,3 +550,19 @@ def test_a_workdir_from_before_a_setting_existed_resumes_with_its_default(tmp_pa
     check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
     with pytest.raises(BitfluxError, match="other settings"):
         check_workdir(tmp_path, config, CalibrationConfig(onpolicy_steps=7), TINY_CONFIG, ["a red circle"])
+
+
+def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):
+    from bitflux.calibrate import check_workdir
+
+    args = (TernaryConfig(), CalibrationConfig(), {"num_layers": 1}, ["a prompt"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BitfluxError, match="cannot be a folder"):
+        check_workdir(tmp_path / "file", *args)
+    check_workdir(tmp_path / "wd", *args)
+    (tmp_path / "wd" / "manifest.json").write_text("{not json")
+    with pytest.raises(BitfluxError, match="manifest.json: unreadable"):
+        check_workdir(tmp_path / "wd", *args)
+    (tmp_path / "teacher.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(BitfluxError, match="damaged workdir record"):
+        TeacherData.load(tmp_path / "teacher.safetensors")

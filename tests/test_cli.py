@@ -3,6 +3,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,6 +372,35 @@ def test_export_gguf_refuses_an_existing_file_without_force(tmp_path, capsys):
     code, _, err = _run(capsys, "export-gguf", model, "-o", tmp_path / "no" / "such" / "m.gguf")
     _assert_one_line_error(code, err, "no such folder")
     assert not (tmp_path / "no").exists()
+    code, _, err = _run(capsys, "export-gguf", model, "-o", model / "transformer" / "m.gguf")
+    _assert_one_line_error(code, err, "apart from the source")
+    assert not (model / "transformer" / "m.gguf").exists()
+
+
+def test_writes_that_fail_midway_are_one_line_errors_and_leave_nothing(tmp_path, monkeypatch):
+    """A full disk or a file system gone read-only while writing (where even removing the temporary file
+    fails): one line, and no folder that the write made for its output."""
+    import errno
+
+    from PIL import Image
+
+    from bitflux import BitfluxError
+    from bitflux.checkpoint import AtomicFolder
+    from bitflux.pipeline import save_png
+
+    with (pytest.raises(BitfluxError, match="cannot write .*No space left on device"),
+          AtomicFolder(tmp_path / "new" / "parent" / "out", force=False) as tmp):
+        (tmp / "part").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(BitfluxError, match="cannot write .*Read-only file system"):
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png")
 
 
 def test_malformed_gguf(tmp_path, capsys):

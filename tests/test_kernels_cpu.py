@@ -171,6 +171,14 @@ def test_unsupported_group_size_falls_back_to_reference():
     assert torch.equal(ternary_linear(x, weight, None, "a8"), reference.linear_a8(x, weight, None))
 
 
+def test_fp8_activations_go_to_the_reference():
+    """The kernel computes int8 activations; e4m3 ones are not those, so the reference computes them."""
+    weight = make_weight(8, 32)
+    x = torch.randn(2, 32)
+    assert select_backend(x, weight, "fp8") is reference
+    assert torch.equal(ternary_linear(x, weight, None, "fp8"), reference.linear_fp8(x, weight, None))
+
+
 def test_inputs_needing_gradients_go_to_the_reference():
     weight = make_weight(8, 32)
     x = torch.randn(2, 32, requires_grad=True)

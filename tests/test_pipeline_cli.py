@@ -227,6 +227,12 @@ def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graph
     (["eval", "--seeds", "0", "-5"], "--seed must be between"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
+    (["generate", "a", "--size", "8192x64", "-o", "x.png"], "at most 4096 pixels a side"),
+    (["generate", "a", "-o", ".png"], "output must be a .png file"),
+    (["bench", "--plot", "p.jpg"], "output must be a .png file"),
+    (["eval", "--per-category", "0"], "1 to 48 prompts a category"),
+    (["eval", "--per-category", "49"], "1 to 48 prompts a category"),
+    (["eval", "--grid", "g.jpg"], "output must be a .png file"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
@@ -237,6 +243,30 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     code, _, err = _run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
+
+
+def test_bench_refuses_a_ternary_folder_before_its_child_processes(capsys, monkeypatch):
+    import subprocess
+
+    from bitflux.pipeline import demo_ternary_path
+
+    model = demo_ternary_path(progress=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a child started"))
+    code, _, err = _run(capsys, "bench", "--model", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "already ternary" in err, err
+
+
+def test_a_failed_bench_child_is_reported_by_its_error_not_its_progress_bar():
+    from subprocess import CompletedProcess
+
+    from bitflux.bench import _child_error
+
+    bar = "Loading pipeline components...: 100%|##########| 7/7 [00:01<00:00]"
+    raised = f"{bar}\nTraceback (most recent call last):\n  File ...\nbitflux.errors.BitfluxError: q1 is ternary\n"
+    assert _child_error(CompletedProcess([], 1, "", raised)) == "q1 is ternary"
+    assert _child_error(CompletedProcess([], -9, "", bar)) == "killed by signal 9 (out of memory?)"
+    crashed = f"{bar}\nTraceback (most recent call last):\n  File ...\nRuntimeError: CUDA error\n"
+    assert _child_error(CompletedProcess([], 1, "", crashed)) == "RuntimeError: CUDA error"
 
 
 def test_compare_on_a_ternary_folder_is_refused_before_encoding(tmp_path, capsys, monkeypatch):

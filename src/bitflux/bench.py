@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from .errors import BitfluxError
 
@@ -115,24 +116,38 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
               size: tuple[int, int] | None = None, **options) -> dict:
     """Both variants, each in a child process; ratios are full precision / ternary (above 1: ternary wins).
     options: measure_variant's (cuda_graph, compile, activations, packing, dtype, offload)."""
-    from .pipeline import demo_ternary_path
+    from .pipeline import check_comparable, demo_ternary_path, resolve_pipeline_path
 
     if model is None:
         demo_ternary_path()  # quantize and cache once here, not inside a timed child
+    else:
+        check_comparable(resolve_pipeline_path(model), want_fp=True)  # a bad --model fails here, not in a child
     results = {}
-    for variant in VARIANTS:
+    # the children's own output is captured (their last line is the result): one bar for both
+    for variant in tqdm(VARIANTS, desc="bench (one process a variant)", unit="variant", leave=False):
         spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
                 "size": size, **options}
         child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
                                text=True)
         if child.returncode != 0:
-            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BitfluxError(f"benchmark of the {variant} variant failed: {last}")
+            raise BitfluxError(f"benchmark of the {variant} variant failed: {_child_error(child)}")
         results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     fp, ternary = results["fp"], results["ternary"]
     ratios = {key: fp[key] / ternary[key] for _, key, _ in MEASURES}
     return {"model": model or "embedded demo", "backend": backend, **options, "variants": results,
             "ratios_fp_over_ternary": ratios}
+
+
+def _child_error(child: subprocess.CompletedProcess) -> str:
+    """What a failed child said: its BitfluxError's message, else the last line of its traceback; killed by a
+    signal (the kernel's out-of-memory killer, most often), that."""
+    if child.returncode < 0:
+        return f"killed by signal {-child.returncode} (out of memory?)"
+    lines = [line for line in child.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("bitflux.errors.BitfluxError: ", "Traceback"))]
+    if errors and errors[-1].startswith("bitflux.errors.BitfluxError: "):
+        return errors[-1].removeprefix("bitflux.errors.BitfluxError: ")
+    return lines[-1].split("\r")[-1] if lines else "no output"
 
 
 def format_bench(result: dict) -> str:

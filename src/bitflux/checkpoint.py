@@ -7,6 +7,7 @@ and `<layer>.bias` for quantized layers, the original tensors for everything els
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -241,6 +242,8 @@ class AtomicFolder:
         if self.target.exists() and not self.force:
             raise BitfluxError(f"{self.target} exists; pass --force to replace it")
         parent = self.target.parent
+        # the folders made for it, removed again if the block fails
+        self.made = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
             if not os.access(parent, os.W_OK):
@@ -255,6 +258,12 @@ class AtomicFolder:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            for folder in self.made:  # deepest first; only if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            # a full disk or a file system gone read-only: safetensors reports it as its own error type
+            if issubclass(exc_type, OSError) or exc_type.__module__.startswith("safetensors"):
+                raise BitfluxError(f"cannot write {self.target}: {getattr(exc, 'strerror', None) or exc}") from None
             return False
         # mkdtemp's private 0700 (and safetensors' 0600 files) must not outlive the rename; hard links to the
         # source's own files are left as they are.

@@ -70,6 +70,9 @@ def _cmd_inspect(args) -> None:
     print(json.dumps(info, indent=2) if args.json else format_report(info))
 
 
+MAX_SIDE = 4096  # pixels: FLUX.1 is trained up to ~2 MP; past this the latents alone take gigabytes
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -77,12 +80,17 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise BitfluxError(f"bad --size {text!r}; expected WIDTHxHEIGHT, e.g. 64x64") from None
     if width < 16 or height < 16 or width % 16 or height % 16:
         raise BitfluxError(f"--size {text}: width and height must be positive multiples of 16")
+    if max(width, height) > MAX_SIDE:
+        raise BitfluxError(f"--size {text}: at most {MAX_SIDE} pixels a side")
     return width, height
 
 
 def _check_image_output(path: str) -> None:
-    """Before a run of minutes, not after it: an image path whose folder is missing or that is a folder."""
+    """Before a run of minutes, not after it: an image path that is not a .png file name, whose folder is
+    missing, or that is a folder."""
     target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise BitfluxError(f"{path}: output must be a .png file")
     if target.is_dir():
         raise BitfluxError(f"{path}: is a folder, not an image file")
     if not target.parent.is_dir():
@@ -163,8 +171,6 @@ def _cmd_generate(args) -> None:
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
-    if not args.output.lower().endswith(".png"):
-        raise BitfluxError(f"{args.output}: output must be a .png file")
     _check_image_output(args.output)
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
@@ -226,6 +232,10 @@ def _cmd_eval(args) -> None:
                            variant_pipeline)
 
     _check_common(args)
+    if not 1 <= args.per_category <= 48:
+        raise BitfluxError(f"--per-category {args.per_category}: ShapeEval has 1 to 48 prompts a category")
+    if args.grid:
+        _check_image_output(args.grid)
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
         check_variant(name)

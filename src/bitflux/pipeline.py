@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -137,10 +138,12 @@ def _pipeline_folder(path: str | Path) -> Path:
 def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
     """diffusers' FluxPipeline.from_pretrained from local files, `components` given (None: left out); a folder
     it cannot load is a one-line BitfluxError."""
+    from safetensors import SafetensorError
+
     try:
         pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True,
                                                       **components)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(leave=False)
     return pipe
@@ -356,7 +359,8 @@ def save_png(image, path: str | Path) -> Path:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system there is nothing to remove
+            tmp.unlink(missing_ok=True)
         raise BitfluxError(f"cannot write {path}: {exc.strerror}") from None
     return path
 

@@ -83,10 +83,16 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
                 "calibration": calib.to_dict(), "model": model_config,
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BitfluxError(f"--workdir {workdir}: cannot be a folder ({exc.strerror or exc})") from None
     path = workdir / _MANIFEST
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:
+            raise BitfluxError(f"{path}: unreadable ({exc}); use a new --workdir or empty it") from None
         # settings added since the workdir was written (e.g. onpolicy_steps) take their defaults there
         saved["calibration"] = {**json.loads(json.dumps(CalibrationConfig().to_dict(), default=list)),
                                 **saved.get("calibration", {})}

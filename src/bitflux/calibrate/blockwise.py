@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
+from ..errors import BitfluxError
 from ..flux import build_transformer
 from ..surgery import quantize_
 from .config import CalibrationConfig
@@ -200,8 +202,12 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             del block
             block = model.get_submodule(name)
             # copies of their own, not views of the mapped file (safetensors >= 0.8), as a block calibrated now has
-            saved_state = {key: tensor.to(device, copy=True) for key, tensor in load_file(str(saved)).items()}
-            block.load_state_dict(saved_state, assign=True, strict=True)
+            try:
+                saved_state = {key: tensor.to(device, copy=True) for key, tensor in load_file(str(saved)).items()}
+                block.load_state_dict(saved_state, assign=True, strict=True)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise BitfluxError(f"{saved}: a damaged workdir record ({str(exc).splitlines()[0]}); delete it to "
+                                   "compute it again") from None
             record.resumed = True
         else:
             grams = InputGrams(target_linears(block, config, name)) if "scales" in calib.stages else None

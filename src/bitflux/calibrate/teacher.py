@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -60,8 +61,11 @@ class TeacherData:
 
     @classmethod
     def load(cls, path: Path) -> "TeacherData":
-        tensors = load_file(str(path))
-        velocity = tensors.pop("velocity")
+        try:
+            tensors = load_file(str(path))
+            velocity = tensors.pop("velocity")
+        except (SafetensorError, OSError, KeyError) as exc:
+            raise BitfluxError(f"{path}: a damaged workdir record ({exc}); delete it to compute it again") from None
         prompts = {k.removeprefix("prompt."): tensors.pop(k) for k in list(tensors) if k.startswith("prompt.")}
         return cls(tensors, velocity, prompts)
 

@@ -22,6 +22,7 @@ in_features 3072, 12288 or 15360). Every other tensor keeps its dtype: F32, F16 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -237,6 +238,8 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
                            f"{path} exists and is not a file")
     if not path.parent.is_dir():
         raise BitfluxError(f"{path.parent}: no such folder for the GGUF file")
+    if isinstance(source, (str, Path)):
+        check_output_apart(source, path)
     model = _load_source(source)
     ternary, dense, packing = _export_tensors(model, names)
     tmp = path.with_name(path.name + ".tmp")
@@ -258,10 +261,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
         writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
         total += array.nbytes
     try:
-        try:
-            writer.write_header_to_file(path=tmp)
-        except OSError as exc:
-            raise BitfluxError(f"cannot write {path}: {exc.strerror or exc}") from None
+        writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
@@ -271,9 +271,12 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
             writer.write_tensor_data(_dense_array(tensor, name)[0])
         writer.close()
         os.replace(tmp, path)
+    except OSError as exc:  # a read-only file system, a full disk
+        raise BitfluxError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system there is nothing to remove
+            writer.close()
+            tmp.unlink(missing_ok=True)
     return ExportSummary(path, len(ternary), len(dense), total)
 
 

@@ -61,7 +61,8 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
     # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
     # that need a gradient: the C kernel has no backward.
     grouped = weight.scales.shape[1] > 1
-    return (x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
+    return (activations in ACTIVATIONS  # fp8 has no int8 stand-in: the reference computes it
+            and x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
             and (not grouped or weight.group_size % CHUNK == 0))
 
 
