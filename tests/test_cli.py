@@ -375,6 +375,8 @@ def test_export_gguf_refuses_an_existing_file_without_force(tmp_path, capsys):
     code, _, err = _run(capsys, "export-gguf", model, "-o", model / "transformer" / "m.gguf")
     _assert_one_line_error(code, err, "apart from the source")
     assert not (model / "transformer" / "m.gguf").exists()
+    code, _, err = _run(capsys, "export-gguf", model, "-o", tmp_path / "m.txt")
+    _assert_one_line_error(code, err, "ends in .gguf")
 
 
 def test_writes_that_fail_midway_are_one_line_errors_and_leave_nothing(tmp_path, monkeypatch):

@@ -42,6 +42,9 @@ def resolve_source(source: str | Path) -> Source:
             return resolve_source(from_hub_cache(str(source)))
         raise BitfluxError(f"{source}: no such file or folder")
     if path.is_file():
+        if path.suffix == ".gguf":
+            raise BitfluxError(f"{path}: a GGUF file converts with `bitflux quantize` (interop.gguf.gguf_to_folder), "
+                               "without calibration: it holds no full-precision pipeline")
         if path.suffix != ".safetensors":
             raise BitfluxError(f"{path}: not a safetensors file (bitflux reads .safetensors, never pickle)")
         shapes = checkpoint.tensor_shapes([path])

@@ -233,6 +233,8 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
     g = _require_gguf()
     qtype = _qtype(type)
     path = Path(path)
+    if path.suffix.lower() != ".gguf":  # what `bitflux quantize` and other tools take for GGUF
+        raise BitfluxError(f"{path}: a GGUF file's name ends in .gguf")
     if path.exists() and not (force and path.is_file()):
         raise BitfluxError(f"{path} exists; pass --force to replace it" if path.is_file() else
                            f"{path} exists and is not a file")
