@@ -97,7 +97,7 @@ if [ -n "$QUICK" ]; then
     [ -z "$LAYERS" ] && pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
-        --modes a16 fp8 fp8-tq1
+        --modes a16 fp8 a8
     [ -n "$LAYERS" ] && part gpu_operands 90 "$LOG" python benchmarks/gpu_operands.py --out "$OUT" $DRY
     [ -z "$LAYERS" ] && compiled
 else
