@@ -395,6 +395,11 @@ def test_writes_that_fail_midway_are_one_line_errors_and_leave_nothing(tmp_path,
         (tmp / "part").write_bytes(b"x")
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+    # nested (a calibrated pipeline's transformer saved inside it): reported under the outer output's name
+    with (pytest.raises(BitfluxError, match=f"cannot write {tmp_path / 'outer'}: No space left"),
+          AtomicFolder(tmp_path / "outer", force=False) as tmp, AtomicFolder(tmp / "transformer", force=False)):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -403,6 +408,16 @@ def test_writes_that_fail_midway_are_one_line_errors_and_leave_nothing(tmp_path,
     monkeypatch.setattr(Path, "unlink", read_only)
     with pytest.raises(BitfluxError, match="cannot write .*Read-only file system"):
         save_png(Image.new("RGB", (4, 4)), tmp_path / "x.png")
+
+
+def test_a_pipeline_component_that_cannot_be_read_is_named(tmp_path, tiny_folder, capsys):
+    """A source file gone (a dangling link into a cleaned Hugging Face cache) is the source's fault, not the
+    output's: the error names it."""
+    pipeline = _pipeline(tmp_path, tiny_folder)
+    (pipeline / "vae" / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    code, _, err = _run(capsys, "quantize", pipeline, "-o", tmp_path / "out", "-q")
+    _assert_one_line_error(code, err, "vae", "cannot copy this pipeline component")
+    _assert_nothing_written(tmp_path / "out")
 
 
 def test_malformed_gguf(tmp_path, capsys):

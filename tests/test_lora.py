@@ -281,3 +281,9 @@ def test_alpha_from_the_peft_config_diffusers_and_peft_write(flux, tmp_path):
     assert read_lora(tmp_path / "tensor.safetensors", flux)[0]["transformer_blocks.0.attn.to_q"][2] == 4.0
     with pytest.raises(BitfluxError, match="alpha holds 2 values"):
         read_lora({**state, "transformer.transformer_blocks.0.attn.to_q.alpha": torch.ones(2)}, flux)
+    # the model's own save_lora_adapter writes the config unprefixed; use_rslora scales by alpha / sqrt(r)
+    save_file(state, str(tmp_path / "adapter.safetensors"), metadata={"lora_adapter_metadata": json.dumps(
+        {"lora_alpha": 16, "r": 4, "use_rslora": True})})
+    pairs, _ = read_lora(tmp_path / "adapter.safetensors", flux)
+    down, _, alpha = pairs["transformer_blocks.0.attn.to_q"]
+    assert alpha / down.shape[0] == 16 / 4 ** 0.5

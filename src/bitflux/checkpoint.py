@@ -8,9 +8,11 @@ and `<layer>.bias` for quantized layers, the original tensors for everything els
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -232,8 +234,14 @@ def check_output_apart(source: str | Path, out: str | Path) -> None:
                            "not inside it)")
 
 
+# What a write can fail with that is no bug: a full disk or quota, a file too large, a file system gone read-only
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 class AtomicFolder:
     """A temporary folder beside `target` that becomes `target` only when the block succeeds."""
+
+    _open = 0  # how many are open: a failed write is reported once, by the outermost, under its own target
 
     def __init__(self, target: Path, force: bool):
         self.target, self.force = Path(target), force
@@ -253,16 +261,20 @@ class AtomicFolder:
             os.umask(self.umask)
         except OSError as exc:
             raise BitfluxError(f"cannot write to {parent}: {exc.strerror}") from None
+        AtomicFolder._open += 1
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
+        AtomicFolder._open -= 1
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             for folder in self.made:  # deepest first; only if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            # a full disk or a file system gone read-only: safetensors reports it as its own error type
-            if issubclass(exc_type, OSError) or exc_type.__module__.startswith("safetensors"):
+            # safetensors reports a failed write as its own error type, with the OS error's text and number
+            number = re.search(r"os error (\d+)", str(exc)) if exc_type.__module__.startswith("safetensors") else None
+            failed_write = (getattr(exc, "errno", None) or (number and int(number.group(1)))) in WRITE_ERRNOS
+            if failed_write and AtomicFolder._open == 0:
                 raise BitfluxError(f"cannot write {self.target}: {getattr(exc, 'strerror', None) or exc}") from None
             return False
         # mkdtemp's private 0700 (and safetensors' 0600 files) must not outlive the rename; hard links to the

@@ -174,14 +174,21 @@ def copy_pipeline_components(root: Path, dest: Path) -> None:
     components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
     for item in root.iterdir():
         target = dest / item.name
-        if item.is_dir():
-            if item.name in components and item.name != "transformer":
-                shutil.copytree(item, target, copy_function=_link_or_copy)
-        elif item.suffix not in _LINKED_SUFFIXES:
-            shutil.copy2(item, target)
+        try:
+            if item.is_dir():
+                if item.name in components and item.name != "transformer":
+                    shutil.copytree(item, target, copy_function=_link_or_copy)
+            elif item.suffix not in _LINKED_SUFFIXES:
+                shutil.copy2(item, target)
+        except OSError as exc:
+            if getattr(exc, "errno", None) in checkpoint.WRITE_ERRNOS:
+                raise  # the output's own trouble: its AtomicFolder reports it
+            # shutil.Error (copytree) holds one (source, destination, reason) a file: the first says enough
+            reason = exc.args[0][0][2] if isinstance(exc, shutil.Error) else exc.strerror or exc
+            raise BitfluxError(f"{item}: cannot copy this pipeline component ({reason})") from None
 
 
-_LINKED_SUFFIXES = (".safetensors", ".bin", ".gguf")  # weights: replaced, never edited in place
+_LINKED_SUFFIXES = (".safetensors", ".sft", ".bin", ".gguf", ".ckpt", ".pt", ".pth")  # weights: never edited
 
 
 def _link_or_copy(src, dst):

@@ -93,6 +93,8 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
             saved = json.loads(path.read_text())
         except (ValueError, OSError) as exc:
             raise BitfluxError(f"{path}: unreadable ({exc}); use a new --workdir or empty it") from None
+        if not isinstance(saved, dict):
+            raise BitfluxError(f"{path}: not a JSON object; use a new --workdir or empty it")
         # settings added since the workdir was written (e.g. onpolicy_steps) take their defaults there
         saved["calibration"] = {**json.loads(json.dumps(CalibrationConfig().to_dict(), default=list)),
                                 **saved.get("calibration", {})}

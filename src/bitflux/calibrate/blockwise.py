@@ -203,9 +203,13 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             block = model.get_submodule(name)
             # copies of their own, not views of the mapped file (safetensors >= 0.8), as a block calibrated now has
             try:
-                saved_state = {key: tensor.to(device, copy=True) for key, tensor in load_file(str(saved)).items()}
+                saved_state = load_file(str(saved))
+            except (SafetensorError, OSError) as exc:
+                raise BitfluxError(f"{saved}: a damaged workdir record ({exc}); delete it to compute it again") from None
+            saved_state = {key: tensor.to(device, copy=True) for key, tensor in saved_state.items()}
+            try:
                 block.load_state_dict(saved_state, assign=True, strict=True)
-            except (SafetensorError, OSError, RuntimeError) as exc:
+            except RuntimeError as exc:  # keys or shapes that are not the block's
                 raise BitfluxError(f"{saved}: a damaged workdir record ({str(exc).splitlines()[0]}); delete it to "
                                    "compute it again") from None
             record.resumed = True

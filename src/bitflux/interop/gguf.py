@@ -233,7 +233,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
     g = _require_gguf()
     qtype = _qtype(type)
     path = Path(path)
-    if path.suffix.lower() != ".gguf":  # what `bitflux quantize` and other tools take for GGUF
+    if path.suffix != ".gguf":  # what `bitflux quantize`, `load_transformer` and other tools take for GGUF
         raise BitfluxError(f"{path}: a GGUF file's name ends in .gguf")
     if path.exists() and not (force and path.is_file()):
         raise BitfluxError(f"{path} exists; pass --force to replace it" if path.is_file() else
@@ -468,9 +468,9 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
     if has_ternary and not same_scales:
         raise BitfluxError(f"{path} is already ternary with {stored.granularity} scales; converting them to "
                            f"{config.granularity} would need the full-precision weights")
-    if has_ternary and config.method != stored.method:
-        raise BitfluxError(f"{path} is already ternary ({stored.method}); its codes are copied as they are, so "
-                           f"--method {config.method} would not apply")
+    if has_ternary and (overrides or {}).get("method", stored.method) != stored.method:
+        raise BitfluxError(f"{path} is already ternary; its codes are copied as they are, so --method "
+                           f"{config.method} would not apply")
     model = _build(contents, path)
     quantize_(model, config)  # only the dense target layers are left to quantize
     return save_transformer(model, out, config, force)

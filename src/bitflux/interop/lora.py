@@ -13,16 +13,18 @@ Key layouts read (safetensors or a state dict):
   kohya:            lora_unet_<original BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
                     (e.g. lora_unet_double_blocks_0_img_attn_qkv: fused q/k/v rows split onto to_q/to_k/to_v)
   also dotted original names and lora_down/lora_up with diffusers names. Text-encoder keys are skipped.
-Alpha: an .alpha tensor; else PEFT's lora_alpha (and alpha_pattern) where diffusers' save_lora_weights keeps
-it, the file's metadata ("lora_adapter_metadata", keys "transformer.*"), or PEFT's adapter_config.json beside
-the file; without any the scale is 1 (alpha = rank), as diffusers does.
+Alpha: an .alpha tensor; else PEFT's lora_alpha (alpha_pattern, use_rslora) where diffusers keeps it, the
+file's metadata ("lora_adapter_metadata"), or PEFT's adapter_config.json beside the file; without any the
+scale is 1 (alpha = rank), as diffusers does.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -193,30 +195,49 @@ def _to_diffusers(name: str, down, up, model: nn.Module) -> dict[str, tuple]:
     return {k.removesuffix(".weight"): (down, part) for k, part in parts.items()}
 
 
-def _peft_alphas(path: Path) -> tuple[float | None, dict[str, float]]:
-    """PEFT's lora_alpha and alpha_pattern for the transformer, as diffusers' save_lora_weights writes them
-    into the file's metadata, or PEFT into adapter_config.json beside the file ((None, {}) without either)."""
+@dataclass(frozen=True)
+class PeftScaling:
+    """What PEFT's LoraConfig says of the scale alpha / r: lora_alpha, alpha_pattern (per module), and
+    use_rslora (alpha / sqrt(r) instead)."""
+
+    alpha: float | None = None
+    pattern: dict[str, float] = field(default_factory=dict)
+    rslora: bool = False
+
+    def alpha_for(self, name: str, rank: int) -> float | None:
+        """A diffusers layer's alpha as LoraBranch takes it (its scale alpha / rank): the alpha_pattern entry
+        whose key matches the module name's end (PEFT's rule), else lora_alpha; rsLoRA's alpha / sqrt(r)
+        as the alpha that gives it."""
+        try:
+            key = next((k for k in self.pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+        except re.error as exc:
+            raise BitfluxError(f"LoRA alpha_pattern: a key is no regular expression ({exc})") from None
+        alpha = self.pattern[key] if key is not None else self.alpha
+        return alpha * math.sqrt(rank) if alpha is not None and self.rslora else alpha
+
+
+def _peft_scaling(path: Path) -> PeftScaling:
+    """The PEFT config diffusers keeps in the file's metadata ("lora_adapter_metadata": keys prefixed
+    "transformer." by the pipeline's save_lora_weights, unprefixed by the model's save_lora_adapter) or PEFT in
+    adapter_config.json beside the file; PeftScaling() without either."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        raw, prefix = (f.metadata() or {}).get("lora_adapter_metadata"), "transformer."
-    if raw is None and (path.parent / "adapter_config.json").is_file():
-        raw, prefix = (path.parent / "adapter_config.json").read_text(), ""
-    if raw is None:
-        return None, {}
     try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        if raw is None and (path.parent / "adapter_config.json").is_file():
+            raw = (path.parent / "adapter_config.json").read_text()
+        if raw is None:
+            return PeftScaling()
         config = json.loads(raw)
-        alpha, pattern = config.get(prefix + "lora_alpha"), config.get(prefix + "alpha_pattern") or {}
-        return (None if alpha is None else float(alpha)), {str(k): float(v) for k, v in pattern.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
+        if any(key.startswith("transformer.") for key in config):
+            config = {key.removeprefix("transformer."): value for key, value in config.items()
+                      if key.startswith("transformer.")}
+        alpha, pattern = config.get("lora_alpha"), config.get("alpha_pattern") or {}
+        return PeftScaling(None if alpha is None else float(alpha), {str(k): float(v) for k, v in pattern.items()},
+                           bool(config.get("use_rslora", False)))
+    except (ValueError, TypeError, AttributeError, OSError) as exc:
         raise BitfluxError(f"{path}: unreadable LoRA alpha in its PEFT config ({exc})") from None
-
-
-def _configured_alpha(name: str, alpha: float | None, pattern: dict[str, float]) -> float | None:
-    """A diffusers layer's alpha from PEFT's config: the alpha_pattern entry whose key matches the module
-    name's end (PEFT's own rule), else lora_alpha."""
-    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
-    return pattern[key] if key is not None else alpha
 
 
 def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
@@ -228,9 +249,9 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
             state = load_file(str(source))
         except Exception as exc:  # safetensors' own error types
             raise BitfluxError(f"{source}: cannot read LoRA safetensors ({exc})") from None
-        configured = _peft_alphas(Path(source))
+        scaling = _peft_scaling(Path(source))
     else:
-        state, configured = dict(source), (None, {})
+        state, scaling = dict(source), PeftScaling()
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         stem, role = _split_key(key)
@@ -250,7 +271,7 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
                 raise BitfluxError(f"LoRA {stem!r}: alpha holds {roles['alpha'].numel()} values, not one")
             alpha = float(roles["alpha"])
         else:
-            alpha = _configured_alpha(name, *configured) if layout == "diffusers" else None
+            alpha = scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" else None
         targets = {name: (roles["down"], roles["up"])} if layout == "diffusers" else \
             _to_diffusers(name, roles["down"], roles["up"], model)
         for target, (down, up) in targets.items():
