@@ -108,6 +108,16 @@ def test_corrupted_shard_in_folder(tmp_path, tiny_folder, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_inspect_reads_a_bitflux_folder_s_shard_headers(tmp_path, tiny_folder, capsys):
+    """inspect reads the config for its figures, and the shards' headers against their sizes: a truncated
+    shard is reported, not described as a model."""
+    assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "q", "-q")[0] == 0
+    shard = next((tmp_path / "q").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, _, err = _run(capsys, "inspect", tmp_path / "q")
+    _assert_one_line_error(code, err, "truncated")
+
+
 @pytest.mark.parametrize("damage", ["model_index.json", "config.json"])
 def test_malformed_json_in_a_folder(tmp_path, tiny_folder, capsys, damage):
     """Not JSON, or JSON that is not an object: one line naming the file, nothing written."""

@@ -33,6 +33,7 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
         config = checkpoint.read_config(folder)
         if "quantization_config" in config:
             flux.check_flux_config(config, str(folder))
+            checkpoint.tensor_shapes(checkpoint.weight_files(folder))  # its shards there and whole (their headers)
             return config, TernaryConfig.from_dict(config["quantization_config"]), "bitflux model"
     return resolve_source(path).transformer_config, TernaryConfig(), "full-precision source"
 
