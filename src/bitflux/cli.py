@@ -106,6 +106,8 @@ def _parse_lora(text: str) -> tuple[str, float]:
         raise BitfluxError(f"bad --lora {text!r}; expected FILE[:STRENGTH]") from None
     if not math.isfinite(value):
         raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number")
+    if Path(path).is_dir():  # e.g. a PEFT adapter folder: the weights are one file in it
+        raise BitfluxError(f"{path}: a folder; --lora takes the LoRA's .safetensors file")
     if not Path(path).is_file():
         raise BitfluxError(f"{path}: no such LoRA file")
     return path, value
