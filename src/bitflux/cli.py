@@ -85,18 +85,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _check_image_output(path: str) -> None:
-    """Before a run of minutes, not after it: an image path that is not a .png file name, whose folder is
-    missing, or that is a folder."""
-    target = Path(path)
-    if target.suffix.lower() != ".png":
-        raise BitfluxError(f"{path}: output must be a .png file")
-    if target.is_dir():
-        raise BitfluxError(f"{path}: is a folder, not an image file")
-    if not target.parent.is_dir():
-        raise BitfluxError(f"{target.parent}: no such folder for {target.name}")
-
-
 def _parse_lora(text: str) -> tuple[str, float]:
     """FILE[:STRENGTH] -> (file, strength)."""
     path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
@@ -168,12 +156,12 @@ def _quiet_libraries() -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import (accelerate_transformer, check_comparable, default_image_size, dtype_named,
+    from .pipeline import (accelerate_transformer, check_comparable, check_png_path, default_image_size, dtype_named,
                            encode_prompts, generate, load_variants, resolve_pipeline_path, save_png, side_by_side)
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
-    _check_image_output(args.output)
+    check_png_path(args.output)
     _check_common(args)
     loras = [_parse_lora(text) for text in args.lora]
     # The prompt first, then the transformer: the text encoders (T5-XXL alone is 9.5 GB in bf16) are freed before
@@ -214,10 +202,11 @@ def _cmd_generate(args) -> None:
 
 def _cmd_bench(args) -> None:
     from .bench import format_bench, plot_bench, run_bench
+    from .pipeline import check_png_path
 
     _check_common(args)
     if args.plot:
-        _check_image_output(args.plot)
+        check_png_path(args.plot)
     size = _parse_size(args.size) if args.size else None
     result = run_bench(args.model, args.device, args.steps, args.backend, size, cuda_graph=args.cuda_graph,
                        compile=args.compile, activations=args.activations, packing=args.packing, dtype=args.dtype,
@@ -230,14 +219,14 @@ def _cmd_bench(args) -> None:
 def _cmd_eval(args) -> None:
     from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
     from .kernels import use_backend
-    from .pipeline import (check_variant, dtype_named, load_pipeline, resolve_pipeline_path, save_png,
-                           variant_pipeline)
+    from .pipeline import (check_png_path, check_variant, dtype_named, load_pipeline, resolve_pipeline_path,
+                           save_png, variant_pipeline)
 
     _check_common(args)
     if not 1 <= args.per_category <= 48:
         raise BitfluxError(f"--per-category {args.per_category}: ShapeEval has 1 to 48 prompts a category")
     if args.grid:
-        _check_image_output(args.grid)
+        check_png_path(args.grid)
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
         check_variant(name)

@@ -347,13 +347,22 @@ def side_by_side(images, labels):
     return canvas
 
 
-def save_png(image, path: str | Path) -> Path:
-    """Write atomically: a temporary name in the same folder, then a rename."""
+def check_png_path(path: str | Path) -> Path:
+    """A path save_png can write, else a one-line BitfluxError: a .png file name in a folder that exists. The
+    CLI checks its image outputs so before a run of minutes, not after it."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise BitfluxError(f"{path}: output must be a .png file")
+    if path.is_dir():
+        raise BitfluxError(f"{path}: is a folder, not an image file")
     if not path.parent.is_dir():
-        raise BitfluxError(f"{path.parent}: no such folder")
+        raise BitfluxError(f"{path.parent}: no such folder for {path.name}")
+    return path
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write atomically: a temporary name in the same folder, then a rename."""
+    path = check_png_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         image.save(tmp, format="PNG")
