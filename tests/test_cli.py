@@ -459,3 +459,16 @@ def test_calibrate_bad_counts(tmp_path, capsys, flag):
                         "--calibration", "onpolicy", flag, "-1")
     _assert_one_line_error(code, err, "must be a positive integer")
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_calibrate_refuses_a_workdir_that_the_output_would_replace(tmp_path, capsys, inside):
+    from bitflux.demo import demo_model_path
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    workdir = tmp_path / "out" / "wd" if inside else tmp_path / "out"
+    code, _, err = _run(capsys, "quantize", demo_model_path(), "-o", tmp_path / "out", "--calibrate", prompts,
+                        "--workdir", workdir)
+    _assert_one_line_error(code, err, "keep it apart from the output")
+    _assert_nothing_written(tmp_path / "out")

@@ -25,14 +25,13 @@ from tqdm import tqdm
 
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
-from ..errors import BitfluxError
 from ..flux import build_transformer
 from ..surgery import quantize_
 from .config import CalibrationConfig
 from .latent import fit, freeze, target_linears, to_latent
 from .scales import InputGrams, refined_scales
 from .sources import block_names, outside_blocks
-from .teacher import TeacherData
+from .teacher import TeacherData, damaged_record
 
 
 @dataclass
@@ -205,13 +204,12 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             try:
                 saved_state = load_file(str(saved))
             except (SafetensorError, OSError) as exc:
-                raise BitfluxError(f"{saved}: a damaged workdir record ({exc}); delete it to compute it again") from None
+                raise damaged_record(saved, exc) from None
             saved_state = {key: tensor.to(device, copy=True) for key, tensor in saved_state.items()}
             try:
                 block.load_state_dict(saved_state, assign=True, strict=True)
             except RuntimeError as exc:  # keys or shapes that are not the block's
-                raise BitfluxError(f"{saved}: a damaged workdir record ({str(exc).splitlines()[0]}); delete it to "
-                                   "compute it again") from None
+                raise damaged_record(saved, exc) from None
             record.resumed = True
         else:
             grams = InputGrams(target_linears(block, config, name)) if "scales" in calib.stages else None

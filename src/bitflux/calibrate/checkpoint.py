@@ -58,8 +58,11 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     out = Path(out)
     if out.exists() and not force:
         raise BitfluxError(f"{out} exists; pass --force to replace it")
-    if workdir is not None and (Path(workdir).resolve() == out.resolve() or out.resolve() in Path(workdir).resolve().parents):
-        raise BitfluxError(f"--workdir {workdir}: keep it apart from the output {out}, which replaces what it holds")
+    if workdir is not None:
+        kept, replaced = Path(workdir).resolve(), out.resolve()
+        if kept == replaced or replaced in kept.parents:
+            raise BitfluxError(f"--workdir {workdir}: keep it apart from the output {out}, which replaces what it "
+                               "holds")
     text = sorted(key for key in calib.pipeline_kwargs if "prompt" in key)
     if text:
         raise BitfluxError(f"{', '.join(text)}: not taken here, where the calibration prompts are encoded apart; "

@@ -22,6 +22,12 @@ PROMPT_INDEX = "prompt_index"
 SHARED = ("img_ids", "txt_ids")
 
 
+def damaged_record(path: Path, exc: Exception) -> BitfluxError:
+    """A workdir record that cannot be read back: what is wrong, and what to do about it, in one line."""
+    return BitfluxError(f"{path}: a damaged workdir record ({str(exc).splitlines()[0]}); delete it to compute it "
+                        "again")
+
+
 @dataclass
 class TeacherData:
     """Records of transformer calls, stacked along dim 0; `velocity` is the teacher's output for each.
@@ -65,7 +71,7 @@ class TeacherData:
             tensors = load_file(str(path))
             velocity = tensors.pop("velocity")
         except (SafetensorError, OSError, KeyError) as exc:
-            raise BitfluxError(f"{path}: a damaged workdir record ({exc}); delete it to compute it again") from None
+            raise damaged_record(path, exc) from None
         prompts = {k.removeprefix("prompt."): tensors.pop(k) for k in list(tensors) if k.startswith("prompt.")}
         return cls(tensors, velocity, prompts)
 
