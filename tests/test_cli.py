@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -392,8 +394,6 @@ def test_export_gguf_refuses_an_existing_file_without_force(tmp_path, capsys):
 def test_writes_that_fail_midway_are_one_line_errors_and_leave_nothing(tmp_path, monkeypatch):
     """A full disk or a file system gone read-only while writing (where even removing the temporary file
     fails): one line, and no folder that the write made for its output."""
-    import errno
-
     from PIL import Image
 
     from bitflux import BitfluxError
@@ -427,6 +427,21 @@ def test_a_pipeline_component_that_cannot_be_read_is_named(tmp_path, tiny_folder
     (pipeline / "vae" / "gone.safetensors").symlink_to(tmp_path / "nowhere")
     code, _, err = _run(capsys, "quantize", pipeline, "-o", tmp_path / "out", "-q")
     _assert_one_line_error(code, err, "vae", "cannot copy this pipeline component")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_a_full_disk_while_copying_a_component_is_the_outputs_error(tmp_path, tiny_folder, capsys, monkeypatch):
+    """A full disk while a component's file is copied is reported as the output's failed write, not as a
+    component that cannot be copied."""
+    pipeline = _pipeline(tmp_path, tiny_folder)
+    (pipeline / "vae" / "config.json").write_text("{}")
+
+    def full_disk(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    code, _, err = _run(capsys, "quantize", pipeline, "-o", tmp_path / "out", "-q")
+    _assert_one_line_error(code, err, f"cannot write {tmp_path / 'out'}: No space left on device")
     _assert_nothing_written(tmp_path / "out")
 
 
