@@ -361,3 +361,14 @@ def test_offload_needs_cuda():
 
     with pytest.raises(bitflux.BitfluxError, match="CUDA"):
         bitflux.load_pipeline(bitflux.demo_model_path(), offload=True)
+
+
+def test_loading_a_pipeline_passes_diffusers_the_keyword_it_wants():
+    """diffusers from 0.40 warns (FutureWarning) of `torch_dtype`, which the older versions in our range want."""
+    import warnings
+
+    from bitflux.pipeline import demo_ternary_path, load_pipeline
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype", category=FutureWarning)
+        load_pipeline(demo_ternary_path(progress=False))

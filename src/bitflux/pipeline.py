@@ -26,6 +26,15 @@ def _flux_pipeline_class():
     return FluxPipeline
 
 
+def dtype_keyword(dtype: torch.dtype) -> dict:
+    """diffusers' from_pretrained keyword for the dtype: `dtype` from 0.40 on, which warns of `torch_dtype` (the
+    only one older versions take)."""
+    from importlib.metadata import version
+
+    major_minor = tuple(int(part) for part in version("diffusers").split(".")[:2])
+    return {"dtype" if major_minor >= (0, 40) else "torch_dtype": dtype}
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A ternary FluxTransformer2DModel from a bitflux folder or a GGUF file with ternary blocks."""
     if str(path).endswith(".gguf"):
@@ -141,7 +150,7 @@ def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
     from safetensors import SafetensorError
 
     try:
-        pipe = _flux_pipeline_class().from_pretrained(str(root), torch_dtype=dtype, local_files_only=True,
+        pipe = _flux_pipeline_class().from_pretrained(str(root), **dtype_keyword(dtype), local_files_only=True,
                                                       **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None

@@ -25,7 +25,9 @@ def generation_seconds(folder: Path, repeats: int = 3) -> float:
     """Best-of wall time of one 20-step 64x64 image, float32, on this machine's CPU."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    from ..pipeline import dtype_keyword
+
+    pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(torch.float32), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     best = float("inf")
     for i in range(repeats + 1):

@@ -492,7 +492,9 @@ def finalize(args, cfg, trained: dict, device) -> None:
 
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    from ..pipeline import dtype_keyword
+
+    pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     log = {"config": cfg.to_dict(), "params": counts, "bytes": size, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
