@@ -166,3 +166,31 @@ def test_an_fp8_checkpoint_quantizes_as_its_values_in_bf16(tmp_path):
     quantized = [load_transformer(tmp_path / f"q-{name}").state_dict() for name in ("fp8", "bf16")]
     assert quantized[0].keys() == quantized[1].keys()
     assert all(torch.equal(quantized[0][k], quantized[1][k]) for k in quantized[0])
+
+
+@pytest.mark.parametrize("failure", ["full disk", "safetensors", "bug"])
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, failure):
+    """A failed write is one line naming the file and its OS error (safetensors holds the number in its own
+    error type's text); any other error goes through as it is. Either way the previous file stays and no
+    temporary is left."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from bitflux.checkpoint import write_atomic
+
+    errors = {"full disk": OSError(errno.ENOSPC, "No space left on device"),
+              "safetensors": SafetensorError("Error while serializing: No space left on device (os error 28)"),
+              "bug": ValueError("a bug")}
+
+    def write(tmp):
+        tmp.write_text("half")
+        raise errors[failure]
+
+    path = tmp_path / "file.json"
+    path.write_text("previous")
+    expected = (ValueError, "a bug") if failure == "bug" else (BitfluxError, f"cannot write {path}: No space left")
+    with pytest.raises(expected[0], match=expected[1]):
+        write_atomic(path, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.json"] and path.read_text() == "previous"
+    assert write_atomic(path, lambda tmp: tmp.write_text("new")) == path and path.read_text() == "new"

@@ -213,16 +213,36 @@ def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
 
 
-def write_atomic(path: Path, write) -> None:
-    """`write(tmp)` into a temporary name beside `path`, then renamed onto it: a reader, or a run stopped while
-    writing, never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+def write_atomic(path: str | Path, write) -> Path:
+    """`write(tmp)` into a temporary name beside `path` (this process's own), then renamed onto it: a reader, or a
+    run stopped while writing, never sees half a file. A failed write (a full disk, a read-only file system) is a
+    one-line BitfluxError and leaves no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # on a read-only file system there is nothing to remove
+            tmp.unlink(missing_ok=True)
+        number = os_error_number(exc)
+        if isinstance(exc, OSError) or number is not None:
+            raise BitfluxError(f"cannot write {path}: {os.strerror(number) if number else exc}") from None
+        raise
+    return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def os_error_number(exc: BaseException) -> int | None:
+    """The OS error number behind a failed read or write: an OSError's, or the one that safetensors, which raises
+    its own error type, puts in its text."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"os error (\d+)", str(exc)) if type(exc).__module__.startswith("safetensors") else None
+    return int(found.group(1)) if found else None
 
 
 def check_output_apart(source: str | Path, out: str | Path) -> None:
@@ -271,11 +291,9 @@ class AtomicFolder:
             for folder in self.made:  # deepest first; only if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            # safetensors reports a failed write as its own error type, with the OS error's text and number
-            number = re.search(r"os error (\d+)", str(exc)) if exc_type.__module__.startswith("safetensors") else None
-            failed_write = (getattr(exc, "errno", None) or (number and int(number.group(1)))) in WRITE_ERRNOS
-            if failed_write and AtomicFolder._open == 0:
-                raise BitfluxError(f"cannot write {self.target}: {getattr(exc, 'strerror', None) or exc}") from None
+            number = os_error_number(exc)
+            if number in WRITE_ERRNOS and AtomicFolder._open == 0:
+                raise BitfluxError(f"cannot write {self.target}: {os.strerror(number)}") from None
             return False
         # mkdtemp's private 0700 (and safetensors' 0600 files) must not outlive the rename; hard links to the
         # source's own files are left as they are.

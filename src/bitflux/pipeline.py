@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
-import os
 from pathlib import Path
 
 import torch
@@ -370,17 +368,7 @@ def check_png_path(path: str | Path) -> Path:
 
 
 def save_png(image, path: str | Path) -> Path:
-    """Write atomically: a temporary name in the same folder, then a rename."""
-    path = check_png_path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # on a read-only file system there is nothing to remove
-            tmp.unlink(missing_ok=True)
-        raise BitfluxError(f"cannot write {path}: {exc.strerror}") from None
-    return path
+    return checkpoint.write_atomic(check_png_path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, want_ternary: bool = True,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import write_text_atomic
 from . import scenes as S
 from .build import MAX_TEXT_TOKENS
 
@@ -197,9 +198,7 @@ def main(argv=None) -> int:
             pictures[key] = f"demo/{name}"
     seconds = generation_seconds(a.model or a.run / "model")
     text = render(log, shapeeval, seconds, pictures)
-    tmp = a.docs / "DEMO_MODEL.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(a.docs / "DEMO_MODEL.md")
+    write_text_atomic(a.docs / "DEMO_MODEL.md", text)
     print(f"wrote {a.docs / 'DEMO_MODEL.md'} (20-step generation {seconds:.2f} s)")
     return 0
 

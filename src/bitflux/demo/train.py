@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from . import scenes as S
 from .build import DemoConfig, assemble_pipeline, build_text_encoders, build_transformer, build_vae
 from .build import param_counts, save_pipeline
+from ..checkpoint import write_atomic, write_text_atomic
 from ..errors import BitfluxError
 from .text import build_tokenizer
 
@@ -146,15 +146,7 @@ class EMA:
 
 def atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def autocast(device: torch.device):
@@ -505,7 +497,7 @@ def finalize(args, cfg, trained: dict, device) -> None:
         log[name] = {k: v for k, v in st.items() if k != "losses"}
         log[name + "_losses"] = st["losses"]
     def write_log():  # now, and again with the ShapeEval scores: a failed evaluation keeps the log
-        atomic_write_text(args.out / "train_log.json", json.dumps(log, indent=1) + "\n")
+        write_text_atomic(args.out / "train_log.json", json.dumps(log, indent=1) + "\n")
 
     write_log()
     plot_losses(log["vae_losses"], log["transformer_losses"], args.out / "loss.png")

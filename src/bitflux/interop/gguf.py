@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from ..checkpoint import (
     load_transformer,
     parse_json_object,
     save_transformer,
+    write_atomic,
 )
 from ..config import TernaryConfig
 from ..errors import BitfluxError
@@ -244,7 +244,6 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
         check_output_apart(source, path)
     model = _load_source(source)
     ternary, dense, packing = _export_tensors(model, names)
-    tmp = path.with_name(path.name + ".tmp")
     writer = g.GGUFWriter(None, "flux")
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(g.LlamaFileType, f"MOSTLY_{type.upper()}"))
@@ -262,23 +261,24 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
         array, raw = _dense_array(tensor, name)
         writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
         total += array.nbytes
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
-            codes = formats.unpack(packed, scales.shape[1] * BLOCK, packing)
-            writer.write_tensor_data(encode_blocks(codes, scales, type).numpy())
-        for name, tensor in dense.items():
-            writer.write_tensor_data(_dense_array(tensor, name)[0])
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only file system, a full disk
-        raise BitfluxError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):  # on a read-only file system there is nothing to remove
-            writer.close()
-            tmp.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for packed, scales in tqdm(ternary.values(), desc=f"GGUF {type}", unit="tensor", leave=False):
+                codes = formats.unpack(packed, scales.shape[1] * BLOCK, packing)
+                writer.write_tensor_data(encode_blocks(codes, scales, type).numpy())
+            for name, tensor in dense.items():
+                writer.write_tensor_data(_dense_array(tensor, name)[0])
+            writer.close()  # its last flush can fail too
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: closing flushes what cannot be written either
+                writer.close()
+            raise
+
+    write_atomic(path, write)
     return ExportSummary(path, len(ternary), len(dense), total)
 
 

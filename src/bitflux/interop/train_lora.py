@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..demo import scenes as S
 from ..demo.train import Denoiser, lr_at, pack
@@ -89,14 +89,7 @@ def save_lora(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[s
     path = Path(path)
     if not path.parent.is_dir():
         raise BitfluxError(f"{path.parent}: no such folder")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BitfluxError(f"cannot write {path}: {exc.strerror}") from None
-    return path
+    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 class FlowBatches:
