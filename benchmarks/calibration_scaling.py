@@ -41,8 +41,7 @@ def _config(width: int, double: int, single: int) -> dict:
 
 def block_params(config: dict) -> list[int]:
     """Linear weights per block, in order (the work and the training state of block-wise calibration)."""
-    from bitflux.calibrate.sources import block_names
-    from bitflux.flux import build_transformer
+    from bitflux.flux import block_names, build_transformer
 
     model = build_transformer(config, "meta")
     return [sum(m.weight.numel() for m in model.get_submodule(n).modules() if isinstance(m, torch.nn.Linear))
@@ -59,8 +58,14 @@ def predicted_flops(params: list[int], width: int, tokens: int, records: int, st
 
 def child(width: int, double: int, single: int, args) -> dict:
     from bitflux import TernaryConfig
-    from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData,
-                                   calibrate_transformer, measured)
+    from bitflux.calibrate import (
+        CalibrationConfig,
+        CalibrationReport,
+        ModelSource,
+        TeacherData,
+        calibrate_transformer,
+        measured,
+    )
     from bitflux.flux import build_transformer
 
     torch.manual_seed(0)

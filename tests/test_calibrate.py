@@ -15,7 +15,7 @@ from bitflux.calibrate import (CalibrationConfig, FolderSource, ModelSource, Tea
 from bitflux.calibrate.blockwise import reconstruct
 from bitflux.calibrate.latent import LatentTernaryLinear, rounding_step
 from bitflux.calibrate.scales import solve_scales
-from bitflux.calibrate.sources import block_names
+from bitflux.flux import block_names
 from bitflux.ternary import dequantize, ternarize
 
 GRANULARITIES = ["tensor", "channel", "group:16", "group:24"]  # 24 does not divide the widths: padded groups

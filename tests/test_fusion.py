@@ -100,9 +100,9 @@ def test_saved_fused_model_loads_as_the_separate_one(tmp_path):
 def test_lora_side_branch_runs_on_the_fused_output():
     separate, fused, _ = fused_pair()
     lora_on_q(separate), lora_on_q(fused)
-    kernels._row_scales.clear()
+    kernels._joined_scales_cache.clear()
     assert torch.equal(forward(fused), forward(separate))
-    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_scales  # one GEMM for q/k/v
+    assert gathered(fused.transformer_blocks[0].attn) in kernels._joined_scales_cache  # one GEMM for q/k/v
     # a hook of another kind (here, before the call) makes that attention run its layers one by one
     calls = []
     for model in (separate, fused):
@@ -219,7 +219,7 @@ def test_compiled_model_sees_changed_layers():
             model.transformer_blocks[0].attn.to_k.weight_scale.mul_(2)
         torch.testing.assert_close(compiled(**inputs)[0], separate(**inputs)[0], rtol=1e-4, atol=1e-4)
     # and ran the three layers as one: their scales were joined for the codes they are rows of
-    assert gathered(fused.transformer_blocks[0].attn) in kernels._row_scales
+    assert gathered(fused.transformer_blocks[0].attn) in kernels._joined_scales_cache
 
 
 def test_replaced_layers_and_swapped_storage_are_run_as_they_are():

@@ -26,6 +26,18 @@ def check_flux_config(config: dict, where: str) -> None:
         raise BitfluxError(f"{where} is a {name or 'unknown model'}, not a FLUX transformer ({FLUX_CLASS})")
 
 
+def block_names(config: dict) -> list[str]:
+    """The transformer's blocks in execution order."""
+    return ([f"transformer_blocks.{i}" for i in range(config["num_layers"])]
+            + [f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 0))])
+
+
+def outside_blocks(model) -> list[str]:
+    """Top-level submodules that are not block lists (embedders, output norm and projection)."""
+    return [name for name, _ in model.named_children()
+            if name not in ("transformer_blocks", "single_transformer_blocks")]
+
+
 def build_transformer(config: dict, device: str | torch.device = "meta"):
     """A FluxTransformer2DModel from a config dict, on `device` (meta: no memory for weights)."""
     from diffusers import FluxTransformer2DModel

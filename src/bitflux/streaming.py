@@ -123,7 +123,7 @@ def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | tor
     """The full-precision FluxTransformer2DModel of a diffusers transformer folder, on `device` in `dtype`, its
     19 + 38 blocks (FLUX.1) streamed from the folder's safetensors: it holds its embedders and output layers and
     one block at a time."""
-    from .flux import build_transformer, check_flux_config
+    from .flux import block_names, build_transformer, check_flux_config
 
     folder = Path(folder)
     config = read_config(folder)
@@ -131,8 +131,7 @@ def stream_transformer(folder: str | Path, dtype: torch.dtype, device: str | tor
     files = weight_files(folder)
     model = build_transformer(config, "meta")
     check_stored(model, tensor_shapes(files), folder)
-    blocks = [f"{group}.{i}" for group in ("transformer_blocks", "single_transformer_blocks")
-              for i in range(len(getattr(model, group)))]
+    blocks = block_names(config)
     rest = {name for name in model.state_dict() if not any(name.startswith(f"{b}.") for b in blocks)}
     load_outside(model, files, rest, dtype, device)
     return stream_blocks(model, blocks, folder)

@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
-from ..flux import build_transformer
+from ..flux import block_names, build_transformer, outside_blocks
 from ..surgery import quantize_
 from .config import CalibrationConfig
 from .latent import fit, freeze, target_linears, to_latent
 from .scales import InputGrams, refined_scales
-from .sources import block_names, outside_blocks
 from .teacher import TeacherData, damaged_record
 
 

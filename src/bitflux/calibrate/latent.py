@@ -46,13 +46,8 @@ def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, g
 def fake_quantized_activations(x: torch.Tensor, mode: str) -> torch.Tensor:
     """x rounded per token as the a8 (int8) or fp8 (e4m3) kernels see it (kernels.reference), with a
     straight-through gradient, so that calibration learns against the activations the model will get."""
-    if mode == "a8":
-        q, scale = reference.quantize_activations(x)
-        rounded = q.float() * scale
-    else:
-        amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-        scale = amax / torch.full_like(amax, reference.FP8_MAX)
-        rounded = (x.float() / scale).clamp(-reference.FP8_MAX, reference.FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    q, scale = reference.quantize_activations(x, fp8=mode == "fp8")
+    rounded = q.float() * scale
     return x + (rounded - x.float()).to(x.dtype).detach()
 
 

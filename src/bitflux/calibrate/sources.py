@@ -59,15 +59,3 @@ class FolderSource:
                     state[key[len(prefix):]] = tensor.to(device, dtype, copy=True)
         module.load_state_dict(state, assign=True, strict=True)
         return module.to(device)  # nothing left on the skeleton's meta device (it would fail here)
-
-
-def block_names(config: dict) -> list[str]:
-    """The transformer's blocks in execution order."""
-    return ([f"transformer_blocks.{i}" for i in range(config["num_layers"])]
-            + [f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 0))])
-
-
-def outside_blocks(model: nn.Module) -> list[str]:
-    """Top-level submodules that are not block lists (embedders, output norm and projection)."""
-    return [name for name, _ in model.named_children()
-            if name not in ("transformer_blocks", "single_transformer_blocks")]

@@ -4,9 +4,9 @@
     result = shapeeval.evaluate(generate_fn, seeds=(0, 1, 2, 3), out_dir="eval/")
     result["overall"], result["categories"]
 
-`generate_fn(prompts, seed) -> images` is any text-to-image callable (PIL images or HxWx3 arrays);
-image i of a call should come from seed + i, so that scores do not depend on batching
-(`pipeline_generate_fn` builds one from a FluxPipeline). The detector segments by nearest palette
+`generate_fn(prompts, seeds) -> images` is any text-to-image callable (PIL images or HxWx3 arrays);
+image i of a call comes from seeds[i] (one per prompt and evaluation seed), so that scores do not depend on
+batching (`pipeline_generate_fn` builds one from a FluxPipeline). The detector segments by nearest palette
 colour, splits connected components, classifies each by the best IoU with an ideal circle, square and
 triangle fitted to its box, and checks the prompt the way GenEval does: object present, count exact,
 colour right, relative position of box centres (GenEval's rule), attributes bound to the right objects.

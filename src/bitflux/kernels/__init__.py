@@ -165,7 +165,7 @@ def forget_prepared(packed: torch.Tensor) -> None:
     _prepared.pop(packed, None)
     if packed._base is not None:  # rows of a concatenation (ternary_linear_rows): its entries go too
         _prepared.pop(packed._base, None)
-        _row_scales.pop(packed._base, None)
+        _joined_scales_cache.pop(packed._base, None)
 
 
 def ternary_linear(
@@ -205,12 +205,12 @@ def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:
 
 # Per concatenation of codes (keyed weakly by it): its layers' scales concatenated, one row per output (a
 # per-tensor scale repeated over its layer's rows).
-_row_scales = WeakIdKeyDictionary()
+_joined_scales_cache = WeakIdKeyDictionary()
 
 
-def _rows_scales(base: torch.Tensor, scales: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
-    return _cached(_row_scales, base, tuple(scales),
-                   lambda: torch.cat([t.expand(n, t.shape[1]) for t, n in zip(scales, rows)]))
+def _joined_scales(base: torch.Tensor, scales: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    return _cached(_joined_scales_cache, base, tuple(scales),
+                   lambda: torch.cat([t.expand(n, t.shape[1]) for t, n in zip(scales, counts)]))
 
 
 def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: list[torch.Tensor],
@@ -225,7 +225,7 @@ def ternary_linear_rows(x: torch.Tensor, packed: list[torch.Tensor], scales: lis
         return torch.cat([ternary_linear(x, TernaryWeight(p, s, in_features, p.shape[0], group_size, packing), b,
                                          activations)
                           for p, s, b in zip(packed, scales, biases or [None] * len(packed))], dim=-1)
-    weight = TernaryWeight(rows, _rows_scales(rows, scales, [p.shape[0] for p in packed]), in_features,
+    weight = TernaryWeight(rows, _joined_scales(rows, scales, [p.shape[0] for p in packed]), in_features,
                            rows.shape[0], group_size, packing)
     # biases are small: joined at every call, so none is ever stale
     return ternary_linear(x, weight, None if biases is None else torch.cat(biases), activations)

@@ -23,14 +23,16 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     return codes.to(dtype) * expand_scales(weight.scales, weight.in_features, weight.group_size).to(dtype)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: x ~= q * s with q in [-127, 127], s = max|x| / 127 (fp32)."""
+def quantize_activations(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per token: x ~= q * s (s fp32, (..., 1)); int8 q in [-127, 127] with s = max|x| / 127, or
+    (fp8) float8_e4m3fn q = e4m3(x / s) rounded to nearest even with s = max|x| / 448."""
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
     # A tensor divisor: CUDA turns division by a Python scalar into a multiply by its rounded reciprocal,
     # one bit off for some rows; every backend must agree with this bit for bit.
-    scale = amax / torch.full_like(amax, 127.0)
-    q = torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
-    return q, scale
+    scale = amax / torch.full_like(amax, FP8_MAX if fp8 else 127.0)
+    if fp8:
+        return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    return torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8), scale
 
 
 def integer_matmul(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -73,10 +75,7 @@ def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tens
     if weight.group_size:
         raise ValueError("fp8 activations support per-tensor and per-channel scales only")
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    amax = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    scale = amax / torch.full_like(amax, FP8_MAX)
-    q = (x2 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q, scale = quantize_activations(x.reshape(-1, shape[-1]), fp8=True)
     codes = formats.unpack(weight.packed, weight.in_features, weight.packing)
     out = (q.double() @ codes.double().t()).float() * weight.scales.float().t() * scale
     if bias is not None:
