@@ -82,15 +82,19 @@ def target_names(model: nn.Module, config: TernaryConfig) -> list[str]:
 
 
 @torch.no_grad()
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """root's submodule `name` (dotted) replaced by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, module)
+
+
 def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> QuantizationReport:
     """Replace every targeted nn.Linear by a TernaryLinear (meta modules stay on meta, without weights)."""
     config = config or TernaryConfig()
     report = QuantizationReport(config, total_params=count_params(model))
     for name in target_names(model, config):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        setattr(parent, child, TernaryLinear.from_linear(linear, config))
+        linear = model.get_submodule(name)
+        replace_module(model, name, TernaryLinear.from_linear(linear, config))
         report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
     return report
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..flux import block_names, build_transformer, outside_blocks
-from ..surgery import quantize_
+from ..surgery import quantize_, replace_module
 from .config import CalibrationConfig
 from .latent import fit, freeze, target_linears, to_latent
 from .scales import InputGrams, refined_scales
@@ -164,11 +164,6 @@ def student_skeleton(source, config: TernaryConfig, device) -> nn.Module:
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def _save_atomic(tensors: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
@@ -225,7 +220,7 @@ def reconstruct(source, teacher: TeacherData, config: TernaryConfig, calib: Cali
             freeze(block)
             if saved is not None:
                 _save_atomic(block.state_dict(), saved)
-        _set_submodule(model, name, block)
+        replace_module(model, name, block)
         student_stream = run_block(block, student_stream, cond, calib.batch_size, device)
         fp_stream = targets
         record.seconds = time.perf_counter() - start

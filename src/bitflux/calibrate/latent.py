@@ -20,7 +20,7 @@ from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..kernels import reference
 from ..linear import TernaryLinear
-from ..surgery import is_target
+from ..surgery import is_target, replace_module
 from tqdm import tqdm
 
 from ..ternary import _grouped, expand_scales, ternarize
@@ -108,11 +108,6 @@ class LatentTernaryLinear(nn.Module):
                                         self.config)
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def target_linears(root: nn.Module, config: TernaryConfig, prefix: str = "") -> dict[str, nn.Linear]:
     """The nn.Linear layers of `root` the config targets; `prefix` is root's name in the whole model, so
     the include/exclude patterns see full names."""
@@ -127,10 +122,10 @@ def to_latent(root: nn.Module, config: TernaryConfig, prefix: str = "",
     scales = scales or {}
     linears = target_linears(root, config, prefix)
     for name, module in linears.items():
-        _replace(root, name, LatentTernaryLinear.from_linear(module, config, scales.get(name)))
+        replace_module(root, name, LatentTernaryLinear.from_linear(module, config, scales.get(name)))
     ternary = [(n, m) for n, m in root.named_modules() if isinstance(m, TernaryLinear)]
     for name, module in ternary:
-        _replace(root, name, LatentTernaryLinear.from_ternary(module, config))
+        replace_module(root, name, LatentTernaryLinear.from_ternary(module, config))
     return len(linears) + len(ternary)
 
 
@@ -138,7 +133,7 @@ def freeze(root: nn.Module) -> None:
     """In place: every LatentTernaryLinear becomes the TernaryLinear it computes."""
     for name, module in list(root.named_modules()):
         if isinstance(module, LatentTernaryLinear):
-            _replace(root, name, module.freeze())
+            replace_module(root, name, module.freeze())
 
 
 def latent_layers(root: nn.Module) -> dict[str, LatentTernaryLinear]:

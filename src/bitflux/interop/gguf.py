@@ -44,7 +44,7 @@ from ..checkpoint import (
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
-from ..surgery import quantize_
+from ..surgery import quantize_, replace_module
 
 try:
     import gguf
@@ -442,9 +442,9 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     model = flux.build_transformer(contents.transformer_config, "meta")
     for key in contents.state_dict:
         if key.endswith(".weight_packed"):
-            parent_name, _, child = key.removesuffix(".weight_packed").rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, TernaryLinear.from_linear(getattr(parent, child), contents.quantization_config))
+            name = key.removesuffix(".weight_packed")
+            replace_module(model, name, TernaryLinear.from_linear(model.get_submodule(name),
+                                                                  contents.quantization_config))
     try:
         model.load_state_dict(contents.state_dict, strict=True, assign=True)
     except RuntimeError as exc:
