@@ -36,7 +36,7 @@ from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource
 from bitflux.calibrate.checkpoint import teacher_settings
 from bitflux.checkpoint import write_atomic, write_text_atomic
 from bitflux.eval.fidelity import fidelity
-from bitflux.pipeline import generate
+from bitflux.pipeline import generate, pipeline_from_folder
 
 PLAIN = [("absmean", "tensor"), ("twn", "tensor"), ("lsq", "tensor"), ("absmean", "channel"), ("lsq", "channel"),
          ("absmean", "group:64")]
@@ -107,7 +107,7 @@ def _grid(named_images: list[tuple[str, list]], path: Path) -> None:
 def child(job: dict) -> None:
     """Calibrate one variant from saved teacher records and write it as a bitflux folder; the report
     (time, peak memory of this process alone) goes to stdout as the last line."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     torch.set_num_threads(job["threads"])
     config = TernaryConfig.from_dict(job["config"])
@@ -116,7 +116,7 @@ def child(job: dict) -> None:
     # The whole pipeline only for the onpolicy stage (it samples), so the other rows' memory is the transformer's.
     onpolicy = None
     if "onpolicy" in calib.stages:
-        pipe = FluxPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True)
+        pipe = pipeline_from_folder(Path(job["model"]), torch.float32, {})
         fp = pipe.to(job["device"]).transformer
 
         def onpolicy(student, round_index):
@@ -152,8 +152,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffusers import FluxPipeline
-
     from bitflux.demo import demo_model_path
     from bitflux.demo.scenes import calibration_prompts
     from bitflux.eval import shapeeval
@@ -162,7 +160,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     model_path = args.model or demo_model_path()
-    pipe = FluxPipeline.from_pretrained(str(model_path), torch_dtype=torch.float32, local_files_only=True).to(device)
+    pipe = pipeline_from_folder(Path(model_path), torch.float32, {}).to(device)
     pipe.set_progress_bar_config(disable=True)
     settings = teacher_settings(pipe)
     generation = {"steps": settings["num_inference_steps"], "guidance": settings["guidance_scale"],

@@ -88,9 +88,9 @@ def run_variant(root: Path, variant: str, size: int, text_tokens: int, steps: in
         records = report.records
     else:
         if variant == "whole":
-            from diffusers import FluxPipeline
+            from bitflux.pipeline import pipeline_from_folder
 
-            pipe = FluxPipeline.from_pretrained(str(root), torch_dtype=torch.float32, local_files_only=True)
+            pipe = pipeline_from_folder(root, torch.float32, {})
             encode = None
         else:
             pipe = teacher_pipeline(root, torch.float32, torch.device("cpu"), stream=True)

@@ -76,7 +76,12 @@ def write_pipeline(root: Path) -> None:
 
 def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     """In this process: load the pipeline, generate one image."""
-    from bitflux.pipeline import encode_prompts, generate, load_pipeline
+    from bitflux.pipeline import (
+        encode_prompts,
+        generate,
+        load_pipeline,
+        pipeline_from_folder,
+    )
 
     prompts, embeddings = ["a red cube on a blue sphere"], None
     start = time.perf_counter()
@@ -86,14 +91,11 @@ def run_variant(root: Path, variant: str, size: int, steps: int) -> dict:
     elif variant in ("bitflux", "narrow-t5"):
         pipe = load_pipeline(root, text_encoders=True if variant == "bitflux" else "whole")
     else:
-        from diffusers import FluxPipeline
-
         from bitflux.checkpoint import load_transformer
         from bitflux.fusion import fuse_projections
 
         transformer = load_transformer(root / "transformer", dtype=torch.float32)
-        pipe = FluxPipeline.from_pretrained(str(root), torch_dtype=torch.float32, transformer=transformer,
-                                            local_files_only=True)
+        pipe = pipeline_from_folder(root, torch.float32, {"transformer": transformer})
         fuse_projections(pipe.transformer)
     load_s = time.perf_counter() - start
     start = time.perf_counter()

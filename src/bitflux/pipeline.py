@@ -24,7 +24,7 @@ def _flux_pipeline_class():
     return FluxPipeline
 
 
-def dtype_keyword(dtype: torch.dtype) -> dict:
+def _dtype_keyword(dtype: torch.dtype) -> dict:
     """diffusers' from_pretrained keyword for the dtype: `dtype` from 0.40 on, which warns of `torch_dtype` (the
     only one older versions take)."""
     from importlib.metadata import version
@@ -148,7 +148,7 @@ def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
     from safetensors import SafetensorError
 
     try:
-        pipe = _flux_pipeline_class().from_pretrained(str(root), **dtype_keyword(dtype), local_files_only=True,
+        pipe = _flux_pipeline_class().from_pretrained(str(root), **_dtype_keyword(dtype), local_files_only=True,
                                                       **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None

@@ -24,11 +24,9 @@ from .build import MAX_TEXT_TOKENS
 
 def generation_seconds(folder: Path, repeats: int = 3) -> float:
     """Best-of wall time of one 20-step 64x64 image, float32, on this machine's CPU."""
-    from diffusers import FluxPipeline
+    from ..pipeline import pipeline_from_folder
 
-    from ..pipeline import dtype_keyword
-
-    pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(torch.float32), local_files_only=True)
+    pipe = pipeline_from_folder(Path(folder), torch.float32, {})
     pipe.set_progress_bar_config(disable=True)
     best = float("inf")
     for i in range(repeats + 1):

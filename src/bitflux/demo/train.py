@@ -482,11 +482,9 @@ def finalize(args, cfg, trained: dict, device) -> None:
     size = check_folder(folder)
     print(f"saved {folder} ({size / 1e6:.1f} MB): {counts}")
 
-    from diffusers import FluxPipeline
+    from ..pipeline import pipeline_from_folder
 
-    from ..pipeline import dtype_keyword
-
-    pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(torch.float32))
+    pipe = pipeline_from_folder(Path(folder), torch.float32, {})
     pipe.set_progress_bar_config(disable=True)
     log = {"config": cfg.to_dict(), "params": counts, "bytes": size, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
