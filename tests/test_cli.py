@@ -464,15 +464,17 @@ def test_calibrate_bad_prompt_files(tmp_path, capsys, content, words):
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("flag", ["--onpolicy-rounds", "--onpolicy-steps", "--samples"])
-def test_calibrate_bad_counts(tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag,words", [("--onpolicy-rounds", "must be a positive integer"),
+                                        ("--onpolicy-steps", "must be a non-negative integer"),
+                                        ("--samples", "must be a positive integer")])
+def test_calibrate_bad_counts(tmp_path, capsys, flag, words):
     from bitflux.demo import demo_model_path
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     code, _, err = _run(capsys, "quantize", demo_model_path(), "-o", tmp_path / "out", "--calibrate", prompts,
                         "--calibration", "onpolicy", flag, "-1")
-    _assert_one_line_error(code, err, "must be a positive integer")
+    _assert_one_line_error(code, err, words)
     _assert_nothing_written(tmp_path / "out")
 
 

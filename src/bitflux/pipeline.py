@@ -205,15 +205,16 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         text = placed_embeddings(pipe, embeddings)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, max_sequence_length=text_length(pipe),
-                   output_type="latent" if release_transformer else "pil").images
+    # released: the latents, decoded once the transformer is gone; else the images themselves
+    out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+               generator=generators, max_sequence_length=text_length(pipe),
+               output_type="latent" if release_transformer else "pil").images
     if not release_transformer:
-        return latents
+        return out
     pipe.transformer = None
     gc.collect()
     trim_heap()
-    return decode(pipe, latents, height, width)
+    return decode(pipe, out, height, width)
 
 
 def placed_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -54,9 +54,10 @@ class CalibrationConfig:
             raise BitfluxError("the onpolicy stage goes on from a calibrated student: run it after another stage")
         for name in ("samples", "steps", "distill_steps", "onpolicy_steps", "onpolicy_rounds", "batch_size",
                      "eval_records"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
-                raise BitfluxError(f"calibration {name} must be a positive integer, got {value!r}")
+            value, least = getattr(self, name), 0 if name.endswith("steps") else 1
+            if not isinstance(value, int) or value < least:
+                kind = "a non-negative" if least == 0 else "a positive"
+                raise BitfluxError(f"calibration {name} must be {kind} integer, got {value!r}")
 
     @classmethod
     def for_level(cls, level: str, **kwargs) -> "CalibrationConfig":

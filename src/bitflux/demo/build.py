@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,7 +32,6 @@ class DemoConfig:
     latent_channels: int = 16
     image_size: int = IMAGE_SIZE
     max_text_tokens: int = MAX_TEXT_TOKENS
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -199,14 +199,13 @@ def sample_specs(n: int, gen: torch.Generator, device, weights=TRAIN_WEIGHTS):
     return _apply_template_rules(template, shape, color, gen, device)
 
 
-def _apply_template_rules(template, shape, color, gen, device, count=None, relation=None):
+def _apply_template_rules(template, shape, color, gen, device):
     n = template.shape[0]
     T = {name: i for i, name in enumerate(TEMPLATES)}
     is_two = (template == T["two_object"]) | (template == T["position"]) | (template == T["color_attr"])
     is_count = (template == T["counting"]) | (template == T["count_color"])
-    if count is None:
-        count = torch.where(is_two, 2, 1)
-        count = torch.where(is_count, _randint(gen, 2, 5, (n,), device), count)
+    count = torch.where(is_two, 2, 1)
+    count = torch.where(is_count, _randint(gen, 2, 5, (n,), device), count)
     # Two named objects differ: by shape where the caption names only shapes, by colour where it names both.
     s2 = (shape[:, 0] + _randint(gen, 1, len(SHAPES), (n,), device)) % len(SHAPES)
     c2 = (color[:, 0] + _randint(gen, 1, len(COLORS), (n,), device)) % len(COLORS)
@@ -219,8 +218,7 @@ def _apply_template_rules(template, shape, color, gen, device, count=None, relat
     # Counted objects share the shape; count_color objects share the colour too.
     shape = torch.where(is_count[:, None], shape[:, :1].expand(-1, MAX_OBJECTS), shape)
     color = torch.where((template == T["count_color"])[:, None], color[:, :1].expand(-1, MAX_OBJECTS), color)
-    if relation is None:
-        relation = torch.where(template == T["position"], _randint(gen, 1, 5, (n,), device), 0)
+    relation = torch.where(template == T["position"], _randint(gen, 1, 5, (n,), device), 0)
     return template, count, shape, color, relation
 
 

@@ -334,22 +334,22 @@ def captioned_grid(images, captions, cols: int = 8, marks=None, scale: int = 2):
     return canvas
 
 
-def pipeline_generate_fn(pipe, num_inference_steps: int = 20, guidance_scale: float = 3.5, size: int = S.IMAGE_SIZE):
+def pipeline_generate_fn(pipe, num_inference_steps: int = 20, guidance_scale: float = 3.5):
     """generate_fn for a FluxPipeline at the demo model's size."""
     from ..pipeline import generate
 
     def generate_images(prompts, seeds):
-        return generate(pipe, prompts, seeds, steps=num_inference_steps, guidance=guidance_scale, height=size,
-                        width=size, progress=False)
+        return generate(pipe, prompts, seeds, steps=num_inference_steps, guidance=guidance_scale,
+                        height=S.IMAGE_SIZE, width=S.IMAGE_SIZE, progress=False)
 
     return generate_images
 
 
-def ground_truth_generate_fn(seed_offset: int = 0):
+def ground_truth_generate_fn():
     """generate_fn that renders the scene each prompt describes: measures the detector itself."""
 
     def generate(prompts, seeds):
-        return [S.to_uint8(S.render(S.scenes_for_captions([p], seed=s + seed_offset)))[0]
+        return [S.to_uint8(S.render(S.scenes_for_captions([p], seed=s)))[0]
                 for p, s in zip(prompts, seeds)]
 
     return generate

@@ -12,8 +12,8 @@ These are ggml's layouts (ggml-quants.c, gguf-py quants.py); tests/test_gguf.py 
 `gguf` package byte for byte.
 
 What maps exactly: a block has one scale, so bitflux's per-tensor and per-channel scales map to it, and
-per-group scales when the group is a whole number of blocks (group_size a multiple of 256: the issue's
-"group divides 256" is the wrong way round, a 256-weight block cannot hold two scales). Scales are rounded
+per-group scales when the group is a whole number of blocks (group_size a multiple of 256; a group that
+divides 256 would not do: a 256-weight block cannot hold two scales). Scales are rounded
 to fp16 (round to nearest even): exact for float16 scales and for bfloat16 scales >= 2^-14, relative error
 <= 2^-11 for float32. Rows whose in_features is not a multiple of 256 cannot be blocks: export refuses them
 with a BitfluxError rather than storing a silently 8x larger dense copy (every FLUX.1 linear has

@@ -40,7 +40,7 @@ from ..ternary import ternarize
 _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
           "alpha": "alpha"}
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
-_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|lora_te_)")
+_TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.)")
 _UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", "hada_", "lokr_", ".diff", "lora_mid")
 
 
@@ -164,7 +164,7 @@ def _original_names(model: nn.Module) -> dict[str, str]:
     return {k.removesuffix(".weight"): k.removesuffix(".weight").replace(".", "_") for k in names}
 
 
-def _resolve(stem: str, model: nn.Module, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | None:
+def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | None:
     """A LoRA key stem -> ('diffusers' | 'original', module name), None for text-encoder keys."""
     if _TEXT_ENCODER.match(stem):
         return None
@@ -261,7 +261,7 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
     for stem, roles in grouped.items():
         if "down" not in roles or "up" not in roles:
             raise BitfluxError(f"LoRA {stem!r} lacks its {'down (A)' if 'down' not in roles else 'up (B)'} matrix")
-        resolved = _resolve(stem, model, diffusers, original)
+        resolved = _resolve(stem, diffusers, original)
         if resolved is None:
             skipped += 1
             continue

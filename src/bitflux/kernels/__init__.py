@@ -4,9 +4,9 @@ whose codes are rows of one tensor (q/k/v fused by bitflux.fusion) through it as
 
 A backend is a module with:
     NAME: str
-    ACTIVATIONS: tuple of activation modes it computes ("a16": in the input dtype, "a8": int8 per token)
     available() -> str | None          None when usable here, else why not (said once, then reference)
     supports(x, weight, activations) -> bool
+                                       activations: "a16" (in x's dtype), "a8" (int8 per token), "fp8" (e4m3)
     prepare(weight) -> object          the backend's view of the weight (its codes, read in place; scales),
                                        made once per weight and cached
     linear(x, prepared, bias, activations) -> Tensor

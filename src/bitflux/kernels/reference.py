@@ -10,7 +10,6 @@ from .. import formats
 from ..ternary import expand_scales
 
 NAME = "reference"
-ACTIVATIONS = ("a16", "a8", "fp8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 

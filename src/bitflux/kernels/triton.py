@@ -53,7 +53,6 @@ import torch
 from . import needs_gradient
 
 NAME = "triton"
-ACTIVATIONS = ("a16", "a8", "fp8")
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
@@ -159,7 +158,7 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
     grouped = weight.scales.shape[1] > 1
     if activations == "fp8" and (grouped or not has_fp8(x.device)):
         return False  # per-group fp8 has no kernel: the reference computes it
-    return (on_device and activations in ACTIVATIONS and x.dtype in _DTYPES
+    return (on_device and x.dtype in _DTYPES
             and (not grouped or weight.group_size % GROUP_MULTIPLE == 0)
             and x.shape[-1] == weight.in_features and weight.packed.is_contiguous())
 
@@ -1202,7 +1201,7 @@ if triton is not None:
     # Few configs on purpose: each costs a compile. BLOCK_M selects the regime (see _configs_for_m);
     # every BLOCK_K divides GROUP_MULTIPLE. SWAP configs serve the 2-bit tiles only.
     _CONFIGS = [
-        # few tokens with per-group scales (the split-K kernel takes the others)
+        # few tokens: the only tile kernel for per-group scales there, one candidate beside split-K otherwise
         _config(16, 32, 128, 4, 5),
         # tens of tokens
         _config(64, 64, 128, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 128, 64, 4, 4, swap=True),

@@ -20,7 +20,6 @@ from .. import needs_gradient
 from . import _library
 
 NAME = "cpu"
-ACTIVATIONS = ("a16", "a8")
 ISAS = ("generic", "avx2", "avxvnni", "avx512vnni")  # index = the C library's ISA number, best last
 PANEL = 16  # output features per block of the C kernel
 CHUNK = 16  # input features per block (a 4-byte word of a tq2 row)
@@ -61,7 +60,7 @@ def supports(x: torch.Tensor, weight, activations: str) -> bool:
     # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
     # that need a gradient: the C kernel has no backward.
     grouped = weight.scales.shape[1] > 1
-    return (activations in ACTIVATIONS  # fp8 has no int8 stand-in: the reference computes it
+    return (activations != "fp8"  # fp8 has no int8 stand-in: the reference computes it
             and x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
             and (not grouped or weight.group_size % CHUNK == 0))
 
