@@ -91,6 +91,27 @@ def test_a_copied_or_pickled_streamed_transformer_streams_alike_and_lets_its_mem
     assert {f.name for f in (tmp_path / "saved").iterdir()} == {f.name for f in (tmp_path / "transformer").iterdir()}
 
 
+def test_saving_a_model_streamed_from_a_hub_cache_copies_its_files_not_its_links(tmp_path):
+    """The Hugging Face cache's snapshot files are relative symlinks into its blobs: a saved copy holds the files
+    (weights hard-linked, config copied), so it loads from anywhere and editing its config leaves the source's."""
+    import os
+
+    build_tiny().save_pretrained(tmp_path / "blobs")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for blob in (tmp_path / "blobs").iterdir():
+        (snapshot / blob.name).symlink_to(os.path.relpath(blob, snapshot))
+    stream_transformer(snapshot, torch.float32).save_pretrained(tmp_path / "saved" / "deep")
+    (tmp_path / "saved" / "deep").rename(tmp_path / "moved")  # relative links would dangle now
+    saved = tmp_path / "moved"
+    assert not any(f.is_symlink() for f in saved.iterdir())
+    (saved / "config.json").write_text((saved / "config.json").read_text().replace("{", '{"edited": 1, ', 1))
+    assert "edited" not in (tmp_path / "blobs" / "config.json").read_text()
+    with torch.no_grad():
+        assert torch.equal(stream_transformer(saved, torch.float32)(**tiny_inputs())[0],
+                           stream_transformer(snapshot, torch.float32)(**tiny_inputs())[0])
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda t: t.pop("transformer_blocks.1.ff.net.2.weight"), "transformer_blocks.1.ff.net.2.weight: missing"),
     (lambda t: t.update({"proj_out.bias": torch.ones(3)}), "proj_out.bias: shape [3], expected"),

@@ -213,6 +213,37 @@ def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
 
 
+LINKED_SUFFIXES = (".safetensors", ".sft", ".bin", ".gguf", ".ckpt", ".pt", ".pth")  # weights: never edited
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A weight file hard-linked where the file system allows (no extra disk: FLUX.1's T5 is 9.5 GB), any other
+    file (configs, tokenizers) copied, so that editing it in one folder leaves the other's alone."""
+    if src.suffix in LINKED_SUFFIXES:
+        try:
+            # the file itself: the Hugging Face cache's snapshots are relative symlinks into its blobs, and a
+            # hard link to such a symlink dangles from any other folder
+            os.link(os.path.realpath(src), dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    """src's files into dst (made if missing), folders within folders, by link_or_copy, replacing dst's files of
+    the same names."""
+    # not shutil.copytree: it gathers its files' errors into one shutil.Error of strings, in which a full disk
+    # (the output's trouble) could no longer be told from an unreadable source file
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.is_dir():
+            copy_folder(entry, dst / entry.name)
+        else:
+            (dst / entry.name).unlink(missing_ok=True)
+            link_or_copy(entry, dst / entry.name)
+
+
 def write_atomic(path: str | Path, write) -> Path:
     """`write(tmp)` into a temporary name beside `path` (this process's own), then renamed onto it: a reader, or a
     run stopped while writing, never sees half a file. A failed write (a full disk, a read-only file system) is a

@@ -7,7 +7,6 @@ layout are split as they come) and written in bounded shards, so peak memory doe
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -177,37 +176,11 @@ def copy_pipeline_components(root: Path, dest: Path) -> None:
         try:
             if item.is_dir():
                 if item.name in components and item.name != "transformer":
-                    _copy_folder(item, target)
-            elif item.suffix not in _LINKED_SUFFIXES:
+                    checkpoint.copy_folder(item, target)
+            elif item.suffix not in checkpoint.LINKED_SUFFIXES:
                 shutil.copy2(item, target)
         except OSError as exc:
             if exc.errno in checkpoint.WRITE_ERRNOS:
                 raise  # the output's own trouble: its AtomicFolder reports it
             raise BitfluxError(f"{exc.filename or item}: cannot copy this pipeline component "
                                f"({exc.strerror or exc})") from None
-
-
-_LINKED_SUFFIXES = (".safetensors", ".sft", ".bin", ".gguf", ".ckpt", ".pt", ".pth")  # weights: never edited
-
-
-def _copy_folder(src: Path, dst: Path) -> None:
-    # not shutil.copytree: it gathers its files' errors into one shutil.Error of strings, in which a full disk
-    # (the output's trouble) could no longer be told from an unreadable source file
-    dst.mkdir()
-    for entry in src.iterdir():
-        if entry.is_dir():
-            _copy_folder(entry, dst / entry.name)
-        else:
-            _link_or_copy(entry, dst / entry.name)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.suffix in _LINKED_SUFFIXES:
-        try:
-            # the file itself: the Hugging Face cache's snapshots are relative symlinks into its blobs, and a
-            # hard link to such a symlink dangles from any other folder
-            os.link(os.path.realpath(src), dst)
-            return
-        except OSError:
-            pass
-    shutil.copy2(src, dst)

@@ -18,14 +18,13 @@ parameter counts are the resident tensors'.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import (
+    copy_folder,
     iter_tensors,
     read_config,
     read_safetensors_header,
@@ -91,24 +90,12 @@ class _ModelHooks:
         self.memory.clear()
 
     def save_pretrained(self, directory, *_args, **_kwargs) -> None:
-        _copy_folder(self.folder, Path(directory))
+        copy_folder(self.folder, Path(directory))
 
 
 def _refuse_state_dict(*_) -> None:
     raise BitfluxError("a streamed model holds no block weights: save_pretrained copies the folder it streams "
                        "from; a state_dict needs the model loaded whole (T5: load_pipeline(..., text_encoders='whole'))")
-
-
-def _copy_folder(source: Path, target: Path) -> None:
-    """The checkpoint folder's files into `target`: hard links where the file system allows, else copies."""
-    target.mkdir(parents=True, exist_ok=True)
-    for file in source.iterdir():
-        if file.is_file():
-            (target / file.name).unlink(missing_ok=True)
-            try:
-                os.link(file, target / file.name)
-            except OSError:
-                shutil.copy2(file, target / file.name)
 
 
 def load_outside(model: nn.Module, files: list[Path], names: set[str], dtype: torch.dtype,
