@@ -25,8 +25,8 @@ import torch
 
 from bitflux import demo_model_path, load_pipeline, load_transformer, save_transformer
 from bitflux.calibrate import CalibrationConfig
-from bitflux.calibrate.checkpoint import teacher_settings
 from bitflux.calibrate.distill import distill
+from bitflux.calibrate.quantize import teacher_settings
 from bitflux.calibrate.teacher import collect
 from bitflux.checkpoint import read_config
 from bitflux.config import TernaryConfig

@@ -33,7 +33,7 @@ import torch
 from bitflux import TernaryConfig, load_transformer, quantize_, save_transformer
 from bitflux.calibrate import (CalibrationConfig, CalibrationReport, ModelSource, TeacherData, calibrate_transformer,
                                measured, onpolicy_data, teacher_data)
-from bitflux.calibrate.checkpoint import teacher_settings
+from bitflux.calibrate.quantize import teacher_settings
 from bitflux.checkpoint import write_atomic, write_text_atomic
 from bitflux.eval.fidelity import fidelity
 from bitflux.pipeline import generate, pipeline_from_folder

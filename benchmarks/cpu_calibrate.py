@@ -69,12 +69,12 @@ def write_fp_pipeline(root: Path, ternary_root: Path) -> None:
 def run_variant(root: Path, variant: str, size: int, text_tokens: int, steps: int, samples: int) -> dict:
     """In this process: the teacher's records (whole or streamed), or the whole calibrated quantization."""
     from bitflux.calibrate import CalibrationConfig, teacher_data
-    from bitflux.calibrate.checkpoint import (
+    from bitflux.calibrate.memory import reset_peak_resident
+    from bitflux.calibrate.quantize import (
         quantize_calibrated,
         teacher_pipeline,
         teacher_settings,
     )
-    from bitflux.calibrate.memory import reset_peak_resident
     from bitflux.pipeline import encode_prompts
 
     settings = {"height": size, "width": size, "num_inference_steps": steps, "max_sequence_length": text_tokens}

@@ -457,7 +457,7 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
     (a text length under the tokenizer's: the encoding pads to it as the pipeline does)."""
     from diffusers import FluxPipeline
 
-    from bitflux.calibrate.checkpoint import teacher_pipeline
+    from bitflux.calibrate.quantize import teacher_pipeline
     from bitflux.calibrate.teacher import collect
     from bitflux.pipeline import encode_prompts
 
@@ -486,7 +486,7 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
 @pytest.mark.parametrize("stream", [True, False])
 def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path, stream):
     from bitflux import load_pipeline
-    from bitflux.calibrate.checkpoint import quantize_calibrated
+    from bitflux.calibrate.quantize import quantize_calibrated
 
     _tiny_pipeline().save_pretrained(tmp_path / "fp")
     calib = _calib(("scales", "blockwise", "onpolicy"), samples=2, onpolicy_steps=4,
@@ -513,7 +513,7 @@ def test_quantize_calibrated_with_the_onpolicy_stage_on_a_gpu(tmp_path):
     """In bf16 on a GPU: the student samples with its ternary kernels while the teacher labels its states."""
     import math
 
-    from bitflux.calibrate.checkpoint import quantize_calibrated
+    from bitflux.calibrate.quantize import quantize_calibrated
 
     _tiny_pipeline().save_pretrained(tmp_path / "fp")
     calib = _calib(("scales", "blockwise", "distill", "onpolicy"), samples=2, distill_steps=4, onpolicy_steps=4,

@@ -31,8 +31,8 @@ def _cmd_quantize(args) -> None:
     config = TernaryConfig(**given)
     if args.calibrate:
         from .calibrate import CalibrationConfig
-        from .calibrate.checkpoint import quantize_calibrated
         from .calibrate.prompts import read_prompts
+        from .calibrate.quantize import quantize_calibrated
 
         prompts = read_prompts(args.calibrate)
         _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
@@ -156,8 +156,19 @@ def _quiet_libraries() -> None:
 
 def _cmd_generate(args) -> None:
     from .kernels import use_backend
-    from .pipeline import (accelerate_transformer, check_comparable, check_png_path, default_image_size, dtype_named,
-                           encode_prompts, generate, load_variants, resolve_pipeline_path, save_png, side_by_side)
+    from .pipeline import (
+        accelerate_transformer,
+        check_comparable,
+        check_png_path,
+        default_image_size,
+        dtype_named,
+        encode_prompts,
+        generate,
+        load_variants,
+        resolve_pipeline_path,
+        save_png,
+        side_by_side,
+    )
 
     if not args.prompt.strip():
         raise BitfluxError("the prompt is empty")
@@ -217,10 +228,23 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from .eval.runner import check_variants, evaluate_variants, results_json, variant_grid, variant_table
+    from .eval.runner import (
+        check_variants,
+        evaluate_variants,
+        results_json,
+        variant_grid,
+        variant_table,
+    )
     from .kernels import use_backend
-    from .pipeline import (check_png_path, check_variant, dtype_named, load_pipeline, resolve_pipeline_path,
-                           save_png, variant_pipeline)
+    from .pipeline import (
+        check_png_path,
+        check_variant,
+        dtype_named,
+        load_pipeline,
+        resolve_pipeline_path,
+        save_png,
+        variant_pipeline,
+    )
 
     _check_common(args)
     if not 1 <= args.per_category <= 48:
