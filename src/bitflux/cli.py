@@ -12,7 +12,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from .config import ACTIVATIONS, DTYPES, FORMATS
+from .calibrate.config import LEVELS
+from .config import ACTIVATIONS, DTYPES, FORMATS, METHODS
 from .errors import BitfluxError
 
 MAX_STEPS = 1000  # denoising steps: more is a typo (and would allocate a schedule of that length)
@@ -289,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default=None, choices=FORMATS,
                    help="packing on disk and in memory: tq2 (2 bits a weight, the default) or tq1 (1.6 bits, "
                         "20%% fewer bytes)")
-    q.add_argument("--method", default=None, choices=["absmean", "twn", "lsq"], help="default: absmean")
+    q.add_argument("--method", default=None, choices=METHODS, help="default: absmean")
     q.add_argument("--granularity", default=None, help="tensor (the default) | channel | group:N")
     q.add_argument("--activations", default=None, choices=ACTIVATIONS,
                    help="activations the kernels use: 16-bit (the default), int8 or fp8 per token")
     q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
                    help="calibrate with the full-precision model as teacher on these prompts (one per line)")
-    q.add_argument("--calibration", default="blockwise", choices=["scales", "blockwise", "distill", "onpolicy"],
+    q.add_argument("--calibration", default="blockwise", choices=list(LEVELS),
                    help="the last calibration stage to run (each runs the cheaper ones before it)")
     q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
     q.add_argument("--distill-steps", type=int, default=500, help="end-to-end distillation steps (distill stage)")
@@ -357,27 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
     v.add_argument("--steps", type=int, default=20)
     v.add_argument("--guidance", type=float, default=3.5)
-    v.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
-    v.add_argument("--device", default="cpu", help="cpu | cuda")
-    v.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
+    _add_device_options(v)
     v.add_argument("--json", action="store_true")
     v.add_argument("--grid", default=None, help="PNG grid: one row per variant, same prompts and seeds")
     v.set_defaults(run=_cmd_eval)
     return parser
 
 
+def _add_device_options(parser) -> None:
+    """Where and in what a pipeline runs (generate, bench, eval): kernels, device, dtype."""
+    parser.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
+
+
 def _add_run_options(parser) -> None:
     """How generate and bench run the pipeline: kernels, device, activations, packing, graphs, dtype,
     offloading."""
-    parser.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    _add_device_options(parser)
     parser.add_argument("--activations", default=None, choices=ACTIVATIONS, help=ACTIVATIONS_HELP)
     parser.add_argument("--packing", default=None, choices=FORMATS,
                         help="repack the ternary codes in memory (default: as stored; "
                              "tq1: 20%% fewer weight bytes, tq2: faster on a CPU)")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help=CUDA_GRAPH_HELP)
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
     parser.add_argument("--offload", action="store_true", help=OFFLOAD_HELP)
 
 
