@@ -194,3 +194,33 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, fa
         write_atomic(path, write)
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"] and path.read_text() == "previous"
     assert write_atomic(path, lambda tmp: tmp.write_text("new")) == path and path.read_text() == "new"
+
+
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+def test_diffusers_save_pretrained_of_a_ternary_model_loads_back(tmp_path, packing):
+    """quantize_ records its config in the model's config (as quantization_config), and set_packing and
+    set_activations keep it true, so diffusers' save_pretrained writes a bitflux folder."""
+    from bitflux import set_activations, set_packing
+
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel"))
+    set_packing(model, packing)
+    set_activations(model, "a8")
+    model.save_pretrained(tmp_path / "saved")
+    loaded = load_transformer(tmp_path / "saved", dtype=torch.float32)
+    assert loaded.transformer_blocks[0].attn.to_q.packing == packing
+    assert loaded.transformer_blocks[0].attn.to_q.activations == "a8"
+    assert torch.equal(_forward(loaded), _forward(model))
+
+
+def test_save_transformer_takes_the_models_config_and_refuses_one_that_does_not_fit(tmp_path):
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel", exclude=(r"\.ff\.",)))
+    save_transformer(model, tmp_path / "recorded")  # the config quantize_ recorded
+    assert torch.equal(_forward(load_transformer(tmp_path / "recorded", dtype=torch.float32)), _forward(model))
+    for config, words in ((TernaryConfig(), "has channel scales, the config says tensor"),
+                          (TernaryConfig(granularity="channel"), r"ff\.net\.0\.proj is not ternary"),
+                          (TernaryConfig(granularity="channel", exclude=(r"\.ff", "attn")), "attn.to_q is ternary")):
+        with pytest.raises(BitfluxError, match=words):
+            save_transformer(model, tmp_path / "wrong", config)
+        assert not (tmp_path / "wrong").exists()

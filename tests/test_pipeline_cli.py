@@ -116,11 +116,15 @@ def test_a_deep_transformer_is_compiled_a_block_class_at_a_time():
 def test_default_dtype_is_bf16_on_gpus_fp32_on_cpus():
     import torch
 
-    from bitflux.pipeline import default_dtype, dtype_named
+    from bitflux import BitfluxError
+    from bitflux.pipeline import default_dtype, resolved_dtype
 
     assert default_dtype("cuda") == default_dtype("cuda:1") == torch.bfloat16
     assert default_dtype("cpu") == torch.float32
-    assert dtype_named("auto") is None and dtype_named("fp16") == torch.float16
+    assert resolved_dtype("auto", "cuda") == resolved_dtype(None, "cuda") == torch.bfloat16
+    assert resolved_dtype("fp16", "cpu") == resolved_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(BitfluxError, match="one of bf16, fp16, fp32, got 'half'"):
+        resolved_dtype("half", "cpu")
 
 
 def test_same_seed_same_image_and_compare(tmp_path, capsys):
@@ -372,3 +376,23 @@ def test_loading_a_pipeline_passes_diffusers_the_keyword_it_wants():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*torch_dtype", category=FutureWarning)
         load_pipeline(demo_ternary_path(progress=False))
+
+
+def test_loaded_transformers_compute_in_the_dtype_a_pipeline_for_the_device_does():
+    """bitflux.load_transformer's default dtype is load_pipeline's (fp32 on a CPU), so that it drops into a
+    FluxPipeline loaded for the same device; a ternary pipeline is not quantized twice; a released transformer
+    is named as such."""
+    import torch
+
+    from bitflux import BitfluxError, load_transformer
+    from bitflux.pipeline import demo_ternary_path, generate, load_pipeline, quantize_pipeline
+
+    path = demo_ternary_path(progress=False)
+    assert load_transformer(path).dtype == torch.float32
+    assert load_transformer(path, dtype="bf16").dtype == torch.bfloat16
+    pipe = load_pipeline(path)
+    with pytest.raises(BitfluxError, match="ternary already"):
+        quantize_pipeline(pipe)
+    generate(pipe, ["a red circle"], [0], steps=1, progress=False, release_transformer=True)
+    with pytest.raises(BitfluxError, match="no transformer"):
+        generate(pipe, ["a red circle"], [0], steps=1, progress=False)

@@ -123,3 +123,36 @@ def test_a_quantized_flux_transformer_compiles_as_one_graph(backend, activations
         eager = model(**inputs)[0]
         compiled = torch.compile(model, fullgraph=True)(**inputs)[0]
     assert ((compiled - eager).norm() / eager.norm()).item() < tolerance
+
+
+def test_quantize_refuses_what_it_cannot_ternarize_rightly():
+    """A pipeline instead of its transformer, settings not in a TernaryConfig, PEFT's LoRA layers (their own
+    nn.Linear would be ternarized too) and diffusers' fused q/k/v (the separate layers it keeps would be
+    ternarized beside it): one line each, the model left as it was."""
+    from types import SimpleNamespace
+
+    for model, config, words in (
+            (SimpleNamespace(transformer=build_tiny()), None, "not a SimpleNamespace: a pipeline's is pipe.transformer"),
+            (build_tiny(), {"method": "lsq"}, "config must be a TernaryConfig, got dict")):
+        with pytest.raises(BitfluxError, match=words):
+            quantize_(model, config)
+    with_lora = build_tiny()
+    with_lora.transformer_blocks[0].attn.to_q.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(64, 4)})
+    fused = build_tiny()
+    fused.fuse_qkv_projections()
+    for model, words in ((with_lora, "attn.to_q.lora_A: the model holds PEFT LoRA layers"),
+                         (fused, "attn.to_qkv: diffusers' fused q/k/v projection; unfuse_qkv_projections")):
+        with pytest.raises(BitfluxError, match=words):
+            quantize_(model)
+        assert not any(isinstance(m, TernaryLinear) for m in model.modules())
+    with pytest.raises(BitfluxError, match="set_activations takes a model"):
+        set_activations(SimpleNamespace(transformer=None), "a8")
+
+
+def test_a_pattern_given_as_a_string_is_one_pattern():
+    model = build_tiny()
+    report = quantize_(model, TernaryConfig(include=r"^transformer_blocks\.", exclude="ff"))
+    assert report.layers and all(layer.name.startswith("transformer_blocks.") and ".ff" not in layer.name
+                                 for layer in report.layers)
+    with pytest.raises(BitfluxError, match="group_size=64"):
+        TernaryConfig(granularity="group:64")

@@ -44,13 +44,12 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     from .linear import TernaryLinear
     from .pipeline import (
         accelerate_transformer,
-        default_dtype,
         default_image_size,
-        dtype_named,
         encode_prompts,
         generate,
         load_variants,
         resolve_pipeline_path,
+        resolved_dtype,
         trim_heap,
     )
     from .surgery import set_activations, set_packing
@@ -58,10 +57,10 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     prompts = list(PROMPTS)
     seeds = list(range(len(prompts)))
     start = time.perf_counter()
-    embeddings = encode_prompts(resolve_pipeline_path(model), prompts, device, dtype_named(dtype))
+    embeddings = encode_prompts(resolve_pipeline_path(model), prompts, device, dtype)
     encode_seconds = time.perf_counter() - start
     fp, ternary = load_variants(model, device, want_fp=variant == "fp", want_ternary=variant == "ternary",
-                                progress=False, dtype=dtype_named(dtype), offload=offload, text_encoders=False)
+                                progress=False, dtype=dtype, offload=offload, text_encoders=False)
     pipe = fp if variant == "fp" else ternary
     if activations and variant == "ternary":
         set_activations(pipe.transformer, activations)
@@ -102,7 +101,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     for handle in handles:
         handle.remove()
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_resident_bytes()
-    torch_dtype = dtype_named(dtype) or default_dtype(device)
+    torch_dtype = resolved_dtype(dtype, device)
     return {"variant": variant, "device": device, "dtype": str(torch_dtype).removeprefix("torch."),
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
             "prompt_encoding_s": encode_seconds, "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),

@@ -299,7 +299,7 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         if self.target.exists() and not self.force:
-            raise BitfluxError(f"{self.target} exists; pass --force to replace it")
+            raise BitfluxError(f"{self.target} exists; pass --force (in Python: force=True) to replace it")
         parent = self.target.parent
         # the folders made for it, removed again if the block fails
         self.made = [p for p in (parent, *parent.parents) if not p.exists()]
@@ -350,11 +350,16 @@ class AtomicFolder:
         return False
 
 
-def save_transformer(model, folder: str | Path, config: TernaryConfig, force: bool = False,
+def save_transformer(model, folder: str | Path, config: TernaryConfig | None = None, force: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Save a quantized FluxTransformer2DModel as a bitflux folder (atomically)."""
+    """Save a quantized FluxTransformer2DModel as a bitflux folder (atomically). `config`: the one quantize_
+    recorded in the model's config if not given; its format and scale dtype are the stored ones, and it must
+    describe the model's ternary layers (surgery.check_config), or the folder would not load."""
     from .linear import TernaryLinear
+    from .surgery import check_config, ternary_config_of
 
+    config = config or ternary_config_of(model)
+    check_config(model, config)
     folder = Path(folder)
     with AtomicFolder(folder, force) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)

@@ -162,7 +162,6 @@ def _cmd_generate(args) -> None:
         check_comparable,
         check_png_path,
         default_image_size,
-        dtype_named,
         encode_prompts,
         generate,
         load_variants,
@@ -180,9 +179,9 @@ def _cmd_generate(args) -> None:
     # it is loaded, so the peak is the larger of the two, not their sum.
     path = resolve_pipeline_path(args.model)
     check_comparable(path, args.compare)  # before minutes of encoding
-    embeddings = encode_prompts(path, [args.prompt], args.device, dtype_named(args.dtype))
+    embeddings = encode_prompts(path, [args.prompt], args.device, args.dtype)
     fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
-                                dtype=dtype_named(args.dtype), offload=args.offload, text_encoders=False)
+                                dtype=args.dtype, offload=args.offload, text_encoders=False)
     pipes = [p for p in (fp, ternary) if p is not None]
     if args.activations:
         from .surgery import set_activations
@@ -240,7 +239,6 @@ def _cmd_eval(args) -> None:
     from .pipeline import (
         check_png_path,
         check_variant,
-        dtype_named,
         load_pipeline,
         resolve_pipeline_path,
         save_png,
@@ -255,7 +253,7 @@ def _cmd_eval(args) -> None:
     variants = check_variants(args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
         check_variant(name)
-    dtype = dtype_named(args.dtype)
+    dtype = args.dtype
     fp = load_pipeline(resolve_pipeline_path(args.model), args.device, dtype)
     with use_backend(args.backend):
         results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device, dtype), variants,

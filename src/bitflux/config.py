@@ -47,8 +47,12 @@ class TernaryConfig:
     version: int = 1
 
     def __post_init__(self):
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
+        # one pattern given as a string is that pattern (tuple() would split it into characters)
+        self.include = (self.include,) if isinstance(self.include, str) else tuple(self.include)
+        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if isinstance(self.granularity, str) and self.granularity.startswith("group:"):
+            raise BitfluxError(f"granularity {self.granularity!r} is the command line's spelling; in Python: "
+                               f"granularity='group', group_size={self.granularity.split(':', 1)[1]}")
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)
@@ -63,7 +67,7 @@ class TernaryConfig:
         ):
             if value not in allowed:
                 raise BitfluxError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise BitfluxError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.activations == "fp8" and self.granularity == "group":
             raise BitfluxError("fp8 activations need per-tensor or per-channel scales, not per-group")

@@ -14,6 +14,7 @@ from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
+from .linear import TernaryLinear
 from .surgery import QuantizationReport, quantize_, set_activations
 from .text_encoders import STREAMED_DTYPES, TEXT_ENCODERS, narrow_text_encoders, streamed_text_encoders
 
@@ -33,8 +34,11 @@ def _dtype_keyword(dtype: torch.dtype) -> dict:
     return {"dtype" if major_minor >= (0, 40) else "torch_dtype": dtype}
 
 
-def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A ternary FluxTransformer2DModel from a bitflux folder or a GGUF file with ternary blocks."""
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+    """A ternary FluxTransformer2DModel from a bitflux folder or a GGUF file with ternary blocks. dtype: the
+    unquantized parts' (default: default_dtype(device), as load_pipeline's: what a FluxPipeline loaded for the
+    same device computes in)."""
+    dtype = resolved_dtype(dtype, device)
     if str(path).endswith(".gguf"):
         from .interop.gguf import load_gguf
 
@@ -46,9 +50,15 @@ def is_ternary_pipeline(path: str | Path) -> bool:
     return "quantization_config" in read_config(Path(path) / "transformer")
 
 
-def dtype_named(name: str | None) -> torch.dtype | None:
-    """--dtype's value (config.DTYPES) -> a torch dtype; "auto" (or None) -> None: default_dtype(device)."""
-    return None if name in (None, "auto") else getattr(torch, DTYPES[name])
+def resolved_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """A dtype argument: a torch dtype, --dtype's names (bf16, fp16, fp32), or None / "auto": default_dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return default_dtype(device)
+    if dtype in DTYPES:
+        return getattr(torch, DTYPES[dtype])
+    raise BitfluxError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -60,7 +70,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                   offload: bool = False, text_encoders: bool | str = True):
     """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
     materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
@@ -80,7 +90,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise BitfluxError(f"text_encoders must be True, False, 'streamed' or 'whole', got {text_encoders!r}")
     root = _pipeline_folder(path)
     _check_offload(device, offload)
-    dtype = dtype or default_dtype(device)
+    dtype = resolved_dtype(dtype, device)
     if text_encoders == "streamed" and dtype not in STREAMED_DTYPES:
         raise BitfluxError(f"T5 is streamed in {' or '.join(str(d)[6:] for d in STREAMED_DTYPES)}, not {str(dtype)[6:]}")
     if text_encoders:
@@ -107,7 +117,8 @@ def _text_encoders(root: Path, dtype: torch.dtype, device, stream: bool) -> dict
 
 @torch.no_grad()
 def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | str | None = None, max_sequence_length: int | None = None
+                   ) -> dict[str, torch.Tensor]:
     """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
     them, made by the pipeline folder's text encoders alone, freed before this returns: with a pipeline loaded
     without them (load_pipeline(text_encoders=False)), the text encoders and the transformer are never in
@@ -118,7 +129,7 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     if isinstance(prompts, str):
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
-    dtype = dtype or default_dtype(device)
+    dtype = resolved_dtype(dtype, device)
     encoders = pipeline_from_folder(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
                                               "transformer": None, "vae": None})
     try:
@@ -171,6 +182,8 @@ def _place(pipe, device, offload: bool):
 def quantize_pipeline(pipe, config: TernaryConfig | None = None, copy_transformer: bool = True):
     """Ternarize a loaded FluxPipeline's transformer in memory (q/k/v fused, as load_pipeline does): returns
     (pipeline, report). With copy_transformer the given pipeline is left as it was (side-by-side comparisons)."""
+    if any(isinstance(m, TernaryLinear) for m in pipe.transformer.modules()):
+        raise BitfluxError("the pipeline's transformer is ternary already")
     transformer = copy.deepcopy(pipe.transformer) if copy_transformer else pipe.transformer
     report: QuantizationReport = quantize_(transformer, config or TernaryConfig())
     fuse_projections(transformer)
@@ -197,6 +210,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     on a CPU); the same images, and the pipeline cannot denoise again."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if pipe.transformer is None:
+        raise BitfluxError("the pipeline has no transformer (released by an earlier release_transformer=True "
+                           "call?): load it again")
     if embeddings is None:
         text = {"prompt": list(prompts)}
     else:
@@ -392,7 +408,7 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
         return None, load_pipeline(path, **place)
     # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU (nor
     # are the text encoders chosen as for a CPU pipeline: they will run on the GPU).
-    fp = load_pipeline(path, "cpu" if offload else device, dtype or default_dtype(device),
+    fp = load_pipeline(path, "cpu" if offload else device, resolved_dtype(dtype, device),
                        text_encoders="whole" if offload and text_encoders is True else text_encoders)
     ternary = quantize_pipeline(fp, copy_transformer=want_fp)[0] if want_ternary else None
     fp = fp if want_fp else None

@@ -72,9 +72,11 @@ class QuantizationReport:
 
 
 def is_target(name: str, module: nn.Module, config: TernaryConfig) -> bool:
-    return (isinstance(module, nn.Linear)
-            and any(re.search(p, name) for p in config.include)
-            and not any(re.search(p, name) for p in config.exclude))
+    return isinstance(module, nn.Linear) and _selected(name, config)
+
+
+def _selected(name: str, config: TernaryConfig) -> bool:
+    return any(re.search(p, name) for p in config.include) and not any(re.search(p, name) for p in config.exclude)
 
 
 def target_names(model: nn.Module, config: TernaryConfig) -> list[str]:
@@ -89,19 +91,79 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> QuantizationReport:
-    """Replace every targeted nn.Linear by a TernaryLinear (meta modules stay on meta, without weights)."""
+    """Replace every targeted nn.Linear by a TernaryLinear (meta modules stay on meta, without weights). A
+    diffusers model records the config as its config's quantization_config, so that its save_pretrained folder
+    loads back with load_transformer."""
+    _check_model(model, "quantize_")
     config = config or TernaryConfig()
+    if not isinstance(config, TernaryConfig):
+        raise BitfluxError(f"config must be a TernaryConfig, got {type(config).__name__} "
+                           "(TernaryConfig(**settings) makes one)")
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("lora_A", "lora_B", "base_layer"):
+            raise BitfluxError(f"{name}: the model holds PEFT LoRA layers; fuse_lora() and unload_lora_weights() "
+                               "them first, or quantize first and load LoRAs with bitflux.interop.lora "
+                               "(docs/LORA.md)")
+        if leaf in ("to_qkv", "to_added_qkv") and isinstance(module, nn.Linear):
+            raise BitfluxError(f"{name}: diffusers' fused q/k/v projection; unfuse_qkv_projections() first "
+                               "(bitflux fuses the ternary ones itself: fuse_projections)")
     report = QuantizationReport(config, total_params=count_params(model))
     for name in target_names(model, config):
         linear = model.get_submodule(name)
         replace_module(model, name, TernaryLinear.from_linear(linear, config))
         report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
+    if report.layers:
+        _record_config(model, config.to_dict())
     return report
+
+
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = (": a pipeline's is pipe.transformer (bitflux.quantize_pipeline(pipe) ternarizes a copy of it)"
+                if hasattr(model, "transformer") else "")
+        raise BitfluxError(f"{what} takes a model (an nn.Module), not a {type(model).__name__}{hint}")
+
+
+def _record_config(model: nn.Module, settings: dict) -> None:
+    # diffusers' save_pretrained writes model.config as the folder's config.json
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(quantization_config=settings)
+
+
+def ternary_config_of(model: nn.Module) -> TernaryConfig:
+    """The model's TernaryConfig as quantize_ recorded it, else the storage facts read off its first layer."""
+    recorded = getattr(model, "config", {}).get("quantization_config")
+    if recorded:
+        return TernaryConfig.from_dict(dict(recorded))
+    layer = next((m for m in model.modules() if isinstance(m, TernaryLinear)), None)
+    if layer is None:
+        raise BitfluxError("the model has no TernaryLinear layer: quantize it first")
+    return TernaryConfig(granularity=layer.granularity, group_size=layer.group_size or 128,
+                         scale_dtype=str(layer.weight_scale.dtype).removeprefix("torch."),
+                         activations=layer.activations, format=layer.packing)
+
+
+def check_config(model: nn.Module, config: TernaryConfig) -> None:
+    """The config describes the model's ternary layers as load_transformer will rebuild them: the same layers
+    (include/exclude) with the same scale granularity. Its format and scale dtype are storage, converted on
+    saving; its method and activations change nothing stored."""
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear) != (isinstance(module, (nn.Linear, TernaryLinear))
+                                                  and _selected(name, config)):
+            state = "is" if isinstance(module, TernaryLinear) else "is not"
+            raise BitfluxError(f"{name} {state} ternary, which the config's include/exclude do not say")
+        if isinstance(module, TernaryLinear) and (module.granularity != config.granularity
+                                                  or module.group_size != config.group_size_or_none):
+            found = f"group:{module.group_size}" if module.group_size else module.granularity
+            wanted = f"group:{config.group_size}" if config.granularity == "group" else config.granularity
+            raise BitfluxError(f"{name} has {found} scales, the config says {wanted}")
 
 
 def set_activations(model: nn.Module, activations: str) -> int:
     """Run every TernaryLinear of a loaded model with `activations` (a16 | a8 | fp8), whatever its checkpoint
     was quantized with (the codes and scales do not depend on it): the number of layers changed."""
+    _check_model(model, "set_activations")
     if activations not in ACTIVATIONS:
         raise BitfluxError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
@@ -109,7 +171,14 @@ def set_activations(model: nn.Module, activations: str) -> int:
         raise BitfluxError("fp8 activations need per-tensor or per-channel scales; this model has per-group scales")
     for layer in layers:
         layer.activations = activations
+    _update_recorded(model, activations=activations)
     return len(layers)
+
+
+def _update_recorded(model: nn.Module, **changes) -> None:
+    recorded = getattr(model, "config", {}).get("quantization_config")
+    if recorded:
+        _record_config(model, {**recorded, **changes})
 
 
 def set_packing(model: nn.Module, packing: str) -> int:
@@ -117,6 +186,7 @@ def set_packing(model: nn.Module, packing: str) -> int:
     exact (integers only; one layer's codes unpacked at a time), so a tq2 checkpoint can run with tq1's 20 %
     fewer weight bytes without quantizing again. The number of layers repacked. Not under CUDA graphs
     (they replay the old bytes' addresses) nor with a LoRA fused (unfuse() puts back the old bytes)."""
+    _check_model(model, "set_packing")
     if packing not in FORMATS:
         raise BitfluxError(f"unknown packing {packing!r}; choose one of {', '.join(FORMATS)}")
     if any(isinstance(m.forward, GraphedForward) for m in model.modules()):
@@ -128,6 +198,7 @@ def set_packing(model: nn.Module, packing: str) -> int:
         layer.weight_packed = formats.convert(layer.weight_packed, layer.in_features, layer.packing, packing)
         layer.packing = packing
     gather_fused(model)  # fused q/k/v: their new codes as one tensor's rows again
+    _update_recorded(model, format=packing)
     return len(layers)
 
 

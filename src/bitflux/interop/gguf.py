@@ -44,7 +44,7 @@ from ..checkpoint import (
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
-from ..surgery import quantize_, replace_module
+from ..surgery import quantize_, replace_module, ternary_config_of
 
 try:
     import gguf
@@ -175,19 +175,6 @@ def _dense_array(tensor: torch.Tensor, name: str):
     raise BitfluxError(f"{name}: dtype {tensor.dtype} has no GGUF counterpart here (float32/16, bfloat16)")
 
 
-def _ternary_config_of(model: nn.Module) -> TernaryConfig:
-    """The model's TernaryConfig when it carries one, else the storage facts read off its first layer."""
-    stored = getattr(model, "config", {}).get("quantization_config")
-    if stored:
-        return TernaryConfig.from_dict(dict(stored))
-    layer = next((m for m in model.modules() if isinstance(m, TernaryLinear)), None)
-    if layer is None:
-        raise BitfluxError("the model has no TernaryLinear layer: quantize it first")
-    return TernaryConfig(granularity=layer.granularity, group_size=layer.group_size or 128,
-                         scale_dtype=str(layer.weight_scale.dtype).removeprefix("torch."),
-                         activations=layer.activations, format=layer.packing)
-
-
 def _export_tensors(model: nn.Module, names: str):
     """-> ({weight name: (packed codes, block scales)}, {name: dense tensor}, packing) in the `names` layout.
 
@@ -247,7 +234,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
     writer = g.GGUFWriter(None, "flux")
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(g.LlamaFileType, f"MOSTLY_{type.upper()}"))
-    writer.add_string(_META_CONFIG, json.dumps(_ternary_config_of(model).to_dict()))
+    writer.add_string(_META_CONFIG, json.dumps(ternary_config_of(model).to_dict()))
     if hasattr(model, "config"):
         config = {k: v for k, v in dict(model.config).items()
                   if k != "quantization_config" and (not k.startswith("_") or k == "_class_name")}
