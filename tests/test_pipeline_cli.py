@@ -385,7 +385,12 @@ def test_loaded_transformers_compute_in_the_dtype_a_pipeline_for_the_device_does
     import torch
 
     from bitflux import BitfluxError, load_transformer
-    from bitflux.pipeline import demo_ternary_path, generate, load_pipeline, quantize_pipeline
+    from bitflux.pipeline import (
+        demo_ternary_path,
+        generate,
+        load_pipeline,
+        quantize_pipeline,
+    )
 
     path = demo_ternary_path(progress=False)
     assert load_transformer(path).dtype == torch.float32
