@@ -312,7 +312,7 @@ def test_hub_id_not_cached(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = _run(capsys, "quantize", "black-forest-labs/FLUX.1-dev", "-o", tmp_path / "out")
-    _assert_one_line_error(code, err, "not in the local Hugging Face cache", "huggingface-cli download")
+    _assert_one_line_error(code, err, "not in the local Hugging Face cache", "`hf download black-forest-labs/FLUX.1-dev`")
 
 
 def test_bad_granularity(tmp_path, tiny_folder, capsys):
@@ -489,3 +489,11 @@ def test_calibrate_refuses_a_workdir_that_the_output_would_replace(tmp_path, cap
                         "--workdir", workdir)
     _assert_one_line_error(code, err, "keep it apart from the output")
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_version(capsys):
+    from bitflux import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"bitflux {__version__}\n"

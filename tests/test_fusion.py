@@ -18,15 +18,11 @@ from bitflux import (
 )
 from bitflux.fusion import (
     FusedProjection,
-    _diffusers_reads_fused_flag,
     fuse_projections,
     gather_codes,
 )
 from bitflux.interop.lora import load_lora
 from bitflux.kernels import consecutive_rows, use_backend
-
-pytestmark = pytest.mark.skipif(not _diffusers_reads_fused_flag(),
-                                reason="this diffusers' FLUX attention does not read fused_projections")
 
 
 def ternary_tiny(granularity="tensor", fmt="tq2", activations="a16", seed=0):

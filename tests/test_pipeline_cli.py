@@ -368,7 +368,7 @@ def test_offload_needs_cuda():
 
 
 def test_loading_a_pipeline_passes_diffusers_the_keyword_it_wants():
-    """diffusers from 0.40 warns (FutureWarning) of `torch_dtype`, which the older versions in our range want."""
+    """diffusers from 0.40 warns (FutureWarning) of `torch_dtype`."""
     import warnings
 
     from bitflux.pipeline import demo_ternary_path, load_pipeline
@@ -401,3 +401,23 @@ def test_loaded_transformers_compute_in_the_dtype_a_pipeline_for_the_device_does
     generate(pipe, ["a red circle"], [0], steps=1, progress=False, release_transformer=True)
     with pytest.raises(BitfluxError, match="no transformer"):
         generate(pipe, ["a red circle"], [0], steps=1, progress=False)
+
+
+def test_a_kernel_that_cannot_run_here_is_said_before_the_run(tmp_path, capsys, monkeypatch):
+    """Without the compiled C kernel (no compiler at install): `--backend cpu` is an error naming why; the
+    default says it in one line before the run (not as a warning inside the progress bar) and goes on with the
+    reference backend."""
+    import warnings
+
+    from bitflux import kernels
+
+    monkeypatch.setitem(kernels._loaded, "cpu", None)
+    monkeypatch.setitem(kernels._unavailable, "cpu", "compiled library not found")
+    code, _, err = _run(capsys, "generate", "a red circle", "--backend", "cpu", "-o", tmp_path / "a.png")
+    assert code == 2 and err.strip() == ("bitflux: error: backend 'cpu' is not available here "
+                                         "(compiled library not found)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = _run(capsys, "generate", "a red circle", "--steps", "1", "-o", tmp_path / "a.png")
+    assert code == 0 and err.startswith("bitflux: backend 'cpu' is not available here (compiled library not found); "
+                                        "running on the reference backend\n")

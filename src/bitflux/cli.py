@@ -106,7 +106,7 @@ def _check_common(args) -> None:
     """Validate what generate/bench/eval share before any model is loaded, then quiet the libraries."""
     import torch
 
-    from .kernels import unavailable_reason
+    from .kernels import AUTO_ORDER, unavailable_reason
 
     if not 1 <= getattr(args, "steps", 1) <= MAX_STEPS:
         raise BitfluxError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
@@ -123,6 +123,10 @@ def _check_common(args) -> None:
     reason = unavailable_reason(args.backend, device)
     if reason:
         raise BitfluxError(reason)
+    if args.backend == "auto":  # said before the run, not as a warning in the middle of its progress bar
+        for name in AUTO_ORDER.get(device, []):
+            if why := unavailable_reason(name, device):
+                print(f"bitflux: {why}; running on the reference backend", file=sys.stderr)
     if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
         raise BitfluxError("--cuda-graph needs --device cuda")
     if getattr(args, "cuda_graph", False) and getattr(args, "compile", False):
@@ -278,7 +282,10 @@ CUDA_GRAPH_HELP = ("replay the transformer as CUDA graphs, captured at the first
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
+    parser.add_argument("-V", "--version", action="version", version=f"bitflux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a FLUX checkpoint to a bitflux folder")

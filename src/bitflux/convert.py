@@ -82,7 +82,7 @@ def from_hub_cache(repo_id: str) -> Path:
     except Exception:
         raise BitfluxError(
             f"{repo_id}: no such local path, and not in the local Hugging Face cache (bitflux never downloads at "
-            f"run time); fetch it first with `huggingface-cli download {repo_id}` or pass a local folder") from None
+            f"run time); fetch it first with `hf download {repo_id}` or pass a local folder") from None
 
 
 def _source_tensors(source: Source):

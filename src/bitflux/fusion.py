@@ -25,8 +25,6 @@ layers one by one, so that those run.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
@@ -165,24 +163,13 @@ def gather_fused(model: nn.Module) -> int:
     return gathered
 
 
-def _diffusers_reads_fused_flag() -> bool:
-    """diffusers' FLUX attention runs attn.to_qkv when attn.fused_projections is set (newer diffusers; older
-    ones switch processors instead, which this does not do)."""
-    try:
-        flux = importlib.import_module("diffusers.models.transformers.transformer_flux")
-    except ImportError:
-        return False
-    return hasattr(flux, "_get_fused_projections")
-
-
 def fuse_projections(model: nn.Module) -> int:
     """Run each attention's ternary q/k/v projections (and its added ones for the text tokens) as one GEMM.
-    Returns how many attention modules were fused; 0 with a diffusers too old to read `fused_projections`.
+    Returns how many attention modules were fused (diffusers' FLUX attention runs attn.to_qkv when
+    attn.fused_projections is set).
     The same codes, scales and per-token activation quantization as the separate layers: on the reference and
     cpu backends the same results (exactly, in the 8-bit modes); on a GPU the joined shape may take another
     strategy, whose sums round in another order."""
-    if not _diffusers_reads_fused_flag():
-        return 0
     fused = 0
     for module in model.modules():
         if getattr(module, "fused_projections", None) is not False:

@@ -25,15 +25,6 @@ def _flux_pipeline_class():
     return FluxPipeline
 
 
-def _dtype_keyword(dtype: torch.dtype) -> dict:
-    """diffusers' from_pretrained keyword for the dtype: `dtype` from 0.40 on, which warns of `torch_dtype` (the
-    only one older versions take)."""
-    from importlib.metadata import version
-
-    major_minor = tuple(int(part) for part in version("diffusers").split(".")[:2])
-    return {"dtype" if major_minor >= (0, 40) else "torch_dtype": dtype}
-
-
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
     """A ternary FluxTransformer2DModel from a bitflux folder or a GGUF file with ternary blocks. dtype: the
     unquantized parts' (default: default_dtype(device), as load_pipeline's: what a FluxPipeline loaded for the
@@ -77,8 +68,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
     (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never
     sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer call
-    (bitflux.fusion, with a diffusers whose FLUX attention reads `fused_projections`; diffusers'
-    `transformer.unfuse_qkv_projections()` undoes it).
+    (bitflux.fusion; diffusers' `transformer.unfuse_qkv_projections()` undoes it).
 
     text_encoders: True loads them as suits the device: on a CPU, T5 streamed from its checkpoint a block at a
     time at each encoding (bitflux.streaming: T5-XXL in ~1 GB instead of 9.5, for the same time there), and in
@@ -159,7 +149,7 @@ def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
     from safetensors import SafetensorError
 
     try:
-        pipe = _flux_pipeline_class().from_pretrained(str(root), **_dtype_keyword(dtype), local_files_only=True,
+        pipe = _flux_pipeline_class().from_pretrained(str(root), dtype=dtype, local_files_only=True,
                                                       **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None

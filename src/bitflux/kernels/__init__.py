@@ -34,7 +34,7 @@ from . import reference
 _BACKEND_MODULES = {"reference": "bitflux.kernels.reference"}
 AUTO_ORDER: dict[str, list[str]] = {}  # device type -> backend names, best first
 _loaded: dict[str, object] = {}
-_unavailable_said: set[str] = set()
+_unavailable: dict[str, str] = {}  # backend -> why it cannot run here
 _forced: list[str] = []
 
 
@@ -77,9 +77,9 @@ def get_backend(name: str):
         except Exception as exc:  # an import failure (no Triton, no compiled library) means "not here"
             module, reason = None, f"{type(exc).__name__}: {exc}"
         if reason is not None:
-            if name not in _unavailable_said:
-                _unavailable_said.add(name)
-                warnings.warn(f"bitflux: backend {name!r} unavailable ({reason}); using the reference backend")
+            _unavailable[name] = reason
+            warnings.warn(f"bitflux: backend {name!r} unavailable ({reason}); using the reference backend",
+                          stacklevel=2)
             module = None
         _loaded[name] = module
     return _loaded[name]
@@ -91,9 +91,10 @@ def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
         return None
     if name in _BACKEND_DEVICE and _BACKEND_DEVICE[name] != device_type:
         return f"backend {name!r} runs on {_BACKEND_DEVICE[name]} tensors, not {device_type}"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # said here instead, and not again (get_backend says it once)
         warnings.simplefilter("ignore")
-        return None if get_backend(name) is not None else f"backend {name!r} is not available on this machine"
+        get_backend(name)
+    return None if _loaded[name] is not None else f"backend {name!r} is not available here ({_unavailable[name]})"
 
 
 @contextlib.contextmanager

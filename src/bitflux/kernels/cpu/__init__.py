@@ -39,6 +39,8 @@ def supported_isas() -> list[str]:
 
 def current_isa() -> str:
     """The forced ISA (use_isa, else $BITFLUX_CPU_ISA), else the best this CPU supports."""
+    if _lib is None:
+        raise BitfluxError(f"the cpu kernel is not available ({_load_error})")
     name = _forced_isa[-1] if _forced_isa else os.environ.get("BITFLUX_CPU_ISA") or _SUPPORTED_ISAS[-1]
     if name not in _SUPPORTED_ISAS:
         raise BitfluxError(f"cpu kernel ISA {name!r} is not supported here; choose one of {', '.join(supported_isas())}")
