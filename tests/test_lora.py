@@ -108,6 +108,26 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity, fmt):
         assert torch.equal(layer(x), base)
 
 
+def test_unfuse_after_a_dtype_move_gives_the_layers_back_in_the_models_dtype():
+    """fuse(), then model.to(bfloat16), then unfuse(): the saved buffers come back as the move made the rest
+    (a dense weight left in fp32 beside a bf16 bias would not even run)."""
+    model = ternary_holder(24, 40)
+    model.dense = nn.Linear(40, 24)
+    ternary_scale, dense_weight = model.layer.weight_scale.clone(), model.dense.weight.detach().clone()
+    down, up = lora_pair(24, 40)
+    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up,
+                                "dense.lora_A.weight": down, "dense.lora_B.weight": up}, dtype=torch.float32)
+    adapter.fuse()
+    model.to(torch.bfloat16)
+    adapter.unfuse()
+    assert torch.equal(model.layer.weight_scale, ternary_scale.to(torch.bfloat16))
+    assert torch.equal(model.dense.weight, dense_weight.to(torch.bfloat16))
+    adapter.remove()
+    x = torch.randn(2, 40, dtype=torch.bfloat16)
+    with use_backend("reference"):
+        assert model.layer(x).dtype == model.dense(x).dtype == torch.bfloat16
+
+
 def test_repacking_waits_for_fused_loras():
     """unfuse() puts back the bytes fuse() saved, in the packing they had: no repacking in between."""
     model = ternary_holder(24, 40)

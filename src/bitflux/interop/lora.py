@@ -123,7 +123,8 @@ class LoraAdapter(nn.Module):
 
     @torch.no_grad()
     def unfuse(self) -> None:
-        """Put back the exact buffers the layers had before fuse()."""
+        """Put back the buffers the layers had before fuse(): exactly, or as the model's moves since (.to(dtype),
+        .to(device)) would have made them."""
         if not self.fused:
             raise BitfluxError("this LoRA is not fused")
         for name in self.names:
@@ -132,9 +133,11 @@ class LoraAdapter(nn.Module):
         for name in self.names:
             layer = self._layers[name]
             if isinstance(layer, TernaryLinear):
-                layer.weight_packed, layer.weight_scale = self._saved.pop(name)
+                packed, scales = self._saved.pop(name)
+                layer.weight_packed, layer.weight_scale = packed.to(layer.weight_packed.device), scales.to(layer.weight_scale)
             else:
-                (layer.weight.data,) = self._saved.pop(name)
+                (weight,) = self._saved.pop(name)
+                layer.weight.data = weight.to(layer.weight)
             layer.__dict__["_bitflux_fused"].pop()
         self.fused = False
 
