@@ -91,7 +91,7 @@ class TernaryLinear(nn.Module):
         return formats.unpack(self.weight_packed, self.in_features, self.packing)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight this layer computes with (for tests, fusing and export)."""
+        """The dense weight this layer computes with (for tests and LoRA fusing)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return reference.dequantize(self.ternary_weight, dtype)
 

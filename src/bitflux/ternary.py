@@ -104,7 +104,7 @@ def expand_scales(scales: torch.Tensor, in_features: int, group_size: int | None
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None = None, dtype=torch.float32):
     """codes * scales as a dense (out, in) weight of `dtype`."""
-    return (codes.to(dtype) * expand_scales(scales, codes.shape[1], group_size).to(dtype)).to(dtype)
+    return codes.to(dtype) * expand_scales(scales, codes.shape[1], group_size).to(dtype)
 
 
 def relative_error(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size=None) -> float:

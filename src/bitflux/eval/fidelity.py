@@ -37,8 +37,12 @@ def ssim(a, b, window: int = 11, sigma: float = 1.5) -> float:
 
 
 def fidelity(reference_images, images) -> dict:
-    """Mean PSNR (finite pairs) and SSIM of images against same-seed reference images."""
-    psnrs = [psnr(r, i) for r, i in zip(reference_images, images)]
+    """Mean PSNR and SSIM of images against same-seed reference images (mean_fidelity)."""
+    return mean_fidelity([psnr(r, i) for r, i in zip(reference_images, images)],
+                         [ssim(r, i) for r, i in zip(reference_images, images)])
+
+
+def mean_fidelity(psnrs: list[float], ssims: list[float]) -> dict:
+    """{"psnr": the mean of the finite PSNRs (identical pairs have none; inf if all are), "ssim": the mean}."""
     finite = [p for p in psnrs if np.isfinite(p)]
-    return {"psnr": float(np.mean(finite)) if finite else float("inf"),
-            "ssim": float(np.mean([ssim(r, i) for r, i in zip(reference_images, images)]))}
+    return {"psnr": float(np.mean(finite)) if finite else float("inf"), "ssim": float(np.mean(ssims))}

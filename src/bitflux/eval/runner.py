@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..errors import BitfluxError
 from . import shapeeval
-from .fidelity import psnr, ssim
+from .fidelity import mean_fidelity, psnr, ssim
 
 GRID_PROMPTS = 12  # first prompts of each category shown in the grid, two per category
 
@@ -84,9 +84,7 @@ def evaluate_variants(build_pipeline, variants: list[str], seeds=(0,), per_categ
                 if name != "fp":
                     difference, stderr = shapeeval.paired_difference(records, results["fp"]["records"])
                     summary["vs_fp"] = {"difference": difference, "stderr": stderr}
-                    finite = [r["psnr"] for r in records if np.isfinite(r["psnr"])]
-                    summary["psnr"] = float(np.mean(finite)) if finite else float("inf")
-                    summary["ssim"] = float(np.mean([r["ssim"] for r in records]))
+                    summary.update(mean_fidelity([r["psnr"] for r in records], [r["ssim"] for r in records]))
                 summary["grid"] = {k: v for _, part in gathered for k, v in part.items()}
                 results[name] = summary
         return results if rank == 0 else {}

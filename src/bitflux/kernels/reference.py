@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import formats
-from ..ternary import expand_scales
+from .. import formats, ternary
 
 NAME = "reference"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -19,7 +18,7 @@ def supports(x, weight, activations) -> bool:
 
 def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     codes = formats.unpack(weight.packed, weight.in_features, weight.packing)
-    return codes.to(dtype) * expand_scales(weight.scales, weight.in_features, weight.group_size).to(dtype)
+    return ternary.dequantize(codes, weight.scales, weight.group_size, dtype)
 
 
 def quantize_activations(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
