@@ -82,11 +82,18 @@ _SINGLE_RENAMES = {
     "modulation.lin": "norm.linear", "linear2": "proj_out",
     "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight",
 }
+_LINEAR1_PARTS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # a single block's linear1 rows, in order
+_FUSED = {**_DOUBLE_FUSED, "linear1": _LINEAR1_PARTS}  # every original fused tensor -> its parts, in row order
+# diffusers names -> original ones
+_GLOBAL_ORIGINAL = {v: k for k, v in _GLOBAL_RENAMES.items()}
+_DOUBLE_ORIGINAL = {v: k for k, v in _DOUBLE_RENAMES.items()}
+_SINGLE_ORIGINAL = {v: k for k, v in _SINGLE_RENAMES.items()}
 _BLOCK_KEY = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
+_DIFFUSERS_BLOCK_KEY = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def strip_original_prefix(key: str) -> str:
-    return key[len(_ORIGINAL_PREFIX):] if key.startswith(_ORIGINAL_PREFIX) else key
+    return key.removeprefix(_ORIGINAL_PREFIX)
 
 
 def is_original_layout(keys) -> bool:
@@ -139,8 +146,7 @@ def convert_original_tensor(key: str, tensor: torch.Tensor, width: int) -> dict[
             raise BitfluxError(f"tensor {key!r} has {tensor.shape[0]} rows: a single block's linear1 holds q, k, v "
                                f"({width} rows each) and the MLP's input projection")
         parts = torch.split(tensor, [width, width, width, tensor.shape[0] - 3 * width], dim=0)
-        return {f"{prefix}{name}.{param}": part
-                for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts)}
+        return {f"{prefix}{name}.{param}": part for name, part in zip(_LINEAR1_PARTS, parts)}
     else:
         new = _rename(suffix, _SINGLE_RENAMES)
     if new is None:
@@ -182,13 +188,12 @@ def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     Tensors without a counterpart (e.g. bitflux's packed codes) are refused; the caller converts dense
     tensors. Fused q/k/v and linear1 are concatenated along rows again.
     """
-    renames = {**{v: k for k, v in _GLOBAL_RENAMES.items()}}
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}  # fused original name -> parts by diffusers name
     for key, tensor in state.items():
-        match = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", key)
+        match = _DIFFUSERS_BLOCK_KEY.match(key)
         if match is None:
-            new = _rename(key, renames)
+            new = _rename(key, _GLOBAL_ORIGINAL)
             if new is None:
                 raise BitfluxError(f"no original FLUX name for {key!r}")
             out[new] = _swap_halves(tensor) if new.startswith("final_layer.adaLN_modulation.1") else tensor
@@ -201,19 +206,17 @@ def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             if fused is not None:
                 pending.setdefault(f"{prefix}{fused}.{param}", {})[layer] = tensor
                 continue
-            new = _rename(suffix, {v: k for k, v in _DOUBLE_RENAMES.items()})
+            new = _rename(suffix, _DOUBLE_ORIGINAL)
         else:
             prefix = f"single_blocks.{index}."
-            if layer in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+            if layer in _LINEAR1_PARTS:
                 pending.setdefault(f"{prefix}linear1.{param}", {})[layer] = tensor
                 continue
-            new = _rename(suffix, {v: k for k, v in _SINGLE_RENAMES.items()})
+            new = _rename(suffix, _SINGLE_ORIGINAL)
         if new is None:
             raise BitfluxError(f"no original FLUX name for {key!r}")
         out[prefix + new] = tensor
-    order = {"img_attn.qkv": _DOUBLE_FUSED["img_attn.qkv"], "txt_attn.qkv": _DOUBLE_FUSED["txt_attn.qkv"],
-             "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
     for name, parts in pending.items():
         fused = name.split(".", 2)[2].rpartition(".")[0]
-        out[name] = torch.cat([parts[p] for p in order[fused]], dim=0)
+        out[name] = torch.cat([parts[p] for p in _FUSED[fused]], dim=0)
     return out
