@@ -31,8 +31,11 @@ from .flux import build_transformer, check_flux_config
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 512 * 2**20  # bounds the memory a writer holds at once
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# safetensors' dtype names -> the torch dtypes read; the byte sizes of those and of the ones only sized
+TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+                "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64,
+                "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPE_BYTES = {**{name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8}
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -104,11 +107,6 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-                 "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64,
-                 "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer: torch.Tensor | None = None):
     """(name, tensor) one at a time (only those in `names`, if given), read with plain file reads rather than a
     memory map: mapped pages of a 24 GB file would count towards resident memory, and this keeps one source
@@ -121,7 +119,7 @@ def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer
             for name, info in header.items():
                 if name == "__metadata__" or (names is not None and name not in names):
                     continue
-                if info["dtype"] not in _TORCH_DTYPES:
+                if info["dtype"] not in TORCH_DTYPES:
                     raise BitfluxError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 begin, end = info["data_offsets"]
                 fits = buffer is not None and buffer.numel() >= end - begin
@@ -129,7 +127,7 @@ def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer
                 f.seek(data_start + begin)
                 if f.readinto(data.numpy()) != end - begin:
                     raise BitfluxError(f"{file}: truncated while reading {name!r}")
-                yield name, data.view(_TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
+                yield name, data.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def read_config(folder: Path) -> dict:

@@ -12,7 +12,7 @@ _EPS = 1e-8
 _LSQ_MAX_ITERS = 30
 
 
-def _grouped(weight: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
+def grouped(weight: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
     """View the weight as (rows, groups, elements) so every scale reduces over the last dimension."""
     out_features, in_features = weight.shape
     if granularity == "tensor":
@@ -88,7 +88,7 @@ def ternarize(
     if granularity == "group" and not group_size:
         raise ValueError("granularity 'group' needs a group_size")
     out_features, in_features = weight.shape
-    groups = _grouped(weight.float(), granularity, group_size)
+    groups = grouped(weight.float(), granularity, group_size)
     counts = _group_counts(in_features, granularity, group_size, weight.device)
     codes, scale = _METHODS[method](groups, counts, granularity)
     codes = codes.reshape(out_features, -1)[:, :in_features] if granularity == "group" else codes.reshape(weight.shape)

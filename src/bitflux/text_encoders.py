@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
-    _TORCH_DTYPES,
+    TORCH_DTYPES,
     parse_json_object,
     read_config,
     read_safetensors_header,
@@ -37,7 +37,7 @@ from .checkpoint import (
     weight_files,
 )
 from .errors import BitfluxError
-from .kernels import _version
+from .kernels import tensor_version
 from .streaming import check_stored, load_outside, stream_blocks
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # FluxPipeline's: CLIP-L and T5-XXL
@@ -61,7 +61,7 @@ class NarrowLinear(nn.Linear):
             raise AttributeError("weight")  # while nn.Linear registers it, hasattr must see none
         if (torch.is_grad_enabled() and stored.requires_grad) or torch.compiler.is_compiling():
             return stored.to(self.wide.dtype)  # not shared between calls: an autograd graph's, a traced one
-        key = (id(stored), stored.device, stored.data_ptr(), _version(stored), self.wide.dtype)
+        key = (id(stored), stored.device, stored.data_ptr(), tensor_version(stored), self.wide.dtype)
         layer, latest_key, widened = NarrowLinear.latest  # one read: another thread may replace it
         if layer is None or layer() is not self or latest_key != key:
             NarrowLinear.latest = (None, None, None)  # the previous wide copy goes before the next is made
@@ -98,7 +98,7 @@ def checkpoint_dtype(folder: Path) -> torch.dtype | None:
     """The one floating dtype of a model folder's safetensors weights, or None (none, or several)."""
     dtypes = {info["dtype"] for file in weight_files(folder)
               for name, info in read_safetensors_header(file).items() if name != "__metadata__"}
-    floating = {_TORCH_DTYPES.get(name) for name in dtypes} - {None}
+    floating = {TORCH_DTYPES.get(name) for name in dtypes} - {None}
     floating = {dtype for dtype in floating if dtype.is_floating_point}
     return floating.pop() if len(floating) == 1 else None
 

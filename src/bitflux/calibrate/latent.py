@@ -15,15 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..kernels import reference
 from ..linear import TernaryLinear
 from ..surgery import is_target, replace_module
-from tqdm import tqdm
-
-from ..ternary import _grouped, expand_scales, ternarize
+from ..ternary import expand_scales, grouped, ternarize
 
 _EPS = 1e-8
 
@@ -34,8 +33,8 @@ def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, g
     absmean, twn and lsq all zero the weights below a magnitude threshold t and keep the sign of the
     rest; d = 2t reproduces that, with t halfway between the largest zeroed and the smallest kept |w|.
     """
-    magnitude = _grouped(weight.float().abs(), granularity, group_size)
-    kept = _grouped(codes.float().abs(), granularity, group_size) > 0
+    magnitude = grouped(weight.float().abs(), granularity, group_size)
+    kept = grouped(codes.float().abs(), granularity, group_size) > 0
     largest_zeroed = torch.where(kept, 0.0, magnitude).amax(-1)
     smallest_kept = torch.where(kept, magnitude, torch.inf).amin(-1)
     # A group with no kept weight needs d > 2 max|w|; one with no zeroed weight, d <= min|w|.

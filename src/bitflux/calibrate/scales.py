@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ternary import _grouped, dequantize, ternarize
+from ..ternary import dequantize, grouped, ternarize
 
 # GPTQ's dampening: adding 1 % of the mean diagonal keeps G well conditioned when some input features
 # never vary, and pulls the solution slightly towards the weight-space (plain) scales.
@@ -62,12 +62,12 @@ def solve_scales(weight: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, 
         denominator = (t * (t @ gram)).sum(dims)
         return (numerator / denominator.clamp_min(1e-30)).reshape(-1, 1)
     # Per group: A[r, g, h] = t_rg^T G_gh t_rh and b[r, g] = t_rg^T (G w_r)_g, one G x G system per row.
-    t_groups = _grouped(t, "group", group_size)  # (out, groups, size)
+    t_groups = grouped(t, "group", group_size)  # (out, groups, size)
     n_groups = t_groups.shape[1]
     padded = n_groups * group_size
     g = torch.nn.functional.pad(gram, (0, padded - gram.shape[0], 0, padded - gram.shape[0]))
     g = g.reshape(n_groups, group_size, n_groups, group_size)
-    b = (t_groups * _grouped(w @ gram, "group", group_size)).sum(-1)
+    b = (t_groups * grouped(w @ gram, "group", group_size)).sum(-1)
     rows = max(1, _CHUNK_ELEMENTS // (padded * n_groups))
     a = torch.cat([torch.einsum("rgi,rgih->rgh", chunk, torch.einsum("gihj,rhj->rgih", g, chunk))
                    for chunk in t_groups.split(rows)])

@@ -134,7 +134,8 @@ class LoraAdapter(nn.Module):
             layer = self._layers[name]
             if isinstance(layer, TernaryLinear):
                 packed, scales = self._saved.pop(name)
-                layer.weight_packed, layer.weight_scale = packed.to(layer.weight_packed.device), scales.to(layer.weight_scale)
+                layer.weight_packed = packed.to(layer.weight_packed.device)
+                layer.weight_scale = scales.to(layer.weight_scale)
             else:
                 (weight,) = self._saved.pop(name)
                 layer.weight.data = weight.to(layer.weight)

@@ -136,7 +136,7 @@ def needs_gradient(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
-def _version(tensor: torch.Tensor) -> int:
+def tensor_version(tensor: torch.Tensor) -> int:
     # Tensors made under torch.inference_mode() keep no version counter: in-place writes to them are not seen
     # here (TernaryLinear's load_state_dict calls forget_prepared itself).
     return 0 if tensor.is_inference() else tensor._version
@@ -149,10 +149,10 @@ _prepared = WeakIdKeyDictionary()
 
 def _cached(cache: WeakIdKeyDictionary, owner: torch.Tensor, sources: tuple[torch.Tensor, ...], make, tag=None):
     """make(), kept in cache under owner (weakly: freed with it) and made again when one of `sources` is
-    replaced, swapped (`.data =`: data_ptr) or written in place (_version), or `tag` changes. Identity is checked
+    replaced, swapped (`.data =`: data_ptr) or written in place (tensor_version), or `tag` changes. Identity is checked
     as well as the address, as a new tensor can take a freed one's address. Writes that bump no version (to
     inference tensors, through `.data`) are not seen: forget_prepared."""
-    key = (tag, *((t.data_ptr(), _version(t)) for t in sources))
+    key = (tag, *((t.data_ptr(), tensor_version(t)) for t in sources))
     entry = cache.get(owner)
     if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], sources)):
         entry = (key, [weakref.ref(t) for t in sources], make())
@@ -161,7 +161,7 @@ def _cached(cache: WeakIdKeyDictionary, owner: torch.Tensor, sources: tuple[torc
 
 
 def forget_prepared(packed: torch.Tensor) -> None:
-    """Drop what was prepared from these bytes (before they are written in place, where _version cannot see
+    """Drop what was prepared from these bytes (before they are written in place, where tensor_version cannot see
     it: tensors made under inference_mode)."""
     _prepared.pop(packed, None)
     if packed._base is not None:  # rows of a concatenation (ternary_linear_rows): its entries go too
