@@ -204,10 +204,15 @@ def stored_tensors(name: str, module, fmt: str, scale_dtype: torch.dtype | None 
     return tensors
 
 
+def architecture_config(model_config: dict) -> dict:
+    """A transformer config's architecture: no quantization_config, no private keys but _class_name."""
+    config = {k: v for k, v in dict(model_config).items()
+              if k != "quantization_config" and (not k.startswith("_") or k == "_class_name")}
+    return {**config, "_class_name": model_config.get("_class_name", "FluxTransformer2DModel")}
+
+
 def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None:
-    config = {k: v for k, v in dict(model_config).items() if not k.startswith("_") or k in ("_class_name",)}
-    config["_class_name"] = model_config.get("_class_name", "FluxTransformer2DModel")
-    config["quantization_config"] = quant.to_dict()
+    config = {**architecture_config(model_config), "quantization_config": quant.to_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
 
 

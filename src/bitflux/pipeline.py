@@ -422,7 +422,7 @@ def variant_config(name: str) -> TernaryConfig:
             fields["granularity"] = option
         elif option.startswith("group") and option[5:].isdigit():
             fields.update(granularity="group", group_size=int(option[5:]))
-        elif option in ("a16", "a8", "fp8"):
+        elif option in ACTIVATIONS:
             fields["activations"] = option
         else:
             raise BitfluxError(f"unknown variant option {option!r} in {name!r}; expected tensor, channel, groupN, "

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .. import flux, formats
 from ..checkpoint import (
+    architecture_config,
     check_output_apart,
     load_transformer,
     parse_json_object,
@@ -236,9 +237,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
     writer.add_file_type(getattr(g.LlamaFileType, f"MOSTLY_{type.upper()}"))
     writer.add_string(_META_CONFIG, json.dumps(ternary_config_of(model).to_dict()))
     if hasattr(model, "config"):
-        config = {k: v for k, v in dict(model.config).items()
-                  if k != "quantization_config" and (not k.startswith("_") or k == "_class_name")}
-        writer.add_string(_META_TRANSFORMER, json.dumps(config, default=list))
+        writer.add_string(_META_TRANSFORMER, json.dumps(architecture_config(model.config), default=list))
     total = 0
     for name, (packed, scales) in ternary.items():
         shape = (packed.shape[0], scales.shape[1] * _block_bytes(qtype))
