@@ -23,14 +23,8 @@ def peak_resident_bytes() -> int:
     """The largest resident set size of this process so far: Linux's VmHWM, the peak of this process's own
     memory. (getrusage's ru_maxrss is not: a child started by exec inherits its parent's peak there, so a
     small child of a large parent reports the parent's figure.) ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kilobytes = _read_number("/proc/self/status", "VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kilobytes * 1024
 
 
 def available_memory(device) -> int:

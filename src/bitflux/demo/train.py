@@ -290,6 +290,14 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
+def flow_noised(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow's training input for packed latents x0: (sigma ~ sigmoid(N(0, 1)) a sample, noise,
+    x_t = (1 - sigma) x0 + sigma noise); the velocity to learn is noise - x0."""
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen, device=x0.device))
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+    return sigma, noise, (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+
+
 def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: float) -> dict:
     from diffusers import FluxPipeline
 
@@ -364,9 +372,7 @@ def train_transformer(args, cfg: DemoConfig, device: torch.device, seconds: floa
             with autocast(device):
                 z = vae.encode(x).latent_dist.sample(generator=gen).float()
             x0 = pack((z - shift) * scale)
-            sigma = torch.sigmoid(torch.randn(B, generator=gen, device=device))
-            noise = torch.randn(x0.shape, generator=gen, device=device)
-            xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+            sigma, noise, xt = flow_noised(x0, gen)
             if distill:
                 # Guidance scale: 1 a fifth of the time, else uniform in [1, 6].
                 g = 1 + 5 * torch.rand(B, generator=gen, device=device)

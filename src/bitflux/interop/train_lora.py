@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..checkpoint import write_atomic
 from ..config import TernaryConfig
 from ..demo import scenes as S
-from ..demo.train import Denoiser, lr_at, pack
+from ..demo.train import Denoiser, flow_noised, lr_at, pack
 from ..errors import BitfluxError
 from ..surgery import target_names
 from .lora import LoraAdapter, LoraBranch
@@ -113,9 +113,7 @@ class FlowBatches:
     def __call__(self):
         pick = torch.randint(0, len(self.latents), (self.batch,), generator=self.gen)
         x0 = self.latents[pick]
-        sigma = torch.sigmoid(torch.randn(self.batch, generator=self.gen))
-        noise = torch.randn(x0.shape, generator=self.gen)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        sigma, noise, xt = flow_noised(x0, self.gen)
         return self.ids[pick], xt, sigma, noise - x0
 
 
