@@ -57,7 +57,7 @@ def render(log: dict, shapeeval: dict | None, seconds: float, pictures: dict[str
         "from diffusers import FluxPipeline",
         "from bitflux import demo_model_path",
         "",
-        "pipe = FluxPipeline.from_pretrained(demo_model_path(), torch_dtype=torch.float32)",
+        "pipe = FluxPipeline.from_pretrained(demo_model_path(), dtype=torch.float32)",
         'image = pipe("a yellow square to the left of a purple circle", height=64, width=64,',
         f"             num_inference_steps=20, guidance_scale=3.5, max_sequence_length={MAX_TEXT_TOKENS}).images[0]",
         "```",
@@ -139,7 +139,9 @@ def render(log: dict, shapeeval: dict | None, seconds: float, pictures: dict[str
     if shapeeval:
         lines += [
             f"`{shapeeval['version']}`: {shapeeval['n_images']} images (48 prompts per category x seeds "
-            f"{shapeeval['seeds']}), 20 steps, guidance {log.get('shapeeval', {}).get('guidance_scale', 3.5)}.",
+            f"{shapeeval['seeds']}), 20 steps, guidance {log.get('shapeeval', {}).get('guidance_scale', 3.5)}, "
+            f"scored by the training run on {log.get('device_name', 'its device')} (`bitflux eval` on a CPU, where "
+            "the README's and BENCHMARKS.md's figures come from, rounds differently and scores a little apart).",
             "",
             "| category | score |",
             "| --- | --- |",
@@ -156,7 +158,8 @@ def render(log: dict, shapeeval: dict | None, seconds: float, pictures: dict[str
         "",
         f"- Training time: {(vae['elapsed'] + tr['elapsed']) / 60:.1f} minutes in all on {log['device_name']}; the"
         " transformer loss was still falling when the budget ran out (see the curve).",
-        "- Size: the package ships at most 25 MB, so the transformer has 9 M parameters at width 256.",
+        "- Size: the demo pipeline ships in at most 25 MB (beside its 4.6 MB calibrated ternary transformer), so "
+        "the transformer has 9 M parameters at width 256.",
         "- Resolution: 64x64 pixels are 8x8 latents and 16 image tokens; a 16-px object is two latent pixels"
         " wide, so crowded scenes (four objects) are the hardest to draw apart and count.",
     ]
