@@ -111,7 +111,7 @@ class TernaryLinear(nn.Module):
             # in_features <= 4, where tq2 and tq1 rows are both one byte).
             raise BitfluxError(f"{prefix}weight_packed has shape {tuple(packed.shape)}; this {self.packing} layer "
                                f"({self.in_features} inputs) takes {expected}: repack the codes with formats.convert")
-        # The buffers are written in place: what a backend prepared from them must go (kernels._version sees
+        # The buffers are written in place: what a backend prepared from them must go (kernels.tensor_version sees
         # in-place writes, except to tensors made under inference_mode).
         forget_prepared(self.weight_packed)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
