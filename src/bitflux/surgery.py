@@ -83,13 +83,13 @@ def target_names(model: nn.Module, config: TernaryConfig) -> list[str]:
     return [name for name, module in model.named_modules() if is_target(name, module, config)]
 
 
-@torch.no_grad()
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """root's submodule `name` (dotted) replaced by `module`."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name), child, module)
 
 
+@torch.no_grad()
 def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> QuantizationReport:
     """Replace every targeted nn.Linear by a TernaryLinear (meta modules stay on meta, without weights). A
     diffusers model records the config as its config's quantization_config, so that its save_pretrained folder
