@@ -156,3 +156,9 @@ def test_a_pattern_given_as_a_string_is_one_pattern():
                                  for layer in report.layers)
     with pytest.raises(BitfluxError, match="group_size=64"):
         TernaryConfig(granularity="group:64")
+
+
+def test_quantized_buffers_hold_no_autograd_history():
+    model = build_tiny()  # its parameters require gradients
+    quantize_(model, TernaryConfig(method="lsq", granularity="channel"))
+    assert all(buffer.grad_fn is None and not buffer.requires_grad for buffer in model.buffers())
