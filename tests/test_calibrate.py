@@ -525,37 +525,57 @@ def test_quantize_calibrated_with_the_onpolicy_stage_on_a_gpu(tmp_path):
     assert report.peak_device_bytes > 0
 
 
+def _source(weights="these weights"):
+    """What check_workdir reads of a calibration source: its config and its weights' fingerprint."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=TINY_CONFIG, fingerprint=lambda: weights)
+
+
 def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):
     """Workdirs before layout 2 saved blocks with tq2 codes whatever the format: not resumed into tq1 layers."""
     from bitflux.calibrate import check_workdir
 
     config, calib = TernaryConfig(format="tq1"), CalibrationConfig()
-    workdir = check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
+    workdir = check_workdir(tmp_path, config, calib, _source(), ["a red circle"])
     manifest = workdir / "manifest.json"
     earlier = json.loads(manifest.read_text())
     del earlier["workdir"]
     manifest.write_text(json.dumps(earlier))
-    with pytest.raises(BitfluxError, match="other settings"):
-        check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
+    with pytest.raises(BitfluxError, match="holds a calibration run of other workdir layout"):
+        check_workdir(tmp_path, config, calib, _source(), ["a red circle"])
 
 
 def test_a_workdir_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
     from bitflux.calibrate import check_workdir
 
     config, calib = TernaryConfig(), CalibrationConfig()
-    manifest = check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"]) / "manifest.json"
+    manifest = check_workdir(tmp_path, config, calib, _source(), ["a red circle"]) / "manifest.json"
     earlier = json.loads(manifest.read_text())
     del earlier["calibration"]["onpolicy_steps"], earlier["calibration"]["onpolicy_rounds"]
     manifest.write_text(json.dumps(earlier))
-    check_workdir(tmp_path, config, calib, TINY_CONFIG, ["a red circle"])
-    with pytest.raises(BitfluxError, match="other settings"):
-        check_workdir(tmp_path, config, CalibrationConfig(onpolicy_steps=7), TINY_CONFIG, ["a red circle"])
+    check_workdir(tmp_path, config, calib, _source(), ["a red circle"])
+    with pytest.raises(BitfluxError, match=r"of other calibration onpolicy_steps \(\d+, now 7\)"):
+        check_workdir(tmp_path, config, CalibrationConfig(onpolicy_steps=7), _source(), ["a red circle"])
+
+
+def test_a_workdir_of_other_weights_of_the_same_architecture_is_refused(tmp_path, tiny_folder):
+    """Same config and prompts, other weights (a fine-tune): the workdir's blocks are not the source's. The same
+    weights are the same whether a folder or a model in memory holds them."""
+    from bitflux.calibrate import check_workdir
+    from bitflux.calibrate.sources import FolderSource, ModelSource
+
+    config, calib, prompts = TernaryConfig(), CalibrationConfig(), ["a red circle"]
+    check_workdir(tmp_path / "wd", config, calib, FolderSource(tiny_folder), prompts)
+    check_workdir(tmp_path / "wd", config, calib, ModelSource(build_tiny()), prompts)  # the same: resumed
+    with pytest.raises(BitfluxError, match="of other source weights"):
+        check_workdir(tmp_path / "wd", config, calib, ModelSource(build_tiny(seed=1)), prompts)
 
 
 def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):
     from bitflux.calibrate import check_workdir
 
-    args = (TernaryConfig(), CalibrationConfig(), {"num_layers": 1}, ["a prompt"])
+    args = (TernaryConfig(), CalibrationConfig(), _source(), ["a prompt"])
     (tmp_path / "file").write_text("x")
     with pytest.raises(BitfluxError, match="cannot be a folder"):
         check_workdir(tmp_path / "file", *args)

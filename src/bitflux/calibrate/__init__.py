@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import write_text_atomic
+from ..checkpoint import architecture_config, write_text_atomic
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..flux import build_transformer
@@ -74,13 +74,14 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
-def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig, model_config: dict,
+def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig, source,
                   prompts: list[str]) -> Path:
-    """A workdir belongs to one run: its manifest must match before anything in it is reused."""
+    """A workdir belongs to one run (settings, prompts, the source's weights): its manifest must match before
+    anything in it is reused."""
     workdir = Path(workdir)
     # workdir 2: the saved blocks hold their codes in the config's format (1: always tq2)
     manifest = {"workdir": 2, "ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
-                "calibration": calib.to_dict(), "model": model_config,
+                "calibration": calib.to_dict(), "model": architecture_config(source.config), "weights": source.fingerprint(),
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
     try:
@@ -100,10 +101,31 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
                                 **saved.get("calibration", {})}
         # a round of the onpolicy stage does not depend on how many follow it: a workdir takes more rounds or fewer
         saved["calibration"]["onpolicy_rounds"] = calib.onpolicy_rounds
-        if saved != json.loads(text):
-            raise BitfluxError(f"{workdir} holds a calibration run with other settings; use a new --workdir or empty it")
+        # workdirs written before the weights were recorded, and with the config's private keys
+        saved.setdefault("weights", manifest["weights"])
+        saved["model"] = json.loads(json.dumps(architecture_config(saved.get("model", {})), default=list))
+        differences = _differences(saved, json.loads(text))
+        if differences:
+            raise BitfluxError(f"{workdir} holds a calibration run of other {', '.join(differences)}; use a new "
+                               "--workdir or empty it")
     write_text_atomic(path, text)  # a resumed run's too: the manifest says how many rounds the workdir now holds
     return workdir
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """What differs between two manifests, as the error names it: settings by name, then the rest."""
+    named = {"weights": "source weights (same architecture)", "prompts_sha256": "prompts", "model": "architecture",
+             "workdir": "workdir layout (an earlier bitflux's)"}
+    found = []
+    for key, value in current.items():
+        if saved.get(key) == value:
+            continue
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            found += [f"{key} {name} ({saved[key].get(name)!r}, now {value[name]!r})"
+                      for name in value if saved[key].get(name) != value[name]]
+        else:
+            found.append(named.get(key, key))
+    return found
 
 
 @contextlib.contextmanager
@@ -212,7 +234,7 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
     device = torch.device(device or pipeline._execution_device)
     source = FolderSource(source) if source is not None else ModelSource(pipeline.transformer)
     if workdir is not None:
-        workdir = check_workdir(workdir, config, calib, source.config, prompts)
+        workdir = check_workdir(workdir, config, calib, source, prompts)
     with measured(CalibrationReport(calib.stages), device) as report:
         teacher = teacher_data(pipeline, prompts, calib, workdir, progress, report)
         model, report = calibrate_transformer(

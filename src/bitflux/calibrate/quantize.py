@@ -77,7 +77,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         report.teacher_streamed = not list(pipe.transformer.transformer_blocks.parameters())
         calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
         if workdir is not None:
-            workdir = check_workdir(workdir, config, calib, transformer_source.config, prompts)
+            workdir = check_workdir(workdir, config, calib, transformer_source, prompts)
 
         def encode(batch, length):
             return encode_prompts(root, batch, device, dtype, length)

@@ -4,6 +4,8 @@ whole full-precision transformer beside the student."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,6 +17,16 @@ from .. import checkpoint
 from ..flux import build_transformer, check_flux_config
 
 
+def weights_fingerprint(first_values) -> str:
+    """Which weights these are, whoever holds them (a calibration workdir belongs to them): a hash of every
+    tensor's name and first 64 values in fp32. Another checkpoint of the same architecture (a fine-tune, a merge)
+    differs there; reading every value would take a minute for FLUX.1-dev's 24 GB."""
+    digest = hashlib.sha256()
+    for name, values in sorted(first_values, key=lambda item: item[0]):
+        digest.update(name.encode() + values.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ModelSource:
     """Copies of the submodules of a full-precision transformer held in memory (the caller's, untouched)."""
 
@@ -24,6 +36,11 @@ class ModelSource:
 
     def load(self, name: str, device) -> nn.Module:
         return copy.deepcopy(self.model.get_submodule(name)).to(device)
+
+    def fingerprint(self) -> str:
+        """weights_fingerprint of the parameters held in memory."""
+        with torch.no_grad():
+            return weights_fingerprint((name, p.detach().reshape(-1)[:64]) for name, p in self.model.named_parameters())
 
 
 class FolderSource:
@@ -40,6 +57,24 @@ class FolderSource:
         self.file_of = {name: file for file in checkpoint.weight_files(folder)
                         for name in checkpoint.read_safetensors_header(file) if name != "__metadata__"}
         self.skeleton = build_transformer(self.config, "meta")
+
+    def fingerprint(self) -> str:
+        """weights_fingerprint of the folder's tensors, read as their first rows only."""
+        by_file = defaultdict(list)
+        for name, file in self.file_of.items():
+            by_file[file].append(name)
+
+        def first_values():
+            for file, names in by_file.items():
+                with safe_open(file, "pt") as f:
+                    for name in names:
+                        part = f.get_slice(name)
+                        shape = part.get_shape()
+                        row = max(1, math.prod(shape[1:]))
+                        tensor = part[: -(-64 // row)] if shape else f.get_tensor(name)
+                        yield name, tensor.reshape(-1)[:64]
+
+        return weights_fingerprint(first_values())
 
     def load(self, name: str, device) -> nn.Module:
         module = copy.deepcopy(self.skeleton.get_submodule(name))
