@@ -497,3 +497,23 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out == f"bitflux {__version__}\n"
+
+
+def test_force_replaces_only_model_folders_and_never_the_current_folder(tmp_path, tiny_folder, capsys,
+                                                                         monkeypatch):
+    """--force replaces an output bitflux could have written, not any path: a prompt file or a folder of other
+    things given as -o by mistake stays, and `-o .` is refused before any work (it failed after it)."""
+    prompts = _write_bytes(tmp_path / "prompts.txt", b"a red circle\n")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"jpg")
+    for target in (prompts, other):
+        code, _, err = _run(capsys, "quantize", tiny_folder, "-o", target, "--force")
+        _assert_one_line_error(code, err, "is no model folder", "--force replaces only those")
+    assert prompts.read_bytes() == b"a red circle\n" and (other / "a.jpg").exists()
+    monkeypatch.chdir(other)
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", ".", "--force")
+    _assert_one_line_error(code, err, "cannot be the current folder")
+    assert sorted(p.name for p in other.iterdir()) == ["a.jpg"]
+    assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q")[0] == 0
+    assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q", "--force")[0] == 0

@@ -300,9 +300,20 @@ class AtomicFolder:
     def __init__(self, target: Path, force: bool):
         self.target, self.force = Path(target), force
 
-    def __enter__(self) -> Path:
+    def check(self) -> None:
+        """Whether the target may be written (also before long work that will write it)."""
+        where = Path(os.path.abspath(self.target))  # "." or "x/.." named
+        if where == Path.cwd() or where in Path.cwd().parents:
+            raise BitfluxError(f"{self.target}: the output cannot be the current folder or hold it")
         if self.target.exists() and not self.force:
             raise BitfluxError(f"{self.target} exists; pass --force (in Python: force=True) to replace it")
+        if self.target.exists() and not any((self.target / name).is_file() for name in ("config.json",
+                                                                                      "model_index.json")):
+            raise BitfluxError(f"{self.target} exists and is no model folder (no config.json or model_index.json): "
+                               "--force replaces only those")
+
+    def __enter__(self) -> Path:
+        self.check()
         parent = self.target.parent
         # the folders made for it, removed again if the block fails
         self.made = [p for p in (parent, *parent.parents) if not p.exists()]

@@ -56,8 +56,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         raise BitfluxError(f"{source}: calibration needs a whole FLUX pipeline folder (its text encoders turn "
                            "the prompts into the teacher's inputs), not a transformer alone")
     out = Path(out)
-    if out.exists() and not force:
-        raise BitfluxError(f"{out} exists; pass --force to replace it")
+    AtomicFolder(out, force).check()  # before the calibration's hours, not after
     if workdir is not None:
         kept, replaced = Path(workdir).resolve(), out.resolve()
         if kept == replaced or replaced in kept.parents:
