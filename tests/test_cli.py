@@ -186,6 +186,7 @@ def test_shape_mismatch(tmp_path, tiny_folder, capsys):
 def test_existing_output_needs_force(tmp_path, tiny_folder, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier output
     (out / "keep.txt").write_text("mine")
     code, _, err = _run(capsys, "quantize", tiny_folder, "-o", out)
     _assert_one_line_error(code, err, "exists", "--force")
