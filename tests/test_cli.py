@@ -518,3 +518,11 @@ def test_force_replaces_only_model_folders_and_never_the_current_folder(tmp_path
     assert sorted(p.name for p in other.iterdir()) == ["a.jpg"]
     assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q")[0] == 0
     assert _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q", "--force")[0] == 0
+
+
+def test_calibration_settings_without_calibrate_are_an_error(tmp_path, tiny_folder, capsys):
+    """They were ignored: the user asked for a calibrated model and got plain rounding."""
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "--calibration", "onpolicy",
+                        "--samples", "8")
+    _assert_one_line_error(code, err, "--calibration, --samples: calibration settings", "need --calibrate")
+    _assert_nothing_written(tmp_path / "out")

@@ -12,7 +12,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .calibrate.config import LEVELS
+from .calibrate.config import LEVELS, CalibrationConfig
 from .config import ACTIVATIONS, DTYPES, FORMATS, METHODS
 from .errors import BitfluxError
 
@@ -30,6 +30,11 @@ def _cmd_quantize(args) -> None:
     if args.granularity is not None:
         given.update(TernaryConfig.parse_granularity(args.granularity))
     config = TernaryConfig(**given)
+    calibration_flags = {flag: getattr(args, flag.removeprefix("--").replace("-", "_"))
+                         for flag in _CALIBRATION_FLAGS}
+    if not args.calibrate and any(value is not None for value in calibration_flags.values()):
+        named = ", ".join(flag for flag, value in calibration_flags.items() if value is not None)
+        raise BitfluxError(f"{named}: calibration settings, which need --calibrate PROMPTS.txt")
     if args.calibrate:
         from .calibrate import CalibrationConfig
         from .calibrate.prompts import read_prompts
@@ -37,10 +42,9 @@ def _cmd_quantize(args) -> None:
 
         prompts = read_prompts(args.calibrate)
         _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
-        calibration = CalibrationConfig.for_level(args.calibration, steps=args.steps, samples=args.samples,
-                                                  distill_steps=args.distill_steps,
-                                                  onpolicy_steps=args.onpolicy_steps,
-                                                  onpolicy_rounds=args.onpolicy_rounds)
+        counts = {name: getattr(args, name) for name in ("steps", "samples", "distill_steps", "onpolicy_steps",
+                                                         "onpolicy_rounds") if getattr(args, name) is not None}
+        calibration = CalibrationConfig.for_level(args.calibration or "blockwise", **counts)
         report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
@@ -54,6 +58,10 @@ def _cmd_quantize(args) -> None:
     if not args.quiet:
         print(format_report(inspect_path(args.output)).split("\n\n")[0])
         print(f"wrote {args.output}")
+
+
+_CALIBRATION_FLAGS = ("--calibration", "--steps", "--distill-steps", "--onpolicy-steps", "--onpolicy-rounds",
+                      "--samples", "--workdir")
 
 
 def _cmd_export_gguf(args) -> None:
@@ -301,17 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations the kernels use: 16-bit (the default), int8 or fp8 per token")
     q.add_argument("--calibrate", default=None, metavar="PROMPTS.txt",
                    help="calibrate with the full-precision model as teacher on these prompts (one per line)")
-    q.add_argument("--calibration", default="blockwise", choices=list(LEVELS),
-                   help="the last calibration stage to run (each runs the cheaper ones before it)")
-    q.add_argument("--steps", type=int, default=200, help="optimisation steps per block (block-wise stage)")
-    q.add_argument("--distill-steps", type=int, default=500, help="end-to-end distillation steps (distill stage)")
-    q.add_argument("--onpolicy-steps", type=int, default=500,
+    # The calibration settings default to None: given without --calibrate they are an error, not ignored.
+    q.add_argument("--calibration", default=None, choices=list(LEVELS),
+                   help="the last calibration stage to run (each runs the cheaper ones before it; default: "
+                        "blockwise)")
+    q.add_argument("--steps", type=int, default=None, help="optimisation steps per block (block-wise stage; "
+                                                          f"default {CalibrationConfig.steps})")
+    q.add_argument("--distill-steps", type=int, default=None,
+                   help=f"end-to-end distillation steps (distill stage; default {CalibrationConfig.distill_steps})")
+    q.add_argument("--onpolicy-steps", type=int, default=None,
                    help="distillation steps on fresh teacher and the student's own trajectories, in each round "
-                        "(onpolicy stage)")
-    q.add_argument("--onpolicy-rounds", type=int, default=1,
-                   help="onpolicy rounds: each records the student's trajectories again and distils on all so far")
-    q.add_argument("--samples", type=int, default=32, help="teacher trajectories (images) to record")
-    q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume")
+                        f"(onpolicy stage; default {CalibrationConfig.onpolicy_steps})")
+    q.add_argument("--onpolicy-rounds", type=int, default=None,
+                   help="onpolicy rounds: each records the student's trajectories again and distils on all so far "
+                        f"(default {CalibrationConfig.onpolicy_rounds})")
+    q.add_argument("--samples", type=int, default=None,
+                   help=f"teacher trajectories (images) to record (default {CalibrationConfig.samples})")
+    q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume "
+                                                   "(an interrupted calibration goes on from them when run again)")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=_cmd_quantize)
