@@ -586,3 +586,15 @@ def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):
     (tmp_path / "teacher.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(BitfluxError, match="damaged workdir record"):
         TeacherData.load(tmp_path / "teacher.safetensors")
+
+
+def test_damaged_distillation_records_are_one_line_errors(tmp_path):
+    """A truncated optimiser checkpoint or a garbled start record: named, with what to do about it."""
+    from bitflux.calibrate.latent import fit, to_latent
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    to_latent(model, TernaryConfig(include=(".",)))
+    (tmp_path / "distill.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(BitfluxError, match="distill.pt: a damaged workdir record"):
+        fit(model, lambda index: model(torch.ones(1, 8)).sum(), 4, 2, 2, 1e-2, 1e-3, 0, False, "distill",
+            checkpoint=tmp_path / "distill.pt")

@@ -14,7 +14,7 @@ from ..checkpoint import write_text_atomic
 from ..config import TernaryConfig
 from .config import CalibrationConfig
 from .latent import fit, freeze, to_latent
-from .teacher import TeacherData
+from .teacher import TeacherData, damaged_record
 
 # In the workdir, for each stage (and each later round of the onpolicy stage: onpolicy-2, ...): STAGE.pt, the
 # training state, written every few minutes; STAGE-start.json, the velocity error before training, for the report
@@ -55,7 +55,10 @@ def distill(model: nn.Module, teacher: TeacherData, config: TernaryConfig, calib
     norm = teacher.velocity.float().pow(2).mean()
     start_file = Path(workdir) / f"{name}-start.json" if workdir else None
     if start_file is not None and start_file.exists():  # resumed: the error of the untrained student
-        before = json.loads(start_file.read_text())["velocity_error"]
+        try:
+            before = float(json.loads(start_file.read_text())["velocity_error"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged_record(start_file, exc) from None
     else:
         before = evaluate(model, teacher, eval_index, calib.batch_size, device)
         if start_file is not None:

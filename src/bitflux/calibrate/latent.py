@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -161,14 +162,19 @@ def fit(root: nn.Module, loss_of, records: int, steps: int, batch_size: int, lat
     generator = torch.Generator().manual_seed(seed)
     start = 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                trainable[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    trainable[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            start = state["step"]
+        except (RuntimeError, KeyError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            from .teacher import damaged_record
+
+            raise damaged_record(checkpoint, exc) from None
     saved_at = time.monotonic()
     for step in tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not progress, initial=start,
                      total=steps):

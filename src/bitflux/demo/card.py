@@ -158,8 +158,8 @@ def render(log: dict, shapeeval: dict | None, seconds: float, pictures: dict[str
         "",
         f"- Training time: {(vae['elapsed'] + tr['elapsed']) / 60:.1f} minutes in all on {log['device_name']}; the"
         " transformer loss was still falling when the budget ran out (see the curve).",
-        "- Size: the demo pipeline ships in at most 25 MB (beside its 4.6 MB calibrated ternary transformer), so "
-        "the transformer has 9 M parameters at width 256.",
+        ("- Size: the demo pipeline ships in at most 25 MB (beside its 4.6 MB calibrated ternary transformer), so "
+         "the transformer has 9 M parameters at width 256."),
         "- Resolution: 64x64 pixels are 8x8 latents and 16 image tokens; a 16-px object is two latent pixels"
         " wide, so crowded scenes (four objects) are the hardest to draw apart and count.",
     ]
