@@ -421,3 +421,21 @@ def test_a_kernel_that_cannot_run_here_is_said_before_the_run(tmp_path, capsys, 
         code, _, err = _run(capsys, "generate", "a red circle", "--steps", "1", "-o", tmp_path / "a.png")
     assert code == 0 and err.startswith("bitflux: backend 'cpu' is not available here (compiled library not found); "
                                         "running on the reference backend\n")
+
+
+def test_a_pipeline_whose_weights_do_not_fit_its_config_is_one_line(tmp_path):
+    """diffusers leaves what a component's files lack on the meta device, which failed later as a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bitflux import BitfluxError, demo_model_path
+    from bitflux.pipeline import load_pipeline
+
+    shutil.copytree(demo_model_path(), tmp_path / "pipe")
+    (file,) = (tmp_path / "pipe" / "transformer").glob("*.safetensors")
+    weights = load_file(file)
+    del weights["single_transformer_blocks.1.proj_out.weight"]
+    save_file(weights, file)
+    with pytest.raises(BitfluxError, match="transformer: its weights do not fit its config .*proj_out.weight"):
+        load_pipeline(tmp_path / "pipe")

@@ -153,6 +153,13 @@ def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
                                                       **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
+    # diffusers leaves the parameters a component's files lack on the meta device (logged, not raised)
+    for name, component in pipe.components.items():
+        if name not in components and isinstance(component, torch.nn.Module):
+            missing = next((key for key, p in component.named_parameters() if p.is_meta), None)
+            if missing is not None:
+                raise BitfluxError(f"{root / name}: its weights do not fit its config ({missing!r} is missing; "
+                                   "another layout, such as an original single file, is not read there)")
     pipe.set_progress_bar_config(leave=False)
     return pipe
 
