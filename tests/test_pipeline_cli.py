@@ -433,9 +433,9 @@ def test_a_pipeline_whose_weights_do_not_fit_its_config_is_one_line(tmp_path):
     from bitflux.pipeline import load_pipeline
 
     shutil.copytree(demo_model_path(), tmp_path / "pipe")
-    (file,) = (tmp_path / "pipe" / "transformer").glob("*.safetensors")
-    weights = load_file(file)
-    del weights["single_transformer_blocks.1.proj_out.weight"]
-    save_file(weights, file)
+    for file in (tmp_path / "pipe" / "transformer").glob("*.safetensors"):
+        weights = load_file(file)
+        if weights.pop("single_transformer_blocks.1.proj_out.weight", None) is not None:
+            save_file(weights, file)
     with pytest.raises(BitfluxError, match="transformer: its weights do not fit its config .*proj_out.weight"):
         load_pipeline(tmp_path / "pipe")
