@@ -281,6 +281,20 @@ def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_a_scaled_fp8_checkpoint_is_refused_by_name(tmp_path, capsys):
+    """ComfyUI's scaled fp8 files keep a scalar beside each fp8 weight (it failed as a traceback)."""
+    from conftest import build_tiny
+
+    from bitflux.flux import diffusers_to_original
+
+    original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
+    original["double_blocks.0.img_attn.qkv.scale_weight"] = torch.tensor(0.5)
+    save_file(original, str(tmp_path / "flux.safetensors"))
+    code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, "a scaled fp8 checkpoint", "qkv.scale_weight")
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_a_source_with_nan_is_refused(tmp_path, tiny_folder, capsys):
     weights = tiny_folder / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file

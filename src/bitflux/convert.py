@@ -106,6 +106,10 @@ def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
     shapes = checkpoint.tensor_shapes(source.files)
     if not source.original_layout:
         return shapes
+    scaled = next((key for key in shapes if key.endswith((".scale_weight", ".scale_input", "scaled_fp8"))), None)
+    if scaled is not None:  # ComfyUI's scaled fp8: each weight is its fp8 values times a scale kept beside it
+        raise BitfluxError(f"{source.files[0]}: a scaled fp8 checkpoint ({scaled!r}), which bitflux does not read; "
+                           "quantize the bf16 checkpoint (or a plain fp8 one) instead")
     width = flux.original_width(shapes)
     return {k: tuple(v.shape) for key, shape in shapes.items()
             for k, v in _original_to_diffusers(source, key, torch.empty(shape, device="meta"), width).items()}
