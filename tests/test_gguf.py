@@ -300,3 +300,16 @@ def test_missing_file_and_unknown_type_name(tmp_path, small_file):
         read_gguf(tmp_path / "nope.gguf")
     with pytest.raises(BitfluxError, match="tq3_0"):
         export_gguf(nn.Linear(2, 2), tmp_path / "m.gguf", "tq3_0")
+
+
+def test_nan_in_a_gguf_file_is_refused(tmp_path):
+    """As in a safetensors source: a GGUF holding NaN (a dense tensor here; a ternary tensor's block scales are
+    checked too, though export_gguf writes none) would quantize or load into a model that computes NaN."""
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.Sequential(nn.Linear(256, 4))])
+    quantize_(model, TernaryConfig())
+    layer = model.transformer_blocks[0][0]
+    layer.bias.data.fill_(float("nan"))
+    export_gguf(model, tmp_path / "nan.gguf", names="diffusers")
+    with pytest.raises(BitfluxError, match="nan.gguf: tensor .* holds NaN or infinite values"):
+        read_gguf(tmp_path / "nan.gguf")

@@ -384,6 +384,10 @@ def read_gguf(path) -> GGUFContents:
         raw = {t.name: _read_tensor(t) for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False)}
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
         raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
+    for name, (kind, payload) in raw.items():  # as a safetensors source's are checked
+        values = payload if kind == "dense" else payload[1]  # a ternary tensor's block scales
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            raise BitfluxError(f"{path}: tensor {name!r} holds NaN or infinite values (corrupted?)")
     if flux.is_original_layout(shapes):
         raw = _diffusers_named(raw, shapes)
         transformer = transformer or json.dumps(flux.config_from_original_shapes(shapes))
