@@ -224,3 +224,22 @@ def test_save_transformer_takes_the_models_config_and_refuses_one_that_does_not_
         with pytest.raises(BitfluxError, match=words):
             save_transformer(model, tmp_path / "wrong", config)
         assert not (tmp_path / "wrong").exists()
+
+
+def test_a_header_with_overlapping_tensors_is_refused(tmp_path):
+    """Two tensors given one byte range read the same values: safetensors' own reader refuses it, and so does
+    the header check the streaming readers rely on."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(4), "b": torch.zeros(4)}, str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header["b"]["data_offsets"] = header["a"]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(length)
+    (tmp_path / "bad.safetensors").write_bytes(data[:8] + text + data[8 + length:])
+    assert set(read_safetensors_header(tmp_path / "ok.safetensors")) >= {"a", "b"}
+    with pytest.raises(BitfluxError, match="tensors 'a' and 'b' overlap"):
+        read_safetensors_header(tmp_path / "bad.safetensors")
