@@ -295,6 +295,19 @@ def test_a_scaled_fp8_checkpoint_is_refused_by_name(tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_a_source_with_an_integer_tensor_is_refused(tmp_path, tiny_folder, capsys):
+    """It was written as it was, into a folder that load_transformer then refused."""
+    from safetensors.torch import load_file
+
+    weights = tiny_folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["x_embedder.bias"] = tensors["x_embedder.bias"].long()
+    save_file(tensors, str(weights))
+    code, _, err = _run(capsys, "quantize", tiny_folder, "-o", tmp_path / "out", "-q")
+    _assert_one_line_error(code, err, "'x_embedder.bias' is int64, expected floating point")
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_a_source_with_nan_is_refused(tmp_path, tiny_folder, capsys):
     weights = tiny_folder / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file

@@ -149,7 +149,11 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
                   disable=not progress) as bar:
             for converted in _source_tensors(found):
                 for name, tensor in converted.items():
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    # every FLUX transformer tensor is floating point; load_transformer refuses others
+                    if not tensor.is_floating_point():
+                        raise BitfluxError(f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                           "expected floating point (corrupted?)")
+                    if not torch.isfinite(tensor).all():
                         raise BitfluxError(f"{source}: tensor {name!r} holds NaN or infinite values (corrupted?)")
                     layer, _, leaf = name.rpartition(".")
                     if layer in targets and leaf == "weight":
