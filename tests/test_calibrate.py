@@ -128,7 +128,7 @@ def test_latent_gradients_are_straight_through():
     assert latent.log_gain.grad is not None and latent.log_gain.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("granularity", [*GRANULARITIES, "group:100000"])  # the last: wider than the rows
 def test_solve_scales_matches_least_squares_on_the_data(granularity):
     """The Gram-matrix solution equals ordinary least squares on the activations themselves."""
     config = _ternary_config(granularity)

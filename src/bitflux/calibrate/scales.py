@@ -62,6 +62,7 @@ def solve_scales(weight: torch.Tensor, codes: torch.Tensor, gram: torch.Tensor, 
         denominator = (t * (t @ gram)).sum(dims)
         return (numerator / denominator.clamp_min(1e-30)).reshape(-1, 1)
     # Per group: A[r, g, h] = t_rg^T G_gh t_rh and b[r, g] = t_rg^T (G w_r)_g, one G x G system per row.
+    group_size = min(group_size, t.shape[1])  # a group wider than the rows is one group of the row, unpadded
     t_groups = grouped(t, "group", group_size)  # (out, groups, size)
     n_groups = t_groups.shape[1]
     padded = n_groups * group_size
