@@ -598,3 +598,10 @@ def test_damaged_distillation_records_are_one_line_errors(tmp_path):
     with pytest.raises(BitfluxError, match="distill.pt: a damaged workdir record"):
         fit(model, lambda index: model(torch.ones(1, 8)).sum(), 4, 2, 2, 1e-2, 1e-3, 0, False, "distill",
             checkpoint=tmp_path / "distill.pt")
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_prompt(tmp_path):
+    from bitflux.calibrate.prompts import read_prompts
+
+    (tmp_path / "p.txt").write_bytes("\ufeffa red circle\ntwo blue squares\n".encode())
+    assert read_prompts(tmp_path / "p.txt") == ["a red circle", "two blue squares"]

@@ -11,7 +11,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped; a one-line BitfluxError if there are none."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is no part of the first prompt
     except FileNotFoundError:
         raise BitfluxError(f"{path}: no such prompt file") from None
     except IsADirectoryError:
