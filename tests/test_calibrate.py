@@ -342,7 +342,7 @@ def test_calibrate_a_pipeline_end_to_end(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs)[0], model(**inputs)[0])
     # The same workdir with other settings is refused rather than silently mixed.
-    with pytest.raises(BitfluxError, match="other settings"):
+    with pytest.raises(BitfluxError, match="holds a calibration run of other prompts"):
         calibrate(pipe, ["a red circle"], config, calib, workdir=tmp_path / "work", progress=False)
 
 
@@ -605,3 +605,23 @@ def test_a_byte_order_mark_is_no_part_of_the_first_prompt(tmp_path):
 
     (tmp_path / "p.txt").write_bytes("\ufeffa red circle\ntwo blue squares\n".encode())
     assert read_prompts(tmp_path / "p.txt") == ["a red circle", "two blue squares"]
+
+
+def test_calibrate_samples_as_generate_does_unless_told(monkeypatch):
+    """The Python route took diffusers' defaults (1024 x 1024, 512 tokens: minutes a trajectory on a small
+    model) where the command took `bitflux generate`'s."""
+    import bitflux.calibrate as calibration
+    from bitflux.calibrate.quantize import teacher_settings
+
+    seen = {}
+
+    def stop(pipeline, prompts, calib, *args):
+        seen.update(calib.pipeline_kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(calibration, "teacher_data", stop)
+    pipe = _tiny_pipeline()
+    with pytest.raises(RuntimeError, match="stop"):
+        calibrate(pipe, ["a red circle"], None, CalibrationConfig(pipeline_kwargs={"num_inference_steps": 3}),
+                  progress=False)
+    assert seen == teacher_settings(pipe, num_inference_steps=3) and seen["guidance_scale"] == 3.5

@@ -10,7 +10,7 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -229,8 +229,12 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
     Returns the ternary transformer (a FluxTransformer2DModel with TernaryLinear layers) and a report
     with per-stage objectives, time and peak memory.
     """
+    from .quantize import teacher_settings
+
     config = config or TernaryConfig()
     calib = calibration or CalibrationConfig()
+    # the teacher samples as `bitflux generate` would unless told (diffusers' own defaults: 1024 x 1024, 512 tokens)
+    calib = replace(calib, pipeline_kwargs=teacher_settings(pipeline, **calib.pipeline_kwargs))
     device = torch.device(device or pipeline._execution_device)
     source = FolderSource(source) if source is not None else ModelSource(pipeline.transformer)
     if workdir is not None:

@@ -25,7 +25,8 @@ class CalibrationConfig:
         `seed + samples * (1 + 2r) + j` and `seed + samples * (2 + 2r) + j`; the student as the round before left
         it), adds them to the earlier rounds' records and distils on all of them (DAgger).
     pipeline_kwargs: how the teacher samples (num_inference_steps, guidance_scale, height, width,
-        max_sequence_length): calibrate at the settings you generate with.
+        max_sequence_length): calibrate at the settings you generate with. Those not given are
+        `bitflux generate`'s: the model's own image size and text length, 20 steps, guidance 3.5.
     """
 
     stages: tuple[str, ...] = ("scales", "blockwise")
