@@ -288,6 +288,8 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path, tiny_teacher, monkey
     resumed, resumed_report = calibrate_transformer(ModelSource(model), teacher, config, calib, workdir=tmp_path,
                                                     progress=False)
     assert resumed_report.distill_error == report.distill_error
+    assert f"{len(resumed_report.blocks)} of {len(resumed_report.blocks)} blocks taken from the workdir" in \
+        resumed_report.summary()
     expected = uninterrupted.state_dict()
     for key, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, expected[key]), key

@@ -58,6 +58,10 @@ class CalibrationReport:
                  f"{self.seconds.get('total', 0):.1f} s, peak memory {self.peak_host_bytes / 2**20:.0f} MiB host"
                  + (f", {self.peak_device_bytes / 2**20:.0f} MiB device" if self.peak_device_bytes else "")
                  + (", the teacher's transformer streamed a block at a time" if self.teacher_streamed else "")]
+        resumed = [b.name for b in self.blocks if b.resumed]
+        if resumed:
+            lines.append(f"  {len(resumed)} of {len(self.blocks)} blocks taken from the workdir, calibrated by an "
+                         f"earlier run ({resumed[0]}{' ...' if len(resumed) > 1 else ''})")
         for b in self.blocks:
             if b.loss_before is not None:
                 lines.append(f"  {b.name}: block output error {b.loss_before:.4f} -> {b.loss_after:.4f}")
