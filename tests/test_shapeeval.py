@@ -110,6 +110,8 @@ def test_overall_standard_error_is_the_categories_binomial_errors_averaged():
     # each category: sample variance 0.25 (ddof 1) over 4 images; the overall averages 2 categories
     assert res["overall_stderr"] == pytest.approx(math.sqrt(0.25 / 4 + 0.25 / 4) / 2)
     assert E.summarize(_records({cats[0]: [True] * 5}), (0,))["overall_stderr"] == 0.0
+    # one image in a category: its variance, and so the overall's error, is unknown (it printed as ±0.0)
+    assert math.isnan(E.summarize(_records({cats[0]: [True], cats[1]: [True, False]}), (0,))["overall_stderr"])
 
 
 def test_paired_difference_counts_only_the_images_that_changed():

@@ -8,6 +8,7 @@ world size.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 
@@ -98,11 +99,16 @@ def variant_table(results: dict) -> str:
              + f" {'PSNR dB':>8s} {'SSIM':>6s}"]
     for name, r in results.items():
         fid = f" {r['psnr']:8.2f} {r['ssim']:6.3f}" if "psnr" in r else f" {'-':>8s} {'-':>6s}"
-        versus = (f"{100 * r['vs_fp']['difference']:+5.1f} ±{100 * r['vs_fp']['stderr']:3.1f}" if "vs_fp" in r
+        versus = (f"{100 * r['vs_fp']['difference']:+5.1f} {_error(r['vs_fp']['stderr'])}" if "vs_fp" in r
                   else "-")
-        lines.append(f"{name:24s} {100 * r['overall']:5.1f} ±{100 * r['overall_stderr']:3.1f} {versus:>11s} "
+        lines.append(f"{name:24s} {100 * r['overall']:5.1f} {_error(r['overall_stderr'])} {versus:>11s} "
                      + " ".join(f"{100 * r['categories'].get(c, 0):10.1f}" for c in categories) + fid)
     return "\n".join(lines)
+
+
+def _error(stderr: float) -> str:
+    # unknown (one image a category) is not "no error"
+    return "±n/a" if math.isnan(stderr) else f"±{100 * stderr:3.1f}"
 
 
 def results_json(results: dict) -> str:

@@ -270,9 +270,10 @@ def image_seed(seed: int, index: int) -> int:
 
 def _category_means(values: dict[str, list[float]]) -> tuple[float, float]:
     """The mean of the categories' means (as GenEval's overall), and its standard error: each category's mean
-    has var(values) / n (images independent), and the overall averages the categories."""
+    has var(values) / n (images independent), and the overall averages the categories. One image in a category
+    tells nothing of its variance: the error is then NaN (unknown), not 0."""
     means = [sum(v) / len(v) for v in values.values()]
-    variances = [float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else 0.0 for v in values.values()]
+    variances = [float(np.var(v, ddof=1)) / len(v) if len(v) > 1 else math.nan for v in values.values()]
     return sum(means) / max(len(means), 1), math.sqrt(sum(variances)) / max(len(means), 1)
 
 
