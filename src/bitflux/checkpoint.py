@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def read_safetensors_header(path: str | Path) -> dict:
             raise BitfluxError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupted)")
     # The tensors tile the data one after another (the format's rule): two in one place would read the same bytes
     spans = sorted((info["data_offsets"], name) for name, info in header.items() if name != "__metadata__")
-    for ((_, end), before), ((begin, _), name) in zip(spans, spans[1:]):
+    for ((_, end), before), ((begin, _), name) in itertools.pairwise(spans):
         if begin < end:
             raise BitfluxError(f"{path}: tensors {before!r} and {name!r} overlap in the file (corrupted)")
     return header
