@@ -81,3 +81,12 @@ def test_a_conditioned_flux_gets_its_output_channels():
     inferred = flux.config_from_original_shapes({k: v.shape for k, v in original.items()})
     assert inferred["in_channels"] == 48 and inferred["out_channels"] == 16
     assert FluxTransformer2DModel(**{k: v for k, v in inferred.items() if k != "_class_name"}).proj_out.out_features == 16
+
+
+def test_a_fused_tensor_lacking_a_part_is_named():
+    import pytest
+
+    from bitflux import BitfluxError
+
+    with pytest.raises(BitfluxError, match=r"'double_blocks.0.img_attn.qkv.weight' .*attn.to_k, attn.to_v missing"):
+        flux.diffusers_to_original({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)})

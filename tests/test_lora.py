@@ -260,6 +260,8 @@ def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
       "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": torch.zeros(3, 4)}, "names no layer"),
     ({"transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1)}, "DoRA"),
     ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(1)}, "not a LoRA key"),
+    ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, WIDTH), float("nan")),
+      "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 4)}, "lora_A.weight' holds NaN"),
 ])
 def test_bad_lora_files_give_one_line_errors(flux, state, message):
     with pytest.raises(BitfluxError, match=message) as info:
