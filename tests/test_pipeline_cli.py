@@ -439,3 +439,11 @@ def test_a_pipeline_whose_weights_do_not_fit_its_config_is_one_line(tmp_path):
             save_file(weights, file)
     with pytest.raises(BitfluxError, match="transformer: its weights do not fit its config .*proj_out.weight"):
         load_pipeline(tmp_path / "pipe")
+
+
+def test_a_transformer_alone_as_model_says_what_generation_needs(tmp_path, capsys):
+    from bitflux import demo_model_path
+
+    code, _, err = _run(capsys, "generate", "a red circle", "--model", demo_model_path() / "transformer",
+                        "-o", tmp_path / "a.png")
+    assert code == 2 and "a transformer alone has no text encoders nor VAE" in err

@@ -347,7 +347,11 @@ def resolve_pipeline_path(model: str | None) -> Path:
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").exists():
-            raise BitfluxError(f"{path}: not a FLUX pipeline folder (no model_index.json)")
+            # a transformer alone (quantize's output for a transformer folder or a single file) cannot generate
+            hint = ("; a transformer alone has no text encoders nor VAE: quantize the whole pipeline folder, or put "
+                    "a bitflux transformer folder as transformer/ in a copy of its pipeline"
+                    if (path / "config.json").exists() or path.is_file() else "")
+            raise BitfluxError(f"{path}: not a FLUX pipeline folder (no model_index.json){hint}")
         return path
     if looks_like_hub_id(model):
         return from_hub_cache(model)
