@@ -52,7 +52,7 @@ def _cmd_quantize(args) -> None:
     elif args.source.endswith(".gguf"):
         from .interop.gguf import gguf_to_folder
 
-        gguf_to_folder(args.source, args.output, force=args.force, overrides=given)
+        gguf_to_folder(args.source, args.output, force=args.force, overrides=given, progress=not args.quiet)
     else:
         quantize_checkpoint(args.source, args.output, config, force=args.force, progress=not args.quiet)
     if not args.quiet:

@@ -372,7 +372,7 @@ def stored_configs(path) -> tuple[dict, TernaryConfig]:
     return config, TernaryConfig.from_dict(parse_json_object(stored, f"{path}: {_META_CONFIG}"))
 
 
-def read_gguf(path) -> GGUFContents:
+def read_gguf(path, progress: bool = True) -> GGUFContents:
     """Read a GGUF file (ours or another tool's; diffusers or original FLUX names) into bitflux's
     state-dict convention with diffusers names. Holds the whole model: ternary codes stay packed."""
     reader = _open(path)
@@ -381,7 +381,8 @@ def read_gguf(path) -> GGUFContents:
         transformer = _field_string(reader, _META_TRANSFORMER)
         architecture = _field_string(reader, "general.architecture")
         shapes = {t.name: tuple(int(v) for v in reversed(t.shape)) for t in reader.tensors}
-        raw = {t.name: _read_tensor(t) for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False)}
+        raw = {t.name: _read_tensor(t) for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False,
+                                                     disable=not progress)}
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
         raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
     for name, (kind, payload) in raw.items():  # as a safetensors source's are checked
@@ -444,13 +445,13 @@ def _build(contents: GGUFContents, path) -> nn.Module:
 
 
 def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool = False,
-                   overrides: dict | None = None) -> Path:
+                   overrides: dict | None = None, progress: bool = True) -> Path:
     """`bitflux quantize model.gguf`: a GGUF file -> bitflux folder. TQ layers are copied as they are (no
     re-ternarization); dense target layers (a GGUF from another tool) are ternarized with `config`. Without
     one, the file's own quantization_config with `overrides` (the settings a user gave, e.g. format or
     activations), so the folder's config describes the tensors it holds (their scales' dtype included)."""
     check_output_apart(path, out)
-    contents = read_gguf(path)
+    contents = read_gguf(path, progress)
     stored = contents.quantization_config
     has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)
     config = config or dataclasses.replace(stored, **(overrides or {}))
