@@ -93,10 +93,13 @@ def test_load_refuses_full_precision_folder(tiny_folder):
     (lambda t, key: t[key].double() if key.endswith("weight_scale") else t[key], "is float64, expected float32, "),
     (lambda t, key: t[key].long() if key.endswith("bias") else t[key], "is int64, expected float32, float16 or"),
     (lambda t, key: torch.full_like(t[key], 255) if key.endswith("weight_packed") else t[key], "no tq. codes"),
+    (lambda t, key: torch.full_like(t[key], float("nan")) if key.endswith("weight_scale") else t[key],
+     "weight_scale' holds NaN or infinite values"),
 ])
 def test_load_refuses_tensors_of_the_wrong_kind(tmp_path, tiny_folder, fmt, damage, message):
-    """A folder whose tensors contradict its config (dtype, invalid code bytes) fails to load with one line
-    instead of computing other weights (an int64 bias truncated, a code 3 read as a weight of 2)."""
+    """A folder whose tensors contradict its config (dtype, invalid code bytes) or hold NaN fails to load with one
+    line instead of computing other weights (an int64 bias truncated, a code 3 read as a weight of 2, black
+    images)."""
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "q"

@@ -437,6 +437,8 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
         _check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # the images would come out black
+            raise BitfluxError(f"{folder}: tensor {key!r} holds NaN or infinite values (corrupted?)")
         if key.endswith(".weight_scale"):
             tensor = tensor.to(expected[key].dtype)  # the config's scale dtype (older folders could differ)
         elif dtype is not None and tensor.is_floating_point():
