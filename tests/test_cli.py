@@ -308,6 +308,20 @@ def test_a_source_with_an_integer_tensor_is_refused(tmp_path, tiny_folder, capsy
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_an_original_file_with_nan_names_its_own_tensor(tmp_path, capsys):
+    """Named as the user's file names it, not by the diffusers name it converts to."""
+    from conftest import build_tiny
+
+    from bitflux.flux import diffusers_to_original
+
+    original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
+    original["double_blocks.0.img_mlp.0.weight"][0, 0] = float("nan")
+    save_file(original, str(tmp_path / "flux.safetensors"))
+    code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out", "-q")
+    _assert_one_line_error(code, err, "'double_blocks.0.img_mlp.0.weight' holds NaN")
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_a_source_with_nan_is_refused(tmp_path, tiny_folder, capsys):
     weights = tiny_folder / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file

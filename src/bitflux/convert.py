@@ -85,12 +85,19 @@ def from_hub_cache(repo_id: str) -> Path:
             f"run time); fetch it first with `hf download {repo_id}` or pass a local folder") from None
 
 
-def _source_tensors(source: Source):
-    """Yield dicts of diffusers-named tensors converted from one source tensor each."""
+def _source_tensors(source: Source, where: str | Path):
+    """Yield dicts of diffusers-named tensors converted from one source tensor each, checked under the name the
+    source gives it (`where`: the source as the user named it)."""
     width = flux.original_width(checkpoint.tensor_shapes(source.files)) if source.original_layout else 0
     for name, tensor in checkpoint.iter_tensors(source.files):
+        # every FLUX transformer tensor is floating point; load_transformer refuses others
+        if not tensor.is_floating_point():
+            raise BitfluxError(f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                               "expected floating point (corrupted?)")
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
             tensor = tensor.to(torch.bfloat16)
+        if not torch.isfinite(tensor).all():
+            raise BitfluxError(f"{where}: tensor {name!r} holds NaN or infinite values (corrupted?)")
         yield _original_to_diffusers(source, name, tensor, width) if source.original_layout else {name: tensor}
 
 
@@ -147,14 +154,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         # closed on the way out of an error too, so that the error's line starts a line of its own
         with tqdm(total=len(checkpoint.tensor_shapes(found.files)), desc="quantizing", unit="tensor",
                   disable=not progress) as bar:
-            for converted in _source_tensors(found):
+            for converted in _source_tensors(found, source):
                 for name, tensor in converted.items():
-                    # every FLUX transformer tensor is floating point; load_transformer refuses others
-                    if not tensor.is_floating_point():
-                        raise BitfluxError(f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
-                                           "expected floating point (corrupted?)")
-                    if not torch.isfinite(tensor).all():
-                        raise BitfluxError(f"{source}: tensor {name!r} holds NaN or infinite values (corrupted?)")
                     layer, _, leaf = name.rpartition(".")
                     if layer in targets and leaf == "weight":
                         codes, scales = ternarize(tensor, config.method, config.granularity,
