@@ -293,6 +293,8 @@ def test_a_scaled_fp8_checkpoint_is_refused_by_name(tmp_path, capsys):
     code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
     _assert_one_line_error(code, err, "a scaled fp8 checkpoint", "qkv.scale_weight")
     _assert_nothing_written(tmp_path / "out")
+    code, _, err = _run(capsys, "inspect", tmp_path / "flux.safetensors")  # what quantize refuses: refused too
+    _assert_one_line_error(code, err, "a scaled fp8 checkpoint")
 
 
 def test_a_source_with_an_integer_tensor_is_refused(tmp_path, tiny_folder, capsys):

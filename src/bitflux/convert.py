@@ -122,6 +122,12 @@ def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
             for k, v in _original_to_diffusers(source, key, torch.empty(shape, device="meta"), width).items()}
 
 
+def check_source(found: Source, source: str | Path, model) -> None:
+    """The source's tensors (their headers) are those of `model` (its config's transformer, on meta) with their
+    shapes: checked before any work."""
+    check_shapes(converted_shapes(found), {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(source))
+
+
 def check_shapes(shapes: dict, expected: dict, source: str) -> None:
     """Every tensor the config expects, with its shape, and nothing else: checked before writing anything."""
     for name, shape in shapes.items():
@@ -142,10 +148,9 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
     found = resolve_source(source)
     checkpoint.check_output_apart(found.pipeline_root or source, out)
     model = flux.build_transformer(found.transformer_config, "meta")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_source(found, source, model)
     report = quantize_(model, config)
     targets = {layer.name for layer in report.layers}
-    check_shapes(converted_shapes(found), expected, str(source))
     out = Path(out)
     with checkpoint.AtomicFolder(out, force) as tmp:
         transformer_dir = tmp / "transformer" if found.pipeline_root else tmp

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import checkpoint, flux
 from .config import TernaryConfig
-from .convert import resolve_source
+from .convert import check_source, resolve_source
 from .surgery import quantize_
 
 _BLOCK = re.compile(r"^((?:single_)?transformer_blocks\.\d+)\.")
@@ -35,7 +35,10 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
             flux.check_flux_config(config, str(folder))
             checkpoint.tensor_shapes(checkpoint.weight_files(folder))  # its shards there and whole (their headers)
             return config, TernaryConfig.from_dict(config["quantization_config"]), "bitflux model"
-    return resolve_source(path).transformer_config, TernaryConfig(), "full-precision source"
+    found = resolve_source(path)
+    # what quantize would refuse (a missing tensor, a scaled fp8 file) is refused here too: headers only
+    check_source(found, path, flux.build_transformer(found.transformer_config, "meta"))
+    return found.transformer_config, TernaryConfig(), "full-precision source"
 
 
 def inspect_path(path: str) -> dict:
