@@ -136,6 +136,13 @@ def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer
                 yield name, data.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """A float tensor holding NaN or infinities (a corrupted file) refused in one line naming `what`: a model
+    holding it would compute NaN (black images)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise BitfluxError(f"{what} holds NaN or infinite values (corrupted?)")
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
@@ -437,8 +444,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
         _check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # the images would come out black
-            raise BitfluxError(f"{folder}: tensor {key!r} holds NaN or infinite values (corrupted?)")
+        check_finite(tensor, f"{folder}: tensor {key!r}")
         if key.endswith(".weight_scale"):
             tensor = tensor.to(expected[key].dtype)  # the config's scale dtype (older folders could differ)
         elif dtype is not None and tensor.is_floating_point():

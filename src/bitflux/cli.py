@@ -30,22 +30,20 @@ def _cmd_quantize(args) -> None:
     if args.granularity is not None:
         given.update(TernaryConfig.parse_granularity(args.granularity))
     config = TernaryConfig(**given)
-    calibration_flags = {flag: getattr(args, flag.removeprefix("--").replace("-", "_"))
-                         for flag in _CALIBRATION_FLAGS}
-    if not args.calibrate and any(value is not None for value in calibration_flags.values()):
-        named = ", ".join(flag for flag, value in calibration_flags.items() if value is not None)
+    calibration = {name: getattr(args, name) for name in ("calibration", *_CALIBRATION_COUNTS, "workdir")
+                   if getattr(args, name) is not None}  # the calibration settings given
+    if calibration and not args.calibrate:
+        named = ", ".join("--" + name.replace("_", "-") for name in calibration)
         raise BitfluxError(f"{named}: calibration settings, which need --calibrate PROMPTS.txt")
     if args.calibrate:
-        from .calibrate import CalibrationConfig
         from .calibrate.prompts import read_prompts
         from .calibrate.quantize import quantize_calibrated
 
         prompts = read_prompts(args.calibrate)
         _quiet_libraries()  # the teacher loads pipeline parts with diffusers and transformers
-        counts = {name: getattr(args, name) for name in ("steps", "samples", "distill_steps", "onpolicy_steps",
-                                                         "onpolicy_rounds") if getattr(args, name) is not None}
-        calibration = CalibrationConfig.for_level(args.calibration or "blockwise", **counts)
-        report = quantize_calibrated(args.source, args.output, prompts, config, calibration, force=args.force,
+        counts = {name: value for name, value in calibration.items() if name in _CALIBRATION_COUNTS}
+        settings = CalibrationConfig.for_level(args.calibration or "blockwise", **counts)
+        report = quantize_calibrated(args.source, args.output, prompts, config, settings, force=args.force,
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
             print(report.summary())
@@ -60,8 +58,8 @@ def _cmd_quantize(args) -> None:
         print(f"wrote {args.output}")
 
 
-_CALIBRATION_FLAGS = ("--calibration", "--steps", "--distill-steps", "--onpolicy-steps", "--onpolicy-rounds",
-                      "--samples", "--workdir")
+# the CalibrationConfig fields the command sets, each by its flag of the same name
+_CALIBRATION_COUNTS = ("steps", "distill_steps", "onpolicy_steps", "onpolicy_rounds", "samples")
 
 
 def _cmd_export_gguf(args) -> None:

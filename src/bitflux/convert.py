@@ -96,8 +96,7 @@ def _source_tensors(source: Source, where: str | Path):
                                "expected floating point (corrupted?)")
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
             tensor = tensor.to(torch.bfloat16)
-        if not torch.isfinite(tensor).all():
-            raise BitfluxError(f"{where}: tensor {name!r} holds NaN or infinite values (corrupted?)")
+        checkpoint.check_finite(tensor, f"{where}: tensor {name!r}")
         yield _original_to_diffusers(source, name, tensor, width) if source.original_layout else {name: tensor}
 
 

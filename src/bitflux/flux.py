@@ -220,6 +220,7 @@ def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         fused = name.split(".", 2)[2].rpartition(".")[0]
         absent = [p for p in _FUSED[fused] if p not in parts]
         if absent:  # the original tensor fuses them all
-            raise BitfluxError(f"no original FLUX tensor {name!r} without all of its parts ({', '.join(absent)} missing)")
+            raise BitfluxError(f"no original FLUX tensor {name!r} without all of its parts "
+                               f"({', '.join(absent)} missing)")
         out[name] = torch.cat([parts[p] for p in _FUSED[fused]], dim=0)
     return out

@@ -131,9 +131,13 @@ def _record_config(model: nn.Module, settings: dict) -> None:
         model.register_to_config(quantization_config=settings)
 
 
+def _recorded_config(model: nn.Module) -> dict | None:
+    return getattr(model, "config", {}).get("quantization_config")
+
+
 def ternary_config_of(model: nn.Module) -> TernaryConfig:
     """The model's TernaryConfig as quantize_ recorded it, else the storage facts read off its first layer."""
-    recorded = getattr(model, "config", {}).get("quantization_config")
+    recorded = _recorded_config(model)
     if recorded:
         return TernaryConfig.from_dict(dict(recorded))
     layer = next((m for m in model.modules() if isinstance(m, TernaryLinear)), None)
@@ -176,7 +180,7 @@ def set_activations(model: nn.Module, activations: str) -> int:
 
 
 def _update_recorded(model: nn.Module, **changes) -> None:
-    recorded = getattr(model, "config", {}).get("quantization_config")
+    recorded = _recorded_config(model)
     if recorded:
         _record_config(model, {**recorded, **changes})
 

@@ -85,7 +85,8 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
     workdir = Path(workdir)
     # workdir 2: the saved blocks hold their codes in the config's format (1: always tq2)
     manifest = {"workdir": 2, "ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
-                "calibration": calib.to_dict(), "model": architecture_config(source.config), "weights": source.fingerprint(),
+                "calibration": calib.to_dict(), "model": architecture_config(source.config),
+                "weights": source.fingerprint(),
                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
     try:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from .. import flux, formats
 from ..checkpoint import (
     architecture_config,
+    check_finite,
     check_output_apart,
     load_transformer,
     parse_json_object,
@@ -386,9 +387,7 @@ def read_gguf(path, progress: bool = True) -> GGUFContents:
     except (ValueError, KeyError, IndexError, RuntimeError) as exc:
         raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
     for name, (kind, payload) in raw.items():  # as a safetensors source's are checked
-        values = payload if kind == "dense" else payload[1]  # a ternary tensor's block scales
-        if values.is_floating_point() and not torch.isfinite(values).all():
-            raise BitfluxError(f"{path}: tensor {name!r} holds NaN or infinite values (corrupted?)")
+        check_finite(payload if kind == "dense" else payload[1], f"{path}: tensor {name!r}")  # ternary: block scales
     if flux.is_original_layout(shapes):
         raw = _diffusers_named(raw, shapes)
         transformer = transformer or json.dumps(flux.config_from_original_shapes(shapes))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import flux, formats
+from ..checkpoint import check_finite
 from ..errors import BitfluxError
 from ..kernels import forget_prepared
 from ..linear import TernaryLinear
@@ -258,8 +259,7 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
         state, scaling = dict(source), PeftScaling()
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # every image would come out black
-            raise BitfluxError(f"LoRA tensor {key!r} holds NaN or infinite values (corrupted?)")
+        check_finite(tensor, f"LoRA tensor {key!r}")
         stem, role = _split_key(key)
         grouped.setdefault(stem, {})[role] = tensor
     diffusers, original = set(_linear_names(model)), _original_names(model)
