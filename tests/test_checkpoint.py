@@ -171,6 +171,41 @@ def test_an_fp8_checkpoint_quantizes_as_its_values_in_bf16(tmp_path):
     assert all(torch.equal(quantized[0][k], quantized[1][k]) for k in quantized[0])
 
 
+@pytest.mark.parametrize("scales", ["tensor", "row"])
+def test_a_scaled_fp8_all_in_one_checkpoint_quantizes_as_its_weights_in_bf16(tmp_path, scales):
+    """ComfyUI's checkpoints: the transformer under model.diffusion_model. beside the VAE and text encoders (left
+    out), block weights in fp8 with a scale each (per tensor: `scale_weight`, its scaled_fp8 files; per row:
+    `weight_scale`), input scales and format markers beside them. They quantize as the bf16 file of fp8 values
+    times scales."""
+    from safetensors.torch import save_file
+
+    from bitflux.flux import diffusers_to_original
+
+    original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
+    comfy, plain = {}, {}
+    for key, value in original.items():
+        if value.dim() == 2 and "blocks" in key:
+            scale = value.abs().amax() / 448 if scales == "tensor" else value.abs().amax(dim=1) / 448
+            fp8 = (value / scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
+            layer = key.removesuffix(".weight")
+            comfy[key] = fp8
+            comfy[f"{layer}.{'scale_weight' if scales == 'tensor' else 'weight_scale'}"] = scale.float()
+            comfy[f"{layer}.{'scale_input' if scales == 'tensor' else 'input_scale'}"] = torch.tensor(1.0)
+            plain[key] = (fp8.float() * scale.reshape(-1, 1)).to(torch.bfloat16)
+        else:
+            comfy[key] = plain[key] = value.to(torch.bfloat16)
+    all_in_one = {"model.diffusion_model." + k: v for k, v in comfy.items()}
+    all_in_one["model.diffusion_model.scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    all_in_one |= {"vae.decoder.conv_in.weight": torch.ones(4, 4), "text_encoders.t5xxl.shared.weight": torch.ones(8)}
+    save_file(all_in_one, str(tmp_path / "comfy.safetensors"))
+    save_file(plain, str(tmp_path / "bf16.safetensors"))
+    for name in ("comfy", "bf16"):
+        quantize_checkpoint(tmp_path / f"{name}.safetensors", tmp_path / f"q-{name}", progress=False)
+    quantized = [load_transformer(tmp_path / f"q-{name}").state_dict() for name in ("comfy", "bf16")]
+    assert quantized[0].keys() == quantized[1].keys()
+    assert all(torch.equal(quantized[0][k], quantized[1][k]) for k in quantized[0])
+
+
 @pytest.mark.parametrize("failure", ["full disk", "safetensors", "bug"])
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, failure):
     """A failed write is one line naming the file and its OS error (safetensors holds the number in its own

@@ -281,20 +281,33 @@ def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_a_scaled_fp8_checkpoint_is_refused_by_name(tmp_path, capsys):
-    """ComfyUI's scaled fp8 files keep a scalar beside each fp8 weight (it failed as a traceback)."""
+@pytest.mark.parametrize("quantized", ["int8", "block scales", "lone scale"])
+def test_a_checkpoint_quantized_otherwise_is_refused_by_name(tmp_path, capsys, quantized):
+    """What bitflux does not read of ComfyUI's quantized files, refused from the header by quantize and inspect:
+    integer weights (int8, nvfp4), scales per block of a row, a scale without its weight."""
     from conftest import build_tiny
 
     from bitflux.flux import diffusers_to_original
 
     original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
-    original["double_blocks.0.img_attn.qkv.scale_weight"] = torch.tensor(0.5)
+    qkv = "double_blocks.0.img_attn.qkv"
+    rows, columns = original[f"{qkv}.weight"].shape
+    if quantized == "int8":
+        original[f"{qkv}.weight"] = original[f"{qkv}.weight"].to(torch.int8)
+        original[f"{qkv}.weight_scale"] = torch.tensor(0.5)
+        expected = ("qkv.weight' is I8", "quantized to integers")
+    elif quantized == "block scales":
+        original[f"{qkv}.weight_scale"] = torch.ones(rows, columns // 2)
+        expected = ("qkv.weight_scale' has shape", "scales per block")
+    else:
+        original["double_blocks.0.img_attn.nothing.scale_weight"] = torch.tensor(0.5)
+        expected = ("nothing.scale_weight' has no weight",)
     save_file(original, str(tmp_path / "flux.safetensors"))
     code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
-    _assert_one_line_error(code, err, "a scaled fp8 checkpoint", "qkv.scale_weight")
+    _assert_one_line_error(code, err, *expected)
     _assert_nothing_written(tmp_path / "out")
     code, _, err = _run(capsys, "inspect", tmp_path / "flux.safetensors")  # what quantize refuses: refused too
-    _assert_one_line_error(code, err, "a scaled fp8 checkpoint")
+    _assert_one_line_error(code, err, *expected)
 
 
 def test_a_source_with_an_integer_tensor_is_refused(tmp_path, tiny_folder, capsys):

@@ -1,15 +1,17 @@
 """Streaming SOURCE -> bitflux folder: the engine of `bitflux quantize`.
 
-Sources: a diffusers FLUX pipeline or transformer folder, an original single-file FLUX checkpoint, or a
+Sources: a diffusers FLUX pipeline or transformer folder, an original single-file FLUX checkpoint (bf16,
+fp8, ComfyUI's scaled fp8, or an all-in-one file whose transformer is under `model.diffusion_model.`), or a
 hub id found in the local Hugging Face cache. Tensors are read one at a time (fused tensors of the original
 layout are split as they come) and written in bounded shards, so peak memory does not grow with depth.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +24,11 @@ from .surgery import QuantizationReport, quantize_
 from .ternary import ternarize
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# ComfyUI's fp8 checkpoints keep a scale beside each fp8 weight: `<layer>.scale_weight` (its "scaled_fp8"
+# files) or `<layer>.weight_scale` (its per-layer format, described by `<layer>.comfy_quant`). A weight is its
+# fp8 values times the scale; the other entries serve only fp8 matrix products (input scales) or mark the format.
+_WEIGHT_SCALE_LEAVES = ("scale_weight", "weight_scale")
+_FP8_MARKER_LEAVES = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")
 
 
 @dataclass
@@ -32,6 +39,14 @@ class Source:
     files: list[Path]
     original_layout: bool
     pipeline_root: Path | None = None  # set when the source is a whole pipeline folder
+    # an original file's transformer tensors, when the file holds others too (all-in-one, fp8 scales); None: all
+    names: frozenset[str] | None = None
+    weight_scales: dict[str, str] = field(default_factory=dict)  # scaled fp8: weight name -> its scale's name
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """name -> shape of the transformer's tensors, from the file headers alone."""
+        shapes = checkpoint.tensor_shapes(self.files)
+        return shapes if self.names is None else {k: v for k, v in shapes.items() if k in self.names}
 
 
 def resolve_source(source: str | Path) -> Source:
@@ -46,14 +61,7 @@ def resolve_source(source: str | Path) -> Source:
                                "without calibration: it holds no full-precision pipeline")
         if path.suffix != ".safetensors":
             raise BitfluxError(f"{path}: not a safetensors file (bitflux reads .safetensors, never pickle)")
-        shapes = checkpoint.tensor_shapes([path])
-        if not flux.is_original_layout(shapes):
-            raise BitfluxError(f"{path}: not an original FLUX checkpoint (no double_blocks / single_blocks); "
-                               "for diffusers weights pass the folder holding config.json")
-        try:
-            return Source(flux.config_from_original_shapes(shapes), [path], original_layout=True)
-        except BitfluxError as exc:
-            raise BitfluxError(f"{path}: {exc}") from None
+        return _original_file(path)
     if (path / "model_index.json").exists():
         index = checkpoint.parse_json_object((path / "model_index.json").read_bytes(), str(path / "model_index.json"))
         if index.get("_class_name") not in ("FluxPipeline", None) and "transformer" not in index:
@@ -68,6 +76,43 @@ def resolve_source(source: str | Path) -> Source:
     if "quantization_config" in config:
         raise BitfluxError(f"{path}: already quantized by bitflux; quantize the full-precision source instead")
     return Source(config, checkpoint.weight_files(path), original_layout=False)
+
+
+def _original_file(path: Path) -> Source:
+    """An original single-file checkpoint: its transformer's tensors (an all-in-one file's VAE and text encoders
+    left out) and their fp8 scales, checked from the header before any tensor is read."""
+    header = checkpoint.read_safetensors_header(path)
+    keys = [key for key in header if key != "__metadata__"]
+    if not flux.is_original_layout(keys):
+        raise BitfluxError(f"{path}: not an original FLUX checkpoint (no double_blocks / single_blocks); "
+                           "for diffusers weights pass the folder holding config.json")
+    # ComfyUI's all-in-one checkpoints keep the transformer under this prefix beside the VAE and text encoders
+    transformer = [key for key in keys if key.startswith(flux.ORIGINAL_PREFIX)] or keys
+    names, scales = set(), {}
+    for key in transformer:
+        layer, _, leaf = key.rpartition(".")
+        if leaf in _WEIGHT_SCALE_LEAVES:
+            scales[f"{layer}.weight"] = key
+        elif leaf not in _FP8_MARKER_LEAVES:
+            names.add(key)
+    for name in names:
+        if header[name]["dtype"] not in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+            raise BitfluxError(f"{path}: tensor {name!r} is {header[name]['dtype']}: a checkpoint quantized to "
+                               "integers (int8, nf4, nvfp4), which bitflux does not read; quantize the bf16 or fp8 "
+                               "checkpoint instead")
+    for weight, scale in scales.items():
+        if weight not in names:
+            raise BitfluxError(f"{path}: scale {scale!r} has no weight {weight!r} beside it")
+        rows, shape = header[weight]["shape"][0], tuple(header[scale]["shape"])
+        if math.prod(shape) != 1 and shape not in ((rows,), (rows, 1)):
+            raise BitfluxError(f"{path}: {scale!r} has shape {shape}: scales per block of a row, which bitflux does "
+                               "not read (one scale per tensor or per row only); quantize the bf16 checkpoint instead")
+    shapes = {key: tuple(header[key]["shape"]) for key in names}
+    try:
+        config = flux.config_from_original_shapes(shapes)
+    except BitfluxError as exc:
+        raise BitfluxError(f"{path}: {exc}") from None
+    return Source(config, [path], original_layout=True, names=frozenset(names), weight_scales=scales)
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -88,13 +133,20 @@ def from_hub_cache(repo_id: str) -> Path:
 def _source_tensors(source: Source, where: str | Path):
     """Yield dicts of diffusers-named tensors converted from one source tensor each, checked under the name the
     source gives it (`where`: the source as the user named it)."""
-    width = flux.original_width(checkpoint.tensor_shapes(source.files)) if source.original_layout else 0
-    for name, tensor in checkpoint.iter_tensors(source.files):
+    width = flux.original_width(source.shapes()) if source.original_layout else 0
+    weight_of = {scale: weight for weight, scale in source.weight_scales.items()}
+    scales = {}
+    for name, scale in checkpoint.iter_tensors(source.files, weight_of):  # a few hundred numbers: read first
+        checkpoint.check_finite(scale, f"{where}: tensor {name!r}")
+        scales[weight_of[name]] = scale.float()
+    for name, tensor in checkpoint.iter_tensors(source.files, source.names):
         # every FLUX transformer tensor is floating point; load_transformer refuses others
         if not tensor.is_floating_point():
             raise BitfluxError(f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
                                "expected floating point (corrupted?)")
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
+        if name in scales:  # scaled fp8: its values times its scale (per tensor or per row), in bf16 as below
+            tensor = (tensor.float() * scales[name].reshape(-1, *[1] * (tensor.dim() - 1))).to(torch.bfloat16)
+        elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
             tensor = tensor.to(torch.bfloat16)
         checkpoint.check_finite(tensor, f"{where}: tensor {name!r}")
         yield _original_to_diffusers(source, name, tensor, width) if source.original_layout else {name: tensor}
@@ -109,13 +161,9 @@ def _original_to_diffusers(source: Source, name: str, tensor: torch.Tensor, widt
 
 def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
     """Diffusers-named shapes of the source, from the file headers alone (original layout converted on meta)."""
-    shapes = checkpoint.tensor_shapes(source.files)
+    shapes = source.shapes()
     if not source.original_layout:
         return shapes
-    scaled = next((key for key in shapes if key.endswith((".scale_weight", ".scale_input", "scaled_fp8"))), None)
-    if scaled is not None:  # ComfyUI's scaled fp8: each weight is its fp8 values times a scale kept beside it
-        raise BitfluxError(f"{source.files[0]}: a scaled fp8 checkpoint ({scaled!r}), which bitflux does not read; "
-                           "quantize the bf16 checkpoint (or a plain fp8 one) instead")
     width = flux.original_width(shapes)
     return {k: tuple(v.shape) for key, shape in shapes.items()
             for k, v in _original_to_diffusers(source, key, torch.empty(shape, device="meta"), width).items()}
@@ -156,7 +204,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         transformer_dir.mkdir(exist_ok=True)
         writer = checkpoint.ShardWriter(transformer_dir, max_shard_bytes)
         # closed on the way out of an error too, so that the error's line starts a line of its own
-        with tqdm(total=len(checkpoint.tensor_shapes(found.files)), desc="quantizing", unit="tensor",
+        with tqdm(total=len(found.shapes()), desc="quantizing", unit="tensor",
                   disable=not progress) as bar:
             for converted in _source_tensors(found, source):
                 for name, tensor in converted.items():

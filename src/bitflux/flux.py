@@ -52,7 +52,7 @@ def build_transformer(config: dict, device: str | torch.device = "meta"):
 
 # ---- original single-file layout ------------------------------------------------------------------
 
-_ORIGINAL_PREFIX = "model.diffusion_model."
+ORIGINAL_PREFIX = "model.diffusion_model."
 _GLOBAL_RENAMES = {
     "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
     "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
@@ -93,7 +93,7 @@ _DIFFUSERS_BLOCK_KEY = re.compile(r"^(transformer_blocks|single_transformer_bloc
 
 
 def strip_original_prefix(key: str) -> str:
-    return key.removeprefix(_ORIGINAL_PREFIX)
+    return key.removeprefix(ORIGINAL_PREFIX)
 
 
 def is_original_layout(keys) -> bool:
