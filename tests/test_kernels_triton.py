@@ -716,3 +716,21 @@ def test_every_tile_config(config, strategy, monkeypatch):
         _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.float16)
     out = tk.linear(x, tk.prepare(weight), bias, "fp8", strategy=strategy)
     _assert_close(out, _on_cpu(reference.linear_fp8, x, _cpu_weight(weight), bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("activations", ["a8", "fp8"])
+def test_a_token_holding_nan_or_inf_gives_nan_outputs(special, m, activations):
+    """A NaN or infinity in a token makes its outputs NaN with every strategy, as the reference's (and the CPU
+    kernel's) are: the max instructions drop NaN, so the quantizer used to give finite numbers made from the
+    rest of the row, hiding a blow-up. The other tokens are unchanged."""
+    k, n = 64, 4
+    weight = _weight(n, k)
+    x = _activations(m, k, torch.float32)
+    x[0, 5] = special
+    prepared = tk.prepare(weight)
+    for strategy in tk.strategies(m, prepared, activations):
+        out = tk.linear(x, prepared, None, activations, strategy=strategy).cpu()
+        assert out[0].isnan().all(), strategy
+        assert out[1:].isfinite().all(), strategy

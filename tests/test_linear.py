@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, formats
@@ -224,3 +225,37 @@ def test_swapped_or_replaced_buffers_are_used(backend):
         layer.weight_scale = None
         layer.weight_scale = other.weight_scale * 2
         assert torch.equal(layer(x), 2 * other(x))
+
+
+@pytest.mark.parametrize("activations", ["a8", "fp8"])
+def test_quantized_activations_pass_a_straight_through_gradient(activations):
+    """An input needing a gradient (a LoRA trained on the ternary model) goes to the reference backend: its
+    value is the quantized activations', its gradient that of x W^T, as if rounding were the identity. The
+    int8 cast used to cut the graph (one nonzero gradient per token, through the absmax)."""
+    layer = TernaryLinear.from_linear(nn.Linear(48, 16), TernaryConfig(activations=activations))
+    x = torch.randn(3, 48, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
+    out.pow(2).sum().backward()
+    dense = x.detach().clone().requires_grad_()
+    F.linear(dense, layer.dequantize()).mul(out.detach() * 2).sum().backward()
+    assert torch.allclose(x.grad, dense.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("activations", ["a16", "a8", "fp8"])
+@pytest.mark.parametrize("shape", [(0, 32), (2, 0, 32)])
+def test_no_tokens_give_no_outputs(activations, shape):
+    layer = TernaryLinear.from_linear(nn.Linear(32, 8), TernaryConfig(activations=activations))
+    for backend in ("reference", "auto"):
+        with use_backend(backend):
+            assert layer(torch.randn(shape)).shape == (*shape[:-1], 8)
+
+
+@pytest.mark.parametrize("x", [torch.ones(2, 32, dtype=torch.int64), torch.ones(2, 16)])
+def test_inputs_a_linear_layer_would_refuse_are_refused(x):
+    """Integer inputs (a16 returned zeros, a8 truncated numbers) and a wrong last dimension (a reshape error
+    on the CPU, or silently no output with no tokens): one line, on every backend."""
+    layer = TernaryLinear.from_linear(nn.Linear(32, 8))
+    with pytest.raises(BitfluxError, match="takes floating-point inputs whose last dimension is 32"):
+        layer(x)

@@ -408,16 +408,16 @@ def save_transformer(model, folder: str | Path, config: TernaryConfig | None = N
 _DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_dtype(folder: Path, key: str, tensor: torch.Tensor, want: torch.dtype, fmt: str) -> None:
+def check_dtype(where: str | Path, key: str, tensor: torch.Tensor, want: torch.dtype, fmt: str) -> None:
     """Codes are uint8 holding only valid codes, every other tensor a float dtype the model runs in: anything
     else would load and compute wrong weights (a truncated int64 bias, a code 3 read as a weight of 2)."""
     exact = want == torch.uint8
     if (tensor.dtype != want) if exact else (tensor.dtype not in _DENSE_DTYPES):
         expected = str(want).removeprefix("torch.") if exact else "float32, float16 or bfloat16"
-        raise BitfluxError(f"{folder}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+        raise BitfluxError(f"{where}: tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, "
                            f"expected {expected}")
     if key.endswith(".weight_packed") and (bad := formats.invalid_bytes(tensor, fmt)):
-        raise BitfluxError(f"{folder}: tensor {key!r} holds {bad} bytes that are no {fmt} codes (corrupted)")
+        raise BitfluxError(f"{where}: tensor {key!r} holds {bad} bytes that are no {fmt} codes (corrupted)")
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -443,7 +443,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     for key, tensor in iter_tensors(weight_files(folder)):
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
-        _check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
+        check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
         check_finite(tensor, f"{folder}: tensor {key!r}")
         if key.endswith(".weight_scale"):
             tensor = tensor.to(expected[key].dtype)  # the config's scale dtype (older folders could differ)

@@ -72,10 +72,10 @@ class QuantizationReport:
 
 
 def is_target(name: str, module: nn.Module, config: TernaryConfig) -> bool:
-    return isinstance(module, nn.Linear) and _selected(name, config)
+    return isinstance(module, nn.Linear) and selected(name, config)
 
 
-def _selected(name: str, config: TernaryConfig) -> bool:
+def selected(name: str, config: TernaryConfig) -> bool:
     return any(re.search(p, name) for p in config.include) and not any(re.search(p, name) for p in config.exclude)
 
 
@@ -154,7 +154,7 @@ def check_config(model: nn.Module, config: TernaryConfig) -> None:
     saving; its method and activations change nothing stored."""
     for name, module in model.named_modules():
         if isinstance(module, TernaryLinear) != (isinstance(module, (nn.Linear, TernaryLinear))
-                                                  and _selected(name, config)):
+                                                  and selected(name, config)):
             state = "is" if isinstance(module, TernaryLinear) else "is not"
             raise BitfluxError(f"{name} {state} ternary, which the config's include/exclude do not say")
         if isinstance(module, TernaryLinear) and (module.granularity != config.granularity

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import BitfluxError
 from . import reference
 
 # Backends live in their own modules and are imported on first use, so a missing compiler or Triton
@@ -67,8 +68,6 @@ def backend_names() -> list[str]:
 def get_backend(name: str):
     """The backend module, or None (with one warning per process) when it cannot run here."""
     if name not in _BACKEND_MODULES:
-        from ..errors import BitfluxError
-
         raise BitfluxError(f"unknown backend {name!r}; choose one of auto, {', '.join(_BACKEND_MODULES)}")
     if name not in _loaded:
         try:
@@ -181,6 +180,9 @@ def ternary_linear(
     if either the bytes or the scales are replaced, swapped (`.data =`) or written in place (load_state_dict
     copies into them).
     """
+    if not x.is_floating_point() or x.shape[-1] != weight.in_features:
+        raise BitfluxError(f"a ternary linear layer of {weight.in_features} inputs takes floating-point inputs "
+                           f"whose last dimension is {weight.in_features}, got {str(x.dtype)[6:]} {tuple(x.shape)}")
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)

@@ -39,12 +39,16 @@ def integer_matmul(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, activations: str = "a16") -> torch.Tensor:
-    if activations == "a8":
-        return linear_a8(x, weight, bias)
-    if activations == "fp8":
-        return linear_fp8(x, weight, bias)
-    out = F.linear(x, dequantize(weight, x.dtype))
-    return out if bias is None else out + bias.to(x.dtype)
+    if activations == "a16":
+        out = F.linear(x, dequantize(weight, x.dtype))
+        return out if bias is None else out + bias.to(x.dtype)
+    out = (linear_a8 if activations == "a8" else linear_fp8)(x, weight, bias)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return out
+    # Straight-through: the quantized activations' value, and the gradient of x W^T (rounding's own is zero
+    # almost everywhere, and int8 codes cut the graph but for the absmax).
+    dense = F.linear(x, dequantize(weight, x.dtype))
+    return out.detach() + (dense - dense.detach())
 
 
 def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +68,7 @@ def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tenso
     out = out * act_scale
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).reshape(*shape[:-1], -1)
+    return out.to(x.dtype).reshape(*shape[:-1], weight.out_features)  # -1: not with 0 tokens
 
 
 def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -78,4 +82,4 @@ def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tens
     out = (q.double() @ codes.double().t()).float() * weight.scales.float().t() * scale
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).reshape(*shape[:-1], -1)
+    return out.to(x.dtype).reshape(*shape[:-1], weight.out_features)  # -1: not with 0 tokens

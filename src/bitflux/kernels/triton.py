@@ -819,7 +819,7 @@ if triton is not None:
         if ONE_PASS:
             offs = tl.arange(0, BLOCK)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            scale = _absmax_scale(tl.max(tl.abs(x), axis=0), qmax)
+            scale = _absmax_scale(tl.max(tl.abs(x), axis=0) + tl.sum(x * 0.0, axis=0), qmax)
             tl.store(q_row + _plane_major_column(offs, PLANE), _quantize_values(x, scale, qmax, FP8),
                      mask=offs < KQ)
         else:
@@ -833,17 +833,23 @@ if triton is not None:
 
     @triton.jit
     def _row_absmax(x_row, K, BLOCK: tl.constexpr):
-        """max |x| over a row of K values, read in blocks of BLOCK."""
+        """max |x| over a row of K values, read in blocks of BLOCK; NaN if one is NaN or infinite (as below)."""
         amax = tl.zeros([BLOCK], dtype=tl.float32)
+        poison = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-        return tl.max(amax, axis=0)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+            poison += x * 0.0
+        return tl.max(amax, axis=0) + tl.sum(poison, axis=0)
 
     @triton.jit
     def _absmax_scale(amax, qmax: tl.constexpr):
+        # The max instructions drop NaN: a row's NaN or infinity comes as amax = NaN (its absmax plus the sum of
+        # x * 0), and (amax - amax) makes the scale NaN, so the row's outputs are NaN as the reference's are,
+        # not finite numbers made from the rest of the row.
         # div_rn: the default fp32 division on GPUs is approximate, the reference's is correctly rounded.
-        return tl.math.div_rn(tl.maximum(amax, 1e-12), qmax)
+        return tl.math.div_rn(tl.maximum(amax, 1e-12), qmax) + (amax - amax)
 
     @triton.jit
     def _quantize_values(x, scale, qmax: tl.constexpr, FP8: tl.constexpr):
