@@ -281,6 +281,28 @@ def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize("damage", ["missing", "shape"])
+def test_an_original_checkpoint_is_checked_under_its_own_names(tmp_path, capsys, damage):
+    """A missing or misshapen tensor of an original single file is named as the file names it (the fused
+    q/k/v tensor, not the diffusers layer cut from it), with the diffusers name beside it."""
+    from conftest import build_tiny
+
+    from bitflux.flux import diffusers_to_original
+
+    original = {k: v.contiguous() for k, v in diffusers_to_original(build_tiny().state_dict()).items()}
+    if damage == "missing":
+        del original["double_blocks.1.img_attn.qkv.weight"]
+        expected = ("missing tensor 'double_blocks.1.img_attn.qkv.weight' (transformer_blocks.1.attn.to_",)
+    else:
+        original["double_blocks.0.img_mod.lin.weight"] = original["double_blocks.0.img_mod.lin.weight"][:-6].clone()
+        expected = ("tensor 'double_blocks.0.img_mod.lin.weight' (transformer_blocks.0.norm1.linear.weight in "
+                    "diffusers' names) has shape")
+    save_file(original, str(tmp_path / "flux.safetensors"))
+    code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
+    _assert_one_line_error(code, err, *expected)
+    _assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.parametrize("quantized", ["int8", "block scales", "lone scale"])
 def test_a_checkpoint_quantized_otherwise_is_refused_by_name(tmp_path, capsys, quantized):
     """What bitflux does not read of ComfyUI's quantized files, refused from the header by quantize and inspect:

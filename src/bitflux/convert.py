@@ -171,20 +171,21 @@ def converted_shapes(source: Source) -> dict[str, tuple[int, ...]]:
 
 def check_source(found: Source, source: str | Path, model) -> None:
     """The source's tensors (their headers) are those of `model` (its config's transformer, on meta) with their
-    shapes: checked before any work."""
-    check_shapes(converted_shapes(found), {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(source))
+    shapes, and nothing else: checked before any work. Named as the source names them."""
 
+    def named(key: str) -> str:  # an original file's tensor, and which diffusers tensor of it is meant
+        return f"{flux.original_name(key)!r} ({key} in diffusers' names)" if found.original_layout else repr(key)
 
-def check_shapes(shapes: dict, expected: dict, source: str) -> None:
-    """Every tensor the config expects, with its shape, and nothing else: checked before writing anything."""
+    shapes, expected = converted_shapes(found), {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in shapes.items():
         if name not in expected:
-            raise BitfluxError(f"{source}: unexpected tensor {name!r} for a FLUX transformer")
+            raise BitfluxError(f"{source}: unexpected tensor {named(name)} for a FLUX transformer")
         if tuple(shape) != expected[name]:
-            raise BitfluxError(f"{source}: tensor {name!r} has shape {tuple(shape)}, the config expects {expected[name]}")
+            raise BitfluxError(f"{source}: tensor {named(name)} has shape {tuple(shape)}, the config expects "
+                               f"{expected[name]}")
     missing = sorted(set(expected) - set(shapes))
     if missing:
-        raise BitfluxError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing)")
+        raise BitfluxError(f"{source}: missing tensor {named(missing[0])} ({len(missing)} missing)")
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConfig | None = None,

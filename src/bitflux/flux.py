@@ -182,6 +182,26 @@ def config_from_original_shapes(shapes: dict[str, tuple]) -> dict:
     return config
 
 
+def original_name(key: str) -> str:
+    """The original-layout tensor holding diffusers' tensor `key`: for a part of q/k/v or of linear1, the
+    fused tensor."""
+    match = _DIFFUSERS_BLOCK_KEY.match(key)
+    if match is None:
+        new = _rename(key, _GLOBAL_ORIGINAL)
+    else:
+        kind, index, suffix = match.groups()
+        layer, _, param = suffix.rpartition(".")
+        if kind == "transformer_blocks":
+            fused = next((f for f, parts in _DOUBLE_FUSED.items() if layer in parts), None)
+            new = f"{fused}.{param}" if fused else _rename(suffix, _DOUBLE_ORIGINAL)
+        else:
+            new = f"linear1.{param}" if layer in _LINEAR1_PARTS else _rename(suffix, _SINGLE_ORIGINAL)
+        new = None if new is None else f"{'double' if kind == 'transformer_blocks' else 'single'}_blocks.{index}.{new}"
+    if new is None:
+        raise BitfluxError(f"no original FLUX name for {key!r}")
+    return new
+
+
 def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of convert_original_tensor over a whole state dict: diffusers names -> original layout.
 
@@ -189,35 +209,16 @@ def diffusers_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     tensors. Fused q/k/v and linear1 are concatenated along rows again.
     """
     out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused original name -> parts by diffusers name
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # fused original name -> parts by diffusers layer name
     for key, tensor in state.items():
-        match = _DIFFUSERS_BLOCK_KEY.match(key)
-        if match is None:
-            new = _rename(key, _GLOBAL_ORIGINAL)
-            if new is None:
-                raise BitfluxError(f"no original FLUX name for {key!r}")
-            out[new] = _swap_halves(tensor) if new.startswith("final_layer.adaLN_modulation.1") else tensor
-            continue
-        kind, index, suffix = match.groups()
-        layer, _, param = suffix.rpartition(".")
-        if kind == "transformer_blocks":
-            prefix = f"double_blocks.{index}."
-            fused = next((f for f, parts in _DOUBLE_FUSED.items() if layer in parts), None)
-            if fused is not None:
-                pending.setdefault(f"{prefix}{fused}.{param}", {})[layer] = tensor
-                continue
-            new = _rename(suffix, _DOUBLE_ORIGINAL)
+        name = original_name(key)
+        match = _BLOCK_KEY.match(name)
+        if match and match.group(3).rpartition(".")[0] in _FUSED:
+            pending.setdefault(name, {})[_DIFFUSERS_BLOCK_KEY.match(key).group(3).rpartition(".")[0]] = tensor
         else:
-            prefix = f"single_blocks.{index}."
-            if layer in _LINEAR1_PARTS:
-                pending.setdefault(f"{prefix}linear1.{param}", {})[layer] = tensor
-                continue
-            new = _rename(suffix, _SINGLE_ORIGINAL)
-        if new is None:
-            raise BitfluxError(f"no original FLUX name for {key!r}")
-        out[prefix + new] = tensor
+            out[name] = _swap_halves(tensor) if name.startswith("final_layer.adaLN_modulation.1") else tensor
     for name, parts in pending.items():
-        fused = name.split(".", 2)[2].rpartition(".")[0]
+        fused = _BLOCK_KEY.match(name).group(3).rpartition(".")[0]
         absent = [p for p in _FUSED[fused] if p not in parts]
         if absent:  # the original tensor fuses them all
             raise BitfluxError(f"no original FLUX tensor {name!r} without all of its parts "
