@@ -95,7 +95,7 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity, fmt):
         adapter.fuse()
         config = TernaryConfig(**TernaryConfig.parse_granularity(granularity))
         want_codes, want_scales = ternarize(ternary_holder(24, 40, granularity).layer.dequantize(torch.float32)
-                                            + 2.0 * up @ down, "absmean", config.granularity,
+                                            + 2.0 * up @ down, "lsq", config.granularity,
                                             config.group_size_or_none)
         assert torch.equal(layer.codes(), want_codes) and torch.equal(layer.weight_scale, want_scales)
         assert layer.weight_packed.shape == packed.shape  # fused in the layer's own packing
@@ -257,7 +257,18 @@ def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
       "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 4)}, "the layer is 64x64"),
     ({"nope.lora_A.weight": torch.zeros(4, 3), "nope.lora_B.weight": torch.zeros(3, 4)}, "names no linear"),
     ({"lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": torch.zeros(4, 3),
-      "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": torch.zeros(3, 4)}, "names no layer"),
+      "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": torch.zeros(3, 4)}, "names no linear layer"),
+    ({"nope.lora_A.weight": torch.zeros(4, 3), "nope.lora_B.weight": torch.zeros(3, 4),
+      "nope2.lora_A.weight": torch.zeros(4, 3), "nope2.lora_B.weight": torch.zeros(3, 4)}, "'nope' \\(and 1 more\\)"),
+    ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(0, WIDTH),
+      "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 0)}, "with r >= 1"),
+    ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, WIDTH),
+      "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(3 * WIDTH, 4),
+      "transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, WIDTH),
+      "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 4)}, "both adapt transformer_blocks.0.attn.to_q"),
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 3),
+      "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3, 4)},
+     "its 1 pairs are the text encoders'"),
     ({"transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1)}, "DoRA"),
     ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(1)}, "not a LoRA key"),
     ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, WIDTH), float("nan")),
@@ -309,3 +320,39 @@ def test_alpha_from_the_peft_config_diffusers_and_peft_write(flux, tmp_path):
     pairs, _ = read_lora(tmp_path / "adapter.safetensors", flux)
     down, _, alpha = pairs["transformer_blocks.0.attn.to_q"]
     assert alpha / down.shape[0] == 16 / 4 ** 0.5
+
+
+def test_fusing_nothing_leaves_the_layers_as_they_were():
+    """fuse()'s default (lsq) gives an already ternary weight back: a LoRA at strength 0 fused changes nothing.
+    absmean, the default before, shrank every scale by the share of zero codes (outputs ~9 % off)."""
+    model = ternary_holder(24, 40, "channel")
+    layer = model.layer
+    codes, scales = layer.codes(), layer.weight_scale.clone()
+    down, up = lora_pair(24, 40)
+    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up}, strength=0.0)
+    adapter.fuse()
+    assert torch.equal(layer.codes(), codes)
+    torch.testing.assert_close(layer.weight_scale, scales)
+
+
+def test_odd_callers_and_files_are_told_in_one_line(flux):
+    """A pipeline where the transformer is meant; an fp8 file (ComfyUI keeps some so) loads as its values."""
+    pipe = type("FluxPipeline", (), {"transformer": flux})()
+    with pytest.raises(BitfluxError, match="a pipeline's is pipe.transformer"):
+        load_lora(pipe, {})
+    down, up = lora_pair(WIDTH, WIDTH)
+    fp8 = {"transformer_blocks.0.attn.to_q.lora_A.weight": down.to(torch.float8_e4m3fn),
+           "transformer_blocks.0.attn.to_q.lora_B.weight": up.to(torch.float8_e4m3fn)}
+    adapter = load_lora(flux, fp8, dtype=torch.float32)
+    assert torch.equal(adapter.branches[0].down, down.to(torch.float8_e4m3fn).float())
+    adapter.remove()
+
+
+def test_text_encoder_pairs_are_counted(flux):
+    down, up = lora_pair(WIDTH, WIDTH)
+    state = {"transformer_blocks.0.attn.to_q.lora_A.weight": down, "transformer_blocks.0.attn.to_q.lora_B.weight": up,
+             "lora_te1_encoder_layers_0_fc1.lora_down.weight": torch.zeros(2, 3),
+             "lora_te1_encoder_layers_0_fc1.lora_up.weight": torch.zeros(3, 2)}
+    adapter = load_lora(flux, state)
+    assert adapter.skipped_text_encoder_pairs == 1 and adapter.names == ["transformer_blocks.0.attn.to_q"]
+    adapter.remove()

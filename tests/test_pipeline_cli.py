@@ -341,13 +341,16 @@ def test_generate_with_a_lora(tmp_path, capsys):
             prefix = f"transformer.transformer_blocks.{block}.{layer}"
             lora[f"{prefix}.lora_A.weight"] = torch.randn(4, k, generator=g) * 0.3
             lora[f"{prefix}.lora_B.weight"] = torch.randn(n, 4, generator=g) * 0.3
-    path = tmp_path / "style.safetensors"
+    lora["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 128)  # left out
+    lora["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(512, 4)
+    path = tmp_path / "style:v2.safetensors"  # a colon of its own: FILE[:STRENGTH] splits at the last one
     save_file(lora, str(path))
     images = {}
     for name, extra in {"plain": [], "zero": ["--lora", f"{path}:0"], "full": ["--lora", str(path)]}.items():
         out = tmp_path / f"{name}.png"
         code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", *extra, "-o", out)
         assert code == 0, err
+        assert ("1 text-encoder LoRA pairs left out" in err) == bool(extra)
         images[name] = np.asarray(Image.open(out))
     assert np.array_equal(images["plain"], images["zero"])
     assert not np.array_equal(images["plain"], images["full"])

@@ -55,3 +55,27 @@ def test_the_file_loads_and_changes_the_output(trained, tmp_path, capsys):
 def test_bad_output_name_is_one_line_exit_2(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "style.bin"), "--steps", "1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_missing_output_folder_is_refused_before_training(tmp_path, capsys):
+    import time
+
+    start = time.monotonic()
+    assert main(["--out", str(tmp_path / "nodir" / "style.safetensors"), "--steps", "300"]) == 2
+    assert "nodir: no such folder" in capsys.readouterr().err and time.monotonic() - start < 5
+
+
+def test_training_on_the_ternary_model_lowers_the_loss(tmp_path):
+    """--ternary: the pairs learn on the shipped calibrated ternary transformer (its layers pass the input's
+    gradient through), and the file loads onto it."""
+    from bitflux import load_pipeline
+    from bitflux.pipeline import demo_ternary_path
+
+    out = tmp_path / "ternary-style.safetensors"
+    assert main(["--out", str(out), "--ternary", "--steps", "6", "--batch", "8", "--scenes", "16", "--rank", "2",
+                 "--lr", "1e-2"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ternary"] == "True"
+    assert float(meta["held_out_loss_after"]) < float(meta["held_out_loss_before"])
+    assert len(load_lora(load_pipeline(demo_ternary_path()).transformer, out).names) == 52

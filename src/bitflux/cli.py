@@ -94,7 +94,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _parse_lora(text: str) -> tuple[str, float]:
     """FILE[:STRENGTH] -> (file, strength)."""
-    path, _, strength = text.partition(":") if not Path(text).exists() else (text, "", "")
+    # the last colon: a path may hold colons of its own (C:\\loras\\x.safetensors:0.8, style:v2.safetensors:0.5)
+    path, _, strength = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "")
     try:
         value = float(strength) if strength else 1.0
     except ValueError:
@@ -205,7 +206,10 @@ def _cmd_generate(args) -> None:
         from .interop.lora import load_lora
 
         for pipe in pipes:
-            load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+            adapter = load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+        if adapter.skipped_text_encoder_pairs:
+            print(f"bitflux: {path}: {adapter.skipped_text_encoder_pairs} text-encoder LoRA pairs left out "
+                  "(bitflux applies the transformer's)", file=sys.stderr)
     for pipe in pipes:
         accelerate_transformer(pipe, cuda_graph=args.cuda_graph, compile=args.compile)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)

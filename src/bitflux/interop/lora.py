@@ -45,14 +45,18 @@ _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.)")
 _UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", "hada_", "lokr_", ".diff", "lora_mid")
 
 
+def _check_pair(down: torch.Tensor, up: torch.Tensor, what: str) -> None:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        raise BitfluxError(f"{what} has shapes {tuple(down.shape)} and {tuple(up.shape)}, not (r, in) and (out, r) "
+                           "with r >= 1")
+
+
 class LoraBranch(nn.Module):
     """down (rank, in) and up (out, rank) in 16 bits; forward returns (alpha / rank) * up(down(x))."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, dtype=torch.bfloat16):
         super().__init__()
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise BitfluxError(f"LoRA pair has shapes {tuple(down.shape)} and {tuple(up.shape)}, "
-                               f"not (r, in) and (out, r)")
+        _check_pair(down, up, "LoRA pair")
         # Frozen for inference; a training script turns gradients on with adapter.requires_grad_(True).
         self.down = nn.Parameter(down.detach().to(dtype).clone(), requires_grad=False)
         self.up = nn.Parameter(up.detach().to(dtype).clone(), requires_grad=False)
@@ -73,8 +77,10 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
 class LoraAdapter(nn.Module):
     """One LoRA attached to a model. `strength` may be changed at any time while unfused."""
 
-    def __init__(self, model: nn.Module, branches: dict[str, LoraBranch], strength: float = 1.0):
+    def __init__(self, model: nn.Module, branches: dict[str, LoraBranch], strength: float = 1.0,
+                 skipped_text_encoder_pairs: int = 0):
         super().__init__()
+        self.skipped_text_encoder_pairs = skipped_text_encoder_pairs  # in the file, not applied
         self.names = list(branches)
         self.branches = nn.ModuleList(branches.values())
         self.strength = float(strength)
@@ -101,9 +107,11 @@ class LoraAdapter(nn.Module):
         self._hooks = []
 
     @torch.no_grad()
-    def fuse(self, method: str = "absmean") -> None:
+    def fuse(self, method: str = "lsq") -> None:
         """Fold strength * delta into the weights: ternary layers are re-ternarized with `method` at their
-        own granularity, dense layers get the delta added. The branch stops running."""
+        own granularity, dense layers get the delta added. The branch stops running. lsq (least squares)
+        gives an already ternary weight back as it is, so a small delta moves it little; absmean would
+        shrink every scale by the share of zero codes (a zero delta changed outputs by ~9 %)."""
         if self.fused:
             raise BitfluxError("this LoRA is already fused")
         for name, branch in self.items():
@@ -182,14 +190,18 @@ def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[
             match = next((n for n, underscored in original.items() if underscored == flat), None)
             if match:
                 return "original", match
-            raise BitfluxError(f"LoRA key {stem!r} names no layer of this model")
+            raise _Unmatched(stem)
     for prefix in _PREFIXES:
         stem = stem.removeprefix(prefix)
     if stem in diffusers:
         return "diffusers", stem
     if stem in original:
         return "original", stem
-    raise BitfluxError(f"LoRA key {stem!r} names no linear layer of this model")
+    raise _Unmatched(stem)
+
+
+class _Unmatched(Exception):
+    """A LoRA key naming no linear layer of the model: read_lora names the first and counts them all."""
 
 
 def _to_diffusers(name: str, down, up, model: nn.Module) -> dict[str, tuple]:
@@ -257,17 +269,24 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
         scaling = _peft_scaling(Path(source))
     else:
         state, scaling = dict(source), PeftScaling()
+    if not isinstance(model, nn.Module):
+        raise BitfluxError(f"a LoRA attaches to a model (a pipeline's is pipe.transformer), not a "
+                           f"{type(model).__name__}")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         check_finite(tensor, f"LoRA tensor {key!r}")
         stem, role = _split_key(key)
         grouped.setdefault(stem, {})[role] = tensor
     diffusers, original = set(_linear_names(model)), _original_names(model)
-    pairs, skipped = {}, 0
+    pairs, skipped, unmatched, source_of = {}, 0, [], {}
     for stem, roles in grouped.items():
         if "down" not in roles or "up" not in roles:
             raise BitfluxError(f"LoRA {stem!r} lacks its {'down (A)' if 'down' not in roles else 'up (B)'} matrix")
-        resolved = _resolve(stem, diffusers, original)
+        try:
+            resolved = _resolve(stem, diffusers, original)
+        except _Unmatched as exc:
+            unmatched.append(str(exc))
+            continue
         if resolved is None:
             skipped += 1
             continue
@@ -282,22 +301,29 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
             _to_diffusers(name, roles["down"], roles["up"], model)
         for target, (down, up) in targets.items():
             layer = model.get_submodule(target)
+            _check_pair(down, up, f"LoRA {stem!r}")
             if (up.shape[0], down.shape[1]) != (layer.out_features, layer.in_features):
                 raise BitfluxError(f"LoRA for {target} is {up.shape[0]}x{down.shape[1]}, "
                                    f"the layer is {layer.out_features}x{layer.in_features}")
-            pairs[target] = (down, up, alpha)
+            if target in pairs:  # e.g. kohya's fused q/k/v and diffusers' to_q in one file
+                raise BitfluxError(f"LoRA {stem!r} and {source_of[target]!r} both adapt {target}")
+            pairs[target], source_of[target] = (down, up, alpha), stem
+    if unmatched:
+        more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
+        raise BitfluxError(f"LoRA key {unmatched[0]!r}{more} names no linear layer of this model")
     if not pairs:
-        raise BitfluxError("the LoRA has no pair for this transformer")
+        raise BitfluxError("the LoRA has no pair for this transformer" + (
+            f": its {skipped} pairs are the text encoders', which bitflux does not apply" if skipped else ""))
     return pairs, skipped
 
 
 def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
     """Attach a LoRA (path to .safetensors or state dict) to `model` as side branches; returns its adapter.
     Several may be attached at once: their branches add up."""
-    pairs, _ = read_lora(source, model)
+    pairs, skipped = read_lora(source, model)
     branches = {}
     for name, (down, up, alpha) in pairs.items():
         layer = model.get_submodule(name)
         device = next(iter([*layer.parameters(), *layer.buffers()])).device
         branches[name] = LoraBranch(down, up, alpha, dtype).to(device)
-    return LoraAdapter(model, branches, strength)
+    return LoraAdapter(model, branches, strength, skipped)

@@ -1,11 +1,13 @@
 """Train a tiny style LoRA on the embedded demo model: the same captions, drawn in a style the model never
 saw (every object in black ink), so that the LoRA's effect is measurable on any image.
 
-    python -m bitflux.interop.train_lora --out style.safetensors [--steps N] [--rank R] [--style ink]
-                                         [--batch B] [--scenes N] [--lr LR] [--seed S]
+    python -m bitflux.interop.train_lora --out style.safetensors [--ternary] [--steps N] [--rank R]
+                                         [--style ink] [--batch B] [--scenes N] [--lr LR] [--seed S]
 
 Rectified flow as the demo model was trained (x_t = (1 - s) x0 + s noise, target noise - x0, s logit-normal)
-on the full-precision transformer; text encoders, VAE and the base weights are frozen, only rank-R pairs on
+on the full-precision transformer, or with --ternary on the shipped calibrated ternary one (the LoRA then
+learns against the activations it will meet there; a ternary layer passes its input's gradient as a dense
+one would, `kernels.reference`); text encoders, VAE and the base weights are frozen, only rank-R pairs on
 the transformer's block linears (the layers ternary quantization replaces) learn. The pairs run through
 bitflux's own LoraAdapter (fp32 branches, gradients on), and are saved with PEFT/diffusers names
 (`transformer.<module>.lora_A.weight`, `.lora_B.weight`, `.alpha`), atomically, as safetensors.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import write_atomic
@@ -33,7 +36,8 @@ from ..config import TernaryConfig
 from ..demo import scenes as S
 from ..demo.train import Denoiser, flow_noised, lr_at, pack
 from ..errors import BitfluxError
-from ..surgery import target_names
+from ..linear import TernaryLinear
+from ..surgery import selected
 from .lora import LoraAdapter, LoraBranch
 
 # Style -> the palette colour every object is drawn in.
@@ -63,8 +67,9 @@ def new_adapter(transformer, rank: int, seed: int) -> LoraAdapter:
     B zero, so the LoRA starts as the identity."""
     generator = torch.Generator().manual_seed(seed)
     branches = {}
-    for name in target_names(transformer, TernaryConfig()):
-        layer = transformer.get_submodule(name)
+    for name, layer in transformer.named_modules():
+        if not (isinstance(layer, (nn.Linear, TernaryLinear)) and selected(name, TernaryConfig())):
+            continue
         bound = 1 / math.sqrt(layer.in_features)
         down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
         branches[name] = LoraBranch(down, torch.zeros(layer.out_features, rank), alpha=rank, dtype=torch.float32)
@@ -117,17 +122,22 @@ class FlowBatches:
         return self.ids[pick], xt, sigma, noise - x0
 
 
+def check_counts(steps: int, rank: int, batch: int, scenes: int) -> None:
+    if min(steps, rank, batch, scenes) < 1:
+        raise BitfluxError("--steps, --rank, --batch and --scenes must be at least 1")
+
+
 def train(pipe, steps: int = 300, rank: int = 4, style: str = "ink", batch: int = 32,
           scenes: int = 512, lr: float = 2e-3, guidance: float = 3.5, seed: int = 0,
           progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train a style LoRA on a full-precision FluxPipeline (left as it was). Returns the PEFT-named state
-    dict and a log: per-step losses, and the loss on one fixed held-out batch before and after."""
+    """Train a style LoRA on a FluxPipeline, full precision or ternary (left as it was). Returns the
+    PEFT-named state dict and a log: per-step losses, and the loss on one fixed held-out batch before and
+    after."""
     from diffusers import FluxPipeline
 
     if style not in STYLES:
         raise BitfluxError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
-    if min(steps, rank, batch, scenes) < 1:
-        raise BitfluxError("--steps, --rank, --batch and --scenes must be at least 1")
+    check_counts(steps, rank, batch, scenes)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.eval().requires_grad_(False)
     torch.manual_seed(seed)
@@ -169,6 +179,8 @@ def train(pipe, steps: int = 300, rank: int = 4, style: str = "ink", batch: int 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bitflux.interop.train_lora", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    p.add_argument("--ternary", action="store_true",
+                   help="train on the shipped calibrated ternary demo transformer instead of full precision")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--style", choices=sorted(STYLES), default="ink")
@@ -180,13 +192,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from ..demo import demo_model_path
-    from ..pipeline import load_pipeline
+    from ..pipeline import demo_ternary_path, load_pipeline
 
     try:
         if a.out.suffix != ".safetensors":
             raise BitfluxError(f"{a.out}: output must be a .safetensors file")
-        pipe = load_pipeline(demo_model_path(), text_encoders="whole")  # it encodes at every step: not streamed
+        if not a.out.parent.is_dir():  # before the training, not after it
+            raise BitfluxError(f"{a.out.parent}: no such folder")
+        check_counts(a.steps, a.rank, a.batch, a.scenes)  # before the pipeline loads
+        source = demo_ternary_path() if a.ternary else demo_model_path()
+        pipe = load_pipeline(source, text_encoders="whole")  # it encodes at every step: not streamed
         state, log = train(pipe, a.steps, a.rank, a.style, a.batch, a.scenes, a.lr, a.guidance, a.seed)
+        log["ternary"] = a.ternary
         meta = {k: str(v) for k, v in log.items() if k != "losses"}
         save_lora(state, a.out, metadata={"bitflux_lora": "style", **meta})
     except BitfluxError as exc:
