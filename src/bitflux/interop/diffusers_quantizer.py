@@ -14,9 +14,12 @@ a CPU); this is the plain diffusers way in.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from pathlib import Path
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers import auto
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -47,11 +50,19 @@ class BitfluxQuantizationConfig(QuantizationConfigMixin):
         self.quant_method = QuantMethod.BITFLUX
         if "quant_method" in settings:  # a config.json's, which may hold keys of other bitflux versions
             self.ternary = TernaryConfig.from_dict(settings)
+        elif ternary is not None:
+            if not isinstance(ternary, TernaryConfig) or settings:
+                raise BitfluxError("BitfluxQuantizationConfig takes a TernaryConfig or TernaryConfig's keywords, "
+                                   f"not {type(ternary).__name__}{' and keywords' if settings else ''}")
+            self.ternary = ternary
         else:
-            try:
-                self.ternary = ternary or TernaryConfig(**settings)
-            except TypeError as exc:
-                raise BitfluxError(f"BitfluxQuantizationConfig: {exc}") from None
+            self.ternary = _ternary_config(**settings)
+
+    def update(self, **kwargs) -> dict:
+        """diffusers' way to change a config: TernaryConfig's keywords; returns the others, unused."""
+        known = {k: v for k, v in kwargs.items() if k in self.ternary.__dataclass_fields__}
+        self.ternary = _ternary_config(**{**dataclasses.asdict(self.ternary), **known})
+        return {k: v for k, v in kwargs.items() if k not in known}
 
     def to_dict(self) -> dict:
         return self.ternary.to_dict()
@@ -61,6 +72,13 @@ class BitfluxQuantizationConfig(QuantizationConfigMixin):
 
     def __iter__(self):
         yield from self.to_dict().items()
+
+
+def _ternary_config(**settings) -> TernaryConfig:
+    try:
+        return TernaryConfig(**settings)
+    except TypeError as exc:
+        raise BitfluxError(f"BitfluxQuantizationConfig: {exc}") from None
 
 
 class BitfluxQuantizer(DiffusersQuantizer):
@@ -75,7 +93,11 @@ class BitfluxQuantizer(DiffusersQuantizer):
         built yet; in a FLUX transformer every 2-D weight is a linear's)."""
         if self.pre_quantized:
             return loaded_keys
-        shapes = tensor_shapes(list(checkpoint_files)) if checkpoint_files else {}
+        files = [Path(file) for file in checkpoint_files or []]
+        if any(file.suffix != ".safetensors" for file in files):
+            raise BitfluxError(f"{files[0]}: bitflux ternarizes safetensors checkpoints only (pickle files can run "
+                               "code when read)")
+        shapes = tensor_shapes(files)
         keys = []
         for key in loaded_keys:
             layer, _, leaf = key.rpartition(".")
@@ -88,23 +110,34 @@ class BitfluxQuantizer(DiffusersQuantizer):
         self.model = model
 
     def maybe_update_state_dict(self, state_dict: dict) -> dict:
-        # diffusers casts every float tensor to the model's dtype before it asks the quantizer: a layer's scales
-        # are taken out first, in the dtype the config keeps them in; a full-precision weight is ternarized
-        # before, as it was stored
-        for name in [key for key in state_dict if key.endswith((".weight_scale", ".weight"))]:
-            layer = self._layer(name)
-            if layer is None:
+        """Each tensor checked as stored (diffusers casts every float tensor to the model's dtype before it asks
+        the quantizer), then: a layer's scales taken out, in the dtype the config keeps them in; a full-precision
+        weight ternarized as it was stored."""
+        if self.model is None:  # from_single_file: an original file's fused tensors, not yet the model's
+            raise BitfluxError("from_single_file does not ternarize while loading: `bitflux quantize FILE -o FOLDER` "
+                               "reads original single files (streamed), then from_pretrained(FOLDER)")
+        for name in list(state_dict):
+            layer, leaf = self._layer(name), name.rpartition(".")[2]
+            tensor = state_dict[name]
+            if not self.pre_quantized and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                tensor = state_dict[name] = tensor.to(torch.bfloat16)  # fp8 sources: every value is a bf16
+            codes = layer is not None and leaf == "weight_packed"
+            check_dtype(_WHERE, name, tensor, torch.uint8 if codes else torch.float32, getattr(layer, "packing", ""))
+            check_finite(tensor, f"{_WHERE}: tensor {name!r}")
+            if layer is None or leaf == "bias" or codes:
                 continue
-            tensor = state_dict.pop(name)
-            if name.endswith(".weight"):
-                check_finite(tensor, f"{_WHERE}: tensor {name!r}")
+            if leaf == "weight":
+                if self.pre_quantized:
+                    raise BitfluxError(f"{_WHERE}: tensor {name!r} is a dense weight where the config says "
+                                       "ternary codes (weight_packed)")
                 codes, tensor = ternarize(tensor, self.config.method, self.config.granularity,
                                           self.config.group_size_or_none)
-                state_dict[name + "_packed"] = formats.pack(codes, self.config.format)
+                state_dict[f"{name}_packed"] = formats.pack(codes, self.config.format)
                 tensor = tensor.to(self.config.scale_torch_dtype)
+            del state_dict[name]
             device = layer.weight_packed.device
-            _fill(layer, "weight_scale", f"{name.rpartition('.')[0]}.weight_scale", tensor,
-                  "cpu" if device.type == "meta" else device)
+            _place(layer, "weight_scale", f"{name.rpartition('.')[0]}.weight_scale", tensor,
+                   "cpu" if device.type == "meta" else device)
         return state_dict
 
     def _layer(self, name: str) -> TernaryLinear | None:
@@ -123,7 +156,7 @@ class BitfluxQuantizer(DiffusersQuantizer):
 
     def create_quantized_param(self, model, param_value, param_name: str, target_device, *args, **kwargs):
         layer, leaf = self._layer(param_name), param_name.rpartition(".")[2]
-        _fill(layer, leaf, param_name, param_value, target_device)
+        _place(layer, leaf, param_name, param_value, target_device)
         if leaf == "weight_packed" and layer.weight_scale.device.type != "meta":  # scales read before, on the CPU
             layer.weight_scale = layer.weight_scale.to(target_device)
 
@@ -132,6 +165,14 @@ class BitfluxQuantizer(DiffusersQuantizer):
         for name, tensor in model.state_dict().items():
             if tensor.device.type == "meta":
                 raise BitfluxError(f"{_WHERE}: missing tensor {name!r}")
+        for module in model.modules():
+            if isinstance(module, TernaryLinear):
+                continue  # its tensors are copies already (_place)
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                # memory of its own, as load_transformer's: diffusers leaves views of the mapped file, laid out
+                # as the file has them, and some CPUs' BLAS sums in another order there (fp32 images off a
+                # few levels)
+                tensor.data = tensor.data.clone()
         return model
 
     @property
@@ -147,21 +188,23 @@ class BitfluxQuantizer(DiffusersQuantizer):
         return True
 
     def _dequantize(self, model):
+        # the dtype the model computes in: its unquantized parameters' (a layer's scales may be stored wider)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]:
             dense = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None,
-                              device=layer.weight_packed.device, dtype=layer.weight_scale.dtype)
-            dense.weight.data = layer.dequantize(dense.weight.dtype)
+                              device=layer.weight_packed.device, dtype=dtype)
+            dense.weight.data = layer.dequantize(dtype)
             if layer.bias is not None:
-                dense.bias.data = layer.bias.clone()
+                dense.bias.data = layer.bias.to(dtype)
             replace_module(model, name, dense)
+        # save_pretrained then writes a dense model (diffusers keeps a model's config in _internal_dict)
+        model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "quantization_config"})
         return model
 
 
-def _fill(layer: TernaryLinear, leaf: str, name: str, tensor: torch.Tensor, device) -> None:
-    """One of a layer's tensors set from the checkpoint, checked as load_transformer checks it."""
+def _place(layer: TernaryLinear, leaf: str, name: str, tensor: torch.Tensor, device) -> None:
+    """One of a layer's tensors (checked as stored by maybe_update_state_dict) set in its shape and dtype."""
     expected = getattr(layer, leaf)
-    check_dtype(_WHERE, name, tensor, expected.dtype, layer.packing)
-    check_finite(tensor, f"{_WHERE}: tensor {name!r}")
     if tuple(tensor.shape) != tuple(expected.shape):
         raise BitfluxError(f"{_WHERE}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects "
                            f"{tuple(expected.shape)}")
