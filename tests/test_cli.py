@@ -604,3 +604,20 @@ def test_calibration_settings_without_calibrate_are_an_error(tmp_path, tiny_fold
                         "--samples", "8")
     _assert_one_line_error(code, err, "--calibration, --samples: calibration settings", "need --calibrate")
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_the_command_catches_ctrl_c_while_torch_imports():
+    """`import bitflux` imports nothing heavy (its names load on first use), so the command's own handler is in
+    place before torch's seconds-long import: a Ctrl-C then is its one line, not a traceback."""
+    import signal
+    import time
+
+    light = subprocess.run([sys.executable, "-c", "import sys, bitflux; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"
+    child = subprocess.Popen([sys.executable, "-m", "bitflux", "inspect", "flux-dev"], stderr=subprocess.PIPE,
+                             text=True)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert err.strip() == "bitflux: interrupted" and child.returncode == 130, err

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bitflux
 from bitflux import BitfluxError
 from bitflux.cli import main
 from bitflux.kernels import backend_names, unavailable_reason
@@ -228,7 +229,10 @@ def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graph
     (["generate", "a", "--seed", "-1", "-o", "x.png"], "--seed must be between"),
     (["generate", "a", "--steps", "1000000000000000000000", "-o", "x.png"], "--steps must be between 1 and"),
     (["generate", "a", "--guidance", "nan", "-o", "x.png"], "--guidance must be a finite number"),
-    (["eval", "--seeds", "0", "-5"], "--seed must be between"),
+    (["eval", "--seeds", "0", "-5"], "--seeds must be between"),
+    (["eval", "--seeds", "9223372036854775000"], "--seeds must be between 0 and 2^32 - 1"),
+    (["eval", "--seeds", "3", "3"], "a seed given twice"),
+    (["eval", "--variants", "fp,some/folder"], "some/folder: not a pipeline folder (no model_index.json)"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
     (["generate", "a", "--size", "8192x64", "-o", "x.png"], "at most 4096 pixels a side"),
@@ -247,6 +251,41 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     code, _, err = _run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
+
+
+def test_eval_compares_only_what_is_comparable_before_generating(tmp_path, capsys, monkeypatch):
+    """With --model the shipped calibrated model (the demo's) is no default variant and is refused by name; a
+    ternary --model, which eval would score as full precision, is refused; so is a variant folder that is a
+    transformer alone. All before any image."""
+    import bitflux.eval.runner as runner
+    from bitflux.pipeline import demo_ternary_path
+
+    monkeypatch.setattr(runner, "evaluate_variants", lambda *a, **k: pytest.fail("generated"))
+    ternary = demo_ternary_path(progress=False)
+    for argv, words in [(["--model", str(ternary)], "already ternary"),
+                        (["--model", str(bitflux.demo_model_path()), "--variants", "fp,calibrated"],
+                         "compared only with the demo"),
+                        (["--variants", f"fp,{ternary / 'transformer'}"], "not a pipeline folder")]:
+        code, _, err = _run(capsys, "eval", *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_eval_json_is_strict_json():
+    """One seed's standard error and identical images' PSNR are undefined: null, not NaN or Infinity."""
+    import json
+
+    from bitflux.eval.runner import results_json
+
+    text = results_json({"fp": {"overall_stderr": float("nan"), "vs_fp": {"psnr": float("inf")}, "grid": None}})
+    assert json.loads(text) == {"fp": {"overall_stderr": None, "vs_fp": {"psnr": None}}}
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_run(tmp_path, monkeypatch):
+    from bitflux.pipeline import check_png_path
+
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # a read-only file system (root writes elsewhere)
+    with pytest.raises(BitfluxError, match="its folder is not writable"):
+        check_png_path(tmp_path / "x.png")
 
 
 def test_bench_refuses_a_ternary_folder_before_its_child_processes(capsys, monkeypatch):
@@ -298,6 +337,14 @@ def test_bench_json(capsys):
     assert ratios["transformer_weight_bytes"] > 5  # fp32 weights vs 1.6-bit codes plus 32-bit rest
     assert result["variants"]["ternary"]["packing"] == ["tq1"] and result["variants"]["fp"]["packing"] == []
     assert result["variants"]["fp"]["dtype"] == "float32"  # the default on a CPU
+    assert all(v["transformer_step_median_s"] >= v["transformer_step_s"] for v in result["variants"].values())
+    from bitflux.bench import format_bench
+
+    for entry in result["variants"].values():  # steady timings, then a busy machine's in one variant
+        entry["transformer_step_median_s"] = entry["transformer_step_s"]
+    assert "note: a step's median time" not in format_bench(result)
+    result["variants"]["fp"]["transformer_step_median_s"] = 2 * result["variants"]["fp"]["transformer_step_s"]
+    assert "2.0x its best in one variant" in format_bench(result)
 
 
 def _free_port() -> int:

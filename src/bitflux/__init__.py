@@ -1,37 +1,53 @@
 """bitflux: 1.58-bit (ternary) FLUX transformers — quantize, store, and run them."""
 
+from __future__ import annotations
+
+import importlib
+
+from .interop import register_with_diffusers
+
 __version__ = "0.1.0"
 
-from .checkpoint import save_transformer  # noqa: E402
-from .config import TernaryConfig  # noqa: E402
-from .convert import quantize_checkpoint  # noqa: E402
-from .demo import demo_model_path  # noqa: E402
-from .errors import BitfluxError  # noqa: E402
-from .fusion import fuse_projections  # noqa: E402
-from .graphs import cuda_graphed  # noqa: E402
-from .interop import register_with_diffusers  # noqa: E402
-from .linear import TernaryLinear  # noqa: E402
-from .pipeline import (  # noqa: E402
-    encode_prompts,
-    generate,
-    load_pipeline,
-    load_transformer,
-    quantize_pipeline,
-)
-from .surgery import QuantizationReport, quantize_, set_activations, set_packing  # noqa: E402
-
-register_with_diffusers()  # diffusers' from_pretrained then loads bitflux folders
+# The public names, each imported from its module on first use: `import bitflux` (which the `bitflux` command
+# does before anything else) stays a few milliseconds, not the seconds torch and diffusers take, so that the
+# command itself catches a Ctrl-C in its first second like any other.
+_EXPORTS = {
+    "BitfluxError": "errors",
+    "BitfluxQuantizationConfig": "interop.diffusers_quantizer",
+    "QuantizationReport": "surgery",
+    "TernaryConfig": "config",
+    "TernaryLinear": "linear",
+    "cuda_graphed": "graphs",
+    "demo_model_path": "demo",
+    "encode_prompts": "pipeline",
+    "fuse_projections": "fusion",
+    "generate": "pipeline",
+    "load_pipeline": "pipeline",
+    "load_transformer": "pipeline",
+    "quantize_": "surgery",
+    "quantize_checkpoint": "convert",
+    "quantize_pipeline": "pipeline",
+    "save_transformer": "checkpoint",
+    "set_activations": "surgery",
+    "set_packing": "surgery",
+}
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    # diffusers' quantization config: importing diffusers' quantizers takes seconds, so only on first use
-    if name == "BitfluxQuantizationConfig":
-        from .interop.diffusers_quantizer import BitfluxQuantizationConfig
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # a submodule, as `bitflux.pipeline` after `import bitflux`
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'bitflux' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
 
-        return BitfluxQuantizationConfig
-    raise AttributeError(f"module 'bitflux' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
-__all__ = ["BitfluxError", "BitfluxQuantizationConfig", "QuantizationReport", "TernaryConfig", "TernaryLinear",
-           "__version__", "cuda_graphed", "demo_model_path", "encode_prompts", "fuse_projections", "generate", "load_pipeline", "load_transformer",
-           "quantize_pipeline", "quantize_", "quantize_checkpoint", "save_transformer", "set_activations", "set_packing"]
+register_with_diffusers()  # diffusers' from_pretrained then loads bitflux folders (bitflux.interop)

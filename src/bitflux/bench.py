@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ VARIANTS = ("fp", "ternary")
 MEASURES = (("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
             ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20),
             ("transformer weights (MB)", "transformer_weight_bytes", 1 / 2**20))
+UNSTEADY = 1.25  # a variant's median step over its best above which the table says timings varied
 PROMPTS = ("a red circle", "two blue squares", "a green triangle to the left of a yellow circle")
 
 
@@ -105,6 +107,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     return {"variant": variant, "device": device, "dtype": str(torch_dtype).removeprefix("torch."),
             "offload": offload, "size": [width, height], "steps": steps, "batch": len(prompts),
             "prompt_encoding_s": encode_seconds, "transformer_step_s": min(step_seconds), "image_s": min(image_seconds),
+            "transformer_step_median_s": statistics.median(step_seconds),
             "peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda")
             else "process_peak_rss_since_warmup" if since_warmup else "process_peak_rss",
             "transformer_weight_bytes": weight_bytes(pipe.transformer),
@@ -163,6 +166,13 @@ def format_bench(result: dict) -> str:
     for label, key, unit in MEASURES:
         lines.append(f"{label:26s} {fp[key] * unit:15.2f} {ternary[key] * unit:10.2f} "
                      f"{result['ratios_fp_over_ternary'][key]:12.2f}x")
+    # The times are each variant's best; the variants run one after the other, so other work on the machine in
+    # one's window and not the other's moves the ratios (two runs here on a busy machine: 14.6x and 1.09x).
+    spread = max(v.get("transformer_step_median_s", v["transformer_step_s"]) / v["transformer_step_s"]
+                 for v in (fp, ternary))
+    if spread > UNSTEADY:
+        lines.append(f"note: a step's median time was {spread:.1f}x its best in one variant: other work on this "
+                     "machine varied the timings, so compare the times with care (memory and weights hold)")
     return "\n".join(lines)
 
 

@@ -12,7 +12,6 @@ import threading
 import warnings
 from pathlib import Path
 
-from .calibrate.config import LEVELS, CalibrationConfig
 from .config import ACTIVATIONS, DTYPES, FORMATS, METHODS
 from .errors import BitfluxError
 
@@ -36,6 +35,7 @@ def _cmd_quantize(args) -> None:
         named = ", ".join("--" + name.replace("_", "-") for name in calibration)
         raise BitfluxError(f"{named}: calibration settings, which need --calibrate PROMPTS.txt")
     if args.calibrate:
+        from .calibrate.config import CalibrationConfig
         from .calibrate.prompts import read_prompts
         from .calibrate.quantize import quantize_calibrated
 
@@ -117,9 +117,14 @@ def _check_common(args) -> None:
 
     if not 1 <= getattr(args, "steps", 1) <= MAX_STEPS:
         raise BitfluxError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
-    for seed in [getattr(args, "seed", 0), *getattr(args, "seeds", [])]:
-        if not 0 <= seed < 2**63:
-            raise BitfluxError(f"--seed must be between 0 and 2^63 - 1, got {seed}")
+    if not 0 <= getattr(args, "seed", 0) < 2**63:
+        raise BitfluxError(f"--seed must be between 0 and 2^63 - 1, got {args.seed}")
+    seeds = getattr(args, "seeds", [])
+    for seed in seeds:  # ShapeEval draws prompt i's noise from seed * 1000003 + i, a 64-bit number too
+        if not 0 <= seed < 2**32:
+            raise BitfluxError(f"--seeds must be between 0 and 2^32 - 1, got {seed}")
+    if len(set(seeds)) < len(seeds):
+        raise BitfluxError(f"--seeds {' '.join(map(str, seeds))}: a seed given twice would count its images twice")
     if not math.isfinite(getattr(args, "guidance", 0.0)):
         raise BitfluxError(f"--guidance must be a finite number, got {args.guidance}")
     if getattr(args, "size", None):
@@ -127,13 +132,6 @@ def _check_common(args) -> None:
     device = args.device.split(":")[0]
     if device not in ("cpu", "cuda"):
         raise BitfluxError(f"unknown --device {args.device!r}; choose cpu or cuda")
-    reason = unavailable_reason(args.backend, device)
-    if reason:
-        raise BitfluxError(reason)
-    if args.backend == "auto":  # said before the run, not as a warning in the middle of its progress bar
-        for name in AUTO_ORDER.get(device, []):
-            if why := unavailable_reason(name, device):
-                print(f"bitflux: {why}; running on the reference backend", file=sys.stderr)
     if getattr(args, "cuda_graph", False) and not args.device.startswith("cuda"):
         raise BitfluxError("--cuda-graph needs --device cuda")
     if getattr(args, "cuda_graph", False) and getattr(args, "compile", False):
@@ -149,8 +147,15 @@ def _check_common(args) -> None:
             raise BitfluxError("--offload moves the transformer between steps: not with --cuda-graph or --compile")
         if getattr(args, "compare", False):
             raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():  # before any notice about backends on it
         raise BitfluxError("--device cuda: no CUDA GPU is available to this torch (a CPU build, or no driver)")
+    reason = unavailable_reason(args.backend, device)
+    if reason:
+        raise BitfluxError(reason)
+    if args.backend == "auto":  # said before the run, not as a warning in the middle of its progress bar
+        for name in AUTO_ORDER.get(device, []):
+            if why := unavailable_reason(name, device):
+                print(f"bitflux: {why}; running on the reference backend", file=sys.stderr)
     _quiet_libraries()
 
 
@@ -251,6 +256,7 @@ def _cmd_eval(args) -> None:
     )
     from .kernels import use_backend
     from .pipeline import (
+        check_comparable,
         check_png_path,
         check_variant,
         load_pipeline,
@@ -264,11 +270,15 @@ def _cmd_eval(args) -> None:
         raise BitfluxError(f"--per-category {args.per_category}: ShapeEval has 1 to 48 prompts a category")
     if args.grid:
         check_png_path(args.grid)
-    variants = check_variants(args.variants)
+    path = resolve_pipeline_path(args.model)
+    # the shipped calibrated model is the demo's: with another --model it would be compared with what it is not
+    demo = args.model is None
+    variants = check_variants(args.variants or ("fp,absmean,calibrated" if demo else "fp,absmean"))
     for name in variants:  # fail on a bad name before minutes of generation
-        check_variant(name)
+        check_variant(name, demo)
+    check_comparable(path, want_fp=True)  # every variant is scored against this one as full precision
     dtype = args.dtype
-    fp = load_pipeline(resolve_pipeline_path(args.model), args.device, dtype)
+    fp = load_pipeline(path, args.device, dtype)
     with use_backend(args.backend):
         results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device, dtype), variants,
                                     seeds=tuple(args.seeds), per_category=args.per_category, steps=args.steps,
@@ -293,6 +303,7 @@ CUDA_GRAPH_HELP = ("replay the transformer as CUDA graphs, captured at the first
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .calibrate.config import LEVELS, CalibrationConfig  # torch, with the calibrate package
 
     parser = argparse.ArgumentParser(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
     parser.add_argument("-V", "--version", action="version", version=f"bitflux {__version__}")
@@ -372,10 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="ShapeEval and same-seed fidelity of variants (distributed with torchrun)")
     v.add_argument("--model", default=None, help="full-precision pipeline folder (default: the embedded demo)")
-    v.add_argument("--variants", default="fp,absmean,calibrated",
-                   help="comma-separated: fp; calibrated[-a16|-a8|-fp8] (the demo's shipped calibrated model, as "
-                        "shipped or with those activations); a bitflux pipeline "
-                        "folder; METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
+    v.add_argument("--variants", default=None,
+                   help="comma-separated (default fp,absmean,calibrated; with --model fp,absmean): fp; "
+                        "calibrated[-a16|-a8|-fp8] (the demo's shipped calibrated model, as shipped or with those "
+                        "activations; the demo only); a bitflux pipeline folder (e.g. quantize --calibrate's); "
+                        "METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
     v.add_argument("--seeds", type=int, nargs="+", default=[0])
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
     v.add_argument("--steps", type=int, default=20)
@@ -415,11 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     # import: measured). Quantizing ran 1.6-1.8x faster, a FLUX.1-dev forward peaked 1.1-1.6 GB lower at the
     # same speed (BENCHMARKS.md). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    args = build_parser().parse_args(argv)
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        args = build_parser().parse_args(argv)  # torch's import (seconds) inside: a Ctrl-C there is caught too
         args.run(args)
     except BitfluxError as exc:
         print(f"bitflux: error: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,12 @@ from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
 from .linear import TernaryLinear
 from .surgery import QuantizationReport, quantize_, set_activations
-from .text_encoders import STREAMED_DTYPES, TEXT_ENCODERS, narrow_text_encoders, streamed_text_encoders
+from .text_encoders import (
+    STREAMED_DTYPES,
+    TEXT_ENCODERS,
+    narrow_text_encoders,
+    streamed_text_encoders,
+)
 
 
 def _flux_pipeline_class():
@@ -382,6 +388,8 @@ def check_png_path(path: str | Path) -> Path:
         raise BitfluxError(f"{path}: is a folder, not an image file")
     if not path.parent.is_dir():
         raise BitfluxError(f"{path.parent}: no such folder for {path.name}")
+    if not os.access(path.parent, os.W_OK):  # a read-only file system too
+        raise BitfluxError(f"cannot write {path}: its folder is not writable")
     return path
 
 
@@ -441,12 +449,21 @@ def variant_config(name: str) -> TernaryConfig:
     return TernaryConfig(**fields)
 
 
-def check_variant(name: str) -> None:
-    """Fail on a bad evaluation variant name before anything is loaded."""
-    if name == "fp" or Path(name).is_dir():
+def check_variant(name: str, demo: bool = True) -> None:
+    """Fail on a bad evaluation variant name before anything is loaded. `demo`: compared with the embedded
+    demo, whose shipped calibrated model the "calibrated" variants are."""
+    if name == "fp":
+        return
+    if Path(name).exists() or "/" in name or os.sep in name:  # a folder, by what it looks like
+        if not (Path(name) / "model_index.json").is_file():
+            raise BitfluxError(f"{name}: not a pipeline folder (no model_index.json); a variant folder is a whole "
+                               "pipeline, as `bitflux quantize PIPELINE -o OUT` writes it")
         return
     if name.startswith("calibrated"):
         _calibrated_activations(name)
+        if not demo:
+            raise BitfluxError(f"{name}: the embedded demo's shipped calibrated model, compared only with the demo "
+                               "(no --model); for your model pass the folder `bitflux quantize --calibrate` wrote")
     else:
         variant_config(name)
 

@@ -112,8 +112,17 @@ def _error(stderr: float) -> str:
 
 
 def results_json(results: dict) -> str:
-    return json.dumps({name: {k: v for k, v in r.items() if k not in ("grid", "records")}
-                       for name, r in results.items()}, indent=2)
+    """Strict JSON: an undefined number (one seed's standard error, identical images' PSNR) is null, which every
+    parser reads; NaN and Infinity are not JSON."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return json.dumps({name: finite({k: v for k, v in r.items() if k not in ("grid", "records")})
+                       for name, r in results.items()}, indent=2, allow_nan=False)
 
 
 def variant_grid(results: dict):
