@@ -281,7 +281,7 @@ def test_a_single_block_linear1_too_short_is_refused(tmp_path, capsys):
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("damage", ["missing", "shape"])
+@pytest.mark.parametrize("damage", ["missing", "shape", "extra"])
 def test_an_original_checkpoint_is_checked_under_its_own_names(tmp_path, capsys, damage):
     """A missing or misshapen tensor of an original single file is named as the file names it (the fused
     q/k/v tensor, not the diffusers layer cut from it), with the diffusers name beside it."""
@@ -293,10 +293,13 @@ def test_an_original_checkpoint_is_checked_under_its_own_names(tmp_path, capsys,
     if damage == "missing":
         del original["double_blocks.1.img_attn.qkv.weight"]
         expected = ("missing tensor 'double_blocks.1.img_attn.qkv.weight' (transformer_blocks.1.attn.to_",)
-    else:
+    elif damage == "shape":
         original["double_blocks.0.img_mod.lin.weight"] = original["double_blocks.0.img_mod.lin.weight"][:-6].clone()
         expected = ("tensor 'double_blocks.0.img_mod.lin.weight' (transformer_blocks.0.norm1.linear.weight in "
                     "diffusers' names) has shape")
+    else:  # no original name to give back: named as converted
+        original["double_blocks.0.img_attn.qkv.extra.weight"] = torch.zeros(3, 2)
+        expected = ("flux.safetensors: unexpected tensor 'transformer_blocks.0.attn.to_q.extra.weight'",)
     save_file(original, str(tmp_path / "flux.safetensors"))
     code, _, err = _run(capsys, "quantize", tmp_path / "flux.safetensors", "-o", tmp_path / "out")
     _assert_one_line_error(code, err, *expected)
@@ -615,6 +618,10 @@ def test_the_command_catches_ctrl_c_while_torch_imports():
     light = subprocess.run([sys.executable, "-c", "import sys, bitflux; print('torch' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert light.stdout.strip() == "False"
+    for imports in ("import bitflux, torch", "import torch, bitflux"):  # its operators, for torch.export.load
+        ops = subprocess.run([sys.executable, "-c", f"{imports}; print(hasattr(torch.ops.bitflux, 'ternary_linear'))"],
+                             capture_output=True, text=True, check=True)
+        assert ops.stdout.strip() == "True", imports
     child = subprocess.Popen([sys.executable, "-m", "bitflux", "inspect", "flux-dev"], stderr=subprocess.PIPE,
                              text=True)
     time.sleep(0.3)

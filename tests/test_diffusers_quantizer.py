@@ -91,7 +91,7 @@ def test_damaged_tensors_are_refused_in_one_line(tmp_path, bf16_folder):
         FluxTransformer2DModel.from_pretrained(tmp_path / "q")
 
 
-@pytest.mark.parametrize("damage", ["int8 codes", "int64 bias", "NaN", "dense weight"])
+@pytest.mark.parametrize("damage", ["int8 codes", "int64 bias", "NaN", "dense weight", "stray"])
 def test_tensors_are_checked_as_stored_whatever_the_dtype_asked(tmp_path, bf16_folder, damage):
     """diffusers casts every tensor to the model's dtype (torch_dtype, else the empty model's) before the
     quantizer sees it: the checks load_transformer makes are made on the stored tensors first."""
@@ -108,10 +108,13 @@ def test_tensors_are_checked_as_stored_whatever_the_dtype_asked(tmp_path, bf16_f
     elif damage == "NaN":
         tensors["x_embedder.weight"][0, 0] = float("nan")
         expected = "'x_embedder.weight' holds NaN"
-    else:
+    elif damage == "dense weight":
         del tensors[f"{layer}.weight_packed"], tensors[f"{layer}.weight_scale"]
         tensors[f"{layer}.weight"] = torch.zeros(64, 256)
-        expected = f"'{layer}.weight' is a dense weight where the config says ternary codes"
+        expected = f"unexpected tensor '{layer}.weight' for a ternary layer"
+    else:  # of the scale's shape: it used to become the layer's scale
+        tensors[f"{layer}.input_scale"] = torch.full_like(tensors[f"{layer}.weight_scale"], 1000.0)
+        expected = f"unexpected tensor '{layer}.input_scale' for a ternary layer"
     save_file(tensors, file)
     with pytest.raises(BitfluxError, match=expected):
         FluxTransformer2DModel.from_pretrained(tmp_path / "q")

@@ -252,7 +252,7 @@ def test_no_tokens_give_no_outputs(activations, shape):
             assert layer(torch.randn(shape)).shape == (*shape[:-1], 8)
 
 
-@pytest.mark.parametrize("x", [torch.ones(2, 32, dtype=torch.int64), torch.ones(2, 16)])
+@pytest.mark.parametrize("x", [torch.ones(2, 32, dtype=torch.int64), torch.ones(2, 16), torch.tensor(1.0)])
 def test_inputs_a_linear_layer_would_refuse_are_refused(x):
     """Integer inputs (a16 returned zeros, a8 truncated numbers) and a wrong last dimension (a reshape error
     on the CPU, or silently no output with no tokens): one line, on every backend."""

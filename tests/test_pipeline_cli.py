@@ -232,6 +232,7 @@ def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graph
     (["eval", "--seeds", "0", "-5"], "--seeds must be between"),
     (["eval", "--seeds", "9223372036854775000"], "--seeds must be between 0 and 2^32 - 1"),
     (["eval", "--seeds", "3", "3"], "a seed given twice"),
+    (["eval", "--variants", ""], "--variants is empty"),
     (["eval", "--variants", "fp,some/folder"], "some/folder: not a pipeline folder (no model_index.json)"),
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),

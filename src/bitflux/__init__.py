@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from .after_import import after_import
 from .interop import register_with_diffusers
 
 __version__ = "0.1.0"
@@ -50,4 +51,10 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
+def _register_operators() -> None:
+    # torch.ops.bitflux.* (kernels): what a torch.export'ed or AOT-compiled model with ternary layers calls
+    importlib.import_module(f"{__name__}.kernels")
+
+
+after_import("torch", _register_operators)
 register_with_diffusers()  # diffusers' from_pretrained then loads bitflux folders (bitflux.interop)

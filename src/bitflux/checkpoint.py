@@ -136,11 +136,15 @@ def iter_tensors(files: list[Path], names: Collection[str] | None = None, buffer
                 yield name, data.view(TORCH_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def widened_fp8(tensor: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor (a checkpoint's, a LoRA's) as bf16, which holds every fp8 value exactly; others as they are."""
+    return tensor.to(torch.bfloat16) if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+
+
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     """A float tensor holding NaN or infinities (a corrupted file) refused in one line naming `what`: a model
     holding it would compute NaN (black images)."""
-    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # torch has no isfinite for them
-        tensor = tensor.to(torch.bfloat16)
+    tensor = widened_fp8(tensor)  # torch has no isfinite for fp8
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise BitfluxError(f"{what} holds NaN or infinite values (corrupted?)")
 

@@ -273,7 +273,8 @@ def _cmd_eval(args) -> None:
     path = resolve_pipeline_path(args.model)
     # the shipped calibrated model is the demo's: with another --model it would be compared with what it is not
     demo = args.model is None
-    variants = check_variants(args.variants or ("fp,absmean,calibrated" if demo else "fp,absmean"))
+    default = "fp,absmean,calibrated" if demo else "fp,absmean"
+    variants = check_variants(default if args.variants is None else args.variants)
     for name in variants:  # fail on a bad name before minutes of generation
         check_variant(name, demo)
     check_comparable(path, want_fp=True)  # every variant is scored against this one as full precision

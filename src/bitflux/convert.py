@@ -146,8 +146,8 @@ def _source_tensors(source: Source, where: str | Path):
                                "expected floating point (corrupted?)")
         if name in scales:  # scaled fp8: its values times its scale (per tensor or per row), in bf16 as below
             tensor = (tensor.float() * scales[name].reshape(-1, *[1] * (tensor.dim() - 1))).to(torch.bfloat16)
-        elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # fp8 checkpoints: every fp8 value is a bf16
-            tensor = tensor.to(torch.bfloat16)
+        else:  # fp8 checkpoints: every fp8 value is a bf16
+            tensor = checkpoint.widened_fp8(tensor)
         checkpoint.check_finite(tensor, f"{where}: tensor {name!r}")
         yield _original_to_diffusers(source, name, tensor, width) if source.original_layout else {name: tensor}
 
@@ -174,7 +174,10 @@ def check_source(found: Source, source: str | Path, model) -> None:
     shapes, and nothing else: checked before any work. Named as the source names them."""
 
     def named(key: str) -> str:  # an original file's tensor, and which diffusers tensor of it is meant
-        return f"{flux.original_name(key)!r} ({key} in diffusers' names)" if found.original_layout else repr(key)
+        try:
+            return f"{flux.original_name(key)!r} ({key} in diffusers' names)" if found.original_layout else repr(key)
+        except BitfluxError:  # no original name: a tensor no FLUX checkpoint has
+            return repr(key)
 
     shapes, expected = converted_shapes(found), {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in shapes.items():
@@ -211,10 +214,9 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
                 for name, tensor in converted.items():
                     layer, _, leaf = name.rpartition(".")
                     if layer in targets and leaf == "weight":
-                        codes, scales = ternarize(tensor, config.method, config.granularity,
-                                                  config.group_size_or_none)
-                        writer.add(f"{layer}.weight_packed", formats.pack(codes, config.format))
-                        writer.add(f"{layer}.weight_scale", scales.to(config.scale_torch_dtype))
+                        packed, scales = ternarized(tensor, config)
+                        writer.add(f"{layer}.weight_packed", packed)
+                        writer.add(f"{layer}.weight_scale", scales)
                     else:
                         writer.add(name, tensor)
                 bar.update(1)
@@ -223,6 +225,13 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: TernaryConf
         if found.pipeline_root:
             copy_pipeline_components(found.pipeline_root, tmp)
     return report
+
+
+def ternarized(weight: torch.Tensor, config: TernaryConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense weight as a bitflux folder stores it: packed codes and scales in the config's format and dtype
+    (what `bitflux quantize` writes, and diffusers' from_pretrained makes while loading)."""
+    codes, scales = ternarize(weight, config.method, config.granularity, config.group_size_or_none)
+    return formats.pack(codes, config.format), scales.to(config.scale_torch_dtype)
 
 
 def copy_pipeline_components(root: Path, dest: Path) -> None:

@@ -36,7 +36,7 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
             checkpoint.tensor_shapes(checkpoint.weight_files(folder))  # its shards there and whole (their headers)
             return config, TernaryConfig.from_dict(config["quantization_config"]), "bitflux model"
     found = resolve_source(path)
-    # what quantize would refuse (a missing tensor, a scaled fp8 file) is refused here too: headers only
+    # what quantize would refuse (a missing tensor, integer-quantized layers) is refused here too: headers only
     check_source(found, path, flux.build_transformer(found.transformer_config, "meta"))
     return found.transformer_config, TernaryConfig(), "full-precision source"
 

@@ -25,13 +25,12 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
-from .. import formats
-from ..checkpoint import check_dtype, check_finite, tensor_shapes
+from ..checkpoint import check_dtype, check_finite, tensor_shapes, widened_fp8
 from ..config import TernaryConfig
+from ..convert import ternarized
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..surgery import quantize_, replace_module, selected
-from ..ternary import ternarize
 
 _WHERE = "the checkpoint"  # diffusers does not tell its quantizer which folder it reads
 
@@ -86,11 +85,17 @@ class BitfluxQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.config = quantization_config.ternary
         self.model = None  # set while loading: the scales are put in place before diffusers sees them
+        self.from_pretrained = False  # set by maybe_update_loaded_keys, which only from_pretrained calls
+
+    @property
+    def supports_parallel_loading(self) -> bool:
+        return False  # a layer's codes and scales may lie in two shards: placed in turn, on one device
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files) -> list[str]:
         """A full-precision checkpoint's keys as the ternary model will hold them, so that diffusers reports
         none missing or unused: a selected layer's 2-D `weight` becomes its codes and scales (the model is not
         built yet; in a FLUX transformer every 2-D weight is a linear's)."""
+        self.from_pretrained = True
         if self.pre_quantized:
             return loaded_keys
         files = [Path(file) for file in checkpoint_files or []]
@@ -106,6 +111,8 @@ class BitfluxQuantizer(DiffusersQuantizer):
         return keys
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        if not self.from_pretrained:
+            _refuse_single_file()
         quantize_(model, self.config)  # TernaryLinear on meta, in the config's packing
         self.model = model
 
@@ -113,28 +120,25 @@ class BitfluxQuantizer(DiffusersQuantizer):
         """Each tensor checked as stored (diffusers casts every float tensor to the model's dtype before it asks
         the quantizer), then: a layer's scales taken out, in the dtype the config keeps them in; a full-precision
         weight ternarized as it was stored."""
-        if self.model is None:  # from_single_file: an original file's fused tensors, not yet the model's
-            raise BitfluxError("from_single_file does not ternarize while loading: `bitflux quantize FILE -o FOLDER` "
-                               "reads original single files (streamed), then from_pretrained(FOLDER)")
+        if self.model is None:  # diffusers 0.42's from_single_file calls this before it builds the model
+            _refuse_single_file()
+        stored = ("weight_packed", "weight_scale", "bias") if self.pre_quantized else ("weight", "bias")
         for name in list(state_dict):
             layer, leaf = self._layer(name), name.rpartition(".")[2]
             tensor = state_dict[name]
-            if not self.pre_quantized and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                tensor = state_dict[name] = tensor.to(torch.bfloat16)  # fp8 sources: every value is a bf16
-            codes = layer is not None and leaf == "weight_packed"
+            if layer is not None and leaf not in stored:  # e.g. a dense weight in a bitflux folder, an fp8 scale
+                raise BitfluxError(f"{_WHERE}: unexpected tensor {name!r} for a ternary layer, which holds "
+                                   f"{', '.join(stored)}")
+            if not self.pre_quantized:
+                tensor = state_dict[name] = widened_fp8(tensor)  # fp8 sources: every value is a bf16
+            codes = leaf == "weight_packed" and layer is not None
             check_dtype(_WHERE, name, tensor, torch.uint8 if codes else torch.float32, getattr(layer, "packing", ""))
             check_finite(tensor, f"{_WHERE}: tensor {name!r}")
-            if layer is None or leaf == "bias" or codes:
-                continue
-            if leaf == "weight":
-                if self.pre_quantized:
-                    raise BitfluxError(f"{_WHERE}: tensor {name!r} is a dense weight where the config says "
-                                       "ternary codes (weight_packed)")
-                codes, tensor = ternarize(tensor, self.config.method, self.config.granularity,
-                                          self.config.group_size_or_none)
-                state_dict[f"{name}_packed"] = formats.pack(codes, self.config.format)
-                tensor = tensor.to(self.config.scale_torch_dtype)
+            if layer is None or leaf in ("weight_packed", "bias"):
+                continue  # diffusers places it (create_quantized_param for the layers')
             del state_dict[name]
+            if leaf == "weight":
+                state_dict[f"{name}_packed"], tensor = ternarized(tensor, self.config)
             device = layer.weight_packed.device
             _place(layer, "weight_scale", f"{name.rpartition('.')[0]}.weight_scale", tensor,
                    "cpu" if device.type == "meta" else device)
@@ -200,6 +204,12 @@ class BitfluxQuantizer(DiffusersQuantizer):
         # save_pretrained then writes a dense model (diffusers keeps a model's config in _internal_dict)
         model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k != "quantization_config"})
         return model
+
+
+def _refuse_single_file():
+    raise BitfluxError("from_single_file does not ternarize while loading (diffusers hands over an original file's "
+                       "fused tensors): `bitflux quantize FILE -o FOLDER` reads original single files, streamed, then "
+                       "from_pretrained(FOLDER)")
 
 
 def _place(layer: TernaryLinear, leaf: str, name: str, tensor: torch.Tensor, device) -> None:

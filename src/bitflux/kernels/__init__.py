@@ -180,7 +180,7 @@ def ternary_linear(
     if either the bytes or the scales are replaced, swapped (`.data =`) or written in place (load_state_dict
     copies into them).
     """
-    if not x.is_floating_point() or x.shape[-1] != weight.in_features:
+    if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != weight.in_features:
         raise BitfluxError(f"a ternary linear layer of {weight.in_features} inputs takes floating-point inputs "
                            f"whose last dimension is {weight.in_features}, got {str(x.dtype)[6:]} {tuple(x.shape)}")
     backend = select_backend(x, weight, activations)
