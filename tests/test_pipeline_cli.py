@@ -277,8 +277,9 @@ def test_eval_json_is_strict_json():
 
     from bitflux.eval.runner import results_json
 
-    text = results_json({"fp": {"overall_stderr": float("nan"), "vs_fp": {"psnr": float("inf")}, "grid": None}})
-    assert json.loads(text) == {"fp": {"overall_stderr": None, "vs_fp": {"psnr": None}}}
+    text = results_json({"fp": {"overall_stderr": float("nan"), "vs_fp": {"psnr": float("inf")}, "grid": None}},
+                        {"steps": 4})
+    assert json.loads(text) == {"fp": {"overall_stderr": None, "vs_fp": {"psnr": None}, "settings": {"steps": 4}}}
 
 
 def test_an_unwritable_output_folder_is_refused_before_the_run(tmp_path, monkeypatch):
@@ -368,6 +369,7 @@ def _eval_ranks(world: int) -> dict:
 
 def test_eval_two_gloo_ranks_equal_one():
     one, two = _eval_ranks(1), _eval_ranks(2)
+    assert one["absmean"]["settings"]["steps"] == 2 and one["absmean"]["settings"]["seeds"] == [0]
     for variant in one:
         assert one[variant]["categories"] == two[variant]["categories"]
         assert one[variant]["overall"] == two[variant]["overall"]

@@ -286,7 +286,10 @@ def _cmd_eval(args) -> None:
                                     guidance=args.guidance)
     if not results:  # not rank 0
         return
-    print(results_json(results) if args.json else variant_table(results))
+    settings = {"model": str(path), "steps": args.steps, "guidance": args.guidance, "seeds": args.seeds,
+                "per_category": args.per_category, "device": args.device, "dtype": args.dtype,
+                "backend": args.backend}
+    print(results_json(results, settings) if args.json else variant_table(results))
     if args.grid:
         save_png(variant_grid(results), args.grid)
 

@@ -111,9 +111,10 @@ def _error(stderr: float) -> str:
     return "±n/a" if math.isnan(stderr) else f"±{100 * stderr:3.1f}"
 
 
-def results_json(results: dict) -> str:
+def results_json(results: dict, settings: dict | None = None) -> str:
     """Strict JSON: an undefined number (one seed's standard error, identical images' PSNR) is null, which every
-    parser reads; NaN and Infinity are not JSON."""
+    parser reads; NaN and Infinity are not JSON. `settings` (steps, seeds, ...) go into each variant's entry, so
+    that a 4-step result does not pass for a 20-step one."""
     def finite(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -121,7 +122,8 @@ def results_json(results: dict) -> str:
             return {k: finite(v) for k, v in value.items()}
         return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
 
-    return json.dumps({name: finite({k: v for k, v in r.items() if k not in ("grid", "records")})
+    extra = {"settings": settings} if settings else {}
+    return json.dumps({name: finite({**{k: v for k, v in r.items() if k not in ("grid", "records")}, **extra})
                        for name, r in results.items()}, indent=2, allow_nan=False)
 
 
