@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated[-a16|-a8|-fp8] (the demo's shipped calibrated model, as shipped or with those "
                         "activations; the demo only); a bitflux pipeline folder (e.g. quantize --calibrate's); "
                         "METHOD[-tensor|-channel|-groupN][-a16|-a8|-fp8] with METHOD absmean, twn, lsq")
-    v.add_argument("--seeds", type=int, nargs="+", default=[0])
+    v.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="evaluation seeds, distinct, 0 to 2^32 - 1 (more seeds: tighter standard errors)")
     v.add_argument("--per-category", type=int, default=48, help="prompts per ShapeEval category (at most 48)")
     v.add_argument("--steps", type=int, default=20)
     v.add_argument("--guidance", type=float, default=3.5)
