@@ -126,7 +126,9 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
         check_comparable(resolve_pipeline_path(model), want_fp=True)  # a bad --model fails here, not in a child
     results = {}
     # the children's own output is captured (their last line is the result): one bar for both
-    for variant in tqdm(VARIANTS, desc="bench (one process a variant)", unit="variant", leave=False):
+    bar = tqdm(VARIANTS, desc="bench", unit="variant", leave=False)
+    for variant in bar:
+        bar.set_description(f"bench: {variant} (a process of its own)")
         spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
                 "size": size, **options}
         child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,

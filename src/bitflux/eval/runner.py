@@ -68,7 +68,7 @@ def evaluate_variants(build_pipeline, variants: list[str], seeds=(0,), per_categ
                 return out
 
             local = shapeeval.evaluate(capture, items=mine, seeds=tuple(seeds), grid=False,
-                                       progress=progress and rank == 0)
+                                       progress=progress and rank == 0, label=f"ShapeEval {name}")
             for record in local["records"]:
                 image = by_seed[shapeeval.image_seed(record["seed"], record["index"])]
                 images[(record["seed"], record["index"])] = image

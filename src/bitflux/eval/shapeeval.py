@@ -221,7 +221,8 @@ def items_for(prompts: list[str]) -> list[EvalItem]:
 
 
 def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch_size: int = 48,
-             out_dir=None, grid: bool = True, progress: bool = True, prompts: list[str] | None = None) -> dict:
+             out_dir=None, grid: bool = True, progress: bool = True, prompts: list[str] | None = None,
+             label: str = "ShapeEval") -> dict:
     """Generate one image per (item, seed), score them, and return (and optionally write) the result.
 
     The items are ShapeEval's prompt set unless `items` (or plain `prompts`, see `items_for`) are given.
@@ -236,7 +237,7 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
         items = items_for(prompts) if prompts is not None else prompt_set()
     records, grid_images = [], []
     total = len(items) * len(seeds)
-    pbar = tqdm(total=total, desc="ShapeEval", disable=not progress)
+    pbar = tqdm(total=total, desc=label, unit="image", disable=not progress)
     for seed in seeds:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
