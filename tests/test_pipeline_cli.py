@@ -324,9 +324,21 @@ def test_compare_on_a_ternary_folder_is_refused_before_encoding(tmp_path, capsys
     assert code == 2 and len(err.strip().splitlines()) == 1 and "already ternary" in err, err
 
 
-def test_bench_json(capsys):
+def test_bench_json(capsys, monkeypatch):
+    import bitflux.bench
+    from tqdm import tqdm
+
+    moves = []
+
+    class CountingBar(tqdm):  # the bar moves with each batch the children generate, not only between them
+        def update(self, n=1):
+            moves.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(bitflux.bench, "tqdm", CountingBar)
     code, out, err = _run(capsys, "bench", "--steps", "2", "--packing", "tq1", "--json")
     assert code == 0, err
+    assert sum(moves) == len(bitflux.bench.VARIANTS) * (1 + bitflux.bench.REPEATS)
     result = json.loads(out)
     for variant in ("fp", "ternary"):
         entry = result["variants"][variant]

@@ -10,6 +10,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,6 +23,8 @@ VARIANTS = ("fp", "ternary")
 MEASURES = (("transformer step (ms)", "transformer_step_s", 1e3), ("image (s)", "image_s", 1),
             ("peak memory (MB)", "peak_memory_bytes", 1 / 2**20),
             ("transformer weights (MB)", "transformer_weight_bytes", 1 / 2**20))
+REPEATS = 2  # timed generations a variant (its best counts), after one warm-up
+_PROGRESS_MARK = "bitflux-bench: batch generated"  # a child's stderr line per batch, for the parent's bar
 UNSTEADY = 1.25  # a variant's median step over its best above which the table says timings varied
 PROMPTS = ("a red circle", "two blue squares", "a green triangle to the left of a yellow circle")
 
@@ -39,8 +42,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
                     size: tuple[int, int] | None = None, cuda_graph: bool = False, compile: bool = False,
                     activations: str | None = None, packing: str | None = None, dtype: str | None = None,
-                    offload: bool = False, repeats: int = 2) -> dict:
-    """Time and memory of one variant in this process (call it in a fresh process for honest peaks)."""
+                    offload: bool = False, repeats: int = REPEATS, on_generation=None) -> dict:
+    """Time and memory of one variant in this process (call it in a fresh process for honest peaks).
+    on_generation() after each batch generated (the warm-up and each repeat): a child's progress."""
     from .calibrate.memory import peak_resident_bytes, reset_peak_resident
     from .kernels import use_backend
     from .linear import TernaryLinear
@@ -87,6 +91,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
         # Warm-up at the timed batch size: kernels that tune per shape (Triton) do so here, and CUDA graphs
         # are captured, outside the timings and before the peak-memory reset.
         generate(pipe, prompts, seeds, steps=1, **text)
+        if on_generation:
+            on_generation()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         gc.collect()
@@ -100,6 +106,8 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
             generate(pipe, prompts, seeds, steps=steps, **text)
             _sync(device)
             image_seconds.append((time.perf_counter() - start) / len(prompts))
+            if on_generation:
+                on_generation()
     for handle in handles:
         handle.remove()
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_resident_bytes()
@@ -125,21 +133,43 @@ def run_bench(model: str | None, device: str = "cpu", steps: int = 20, backend: 
     else:
         check_comparable(resolve_pipeline_path(model), want_fp=True)  # a bad --model fails here, not in a child
     results = {}
-    # the children's own output is captured (their last line is the result): one bar for both
-    bar = tqdm(VARIANTS, desc="bench", unit="variant", leave=False)
-    for variant in bar:
-        bar.set_description(f"bench: {variant} (a process of its own)")
-        spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
-                "size": size, **options}
-        child = subprocess.run([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], capture_output=True,
-                               text=True)
-        if child.returncode != 0:
-            raise BitfluxError(f"benchmark of the {variant} variant failed: {_child_error(child)}")
-        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    # the children's own output is captured (their last line is the result): one bar for both, which moves
+    # at each batch a child generates (its warm-up and its timed repeats)
+    with tqdm(total=len(VARIANTS) * (1 + REPEATS), desc="bench", unit="batch", leave=False) as bar:
+        for variant in VARIANTS:
+            bar.set_description(f"bench: {variant} (a process of its own)")
+            spec = {"model": model, "variant": variant, "device": device, "steps": steps, "backend": backend,
+                    "size": size, **options}
+            child = _run_child(spec, bar)
+            if child.returncode != 0:
+                raise BitfluxError(f"benchmark of the {variant} variant failed: {_child_error(child)}")
+            results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     fp, ternary = results["fp"], results["ternary"]
     ratios = {key: fp[key] / ternary[key] for _, key, _ in MEASURES}
     return {"model": model or "embedded demo", "backend": backend, **options, "variants": results,
             "ratios_fp_over_ternary": ratios}
+
+
+def _run_child(spec: dict, bar) -> subprocess.CompletedProcess:
+    """`python -m bitflux.bench SPEC`: its stdout into a file (read once it ends), its stderr read as it comes,
+    the progress marks moving `bar` and the rest kept for _child_error."""
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen([sys.executable, "-m", "bitflux.bench", json.dumps(spec)], stdout=out,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            stderr = []
+            for line in child.stderr:
+                if line.strip() == _PROGRESS_MARK:
+                    bar.update(1)
+                else:
+                    stderr.append(line)
+            child.wait()
+        finally:
+            if child.poll() is None:  # interrupted here: the child goes too
+                child.kill()
+                child.wait()
+        out.seek(0)
+        return subprocess.CompletedProcess(child.args, child.returncode, out.read(), "".join(stderr))
 
 
 def _child_error(child: subprocess.CompletedProcess) -> str:
@@ -205,4 +235,5 @@ def plot_bench(result: dict, path) -> None:
 if __name__ == "__main__":  # the child process of run_bench
     spec = json.loads(sys.argv[1])
     spec["size"] = tuple(spec["size"]) if spec["size"] else None
-    print(json.dumps(measure_variant(**spec)))
+    print(json.dumps(measure_variant(**spec, on_generation=lambda: print(_PROGRESS_MARK, file=sys.stderr,
+                                                                           flush=True))))
