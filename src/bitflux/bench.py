@@ -200,8 +200,7 @@ def format_bench(result: dict) -> str:
                      f"{result['ratios_fp_over_ternary'][key]:12.2f}x")
     # The times are each variant's best; the variants run one after the other, so other work on the machine in
     # one's window and not the other's moves the ratios (two runs here on a busy machine: 14.6x and 1.09x).
-    spread = max(v.get("transformer_step_median_s", v["transformer_step_s"]) / v["transformer_step_s"]
-                 for v in (fp, ternary))
+    spread = max(v["transformer_step_median_s"] / v["transformer_step_s"] for v in (fp, ternary))
     if spread > UNSTEADY:
         lines.append(f"note: a step's median time was {spread:.1f}x its best in one variant: other work on this "
                      "machine varied the timings, so compare the times with care (memory and weights hold)")

@@ -79,6 +79,11 @@ def selected(name: str, config: TernaryConfig) -> bool:
     return any(re.search(p, name) for p in config.include) and not any(re.search(p, name) for p in config.exclude)
 
 
+def is_slot(name: str, module: nn.Module, config: TernaryConfig) -> bool:
+    """A layer the config makes ternary, before quantize_ (nn.Linear) or after it (TernaryLinear)."""
+    return isinstance(module, (nn.Linear, TernaryLinear)) and selected(name, config)
+
+
 def target_names(model: nn.Module, config: TernaryConfig) -> list[str]:
     return [name for name, module in model.named_modules() if is_target(name, module, config)]
 
@@ -153,8 +158,7 @@ def check_config(model: nn.Module, config: TernaryConfig) -> None:
     (include/exclude) with the same scale granularity. Its format and scale dtype are storage, converted on
     saving; its method and activations change nothing stored."""
     for name, module in model.named_modules():
-        if isinstance(module, TernaryLinear) != (isinstance(module, (nn.Linear, TernaryLinear))
-                                                  and selected(name, config)):
+        if isinstance(module, TernaryLinear) != is_slot(name, module, config):
             state = "is" if isinstance(module, TernaryLinear) else "is not"
             raise BitfluxError(f"{name} {state} ternary, which the config's include/exclude do not say")
         if isinstance(module, TernaryLinear) and (module.granularity != config.granularity

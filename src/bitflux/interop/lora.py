@@ -111,7 +111,8 @@ class LoraAdapter(nn.Module):
         """Fold strength * delta into the weights: ternary layers are re-ternarized with `method` at their
         own granularity, dense layers get the delta added. The branch stops running. lsq (least squares)
         gives an already ternary weight back as it is, so a small delta moves it little; absmean would
-        shrink every scale by the share of zero codes (a zero delta changed outputs by ~9 %)."""
+        shrink every scale by the share of zero codes (28 % of the demo's: a zero delta moved its images by
+        ~25 % RMS)."""
         if self.fused:
             raise BitfluxError("this LoRA is already fused")
         for name, branch in self.items():

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import write_atomic
@@ -36,8 +35,7 @@ from ..config import TernaryConfig
 from ..demo import scenes as S
 from ..demo.train import Denoiser, flow_noised, lr_at, pack
 from ..errors import BitfluxError
-from ..linear import TernaryLinear
-from ..surgery import selected
+from ..surgery import is_slot
 from .lora import LoraAdapter, LoraBranch
 
 # Style -> the palette colour every object is drawn in.
@@ -68,7 +66,7 @@ def new_adapter(transformer, rank: int, seed: int) -> LoraAdapter:
     generator = torch.Generator().manual_seed(seed)
     branches = {}
     for name, layer in transformer.named_modules():
-        if not (isinstance(layer, (nn.Linear, TernaryLinear)) and selected(name, TernaryConfig())):
+        if not is_slot(name, layer, TernaryConfig()):
             continue
         bound = 1 / math.sqrt(layer.in_features)
         down = (torch.rand(rank, layer.in_features, generator=generator) * 2 - 1) * bound
