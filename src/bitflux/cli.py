@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, default=None,
                    help=f"teacher trajectories (images) to record (default {CalibrationConfig.samples})")
     q.add_argument("--workdir", default=None, help="keep teacher records and finished blocks here to resume "
-                                                   "(an interrupted calibration goes on from them when run again)")
+                                                   "(an interrupted calibration goes on from them when run again, "
+                                                   "as does a run of a later --calibration)")
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(run=_cmd_quantize)

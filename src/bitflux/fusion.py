@@ -127,15 +127,12 @@ class FusedProjection(nn.Module):
                                        first.activations, first.packing)
         else:
             rows = consecutive_rows(packed)
-            settings = _settings(first)
-            if rows is None or any(_settings(layer) != settings for layer in layers[1:]):
+            if rows is None or not fusible(layers):
                 capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # no copies into a graph
-                if capturing or not fusible(layers) or (rows is None and not _gatherable(packed)):
+                if capturing or not gather_again(layers):
                     return self._separately(layers, x)
-                if rows is None:
-                    gather_codes(layers)
-                    packed = [layer.weight_packed for layer in layers]
-                    rows = consecutive_rows(packed)
+                packed = [layer.weight_packed for layer in layers]
+                rows = consecutive_rows(packed)
             y = ternary_linear_rows(x, packed, scales, biases, first.in_features, first.group_size, first.packing,
                                     first.activations, rows)
         return _run_forward_hooks(layers, x, y) if any(layer._forward_hooks for layer in layers) else y
@@ -148,19 +145,23 @@ class FusedProjection(nn.Module):
         return f"fuses {', '.join(self.names)}"
 
 
+def gather_again(layers: list[nn.Module]) -> bool:
+    """Gather fusible layers' codes into one tensor again where they are no longer one tensor's rows (new codes
+    from set_packing or a fused LoRA, a move to another device) and can be (_gatherable). Returns whether it
+    did."""
+    if not fusible(layers):
+        return False
+    packed = [layer.weight_packed for layer in layers]
+    if consecutive_rows(packed) is not None or not _gatherable(packed):
+        return False
+    gather_codes(layers)
+    return True
+
+
 def gather_fused(model: nn.Module) -> int:
-    """Gather the codes of fused layers again where they are no longer one tensor's rows (new codes from
-    set_packing or a fused LoRA, a move to another device), as their next eager call would: for a model about
-    to be compiled, which cannot. Returns how many were gathered."""
-    gathered = 0
-    for module in model.modules():
-        if isinstance(module, FusedProjection):
-            layers = module.layers()
-            packed = [layer.weight_packed for layer in layers]
-            if fusible(layers) and consecutive_rows(packed) is None and _gatherable(packed):
-                gather_codes(layers)
-                gathered += 1
-    return gathered
+    """gather_again for every fused projection, as their next eager call would: for a model about to be
+    compiled, which cannot. Returns how many were gathered."""
+    return sum(gather_again(module.layers()) for module in model.modules() if isinstance(module, FusedProjection))
 
 
 def fuse_projections(model: nn.Module) -> int:

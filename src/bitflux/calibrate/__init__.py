@@ -104,17 +104,43 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
         # settings added since the workdir was written (e.g. onpolicy_steps) take their defaults there
         saved["calibration"] = {**json.loads(json.dumps(CalibrationConfig().to_dict(), default=list)),
                                 **saved.get("calibration", {})}
-        # a round of the onpolicy stage does not depend on how many follow it: a workdir takes more rounds or fewer
-        saved["calibration"]["onpolicy_rounds"] = calib.onpolicy_rounds
         # workdirs written before the weights were recorded, and with the config's private keys
         saved.setdefault("weights", manifest["weights"])
         saved["model"] = json.loads(json.dumps(architecture_config(saved.get("model", {})), default=list))
-        differences = _differences(saved, json.loads(text))
+        current = json.loads(text)
+        held = _stages_held(saved["calibration"], current["calibration"])
+        # a round of the onpolicy stage does not depend on how many follow it: a workdir takes more rounds or fewer
+        saved["calibration"]["onpolicy_rounds"] = calib.onpolicy_rounds
+        differences = _differences(saved, current)
         if differences:
             raise BitfluxError(f"{workdir} holds a calibration run of other {', '.join(differences)}; use a new "
                                "--workdir or empty it")
+        text = json.dumps({**current, "calibration": held}, indent=2, sort_keys=True)
     write_text_atomic(path, text)  # a resumed run's too: the manifest says how many rounds the workdir now holds
     return workdir
+
+
+# Stages that run after the blocks are calibrated, each with settings that it alone reads.
+_LATER_STAGES = {"distill": ("distill_steps",), "onpolicy": ("onpolicy_steps", "onpolicy_rounds")}
+
+
+def _stages_held(saved: dict, current: dict) -> dict:
+    """A run that goes on past another's last stage (distill after blockwise, onpolicy after distill), or stops
+    before it, takes up that run's workdir, whatever the stages left out were set to: `saved` is made to compare
+    equal on those, and what is returned is the workdir's calibration once the current run is done, the longer
+    run's. Both runs must calibrate the blocks alike: the scales and blockwise stages write the same files."""
+    if saved["stages"] == current["stages"]:
+        return current
+    shorter, longer = sorted((saved, current), key=lambda settings: len(settings["stages"]))
+    extra = longer["stages"][len(shorter["stages"]):]
+    if longer["stages"][:len(shorter["stages"])] != shorter["stages"] or not set(extra) <= set(_LATER_STAGES):
+        return current  # not one run going on from the other: the stages differ
+    held = dict(longer)
+    for stage in extra:
+        for setting in _LATER_STAGES[stage]:
+            saved[setting] = current[setting]
+    saved["stages"] = current["stages"]
+    return held
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
