@@ -127,8 +127,8 @@ def test_a_quantized_flux_transformer_compiles_as_one_graph(backend, activations
 
 def test_quantize_refuses_what_it_cannot_ternarize_rightly():
     """A pipeline instead of its transformer, settings not in a TernaryConfig, PEFT's LoRA layers (their own
-    nn.Linear would be ternarized too) and diffusers' fused q/k/v (the separate layers it keeps would be
-    ternarized beside it): one line each, the model left as it was."""
+    nn.Linear would be ternarized too), diffusers' fused q/k/v (the separate layers it keeps would be
+    ternarized beside it) and a NaN weight, in the last layer: one line each, the model left as it was."""
     from types import SimpleNamespace
 
     for model, config, words in (
@@ -140,8 +140,12 @@ def test_quantize_refuses_what_it_cannot_ternarize_rightly():
     with_lora.transformer_blocks[0].attn.to_q.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(64, 4)})
     fused = build_tiny()
     fused.fuse_qkv_projections()
+    poisoned = build_tiny()  # a blow-up in training, or a bad merge: its layer's scale would be NaN
+    with torch.no_grad():
+        poisoned.single_transformer_blocks[-1].proj_out.weight[3, 5] = float("nan")
     for model, words in ((with_lora, "attn.to_q.lora_A: the model holds PEFT LoRA layers"),
-                         (fused, "attn.to_qkv: diffusers' fused q/k/v projection; unfuse_qkv_projections")):
+                         (fused, "attn.to_qkv: diffusers' fused q/k/v projection; unfuse_qkv_projections"),
+                         (poisoned, r"single_transformer_blocks.\d+.proj_out.weight holds NaN or infinite")):
         with pytest.raises(BitfluxError, match=words):
             quantize_(model)
         assert not any(isinstance(m, TernaryLinear) for m in model.modules())

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import formats
+from .checkpoint import check_finite
 from .config import ACTIVATIONS, FORMATS, TernaryConfig
 from .errors import BitfluxError
 from .fusion import gather_fused
@@ -114,7 +115,12 @@ def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> Quantiza
             raise BitfluxError(f"{name}: diffusers' fused q/k/v projection; unfuse_qkv_projections() first "
                                "(bitflux fuses the ternary ones itself: fuse_projections)")
     report = QuantizationReport(config, total_params=count_params(model))
-    for name in target_names(model, config):
+    names = target_names(model, config)
+    for name in names:  # all before any is replaced: a refused model is left as it was
+        weight = model.get_submodule(name).weight
+        if weight.device.type != "meta":
+            check_finite(weight, f"{name}.weight")  # its scale would be NaN: black images, far from the cause
+    for name in names:
         linear = model.get_submodule(name)
         replace_module(model, name, TernaryLinear.from_linear(linear, config))
         report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
