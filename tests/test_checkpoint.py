@@ -127,6 +127,15 @@ def test_scales_are_stored_and_loaded_in_the_config_dtype(tmp_path, tiny_folder)
         save_file({k: v.half() if k.endswith("weight_scale") else v for k, v in tensors.items()}, file)
     assert {m.weight_scale.dtype for m in load_transformer(tmp_path / "a").modules()
             if isinstance(m, TernaryLinear)} == {torch.float32}
+    # float32 scales past float16's range under a float16 config: checked as converted, not as stored
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["quantization_config"]["scale_dtype"] = "float16"
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    for file in (tmp_path / "a").glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({k: v.float() * 1e7 if k.endswith("weight_scale") else v for k, v in tensors.items()}, file)
+    with pytest.raises(BitfluxError, match=r"weight_scale' in float16 holds NaN or infinite values"):
+        load_transformer(tmp_path / "a")
 
 
 def test_codes_outside_the_ternary_set_are_not_packed():
@@ -281,3 +290,33 @@ def test_a_header_with_overlapping_tensors_is_refused(tmp_path):
     assert set(read_safetensors_header(tmp_path / "ok.safetensors")) >= {"a", "b"}
     with pytest.raises(BitfluxError, match="tensors 'a' and 'b' overlap"):
         read_safetensors_header(tmp_path / "bad.safetensors")
+
+
+def test_variants_beside_the_weights_file_are_left_out_and_a_tensor_twice_is_refused(tmp_path, tiny_folder):
+    """A diffusers folder may hold variants of its weights (diffusion_pytorch_model.fp16.safetensors): quantizing
+    it reads each tensor once. Without the plain file, two files of one tensor are refused, not read twice."""
+    import shutil
+
+    def stored(folder):
+        return sorted(name for file in folder.glob("*.safetensors") for name in read_safetensors_header(file)
+                      if name != "__metadata__")
+
+    quantize_checkpoint(tiny_folder, tmp_path / "plain", TernaryConfig(), progress=False)
+    weights = tiny_folder / "diffusion_pytorch_model.safetensors"
+    shutil.copy(weights, tiny_folder / "diffusion_pytorch_model.fp16.safetensors")
+    quantize_checkpoint(tiny_folder, tmp_path / "q", TernaryConfig(), progress=False, max_shard_bytes=20000)
+    assert stored(tmp_path / "q") == stored(tmp_path / "plain")  # each once
+    weights.rename(tiny_folder / "diffusion_pytorch_model.bf16.safetensors")
+    with pytest.raises(BitfluxError, match=r"tensor '.+' is in diffusion_pytorch_model.bf16.safetensors and in "
+                                           r"diffusion_pytorch_model.fp16.safetensors; keep one copy"):
+        quantize_checkpoint(tiny_folder, tmp_path / "q2", TernaryConfig(), progress=False)
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": {"a": 3}}', '{"weight_map": ["x"]}', '{"weight_map": {"a": null}}',
+                                   '{"weight_map": {"a": "../x.safetensors"}}', b'\xff\xfe{', "[]"])
+def test_a_malformed_index_is_one_line(tmp_path, tiny_folder, index):
+    from bitflux.checkpoint import weight_files
+
+    (tiny_folder / INDEX_NAME).write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(BitfluxError, match=f"{INDEX_NAME}: (malformed safetensors index|not valid JSON|expected a JSON)"):
+        weight_files(tiny_folder)

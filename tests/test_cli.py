@@ -609,6 +609,29 @@ def test_calibration_settings_without_calibrate_are_an_error(tmp_path, tiny_fold
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_torch_and_bitflux_kernels_imported_by_two_threads_at_once():
+    """A service that imported bitflux alone, whose first two requests import torch and bitflux.kernels at once:
+    bitflux's operators register while torch imports, and must not deadlock with the other thread's import."""
+    script = """
+import threading, importlib, bitflux
+barrier, errors = threading.Barrier(2), []
+def load(name):
+    barrier.wait()
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=load, args=(name,)) for name in ("torch", "bitflux.kernels")]
+[t.start() for t in threads]
+[t.join() for t in threads]
+import torch
+print(errors, hasattr(torch.ops.bitflux, "ternary_linear"))
+"""
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "[] True"
+
+
 def test_the_command_catches_ctrl_c_while_torch_imports(capsys, monkeypatch):
     """`import bitflux` imports nothing heavy (its names load on first use), and the command builds its parser,
     which imports torch (seconds), inside its Ctrl-C handler: an interrupt then is its one line, not a
@@ -618,7 +641,8 @@ def test_the_command_catches_ctrl_c_while_torch_imports(capsys, monkeypatch):
     light = subprocess.run([sys.executable, "-c", "import sys, bitflux; print('torch' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert light.stdout.strip() == "False"
-    for imports in ("import bitflux, torch", "import torch, bitflux"):
+    for imports in ("import bitflux, torch", "import torch, bitflux",
+                    "import bitflux, importlib.util; importlib.util.find_spec('torch'); import torch"):  # a lookup
         ops = subprocess.run([sys.executable, "-c", f"{imports}; print(hasattr(torch.ops.bitflux, 'ternary_linear'))"],
                              capture_output=True, text=True, check=True)
         assert ops.stdout.strip() == "True", imports

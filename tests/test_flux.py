@@ -1,7 +1,9 @@
+import pytest
 import torch
 from conftest import TINY_CONFIG, build_tiny
 
-from bitflux import flux
+from bitflux import BitfluxError, flux
+from bitflux.flux import build_transformer
 
 
 def _original_random(double=2, single=2, width=3072, cols=8, head_dim=32, seed=0):
@@ -90,3 +92,14 @@ def test_a_fused_tensor_lacking_a_part_is_named():
 
     with pytest.raises(BitfluxError, match=r"'double_blocks.0.img_attn.qkv.weight' .*attn.to_k, attn.to_v missing"):
         flux.diffusers_to_original({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("damage,words", [
+    ({"axes_dims_rope": [1, 2]}, r"axes_dims_rope \[1, 2\] must be integers adding up to attention_head_dim 32"),
+    ({"num_layers": 10**9}, r"num_layers 1000000000 is not a size of a FLUX transformer \(0 .. 1024\)"),
+    ({"attention_head_dim": "32"}, "attention_head_dim '32' is not a size"),
+])
+def test_a_config_no_flux_transformer_could_have_is_refused_before_one_is_built(damage, words):
+    """A damaged config.json: its model would fail at its first forward, or take all memory while it is built."""
+    with pytest.raises(BitfluxError, match=words):
+        build_transformer({**TINY_CONFIG, **damage})

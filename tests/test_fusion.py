@@ -263,6 +263,12 @@ def test_hooks_get_their_layers_own_output_and_other_hooks_their_own_call():
         model.transformer_blocks[0].attn.to_k.register_forward_hook(
             lambda module, args, out: shapes.append(out.view(-1).shape) or out * 2)
     assert torch.equal(forward(fused), forward(separate)) and shapes[0] == shapes[1]
+    # a hook that removes itself, before another (as another thread's LoRA remove() may while a call runs)
+    for model in (separate, fused):
+        handle, layer = [], model.transformer_blocks[0].attn.to_q
+        handle.append(layer.register_forward_hook(lambda module, args, out, handle=handle: handle[0].remove() or out * 3))
+        layer.register_forward_hook(lambda module, args, out: out + 1)
+    assert torch.equal(forward(fused), forward(separate)) and torch.equal(forward(fused), forward(separate))
     x = torch.randn(2, 64, requires_grad=True)
     called = []
     fused.transformer_blocks[1].attn.to_v.register_full_backward_hook(lambda *args: called.append(1))

@@ -69,6 +69,8 @@ def test_scales_that_blocks_cannot_hold_are_refused():
         to_block_scales(torch.ones(4, 4), 4, 512, 128, "layer")
     with pytest.raises(BitfluxError, match="float16"):
         to_block_scales(torch.full((1, 1), 1e6), 4, 512, None, "layer")
+    with pytest.raises(BitfluxError, match="float16 to its 11 bits"):  # subnormal in fp16: digits lost
+        to_block_scales(torch.full((1, 1), 3e-6), 4, 512, None, "layer")
 
 
 # ---- whole models -----------------------------------------------------------------------------------------
@@ -313,3 +315,37 @@ def test_nan_in_a_gguf_file_is_refused(tmp_path):
     export_gguf(model, tmp_path / "nan.gguf", names="diffusers")
     with pytest.raises(BitfluxError, match="nan.gguf: tensor .* holds NaN or infinite values"):
         read_gguf(tmp_path / "nan.gguf")
+
+
+def test_a_damaged_file_read_for_its_configs_alone_is_one_line(small_file, tmp_path):
+    """`bitflux inspect` reads a GGUF file's metadata alone: a byte that is no UTF-8 there is one line too."""
+    from bitflux.interop.gguf import stored_configs
+
+    start = small_file.read_bytes().find(b'"quant_method"')
+    bad = corrupt(small_file, tmp_path, lambda d: d.__setitem__(slice(start + 1, start + 3), b"\xff\xfe"))
+    with pytest.raises(BitfluxError, match="malformed GGUF file"):
+        stored_configs(bad)
+
+
+def test_an_existing_output_is_refused_before_the_file_is_read(models, tmp_path, monkeypatch):
+    from bitflux.interop import gguf as bitflux_gguf
+
+    export_gguf(models["channel"], tmp_path / "m.gguf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    monkeypatch.setattr(bitflux_gguf, "read_gguf", None)  # reading it would fail here
+    with pytest.raises(BitfluxError, match="out exists; pass --force"):
+        gguf_to_folder(tmp_path / "m.gguf", tmp_path / "out")
+
+
+def test_a_ternary_tensor_of_no_linear_layer_is_one_line(models, tmp_path):
+    from bitflux.interop.gguf import _build
+
+    export_gguf(models["channel"], tmp_path / "m.gguf")
+    contents = read_gguf(tmp_path / "m.gguf")
+    packed = contents.state_dict["transformer_blocks.0.attn.to_q.weight_packed"]
+    for name in ("foo", "transformer_blocks.0.attn.norm_q"):
+        damaged = copy.copy(contents)
+        damaged.state_dict = {**contents.state_dict, f"{name}.weight_packed": packed}
+        with pytest.raises(BitfluxError, match=f"ternary tensor {name}.weight is no linear layer"):
+            _build(damaged, "m.gguf")

@@ -196,6 +196,44 @@ def test_isa_selection():
         assert cpu.current_isa() == "generic"
 
 
+def test_codes_of_another_packing_are_refused_not_read_past():
+    """A layer read while set_packing repacks it in another thread: tq1 bytes under packing tq2 would have the
+    kernel read past each row."""
+    codes = torch.randint(-1, 2, (8, 64), dtype=torch.int8)
+    weight = TernaryWeight(formats.pack(codes, "tq1"), torch.ones(1, 1), 64, 8, None, "tq2")
+    with pytest.raises(BitfluxError, match=r"a tq2 layer of 8 x 64 holds codes of shape \(8, 13\), not \(8, 16\)"):
+        ternary_linear(torch.randn(2, 64), weight)
+
+
+def test_forced_backends_and_isas_hold_in_their_own_thread_only():
+    """A service's threads: one forcing the reference backend (or the generic ISA, or an unsupported one, which
+    fails there) leaves another thread's calls as they were, and each thread's block ends its own choice."""
+    import threading
+
+    x, weight = torch.randn(2, 64), make_weight(8, 64)
+    inside, done = threading.Event(), threading.Event()
+    finished = []
+
+    def other_thread():
+        with use_backend("reference"), cpu.use_isa("generic"):
+            assert select_backend(x, weight, "a16") is reference and cpu.current_isa() == "generic"
+            inside.set()
+            done.wait(10)
+        with pytest.raises(BitfluxError), cpu.use_isa("sse9"):
+            pass
+        finished.append(True)
+
+    thread = threading.Thread(target=other_thread)
+    with torch.no_grad(), use_backend("cpu"):
+        thread.start()
+        assert inside.wait(10)
+        assert select_backend(x, weight, "a16") is cpu and cpu.current_isa() == cpu.supported_isas()[-1]
+        done.set()
+        thread.join(10)
+        assert select_backend(x, weight, "a16") is cpu  # the other thread's exit took nothing of this one's
+    assert finished == [True]
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
 def test_isa_detection_agrees_with_the_kernel():
     """The C library's CPUID checks name the same features as Linux does (AVX-VNNI is read from CPUID leaf 7.1

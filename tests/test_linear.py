@@ -72,6 +72,8 @@ def test_packing_follows_the_config_and_bad_names_are_refused():
 @pytest.mark.parametrize("data,message", [
     ({"include": ["attn.(to_q"]}, "bad include/exclude pattern 'attn.\\(to_q'"),
     ({"exclude": [3]}, "bad include/exclude pattern 3"),
+    ({"include": None}, "include must be a pattern or a list of them, got None"),  # a config.json's null
+    ({"exclude": 5}, "exclude must be a pattern or a list of them, got 5"),
 ])
 def test_config_patterns_are_checked(data, message):
     with pytest.raises(BitfluxError, match=message):

@@ -71,6 +71,32 @@ def test_a_sharded_checkpoint_streams_alike(tmp_path):
                            whole(**tiny_inputs())[0])
 
 
+def test_calls_from_two_threads_run_one_at_a_time(tmp_path):
+    """A service's requests on one streamed model (T5 on a CPU, by default): each call empties the blocks at its
+    start, so two at once would run on each other's emptied blocks. They take turns, with the serial outputs."""
+    import threading
+
+    build_tiny().save_pretrained(tmp_path / "transformer")
+    streamed = stream_transformer(tmp_path / "transformer", torch.float32)
+    with torch.no_grad():
+        expected = streamed(**tiny_inputs())[0]
+    outputs, errors = [], []
+
+    def run():
+        try:
+            with torch.no_grad():
+                outputs.extend(streamed(**tiny_inputs())[0] for _ in range(3))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(outputs) == 9 and all(torch.equal(y, expected) for y in outputs)
+
+
 def test_a_copied_or_pickled_streamed_transformer_streams_alike_and_lets_its_memory_go(tmp_path):
     """Copies take the blocks' hooks and their shared memory along: each streams from the same folder, and ends a
     call holding no block tensors and no read buffer of its own or of the original's."""

@@ -92,24 +92,41 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# diffusers' and transformers' index of a sharded model, and their one file of an unsharded one
+_INDEX_NAMES = (INDEX_NAME, "model.safetensors.index.json")
+_SINGLE_FILE_NAMES = (WEIGHTS_NAME, "model.safetensors")
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a diffusers model folder (single file or index + shards)."""
-    index = folder / INDEX_NAME
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BitfluxError(f"{index}: malformed safetensors index") from None
-        files = [folder / n for n in names]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise BitfluxError(f"{index}: names missing shard {missing[0]}")
-        return files
+    """The safetensors files of a diffusers or transformers model folder: its index's shards, else its one
+    weights file (variants beside it, such as diffusion_pytorch_model.fp16.safetensors, left out), else every
+    safetensors file in it, which must not hold a tensor twice."""
+    for index in (folder / name for name in _INDEX_NAMES):
+        if index.exists():
+            weight_map = parse_json_object(index.read_bytes(), str(index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
+                raise BitfluxError(f"{index}: malformed safetensors index (its weight_map must name files in "
+                                   "the folder)")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise BitfluxError(f"{index}: names missing shard {missing[0]}")
+            return files
+    for file in (folder / name for name in _SINGLE_FILE_NAMES):
+        if file.is_file():
+            return [file]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
             raise BitfluxError(f"{folder}: only pickle weights found; bitflux reads safetensors only")
         raise BitfluxError(f"{folder}: no safetensors weights found")
+    file_of = {}
+    for file in files:
+        for name in read_safetensors_header(file):
+            if name != "__metadata__" and file_of.setdefault(name, file) != file:
+                raise BitfluxError(f"{folder}: tensor {name!r} is in {file_of[name].name} and in {file.name}; "
+                                   "keep one copy of the model's weights in the folder (one variant)")
     return files
 
 
@@ -450,11 +467,14 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
         if key not in expected:
             raise BitfluxError(f"{folder}: unexpected tensor {key!r}")
         check_dtype(folder, key, tensor, expected[key].dtype, quant.format)
-        check_finite(tensor, f"{folder}: tensor {key!r}")
+        stored_dtype = tensor.dtype
         if key.endswith(".weight_scale"):
             tensor = tensor.to(expected[key].dtype)  # the config's scale dtype (older folders could differ)
         elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
+        # after the conversion, which can overflow (1e5 in float16)
+        converted = "" if tensor.dtype == stored_dtype else f" in {str(tensor.dtype).removeprefix('torch.')}"
+        check_finite(tensor, f"{folder}: tensor {key!r}{converted}")
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise BitfluxError(f"{folder}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                f"the config expects {tuple(expected[key].shape)}")

@@ -48,8 +48,11 @@ class TernaryConfig:
 
     def __post_init__(self):
         # one pattern given as a string is that pattern (tuple() would split it into characters)
-        self.include = (self.include,) if isinstance(self.include, str) else tuple(self.include)
-        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, str | list | tuple):
+                raise BitfluxError(f"{name} must be a pattern or a list of them, got {patterns!r}")
+            setattr(self, name, (patterns,) if isinstance(patterns, str) else tuple(patterns))
         if isinstance(self.granularity, str) and self.granularity.startswith("group:"):
             raise BitfluxError(f"granularity {self.granularity!r} is the command line's spelling; in Python: "
                                f"granularity='group', group_size={self.granularity.split(':', 1)[1]}")

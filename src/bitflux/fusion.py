@@ -70,7 +70,7 @@ def _run_forward_hooks(layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor
     """Each layer's forward hooks (LoRA side branches) on its own (contiguous) slice of y, as its call would."""
     outputs = [part.contiguous() for part in y.split([layer.out_features for layer in layers], dim=-1)]
     for i, layer in enumerate(layers):
-        for hook in layer._forward_hooks.values():
+        for hook in tuple(layer._forward_hooks.values()):  # another thread may add or remove one meanwhile
             result = hook(layer, (x,), outputs[i])
             if result is not None:
                 outputs[i] = result

@@ -18,6 +18,7 @@ parameter counts are the resident tensors'.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -75,12 +76,23 @@ def stream_blocks(model: nn.Module, blocks: list[str], folder: Path) -> nn.Modul
 
 class _ModelHooks:
     """The streamed model's own hooks, methods of one object (not closures) so that a deep copy or a pickle of the
-    model takes its blocks, their shared memory and these along together."""
+    model takes its blocks, their shared memory and these along together. Calls from several threads (a
+    service's requests) run one at a time: each would empty the blocks the other is running."""
 
     def __init__(self, streamed: list[_StreamedBlock], memory: _BlockMemory, folder: Path):
         self.streamed, self.memory, self.folder = streamed, memory, folder
+        self.calling, self.caller = threading.Lock(), None  # the call running, and its thread
+
+    def __getstate__(self) -> dict:  # a copy starts with no call running (a lock is neither copied nor pickled)
+        return {**self.__dict__, "calling": None, "caller": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, calling=threading.Lock())
 
     def start(self, *_) -> None:
+        if self.caller != threading.get_ident():  # else its own call, interrupted before end, holds it
+            self.calling.acquire()
+            self.caller = threading.get_ident()
         # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
         for block in self.streamed:
             block.empty()
@@ -88,6 +100,8 @@ class _ModelHooks:
 
     def end(self, *_) -> None:
         self.memory.clear()
+        self.caller = None
+        self.calling.release()
 
     def save_pretrained(self, directory, *_args, **_kwargs) -> None:
         copy_folder(self.folder, Path(directory))

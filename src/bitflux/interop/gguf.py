@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .. import flux, formats
 from ..checkpoint import (
+    AtomicFolder,
     architecture_config,
     check_finite,
     check_output_apart,
@@ -137,8 +138,9 @@ def to_block_scales(scales: torch.Tensor, out_features: int, in_features: int, g
     per_group = 1 if scales.shape[1] == 1 else group_size // BLOCK
     blocks = scales.float().repeat_interleave(per_group, 1)[:, :n_blocks].expand(out_features, n_blocks)
     half = blocks.to(torch.float16)
-    if not torch.isfinite(half).all() or ((half == 0) & (blocks != 0)).any():
-        raise BitfluxError(f"{name}: a scale does not fit in float16 (range 6e-8 .. 65504)")
+    # below 6.1e-5 fp16 is subnormal: fewer digits, up to all of them lost (0)
+    if not torch.isfinite(half).all() or ((half.float() - blocks).abs() > blocks.abs() * 2**-11).any():
+        raise BitfluxError(f"{name}: a scale does not fit in float16 to its 11 bits (range 6.1e-5 .. 65504)")
     return half
 
 
@@ -365,7 +367,10 @@ def stored_configs(path) -> tuple[dict, TernaryConfig]:
     """(transformer config, quantization config) from a bitflux-written GGUF file's metadata, reading no
     tensor data (`bitflux inspect`)."""
     reader = _open(path)
-    stored, transformer = _field_string(reader, _META_CONFIG), _field_string(reader, _META_TRANSFORMER)
+    try:
+        stored, transformer = _field_string(reader, _META_CONFIG), _field_string(reader, _META_TRANSFORMER)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
     if not stored or not transformer:
         raise BitfluxError(f"{path}: a GGUF file without bitflux's metadata; `bitflux quantize {Path(path).name} "
                            "-o FOLDER` reads it, then inspect FOLDER")
@@ -433,8 +438,13 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     for key in contents.state_dict:
         if key.endswith(".weight_packed"):
             name = key.removesuffix(".weight_packed")
-            replace_module(model, name, TernaryLinear.from_linear(model.get_submodule(name),
-                                                                  contents.quantization_config))
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, nn.Linear):
+                raise BitfluxError(f"{path}: ternary tensor {name}.weight is no linear layer of the transformer")
+            replace_module(model, name, TernaryLinear.from_linear(linear, contents.quantization_config))
     try:
         model.load_state_dict(contents.state_dict, strict=True, assign=True)
     except RuntimeError as exc:
@@ -450,6 +460,7 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
     one, the file's own quantization_config with `overrides` (the settings a user gave, e.g. format or
     activations), so the folder's config describes the tensors it holds (their scales' dtype included)."""
     check_output_apart(path, out)
+    AtomicFolder(out, force).check()  # before the file's minutes of reading, not after
     contents = read_gguf(path, progress)
     stored = contents.quantization_config
     has_ternary = any(k.endswith(".weight_packed") for k in contents.state_dict)

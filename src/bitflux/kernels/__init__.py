@@ -18,6 +18,7 @@ and supports the call, else reference.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 import warnings
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import formats
 from ..errors import BitfluxError
 from . import reference
 
@@ -36,7 +38,8 @@ _BACKEND_MODULES = {"reference": "bitflux.kernels.reference"}
 AUTO_ORDER: dict[str, list[str]] = {}  # device type -> backend names, best first
 _loaded: dict[str, object] = {}
 _unavailable: dict[str, str] = {}  # backend -> why it cannot run here
-_forced: list[str] = []
+# use_backend's choice, for its own thread (or asyncio task) alone: a service's threads choose apart
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitflux_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -98,18 +101,22 @@ def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force one backend ("auto", "reference", "cpu", "triton", ...) inside the block."""
+    """Force one backend ("auto", "reference", "cpu", "triton", ...) inside the block, in the calling thread
+    (or asyncio task) only."""
     if name != "auto":
         get_backend(name)  # an unknown name fails here, an unavailable backend warns once
-    _forced.append(name)
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
 
 
+# torch.compile cannot trace a ContextVar: a graph traced through ternary_linear (inputs that need a gradient,
+# which only the reference computes) takes the choice of the time it was traced
+@torch.compiler.assume_constant_result
 def _requested() -> str:
-    return _forced[-1] if _forced else os.environ.get("BITFLUX_BACKEND", "auto")
+    return _forced.get() or os.environ.get("BITFLUX_BACKEND", "auto")
 
 
 def select_backend(x: torch.Tensor, weight: TernaryWeight, activations: str):
@@ -186,9 +193,19 @@ def ternary_linear(
     backend = select_backend(x, weight, activations)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
-    prepared = _cached(_prepared, weight.packed, (weight.packed, weight.scales), lambda: backend.prepare(weight),
-                       tag=backend.NAME)
+    prepared = _cached(_prepared, weight.packed, (weight.packed, weight.scales), lambda: _prepare(backend, weight),
+                       tag=(backend.NAME, weight.packing))
     return backend.linear(x, prepared, bias, activations)
+
+
+def _prepare(backend, weight: TernaryWeight):
+    # Bytes of another packing (a layer read while set_packing changes it in another thread) would have the
+    # kernels read past each row: refused.
+    expected = formats.packed_shape(weight.out_features, weight.in_features, weight.packing)
+    if tuple(weight.packed.shape) != expected:
+        raise BitfluxError(f"a {weight.packing} layer of {weight.out_features} x {weight.in_features} holds codes of "
+                           f"shape {tuple(weight.packed.shape)}, not {expected} (repacked while it ran?)")
+    return backend.prepare(weight)
 
 
 def consecutive_rows(packed: list[torch.Tensor]) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ docs/CPU_KERNEL.md describes the weight layout, the numerics and the measured sp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import weakref
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ CHUNK = 16  # input features per block (a 4-byte word of a tq2 row)
 
 _lib, _load_error = _library.load()
 _SUPPORTED_ISAS = [name for i, name in enumerate(ISAS) if _lib is not None and _lib.bf_isa_supported(i)]
-_forced_isa: list[str] = []
+_forced_isa: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitflux_cpu_isa", default=None)  # use_isa's
 
 
 def available() -> str | None:
@@ -41,7 +42,7 @@ def current_isa() -> str:
     """The forced ISA (use_isa, else $BITFLUX_CPU_ISA), else the best this CPU supports."""
     if _lib is None:
         raise BitfluxError(f"the cpu kernel is not available ({_load_error})")
-    name = _forced_isa[-1] if _forced_isa else os.environ.get("BITFLUX_CPU_ISA") or _SUPPORTED_ISAS[-1]
+    name = _forced_isa.get() or os.environ.get("BITFLUX_CPU_ISA") or _SUPPORTED_ISAS[-1]
     if name not in _SUPPORTED_ISAS:
         raise BitfluxError(f"cpu kernel ISA {name!r} is not supported here; choose one of {', '.join(supported_isas())}")
     return name
@@ -49,13 +50,14 @@ def current_isa() -> str:
 
 @contextlib.contextmanager
 def use_isa(name: str):
-    """Force one ISA path ("generic", "avx2", "avxvnni", "avx512vnni") inside the block, e.g. to compare paths."""
-    _forced_isa.append(name)
+    """Force one ISA path ("generic", "avx2", "avxvnni", "avx512vnni") inside the block, e.g. to compare paths, in
+    the calling thread (or asyncio task) only."""
+    token = _forced_isa.set(name)
     try:
         current_isa()
         yield
     finally:
-        _forced_isa.pop()
+        _forced_isa.reset(token)
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
