@@ -451,7 +451,7 @@ def plot_losses(vae_losses, tr_losses, path: Path) -> None:
             lo, hi = min(vals), max(vals)
             pts = [(x0 + 390 * i / (len(vals) - 1), 290 - 270 * (v - lo) / max(hi - lo, 1e-9)) for i, v in enumerate(vals)]
             d.line(pts, fill="blue")
-    img.save(path)
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def sample_grid(pipe, prompts, path: Path, device, guidance: float, steps: int, seed: int = 0) -> None:
@@ -462,7 +462,8 @@ def sample_grid(pipe, prompts, path: Path, device, guidance: float, steps: int, 
         images = pipe(prompts, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
                       max_sequence_length=pipe.tokenizer_2.model_max_length,
                       generator=torch.Generator(device=device).manual_seed(seed)).images
-    captioned_grid(images, prompts, cols=8).save(path)
+    grid = captioned_grid(images, prompts, cols=8)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def check_folder(folder: Path, total_mb: float = 25.0, file_mb: float = 16.0) -> int:
@@ -484,7 +485,7 @@ def finalize(args, cfg, trained: dict, device) -> None:
     # Record the tokenizer class by its portable name (transformers 4 and 5 both have it).
     mi = json.loads((folder / "model_index.json").read_text())
     mi["tokenizer"] = mi["tokenizer_2"] = ["transformers", "PreTrainedTokenizerFast"]
-    (folder / "model_index.json").write_text(json.dumps(mi, indent=2) + "\n")
+    write_text_atomic(folder / "model_index.json", json.dumps(mi, indent=2) + "\n")
     size = check_folder(folder)
     print(f"saved {folder} ({size / 1e6:.1f} MB): {counts}")
 

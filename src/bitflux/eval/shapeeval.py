@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bitflux.checkpoint import write_atomic, write_text_atomic
 from bitflux.demo import scenes as S
 
 VERSION = "shapeeval-v1"
@@ -256,11 +257,12 @@ def evaluate(generate_fn, items: list[EvalItem] | None = None, seeds=(0,), batch
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "shapeeval.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(out / "shapeeval.json", json.dumps(result, indent=1) + "\n")
         if grid:
             first = [r for r in records if r["seed"] == seeds[0]]
-            captioned_grid(grid_images, [r["prompt"] for r in first], marks=[r["passed"] for r in first],
-                           cols=16).save(out / "shapeeval_grid.png")
+            image = captioned_grid(grid_images, [r["prompt"] for r in first], marks=[r["passed"] for r in first],
+                                   cols=16)
+            write_atomic(out / "shapeeval_grid.png", lambda tmp: image.save(tmp, format="PNG"))
     return result
 
 
