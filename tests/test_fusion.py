@@ -230,14 +230,31 @@ def test_replaced_layers_and_swapped_storage_are_run_as_they_are():
     assert torch.equal(forward(fused), forward(separate))
 
 
-def test_a_fused_model_pickles():
+def test_a_fused_model_pickles_copies_and_is_freed_when_deleted():
+    """A copy or a pickle runs its own layers; a deleted fused model frees its codes at once, without waiting
+    for Python's garbage collector (a model reloaded on a GPU needs that memory)."""
+    import copy
+    import gc
+    import weakref
+
     separate, fused, _ = fused_pair()
     buffer = io.BytesIO()
     torch.save(fused, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, FusedProjection)
-    assert torch.equal(forward(loaded), forward(separate))
+    twin = copy.deepcopy(fused)
+    for model in (loaded, twin):
+        assert isinstance(model.transformer_blocks[0].attn.to_qkv, FusedProjection)
+        assert model.transformer_blocks[0].attn.to_qkv.layers()[0] is model.transformer_blocks[0].attn.to_q
+        assert torch.equal(forward(model), forward(separate))
+    forward(fused)
+    codes = weakref.ref(fused.transformer_blocks[0].attn.to_q.weight_packed._base)
+    gc.disable()
+    try:
+        del fused
+        assert codes() is None
+    finally:
+        gc.enable()
 
 
 def test_loaded_ternary_pipelines_are_fused():

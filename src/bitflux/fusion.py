@@ -25,6 +25,8 @@ layers one by one, so that those run.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -103,11 +105,21 @@ class FusedProjection(nn.Module):
 
     def __init__(self, attention: nn.Module, names: tuple[str, ...]):
         super().__init__()
-        self._attention = (attention,)  # in a tuple: not registered as a submodule (it is this one's parent)
+        # Its parent, held weakly: not registered as a submodule, and no reference cycle, which would keep a deleted
+        # model's codes (on a GPU too) until Python's garbage collector runs.
+        self._attention = weakref.ref(attention)
         self.names = names
 
     def layers(self) -> list[nn.Module]:
-        return [getattr(self._attention[0], name) for name in self.names]
+        attention = self._attention()
+        return [getattr(attention, name) for name in self.names]
+
+    # A copy or a pickle holds the attention it copies along (a deep copy: the copied attention).
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_attention": self._attention()}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "_attention": weakref.ref(state["_attention"])})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()
