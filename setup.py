@@ -6,23 +6,33 @@ and bitflux runs on the reference backend, saying so once.
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
-from setuptools.errors import CompileError
+from setuptools.errors import CompileError, LinkError
 
 
-class BuildExtWithoutAvxVnniIfNeeded(build_ext):
-    """A compiler that knows AVX-VNNI with an assembler that does not (binutils < 2.36) fails the whole file:
-    then it is built again without that path, rather than the library not at all."""
+class BuildExtWithFallbacks(build_ext):
+    """Where the whole file fails to build, it is built again without what failed, rather than the library not at
+    all: without the AVX-VNNI path (a compiler that knows it with an assembler that does not: binutils < 2.36),
+    then also without OpenMP (Apple's clang has none; the kernel then runs on one thread)."""
 
     def build_extension(self, ext):
-        try:
-            super().build_extension(ext)
-        except CompileError:
+        def without_avxvnni():
             ext.define_macros.append(("BF_NO_AVXVNNI", "1"))
-            super().build_extension(ext)
+
+        def without_openmp():
+            ext.extra_compile_args.remove("-fopenmp")
+            ext.extra_link_args.remove("-fopenmp")
+
+        for fallback in (without_avxvnni, without_openmp, None):
+            try:
+                return super().build_extension(ext)
+            except (CompileError, LinkError):
+                if fallback is None:
+                    raise
+                fallback()
 
 
 setup(
-    cmdclass={"build_ext": BuildExtWithoutAvxVnniIfNeeded},
+    cmdclass={"build_ext": BuildExtWithFallbacks},
     ext_modules=[
         Extension(
             "bitflux.kernels.cpu._ternary_gemm",
