@@ -10,25 +10,25 @@ from setuptools.errors import CompileError, LinkError
 
 
 class BuildExtWithFallbacks(build_ext):
-    """Where the whole file fails to build, it is built again without what failed, rather than the library not at
-    all: without the AVX-VNNI path (a compiler that knows it with an assembler that does not: binutils < 2.36),
-    then also without OpenMP (Apple's clang has none; the kernel then runs on one thread)."""
+    """Where the whole file fails to build, it is built again without what may have failed, rather than the
+    library not at all: without the AVX-VNNI path (a compiler that knows it with an assembler that does not:
+    binutils < 2.36), else without OpenMP (Apple's clang has none; the kernel then runs on one thread), else
+    without both."""
 
     def build_extension(self, ext):
-        def without_avxvnni():
-            ext.define_macros.append(("BF_NO_AVXVNNI", "1"))
-
-        def without_openmp():
-            ext.extra_compile_args.remove("-fopenmp")
-            ext.extra_link_args.remove("-fopenmp")
-
-        for fallback in (without_avxvnni, without_openmp, None):
+        compile_args, link_args = list(ext.extra_compile_args), list(ext.extra_link_args)
+        without_openmp = ([a for a in compile_args if a != "-fopenmp"], [a for a in link_args if a != "-fopenmp"])
+        no_avxvnni = [("BF_NO_AVXVNNI", "1")]
+        attempts = [([], compile_args, link_args), (no_avxvnni, compile_args, link_args), ([], *without_openmp),
+                    (no_avxvnni, *without_openmp)]
+        macros = list(ext.define_macros)
+        for i, (extra_macros, ext.extra_compile_args, ext.extra_link_args) in enumerate(attempts):
+            ext.define_macros = macros + extra_macros
             try:
                 return super().build_extension(ext)
             except (CompileError, LinkError):
-                if fallback is None:
+                if i == len(attempts) - 1:
                     raise
-                fallback()
 
 
 setup(

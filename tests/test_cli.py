@@ -632,6 +632,20 @@ print(errors, hasattr(torch.ops.bitflux, "ternary_linear"))
         assert result.stdout.strip() == "[] True"
 
 
+@pytest.mark.parametrize("first", ["wrapt", "bitflux"])
+def test_after_import_runs_once_beside_wrapts_import_hooks(first):
+    """APM agents (OpenTelemetry) hook imports with wrapt, whose loader passes attribute writes on to the loader it
+    wraps: each hook runs once, whichever was registered first, and the module keeps its own loader."""
+    pytest.importorskip("wrapt")
+    hooks = {"wrapt": 'wrapt.register_post_import_hook(lambda m: calls.append("wrapt"), "colorsys")',
+             "bitflux": 'after_import("colorsys", lambda: calls.append("then"))'}
+    script = "\n".join(["import wrapt", "from bitflux.after_import import after_import", "calls = []",
+                        hooks[first], hooks["bitflux" if first == "wrapt" else "wrapt"], "import colorsys",
+                        "print(sorted(calls), type(colorsys.__loader__).__name__)"])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['then', 'wrapt'] SourceFileLoader"
+
+
 def test_the_command_catches_ctrl_c_while_torch_imports(capsys, monkeypatch):
     """`import bitflux` imports nothing heavy (its names load on first use), and the command builds its parser,
     which imports torch (seconds), inside its Ctrl-C handler: an interrupt then is its one line, not a

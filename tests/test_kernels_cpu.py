@@ -4,6 +4,7 @@ The kernel's int32 sums are exact and its fp32 epilogue does the reference's ope
 order, so outputs are compared with torch.equal (bit for bit), on every ISA path this CPU has.
 """
 
+import contextvars
 import platform
 from pathlib import Path
 
@@ -232,6 +233,15 @@ def test_forced_backends_and_isas_hold_in_their_own_thread_only():
         thread.join(10)
         assert select_backend(x, weight, "a16") is cpu  # the other thread's exit took nothing of this one's
     assert finished == [True]
+
+    def steps():  # a generator whose steps a thread pool resumes, each in a copy of its own context
+        with use_backend("reference"):
+            yield select_backend(x, weight, "a16")
+            yield select_backend(x, weight, "a16")
+
+    generator = steps()
+    seen = [contextvars.copy_context().run(next, generator, None) for _ in range(3)]
+    assert seen == [reference, cpu, None]  # as torch.no_grad would be: the block holds in its own context only
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")

@@ -95,6 +95,14 @@ def test_calls_from_two_threads_run_one_at_a_time(tmp_path):
     for thread in threads:
         thread.join(60)
     assert errors == [] and len(outputs) == 9 and all(torch.equal(y, expected) for y in outputs)
+    # a call failing before its turn began (an earlier pre-hook raised) ends nobody's turn, and raises its own error
+    failing = streamed.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(ValueError("before")),
+                                                 prepend=True)
+    with pytest.raises(ValueError, match="before"), torch.no_grad():
+        streamed(**tiny_inputs())
+    failing.remove()
+    with torch.no_grad():
+        assert torch.equal(streamed(**tiny_inputs())[0], expected)
 
 
 def test_a_copied_or_pickled_streamed_transformer_streams_alike_and_lets_its_memory_go(tmp_path):

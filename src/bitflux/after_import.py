@@ -24,7 +24,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     until the module is loaded: a lookup alone (importlib.util.find_spec) does not use it up."""
 
     def __init__(self, name: str, then: Callable[[], None]):
-        self.name, self.then = name, then
+        self.name, self.then, self.done = name, then, False
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -33,21 +33,43 @@ class _Finder(importlib.abc.MetaPathFinder):
         after = finders[finders.index(self) + 1:] if self in finders else finders
         spec = next((spec for finder in after if hasattr(finder, "find_spec")
                      for spec in [finder.find_spec(fullname, path, target)] if spec is not None), None)
-        if spec is None or spec.loader is None:
-            return spec
-        load = spec.loader.exec_module
-
-        def load_then(module):
-            load(module)
-            with contextlib.suppress(ValueError):  # another thread's import of it may have removed it
-                sys.meta_path.remove(self)
-            try:
-                self.then()
-            except RuntimeError as exc:
-                # Python's _DeadlockError: another thread imports the module then() imports, and waits for this
-                # one; that thread's import finishes it.
-                if type(exc).__name__ != "_DeadlockError":
-                    raise
-
-        spec.loader.exec_module = load_then
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderThen(spec.loader, self)
         return spec
+
+    def loaded(self) -> None:
+        # Once: another finder that looks the module up again (wrapt's) has this one wrap its loader twice
+        if self.done:
+            return
+        self.done = True
+        with contextlib.suppress(ValueError):  # another thread's import of it may have removed it
+            sys.meta_path.remove(self)
+        try:
+            self.then()
+        except RuntimeError as exc:
+            # Python's _DeadlockError: another thread imports the module then() imports, and waits for this one;
+            # that thread's import finishes it.
+            if type(exc).__name__ != "_DeadlockError":
+                raise
+
+
+class _LoaderThen:
+    """The found loader, and the finder's loaded() after it executes the module. A wrapper, not the loader's own
+    exec_module replaced: another import hook's loader (wrapt's, which OpenTelemetry uses) may pass such an
+    assignment on to the loader it wraps, whose exec_module would then call itself. The module keeps the found
+    loader."""
+
+    def __init__(self, loader, finder: _Finder):
+        self.loader, self.finder = loader, finder
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        create = getattr(self.loader, "create_module", None)
+        return create(spec) if create else None
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.finder.loaded()

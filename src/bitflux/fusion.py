@@ -30,6 +30,7 @@ import weakref
 import torch
 from torch import nn
 
+from .errors import BitfluxError
 from .kernels import (
     consecutive_rows,
     needs_gradient,
@@ -112,6 +113,9 @@ class FusedProjection(nn.Module):
 
     def layers(self) -> list[nn.Module]:
         attention = self._attention()
+        if attention is None:
+            raise BitfluxError(f"this fused projection ({', '.join(self.names)}) outlived its attention module, "
+                               "whose layers it runs: copy or save the attention (or the model) with it")
         return [getattr(attention, name) for name in self.names]
 
     # A copy or a pickle holds the attention it copies along (a deep copy: the copied attention).

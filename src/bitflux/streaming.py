@@ -90,15 +90,18 @@ class _ModelHooks:
         self.__dict__.update(state, calling=threading.Lock())
 
     def start(self, *_) -> None:
-        if self.caller != threading.get_ident():  # else its own call, interrupted before end, holds it
+        # A call interrupted by a KeyboardInterrupt (which always_call hooks miss) holds it still, and left a block
+        # loaded: its thread's next call goes on (other threads wait for that call's end).
+        if self.caller != threading.get_ident():
             self.calling.acquire()
             self.caller = threading.get_ident()
-        # a call interrupted by a KeyboardInterrupt (which always_call hooks miss) left a block loaded
         for block in self.streamed:
             block.empty()
         self.memory.clear()
 
     def end(self, *_) -> None:
+        if self.caller != threading.get_ident():  # a call that failed before start (an earlier pre-hook raised)
+            return
         self.memory.clear()
         self.caller = None
         self.calling.release()

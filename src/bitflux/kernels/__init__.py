@@ -102,14 +102,25 @@ def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force one backend ("auto", "reference", "cpu", "triton", ...) inside the block, in the calling thread
-    (or asyncio task) only."""
+    (or asyncio task) only, as torch.no_grad holds in its thread: not in threads or executors it starts, nor
+    in a generator's steps that a thread pool resumes."""
     if name != "auto":
         get_backend(name)  # an unknown name fails here, an unavailable backend warns once
-    token = _forced.set(name)
+    with _forcing(_forced, name):
+        yield
+
+
+@contextlib.contextmanager
+def _forcing(variable: contextvars.ContextVar, value):
+    """variable = value inside the block, as it was after it."""
+    previous, token = variable.get(), variable.set(value)
     try:
         yield
     finally:
-        _forced.reset(token)
+        try:
+            variable.reset(token)
+        except ValueError:  # the block ends in another context than it began (a generator resumed elsewhere)
+            variable.set(previous)
 
 
 # torch.compile cannot trace a ContextVar: a graph traced through ternary_linear (inputs that need a gradient,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BitfluxError
-from .. import needs_gradient
+from .. import _forcing, needs_gradient
 from . import _library
 
 NAME = "cpu"
@@ -52,12 +52,9 @@ def current_isa() -> str:
 def use_isa(name: str):
     """Force one ISA path ("generic", "avx2", "avxvnni", "avx512vnni") inside the block, e.g. to compare paths, in
     the calling thread (or asyncio task) only."""
-    token = _forced_isa.set(name)
-    try:
+    with _forcing(_forced_isa, name):
         current_isa()
         yield
-    finally:
-        _forced_isa.reset(token)
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
