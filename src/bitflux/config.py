@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import BitfluxError
@@ -50,7 +51,7 @@ class TernaryConfig:
         # one pattern given as a string is that pattern (tuple() would split it into characters)
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
-            if not isinstance(patterns, str | list | tuple):
+            if not isinstance(patterns, Iterable):
                 raise BitfluxError(f"{name} must be a pattern or a list of them, got {patterns!r}")
             setattr(self, name, (patterns,) if isinstance(patterns, str) else tuple(patterns))
         if isinstance(self.granularity, str) and self.granularity.startswith("group:"):
