@@ -68,3 +68,17 @@ def test_zero_weight_is_finite():
     codes, scales = ternarize(torch.zeros(4, 8), "lsq", "channel")
     assert torch.equal(codes, torch.zeros(4, 8, dtype=torch.int8))
     assert torch.isfinite(scales).all()
+
+
+@pytest.mark.parametrize("method", ["twn", "lsq"])
+def test_a_row_of_tiny_weights_keeps_its_own_scale(method):
+    """twn and lsq scale a row by the mean of the weights they keep, however small: a floor on it scaled a row of
+    1e-11 weights up 1000x. Calibration's rounding step reproduces the codes there too."""
+    from bitflux.calibrate.latent import rounding_step
+
+    weight = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    weight[1] *= 1e-11
+    codes, scales = ternarize(weight, method, "channel")
+    assert relative_error(weight[1:], codes[1:], scales[1:]) < 0.5
+    step = rounding_step(weight, codes, "channel", None)
+    assert torch.equal(torch.clamp(torch.round(weight / step), -1, 1).to(torch.int8), codes)

@@ -48,24 +48,30 @@ def _absmean(groups, counts, granularity):
     return codes, gamma
 
 
+def _mean_kept(groups, codes):
+    """s = <W,T>/<T,T>, the least-squares scale of the codes: the mean |w| of those kept. Floored only where none
+    is kept: a floor on the others would scale a group of tiny weights (1e-11) up to it."""
+    kept = codes.abs().sum(-1, keepdim=True)
+    scale = (groups * codes).sum(-1, keepdim=True) / kept.clamp_min(1)
+    return torch.where(kept > 0, scale, _EPS)
+
+
 def _twn(groups, counts, granularity):
     delta = 0.7 * _mean_abs(groups, counts, granularity)
     codes = torch.sign(groups) * (groups.abs() > delta)
-    kept = codes.abs().sum(-1, keepdim=True)
-    scale = (groups.abs() * codes.abs()).sum(-1, keepdim=True) / kept.clamp_min(1)
-    return codes, scale.clamp_min(_EPS)
+    return codes, _mean_kept(groups, codes)
 
 
 def _lsq(groups, counts, granularity):
     """Alternate the two exact partial minimisers of ||W - s T||^2: T = clip(round(W / s)), s = <W,T>/<T,T>.
 
-    Starting from TWN, every step can only lower the error, so lsq is never worse than twn.
+    Starting from TWN, every step can only lower the error, so lsq is never worse than twn. It stops at the
+    first fixed point, a local optimum (for rows with outliers, not the global one).
     """
     codes, scale = _twn(groups, counts, granularity)
     for _ in range(_LSQ_MAX_ITERS):
         new_codes = torch.clamp(torch.round(groups / scale), -1, 1)
-        kept = new_codes.abs().sum(-1, keepdim=True)
-        new_scale = ((groups * new_codes).sum(-1, keepdim=True) / kept.clamp_min(1)).clamp_min(_EPS)
+        new_scale = _mean_kept(groups, new_codes)
         stable = torch.equal(new_codes, codes)
         codes, scale = new_codes, new_scale
         if stable:

@@ -25,7 +25,7 @@ from ..linear import TernaryLinear
 from ..surgery import is_target, replace_module
 from ..ternary import expand_scales, grouped, ternarize
 
-_EPS = 1e-8
+_EPS = torch.finfo(torch.float32).tiny  # only where a step or scale is 0: groups of tiny weights keep theirs
 
 
 def rounding_step(weight: torch.Tensor, codes: torch.Tensor, granularity: str, group_size: int | None):
