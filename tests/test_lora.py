@@ -356,3 +356,33 @@ def test_text_encoder_pairs_are_counted(flux):
     adapter = load_lora(flux, state)
     assert adapter.skipped_text_encoder_pairs == 1 and adapter.names == ["transformer_blocks.0.attn.to_q"]
     adapter.remove()
+
+
+def test_a_lora_is_named_by_its_file_its_folder_or_its_hub_id_in_the_local_cache(tmp_path, monkeypatch):
+    """As --model takes a cached hub id: LoRA repositories are folders of one .safetensors file (PEFT's:
+    adapter_model.safetensors beside its config); bitflux never downloads."""
+    import huggingface_hub
+
+    from bitflux.interop.lora import lora_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "hf" / "hub" / "models--someone--ink-lora" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    (snapshot / "ink.safetensors").write_bytes(b"")
+    assert lora_file("someone/ink-lora") == snapshot / "ink.safetensors"
+    assert lora_file(snapshot) == lora_file(snapshot / "ink.safetensors") == snapshot / "ink.safetensors"
+    (snapshot / "adapter_model.safetensors").write_bytes(b"")
+    assert lora_file(snapshot) == snapshot / "adapter_model.safetensors"
+    for source, words in (("someone/other-lora", "not in the local Hugging Face cache"),
+                          (tmp_path / "missing.safetensors", "no such LoRA file"),
+                          ("loras/missing.safetensors", "no such LoRA file"),
+                          (tmp_path / "hf", "no .safetensors LoRA file in it")):
+        with pytest.raises(BitfluxError, match=words):
+            lora_file(source)
+    (snapshot / "adapter_model.safetensors").unlink()
+    (snapshot / "ink_comfy.safetensors").write_bytes(b"")
+    with pytest.raises(BitfluxError, match=r"holds 2 .safetensors files \(ink.safetensors, ink_comfy.safetensors\)"):
+        lora_file(snapshot)

@@ -421,8 +421,9 @@ def test_generate_with_a_lora(tmp_path, capsys):
     assert code == 2 and "no such LoRA file" in err
     code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:nan", "-o", tmp_path / "x.png")
     assert code == 2 and "finite" in err and not (tmp_path / "x.png").exists()
+    save_file(lora, str(tmp_path / "other.safetensors"))
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path), "-o", tmp_path / "x.png")
-    assert code == 2 and "a folder; --lora takes the LoRA's .safetensors file" in err
+    assert code == 2 and "holds 2 .safetensors files (other.safetensors, style:v2.safetensors): name the LoRA's" in err
 
 
 def test_offload_needs_cuda():

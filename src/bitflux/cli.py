@@ -92,21 +92,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _parse_lora(text: str) -> tuple[str, float]:
-    """FILE[:STRENGTH] -> (file, strength)."""
+def _parse_lora(text: str) -> tuple[Path, float]:
+    """LORA[:STRENGTH] -> (its file, strength); LORA: a file, a folder or a hub id (interop.lora.lora_file)."""
     # the last colon: a path may hold colons of its own (C:\\loras\\x.safetensors:0.8, style:v2.safetensors:0.5)
     path, _, strength = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "")
     try:
         value = float(strength) if strength else 1.0
     except ValueError:
-        raise BitfluxError(f"bad --lora {text!r}; expected FILE[:STRENGTH]") from None
+        raise BitfluxError(f"bad --lora {text!r}; expected LORA[:STRENGTH]") from None
     if not math.isfinite(value):
         raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number")
-    if Path(path).is_dir():  # e.g. a PEFT adapter folder: the weights are one file in it
-        raise BitfluxError(f"{path}: a folder; --lora takes the LoRA's .safetensors file")
-    if not Path(path).is_file():
-        raise BitfluxError(f"{path}: no such LoRA file")
-    return path, value
+    from .interop.lora import lora_file
+
+    return lora_file(path), value
 
 
 def _check_common(args) -> None:
@@ -372,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     _add_run_options(g)
     g.add_argument("--compare", action="store_true", help="full precision and ternary side by side, same noise")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors) as a 16-bit side branch; repeatable")
+    g.add_argument("--lora", action="append", default=[], metavar="LORA[:STRENGTH]",
+                   help="apply a FLUX LoRA (diffusers/PEFT or kohya safetensors: the file, a folder holding it, or a "
+                        "hub id in the local cache) as a 16-bit side branch; repeatable")
     g.add_argument("-o", "--output", required=True, help="PNG file")
     g.set_defaults(run=_cmd_generate)
 

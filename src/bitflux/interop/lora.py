@@ -258,16 +258,42 @@ def _peft_scaling(path: Path) -> PeftScaling:
         raise BitfluxError(f"{path}: unreadable LoRA alpha in its PEFT config ({exc})") from None
 
 
+def lora_file(source: str | Path) -> Path:
+    """The LoRA file `source` names: a .safetensors file; a folder holding one (or PEFT's adapter_model.safetensors
+    among others); or the Hugging Face hub id of such a folder, already in the local cache (bitflux never
+    downloads at run time)."""
+    from ..convert import from_hub_cache, looks_like_hub_id
+
+    path = Path(source)
+    if not path.exists():
+        if not looks_like_hub_id(str(source)) or path.suffix == ".safetensors":
+            raise BitfluxError(f"{source}: no such LoRA file")
+        path = from_hub_cache(str(source))
+    if not path.is_dir():
+        return path
+    files = sorted(path.glob("*.safetensors"))
+    if path / "adapter_model.safetensors" in files:
+        return path / "adapter_model.safetensors"
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise BitfluxError(f"{source}: no .safetensors LoRA file in it")
+    raise BitfluxError(f"{source} holds {len(files)} .safetensors files ({', '.join(f.name for f in files)}): "
+                       "name the LoRA's")
+
+
 def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
-    """A LoRA file or state dict -> ({diffusers layer: (down, up, alpha)}, number of skipped text-encoder pairs)."""
+    """A LoRA (lora_file's source, or a state dict) -> ({diffusers layer: (down, up, alpha)}, number of skipped
+    text-encoder pairs)."""
     if isinstance(source, (str, Path)):
         from safetensors.torch import load_file
 
+        path = lora_file(source)
         try:
-            state = load_file(str(source))
+            state = load_file(str(path))
         except Exception as exc:  # safetensors' own error types
-            raise BitfluxError(f"{source}: cannot read LoRA safetensors ({exc})") from None
-        scaling = _peft_scaling(Path(source))
+            raise BitfluxError(f"{path}: cannot read LoRA safetensors ({exc})") from None
+        scaling = _peft_scaling(path)
     else:
         state, scaling = dict(source), PeftScaling()
     if not isinstance(model, nn.Module):
@@ -319,8 +345,9 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
 
 
 def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
-    """Attach a LoRA (path to .safetensors or state dict) to `model` as side branches; returns its adapter.
-    Several may be attached at once: their branches add up."""
+    """Attach a LoRA (a .safetensors file, a folder holding one, a hub id in the local cache: lora_file; or a
+    state dict) to `model` as side branches; returns its adapter. Several may be attached at once: their branches
+    add up."""
     pairs, skipped = read_lora(source, model)
     branches = {}
     for name, (down, up, alpha) in pairs.items():
