@@ -69,11 +69,18 @@ def test_packing_follows_the_config_and_bad_names_are_refused():
         TernaryLinear(33, 8, packing="tq3")
 
 
+def test_a_set_of_patterns_is_held_in_one_order():
+    """Its order would change from run to run, and with it config.json, a calibration workdir's manifest and the
+    demo's cache key."""
+    assert TernaryConfig(exclude={"norm", r"\.proj_out", "ff_context"}).exclude == (r"\.proj_out", "ff_context", "norm")
+
+
 @pytest.mark.parametrize("data,message", [
     ({"include": ["attn.(to_q"]}, "bad include/exclude pattern 'attn.\\(to_q'"),
     ({"exclude": [3]}, "bad include/exclude pattern 3"),
     ({"include": None}, "include must be a pattern or a list of them, got None"),  # a config.json's null
     ({"exclude": 5}, "exclude must be a pattern or a list of them, got 5"),
+    ({"include": b"^x"}, "include must be a pattern or a list of them, got b'\\^x'"),
 ])
 def test_config_patterns_are_checked(data, message):
     with pytest.raises(BitfluxError, match=message):

@@ -361,7 +361,7 @@ def test_text_encoder_pairs_are_counted(flux):
 def test_a_lora_is_named_by_its_file_its_folder_or_its_hub_id_in_the_local_cache(tmp_path, monkeypatch):
     """As --model takes a cached hub id: LoRA repositories are folders of one .safetensors file (PEFT's:
     adapter_model.safetensors beside its config); bitflux never downloads."""
-    import huggingface_hub
+    import huggingface_hub.constants
 
     from bitflux.interop.lora import lora_file
 
@@ -384,5 +384,31 @@ def test_a_lora_is_named_by_its_file_its_folder_or_its_hub_id_in_the_local_cache
             lora_file(source)
     (snapshot / "adapter_model.safetensors").unlink()
     (snapshot / "ink_comfy.safetensors").write_bytes(b"")
-    with pytest.raises(BitfluxError, match=r"holds 2 .safetensors files \(ink.safetensors, ink_comfy.safetensors\)"):
-        lora_file(snapshot)
+    with pytest.raises(BitfluxError, match=r"someone/ink-lora holds 2 .safetensors files: name one "
+                                           r"\(someone/ink-lora/ink.safetensors, someone/ink-lora/ink_comfy"):
+        lora_file("someone/ink-lora")
+    assert lora_file("someone/ink-lora/ink_comfy.safetensors") == snapshot / "ink_comfy.safetensors"
+    with pytest.raises(BitfluxError, match="someone/ink-lora/x.safetensors: no x.safetensors in the cached someone/ink"):
+        lora_file("someone/ink-lora/x.safetensors")
+    for empty in ("", " "):
+        with pytest.raises(BitfluxError, match="the LoRA's name is empty"):
+            lora_file(empty)
+
+
+def test_a_repository_fetched_in_part_is_read_from_the_cache(tmp_path, monkeypatch):
+    """`hf download REPO FILE` (or --include, or FLUX.1-dev without its 23 GB flux1-dev.safetensors): huggingface_hub
+    >= 2.4 records the repository's whole file list and calls the snapshot incomplete; its files are used."""
+    import huggingface_hub.constants
+
+    from bitflux.convert import from_hub_cache
+
+    tree_cache = pytest.importorskip("huggingface_hub._tree_cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--ink-lora"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "ink.safetensors").write_bytes(b"")
+    tree_cache.write_tree_cache(str(repo), "abc123", {name: tree_cache.TreeCacheEntry(size=0, blob_id="0" * 40)
+                                                      for name in ("README.md", "ink.safetensors")})
+    assert from_hub_cache("someone/ink-lora") == repo / "snapshots" / "abc123"

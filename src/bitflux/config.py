@@ -51,9 +51,11 @@ class TernaryConfig:
         # one pattern given as a string is that pattern (tuple() would split it into characters)
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
-            if not isinstance(patterns, Iterable):
+            if not isinstance(patterns, Iterable) or isinstance(patterns, bytes):
                 raise BitfluxError(f"{name} must be a pattern or a list of them, got {patterns!r}")
-            setattr(self, name, (patterns,) if isinstance(patterns, str) else tuple(patterns))
+            # a set's order changes from run to run: sorted, so the config (and what it keys) is the same in each
+            setattr(self, name, (patterns,) if isinstance(patterns, str) else
+                    tuple(sorted(patterns) if isinstance(patterns, set | frozenset) else patterns))
         if isinstance(self.granularity, str) and self.granularity.startswith("group:"):
             raise BitfluxError(f"granularity {self.granularity!r} is the command line's spelling; in Python: "
                                f"granularity='group', group_size={self.granularity.split(':', 1)[1]}")

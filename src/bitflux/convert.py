@@ -124,7 +124,12 @@ def from_hub_cache(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
+    except Exception as exc:
+        # Files fetched selectively (`hf download REPO FILES`, --include, --exclude flux1-dev.safetensors): the
+        # snapshot lacks some of the repository's files, which huggingface_hub >= 2.4 reports with its path
+        partial = getattr(exc, "snapshot_path", None)
+        if partial is not None and Path(partial).is_dir():
+            return Path(partial)
         raise BitfluxError(
             f"{repo_id}: no such local path, and not in the local Hugging Face cache (bitflux never downloads at "
             f"run time); fetch it first with `hf download {repo_id}` or pass a local folder") from None

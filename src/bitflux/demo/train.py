@@ -435,8 +435,10 @@ def plot_losses(vae_losses, tr_losses, path: Path) -> None:
             ax.set_xlabel("step")
             ax.set_title(title, fontsize=10)
         fig.tight_layout()
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-        plt.close(fig)
+        try:
+            write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         return
     from PIL import Image, ImageDraw
 

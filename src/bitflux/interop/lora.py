@@ -261,14 +261,21 @@ def _peft_scaling(path: Path) -> PeftScaling:
 def lora_file(source: str | Path) -> Path:
     """The LoRA file `source` names: a .safetensors file; a folder holding one (or PEFT's adapter_model.safetensors
     among others); or the Hugging Face hub id of such a folder, already in the local cache (bitflux never
-    downloads at run time)."""
+    downloads at run time), with the file's name after it where it holds several (ORG/NAME/FILE.safetensors)."""
     from ..convert import from_hub_cache, looks_like_hub_id
 
+    if not str(source).strip():  # Path("") is the current folder
+        raise BitfluxError("the LoRA's name is empty")
     path = Path(source)
     if not path.exists():
-        if not looks_like_hub_id(str(source)) or path.suffix == ".safetensors":
+        org, _, rest = str(source).partition("/")
+        name, _, inside = rest.partition("/")
+        repo = f"{org}/{name}"
+        if not looks_like_hub_id(repo) or (not inside and path.suffix == ".safetensors"):
             raise BitfluxError(f"{source}: no such LoRA file")
-        path = from_hub_cache(str(source))
+        path = from_hub_cache(repo) / inside
+        if not path.exists():
+            raise BitfluxError(f"{source}: no {inside} in the cached {repo}")
     if not path.is_dir():
         return path
     files = sorted(path.glob("*.safetensors"))
@@ -278,8 +285,8 @@ def lora_file(source: str | Path) -> Path:
         return files[0]
     if not files:
         raise BitfluxError(f"{source}: no .safetensors LoRA file in it")
-    raise BitfluxError(f"{source} holds {len(files)} .safetensors files ({', '.join(f.name for f in files)}): "
-                       "name the LoRA's")
+    raise BitfluxError(f"{source} holds {len(files)} .safetensors files: name one "
+                       f"({', '.join(f'{source}/{f.name}' for f in files)})")
 
 
 def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
