@@ -99,7 +99,9 @@ def _parse_lora(text: str) -> tuple[Path, float]:
     try:
         value = float(strength) if strength else 1.0
     except ValueError:
-        raise BitfluxError(f"bad --lora {text!r}; expected LORA[:STRENGTH]") from None
+        if Path(path).exists():
+            raise BitfluxError(f"bad --lora {text!r}: its strength {strength!r} is not a number") from None
+        path, value = text, 1.0  # no strength: a colon of the name's own (lora_file says if it names nothing)
     if not math.isfinite(value):
         raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number")
     from .interop.lora import lora_file
