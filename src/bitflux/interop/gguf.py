@@ -305,6 +305,15 @@ def _open(path):
     return reader
 
 
+@contextlib.contextmanager
+def _read_from(path):
+    """What the gguf package raises while a file's fields or tensors are read: a damaged file, in one line."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
+
+
 def _why(exc: Exception) -> str:
     """gguf's reader raises bare ValueError/IndexError; name the usual causes for the user."""
     text = str(exc)
@@ -367,10 +376,8 @@ def stored_configs(path) -> tuple[dict, TernaryConfig]:
     """(transformer config, quantization config) from a bitflux-written GGUF file's metadata, reading no
     tensor data (`bitflux inspect`)."""
     reader = _open(path)
-    try:
+    with _read_from(path):
         stored, transformer = _field_string(reader, _META_CONFIG), _field_string(reader, _META_TRANSFORMER)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
     if not stored or not transformer:
         raise BitfluxError(f"{path}: a GGUF file without bitflux's metadata; `bitflux quantize {Path(path).name} "
                            "-o FOLDER` reads it, then inspect FOLDER")
@@ -382,15 +389,13 @@ def read_gguf(path, progress: bool = True) -> GGUFContents:
     """Read a GGUF file (ours or another tool's; diffusers or original FLUX names) into bitflux's
     state-dict convention with diffusers names. Holds the whole model: ternary codes stay packed."""
     reader = _open(path)
-    try:
+    with _read_from(path):
         stored = _field_string(reader, _META_CONFIG)
         transformer = _field_string(reader, _META_TRANSFORMER)
         architecture = _field_string(reader, "general.architecture")
         shapes = {t.name: tuple(int(v) for v in reversed(t.shape)) for t in reader.tensors}
         raw = {t.name: _read_tensor(t) for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False,
                                                      disable=not progress)}
-    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
-        raise BitfluxError(f"{path}: malformed GGUF file ({exc})") from None
     for name, (kind, payload) in raw.items():  # as a safetensors source's are checked
         check_finite(payload if kind == "dense" else payload[1], f"{path}: tensor {name!r}")  # ternary: block scales
     if flux.is_original_layout(shapes):
