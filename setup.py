@@ -16,18 +16,16 @@ class BuildExtWithFallbacks(build_ext):
     without both."""
 
     def build_extension(self, ext):
-        compile_args, link_args = list(ext.extra_compile_args), list(ext.extra_link_args)
-        without_openmp = ([a for a in compile_args if a != "-fopenmp"], [a for a in link_args if a != "-fopenmp"])
-        no_avxvnni = [("BF_NO_AVXVNNI", "1")]
-        attempts = [([], compile_args, link_args), (no_avxvnni, compile_args, link_args), ([], *without_openmp),
-                    (no_avxvnni, *without_openmp)]
-        macros = list(ext.define_macros)
-        for i, (extra_macros, ext.extra_compile_args, ext.extra_link_args) in enumerate(attempts):
-            ext.define_macros = macros + extra_macros
+        macros, compile_args, link_args = list(ext.define_macros), ext.extra_compile_args, ext.extra_link_args
+        attempts = [(False, False), (True, False), (False, True), (True, True)]  # (without AVX-VNNI, without OpenMP)
+        for without_avxvnni, without_openmp in attempts:
+            ext.define_macros = macros + ([("BF_NO_AVXVNNI", "1")] if without_avxvnni else [])
+            ext.extra_compile_args, ext.extra_link_args = (
+                [a for a in args if not (without_openmp and a == "-fopenmp")] for args in (compile_args, link_args))
             try:
                 return super().build_extension(ext)
             except (CompileError, LinkError):
-                if i == len(attempts) - 1:
+                if (without_avxvnni, without_openmp) == attempts[-1]:
                     raise
 
 
