@@ -260,6 +260,23 @@ def test_diffusers_save_pretrained_of_a_ternary_model_loads_back(tmp_path, packi
     assert torch.equal(_forward(loaded), _forward(model))
 
 
+def test_save_pretrained_after_a_cast_writes_the_scales_the_config_states(tmp_path):
+    """.to(torch.bfloat16) casts what the model computes in, not its fp32 scales: the folder's config says fp32."""
+    from safetensors import safe_open
+
+    model = build_tiny()
+    quantize_(model, TernaryConfig(granularity="channel"))
+    scales = model.transformer_blocks[0].attn.to_q.weight_scale.clone()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["quantization_config"]["scale_dtype"] == "float32"
+    with safe_open(next((tmp_path / "saved").glob("*.safetensors")), "pt") as file:
+        names = [k for k in file.keys() if k.endswith(".weight_scale")]  # noqa: SIM118 (safe_open has no __iter__)
+        stored = {file.get_tensor(k).dtype for k in names}
+        assert stored == {torch.float32}
+        assert torch.equal(file.get_tensor("transformer_blocks.0.attn.to_q.weight_scale"), scales)
+
+
 def test_save_transformer_takes_the_models_config_and_refuses_one_that_does_not_fit(tmp_path):
     model = build_tiny()
     quantize_(model, TernaryConfig(granularity="channel", exclude=(r"\.ff\.",)))

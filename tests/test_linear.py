@@ -108,6 +108,25 @@ def test_state_dict_keys_and_dtypes():
     assert sd["weight_scale"].shape == (6, 3)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("cast,bias_dtype", [(lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                                             (lambda m: m.half(), torch.float16), (lambda m: m.float(), torch.float32),
+                                             (lambda m: m.to("cpu", torch.float64), torch.float64),
+                                             (lambda m: m.to("meta"), torch.float32)])
+def test_casts_move_the_scales_but_keep_their_dtype_and_values(scale_dtype, cast, bias_dtype):
+    """A model's .to(dtype) sets what it computes in; the scales stay in the config's scale_dtype, unrounded."""
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_linear(nn.Linear(40, 24), TernaryConfig(granularity="channel", scale_dtype=scale_dtype))
+    scales = layer.weight_scale.clone()
+    cast(layer)
+    assert layer.weight_scale.dtype == scales.dtype and layer.weight_packed.dtype == torch.uint8
+    assert layer.bias.dtype == bias_dtype
+    if layer.weight_scale.is_meta:
+        assert layer.weight_scale.shape == scales.shape and layer.bias.is_meta
+    else:
+        assert torch.equal(layer.weight_scale, scales)
+
+
 CPU_BACKENDS = ["auto", "reference"]  # auto: the C kernel where it is built
 
 

@@ -110,7 +110,7 @@ def test_fuse_reternarizes_and_unfuse_is_exact(granularity, fmt):
 
 def test_unfuse_after_a_dtype_move_gives_the_layers_back_in_the_models_dtype():
     """fuse(), then model.to(bfloat16), then unfuse(): the saved buffers come back as the move made the rest
-    (a dense weight left in fp32 beside a bf16 bias would not even run)."""
+    (a dense weight left in fp32 beside a bf16 bias would not even run; the scales keep their dtype)."""
     model = ternary_holder(24, 40)
     model.dense = nn.Linear(40, 24)
     ternary_scale, dense_weight = model.layer.weight_scale.clone(), model.dense.weight.detach().clone()
@@ -120,7 +120,7 @@ def test_unfuse_after_a_dtype_move_gives_the_layers_back_in_the_models_dtype():
     adapter.fuse()
     model.to(torch.bfloat16)
     adapter.unfuse()
-    assert torch.equal(model.layer.weight_scale, ternary_scale.to(torch.bfloat16))
+    assert torch.equal(model.layer.weight_scale, ternary_scale)
     assert torch.equal(model.dense.weight, dense_weight.to(torch.bfloat16))
     adapter.remove()
     x = torch.randn(2, 40, dtype=torch.bfloat16)
@@ -412,3 +412,52 @@ def test_a_repository_fetched_in_part_is_read_from_the_cache(tmp_path, monkeypat
     tree_cache.write_tree_cache(str(repo), "abc123", {name: tree_cache.TreeCacheEntry(size=0, blob_id="0" * 40)
                                                       for name in ("README.md", "ink.safetensors")})
     assert from_hub_cache("someone/ink-lora") == repo / "snapshots" / "abc123"
+
+
+def test_diffusers_call_scale_multiplies_every_lora_for_that_call_alone(caplog):
+    """joint_attention_kwargs={"scale": s} (diffusers' per-call LoRA scale) = strength * s for that call, without
+    diffusers' warning that it does nothing (it would, for PEFT layers alone); the next call is back to strength."""
+    model = build_tiny()
+    quantize_(model, TernaryConfig())
+    down, up = lora_pair(WIDTH, WIDTH, seed=7)
+    first = load_lora(model, {"transformer_blocks.0.attn.to_q.lora_A.weight": down,
+                              "transformer_blocks.0.attn.to_q.lora_B.weight": up}, dtype=torch.float32)
+    second = load_lora(model, {"single_transformer_blocks.0.attn.to_v.lora_A.weight": down,
+                               "single_transformer_blocks.0.attn.to_v.lora_B.weight": up}, strength=2.0,
+                       dtype=torch.float32)
+    with torch.no_grad(), use_backend("reference"):
+        full = model(**tiny_inputs())[0]
+        with caplog.at_level("WARNING"):
+            scaled = model(**tiny_inputs(), joint_attention_kwargs={"scale": 0.25})[0]
+        assert "ineffective" not in caplog.text
+        assert torch.equal(model(**tiny_inputs())[0], full)
+        first.strength, second.strength = 0.25, 0.5
+        assert torch.equal(scaled, model(**tiny_inputs())[0])
+        assert not torch.equal(scaled, full)
+
+
+def test_a_model_with_a_lora_is_freed_when_deleted_and_its_copies_keep_their_own():
+    """No reference cycle (layer -> hook -> adapter -> layer) keeps a deleted model's codes until the garbage
+    collector runs; a deep copy's adapter fuses the copy's layers."""
+    import copy
+    import gc
+    import weakref
+
+    model = ternary_holder(24, 40)
+    down, up = lora_pair(24, 40)
+    adapter = load_lora(model, {"layer.lora_A.weight": down, "layer.lora_B.weight": up})
+    twin = copy.deepcopy(model)
+    twin_adapter = next(hook.func.__self__ for hook in twin.layer._forward_hooks.values())
+    twin_adapter.fuse()
+    assert not torch.equal(twin.layer.weight_packed, model.layer.weight_packed) or not torch.equal(
+        twin.layer.weight_scale, model.layer.weight_scale)
+    assert adapter.fused is False
+    codes = weakref.ref(model.layer.weight_packed)
+    gc.disable()
+    try:
+        del model
+        assert codes() is None
+    finally:
+        gc.enable()
+    with pytest.raises(BitfluxError, match="the model this LoRA was attached to is gone"):
+        adapter.fuse()

@@ -103,6 +103,16 @@ class TernaryLinear(nn.Module):
                                      self.out_features, self.group_size or 0, self.activations, self.packing)
         return ternary_linear(x, self.ternary_weight, self.bias, self.activations)
 
+    def _apply(self, fn, recurse=True):
+        # A cast of the model (.to(torch.bfloat16), .half()) is for what it computes in; the scales keep their own
+        # dtype (the config's scale_dtype, which a saved folder's config.json states): rounding them would move
+        # every layer's output, and save_pretrained would write scales of another dtype than the config says.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         packed = state_dict.get(prefix + "weight_packed")
         expected = formats.packed_shape(self.out_features, self.in_features, self.packing)

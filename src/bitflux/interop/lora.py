@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,56 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     return layer.dequantize(torch.float32) if isinstance(layer, TernaryLinear) else layer.weight.detach().float()
 
 
+class _CallScale:
+    """diffusers' scale of every LoRA for one call of a FLUX transformer, joint_attention_kwargs={"scale": s}: read by
+    hooks on the model, one holder per model, shared by the adapters attached to it."""
+
+    _KEY = "_bitflux_lora_call_scale"
+
+    def __init__(self, model: nn.Module):
+        self.value = 1.0
+        self.adapters = 0
+        self._model = weakref.ref(model)
+        self._hooks = [model.register_forward_pre_hook(self._take, with_kwargs=True),
+                       model.register_forward_hook(self._end, always_call=True)]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _CallScale:
+        holder = model.__dict__.get(cls._KEY) or model.__dict__.setdefault(cls._KEY, cls(model))
+        holder.adapters += 1
+        return holder
+
+    def release(self) -> None:
+        """One adapter less: with none left, the hooks go."""
+        self.adapters -= 1
+        model = self._model()
+        if self.adapters == 0:
+            for hook in self._hooks:
+                hook.remove()
+            if model is not None:
+                model.__dict__.pop(self._KEY, None)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": self._model()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({**state, "_model": weakref.ref(state["_model"])})
+
+    def _take(self, model: nn.Module, args, kwargs):
+        attention_kwargs = kwargs.get("joint_attention_kwargs")
+        if not attention_kwargs or "scale" not in attention_kwargs:
+            return None
+        self.value = float(attention_kwargs["scale"])
+        if getattr(model, "peft_config", None):  # diffusers scales its own PEFT layers by it too
+            return None
+        # Taken out: with no PEFT layers diffusers would warn that the scale does nothing.
+        attention_kwargs = {k: v for k, v in attention_kwargs.items() if k != "scale"}
+        return args, {**kwargs, "joint_attention_kwargs": attention_kwargs}
+
+    def _end(self, model: nn.Module, args, output):
+        self.value = 1.0
+
+
 class LoraAdapter(nn.Module):
     """One LoRA attached to a model. `strength` may be changed at any time while unfused."""
 
@@ -85,15 +136,32 @@ class LoraAdapter(nn.Module):
         self.branches = nn.ModuleList(branches.values())
         self.strength = float(strength)
         self.fused = False
-        self._layers = {name: model.get_submodule(name) for name in self.names}
-        self._hooks = [self._layers[name].register_forward_hook(functools.partial(self._add_branch, branch))
+        # The layers, held weakly: their hooks hold this adapter, so strong references would make a cycle that keeps
+        # a deleted model's codes (on a GPU too) until Python's garbage collector runs.
+        self._layers = {name: weakref.ref(model.get_submodule(name)) for name in self.names}
+        self._hooks = [model.get_submodule(name).register_forward_hook(functools.partial(self._add_branch, branch))
                        for name, branch in branches.items()]
+        self._call_scale = _CallScale.of(model)
         self._saved: dict[str, tuple] = {}
 
+    def _layer(self, name: str) -> nn.Module:
+        layer = self._layers[name]()
+        if layer is None:
+            raise BitfluxError("the model this LoRA was attached to is gone: copy or save the model with it")
+        return layer
+
+    # A copy or a pickle holds the layers it copies along (a deep copy of the model: the copied layers).
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_layers": {name: ref() for name, ref in self._layers.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "_layers": {name: weakref.ref(layer) for name, layer in state["_layers"].items()}})
+
     def _add_branch(self, branch: LoraBranch, module, args, output):
-        if self.fused or self.strength == 0:
+        strength = self.strength * self._call_scale.value
+        if self.fused or strength == 0:
             return output
-        return output + self.strength * branch(args[0]).to(output.dtype)
+        return output + strength * branch(args[0]).to(output.dtype)
 
     def items(self):
         return zip(self.names, self.branches)
@@ -104,6 +172,8 @@ class LoraAdapter(nn.Module):
             self.unfuse()
         for hook in self._hooks:
             hook.remove()
+        if self._hooks:
+            self._call_scale.release()
         self._hooks = []
 
     @torch.no_grad()
@@ -116,7 +186,7 @@ class LoraAdapter(nn.Module):
         if self.fused:
             raise BitfluxError("this LoRA is already fused")
         for name, branch in self.items():
-            layer = self._layers[name]
+            layer = self._layer(name)
             weight = _dense_weight(layer)
             weight = weight + self.strength * branch.delta().to(weight.device)
             if isinstance(layer, TernaryLinear):
@@ -138,10 +208,10 @@ class LoraAdapter(nn.Module):
         if not self.fused:
             raise BitfluxError("this LoRA is not fused")
         for name in self.names:
-            if self._layers[name].__dict__["_bitflux_fused"][-1] is not self:
+            if self._layer(name).__dict__["_bitflux_fused"][-1] is not self:
                 raise BitfluxError(f"{name}: another LoRA was fused after this one; unfuse it first")
         for name in self.names:
-            layer = self._layers[name]
+            layer = self._layer(name)
             if isinstance(layer, TernaryLinear):
                 packed, scales = self._saved.pop(name)
                 layer.weight_packed = packed.to(layer.weight_packed.device)
