@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -518,3 +519,53 @@ def test_a_transformer_alone_as_model_says_what_generation_needs(tmp_path, capsy
     code, _, err = _run(capsys, "generate", "a red circle", "--model", demo_model_path() / "transformer",
                         "-o", tmp_path / "a.png")
     assert code == 2 and "a transformer alone has no text encoders nor VAE" in err
+
+
+def _demo_copy(tmp_path, name, class_name, **transformer_config):
+    """The demo pipeline folder as another FLUX.1 pipeline class names it (its files linked, not copied)."""
+    import shutil
+
+    from bitflux import demo_model_path
+
+    folder = tmp_path / name
+    shutil.copytree(demo_model_path(), folder, copy_function=os.link)
+    for path, changes in ((folder / "model_index.json", {"_class_name": class_name}),
+                          (folder / "transformer" / "config.json", transformer_config)):
+        path.unlink()  # a link: written anew, the demo's own file untouched
+        path.write_text(json.dumps({**json.loads((demo_model_path() / path.relative_to(folder)).read_text()),
+                                    **changes}))
+    return folder
+
+
+@pytest.mark.parametrize("class_name,loaded", [("FluxKontextPipeline", "FluxKontextPipeline"),
+                                               ("FluxFillPipeline", "FluxFillPipeline"),
+                                               ("FluxControlNetPipeline", "FluxPipeline"),  # needs a controlnet
+                                               ("Flux2Pipeline", "FluxPipeline"), ("FluxNoSuchPipeline", "FluxPipeline")])
+def test_a_folder_loads_as_the_flux1_pipeline_class_it_names(tmp_path, class_name, loaded):
+    pipe = bitflux.load_pipeline(_demo_copy(tmp_path, "pipe", class_name), text_encoders=False)
+    assert type(pipe).__name__ == loaded
+
+
+def test_text_to_image_commands_refuse_fill_and_control_pipelines_before_loading(tmp_path, capsys):
+    """FLUX.1 Fill / Depth / Canny take an image beside the prompt: generate, eval, bench and calibration say so in
+    one line at once, whether the folder names its class or only its transformer's channels show it."""
+    fill = _demo_copy(tmp_path, "fill", "FluxFillPipeline")
+    control = _demo_copy(tmp_path, "control", "FluxPipeline", in_channels=128, out_channels=64)
+    kontext = _demo_copy(tmp_path, "kontext", "FluxKontextPipeline")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    for folder, words in ((fill, "a FluxFillPipeline .* run it with diffusers' FluxFillPipeline"),
+                          (control, "takes 128 input channels for 64 out.*FluxFillPipeline or FluxControlPipeline")):
+        for argv in (("generate", "a red circle", "--model", folder, "-o", tmp_path / "a.png"),
+                     ("eval", "--model", folder, "--per-category", "1", "--steps", "1"),
+                     ("bench", "--model", folder, "--steps", "1"),
+                     ("quantize", folder, "-o", tmp_path / "out", "--calibrate", tmp_path / "prompts.txt")):
+            code, _, err = _run(capsys, *argv)
+            assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(words, err), (argv, err)
+        assert not (tmp_path / "a.png").exists() and not (tmp_path / "out").exists()
+    images = []
+    for folder in (kontext, _demo_copy(tmp_path, "flux", "FluxPipeline")):  # Kontext without an image: text to image
+        code, _, err = _run(capsys, "generate", "a red circle", "--model", folder, "--steps", "1", "--size", "32x48",
+                            "-o", tmp_path / "k.png")
+        assert code == 0, err
+        images.append(np.asarray(Image.open(tmp_path / "k.png")))
+    assert images[0].shape == (48, 32, 3) and np.array_equal(*images)

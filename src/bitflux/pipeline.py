@@ -25,10 +25,39 @@ from .text_encoders import (
 )
 
 
-def _flux_pipeline_class():
-    from diffusers import FluxPipeline
+# diffusers' FLUX.1 pipelines that make an image from text alone (FluxKontextPipeline's image is optional)
+TEXT_TO_IMAGE = ("FluxPipeline", "FluxKontextPipeline")
 
-    return FluxPipeline
+
+def _flux_pipeline_class(root: Path):
+    """The diffusers class the folder's model_index.json names where it is a FLUX.1 pipeline of FluxPipeline's
+    components or fewer (FluxFillPipeline, FluxControlPipeline, FluxKontextPipeline, ...), else FluxPipeline."""
+    import diffusers
+
+    name = checkpoint.parse_json_object((root / "model_index.json").read_bytes(),
+                                        str(root / "model_index.json")).get("_class_name")
+    named = getattr(diffusers, name, None) if isinstance(name, str) and name.startswith("Flux") else None
+    if not (isinstance(named, type) and issubclass(named, diffusers.DiffusionPipeline)):
+        return diffusers.FluxPipeline
+    components, flux = (set(cls._get_signature_keys(cls)[0]) for cls in (named, diffusers.FluxPipeline))
+    # FLUX.1's own (T5 as text_encoder_2; FLUX.2 has one text encoder), nothing more (a ControlNet's)
+    return named if {"transformer", "text_encoder_2"} <= components <= flux else diffusers.FluxPipeline
+
+
+def check_text_to_image(root: Path) -> Path:
+    """The pipeline folder, if it makes images from text alone, as generate, eval, bench and calibration run it;
+    else a one-line BitfluxError (before minutes of loading and encoding, not after). FLUX.1 Fill, Depth and
+    Canny transformers take more input channels than they give out: an image's latents beside the noise."""
+    config = read_config(root / "transformer") if (root / "transformer" / "config.json").is_file() else {}
+    inputs = config.get("in_channels", 64)
+    outputs = config.get("out_channels") or inputs
+    name = _flux_pipeline_class(root).__name__
+    if inputs != outputs or name not in TEXT_TO_IMAGE:
+        runner = "FluxFillPipeline or FluxControlPipeline" if name in TEXT_TO_IMAGE else name
+        raise BitfluxError(f"{root}: a {name} (its transformer takes {inputs} input channels for {outputs} out), "
+                           "which needs an image beside the prompt; generate, eval, bench and calibration make "
+                           f"images from text alone: `bitflux quantize` it and run it with diffusers' {runner}")
+    return root
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
@@ -150,13 +179,13 @@ def _pipeline_folder(path: str | Path) -> Path:
 
 
 def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
-    """diffusers' FluxPipeline.from_pretrained from local files, `components` given (None: left out); a folder
-    it cannot load is a one-line BitfluxError."""
+    """diffusers' from_pretrained of the folder's FLUX.1 pipeline class (FluxPipeline, FluxFillPipeline, ...) from
+    local files, `components` given (None: left out); a folder it cannot load is a one-line BitfluxError."""
     from safetensors import SafetensorError
 
     try:
-        pipe = _flux_pipeline_class().from_pretrained(str(root), dtype=dtype, local_files_only=True,
-                                                      **components)
+        pipe = _flux_pipeline_class(root).from_pretrained(str(root), dtype=dtype, local_files_only=True,
+                                                          **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     # diffusers leaves the parameters a component's files lack on the meta device (logged, not raised)
@@ -224,8 +253,10 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         text = placed_embeddings(pipe, embeddings)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    # FluxKontextPipeline makes an image of max_area pixels (1024 x 1024 unless told) in height x width's shape
+    area = {"max_area": height * width} if type(pipe).__name__ == "FluxKontextPipeline" else {}
     # released: the latents, decoded once the transformer is gone; else the images themselves
-    out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+    out = pipe(**text, height=height, width=width, **area, num_inference_steps=steps, guidance_scale=guidance,
                generator=generators, max_sequence_length=text_length(pipe),
                output_type="latent" if release_transformer else "pil").images
     if not release_transformer:
@@ -343,7 +374,8 @@ def demo_ternary_path(config: TernaryConfig | None = None, progress: bool = True
 
 
 def resolve_pipeline_path(model: str | None) -> Path:
-    """A local pipeline folder for --model: a path, or a hub id already in the local Hugging Face cache."""
+    """A local pipeline folder for --model: a path, or a hub id already in the local Hugging Face cache, of a
+    text-to-image FLUX.1 (check_text_to_image)."""
     from .convert import from_hub_cache, looks_like_hub_id
 
     if model is None:
@@ -358,9 +390,9 @@ def resolve_pipeline_path(model: str | None) -> Path:
                     "a bitflux transformer folder as transformer/ in a copy of its pipeline"
                     if (path / "config.json").exists() or path.is_file() else "")
             raise BitfluxError(f"{path}: not a FLUX pipeline folder (no model_index.json){hint}")
-        return path
+        return check_text_to_image(path)
     if looks_like_hub_id(model):
-        return from_hub_cache(model)
+        return check_text_to_image(from_hub_cache(model))
     raise BitfluxError(f"{model}: no such model folder")
 
 

@@ -13,7 +13,7 @@ from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
-from ..pipeline import default_image_size, encode_prompts, text_length
+from ..pipeline import check_text_to_image, default_image_size, encode_prompts, text_length
 from . import (
     CalibrationConfig,
     CalibrationReport,
@@ -55,6 +55,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     if found.pipeline_root is None:
         raise BitfluxError(f"{source}: calibration needs a whole FLUX pipeline folder (its text encoders turn "
                            "the prompts into the teacher's inputs), not a transformer alone")
+    check_text_to_image(found.pipeline_root)
     out = Path(out)
     AtomicFolder(out, force).check()  # before the calibration's hours, not after
     if workdir is not None:
