@@ -24,7 +24,6 @@ from .text_encoders import (
     streamed_text_encoders,
 )
 
-
 # diffusers' FLUX.1 pipelines that make an image from text alone (FluxKontextPipeline's image is optional)
 TEXT_TO_IMAGE = ("FluxPipeline", "FluxKontextPipeline")
 

@@ -13,7 +13,12 @@ from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
-from ..pipeline import check_text_to_image, default_image_size, encode_prompts, text_length
+from ..pipeline import (
+    check_text_to_image,
+    default_image_size,
+    encode_prompts,
+    text_length,
+)
 from . import (
     CalibrationConfig,
     CalibrationReport,
