@@ -414,28 +414,6 @@ def test_a_repository_fetched_in_part_is_read_from_the_cache(tmp_path, monkeypat
     assert from_hub_cache("someone/ink-lora") == repo / "snapshots" / "abc123"
 
 
-def test_diffusers_call_scale_multiplies_every_lora_for_that_call_alone(caplog):
-    """joint_attention_kwargs={"scale": s} (diffusers' per-call LoRA scale) = strength * s for that call, without
-    diffusers' warning that it does nothing (it would, for PEFT layers alone); the next call is back to strength."""
-    model = build_tiny()
-    quantize_(model, TernaryConfig())
-    down, up = lora_pair(WIDTH, WIDTH, seed=7)
-    first = load_lora(model, {"transformer_blocks.0.attn.to_q.lora_A.weight": down,
-                              "transformer_blocks.0.attn.to_q.lora_B.weight": up}, dtype=torch.float32)
-    second = load_lora(model, {"single_transformer_blocks.0.attn.to_v.lora_A.weight": down,
-                               "single_transformer_blocks.0.attn.to_v.lora_B.weight": up}, strength=2.0,
-                       dtype=torch.float32)
-    with torch.no_grad(), use_backend("reference"):
-        full = model(**tiny_inputs())[0]
-        with caplog.at_level("WARNING"):
-            scaled = model(**tiny_inputs(), joint_attention_kwargs={"scale": 0.25})[0]
-        assert "ineffective" not in caplog.text
-        assert torch.equal(model(**tiny_inputs())[0], full)
-        first.strength, second.strength = 0.25, 0.5
-        assert torch.equal(scaled, model(**tiny_inputs())[0])
-        assert not torch.equal(scaled, full)
-
-
 def test_a_model_with_a_lora_is_freed_when_deleted_and_its_copies_keep_their_own():
     """No reference cycle (layer -> hook -> adapter -> layer) keeps a deleted model's codes until the garbage
     collector runs; a deep copy's adapter fuses the copy's layers."""
@@ -461,3 +439,5 @@ def test_a_model_with_a_lora_is_freed_when_deleted_and_its_copies_keep_their_own
         gc.enable()
     with pytest.raises(BitfluxError, match="the model this LoRA was attached to is gone"):
         adapter.fuse()
+    with pytest.raises(BitfluxError, match="is gone"):  # and so is a copy's
+        copy.deepcopy(adapter).fuse()

@@ -547,25 +547,39 @@ def test_a_folder_loads_as_the_flux1_pipeline_class_it_names(tmp_path, class_nam
 
 
 def test_text_to_image_commands_refuse_fill_and_control_pipelines_before_loading(tmp_path, capsys):
-    """FLUX.1 Fill / Depth / Canny take an image beside the prompt: generate, eval, bench and calibration say so in
-    one line at once, whether the folder names its class or only its transformer's channels show it."""
-    fill = _demo_copy(tmp_path, "fill", "FluxFillPipeline")
+    """FLUX.1 Fill / Depth / Canny transformers take an image beside the noise: generate, eval, bench and calibration
+    say so in one line at once. Folders of other FLUX.1 classes (Kontext, Img2Img) generate from text as
+    FluxPipeline does."""
+    fill = _demo_copy(tmp_path, "fill", "FluxFillPipeline", in_channels=384, out_channels=64)
     control = _demo_copy(tmp_path, "control", "FluxPipeline", in_channels=128, out_channels=64)
-    kontext = _demo_copy(tmp_path, "kontext", "FluxKontextPipeline")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
-    for folder, words in ((fill, "a FluxFillPipeline .* run it with diffusers' FluxFillPipeline"),
+    for folder, words in ((fill, "takes 384 input channels for 64 out.* run it with diffusers' FluxFillPipeline"),
                           (control, "takes 128 input channels for 64 out.*FluxFillPipeline or FluxControlPipeline")):
         for argv in (("generate", "a red circle", "--model", folder, "-o", tmp_path / "a.png"),
                      ("eval", "--model", folder, "--per-category", "1", "--steps", "1"),
+                     ("eval", "--variants", f"fp,{folder}", "--per-category", "1", "--steps", "1"),
                      ("bench", "--model", folder, "--steps", "1"),
                      ("quantize", folder, "-o", tmp_path / "out", "--calibrate", tmp_path / "prompts.txt")):
             code, _, err = _run(capsys, *argv)
             assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(words, err), (argv, err)
         assert not (tmp_path / "a.png").exists() and not (tmp_path / "out").exists()
     images = []
-    for folder in (kontext, _demo_copy(tmp_path, "flux", "FluxPipeline")):  # Kontext without an image: text to image
-        code, _, err = _run(capsys, "generate", "a red circle", "--model", folder, "--steps", "1", "--size", "32x48",
-                            "-o", tmp_path / "k.png")
+    for name in ("FluxKontextPipeline", "FluxImg2ImgPipeline", "FluxPipeline"):
+        code, _, err = _run(capsys, "generate", "a red circle", "--model", _demo_copy(tmp_path, name, name),
+                            "--steps", "1", "--size", "32x48", "-o", tmp_path / "k.png")
         assert code == 0, err
         images.append(np.asarray(Image.open(tmp_path / "k.png")))
-    assert images[0].shape == (48, 32, 3) and np.array_equal(*images)
+    assert images[0].shape == (48, 32, 3) and np.array_equal(images[0], images[2]) and np.array_equal(*images[1:])
+
+
+def test_a_hub_id_in_the_cache_that_is_no_pipeline_is_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someone--ink-lora"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123" / "ink.safetensors").write_bytes(b"")
+    code, _, err = _run(capsys, "generate", "a red circle", "--model", "someone/ink-lora", "-o", tmp_path / "a.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no model_index.json" in err, err

@@ -262,6 +262,7 @@ def _cmd_eval(args) -> None:
         load_pipeline,
         resolve_pipeline_path,
         save_png,
+        text_to_image_class,
         variant_pipeline,
     )
 
@@ -279,7 +280,7 @@ def _cmd_eval(args) -> None:
         check_variant(name, demo)
     check_comparable(path, want_fp=True)  # every variant is scored against this one as full precision
     dtype = args.dtype
-    fp = load_pipeline(path, args.device, dtype)
+    fp = load_pipeline(path, args.device, dtype, pipeline_class=text_to_image_class())
     with use_backend(args.backend):
         results = evaluate_variants(lambda name: variant_pipeline(fp, name, args.device, dtype), variants,
                                     seeds=tuple(args.seeds), per_category=args.per_category, steps=args.steps,

@@ -24,11 +24,16 @@ from .text_encoders import (
     streamed_text_encoders,
 )
 
-# diffusers' FLUX.1 pipelines that make an image from text alone (FluxKontextPipeline's image is optional)
-TEXT_TO_IMAGE = ("FluxPipeline", "FluxKontextPipeline")
+
+def text_to_image_class():
+    """diffusers' FluxPipeline: what generate, eval, bench and calibration run, over any FLUX.1 folder's components
+    whose transformer makes images from text alone (check_text_to_image): FLUX.1-dev's, schnell's, Kontext's."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline
 
 
-def _flux_pipeline_class(root: Path):
+def named_pipeline_class(root: Path):
     """The diffusers class the folder's model_index.json names where it is a FLUX.1 pipeline of FluxPipeline's
     components or fewer (FluxFillPipeline, FluxControlPipeline, FluxKontextPipeline, ...), else FluxPipeline."""
     import diffusers
@@ -37,25 +42,26 @@ def _flux_pipeline_class(root: Path):
                                         str(root / "model_index.json")).get("_class_name")
     named = getattr(diffusers, name, None) if isinstance(name, str) and name.startswith("Flux") else None
     if not (isinstance(named, type) and issubclass(named, diffusers.DiffusionPipeline)):
-        return diffusers.FluxPipeline
-    components, flux = (set(cls._get_signature_keys(cls)[0]) for cls in (named, diffusers.FluxPipeline))
+        return text_to_image_class()
+    components, flux = (set(cls._get_signature_keys(cls)[0]) for cls in (named, text_to_image_class()))
     # FLUX.1's own (T5 as text_encoder_2; FLUX.2 has one text encoder), nothing more (a ControlNet's)
-    return named if {"transformer", "text_encoder_2"} <= components <= flux else diffusers.FluxPipeline
+    return named if {"transformer", "text_encoder_2"} <= components <= flux else text_to_image_class()
 
 
 def check_text_to_image(root: Path) -> Path:
-    """The pipeline folder, if it makes images from text alone, as generate, eval, bench and calibration run it;
-    else a one-line BitfluxError (before minutes of loading and encoding, not after). FLUX.1 Fill, Depth and
-    Canny transformers take more input channels than they give out: an image's latents beside the noise."""
+    """The pipeline folder, if its transformer makes images from text alone, as generate, eval, bench and
+    calibration run it; else a one-line BitfluxError (before minutes of loading and encoding, not after). FLUX.1
+    Fill, Depth and Canny transformers take more input channels than they give out: an image's beside the noise."""
+    _pipeline_folder(root)
     config = read_config(root / "transformer") if (root / "transformer" / "config.json").is_file() else {}
     inputs = config.get("in_channels", 64)
     outputs = config.get("out_channels") or inputs
-    name = _flux_pipeline_class(root).__name__
-    if inputs != outputs or name not in TEXT_TO_IMAGE:
-        runner = "FluxFillPipeline or FluxControlPipeline" if name in TEXT_TO_IMAGE else name
-        raise BitfluxError(f"{root}: a {name} (its transformer takes {inputs} input channels for {outputs} out), "
-                           "which needs an image beside the prompt; generate, eval, bench and calibration make "
-                           f"images from text alone: `bitflux quantize` it and run it with diffusers' {runner}")
+    if inputs != outputs:
+        named = named_pipeline_class(root).__name__
+        runner = named if named != "FluxPipeline" else "FluxFillPipeline or FluxControlPipeline"
+        raise BitfluxError(f"{root}: its transformer takes {inputs} input channels for {outputs} out (FLUX.1 Fill, "
+                           "Depth or Canny: an image beside the noise), and generate, eval, bench and calibration "
+                           f"make images from text alone: `bitflux quantize` it and run it with diffusers' {runner}")
     return root
 
 
@@ -96,9 +102,11 @@ TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                  offload: bool = False, text_encoders: bool | str = True):
-    """A diffusers FluxPipeline from a pipeline folder: a bitflux one gets its ternary transformer (never
-    materialised in full precision), a full-precision one loads as diffusers would. dtype: the unquantized
+                  offload: bool = False, text_encoders: bool | str = True, pipeline_class=None):
+    """A diffusers FLUX.1 pipeline from a pipeline folder, of `pipeline_class` (default: the class its
+    model_index.json names, named_pipeline_class: FluxPipeline, FluxFillPipeline, FluxKontextPipeline, ...): a
+    bitflux one gets its ternary transformer (never materialised in full precision), a full-precision one loads
+    as diffusers would. dtype: the unquantized
     parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
     (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never
     sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer call
@@ -126,7 +134,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     if ternary:
         extra["transformer"] = checkpoint.load_transformer(root / "transformer", device="cpu" if offload else device,
                                                            dtype=dtype)
-    pipe = pipeline_from_folder(root, dtype, extra)
+    pipe = pipeline_from_folder(root, dtype, extra, pipeline_class)
     if ternary:
         fuse_projections(pipe.transformer)
     return _place(pipe, device, offload)
@@ -155,7 +163,7 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     root = _pipeline_folder(path)
     dtype = resolved_dtype(dtype, device)
     encoders = pipeline_from_folder(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
-                                              "transformer": None, "vae": None})
+                                              "transformer": None, "vae": None}, text_to_image_class())
     try:
         for name in TEXT_ENCODERS:
             if getattr(encoders, name, None) is not None:
@@ -177,14 +185,14 @@ def _pipeline_folder(path: str | Path) -> Path:
     return root
 
 
-def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict):
-    """diffusers' from_pretrained of the folder's FLUX.1 pipeline class (FluxPipeline, FluxFillPipeline, ...) from
-    local files, `components` given (None: left out); a folder it cannot load is a one-line BitfluxError."""
+def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict, pipeline_class=None):
+    """diffusers' from_pretrained of `pipeline_class` (default: the folder's, named_pipeline_class) from local
+    files, `components` given (None: left out); a folder it cannot load is a one-line BitfluxError."""
     from safetensors import SafetensorError
 
     try:
-        pipe = _flux_pipeline_class(root).from_pretrained(str(root), dtype=dtype, local_files_only=True,
-                                                          **components)
+        pipe = (pipeline_class or named_pipeline_class(root)).from_pretrained(str(root), dtype=dtype,
+                                                                              local_files_only=True, **components)
     except (OSError, ValueError, SafetensorError) as exc:  # the last: a damaged component's weights
         raise BitfluxError(f"{root}: cannot load the pipeline ({str(exc).splitlines()[0]})") from None
     # diffusers leaves the parameters a component's files lack on the meta device (logged, not raised)
@@ -252,10 +260,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         text = placed_embeddings(pipe, embeddings)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    # FluxKontextPipeline makes an image of max_area pixels (1024 x 1024 unless told) in height x width's shape
-    area = {"max_area": height * width} if type(pipe).__name__ == "FluxKontextPipeline" else {}
     # released: the latents, decoded once the transformer is gone; else the images themselves
-    out = pipe(**text, height=height, width=width, **area, num_inference_steps=steps, guidance_scale=guidance,
+    out = pipe(**text, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                generator=generators, max_sequence_length=text_length(pipe),
                output_type="latent" if release_transformer else "pil").images
     if not release_transformer:
@@ -439,7 +445,8 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
         raise BitfluxError("offloading runs one pipeline at a time: not with a full-precision comparison")
     _check_offload(device, offload)
     path = resolve_pipeline_path(model)
-    place = dict(device=device, dtype=dtype, offload=offload, text_encoders=text_encoders)
+    place = dict(device=device, dtype=dtype, offload=offload, text_encoders=text_encoders,
+                 pipeline_class=text_to_image_class())
     if model is None:
         return (load_pipeline(path, **place) if want_fp else None,
                 load_pipeline(demo_ternary_path(progress=progress), **place) if want_ternary else None)
@@ -449,7 +456,8 @@ def load_variants(model: str | None, device: str = "cpu", want_fp: bool = True, 
     # Quantized in memory on the CPU when offloading: the full-precision transformer never goes to the GPU (nor
     # are the text encoders chosen as for a CPU pipeline: they will run on the GPU).
     fp = load_pipeline(path, "cpu" if offload else device, resolved_dtype(dtype, device),
-                       text_encoders="whole" if offload and text_encoders is True else text_encoders)
+                       text_encoders="whole" if offload and text_encoders is True else text_encoders,
+                       pipeline_class=text_to_image_class())
     ternary = quantize_pipeline(fp, copy_transformer=want_fp)[0] if want_ternary else None
     fp = fp if want_fp else None
     if offload:
@@ -489,6 +497,7 @@ def check_variant(name: str, demo: bool = True) -> None:
         if not (Path(name) / "model_index.json").is_file():
             raise BitfluxError(f"{name}: not a pipeline folder (no model_index.json); a variant folder is a whole "
                                "pipeline, as `bitflux quantize PIPELINE -o OUT` writes it")
+        check_text_to_image(Path(name))
         return
     if name.startswith("calibrated"):
         _calibrated_activations(name)
@@ -516,7 +525,7 @@ def variant_pipeline(fp_pipe, name: str, device: str = "cpu", dtype: torch.dtype
     if name == "fp":
         return fp_pipe
     if Path(name).is_dir():
-        return load_pipeline(name, device, dtype)
+        return load_pipeline(name, device, dtype, pipeline_class=text_to_image_class())
     if name.startswith("calibrated"):
         activations = _calibrated_activations(name)
         pipe = load_pipeline(demo_ternary_path(), device, dtype)

@@ -113,7 +113,7 @@ def teacher_pipeline(root: Path, source: FolderSource, device: torch.device, str
     encoders (prompts come encoded), the transformer streamed a block at a time from the folder if `stream`;
     None: unless its weights and a quarter more (at least 4 GiB, for the activations) fit in the device's free
     memory, when holding it whole spares reading its weights again at every step."""
-    from ..pipeline import pipeline_from_folder
+    from ..pipeline import pipeline_from_folder, text_to_image_class
     from ..streaming import stream_transformer
     from ..text_encoders import TEXT_ENCODERS
     from . import full_model
@@ -123,6 +123,7 @@ def teacher_pipeline(root: Path, source: FolderSource, device: torch.device, str
         stream = weights + max(weights // 4, 4 * 2**30) > available_memory(device)
     transformer = (stream_transformer(root / "transformer", source.dtype, device) if stream
                    else full_model(source, device))
-    pipe = pipeline_from_folder(root, source.dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer})
+    pipe = pipeline_from_folder(root, source.dtype, {**dict.fromkeys(TEXT_ENCODERS), "transformer": transformer},
+                                text_to_image_class())
     pipe.vae.to(device)  # not run (the teacher stops at latents), but older diffusers take the device from it
     return pipe

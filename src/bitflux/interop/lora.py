@@ -75,54 +75,8 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     return layer.dequantize(torch.float32) if isinstance(layer, TernaryLinear) else layer.weight.detach().float()
 
 
-class _CallScale:
-    """diffusers' scale of every LoRA for one call of a FLUX transformer, joint_attention_kwargs={"scale": s}: read by
-    hooks on the model, one holder per model, shared by the adapters attached to it."""
-
-    _KEY = "_bitflux_lora_call_scale"
-
-    def __init__(self, model: nn.Module):
-        self.value = 1.0
-        self.adapters = 0
-        self._model = weakref.ref(model)
-        self._hooks = [model.register_forward_pre_hook(self._take, with_kwargs=True),
-                       model.register_forward_hook(self._end, always_call=True)]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _CallScale:
-        holder = model.__dict__.get(cls._KEY) or model.__dict__.setdefault(cls._KEY, cls(model))
-        holder.adapters += 1
-        return holder
-
-    def release(self) -> None:
-        """One adapter less: with none left, the hooks go."""
-        self.adapters -= 1
-        model = self._model()
-        if self.adapters == 0:
-            for hook in self._hooks:
-                hook.remove()
-            if model is not None:
-                model.__dict__.pop(self._KEY, None)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_model": self._model()}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({**state, "_model": weakref.ref(state["_model"])})
-
-    def _take(self, model: nn.Module, args, kwargs):
-        attention_kwargs = kwargs.get("joint_attention_kwargs")
-        if not attention_kwargs or "scale" not in attention_kwargs:
-            return None
-        self.value = float(attention_kwargs["scale"])
-        if getattr(model, "peft_config", None):  # diffusers scales its own PEFT layers by it too
-            return None
-        # Taken out: with no PEFT layers diffusers would warn that the scale does nothing.
-        attention_kwargs = {k: v for k, v in attention_kwargs.items() if k != "scale"}
-        return args, {**kwargs, "joint_attention_kwargs": attention_kwargs}
-
-    def _end(self, model: nn.Module, args, output):
-        self.value = 1.0
+def _gone() -> None:
+    """A dead weak reference's answer, for a copy of one."""
 
 
 class LoraAdapter(nn.Module):
@@ -141,7 +95,6 @@ class LoraAdapter(nn.Module):
         self._layers = {name: weakref.ref(model.get_submodule(name)) for name in self.names}
         self._hooks = [model.get_submodule(name).register_forward_hook(functools.partial(self._add_branch, branch))
                        for name, branch in branches.items()]
-        self._call_scale = _CallScale.of(model)
         self._saved: dict[str, tuple] = {}
 
     def _layer(self, name: str) -> nn.Module:
@@ -150,18 +103,20 @@ class LoraAdapter(nn.Module):
             raise BitfluxError("the model this LoRA was attached to is gone: copy or save the model with it")
         return layer
 
-    # A copy or a pickle holds the layers it copies along (a deep copy of the model: the copied layers).
+    # A copy or a pickle holds the layers it copies along (a deep copy of the model: the copied layers); those of a
+    # model that is gone stay gone, with their hooks.
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_layers": {name: ref() for name, ref in self._layers.items()}}
+        return {**super().__getstate__(), "_layers": {name: ref() for name, ref in self._layers.items()},
+                "_hooks": [hook for hook in self._hooks if hook.hooks_dict_ref() is not None]}
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__({**state, "_layers": {name: weakref.ref(layer) for name, layer in state["_layers"].items()}})
+        layers = {name: _gone if layer is None else weakref.ref(layer) for name, layer in state["_layers"].items()}
+        super().__setstate__({**state, "_layers": layers})
 
     def _add_branch(self, branch: LoraBranch, module, args, output):
-        strength = self.strength * self._call_scale.value
-        if self.fused or strength == 0:
+        if self.fused or self.strength == 0:
             return output
-        return output + strength * branch(args[0]).to(output.dtype)
+        return output + self.strength * branch(args[0]).to(output.dtype)
 
     def items(self):
         return zip(self.names, self.branches)
@@ -172,8 +127,6 @@ class LoraAdapter(nn.Module):
             self.unfuse()
         for hook in self._hooks:
             hook.remove()
-        if self._hooks:
-            self._call_scale.release()
         self._hooks = []
 
     @torch.no_grad()
