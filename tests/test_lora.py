@@ -441,3 +441,22 @@ def test_a_model_with_a_lora_is_freed_when_deleted_and_its_copies_keep_their_own
         adapter.fuse()
     with pytest.raises(BitfluxError, match="is gone"):  # and so is a copy's
         copy.deepcopy(adapter).fuse()
+
+
+def test_a_lora_of_booleans_or_complex_numbers_is_refused(flux):
+    down, up = lora_pair(WIDTH, WIDTH)
+    for bad in (down > 0, down.to(torch.complex64)):
+        with pytest.raises(BitfluxError, match="lora_A.weight'.*not real numbers"):
+            read_lora({"transformer_blocks.0.attn.to_q.lora_A.weight": bad,
+                       "transformer_blocks.0.attn.to_q.lora_B.weight": up}, flux)
+
+
+def test_a_compiled_model_takes_a_lora_on_its_own_layers():
+    """torch.compile's wrapper names every layer _orig_mod.X: load_lora attaches to the model it wraps."""
+    model = build_tiny()
+    quantize_(model, TernaryConfig())
+    down, up = lora_pair(WIDTH, WIDTH)
+    adapter = load_lora(torch.compile(model), {"transformer_blocks.0.attn.to_q.lora_A.weight": down,
+                                               "transformer_blocks.0.attn.to_q.lora_B.weight": up})
+    assert adapter.names == ["transformer_blocks.0.attn.to_q"]
+    assert model.transformer_blocks[0].attn.to_q._forward_hooks

@@ -422,8 +422,9 @@ def test_generate_with_a_lora(tmp_path, capsys):
     assert code == 2 and "no such LoRA file" in err
     code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:nan", "-o", tmp_path / "x.png")
     assert code == 2 and "finite" in err and not (tmp_path / "x.png").exists()
-    code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:strong", "-o", tmp_path / "x.png")
-    assert code == 2 and "its strength 'strong' is not a number" in err
+    for strength in ("strong", "1_0"):  # float() would take 1_0 for 10
+        code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:{strength}", "-o", tmp_path / "x.png")
+        assert code == 2 and f"its strength '{strength}' is not a number" in err
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "style:v3.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "style:v3.safetensors: no such LoRA file" in err

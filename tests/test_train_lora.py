@@ -65,6 +65,20 @@ def test_a_missing_output_folder_is_refused_before_training(tmp_path, capsys):
     assert "nodir: no such folder" in capsys.readouterr().err and time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("option,value", [("--lr", "nan"), ("--lr", "-5"), ("--lr", "0"), ("--guidance", "inf")])
+def test_bad_settings_are_refused_before_training(tmp_path, capsys, option, value):
+    assert main(["--out", str(tmp_path / "style.safetensors"), "--steps", "300", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lr must be a positive number" in err
+
+
+def test_a_diverged_run_is_not_written(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "style.safetensors"), "--steps", "2", "--batch", "2", "--scenes", "4",
+                 "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "diverged: try a lower --lr" in err and not list(tmp_path.iterdir())
+
+
 def test_training_on_the_ternary_model_lowers_the_loss(tmp_path):
     """--ternary: the pairs learn on the shipped calibrated ternary transformer (its layers pass the input's
     gradient through), and the file loads onto it."""

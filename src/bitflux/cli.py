@@ -97,6 +97,8 @@ def _parse_lora(text: str) -> tuple[Path, float]:
     # the last colon: a path may hold colons of its own (C:\\loras\\x.safetensors:0.8, style:v2.safetensors:0.5)
     path, _, strength = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "")
     try:
+        if "_" in strength:  # float() takes 1_0 for 10
+            raise ValueError
         value = float(strength) if strength else 1.0
     except ValueError:
         if Path(path).exists():

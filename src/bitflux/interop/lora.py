@@ -331,6 +331,9 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
                            f"{type(model).__name__}")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if not torch.is_tensor(tensor) or tensor.dtype == torch.bool or tensor.is_complex():
+            raise BitfluxError(f"LoRA tensor {key!r}: {getattr(tensor, 'dtype', type(tensor).__name__)}, not real "
+                               "numbers")
         check_finite(tensor, f"LoRA tensor {key!r}")
         stem, role = _split_key(key)
         grouped.setdefault(stem, {})[role] = tensor
@@ -377,7 +380,9 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
 def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
     """Attach a LoRA (a .safetensors file, a folder holding one, a hub id in the local cache: lora_file; or a
     state dict) to `model` as side branches; returns its adapter. Several may be attached at once: their branches
-    add up."""
+    add up. A torch.compile wrapper's model takes it (before the first compiled call: a graph compiled since does
+    not see it)."""
+    model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     pairs, skipped = read_lora(source, model)
     branches = {}
     for name, (down, up, alpha) in pairs.items():

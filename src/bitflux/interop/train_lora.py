@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import write_atomic
+from ..checkpoint import check_finite, write_atomic
 from ..config import TernaryConfig
 from ..demo import scenes as S
 from ..demo.train import Denoiser, flow_noised, lr_at, pack
@@ -120,9 +120,11 @@ class FlowBatches:
         return self.ids[pick], xt, sigma, noise - x0
 
 
-def check_counts(steps: int, rank: int, batch: int, scenes: int) -> None:
+def check_settings(steps: int, rank: int, batch: int, scenes: int, lr: float, guidance: float) -> None:
     if min(steps, rank, batch, scenes) < 1:
         raise BitfluxError("--steps, --rank, --batch and --scenes must be at least 1")
+    if not (math.isfinite(lr) and lr > 0) or not math.isfinite(guidance):
+        raise BitfluxError(f"--lr must be a positive number and --guidance a finite one, got {lr} and {guidance}")
 
 
 def train(pipe, steps: int = 300, rank: int = 4, style: str = "ink", batch: int = 32,
@@ -135,7 +137,7 @@ def train(pipe, steps: int = 300, rank: int = 4, style: str = "ink", batch: int 
 
     if style not in STYLES:
         raise BitfluxError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
-    check_counts(steps, rank, batch, scenes)
+    check_settings(steps, rank, batch, scenes, lr, guidance)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.eval().requires_grad_(False)
     torch.manual_seed(seed)
@@ -197,10 +199,12 @@ def main(argv=None) -> int:
             raise BitfluxError(f"{a.out}: output must be a .safetensors file")
         if not a.out.parent.is_dir():  # before the training, not after it
             raise BitfluxError(f"{a.out.parent}: no such folder")
-        check_counts(a.steps, a.rank, a.batch, a.scenes)  # before the pipeline loads
+        check_settings(a.steps, a.rank, a.batch, a.scenes, a.lr, a.guidance)  # before the pipeline loads
         source = demo_ternary_path() if a.ternary else demo_model_path()
         pipe = load_pipeline(source, text_encoders="whole")  # it encodes at every step: not streamed
         state, log = train(pipe, a.steps, a.rank, a.style, a.batch, a.scenes, a.lr, a.guidance, a.seed)
+        for key, tensor in state.items():  # a diverged run (too high an --lr) is not written as a LoRA
+            check_finite(tensor, f"the trained {key!r} (diverged: try a lower --lr)")
         log["ternary"] = a.ternary
         meta = {k: str(v) for k, v in log.items() if k != "losses"}
         save_lora(state, a.out, metadata={"bitflux_lora": "style", **meta})
