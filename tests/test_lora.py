@@ -445,8 +445,9 @@ def test_a_model_with_a_lora_is_freed_when_deleted_and_its_copies_keep_their_own
 
 def test_a_lora_of_booleans_or_complex_numbers_is_refused(flux):
     down, up = lora_pair(WIDTH, WIDTH)
-    for bad in (down > 0, down.to(torch.complex64)):
-        with pytest.raises(BitfluxError, match="lora_A.weight'.*not real numbers"):
+    for bad, words in ((down > 0, ": torch.bool, not real numbers"), (down.to(torch.complex64), ": torch.complex64, not"),
+                       (down.numpy(), " is a ndarray, not a torch tensor"), (4.0, " is a float, not a torch tensor")):
+        with pytest.raises(BitfluxError, match=f"lora_A.weight'{words}"):
             read_lora({"transformer_blocks.0.attn.to_q.lora_A.weight": bad,
                        "transformer_blocks.0.attn.to_q.lora_B.weight": up}, flux)
 

@@ -543,8 +543,31 @@ def _demo_copy(tmp_path, name, class_name, **transformer_config):
                                                ("FluxControlNetPipeline", "FluxPipeline"),  # needs a controlnet
                                                ("Flux2Pipeline", "FluxPipeline"), ("FluxNoSuchPipeline", "FluxPipeline")])
 def test_a_folder_loads_as_the_flux1_pipeline_class_it_names(tmp_path, class_name, loaded):
-    pipe = bitflux.load_pipeline(_demo_copy(tmp_path, "pipe", class_name), text_encoders=False)
+    pipe = bitflux.load_pipeline(str(_demo_copy(tmp_path, "pipe", class_name)), text_encoders=False)
     assert type(pipe).__name__ == loaded
+
+
+def test_generate_and_the_teacher_make_images_from_text_with_any_flux1_class(tmp_path):
+    """bitflux.generate and calibration's teacher run a Kontext or Img2Img pipeline as FluxPipeline: at the asked
+    size (Kontext's own call makes 1024 x 1024), without the image Img2Img's own call wants."""
+    from bitflux.calibrate.teacher import collect
+
+    images, records = [], []
+    for name in ("FluxKontextPipeline", "FluxImg2ImgPipeline", "FluxPipeline"):
+        folder = _demo_copy(tmp_path, name, name)
+        pipe = bitflux.load_pipeline(folder)
+        assert type(pipe).__name__ == name
+        for release in (False, True):
+            image = bitflux.generate(pipe, ["a red circle"], [0], steps=1, height=32, width=48, progress=False,
+                                     release_transformer=release)[0]
+            images.append(np.asarray(image))
+        assert pipe.transformer is None  # released
+        pipe = bitflux.load_pipeline(folder)
+        data = collect(pipe, ["a red circle"], samples=1, num_inference_steps=1, height=64, width=64,
+                       max_sequence_length=16, progress=False)
+        records.append(data.inputs["hidden_states"])
+    assert images[0].shape == (32, 48, 3) and all(np.array_equal(images[0], other) for other in images[1:])
+    assert records[0].shape[1] == 16 and all(torch.equal(records[0], other) for other in records[1:])
 
 
 def test_text_to_image_commands_refuse_fill_and_control_pipelines_before_loading(tmp_path, capsys):

@@ -65,7 +65,8 @@ def test_a_missing_output_folder_is_refused_before_training(tmp_path, capsys):
     assert "nodir: no such folder" in capsys.readouterr().err and time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("option,value", [("--lr", "nan"), ("--lr", "-5"), ("--lr", "0"), ("--guidance", "inf")])
+@pytest.mark.parametrize("option,value", [("--lr", "nan"), ("--lr", "-5"), ("--lr", "0"), ("--lr", "1e39"),
+                                          ("--guidance", "inf"), ("--guidance", "1e300")])
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, option, value):
     assert main(["--out", str(tmp_path / "style.safetensors"), "--steps", "300", option, value]) == 2
     err = capsys.readouterr().err
@@ -76,7 +77,7 @@ def test_a_diverged_run_is_not_written(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "style.safetensors"), "--steps", "2", "--batch", "2", "--scenes", "4",
                  "--lr", "1e30"]) == 2
     err = capsys.readouterr().err
-    assert "diverged: try a lower --lr" in err and not list(tmp_path.iterdir())
+    assert "the training diverged" in err and not list(tmp_path.iterdir())
 
 
 def test_training_on_the_ternary_model_lowers_the_loss(tmp_path):

@@ -33,11 +33,23 @@ def text_to_image_class():
     return FluxPipeline
 
 
+def as_text_to_image(pipe):
+    """The pipeline itself if a FluxPipeline, else a FluxPipeline over its components (shared, not copied): a
+    Kontext or Img2Img pipeline's transformer makes images from text as FLUX.1-dev's does, where their own calls
+    size the image otherwise (Kontext: 1024 x 1024 unless told) or want one."""
+    flux = text_to_image_class()
+    if isinstance(pipe, flux):
+        return pipe
+    keys = flux._get_signature_keys(flux)[0]
+    return flux(**{name: component for name, component in pipe.components.items() if name in keys})
+
+
 def named_pipeline_class(root: Path):
     """The diffusers class the folder's model_index.json names where it is a FLUX.1 pipeline of FluxPipeline's
     components or fewer (FluxFillPipeline, FluxControlPipeline, FluxKontextPipeline, ...), else FluxPipeline."""
     import diffusers
 
+    root = Path(root)
     name = checkpoint.parse_json_object((root / "model_index.json").read_bytes(),
                                         str(root / "model_index.json")).get("_class_name")
     named = getattr(diffusers, name, None) if isinstance(name, str) and name.startswith("Flux") else None
@@ -52,7 +64,7 @@ def check_text_to_image(root: Path) -> Path:
     """The pipeline folder, if its transformer makes images from text alone, as generate, eval, bench and
     calibration run it; else a one-line BitfluxError (before minutes of loading and encoding, not after). FLUX.1
     Fill, Depth and Canny transformers take more input channels than they give out: an image's beside the noise."""
-    _pipeline_folder(root)
+    root = _pipeline_folder(root)
     config = read_config(root / "transformer") if (root / "transformer" / "config.json").is_file() else {}
     inputs = config.get("in_channels", 64)
     outputs = config.get("out_channels") or inputs
@@ -190,6 +202,7 @@ def pipeline_from_folder(root: Path, dtype: torch.dtype, components: dict, pipel
     files, `components` given (None: left out); a folder it cannot load is a one-line BitfluxError."""
     from safetensors import SafetensorError
 
+    root = Path(root)
     try:
         pipe = (pipeline_class or named_pipeline_class(root)).from_pretrained(str(root), dtype=dtype,
                                                                               local_files_only=True, **components)
@@ -241,7 +254,7 @@ def text_length(pipe) -> int:
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.5,
              height: int = 64, width: int = 64, progress: bool = True, embeddings: dict | None = None,
              release_transformer: bool = False):
-    """PIL images, one per prompt; the noise of each depends only on its seed, so full-precision and
+    """PIL images, one per prompt, made from text (as_text_to_image: a Kontext pipeline's too); the noise of each depends only on its seed, so full-precision and
     ternary pipelines given the same seeds start from the same latents. `embeddings`: the prompts' as
     encode_prompts made them (the pipeline may then have no text encoders), the same images.
     `release_transformer`: the pipeline drops its transformer once the latents are made, before the VAE
@@ -249,6 +262,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     on a CPU); the same images, and the pipeline cannot denoise again."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    caller, pipe = pipe, as_text_to_image(pipe)
     if pipe.transformer is None:
         raise BitfluxError("the pipeline has no transformer (released by an earlier release_transformer=True "
                            "call?): load it again")
@@ -266,7 +280,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
                output_type="latent" if release_transformer else "pil").images
     if not release_transformer:
         return out
-    pipe.transformer = None
+    pipe.transformer = caller.transformer = None
     gc.collect()
     trim_heap()
     return decode(pipe, out, height, width)

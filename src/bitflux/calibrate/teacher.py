@@ -88,6 +88,9 @@ def collect(pipeline, prompts: list[str], samples: int, seed: int = 0, batch_siz
     (num_inference_steps, guidance_scale, height, width, max_sequence_length, ...)."""
     if not prompts:
         raise BitfluxError("no calibration prompts")
+    from ..pipeline import as_text_to_image
+
+    pipeline = as_text_to_image(pipeline)  # a Kontext pipeline's own call would sample at 1024 x 1024
 
     def text(index: range) -> dict:
         batch = [prompts[j % len(prompts)] for j in index]

@@ -377,9 +377,9 @@ def main(argv=None) -> int:
     if a.ground_truth:
         fn = ground_truth_generate_fn()
     else:
-        from bitflux.pipeline import pipeline_from_folder
+        from bitflux.pipeline import pipeline_from_folder, text_to_image_class
 
-        pipe = pipeline_from_folder(Path(a.model), torch.float32, {}).to(a.device)
+        pipe = pipeline_from_folder(Path(a.model), torch.float32, {}, text_to_image_class()).to(a.device)
         pipe.set_progress_bar_config(disable=True)
         fn = pipeline_generate_fn(pipe, num_inference_steps=a.steps, guidance_scale=a.guidance)
     res = evaluate(fn, items=items, seeds=tuple(a.seeds), batch_size=a.batch_size, out_dir=a.out)

@@ -331,9 +331,10 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
                            f"{type(model).__name__}")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if not torch.is_tensor(tensor) or tensor.dtype == torch.bool or tensor.is_complex():
-            raise BitfluxError(f"LoRA tensor {key!r}: {getattr(tensor, 'dtype', type(tensor).__name__)}, not real "
-                               "numbers")
+        if not torch.is_tensor(tensor):
+            raise BitfluxError(f"LoRA tensor {key!r} is a {type(tensor).__name__}, not a torch tensor")
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            raise BitfluxError(f"LoRA tensor {key!r}: {tensor.dtype}, not real numbers")
         check_finite(tensor, f"LoRA tensor {key!r}")
         stem, role = _split_key(key)
         grouped.setdefault(stem, {})[role] = tensor
