@@ -75,3 +75,18 @@ def bitflux_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("bitflux-cache")
     os.environ["BITFLUX_CACHE"] = str(path)
     return path
+
+
+def cached_hub_snapshot(monkeypatch, hub, repo_id: str, files=("ink.safetensors",)):
+    """A Hugging Face cache at `hub`, made huggingface_hub's, holding `repo_id`'s snapshot abc123 of empty `files`."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))  # read at import
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    for name in files:
+        (snapshot / name).write_bytes(b"")
+    return snapshot

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_CONFIG, build_tiny, tiny_inputs
+from conftest import TINY_CONFIG, build_tiny, cached_hub_snapshot, tiny_inputs
 
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_, set_packing
 from bitflux.interop.lora import LoraBranch, load_lora, read_lora
@@ -361,17 +361,10 @@ def test_text_encoder_pairs_are_counted(flux):
 def test_a_lora_is_named_by_its_file_its_folder_or_its_hub_id_in_the_local_cache(tmp_path, monkeypatch):
     """As --model takes a cached hub id: LoRA repositories are folders of one .safetensors file (PEFT's:
     adapter_model.safetensors beside its config); bitflux never downloads."""
-    import huggingface_hub.constants
-
     from bitflux.interop.lora import lora_file
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snapshot = tmp_path / "hf" / "hub" / "models--someone--ink-lora" / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
-    (snapshot / "ink.safetensors").write_bytes(b"")
+    snapshot = cached_hub_snapshot(monkeypatch, tmp_path / "hf" / "hub", "someone/ink-lora")
     assert lora_file("someone/ink-lora") == snapshot / "ink.safetensors"
     assert lora_file(snapshot) == lora_file(snapshot / "ink.safetensors") == snapshot / "ink.safetensors"
     (snapshot / "adapter_model.safetensors").write_bytes(b"")
@@ -398,17 +391,10 @@ def test_a_lora_is_named_by_its_file_its_folder_or_its_hub_id_in_the_local_cache
 def test_a_repository_fetched_in_part_is_read_from_the_cache(tmp_path, monkeypatch):
     """`hf download REPO FILE` (or --include, or FLUX.1-dev without its 23 GB flux1-dev.safetensors): huggingface_hub
     >= 2.4 records the repository's whole file list and calls the snapshot incomplete; its files are used."""
-    import huggingface_hub.constants
-
     from bitflux.convert import from_hub_cache
 
     tree_cache = pytest.importorskip("huggingface_hub._tree_cache")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo = tmp_path / "hub" / "models--someone--ink-lora"
-    (repo / "snapshots" / "abc123").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    (repo / "snapshots" / "abc123" / "ink.safetensors").write_bytes(b"")
+    repo = cached_hub_snapshot(monkeypatch, tmp_path / "hub", "someone/ink-lora").parents[1]
     tree_cache.write_tree_cache(str(repo), "abc123", {name: tree_cache.TreeCacheEntry(size=0, blob_id="0" * 40)
                                                       for name in ("README.md", "ink.safetensors")})
     assert from_hub_cache("someone/ink-lora") == repo / "snapshots" / "abc123"

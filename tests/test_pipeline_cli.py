@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import cached_hub_snapshot
 from PIL import Image
 
 import bitflux
@@ -597,13 +598,6 @@ def test_text_to_image_commands_refuse_fill_and_control_pipelines_before_loading
 
 
 def test_a_hub_id_in_the_cache_that_is_no_pipeline_is_one_line(tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo = tmp_path / "hub" / "models--someone--ink-lora"
-    (repo / "snapshots" / "abc123").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    (repo / "snapshots" / "abc123" / "ink.safetensors").write_bytes(b"")
+    cached_hub_snapshot(monkeypatch, tmp_path / "hub", "someone/ink-lora")
     code, _, err = _run(capsys, "generate", "a red circle", "--model", "someone/ink-lora", "-o", tmp_path / "a.png")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no model_index.json" in err, err
