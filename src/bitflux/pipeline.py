@@ -118,11 +118,11 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     """A diffusers FLUX.1 pipeline from a pipeline folder, of `pipeline_class` (default: the class its
     model_index.json names, named_pipeline_class: FluxPipeline, FluxFillPipeline, FluxKontextPipeline, ...): a
     bitflux one gets its ternary transformer (never materialised in full precision), a full-precision one loads
-    as diffusers would. dtype: the unquantized
-    parts' (default: default_dtype(device)). `offload` keeps each component on the CPU until it runs
-    (diffusers' model CPU offload): the text encoders, larger than a ternary FLUX.1-dev transformer, then never
-    sit on the GPU together with it. A ternary transformer runs each attention's q/k/v as one layer call
-    (bitflux.fusion; diffusers' `transformer.unfuse_qkv_projections()` undoes it).
+    as diffusers would. dtype: the unquantized parts' (default: default_dtype(device)). `offload` keeps each
+    component on the CPU until it runs (diffusers' model CPU offload): the text encoders, larger than a ternary
+    FLUX.1-dev transformer, then never sit on the GPU together with it. A ternary transformer runs each
+    attention's q/k/v as one layer call (bitflux.fusion; diffusers' `transformer.unfuse_qkv_projections()` undoes
+    it).
 
     text_encoders: True loads them as suits the device: on a CPU, T5 streamed from its checkpoint a block at a
     time at each encoding (bitflux.streaming: T5-XXL in ~1 GB instead of 9.5, for the same time there), and in
@@ -254,12 +254,12 @@ def text_length(pipe) -> int:
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.5,
              height: int = 64, width: int = 64, progress: bool = True, embeddings: dict | None = None,
              release_transformer: bool = False):
-    """PIL images, one per prompt, made from text (as_text_to_image: a Kontext pipeline's too); the noise of each depends only on its seed, so full-precision and
-    ternary pipelines given the same seeds start from the same latents. `embeddings`: the prompts' as
-    encode_prompts made them (the pipeline may then have no text encoders), the same images.
-    `release_transformer`: the pipeline drops its transformer once the latents are made, before the VAE
-    decodes them (the peak is then the larger of the two, not their sum: the decoder at 1024x1024 takes ~4 GB
-    on a CPU); the same images, and the pipeline cannot denoise again."""
+    """PIL images, one per prompt, made from text (as_text_to_image: a Kontext pipeline's too); the noise of each
+    depends only on its seed, so full-precision and ternary pipelines given the same seeds start from the same
+    latents. `embeddings`: the prompts' as encode_prompts made them (the pipeline may then have no text
+    encoders), the same images. `release_transformer`: the pipeline drops its transformer once the latents are
+    made, before the VAE decodes them (the peak is then the larger of the two, not their sum: the decoder at
+    1024x1024 takes ~4 GB on a CPU); the same images, and the pipeline cannot denoise again."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     caller, pipe = pipe, as_text_to_image(pipe)

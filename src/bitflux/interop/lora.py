@@ -383,7 +383,7 @@ def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtyp
     state dict) to `model` as side branches; returns its adapter. Several may be attached at once: their branches
     add up. A torch.compile wrapper's model takes it (before the first compiled call: a graph compiled since does
     not see it)."""
-    model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    model = model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     pairs, skipped = read_lora(source, model)
     branches = {}
     for name, (down, up, alpha) in pairs.items():
