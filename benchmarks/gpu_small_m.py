@@ -38,15 +38,16 @@ CANDIDATES = {
                (16, 16, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4)],
     # the H100 sweeps' 15 tiles above (BENCHMARKS.md), whose choice is the default, and 3 more; all compile for
     # sm_90 without spills (ptxas, as benchmarks/gpu_compile.py runs it): 64-255 registers.
-    # dp4a (a8, not yet timed on a GPU): (BLOCK_N, words of 16 codes a step, warps), at one token (DP4A_TILE)
-    "dp4a": [triton_backend.DP4A_TILE, (8, 64, 4), (32, 64, 4), (16, 128, 4), (16, 32, 4), (8, 128, 4),
-             (32, 32, 4), (16, 64, 8)],
+    # dp4a (a8): (BLOCK_N, words of 16 codes a step, warps), at one token (DP4A_TILE): the H200's best three of
+    # 2026-11-28 (docs/gpu/h200/gpu_small_m_dp4a.md), the first default (16, 64, 4) and untried neighbours
+    "dp4a": [triton_backend.DP4A_TILE, (8, 128, 4), (16, 32, 4), (16, 64, 4), (64, 32, 4), (32, 16, 4),
+             (32, 32, 8)],
     # planar (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens, at the default programs per SM only (the run's
     # time limit): wider tiles spend fewer instructions a code (sm_90, offline), narrower hold fewer registers
     "planar": [triton_backend.PLANAR_FEW_TILE, (16, 64, 4, 4), (16, 256, 4, 4), (16, 256, 8, 3)],
 }
 # dp4a at 2-16 tokens (DP4A_FEW_TILE): a tile of 16 tokens keeps 16 x BLOCK_N x words int32 sums
-DP4A_FEW_CANDIDATES = [triton_backend.DP4A_FEW_TILE, (16, 32, 4), (8, 64, 4), (4, 64, 4), (8, 16, 4), (16, 16, 4)]
+DP4A_FEW_CANDIDATES = [triton_backend.DP4A_FEW_TILE, (8, 32, 4), (8, 64, 4), (16, 16, 4), (32, 16, 4), (16, 32, 8)]
 PROGRAMS = (triton_backend.PROGRAMS_PER_SM, 8, 16)
 LAYERS = ("double norm1.linear", "attn to_q/k/v, to_out", "ff net.2")
 TOKENS = (1, 16)

@@ -513,15 +513,19 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
                                                        (1024, 70, "channel", False), (2048, 20, "tensor", True),
                                                        (2064, 20, "channel", False)])
 def test_dp4a_is_exact(m, k, n, granularity, with_bias):
-    """a8 on words of codes (DP4A): bit for bit the integer reference, on random rows and one of the
-    quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked loads); 1024 (one step) and
-    2048 (two, split over K slices here): whole steps, unmasked; 2064: split, its last step partial. One token
-    takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one."""
+    """a8 on words of codes (DP4A): bit for bit the integer reference (with a bias, up to its last rounding),
+    on random rows and one of the quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked
+    loads); 1024 (one step) and 2048 (two, split over K slices here): whole steps, unmasked; 2064: split, its
+    last step partial. One token takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one."""
     weight = _weight(n, k, granularity, power_of_two=True)
     bias = _activations(1, n, torch.float32, seed=2).reshape(-1) if with_bias else None
     x = torch.cat([_ties("a8", k), _activations(m - 1, k, torch.float32)])
     out = tk.linear(x, tk.prepare(weight), bias, "a8", strategy="dp4a")
-    assert torch.equal(out, _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias))
+    expected = _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias)
+    if bias is None:
+        assert torch.equal(out, expected)
+    else:  # the compiler may fuse the activation scale's multiply with the bias's add (last bits off on an H200)
+        torch.testing.assert_close(out, expected, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-6)
 
 
 def test_dp4a_is_offered_for_few_int8_tokens_on_tq2_words():

@@ -99,10 +99,13 @@ GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
 # a16 on cuBLAS with one scale a run of output columns: at most this many runs (one GEMM each, the scale as
 # cuBLAS's alpha: one a tensor, one a layer of q/k/v fused by bitflux.fusion), else a scale epilogue
 ALPHA_PIECES = 4
-# The DP4A GEMV's (rows, words of 16 codes a step, warps): 16 x 1024 codes a step, 4 KB of codes a program in
-# flight with the next step's; a first choice, not yet timed on a GPU
-DP4A_TILE = (16, 64, 4)
-DP4A_FEW_TILE = (8, 32, 4)  # 2-16 tokens in one tile of up to 16: an int32 sum a (token, row, word), 32 registers
+# The DP4A GEMV's (rows, words of 16 codes a step, warps), from the H200's sweep (benchmarks/gpu_small_m.py,
+# docs/gpu/h200/gpu_small_m_dp4a.md). One token: 32 x 512 codes a step, 9.0 us on norm1.linear (18432 x 3072,
+# the modulation layers FLUX runs at one token) against 11.4 for the first choice, 16 x 1024. 2-16 tokens: 16 x
+# 512, an int32 sum a (token, row, word), 64 registers at 16 tokens: 1.25-1.6x faster than 8 x 512 at 16 tokens
+# on the three shapes swept (still behind planar and split-K there).
+DP4A_TILE = (32, 32, 4)
+DP4A_FEW_TILE = (16, 32, 4)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 # The planar kernel's (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens. Compiled for sm_90, its loop's
 # instructions a code: 4.6 / 3.6 / 3.1 (a16 / fp8 / a8) on 128 rows, 76 registers or fewer; 5.8 / 4.5 / 4.3 on 64
