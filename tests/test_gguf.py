@@ -73,6 +73,18 @@ def test_scales_that_blocks_cannot_hold_are_refused():
         to_block_scales(torch.full((1, 1), 3e-6), 4, 512, None, "layer")
 
 
+def test_blocks_of_zero_codes_take_scale_zero_where_fp16_cannot_hold_theirs():
+    codes = torch.ones(3, 512, dtype=torch.int8)
+    codes[1] = 0  # an all-zero row: the quantizer's floor 1e-8 as its scale
+    codes[2, 256:] = 0
+    scales = torch.tensor([[0.5], [1e-8], [1e-8]])
+    with pytest.raises(BitfluxError, match="float16"):  # row 2's first block has codes
+        to_block_scales(scales, 3, 512, None, "layer", codes=codes)
+    scales[2] = 0.25
+    blocks = to_block_scales(scales, 3, 512, None, "layer", codes=codes)
+    assert torch.equal(blocks.float(), torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.25, 0.25]]))
+
+
 # ---- whole models -----------------------------------------------------------------------------------------
 
 # Width 256 (2 heads x 128): every linear's in_features is a multiple of the 256-weight block.
@@ -244,6 +256,22 @@ def test_a_dense_foreign_file_is_quantized_into_a_folder(tmp_path):
     expected = build_tiny(config=CONFIG)
     quantize_(expected, TernaryConfig(granularity="channel"))
     assert torch.equal(output(load_transformer(tmp_path / "q")), output(expected))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_layer_with_an_all_zero_row_exports_and_loads_back(tmp_path, qtype):
+    model = build_tiny(config=CONFIG)
+    model.transformer_blocks[0].ff.net[2].weight.data[3] = 0
+    quantize_(model, TernaryConfig(granularity="channel"))
+    layer = model.transformer_blocks[0].ff.net[2]
+    assert layer.weight_scale[3].item() < 6.1e-5  # below fp16's normal range
+    export_gguf(model, tmp_path / "m.gguf", qtype)
+    loaded = load_gguf(tmp_path / "m.gguf")
+    back = loaded.transformer_blocks[0].ff.net[2]
+    assert torch.equal(back.weight_packed, layer.weight_packed) and back.weight_scale[3].item() == 0
+    for rounded in ternary_layers(model).values():  # what the file holds: fp16 scales (the zero row's: 0)
+        rounded.weight_scale.copy_(rounded.weight_scale.half())
+    assert torch.equal(output(loaded), output(model))
 
 
 def test_export_refuses_rows_that_are_not_whole_blocks(tmp_path):

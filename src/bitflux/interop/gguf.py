@@ -15,7 +15,8 @@ What maps exactly: a block has one scale, so bitflux's per-tensor and per-channe
 per-group scales when the group is a whole number of blocks (group_size a multiple of 256; a group that
 divides 256 would not do: a 256-weight block cannot hold two scales). Scales are rounded
 to fp16 (round to nearest even): exact for float16 scales and for bfloat16 scales >= 2^-14, relative error
-<= 2^-11 for float32. Rows whose in_features is not a multiple of 256 cannot be blocks: export refuses them
+<= 2^-11 for float32; a block of zero codes whose scale fp16 cannot hold (an all-zero row's 1e-8) gets scale
+0, as ggml's quantizer gives it. Rows whose in_features is not a multiple of 256 cannot be blocks: export refuses them
 with a BitfluxError rather than storing a silently 8x larger dense copy (every FLUX.1 linear has
 in_features 3072, 12288 or 15360). Every other tensor keeps its dtype: F32, F16 or BF16.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +128,12 @@ def decode_blocks(blocks: torch.Tensor, qtype_name: str) -> tuple[torch.Tensor, 
 # ---- scales: bitflux granularities <-> one fp16 scale per block ----------------------------------------
 
 def to_block_scales(scales: torch.Tensor, out_features: int, in_features: int, group_size: int | None,
-                    name: str) -> torch.Tensor:
-    """bitflux scales (1|out, 1|groups) -> (out, in / 256) float16, or a BitfluxError when not exact."""
+                    name: str, codes: torch.Tensor | None = None) -> torch.Tensor:
+    """bitflux scales (1|out, 1|groups) -> (out, in / 256) float16, or a BitfluxError when not exact.
+
+    Given the layer's (out, in) codes, a block whose codes are all 0 takes 0 where fp16 cannot hold its scale
+    (ggml's quantizer writes 0 there too): its weights are 0 whatever the scale. An all-zero row's scale is
+    the quantizer's floor (1e-8), which fp16 cannot hold."""
     if in_features % BLOCK:
         raise BitfluxError(f"{name}: in_features {in_features} is not a multiple of {BLOCK}, "
                            f"so ggml ternary blocks cannot hold it")
@@ -139,7 +145,11 @@ def to_block_scales(scales: torch.Tensor, out_features: int, in_features: int, g
     blocks = scales.float().repeat_interleave(per_group, 1)[:, :n_blocks].expand(out_features, n_blocks)
     half = blocks.to(torch.float16)
     # below 6.1e-5 fp16 is subnormal: fewer digits, up to all of them lost (0)
-    if not torch.isfinite(half).all() or ((half.float() - blocks).abs() > blocks.abs() * 2**-11).any():
+    inexact = ~torch.isfinite(half) | ((half.float() - blocks).abs() > blocks.abs() * 2**-11)
+    if inexact.any() and codes is not None:
+        unused = codes.reshape(out_features, n_blocks, BLOCK).eq(0).all(-1)
+        half, inexact = half.masked_fill(inexact & unused, 0), inexact & ~unused
+    if inexact.any():
         raise BitfluxError(f"{name}: a scale does not fit in float16 to its 11 bits (range 6.1e-5 .. 65504)")
     return half
 
@@ -198,8 +208,13 @@ def _export_tensors(model: nn.Module, names: str):
         elif leaf == "weight_packed":
             layer = layers[owner]
             # Every layer is checked before a byte is written, so a refusal leaves nothing behind.
-            scales[f"{owner}.weight"] = to_block_scales(layer.weight_scale.cpu(), layer.out_features,
-                                                        layer.in_features, layer.group_size, owner)
+            block_scales = functools.partial(to_block_scales, layer.weight_scale.cpu(), layer.out_features,
+                                             layer.in_features, layer.group_size, owner)
+            try:
+                scales[f"{owner}.weight"] = block_scales()
+            except BitfluxError:  # the codes unpacked only then: blocks of zero codes may hold any scale
+                scales[f"{owner}.weight"] = block_scales(codes=formats.unpack(tensor.cpu(), layer.in_features,
+                                                                              layer.packing))
             packed[f"{owner}.weight"] = formats.convert(tensor.cpu(), layer.in_features, layer.packing, packing)
     if names == "original":
         try:
