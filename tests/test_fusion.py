@@ -7,6 +7,7 @@ import torch
 from conftest import build_tiny, tiny_inputs
 
 from bitflux import (
+    BitfluxError,
     TernaryConfig,
     TernaryLinear,
     kernels,
@@ -255,6 +256,18 @@ def test_a_fused_model_pickles_copies_and_is_freed_when_deleted():
         assert codes() is None
     finally:
         gc.enable()
+
+
+def test_a_fused_projection_that_outlived_its_attention_says_so_and_so_do_its_copies():
+    import copy
+
+    _, fused, _ = fused_pair()
+    projection = fused.transformer_blocks[0].attn.to_qkv
+    del fused
+    gc.collect()
+    for orphan in (projection, copy.deepcopy(projection)):
+        with pytest.raises(BitfluxError, match="outlived its attention module"):
+            orphan(torch.zeros(1, 4))
 
 
 def test_loaded_ternary_pipelines_are_fused():

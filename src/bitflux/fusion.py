@@ -101,6 +101,16 @@ def gather_codes(layers: list[TernaryLinear]) -> None:
         start += layer.out_features
 
 
+def weak_reference(obj: object | None):
+    """weakref.ref(obj); for None (what a copy or pickle of a dead reference holds) a callable that answers None,
+    as the dead reference did."""
+    return _dead_reference if obj is None else weakref.ref(obj)
+
+
+def _dead_reference() -> None:
+    """A dead weak reference's answer, for a copy of one."""
+
+
 class FusedProjection(nn.Module):
     """y = cat([layer(x) for layer in the attention's `names`], -1), as one ternary GEMM."""
 
@@ -118,12 +128,13 @@ class FusedProjection(nn.Module):
                                "whose layers it runs: copy or save the attention (or the model) with it")
         return [getattr(attention, name) for name in self.names]
 
-    # A copy or a pickle holds the attention it copies along (a deep copy: the copied attention).
+    # A copy or a pickle holds the attention it copies along (a deep copy: the copied attention); one that is gone
+    # stays gone.
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_attention": self._attention()}
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__({**state, "_attention": weakref.ref(state["_attention"])})
+        super().__setstate__({**state, "_attention": weak_reference(state["_attention"])})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers()

@@ -35,6 +35,7 @@ from torch import nn
 from .. import flux, formats
 from ..checkpoint import check_finite
 from ..errors import BitfluxError
+from ..fusion import weak_reference
 from ..kernels import forget_prepared
 from ..linear import TernaryLinear
 from ..ternary import ternarize
@@ -75,10 +76,6 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     return layer.dequantize(torch.float32) if isinstance(layer, TernaryLinear) else layer.weight.detach().float()
 
 
-def _gone() -> None:
-    """A dead weak reference's answer, for a copy of one."""
-
-
 class LoraAdapter(nn.Module):
     """One LoRA attached to a model. `strength` may be changed at any time while unfused."""
 
@@ -110,7 +107,7 @@ class LoraAdapter(nn.Module):
                 "_hooks": [hook for hook in self._hooks if hook.hooks_dict_ref() is not None]}
 
     def __setstate__(self, state: dict) -> None:
-        layers = {name: _gone if layer is None else weakref.ref(layer) for name, layer in state["_layers"].items()}
+        layers = {name: weak_reference(layer) for name, layer in state["_layers"].items()}
         super().__setstate__({**state, "_layers": layers})
 
     def _add_branch(self, branch: LoraBranch, module, args, output):
