@@ -188,6 +188,29 @@ def test_inputs_needing_gradients_go_to_the_reference():
         assert select_backend(x, weight, "a16") is cpu
 
 
+@pytest.mark.parametrize("trained", ["bias", "scales"])
+def test_a_bias_or_scales_that_need_a_gradient_get_it(trained):
+    """Tuning a layer's bias or scales with its inputs frozen: the call takes the reference, so the gradient
+    reaches them (the kernel would have returned an output with no graph)."""
+    weight, bias = make_weight(8, 32), torch.zeros(8)
+    (bias if trained == "bias" else weight.scales).requires_grad_(True)
+    x = torch.randn(3, 32)
+    assert select_backend(x, weight, "a8", bias) is reference
+    ternary_linear(x, weight, bias, "a8").sum().backward()
+    grad = bias.grad if trained == "bias" else weight.scales.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_a_bias_of_another_shape_is_refused():
+    """The kernels read out_features bias values: a bias of any other shape is refused at the dispatch point,
+    on every backend (one value was read past its end before)."""
+    weight, x = make_weight(40, 64), torch.randn(5, 64)
+    for backend in ("cpu", "reference"):
+        for bias in (torch.tensor([1.5]), torch.zeros(41), torch.zeros(1, 40)):
+            with use_backend(backend), pytest.raises(BitfluxError, match=r"bias of shape \(40,\), got"):
+                ternary_linear(x, weight, bias, "a8")
+
+
 def test_isa_selection():
     assert cpu.supported_isas()[0] == "generic"
     with pytest.raises(BitfluxError):
@@ -286,15 +309,16 @@ def test_prepared_weight_reads_the_layer_codes_in_place():
         prepared.codes
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("m", [2, 9])  # GEMV, tiles
-def test_signed_zeros_and_nan_rows_as_the_reference(m):
+def test_signed_zeros_and_nan_rows_as_the_reference(m, bad):
     """Bit for bit also where torch.equal looks away: a zero sum times a negative scale is -0.0 (one scale
-    group adds no zero first), and a token with a NaN gives NaN outputs (its scale is NaN), the other
-    tokens untouched."""
+    group adds no zero first), and a token with a NaN or an infinity gives NaN outputs (its scale is NaN, or
+    inf times codes of 0), the other tokens untouched."""
     weight = make_weight(20, 48, codes=torch.zeros(20, 48, dtype=torch.int8))
     weight = TernaryWeight(weight.packed, -weight.scales, 48, 20, None)
     x = torch.randn(m, 48)
-    x[1, 5] = float("nan")
+    x[1, 5] = bad
     for isa in cpu.supported_isas():
         y, expected = run_cpu(x, weight, isa=isa), reference.linear_a8(x, weight, None)
         assert torch.isnan(y[1]).all() and torch.isnan(expected[1]).all()

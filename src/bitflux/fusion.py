@@ -141,8 +141,9 @@ class FusedProjection(nn.Module):
         compiling = torch.compiler.is_compiling()
         if (not all(isinstance(layer, TernaryLinear) for layer in layers)
                 or any(_needs_own_call(layer) for layer in layers)
-                or (compiling and needs_gradient(x))):  # the operator has no backward
-            return self._separately(layers, x)
+                or (compiling and needs_gradient(x, *(tensor for layer in layers
+                                                      for tensor in (layer.weight_scale, layer.bias))))):
+            return self._separately(layers, x)  # the operator has no backward
         first = layers[0]
         packed = [layer.weight_packed for layer in layers]
         scales = [layer.weight_scale for layer in layers]

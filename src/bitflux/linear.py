@@ -96,7 +96,7 @@ class TernaryLinear(nn.Module):
         return reference.dequantize(self.ternary_weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not needs_gradient(x):
+        if torch.compiler.is_compiling() and not needs_gradient(x, self.weight_scale, self.bias):
             # torch.compile: one opaque operator. It has no backward, so inputs that need a gradient are traced
             # through ternary_linear instead (on a CPU the reference backend takes them).
             return ternary_linear_op(x, self.weight_packed, self.weight_scale, self.bias, self.in_features,

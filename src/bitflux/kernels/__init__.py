@@ -12,7 +12,8 @@ A backend is a module with:
     linear(x, prepared, bias, activations) -> Tensor
 
 `auto` picks, among the backends registered for the input's device type, the first that is available
-and supports the call, else reference.
+and supports the call, else reference. Calls that need a gradient (of x, the scales or the bias) always take
+the reference: the kernels have no backward.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def _requested() -> str:
     return _forced.get() or os.environ.get("BITFLUX_BACKEND", "auto")
 
 
-def select_backend(x: torch.Tensor, weight: TernaryWeight, activations: str):
+def select_backend(x: torch.Tensor, weight: TernaryWeight, activations: str, bias: torch.Tensor | None = None):
+    if needs_gradient(x, weight.scales, bias):
+        return reference
     requested = _requested()
     if requested != "auto":
         backend = get_backend(requested)
@@ -148,9 +151,10 @@ register("triton", "bitflux.kernels.triton", "cuda")
 register("cpu", "bitflux.kernels.cpu", "cpu")
 
 
-def needs_gradient(x: torch.Tensor) -> bool:
-    """The kernels have no backward: such inputs are computed by the reference (differentiable torch ops)."""
-    return x.requires_grad and torch.is_grad_enabled()
+def needs_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors (None: absent) must be differentiable: the kernels have no backward, so
+    such calls are computed by the reference (differentiable torch ops)."""
+    return torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
 
 
 def tensor_version(tensor: torch.Tensor) -> int:
@@ -201,7 +205,10 @@ def ternary_linear(
     if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != weight.in_features:
         raise BitfluxError(f"a ternary linear layer of {weight.in_features} inputs takes floating-point inputs "
                            f"whose last dimension is {weight.in_features}, got {str(x.dtype)[6:]} {tuple(x.shape)}")
-    backend = select_backend(x, weight, activations)
+    if bias is not None and tuple(bias.shape) != (weight.out_features,):  # the kernels read out_features values
+        raise BitfluxError(f"a ternary linear layer of {weight.out_features} outputs takes a bias of shape "
+                           f"({weight.out_features},), got {tuple(bias.shape)}")
+    backend = select_backend(x, weight, activations, bias)
     if backend is reference:
         return reference.linear(x, weight, bias, activations)
     prepared = _cached(_prepared, weight.packed, (weight.packed, weight.scales), lambda: _prepare(backend, weight),

@@ -50,8 +50,6 @@ from typing import NamedTuple
 
 import torch
 
-from . import needs_gradient
-
 NAME = "triton"
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
@@ -155,8 +153,6 @@ def has_fp8(device: torch.device) -> bool:
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
-    if needs_gradient(x):  # LoRA training through the ternary layers: the reference computes those
-        return False
     on_device = x.is_cuda or (_interpreting() and x.device.type == "cpu")
     grouped = weight.scales.shape[1] > 1
     if activations == "fp8" and (grouped or not has_fp8(x.device)):

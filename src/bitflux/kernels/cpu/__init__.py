@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BitfluxError
-from .. import _forcing, needs_gradient
+from .. import _forcing
 from . import _library
 
 NAME = "cpu"
@@ -58,11 +58,10 @@ def use_isa(name: str):
 
 
 def supports(x: torch.Tensor, weight, activations: str) -> bool:
-    # Per-group scales need whole blocks per group; other group sizes stay on the reference. So do inputs
-    # that need a gradient: the C kernel has no backward.
+    # Per-group scales need whole blocks per group; other group sizes stay on the reference.
     grouped = weight.scales.shape[1] > 1
     return (activations != "fp8"  # fp8 has no int8 stand-in: the reference computes it
-            and x.device.type == "cpu" and x.is_floating_point() and not needs_gradient(x)
+            and x.device.type == "cpu" and x.is_floating_point()
             and (not grouped or weight.group_size % CHUNK == 0))
 
 

@@ -19,6 +19,7 @@
  * AVX-VNNI (vpdpbusd on 256-bit registers: the AVX2 path's tiles, int32 sums directly), AVX-512 VNNI
  * (vpdpbusd on 512-bit registers). All give identical int32 sums, so identical outputs.
  */
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,7 +132,9 @@ static inline __attribute__((always_inline)) void quantize_row_body(const float 
     float amax;
     memcpy(&amax, &amax_bits, sizeof amax);
     const float s = (amax > 1e-12f || amax != amax ? amax : 1e-12f) / 127.0f;
-    if (s != s) { /* a NaN in the row: its outputs are NaN (the scale), its codes anything defined */
+    if (!(s <= FLT_MAX)) { /* a NaN or an infinity in the row: its outputs are NaN (the scale NaN, or inf
+                                    times codes of 0), its codes defined (x / s would be inf / inf = NaN, whose
+                                    conversion to int8 is undefined) */
         memset(q, 0, (size_t)row_bytes);
         *scale = s;
         return;
