@@ -17,7 +17,7 @@ from PIL import Image
 
 import bitflux
 from bitflux import BitfluxError
-from bitflux.cli import main
+from bitflux.cli import build_parser, main
 from bitflux.kernels import backend_names, unavailable_reason
 
 CPU_BACKENDS = [b for b in backend_names() if b != "triton" and unavailable_reason(b) is None]
@@ -204,6 +204,20 @@ def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graph
     args = build_parser().parse_args(argv + ["-o", "x.png"] * (argv[0] == "generate"))
     _check_common(args)
     assert args.cuda_graph is graphs
+
+
+def test_the_backend_variable_is_the_backend_option_default(monkeypatch):
+    """BITFLUX_BACKEND chooses the commands' backend as it does the library's (the option's default "auto" forced
+    auto over it); --backend still chooses over it."""
+    monkeypatch.setenv("BITFLUX_BACKEND", "reference")
+    assert build_parser().parse_args(["generate", "a", "-o", "x.png"]).backend == "reference"
+    assert build_parser().parse_args(["bench", "--backend", "cpu"]).backend == "cpu"
+
+
+def test_an_unknown_backend_variable_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("BITFLUX_BACKEND", "magic")
+    code, _, err = _run(capsys, "generate", "a", "-o", tmp_path / "x.png")
+    assert code == 2 and "unknown backend 'magic'" in err and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_device_options(parser) -> None:
     """Where and in what a pipeline runs (generate, bench, eval): kernels, device, dtype."""
-    parser.add_argument("--backend", default="auto", help="auto | reference | cpu | triton")
+    parser.add_argument("--backend", default=os.environ.get("BITFLUX_BACKEND", "auto"),
+                        help="auto | reference | cpu | triton (default: $BITFLUX_BACKEND, else auto)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)
 
