@@ -198,6 +198,24 @@ def test_existing_output_needs_force(tmp_path, tiny_folder, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.old"]  # none left
 
 
+def test_force_onto_a_link_to_an_output_replaces_the_link(tmp_path, tiny_folder, capsys):
+    earlier = tmp_path / "earlier"
+    assert _run(capsys, "quantize", tiny_folder, "-o", earlier, "-q")[0] == 0
+    link = tmp_path / "latest"
+    link.symlink_to(earlier)
+    assert _run(capsys, "quantize", tiny_folder, "-o", link, "--force", "-q")[0] == 0
+    assert not link.is_symlink() and (link / "config.json").exists() and (earlier / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latest.")]  # the old link is gone too
+
+
+def test_unreadable_inputs_are_one_line(tmp_path, tiny_folder, capsys):
+    """A folder where a file belongs, or a file the user may not read: the system's words, exit 2."""
+    bad = tmp_path / "bad"
+    (bad / "config.json").mkdir(parents=True)
+    code, _, err = _run(capsys, "inspect", bad)
+    _assert_one_line_error(code, err, "config.json", "Is a directory")
+
+
 def test_the_output_cannot_be_the_source(tmp_path, tiny_folder, capsys):
     """--force would replace the source: the output may not be it, hold it, or lie inside it."""
     pipeline = tmp_path / "pipe"

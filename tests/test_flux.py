@@ -95,8 +95,12 @@ def test_a_fused_tensor_lacking_a_part_is_named():
 
 
 @pytest.mark.parametrize("damage,words", [
-    ({"axes_dims_rope": [1, 2]}, r"axes_dims_rope \[1, 2\] must be integers adding up to attention_head_dim 32"),
+    ({"axes_dims_rope": [1, 2]}, r"axes_dims_rope \[1, 2\] must be even sizes adding up to attention_head_dim 32"),
+    ({"axes_dims_rope": [-16, 24, 24]}, r"must be even sizes adding up to attention_head_dim 32"),
+    ({"axes_dims_rope": [2, 15, 15]}, r"must be even sizes adding up to attention_head_dim 32"),
     ({"num_layers": 10**9}, r"num_layers 1000000000 is not a size of a FLUX transformer \(0 .. 1024\)"),
+    ({"attention_head_dim": 0, "axes_dims_rope": []}, r"attention_head_dim 0 is not a size of a FLUX transformer \(2 .. 4096\)"),
+    ({"num_attention_heads": 0}, r"num_attention_heads 0 is not a size"),
     ({"attention_head_dim": "32"}, "attention_head_dim '32' is not a size"),
 ])
 def test_a_config_no_flux_transformer_could_have_is_refused_before_one_is_built(damage, words):

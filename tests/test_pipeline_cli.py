@@ -245,7 +245,9 @@ def test_an_unknown_backend_variable_is_one_line(monkeypatch, capsys, tmp_path):
     (["generate", "a", "--seed", "-1", "-o", "x.png"], "--seed must be between"),
     (["generate", "a", "--steps", "1000000000000000000000", "-o", "x.png"], "--steps must be between 1 and"),
     (["generate", "a", "--guidance", "nan", "-o", "x.png"], "--guidance must be a finite number"),
+    (["generate", "a", "--guidance", "1e39", "-o", "x.png"], "within float32's range"),
     (["eval", "--seeds", "0", "-5"], "--seeds must be between"),
+    (["eval", "--variants", "fp,absmean,fp"], "a variant given twice"),
     (["eval", "--seeds", "9223372036854775000"], "--seeds must be between 0 and 2^32 - 1"),
     (["eval", "--seeds", "3", "3"], "a seed given twice"),
     (["eval", "--variants", ""], "--variants is empty"),
@@ -435,8 +437,9 @@ def test_generate_with_a_lora(tmp_path, capsys):
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err
-    code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:nan", "-o", tmp_path / "x.png")
-    assert code == 2 and "finite" in err and not (tmp_path / "x.png").exists()
+    for strength in ("nan", "1e39"):  # 1e39: float32's inf, a black image
+        code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:{strength}", "-o", tmp_path / "x.png")
+        assert code == 2 and "finite" in err and not (tmp_path / "x.png").exists()
     for strength in ("strong", "1_0"):  # float() would take 1_0 for 10
         code, _, err = _run(capsys, "generate", "a", "--lora", f"{path}:{strength}", "-o", tmp_path / "x.png")
         assert code == 2 and f"its strength '{strength}' is not a number" in err

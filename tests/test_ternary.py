@@ -82,3 +82,14 @@ def test_a_row_of_tiny_weights_keeps_its_own_scale(method):
     assert relative_error(weight[1:], codes[1:], scales[1:]) < 0.5
     step = rounding_step(weight, codes, "channel", None)
     assert torch.equal(torch.clamp(torch.round(weight / step), -1, 1).to(torch.int8), codes)
+
+
+@pytest.mark.parametrize("method", ["absmean", "twn", "lsq"])
+def test_a_group_wider_than_the_rows_is_the_row(method):
+    """group:N with N past in_features: one group a row, as per channel, without padding rows to N (a group of
+    10^8 asked for 25 GB before)."""
+    weight = torch.randn(6, 40)
+    codes, scales = ternarize(weight, method, "group", 10**8)
+    channel_codes, channel_scales = ternarize(weight, method, "channel", None)
+    assert torch.equal(codes, channel_codes) and torch.equal(scales, channel_scales)
+    assert torch.equal(dequantize(codes, scales, 10**8), dequantize(channel_codes, channel_scales))

@@ -55,7 +55,7 @@ def read_safetensors_header(path: str | Path) -> dict:
         raw = f.read(length)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested past Python's stack
         raise BitfluxError(f"{path}: not a safetensors file (header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise BitfluxError(f"{path}: corrupted safetensors header")
@@ -177,7 +177,7 @@ def parse_json_object(text: str | bytes, where: str) -> dict:
     """A JSON object (config.json, model_index.json, a GGUF file's metadata), else a one-line BitfluxError."""
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's stack
         raise BitfluxError(f"{where}: not valid JSON") from None
     if not isinstance(value, dict):
         raise BitfluxError(f"{where}: expected a JSON object, found {type(value).__name__}")
@@ -391,7 +391,8 @@ class AtomicFolder:
                 except OSError:
                     os.replace(old, self.target)  # the previous output stays
                     raise
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+                # a link to a folder: the link goes, the folder it names stays
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
             else:
                 os.replace(self.tmp, self.target)
         except OSError as error:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -92,6 +91,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch to parse arguments
+
+
 def _parse_lora(text: str) -> tuple[Path, float]:
     """LORA[:STRENGTH] -> (its file, strength); LORA: a file, a folder or a hub id (interop.lora.lora_file)."""
     # the last colon: a path may hold colons of its own (C:\\loras\\x.safetensors:0.8, style:v2.safetensors:0.5)
@@ -104,8 +106,8 @@ def _parse_lora(text: str) -> tuple[Path, float]:
         if Path(path).exists():
             raise BitfluxError(f"bad --lora {text!r}: its strength {strength!r} is not a number") from None
         path, value = text, 1.0  # no strength: a colon of the name's own (lora_file says if it names nothing)
-    if not math.isfinite(value):
-        raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number")
+    if not abs(value) <= FLOAT32_MAX:
+        raise BitfluxError(f"bad --lora {text!r}: the strength must be a finite number within float32's range")
     from .interop.lora import lora_file
 
     return lora_file(path), value
@@ -127,8 +129,8 @@ def _check_common(args) -> None:
             raise BitfluxError(f"--seeds must be between 0 and 2^32 - 1, got {seed}")
     if len(set(seeds)) < len(seeds):
         raise BitfluxError(f"--seeds {' '.join(map(str, seeds))}: a seed given twice would count its images twice")
-    if not math.isfinite(getattr(args, "guidance", 0.0)):
-        raise BitfluxError(f"--guidance must be a finite number, got {args.guidance}")
+    if not abs(getattr(args, "guidance", 0.0)) <= FLOAT32_MAX:  # the pipeline makes a float32 tensor of it
+        raise BitfluxError(f"--guidance must be a finite number within float32's range, got {args.guidance}")
     if getattr(args, "size", None):
         _parse_size(args.size)
     device = args.device.split(":")[0]
@@ -453,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`bitflux inspect ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail
         return 1
+    except OSError as exc:  # a path the system will not read or write as asked (permissions, a folder for a file)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"bitflux: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

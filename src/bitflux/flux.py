@@ -20,25 +20,28 @@ FLUX_SCHNELL_CONFIG = {**FLUX_DEV_CONFIG, "guidance_embeds": False}
 KNOWN_CONFIGS = {"flux.1-dev": FLUX_DEV_CONFIG, "flux.1-schnell": FLUX_SCHNELL_CONFIG}
 
 
-# Sizes a config.json sets, with the most a FLUX-class model could have: a damaged file (10**9 layers) is refused
-# before a model of its shape is built
-_SIZE_LIMITS = {"num_layers": 1024, "num_single_layers": 1024, "num_attention_heads": 1024,
-                "attention_head_dim": 4096, "in_channels": 4096, "joint_attention_dim": 65536,
-                "pooled_projection_dim": 65536, "patch_size": 64}
+# Sizes a config.json sets, with the least and the most a FLUX-class model could have: a damaged file (10**9 layers,
+# heads of 0 dimensions) is refused before a model of its shape is built
+_SIZE_LIMITS = {"num_layers": (0, 1024), "num_single_layers": (0, 1024), "num_attention_heads": (1, 1024),
+                "attention_head_dim": (2, 4096), "in_channels": (1, 4096), "joint_attention_dim": (1, 65536),
+                "pooled_projection_dim": (1, 65536), "patch_size": (1, 64)}
 
 
 def check_flux_config(config: dict, where: str) -> None:
     name = config.get("_class_name")
     if name != FLUX_CLASS:
         raise BitfluxError(f"{where} is a {name or 'unknown model'}, not a FLUX transformer ({FLUX_CLASS})")
-    for key, most in _SIZE_LIMITS.items():
+    for key, (least, most) in _SIZE_LIMITS.items():
         value = config.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most):
-            raise BitfluxError(f"{where}: {key} {value!r} is not a size of a FLUX transformer (0 .. {most})")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most):
+            raise BitfluxError(f"{where}: {key} {value!r} is not a size of a FLUX transformer ({least} .. {most})")
     axes, head = config.get("axes_dims_rope"), config.get("attention_head_dim")
+    # each axis rotates pairs of dimensions: even sizes, none negative
     if axes is not None and head is not None and (
-            not isinstance(axes, list | tuple) or not all(isinstance(a, int) for a in axes) or sum(axes) != head):
-        raise BitfluxError(f"{where}: axes_dims_rope {axes!r} must be integers adding up to attention_head_dim {head}")
+            not isinstance(axes, list | tuple) or not all(isinstance(a, int) and a >= 0 and a % 2 == 0 for a in axes)
+            or sum(axes) != head):
+        raise BitfluxError(f"{where}: axes_dims_rope {axes!r} must be even sizes adding up to attention_head_dim "
+                           f"{head}")
 
 
 def block_names(config: dict) -> list[str]:

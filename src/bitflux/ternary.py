@@ -20,6 +20,7 @@ def grouped(weight: torch.Tensor, granularity: str, group_size: int | None) -> t
     if granularity == "channel":
         return weight.reshape(out_features, 1, in_features)
     if granularity == "group":
+        group_size = min(group_size, in_features)  # a group wider than the rows is the row, unpadded
         pad = -in_features % group_size
         # Zero padding is neutral for every method below: it adds nothing to |W| sums and is
         # excluded from means through the element count of each group.

@@ -156,4 +156,6 @@ def check_variants(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names:
         raise BitfluxError("--variants is empty")
+    if len(set(names)) < len(names):  # its images would be made twice for one row
+        raise BitfluxError(f"--variants {text}: a variant given twice")
     return names
