@@ -337,3 +337,16 @@ def test_a_malformed_index_is_one_line(tmp_path, tiny_folder, index):
     (tiny_folder / INDEX_NAME).write_bytes(index if isinstance(index, bytes) else index.encode())
     with pytest.raises(BitfluxError, match=f"{INDEX_NAME}: (malformed safetensors index|not valid JSON|expected a JSON)"):
         weight_files(tiny_folder)
+
+
+def test_an_output_another_run_wrote_meanwhile_is_left_to_it(tmp_path):
+    """Two runs writing one output without force: the second to finish fails and leaves the first's folder."""
+    from bitflux.checkpoint import AtomicFolder
+
+    out = tmp_path / "out"
+    with pytest.raises(BitfluxError, match="appeared while this ran"):
+        with AtomicFolder(out, force=False) as tmp:
+            (tmp / "config.json").write_text("ours")
+            out.mkdir()
+            (out / "config.json").write_text("theirs")
+    assert (out / "config.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -381,6 +381,9 @@ class AtomicFolder:
         for path in [self.tmp, *self.tmp.rglob("*")]:
             if path.is_dir() or (path.is_file() and path.stat().st_nlink == 1):
                 os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~self.umask)
+        if self.target.exists() and not self.force:  # written since check(), by another run: theirs stays
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise BitfluxError(f"{self.target} appeared while this ran (another run?); pass --force to replace it")
         try:
             if self.target.exists():
                 # A name of its own: a `.old` left by an interrupted run must not block this one.

@@ -16,8 +16,8 @@ per-group scales when the group is a whole number of blocks (group_size a multip
 divides 256 would not do: a 256-weight block cannot hold two scales). Scales are rounded
 to fp16 (round to nearest even): exact for float16 scales and for bfloat16 scales >= 2^-14, relative error
 <= 2^-11 for float32; a block of zero codes whose scale fp16 cannot hold (an all-zero row's 1e-8) gets scale
-0, as ggml's quantizer gives it. Rows whose in_features is not a multiple of 256 cannot be blocks: export refuses them
-with a BitfluxError rather than storing a silently 8x larger dense copy (every FLUX.1 linear has
+0, as ggml's quantizer gives it. Rows whose in_features is not a multiple of 256 cannot be blocks: export
+refuses them with a BitfluxError rather than storing a silently 8x larger dense copy (every FLUX.1 linear has
 in_features 3072, 12288 or 15360). Every other tensor keeps its dtype: F32, F16 or BF16.
 """
 

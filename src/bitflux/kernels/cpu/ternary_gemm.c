@@ -132,9 +132,9 @@ static inline __attribute__((always_inline)) void quantize_row_body(const float 
     float amax;
     memcpy(&amax, &amax_bits, sizeof amax);
     const float s = (amax > 1e-12f || amax != amax ? amax : 1e-12f) / 127.0f;
-    if (!(s <= FLT_MAX)) { /* a NaN or an infinity in the row: its outputs are NaN (the scale NaN, or inf
-                                    times codes of 0), its codes defined (x / s would be inf / inf = NaN, whose
-                                    conversion to int8 is undefined) */
+    /* A NaN or an infinity in the row: its outputs are NaN (the scale NaN, or inf times codes of 0), its codes
+     * defined (x / s would be inf / inf = NaN, whose conversion to int8 is undefined). */
+    if (!(s <= FLT_MAX)) {
         memset(q, 0, (size_t)row_bytes);
         *scale = s;
         return;
