@@ -7,6 +7,7 @@ cuBLAS against cuBLAS bf16, eager (L2 flushed, launches included) and replayed a
 much of a large-M layer's time is the host's. Writes gpu_operands.json and gpu_operands.md.
 
     PYTHONPATH=src python benchmarks/gpu_operands.py --out results/                   # on a GPU, ~1 min
+    PYTHONPATH=src python benchmarks/gpu_operands.py --out results/m1 --tokens 1      # one token
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_operands.py --dry-run     # CPU: tiny shapes
 """
 
@@ -44,6 +45,8 @@ CANDIDATES = {
     "blocks of 2048 / 8192": {"QUANTIZE_BLOCKS": (2048, 8192)},
     "8 warps": {"_QUANTIZE_WARPS": 8},
     "2 warps": {"_QUANTIZE_WARPS": 2},
+    # one token (--tokens 1: the modulation layers' row, quantized in one program): more threads on the one row
+    "16 warps": {"_QUANTIZE_WARPS": 16},
 }
 
 
@@ -83,10 +86,12 @@ def sweep(x: torch.Tensor, prepared) -> list[dict]:
 
 def whole_calls(x, prepared, dense, device) -> dict:
     """ms of bf16 cuBLAS and the backend's fp8 / a8 calls on cuBLAS (the operand launch, then _scaled_mm /
-    _int_mm: no Triton autotuning to wait for), eager and as a graph."""
+    _int_mm: no Triton autotuning to wait for; up to SMALL_M tokens, where cuBLAS is no strategy, the chosen
+    one), eager and as a graph."""
+    strategy = "cublas" if x.shape[0] > triton_backend.SMALL_M else None
     calls = {"bf16 cuBLAS": lambda: F.linear(x, dense),
-             "W1.58 fp8": lambda: triton_backend.linear(x, prepared, None, "fp8", strategy="cublas"),
-             "W1.58A8": lambda: triton_backend.linear(x, prepared, None, "a8", strategy="cublas")}
+             "W1.58 fp8": lambda: triton_backend.linear(x, prepared, None, "fp8", strategy=strategy),
+             "W1.58A8": lambda: triton_backend.linear(x, prepared, None, "a8", strategy=strategy)}
     result = {}
     for label, fn in calls.items():
         result[label] = {"eager": bench_ms(fn)}

@@ -14,8 +14,8 @@
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
 #
-# --layers (~5 minutes on an H100, limits sum to 540 s): after a kernel change, what a layer shows: the quick test
-# subset, gpu_linear --quick, the small-M sweep and the operand sweep (gpu_operands, ~30 s on an H200), without the
+# --layers (~6 minutes on an H200, limits sum to 585 s): after a kernel change, what a layer shows: the quick test
+# subset, gpu_linear --quick, the small-M sweep and the operand sweep (gpu_operands, ~30 s on an H200; then at one token), without the
 # full forward, the benches or torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
@@ -99,6 +99,9 @@ if [ -n "$QUICK" ]; then
     part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
         --modes a16 fp8 a8
     [ -n "$LAYERS" ] && part gpu_operands 90 "$LOG" python benchmarks/gpu_operands.py --out "$OUT" $DRY
+    # one token: its tables in run.log (the quantizer's own launch is ~a third of a8's dp4a call there)
+    [ -n "$LAYERS" ] && part gpu_operands-1 45 "$LOG" python benchmarks/gpu_operands.py --out /tmp/operands_m1 \
+        --tokens 1 $DRY
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
