@@ -65,7 +65,7 @@ def _strategy_cases():
                 for packing in formats.CODES_PER_BYTE:
                     layer = _layer(scale_modes[scales[0]], k, n, packing)
                     cases += [((m, k, n), activations, scales, dtype, packing, name)
-                              for name in tk.strategies(m, layer, activations)]
+                              for name in tk.strategies(m, layer, activations, dtype)]
     return cases
 
 
@@ -573,7 +573,9 @@ def test_default_strategies_and_refusals():
     assert tk.strategies(17, layer, "a8") == ["expanded", "tiled", "planar", "cublas"]
     assert tk.strategies(17, layer, "fp8") == ["cublas", "tiled", "planar", "expanded"]
     assert tk.strategies(1, grouped, "a8") == ["tiled"]
-    assert tk.strategies(200, grouped, "a16") == ["tiled", "expanded"]  # planar steps, cuBLAS: no groups
+    assert tk.strategies(200, grouped, "a16") == ["expanded", "tiled"]  # planar steps, cuBLAS: no groups
+    # fp8's row-wise scaled cuBLAS GEMM gives bf16 only: not for other activations
+    assert tk.strategies(17, layer, "fp8", torch.float16) == ["expanded", "tiled", "planar"]
     odd = _layer(tk._SCALE_TENSOR, 250, 144)
     assert "cublas" not in tk.strategies(200, odd, "a8") and "cublas" in tk.strategies(200, odd, "a16")
     # tq1: no tile kernels on 2-bit tiles; the expanded GEMM computes what the split-K kernel cannot
@@ -584,6 +586,28 @@ def test_default_strategies_and_refusals():
     weight = _weight(20, 130)
     with pytest.raises(ValueError, match="strategy 'cublas' cannot compute this call"):
         tk.linear(_activations(1, 130, torch.float32), tk.prepare(weight), None, "a8", strategy="cublas")
+
+
+def test_fp16_a16_on_cublas_scales_before_its_sums_overflow():
+    """Per-channel scales on cuBLAS in fp16: sums of the codes alone pass fp16's 65504 (here 76800) where the
+    scaled outputs do not (768); the reference's fp16 weights are scaled codes."""
+    m, k, n = 17, 256, 32
+    scales = torch.linspace(0.01, 0.02, n)[:, None]
+    weight = TernaryWeight(formats.pack(torch.ones(n, k, dtype=torch.int8)).to(DEVICE), scales.to(DEVICE), k, n, None)
+    x, bias = torch.full((m, k), 300.0, dtype=torch.float16, device=DEVICE), torch.ones(n, device=DEVICE)
+    for b in (None, bias):
+        out = tk.linear(x, tk.prepare(weight), b, "a16", strategy="cublas")
+        _assert_close(out, reference.linear(x, weight, b, "a16"), torch.float16)
+        assert torch.isfinite(out).all()
+
+
+def test_quantize_activations_reads_any_row_layout():
+    x = _activations(64, 3, torch.float32).t()  # rows of stride 64
+    for fp8 in (False, True):
+        q, scale = tk.quantize_activations(x, fp8=fp8)
+        expected_q, expected_scale = reference.quantize_activations(x.cpu(), fp8=fp8)
+        assert torch.equal(q.cpu().view(torch.uint8), expected_q.view(torch.uint8))
+        assert torch.equal(scale.cpu(), expected_scale.reshape(-1))
 
 
 def test_choose_times_once_takes_the_fastest_and_skips_failures(monkeypatch, tmp_path):
@@ -738,3 +762,14 @@ def test_a_token_holding_nan_or_inf_gives_nan_outputs(special, m, activations):
         out = tk.linear(x, prepared, None, activations, strategy=strategy).cpu()
         assert out[0].isnan().all(), strategy
         assert out[1:].isfinite().all(), strategy
+
+
+def test_fp8_with_one_group_a_row_is_per_channel_everywhere():
+    """A group as wide as the rows is one scale a row: the GPU kernels take it as per channel, and so does the
+    reference (it refused it as per-group)."""
+    weight = _weight(24, 100, "group", 128)
+    assert weight.scales.shape[1] == 1
+    x = _activations(3, 100, torch.float32)
+    channel = TernaryWeight(weight.packed, weight.scales, 100, 24, None)
+    assert torch.equal(reference.linear_fp8(x.cpu(), _cpu_weight(weight), None),
+                       reference.linear_fp8(x.cpu(), _cpu_weight(channel), None))

@@ -74,7 +74,7 @@ def linear_a8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tenso
 def linear_fp8(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     """W1.58 x fp8 semantics: per token s = max|x| / 448, q = e4m3(x / s) rounded to nearest even, exact sums
     of q x codes (fp64), then x weight scale x s (+ bias) in fp32. Per-tensor and per-channel scales only."""
-    if weight.group_size:
+    if weight.scales.shape[1] > 1:  # one group a row (a group as wide as the rows) is per channel
         raise ValueError("fp8 activations support per-tensor and per-channel scales only")
     shape = x.shape
     q, scale = quantize_activations(x.reshape(-1, shape[-1]), fp8=True)

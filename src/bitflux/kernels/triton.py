@@ -227,9 +227,10 @@ def tq1_digit_table(device: torch.device) -> torch.Tensor:
     return bits.to(torch.int16).to(device)
 
 
-def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
-    """The strategies that can compute an (M, K) x layer call, the default (used where nothing is timed)
-    first."""
+def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.dtype = torch.bfloat16
+               ) -> list[str]:
+    """The strategies that can compute an (M, K) x layer call on activations of `dtype`, the default (used where
+    nothing is timed) first."""
     grouped = prepared.scale_mode == _SCALE_GROUP
     names = []
     few = not grouped and M <= SMALL_M
@@ -244,9 +245,11 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
             names.append("planar")
     if M > SMALL_M or prepared.tq1:  # tq1 with per-group scales at few tokens: nothing else computes it
         names.append("expanded")
-    # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales
+    # int8/fp8 cuBLAS wants K, N multiples of 16 and M > 16; its epilogues know no per-group scales; fp8's row-wise
+    # scaled GEMM gives bf16 only, which would round fp16 and fp32 outputs (and their bias) to bf16's 8 bits
     aligned = prepared.in_features % 16 == 0 and prepared.out_features % 16 == 0
-    if M > SMALL_M and not grouped and (activations == "a16" or aligned):
+    if (M > SMALL_M and not grouped and (activations == "a16" or aligned)
+            and (activations != "fp8" or dtype == torch.bfloat16)):
         names.append("cublas")
     names += ["splitk8"] * few + ["gemv8"] * gemv + ["qgemv"] * (gemv and activations != "a16")
     # DP4A: int8 activations on tq2 words (whole words a row); exact int32 sums, kept to gemv's K bound for the
@@ -255,7 +258,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str) -> list[str]:
                          and prepared.in_features <= GEMV_MAX_INT8_K)
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
-    usual = "gemv" if gemv else "splitk" if few else "expanded" if activations == "a8" else "cublas"
+    usual = ("gemv" if gemv else "splitk" if few else "expanded" if activations == "a8" or "cublas" not in names
+             else "cublas")
     return sorted(names, key=lambda name: name != usual)  # stable: the others keep their order
 
 
@@ -270,18 +274,21 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if M == 0:
         return x.new_empty(*lead, N)
     bias = bias.contiguous() if bias is not None else None
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return linear(x, prepared, bias, activations, strategy)
     if strategy is None:
         # An eager forward is bound by host time: a shape already timed goes straight to its choice.
         tuned = x.is_cuda and _tuning()
         key = tuned and CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K, prepared.tq1)
         strategy = chosen.get(key) if tuned else None
         if strategy is None:
-            names = strategies(M, prepared, activations)
+            names = strategies(M, prepared, activations, x.dtype)
             strategy = names[0]
             if tuned and len(names) > 1:
                 strategy = _choose(key, names, lambda name: _STRATEGIES[name](x2, prepared, bias, activations),
                                    x.device)
-    elif strategy not in (names := strategies(M, prepared, activations)):
+    elif strategy not in (names := strategies(M, prepared, activations, x.dtype)):
         raise ValueError(f"strategy {strategy!r} cannot compute this call; it takes one of {names}")
     return _STRATEGIES[strategy](x2, prepared, bias, activations).reshape(*lead, N)
 
@@ -456,7 +463,7 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False, plane_major: bool 
     """(M, K) -> int8 (bit-identical to reference.quantize_activations) or float8_e4m3fn (M, K), and fp32
     (M,) scales: s = max|x| / 127 or / 448 per row. plane_major: the columns in the planar kernel's order,
     zero-padded to whole blocks (see plane_major)."""
-    q, scale, _ = _operands(x2, fp8=fp8, plane_major=plane_major)
+    q, scale, _ = _operands(x2 if x2.stride(-1) == 1 else x2.contiguous(), fp8=fp8, plane_major=plane_major)
     return q, scale
 
 
@@ -475,8 +482,8 @@ def _padded(K: int) -> int:
 
 def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
-    for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
-    full-precision weight ever exists."""
+    for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue (but for fp16
+    a16 on cuBLAS, where the transient takes them: _cublas_linear), so no full-precision weight is kept."""
     return _operands(None, prepared=prepared, codes_dtype=dtype)[2]
 
 
@@ -560,6 +567,11 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
             else:
                 torch.addmm(bias[n0:n1].to(x2.dtype), x2, codes[n0:n1].t(), alpha=alpha, out=out[:, n0:n1])
         return out
+    if activations == "a16" and x2.dtype == torch.float16:
+        # The codes' sums can pass fp16's 65504 before any scale is applied: the codes are scaled first, as the
+        # reference's fp16 weights are (codes x the scale in fp16).
+        weights = codes.mul_(prepared.scale_row.to(torch.float16).t())
+        return torch.mm(x2, weights.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, weights.t())
     if activations == "a16":
         raw = torch.mm(x2, codes.t())
     elif activations == "a8":
