@@ -344,9 +344,8 @@ def test_an_output_another_run_wrote_meanwhile_is_left_to_it(tmp_path):
     from bitflux.checkpoint import AtomicFolder
 
     out = tmp_path / "out"
-    with pytest.raises(BitfluxError, match="appeared while this ran"):
-        with AtomicFolder(out, force=False) as tmp:
-            (tmp / "config.json").write_text("ours")
-            out.mkdir()
-            (out / "config.json").write_text("theirs")
+    with pytest.raises(BitfluxError, match="appeared while this ran"), AtomicFolder(out, force=False) as tmp:
+        (tmp / "config.json").write_text("ours")
+        out.mkdir()
+        (out / "config.json").write_text("theirs")
     assert (out / "config.json").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out"]
