@@ -264,3 +264,49 @@ def test_t5_checkpoints_saved_otherwise_stream_alike(tmp_path):
 def test_a_t5_checkpoint_not_matching_its_config_is_one_line(tmp_path, edit, words):
     with pytest.raises(BitfluxError, match=re.escape(words)):
         stream_t5(_edited_t5(tmp_path, edit), torch.float32)
+
+
+def test_a_streamed_t5_saved_into_its_own_folder_keeps_it(tmp_path):
+    """save_pretrained into the folder it streams from: nothing to copy (it unlinked the checkpoint first)."""
+    folder = _edited_t5(tmp_path, lambda tensors: None)
+    tokens = torch.tensor([[5, 17, 2, 1]])
+    streamed = stream_t5(folder, torch.float32)
+    with torch.no_grad():
+        expected = streamed(tokens)[0]
+        streamed.save_pretrained(folder)
+        assert torch.equal(streamed(tokens)[0], expected)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight"), "is no longer in"),
+    (lambda t: t.update({"encoder.block.1.layer.0.layer_norm.weight": torch.ones(1)}), "now has shape (1,)"),
+])
+def test_a_checkpoint_changed_after_loading_is_one_line(tmp_path, edit, words):
+    """Blocks are read at every call: a checkpoint rewritten since (a missing tensor, one of another shape, which
+    would broadcast into wrong embeddings) is said to have changed."""
+    from safetensors.torch import load_file
+
+    folder = _edited_t5(tmp_path, lambda tensors: None)
+    streamed = stream_t5(folder, torch.float32)
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+    with torch.no_grad(), pytest.raises(BitfluxError, match=re.escape(words)):
+        streamed(torch.tensor([[5, 17, 2, 1]]))
+
+
+def test_a_transformers_folder_is_read_as_transformers_reads_it(tmp_path):
+    """A folder holding model.safetensors and an index of shards from another save: transformers reads the one
+    file (diffusers, for its own names, the index first), and so does the streamed T5."""
+    from transformers import T5EncoderModel
+
+    folder = _edited_t5(tmp_path, lambda tensors: None)
+    (file,) = folder.glob("*.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"shared.weight": "old.safetensors"}}))
+    save_file({"shared.weight": torch.zeros(1)}, folder / "old.safetensors")
+    assert file.name == "model.safetensors"
+    tokens = torch.tensor([[5, 17, 2, 1]])
+    with torch.no_grad():
+        plain = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+        assert torch.equal(stream_t5(folder, torch.float32)(tokens)[0], plain(tokens)[0])

@@ -92,30 +92,29 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# diffusers' and transformers' index of a sharded model, and their one file of an unsharded one
-_INDEX_NAMES = (INDEX_NAME, "model.safetensors.index.json")
-_SINGLE_FILE_NAMES = (WEIGHTS_NAME, "model.safetensors")
+# diffusers' and transformers' weights of a model folder, in the order each reads them: diffusers a sharded
+# model's index first, transformers its one file first (a folder may hold both, from two saves)
+_READ_ORDERS = ((INDEX_NAME, WEIGHTS_NAME), ("model.safetensors", "model.safetensors.index.json"))
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a diffusers or transformers model folder: its index's shards, else its one
-    weights file (variants beside it, such as diffusion_pytorch_model.fp16.safetensors, left out), else every
-    safetensors file in it, which must not hold a tensor twice."""
-    for index in (folder / name for name in _INDEX_NAMES):
-        if index.exists():
-            weight_map = parse_json_object(index.read_bytes(), str(index)).get("weight_map")
+    """The safetensors files of a diffusers or transformers model folder, as that library reads them: its index's
+    shards or its one weights file (variants beside them, such as diffusion_pytorch_model.fp16.safetensors, left
+    out), else every safetensors file in it, which must not hold a tensor twice."""
+    for path in (folder / name for names in _READ_ORDERS for name in names):
+        if path.is_file() and not path.name.endswith(".index.json"):
+            return [path]
+        if path.exists() and path.name.endswith(".index.json"):
+            weight_map = parse_json_object(path.read_bytes(), str(path)).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                     isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):
-                raise BitfluxError(f"{index}: malformed safetensors index (its weight_map must name files in "
+                raise BitfluxError(f"{path}: malformed safetensors index (its weight_map must name files in "
                                    "the folder)")
             files = [folder / name for name in sorted(set(weight_map.values()))]
             missing = [str(f) for f in files if not f.exists()]
             if missing:
-                raise BitfluxError(f"{index}: names missing shard {missing[0]}")
+                raise BitfluxError(f"{path}: names missing shard {missing[0]}")
             return files
-    for file in (folder / name for name in _SINGLE_FILE_NAMES):
-        if file.is_file():
-            return [file]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
@@ -278,7 +277,7 @@ def copy_folder(src: Path, dst: Path) -> None:
     for entry in src.iterdir():
         if entry.is_dir():
             copy_folder(entry, dst / entry.name)
-        else:
+        elif not ((dst / entry.name).exists() and os.path.samefile(entry, dst / entry.name)):  # src into itself
             (dst / entry.name).unlink(missing_ok=True)
             link_or_copy(entry, dst / entry.name)
 

@@ -168,24 +168,28 @@ class _StreamedBlock:
         self.model, self.prefix, self.files, self.memory = model, prefix, files, memory
         block = model.get_submodule(prefix)
         self.slots = {}
-        for key in block.state_dict():
+        for key, tensor in block.state_dict().items():
             owner_name, _, name = key.rpartition(".")
             owner = block.get_submodule(owner_name)
             table = owner._parameters if name in owner._parameters else owner._buffers
-            self.slots[f"{prefix}.{key}"] = (key, table is owner._parameters, table, name)
+            self.slots[f"{prefix}.{key}"] = (key, table is owner._parameters, table, name, tensor.shape)
         block.register_forward_pre_hook(self.load)
         block.register_forward_hook(self.drop, always_call=True)
         self.empty()
 
     def empty(self) -> None:
-        for _key, _is_parameter, table, name in self.slots.values():
+        for _key, _is_parameter, table, name, _shape in self.slots.values():
             table[name] = None
 
     def load(self, _block, _args) -> None:
         resident = next(self.model.parameters())  # where and in what the model computes now
         spare, self.memory.spare = self.memory.spare, {}  # what this block does not reuse is let go with it
         for stored_name, tensor in iter_tensors(self.files, self.slots, self.memory.read_buffer()):
-            key, is_parameter, table, name = self.slots[stored_name]
+            key, is_parameter, table, name, shape = self.slots[stored_name]
+            if tensor.shape != shape:  # checked when the model was made: the files changed since
+                self.empty()
+                raise BitfluxError(f"{stored_name} now has shape {tuple(tensor.shape)} in {self.files[0].parent}, "
+                                   f"not {tuple(shape)}: its checkpoint changed since the model was loaded")
             dtype = resident.dtype if tensor.is_floating_point() else tensor.dtype
             wide = spare.pop(key, None)
             if wide is None or (wide.shape, wide.dtype, wide.device) != (tensor.shape, dtype, resident.device):
@@ -196,9 +200,15 @@ class _StreamedBlock:
             direct = resident.device.type == "cpu" or tensor.dtype == dtype
             wide.copy_(tensor if direct else tensor.to(resident.device))
             table[name] = nn.Parameter(wide, requires_grad=False) if is_parameter else wide
+        missing = [stored for stored, (_key, _is_parameter, table, name, _shape) in self.slots.items()
+                   if table[name] is None]
+        if missing:
+            self.empty()
+            raise BitfluxError(f"{missing[0]} is no longer in {self.files[0].parent}: its checkpoint changed since "
+                               "the model was loaded")
 
     def drop(self, _block, _args, _output) -> None:
         # the block's tensors kept for the next block's; the block itself holds none
-        self.memory.spare = {key: table[name].detach() for key, _is_parameter, table, name in self.slots.values()
-                             if table[name] is not None}
+        self.memory.spare = {key: table[name].detach() for key, _is_parameter, table, name, _shape
+                             in self.slots.values() if table[name] is not None}
         self.empty()
