@@ -602,6 +602,15 @@ def test_a_workdir_of_other_weights_of_the_same_architecture_is_refused(tmp_path
         check_workdir(tmp_path / "wd", config, calib, ModelSource(build_tiny(seed=1)), prompts)
 
 
+def test_a_workdir_tells_prompts_with_a_newline_from_two_prompts(tmp_path):
+    from bitflux.calibrate import check_workdir
+
+    args = (TernaryConfig(), CalibrationConfig(), _source())
+    check_workdir(tmp_path, *args, ["a red circle\na blue square"])
+    with pytest.raises(BitfluxError, match="other prompts|other calibration prompts|prompts"):
+        check_workdir(tmp_path, *args, ["a red circle", "a blue square"])
+
+
 def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):
     from bitflux.calibrate import check_workdir
 
@@ -666,3 +675,16 @@ def test_the_summary_says_which_blocks_a_resumed_run_took_from_its_workdir():
                                                                        loss_after=0.1)])
     assert "1 of 2 blocks taken from the workdir, calibrated by an earlier run (transformer_blocks.0)" in \
         report.summary()
+
+
+def test_a_source_folder_of_another_dtype_is_read_in_the_pipelines(tmp_path):
+    """A bf16 transformer folder (FLUX.1's, the demo's) beside a pipeline computing in fp32: the blocks are read in
+    fp32 (they were read in bf16 and the first block's matmul failed)."""
+    pipe = _tiny_pipeline()
+    pipe.transformer.to(torch.bfloat16).save_pretrained(tmp_path / "transformer")
+    pipe.transformer.to(torch.float32)
+    calib = _calib(("scales", "blockwise"), samples=1,
+                   pipeline_kwargs={"num_inference_steps": 2, "height": 16, "width": 16, "max_sequence_length": 8})
+    model, _ = calibrate(pipe, ["a red circle"], _ternary_config("channel"), calib, source=tmp_path / "transformer",
+                         progress=False)
+    assert all(m.weight_scale.dtype == torch.float32 for m in model.modules() if isinstance(m, TernaryLinear))

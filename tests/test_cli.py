@@ -591,6 +591,23 @@ def test_calibrate_refuses_a_workdir_that_the_output_would_replace(tmp_path, cap
     _assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize("where", [".", "transformer"])
+def test_calibrate_refuses_a_workdir_inside_the_source(tmp_path, capsys, where):
+    """Its records would be written into the source pipeline (and its manifest copied into the output)."""
+    import shutil
+
+    from bitflux.demo import demo_model_path
+
+    source = tmp_path / "source"
+    shutil.copytree(demo_model_path(), source)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code, _, err = _run(capsys, "quantize", source, "-o", tmp_path / "out", "--calibrate", prompts,
+                        "--workdir", source / where)
+    _assert_one_line_error(code, err, "keep it apart from the source")
+    assert not (source / where / "manifest.json").exists()
+
+
 def test_version(capsys):
     from bitflux import __version__
 

@@ -87,7 +87,7 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
     manifest = {"workdir": 2, "ternary": {k: v for k, v in config.to_dict().items() if k != "bitflux_version"},
                 "calibration": calib.to_dict(), "model": architecture_config(source.config),
                 "weights": source.fingerprint(),
-                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+                "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}  # not joined: a newline
     text = json.dumps(manifest, indent=2, sort_keys=True, default=list)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,9 @@ def calibrate(pipeline, prompts: list[str], config: TernaryConfig | None = None,
     # the teacher samples as `bitflux generate` would unless told (diffusers' own defaults: 1024 x 1024, 512 tokens)
     calib = replace(calib, pipeline_kwargs=teacher_settings(pipeline, **calib.pipeline_kwargs))
     device = torch.device(device or pipeline._execution_device)
-    source = FolderSource(source) if source is not None else ModelSource(pipeline.transformer)
+    # the folder's blocks in the dtype the pipeline's teacher computes in (a bf16 folder beside an fp32 pipeline)
+    source = (FolderSource(source, pipeline.transformer.dtype) if source is not None
+              else ModelSource(pipeline.transformer))
     if workdir is not None:
         workdir = check_workdir(workdir, config, calib, source, prompts)
     with measured(CalibrationReport(calib.stages), device) as report:

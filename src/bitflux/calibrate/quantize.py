@@ -5,6 +5,7 @@ for the onpolicy stage's teacher, where it fits in free memory)."""
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,6 +69,10 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         if kept == replaced or replaced in kept.parents:
             raise BitfluxError(f"--workdir {workdir}: keep it apart from the output {out}, which replaces what it "
                                "holds")
+        source_root = found.pipeline_root.resolve()
+        if kept == source_root or source_root in kept.parents:
+            raise BitfluxError(f"--workdir {workdir}: keep it apart from the source {found.pipeline_root}, whose "
+                               "folders are copied into the output")
     text = sorted(key for key in calib.pipeline_kwargs if "prompt" in key)
     if text:
         raise BitfluxError(f"{', '.join(text)}: not taken here, where the calibration prompts are encoded apart; "
@@ -80,7 +85,7 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
     with measured(report, device):
         pipe = teacher_pipeline(root, transformer_source, device, stream_teacher)
         report.teacher_streamed = not list(pipe.transformer.transformer_blocks.parameters())
-        calib.pipeline_kwargs = teacher_settings(pipe, **calib.pipeline_kwargs)
+        calib = replace(calib, pipeline_kwargs=teacher_settings(pipe, **calib.pipeline_kwargs))  # the caller's kept
         if workdir is not None:
             workdir = check_workdir(workdir, config, calib, transformer_source, prompts)
 
