@@ -611,6 +611,22 @@ def test_a_workdir_tells_prompts_with_a_newline_from_two_prompts(tmp_path):
         check_workdir(tmp_path, *args, ["a red circle", "a blue square"])
 
 
+def test_a_workdir_of_prompts_hashed_joined_resumes(tmp_path):
+    """Workdirs written before the prompts were hashed as a list (their lines joined) go on."""
+    import hashlib
+
+    from bitflux.calibrate import check_workdir
+
+    args, prompts = (TernaryConfig(), CalibrationConfig(), _source()), ["a red circle", "a blue square"]
+    manifest = check_workdir(tmp_path, *args, prompts) / "manifest.json"
+    earlier = json.loads(manifest.read_text())
+    earlier["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    manifest.write_text(json.dumps(earlier))
+    check_workdir(tmp_path, *args, prompts)
+    with pytest.raises(BitfluxError, match="prompts"):
+        check_workdir(tmp_path, *args, ["a red circle"])
+
+
 def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):
     from bitflux.calibrate import check_workdir
 

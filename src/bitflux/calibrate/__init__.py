@@ -106,6 +106,10 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
                                 **saved.get("calibration", {})}
         # workdirs written before the weights were recorded, and with the config's private keys
         saved.setdefault("weights", manifest["weights"])
+        # and before the prompts were hashed as a list: joined by newlines, where a prompt holding one and two
+        # prompts hashed alike (such a workdir is still taken for either)
+        if saved.get("prompts_sha256") == hashlib.sha256("\n".join(prompts).encode()).hexdigest():
+            saved["prompts_sha256"] = manifest["prompts_sha256"]
         saved["model"] = json.loads(json.dumps(architecture_config(saved.get("model", {})), default=list))
         current = json.loads(text)
         held = _stages_held(saved["calibration"], current["calibration"])
