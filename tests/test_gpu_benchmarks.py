@@ -53,5 +53,5 @@ def test_gpu_operands_rehearses_every_candidate(tmp_path):
     assert len(results) == 1
     sweep = results[0]["sweep"]
     # each candidate, for the quantizer alone and with expansion, int8 and e4m3: timed, its outputs equal
-    assert len(sweep) == 4 * 7 and all("ms" in row for row in sweep), [row for row in sweep if "ms" not in row]
+    assert len(sweep) == 4 * 8 and all("ms" in row for row in sweep), [row for row in sweep if "ms" not in row]
     assert set(results[0]["calls"]) == {"bf16 cuBLAS", "W1.58 fp8", "W1.58A8"}
