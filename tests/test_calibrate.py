@@ -579,14 +579,16 @@ def test_a_workdir_of_an_earlier_layout_is_refused(tmp_path):
 def test_a_workdir_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
     from bitflux.calibrate import check_workdir
 
-    config, calib = TernaryConfig(), CalibrationConfig()
+    stages = ("scales", "blockwise", "onpolicy")
+    config, calib = TernaryConfig(), CalibrationConfig(stages=stages)
     manifest = check_workdir(tmp_path, config, calib, _source(), ["a red circle"]) / "manifest.json"
     earlier = json.loads(manifest.read_text())
     del earlier["calibration"]["onpolicy_steps"], earlier["calibration"]["onpolicy_rounds"]
     manifest.write_text(json.dumps(earlier))
     check_workdir(tmp_path, config, calib, _source(), ["a red circle"])
     with pytest.raises(BitfluxError, match=r"of other calibration onpolicy_steps \(\d+, now 7\)"):
-        check_workdir(tmp_path, config, CalibrationConfig(onpolicy_steps=7), _source(), ["a red circle"])
+        check_workdir(tmp_path, config, CalibrationConfig(stages=stages, onpolicy_steps=7), _source(),
+                      ["a red circle"])
 
 
 def test_a_workdir_of_other_weights_of_the_same_architecture_is_refused(tmp_path, tiny_folder):
@@ -625,6 +627,21 @@ def test_a_workdir_of_prompts_hashed_joined_resumes(tmp_path):
     check_workdir(tmp_path, *args, prompts)
     with pytest.raises(BitfluxError, match="prompts"):
         check_workdir(tmp_path, *args, ["a red circle"])
+
+
+def test_a_workdir_compares_only_the_settings_its_stages_read(tmp_path):
+    """Per-block steps for a scales-only run, distillation steps for a blockwise one: not read, not compared."""
+    from bitflux.calibrate import check_workdir
+
+    def check(workdir, **settings):
+        check_workdir(tmp_path / workdir, TernaryConfig(), CalibrationConfig(**settings), _source(), ["a red circle"])
+
+    check("scales", stages=("scales",), steps=40)
+    check("scales", stages=("scales",))
+    check("blockwise", stages=("scales", "blockwise"), steps=40, distill_steps=7)
+    check("blockwise", stages=("scales", "blockwise"), steps=40)
+    with pytest.raises(BitfluxError, match=r"other calibration steps \(40, now 200\)"):
+        check("blockwise", stages=("scales", "blockwise"))
 
 
 def test_a_workdir_that_cannot_be_used_is_a_one_line_error(tmp_path):

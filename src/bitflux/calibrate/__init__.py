@@ -124,15 +124,22 @@ def check_workdir(workdir: Path, config: TernaryConfig, calib: CalibrationConfig
     return workdir
 
 
-# Stages that run after the blocks are calibrated, each with settings that it alone reads.
-_LATER_STAGES = {"distill": ("distill_steps",), "onpolicy": ("onpolicy_steps", "onpolicy_rounds")}
+# Settings one stage alone reads; the stages that run after the blocks are calibrated.
+_STAGE_SETTINGS = {"blockwise": ("steps",), "distill": ("distill_steps",),
+                   "onpolicy": ("onpolicy_steps", "onpolicy_rounds")}
+_LATER_STAGES = ("distill", "onpolicy")
 
 
 def _stages_held(saved: dict, current: dict) -> dict:
     """A run that goes on past another's last stage (distill after blockwise, onpolicy after distill), or stops
     before it, takes up that run's workdir, whatever the stages left out were set to: `saved` is made to compare
     equal on those, and what is returned is the workdir's calibration once the current run is done, the longer
-    run's. Both runs must calibrate the blocks alike: the scales and blockwise stages write the same files."""
+    run's. Both runs must calibrate the blocks alike: the scales and blockwise stages write the same files.
+    Settings of a stage that neither run has are not compared."""
+    for stage, settings in _STAGE_SETTINGS.items():
+        if stage not in saved["stages"] and stage not in current["stages"]:
+            for setting in settings:
+                saved[setting] = current[setting]
     if saved["stages"] == current["stages"]:
         return current
     shorter, longer = sorted((saved, current), key=lambda settings: len(settings["stages"]))
@@ -141,7 +148,7 @@ def _stages_held(saved: dict, current: dict) -> dict:
         return current  # not one run going on from the other: the stages differ
     held = dict(longer)
     for stage in extra:
-        for setting in _LATER_STAGES[stage]:
+        for setting in _STAGE_SETTINGS[stage]:
             saved[setting] = current[setting]
     saved["stages"] = current["stages"]
     return held
