@@ -591,9 +591,10 @@ def test_calibrate_refuses_a_workdir_that_the_output_would_replace(tmp_path, cap
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("where", [".", "transformer"])
+@pytest.mark.parametrize("where", [".", "transformer", "text_encoder_2/work"])
 def test_calibrate_refuses_a_workdir_inside_the_source(tmp_path, capsys, where):
-    """Its records would be written into the source pipeline (and its manifest copied into the output)."""
+    """Its records would be written into the source pipeline or one of its components (and copied into the
+    output)."""
     import shutil
 
     from bitflux.demo import demo_model_path

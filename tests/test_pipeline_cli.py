@@ -206,12 +206,23 @@ def test_cuda_graphs_are_the_default_where_they_can_run(monkeypatch, argv, graph
     assert args.cuda_graph is graphs
 
 
-def test_the_backend_variable_is_the_backend_option_default(monkeypatch):
+def test_the_backend_variable_is_the_backend_option_default(monkeypatch, capsys):
     """BITFLUX_BACKEND chooses the commands' backend as it does the library's (the option's default "auto" forced
-    auto over it); --backend still chooses over it."""
+    auto over it), and as there one that cannot run here is passed over (a notice); --backend chooses over it,
+    and one named there that cannot run is refused."""
+    from bitflux.cli import _check_common
+
     monkeypatch.setenv("BITFLUX_BACKEND", "reference")
-    assert build_parser().parse_args(["generate", "a", "-o", "x.png"]).backend == "reference"
-    assert build_parser().parse_args(["bench", "--backend", "cpu"]).backend == "cpu"
+    args = build_parser().parse_args(["generate", "a", "-o", "x.png"])
+    _check_common(args)
+    assert args.backend == "reference"
+    args = build_parser().parse_args(["bench", "--backend", "auto"])
+    _check_common(args)
+    assert args.backend == "auto"
+    monkeypatch.setenv("BITFLUX_BACKEND", "triton")  # set for a GPU, running on the CPU
+    args = build_parser().parse_args(["generate", "a", "-o", "x.png"])
+    _check_common(args)
+    assert "BITFLUX_BACKEND: backend 'triton' runs on cuda tensors" in capsys.readouterr().err
 
 
 def test_an_unknown_backend_variable_is_one_line(monkeypatch, capsys, tmp_path):

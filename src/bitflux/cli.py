@@ -153,9 +153,14 @@ def _check_common(args) -> None:
             raise BitfluxError("--offload runs one pipeline at a time; it cannot be combined with --compare")
     if device == "cuda" and not torch.cuda.is_available():  # before any notice about backends on it
         raise BitfluxError("--device cuda: no CUDA GPU is available to this torch (a CPU build, or no driver)")
+    from_environment = args.backend is None  # as the library takes it: a backend that cannot run here is passed over
+    if from_environment:
+        args.backend = os.environ.get("BITFLUX_BACKEND", "auto")
     reason = unavailable_reason(args.backend, device)
-    if reason:
+    if reason and not from_environment:
         raise BitfluxError(reason)
+    if reason:
+        print(f"bitflux: BITFLUX_BACKEND: {reason}; running on the reference backend", file=sys.stderr)
     if args.backend == "auto":  # said before the run, not as a warning in the middle of its progress bar
         for name in AUTO_ORDER.get(device, []):
             if why := unavailable_reason(name, device):
@@ -413,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_device_options(parser) -> None:
     """Where and in what a pipeline runs (generate, bench, eval): kernels, device, dtype."""
-    parser.add_argument("--backend", default=os.environ.get("BITFLUX_BACKEND", "auto"),
+    parser.add_argument("--backend", default=None,
                         help="auto | reference | cpu | triton (default: $BITFLUX_BACKEND, else auto)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help=DTYPE_HELP)

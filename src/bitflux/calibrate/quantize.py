@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
+from ..checkpoint import AtomicFolder, check_output_apart, parse_json_object, save_transformer
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
@@ -69,10 +69,14 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         if kept == replaced or replaced in kept.parents:
             raise BitfluxError(f"--workdir {workdir}: keep it apart from the output {out}, which replaces what it "
                                "holds")
+        # not the source folder itself nor one of its components, which the output copies (and whose files the
+        # teacher reads); another folder in the source's is copied nowhere
         source_root = found.pipeline_root.resolve()
-        if kept == source_root or source_root in kept.parents:
-            raise BitfluxError(f"--workdir {workdir}: keep it apart from the source {found.pipeline_root}, whose "
-                               "folders are copied into the output")
+        index = parse_json_object((source_root / "model_index.json").read_bytes(), "model_index.json")
+        if kept == source_root or (source_root in kept.parents
+                                   and kept.relative_to(source_root).parts[0] in index):
+            raise BitfluxError(f"--workdir {workdir}: keep it apart from the source {found.pipeline_root} and its "
+                               "components, which the output copies")
     text = sorted(key for key in calib.pipeline_kwargs if "prompt" in key)
     if text:
         raise BitfluxError(f"{', '.join(text)}: not taken here, where the calibration prompts are encoded apart; "

@@ -258,8 +258,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.
                          and prepared.in_features <= GEMV_MAX_INT8_K)
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
-    usual = ("gemv" if gemv else "splitk" if few else "expanded" if activations == "a8" or "cublas" not in names
-             else "cublas")
+    usual = ("gemv" if gemv else "splitk" if few
+             else "expanded" if activations == "a8" or (activations == "fp8" and "cublas" not in names) else "cublas")
     return sorted(names, key=lambda name: name != usual)  # stable: the others keep their order
 
 
