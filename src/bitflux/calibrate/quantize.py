@@ -10,7 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import AtomicFolder, check_output_apart, parse_json_object, save_transformer
+from ..checkpoint import (
+    AtomicFolder,
+    check_output_apart,
+    parse_json_object,
+    save_transformer,
+)
 from ..config import TernaryConfig
 from ..convert import copy_pipeline_components, resolve_source
 from ..errors import BitfluxError
