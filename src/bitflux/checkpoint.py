@@ -102,9 +102,10 @@ def weight_files(folder: Path) -> list[Path]:
     shards or its one weights file (variants beside them, such as diffusion_pytorch_model.fp16.safetensors, left
     out), else every safetensors file in it, which must not hold a tensor twice."""
     for path in (folder / name for names in _READ_ORDERS for name in names):
-        if path.is_file() and not path.name.endswith(".index.json"):
-            return [path]
-        if path.exists() and path.name.endswith(".index.json"):
+        if not path.name.endswith(".index.json"):
+            if path.is_file():
+                return [path]
+        elif path.exists():
             weight_map = parse_json_object(path.read_bytes(), str(path)).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                     isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()):

@@ -11,7 +11,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .config import ACTIVATIONS, DTYPES, FORMATS, METHODS
+from .config import ACTIVATIONS, DTYPES, FLOAT32_MAX, FORMATS, METHODS
 from .errors import BitfluxError
 
 MAX_STEPS = 1000  # denoising steps: more is a typo (and would allocate a schedule of that length)
@@ -89,9 +89,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     if max(width, height) > MAX_SIDE:
         raise BitfluxError(f"--size {text}: at most {MAX_SIDE} pixels a side")
     return width, height
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch to parse arguments
 
 
 def _parse_lora(text: str) -> tuple[Path, float]:

@@ -15,6 +15,8 @@ FORMATS = ("tq2", "tq1")
 ACTIVATIONS = ("a16", "a8", "fp8")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --dtype names -> torch's
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+# torch.finfo(torch.float32).max, without importing torch: the bound of settings that become float32 tensors
+FLOAT32_MAX = 3.4028234663852886e38
 
 # The paper's targets: every nn.Linear inside FluxTransformerBlock and FluxSingleTransformerBlock.
 DEFAULT_INCLUDE = (r"^transformer_blocks\.\d+\.", r"^single_transformer_blocks\.\d+\.")

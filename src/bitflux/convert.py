@@ -239,14 +239,19 @@ def ternarized(weight: torch.Tensor, config: TernaryConfig) -> tuple[torch.Tenso
     return formats.pack(codes, config.format), scales.to(config.scale_torch_dtype)
 
 
+def pipeline_components(root: Path) -> set[str]:
+    """The component folders the pipeline folder's model_index.json names."""
+    index = checkpoint.parse_json_object((root / "model_index.json").read_bytes(), str(root / "model_index.json"))
+    return {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+
+
 def copy_pipeline_components(root: Path, dest: Path) -> None:
     """The pipeline's components but the transformer (the folders model_index.json names) and its small files:
     weight files hard-linked where the filesystem allows (no extra disk: FLUX.1's T5 is 9.5 GB), the small files
     (configs, tokenizers) copied, so that editing one in the output leaves the source's alone. Weight files at
     the top are no component: the FLUX.1-dev repository keeps its original-layout transformer and autoencoder
     there (flux1-dev.safetensors, ae.safetensors: 24 GB in full precision), which a ternary copy must not carry."""
-    index = checkpoint.parse_json_object((root / "model_index.json").read_bytes(), str(root / "model_index.json"))
-    components = {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+    components = pipeline_components(root)
     for item in root.iterdir():
         target = dest / item.name
         try:

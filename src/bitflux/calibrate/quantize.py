@@ -10,14 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (
-    AtomicFolder,
-    check_output_apart,
-    parse_json_object,
-    save_transformer,
-)
+from ..checkpoint import AtomicFolder, check_output_apart, save_transformer
 from ..config import TernaryConfig
-from ..convert import copy_pipeline_components, resolve_source
+from ..convert import copy_pipeline_components, pipeline_components, resolve_source
 from ..errors import BitfluxError
 from ..pipeline import (
     check_text_to_image,
@@ -77,9 +72,8 @@ def quantize_calibrated(source: str | Path, out: str | Path, prompts: list[str],
         # not the source folder itself nor one of its components, which the output copies (and whose files the
         # teacher reads); another folder in the source's is copied nowhere
         source_root = found.pipeline_root.resolve()
-        index = parse_json_object((source_root / "model_index.json").read_bytes(), "model_index.json")
         if kept == source_root or (source_root in kept.parents
-                                   and kept.relative_to(source_root).parts[0] in index):
+                                   and kept.relative_to(source_root).parts[0] in pipeline_components(source_root)):
             raise BitfluxError(f"--workdir {workdir}: keep it apart from the source {found.pipeline_root} and its "
                                "components, which the output copies")
     text = sorted(key for key in calib.pipeline_kwargs if "prompt" in key)

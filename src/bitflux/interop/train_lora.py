@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import write_atomic
-from ..config import TernaryConfig
+from ..config import FLOAT32_MAX, TernaryConfig
 from ..demo import scenes as S
 from ..demo.train import Denoiser, flow_noised, lr_at, pack
 from ..errors import BitfluxError
@@ -123,8 +123,7 @@ class FlowBatches:
 def check_settings(steps: int, rank: int, batch: int, scenes: int, lr: float, guidance: float) -> None:
     if min(steps, rank, batch, scenes) < 1:
         raise BitfluxError("--steps, --rank, --batch and --scenes must be at least 1")
-    largest = torch.finfo(torch.float32).max  # they become float32 tensors
-    if not 0 < lr <= largest or not abs(guidance) <= largest:
+    if not 0 < lr <= FLOAT32_MAX or not abs(guidance) <= FLOAT32_MAX:
         raise BitfluxError(f"--lr must be a positive number and --guidance a finite one (float32's), got {lr} and "
                            f"{guidance}")
 
