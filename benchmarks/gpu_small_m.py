@@ -5,7 +5,8 @@ shapes. Every candidate runs as a CUDA graph (GPU time, no launch overhead) besi
 same weight, and its output is checked against that GEMM's, so a fast but wrong candidate shows. Prints the
 default's time (the backend's choice) and the best candidate's per (layer, M, mode, strategy); writes
 gpu_small_m.json and gpu_small_m.md. What wins becomes SPLITK_TILE, GEMV_TILE, GEMV_QUANTIZING_TILES,
-DP4A_TILE, DP4A_FEW_TILE, PLANAR_FEW_TILE and PROGRAMS_PER_SM in bitflux/kernels/triton.py.
+DP4A_TILE, DP4A_FEW_TILE, DP4A_QUANTIZING_TILE, PLANAR_FEW_TILE and PROGRAMS_PER_SM in
+bitflux/kernels/triton.py.
 
     PYTHONPATH=src python benchmarks/gpu_small_m.py --out results/                     # on a GPU, ~3 min
     PYTHONPATH=src TRITON_INTERPRET=1 python benchmarks/gpu_small_m.py --dry-run       # CPU: tiny shapes
@@ -42,6 +43,10 @@ CANDIDATES = {
     # 2026-11-28 (docs/gpu/h200/gpu_small_m_dp4a.md), the first default (16, 64, 4) and untried neighbours
     "dp4a": [triton_backend.DP4A_TILE, (8, 128, 4), (16, 32, 4), (16, 64, 4), (64, 32, 4), (32, 16, 4),
              (32, 32, 8)],
+    # dp4a1 (one token, quantized in the kernel: DP4A_QUANTIZING_TILE): more rows a program spread the row's
+    # quantizing over more codes, but give fewer programs
+    "dp4a1": [triton_backend.DP4A_QUANTIZING_TILE, (32, 32, 4), (128, 32, 4), (64, 32, 8), (128, 32, 8),
+              (64, 16, 4)],
     # planar (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens, at the default programs per SM only (the run's
     # time limit): wider tiles spend fewer instructions a code (sm_90, offline), narrower hold fewer registers
     "planar": [triton_backend.PLANAR_FEW_TILE, (16, 64, 4, 4), (16, 256, 4, 4), (16, 256, 8, 3)],
@@ -93,7 +98,7 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
     error vs the bf16 GEMM."""
     constants = {"PROGRAMS_PER_SM": programs}
     names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "splitk": ("SPLITK_TILE",),
-             "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",),
+             "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",), "dp4a1": ("DP4A_QUANTIZING_TILE",),
              "planar": ("PLANAR_FEW_TILE",)}[strategy]
     if tile is None:
         tile = (triton_backend._gemv_tile(prepared.out_features, activations, x.device) if strategy == "gemv"

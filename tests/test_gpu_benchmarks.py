@@ -41,7 +41,8 @@ def test_gpu_small_m_rehearses_every_candidate_kind(tmp_path):
     _run("gpu_small_m.py", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "gpu_small_m.json").read_text())["rows"]
     assert {(row["strategy"], row["M"]) for row in rows} == {("gemv", 1), ("splitk", 1), ("splitk", 16), ("dp4a", 1),
-                                                            ("dp4a", 16), ("planar", 1), ("planar", 16)}
+                                                            ("dp4a", 16), ("dp4a1", 1), ("planar", 1),
+                                                            ("planar", 16)}
     for row in rows:
         assert row["candidates"] and all("error" not in c and c["rel_err"] < 4e-2 for c in row["candidates"])
     assert "best tile" in (tmp_path / "gpu_small_m.md").read_text()

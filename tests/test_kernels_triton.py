@@ -508,30 +508,37 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
     assert (tk._gemv_tile(n, activations, torch.device(DEVICE)) != tk.GEMV_TILE) == (n >= 256)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("strategy,m", [("dp4a", 1), ("dp4a", 5), ("dp4a", 16), ("dp4a1", 1)])
 @pytest.mark.parametrize("k,n,granularity,with_bias", [(16, 3, "tensor", False), (400, 33, "channel", True),
                                                        (1024, 70, "channel", False), (2048, 20, "tensor", True),
                                                        (2064, 20, "channel", False)])
-def test_dp4a_is_exact(m, k, n, granularity, with_bias):
+def test_dp4a_is_exact(strategy, m, k, n, granularity, with_bias, monkeypatch):
     """a8 on words of codes (DP4A): bit for bit the integer reference (with a bias, up to its last rounding),
     on random rows and one of the quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked
     loads); 1024 (one step) and 2048 (two, split over K slices here): whole steps, unmasked; 2064: split, its
-    last step partial. One token takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one."""
+    last step partial. One token takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one.
+    dp4a1 quantizes the row in the kernel: the same bits, its scale reaching the epilogue of a split through
+    memory; a zero row too (scale 1e-12 / 127)."""
+    if strategy == "dp4a1":  # its one-token tile, at the step of the others (whole and partial steps as above)
+        monkeypatch.setattr(tk, "DP4A_QUANTIZING_TILE", (64, tk.DP4A_TILE[1], 4))
     weight = _weight(n, k, granularity, power_of_two=True)
     bias = _activations(1, n, torch.float32, seed=2).reshape(-1) if with_bias else None
-    x = torch.cat([_ties("a8", k), _activations(m - 1, k, torch.float32)])
-    out = tk.linear(x, tk.prepare(weight), bias, "a8", strategy="dp4a")
-    expected = _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias)
-    if bias is None:
-        assert torch.equal(out, expected)
-    else:  # the compiler may fuse the activation scale's multiply with the bias's add (last bits off on an H200)
-        torch.testing.assert_close(out, expected, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-6)
+    rows = [torch.cat([_ties("a8", k), _activations(m - 1, k, torch.float32)])]
+    rows += [torch.zeros(1, k, device=DEVICE)] * (m == 1)
+    for x in rows:
+        out = tk.linear(x, tk.prepare(weight), bias, "a8", strategy=strategy)
+        expected = _on_cpu(reference.linear_a8, x, _cpu_weight(weight), bias)
+        if bias is None:
+            assert torch.equal(out, expected)
+        else:  # the compiler may fuse the activation scale's multiply with the bias's add (last bits off on an H200)
+            torch.testing.assert_close(out, expected, rtol=2 * torch.finfo(torch.float32).eps, atol=1e-6)
 
 
 def test_dp4a_is_offered_for_few_int8_tokens_on_tq2_words():
     layer = _layer(tk._SCALE_CHANNEL, 3072, 64)
     assert "dp4a" in tk.strategies(1, layer, "a8")
     assert "dp4a" in tk.strategies(16, layer, "a8")
+    assert "dp4a1" in tk.strategies(1, layer, "a8") and "dp4a1" not in tk.strategies(2, layer, "a8")
     assert all("dp4a" not in tk.strategies(*case) for case in [
         (17, layer, "a8"), (1, layer, "a16"), (1, layer, "fp8"), (1, _layer(tk._SCALE_TENSOR, 3072, 64, "tq1"), "a8"),
         (1, _layer(tk._SCALE_TENSOR, 3080, 64), "a8"), (1, _layer(tk._SCALE_GROUP, 3072, 64), "a8"),

@@ -28,6 +28,7 @@ tiled, planar and dp4a:
             quantized by every program of the GEMV itself.
   dp4a      a8, few tokens: the tq2 bytes read as int32 words of 16 codes against the plane-major int8 rows,
             four codes multiplied and added by one integer DP4A instruction on CUDA cores; exact int32 sums.
+  dp4a1     dp4a at one token in one launch: the kernel quantizes the float row itself.
 The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
 kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
 tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
@@ -104,6 +105,9 @@ ALPHA_PIECES = 4
 # on the three shapes swept (still behind planar and split-K there).
 DP4A_TILE = (32, 32, 4)
 DP4A_FEW_TILE = (16, 32, 4)
+# dp4a1 (one token, the row quantized in the kernel): twice DP4A_TILE's rows, as a guess that halves the
+# quantizing work a code; not yet timed (gpu_small_m.py sweeps it)
+DP4A_QUANTIZING_TILE = (64, 32, 4)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 # The planar kernel's (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens. Compiled for sm_90, its loop's
 # instructions a code: 4.6 / 3.6 / 3.1 (a16 / fp8 / a8) on 128 rows, 76 registers or fewer; 5.8 / 4.5 / 4.3 on 64
@@ -254,8 +258,9 @@ def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.
     names += ["splitk8"] * few + ["gemv8"] * gemv + ["qgemv"] * (gemv and activations != "a16")
     # DP4A: int8 activations on tq2 words (whole words a row); exact int32 sums, kept to gemv's K bound for the
     # fp32 partial sums of split slices
-    names += ["dp4a"] * (few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
-                         and prepared.in_features <= GEMV_MAX_INT8_K)
+    dp4a = (few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
+            and prepared.in_features <= GEMV_MAX_INT8_K)
+    names += ["dp4a"] * dp4a + ["dp4a1"] * (dp4a and M == 1)  # dp4a1: one token quantized in the kernel
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
     usual = ("gemv" if gemv else "splitk" if few
@@ -731,21 +736,26 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
-def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
+def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str, quantizing: bool = False) -> torch.Tensor:
     """Up to 16 tokens of int8 activations (a8): integer dot products of four codes (DP4A) on CUDA cores, on
     words of the codes as they lie and of the rows quantized in plane-major order; split over K like splitk
-    when the N tiles alone cannot fill the GPU."""
+    when the N tiles alone cannot fill the GPU. quantizing (dp4a1, one token): no quantizer launch; the kernel
+    quantizes the float row itself, as the gemv strategy does."""
     M, N, out_dtype = x2.shape[0], prepared.out_features, x2.dtype
-    q, act_scale = quantize_activations(x2, plane_major=True)
+    if quantizing:
+        x_words, act_scale = x2, torch.empty(M, dtype=torch.float32, device=x2.device)
+    else:
+        q, act_scale = quantize_activations(x2, plane_major=True)
+        x_words = q.view(torch.int32)  # no copy (K % 16 == 0)
     block_m = min(_next_power_of_2(M), SMALL_M)
-    block_n, words, warps = DP4A_TILE if M == 1 else DP4A_FEW_TILE
+    block_n, words, warps = DP4A_QUANTIZING_TILE if quantizing else DP4A_TILE if M == 1 else DP4A_FEW_TILE
     words_per_slice, out = _split_k(_cdiv(prepared.in_features // 16, words), _cdiv(N, block_n), M, N, out_dtype,
                                     x2.device)
-    packed, x_words = prepared.packed.view(torch.int32), q.view(torch.int32)  # no copies (K % 16 == 0)
+    packed = prepared.packed.view(torch.int32)
     _dp4a_gemv_kernel[(_cdiv(N, block_n), _slices(out), _cdiv(M, block_m))](
         x_words, packed, prepared.scales, act_scale, _or(bias, prepared.scales), out, M, N, prepared.in_features,
         x_words.stride(0), packed.stride(0), words_per_slice * words, SCALE_MODE=prepared.scale_mode,
-        HAS_BIAS=bias is not None, FUSED=_slices(out) == 1,
+        HAS_BIAS=bias is not None, FUSED=_slices(out) == 1, QUANTIZE=quantizing,
         EVEN_K=prepared.in_features // 16 % words == 0, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words,
         PLANE_WORDS=PLANE // 4, num_warps=warps)
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
@@ -757,7 +767,8 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
                "cublas": _cublas_linear,
                "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
                "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM),
-               "qgemv": functools.partial(_splitk_linear, fma=True, prequantized=True), "dp4a": _dp4a_linear}
+               "qgemv": functools.partial(_splitk_linear, fma=True, prequantized=True), "dp4a": _dp4a_linear,
+               "dp4a1": functools.partial(_dp4a_linear, quantizing=True)}
 
 
 if triton is not None:
@@ -1405,6 +1416,21 @@ if triton is not None:
                            other=0)
 
     @triton.jit
+    def _quantized_plane(x_ptr, w0, p: tl.constexpr, w_end, offs_w, scale, EVEN_K: tl.constexpr):
+        """The (WORDS,) words that plane p of the step at word w0 multiplies, from the float row: byte b of
+        word w is column 16 w + 4 b + p quantized (zeros past the slice), as the quantizer's plane-major
+        output holds them."""
+        offs_b = tl.arange(0, 4)
+        columns = 16 * (w0 + offs_w)[:, None] + 4 * offs_b[None, :] + p
+        if EVEN_K:
+            x = tl.load(x_ptr + columns)
+        else:
+            x = tl.load(x_ptr + columns, mask=(w0 + offs_w < w_end)[:, None], other=0.0)
+        q = _quantized_fp32(x.to(tl.float32), scale, 127.0, False).to(tl.int32)
+        # the bytes' bits are disjoint, so the sum is their OR: no carries, whatever the top byte's sign
+        return tl.sum((q & 0xFF) << (8 * offs_b)[None, :], axis=1)
+
+    @triton.jit
     def _x_plane(x_rows, w0, p: tl.constexpr, w_end, mask_m, offs_w, PLANE_WORDS: tl.constexpr,
                  EVEN_K: tl.constexpr):
         """(BLOCK_M, WORDS) words of four plane-major int8 activations, those plane p of the step at word w0
@@ -1418,8 +1444,8 @@ if triton is not None:
     @triton.jit
     def _dp4a_gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                           k_slice, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr,
-                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr):
+                          QUANTIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr):
         """A few tokens of int8 activations (x: plane-major, see plane_major, as int32 words) @ codes^T (tq2
         rows as int32 words of 16 codes; K % 16 == 0) over one slice of k_slice words, for one (M, N) tile:
         FUSED, the finished output; else fp32 partial sums (split, M, N) for _epilogue_kernel.
@@ -1429,7 +1455,13 @@ if triton is not None:
         with x word 16 p + j of the block. One DP4A multiplies and adds the four, for each token the tile
         holds, from one unpacking: ideally 0.25 + 0.5 / BLOCK_M instructions a code-token (compiled for sm_90:
         0.43 at 16 tokens, 0.81 at one), where the float GEMV spends ~4.5 for one token. sum(w x) = sum(u x) -
-        sum(x): integers throughout, exact."""
+        sum(x): integers throughout, exact.
+
+        QUANTIZE (one token): x is the float row itself, quantized here as _quantize_row does (bit for bit), as
+        the quantizing GEMV does: every program reads the whole row for its scale, program (0, 0) stores it for
+        _epilogue_kernel, and each step's 16 WORDS columns are quantized and packed into plane words in
+        registers. That saves the quantizer's launch (3.4 of the 9.7 us on norm1 on an H200) for those
+        instructions and the row's read."""
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1447,6 +1479,13 @@ if triton is not None:
         # The next step's words are loaded before this step's math (the latency overlaps it; Triton pipelines
         # no load that is not a tl.dot operand). Words past the slice read 0 against activations read 0.
         words_next = _words_after(w_rows, w_start - WORDS, w_end, mask_n, offs_w, WORDS, EVEN_K)
+        if QUANTIZE:
+            act_scale = _absmax_scale(_row_absmax(x_ptr, K, 16 * WORDS), 127.0)
+            row_scales = tl.full([BLOCK_M], act_scale, dtype=tl.float32)
+            if (pid_n == 0) & (pid_k == 0):
+                tl.store(act_scale_ptr, act_scale)
+        else:
+            row_scales = _row_scales(act_scale_ptr, offs_m, mask_m, True)
         if BLOCK_M == 1:
             # One token: each plane masked in place (u 4^p in its bytes, no shift) into a sum of its own, all
             # 2-D (no layout shuffles): 0.81 instructions a code on sm_90 against 1.375 the general way.
@@ -1459,10 +1498,16 @@ if triton is not None:
             for w0 in range(w_start, w_end, WORDS):
                 words = words_next
                 words_next = _words_after(w_rows, w0, w_end, mask_n, offs_w, WORDS, EVEN_K)
-                x0 = tl.reshape(_x_plane(x_rows, w0, 0, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
-                x1 = tl.reshape(_x_plane(x_rows, w0, 1, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
-                x2 = tl.reshape(_x_plane(x_rows, w0, 2, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
-                x3 = tl.reshape(_x_plane(x_rows, w0, 3, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                if QUANTIZE:
+                    x0 = _quantized_plane(x_ptr, w0, 0, w_end, offs_w, act_scale, EVEN_K)
+                    x1 = _quantized_plane(x_ptr, w0, 1, w_end, offs_w, act_scale, EVEN_K)
+                    x2 = _quantized_plane(x_ptr, w0, 2, w_end, offs_w, act_scale, EVEN_K)
+                    x3 = _quantized_plane(x_ptr, w0, 3, w_end, offs_w, act_scale, EVEN_K)
+                else:
+                    x0 = tl.reshape(_x_plane(x_rows, w0, 0, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                    x1 = tl.reshape(_x_plane(x_rows, w0, 1, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                    x2 = tl.reshape(_x_plane(x_rows, w0, 2, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
+                    x3 = tl.reshape(_x_plane(x_rows, w0, 3, w_end, mask_m, offs_w, PLANE_WORDS, EVEN_K), [WORDS])
                 acc0 = _dp4a(words & 0x03030303, x0[None, :], acc0)
                 acc1 = _dp4a(words & 0x0C0C0C0C, x1[None, :], acc1)
                 acc2 = _dp4a(words & 0x30303030, x2[None, :], acc2)
@@ -1484,6 +1529,5 @@ if triton is not None:
                     acc = _dp4a(digits[None, :, :], x_plane[:, None, :], acc)
                     x_sums = _dp4a(ones, x_plane, x_sums)
             sums = tl.sum(acc, axis=2) - tl.sum(x_sums, axis=1)[:, None]
-        _store_slice(sums.to(tl.float32), pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr,
-                     _row_scales(act_scale_ptr, offs_m, mask_m, True), bias_ptr, out_ptr, FUSED, SCALE_MODE, True,
-                     HAS_BIAS)
+        _store_slice(sums.to(tl.float32), pid_k, offs_m, offs_n, mask_m, mask_n, M, N, scale_ptr, row_scales,
+                     bias_ptr, out_ptr, FUSED, SCALE_MODE, True, HAS_BIAS)
