@@ -8,7 +8,7 @@ comes from registers), loads pipelined through shared memory (async copies) vs. 
 registers per thread and spills (ptxas), and the main loop's machine-code length and integer -> float
 conversions (nvdisasm).
 
-    python benchmarks/gpu_compile.py [--quick] [--out DIR]     (no GPU needed; exit 1 if any variant fails)
+    python benchmarks/gpu_compile.py [--quick] [--out DIR] [--only NAME]   (no GPU needed; exit 1 if any fails)
 
 Writes gpu_compile.json and gpu_compile.md to --out when given.
 """
@@ -204,12 +204,16 @@ def variants(quick: bool):
                         "SCALE_MODE": 0, "HAS_BIAS": True, "DOT_FP32": False, "EVEN_K": even_k, "BLOCK_M": block_m,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, warps, stages,
                        fp8_targets if act == "fp8" else all_targets)
-    # a8 in DP4A: one token's own loop, and the token tiles of 2-16 (masked: one of each)
-    for block_m, (block_n, words, warps) in ((1, tk.DP4A_TILE), *((m, tk.DP4A_FEW_TILE) for m in (2, 4, 8, 16))):
+    # a8 in DP4A: one token's own loop (dp4a1: quantizing its float row), and the token tiles of 2-16 (masked:
+    # one of each)
+    dp4a_tiles = ((1, tk.DP4A_TILE, False), (1, tk.DP4A_QUANTIZING_TILE, True),
+                  *((m, tk.DP4A_FEW_TILE, False) for m in (2, 4, 8, 16)))
+    for block_m, (block_n, words, warps), quantize in dp4a_tiles:
         for even_k in ((True, False) if block_m in (1, 16) else (True,)):
-            yield (f"dp4a a8 {block_m}x{block_n}{'' if even_k else ' masked'}", tk._dp4a_gemv_kernel,
-                   {"x_ptr": torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
-                   {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "EVEN_K": even_k,
+            yield (f"dp4a{'1' if quantize else ''} a8 {block_m}x{block_n}{'' if even_k else ' masked'}",
+                   tk._dp4a_gemv_kernel,
+                   {"x_ptr": bf16 if quantize else torch.int32, "w_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
+                   {"SCALE_MODE": 0, "HAS_BIAS": True, "FUSED": True, "QUANTIZE": quantize, "EVEN_K": even_k,
                     "BLOCK_M": block_m, "BLOCK_N": block_n, "WORDS": words, "PLANE_WORDS": tk.PLANE // 4}, warps, 1,
                    all_targets)
     for act, (x_dtype, code) in acts.items():
@@ -260,11 +264,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the first and the compute-bound tile configs only")
     parser.add_argument("--out", type=Path, help="folder for gpu_compile.json and gpu_compile.md")
+    parser.add_argument("--only", default="", help="the variants whose names start with this (e.g. 'dp4a')")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="variants compiled at once (processes; default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     rows, start = [], time.perf_counter()
-    _VARIANTS[:] = variants(args.quick)
+    _VARIANTS[:] = [variant for variant in variants(args.quick) if variant[0].startswith(args.only)]
     jobs = [(index, target) for index, variant in enumerate(_VARIANTS) for target in variant[-1]]
     # Each compile is one thread's work (LLVM, then ptxas and nvdisasm): processes use the other cores. Forked,
     # so a worker finds each variant by its index in the list it inherits, not by pickling kernels; a worker

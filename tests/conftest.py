@@ -51,6 +51,34 @@ def tiny_inputs(config=None, batch=1, image_tokens=16, text_tokens=6, seed=1):
     )
 
 
+def tiny_pipeline():
+    """A real diffusers FluxPipeline around the tiny transformer, with word-level tokenizers."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    words = ["<pad>", "<unk>", "</s>", "a", "red", "blue", "circle", "square", "left", "of"]
+
+    def tokenizer():
+        inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        inner.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                       model_max_length=8)
+
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=TINY_CONFIG["pooled_projection_dim"],
+                                        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=8, pad_token_id=0, bos_token_id=0, eos_token_id=2))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=TINY_CONFIG["joint_attention_dim"], d_kv=8, d_ff=32,
+                                 num_layers=1, num_heads=2, is_encoder_decoder=False, use_cache=False,
+                                 pad_token_id=0, eos_token_id=2, decoder_start_token_id=0))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        scaling_factor=1.0, shift_factor=0.0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(),
+                        tokenizer=tokenizer(), text_encoder_2=t5.eval(), tokenizer_2=tokenizer(), transformer=build_tiny())
+
+
 def owned_weights(model):
     """The model with its weights copied into memory of its own. from_pretrained with safetensors >= 0.8 leaves
     them views of the mapped file, placed as it lays them out (8-byte aligned), and some CPUs' BLAS (an AMD

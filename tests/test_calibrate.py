@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, build_tiny, owned_weights, tiny_inputs
+from conftest import TINY_CONFIG, build_tiny, owned_weights, tiny_inputs, tiny_pipeline
 from torch import nn
 
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, load_transformer, save_transformer
@@ -298,36 +298,8 @@ def test_distillation_resumes_from_its_checkpoint(tmp_path, tiny_teacher, monkey
 
 # ---- the whole path from a pipeline --------------------------------------------------------------------
 
-def _tiny_pipeline():
-    """A real diffusers FluxPipeline around the tiny transformer, with word-level tokenizers."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    words = ["<pad>", "<unk>", "</s>", "a", "red", "blue", "circle", "square", "left", "of"]
-
-    def tokenizer():
-        inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-        inner.pre_tokenizer = pre_tokenizers.Whitespace()
-        return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
-                                       model_max_length=8)
-
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=TINY_CONFIG["pooled_projection_dim"],
-                                        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=8, pad_token_id=0, bos_token_id=0, eos_token_id=2))
-    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=TINY_CONFIG["joint_attention_dim"], d_kv=8, d_ff=32,
-                                 num_layers=1, num_heads=2, is_encoder_decoder=False, use_cache=False,
-                                 pad_token_id=0, eos_token_id=2, decoder_start_token_id=0))
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        scaling_factor=1.0, shift_factor=0.0)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip.eval(),
-                        tokenizer=tokenizer(), text_encoder_2=t5.eval(), tokenizer_2=tokenizer(), transformer=build_tiny())
-
-
 def test_calibrate_a_pipeline_end_to_end(tmp_path):
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     calib = _calib(("scales", "blockwise", "distill"), samples=3,
                    pipeline_kwargs={"num_inference_steps": 4, "height": 16, "width": 16, "max_sequence_length": 8})
     config = _ternary_config("channel")
@@ -354,7 +326,7 @@ def test_teacher_keeps_each_trajectory_text_once(tmp_path):
     transformer exactly what it was called with; saved and loaded, the same."""
     from bitflux.calibrate.teacher import collect
 
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     seen = []
     hook = pipe.transformer.register_forward_hook(
         lambda module, args, kwargs, out: seen.append({k: kwargs[k].clone() for k in ("encoder_hidden_states",
@@ -379,7 +351,7 @@ def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
     from bitflux import quantize_
     from bitflux.calibrate.teacher import collect, onpolicy_records
 
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     student = copy.deepcopy(pipe.transformer)
     quantize_(student, _ternary_config())
     prompts = ["a red circle", "a blue square left of a red circle"]
@@ -407,7 +379,7 @@ def test_onpolicy_records_are_fresh_teacher_and_the_students_own_trajectories():
 
 
 def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60,
                    pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
     config, prompts = _ternary_config(), ["a red circle", "a blue square"]
@@ -430,7 +402,7 @@ def test_onpolicy_stage_lowers_its_error_and_resumes_from_its_workdir(tmp_path):
 
 
 def test_onpolicy_rounds_record_new_trajectories_and_distil_on_all_so_far(tmp_path):
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     calib = _calib(("distill", "onpolicy"), samples=2, onpolicy_steps=60, onpolicy_rounds=2,
                    pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16, "max_sequence_length": 8})
     config, prompts = _ternary_config(), ["a red circle", "a blue square"]
@@ -457,7 +429,7 @@ def test_a_workdir_goes_on_with_the_stages_after_its_last_and_serves_a_run_of_fe
     """--calibration distill, then onpolicy in the same workdir: the blocks and the distillation are taken up,
     and the model is the one an onpolicy run makes at once. A run of fewer stages than the workdir holds reuses
     it too, and the workdir keeps the settings of the stages it holds."""
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     calib = _calib(("scales", "blockwise", "distill", "onpolicy"), samples=2, steps=5, distill_steps=20,
                    onpolicy_steps=20, pipeline_kwargs={"num_inference_steps": 2, "height": 16, "width": 16,
                                                        "max_sequence_length": 8})
@@ -491,7 +463,7 @@ def test_the_teacher_without_text_encoders_records_what_the_whole_pipeline_does(
     from bitflux.calibrate.teacher import collect
     from bitflux.pipeline import encode_prompts
 
-    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    tiny_pipeline().save_pretrained(tmp_path / "fp")
     prompts = ["a red circle", "a blue square", "a red square left of a blue circle"]
     settings = dict(samples=4, batch_size=3, progress=False, num_inference_steps=3, height=16, width=16,
                     max_sequence_length=5)  # trajectory 3 takes prompt 0 again, in another batch
@@ -518,7 +490,7 @@ def test_quantize_calibrated_writes_a_loadable_pipeline(tmp_path, stream):
     from bitflux import load_pipeline
     from bitflux.calibrate.quantize import quantize_calibrated
 
-    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    tiny_pipeline().save_pretrained(tmp_path / "fp")
     calib = _calib(("scales", "blockwise", "onpolicy"), samples=2, onpolicy_steps=4,
                    pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16})
     report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
@@ -545,7 +517,7 @@ def test_quantize_calibrated_with_the_onpolicy_stage_on_a_gpu(tmp_path):
 
     from bitflux.calibrate.quantize import quantize_calibrated
 
-    _tiny_pipeline().save_pretrained(tmp_path / "fp")
+    tiny_pipeline().save_pretrained(tmp_path / "fp")
     calib = _calib(("scales", "blockwise", "distill", "onpolicy"), samples=2, distill_steps=4, onpolicy_steps=4,
                    pipeline_kwargs={"num_inference_steps": 3, "height": 16, "width": 16})
     report = quantize_calibrated(tmp_path / "fp", tmp_path / "out", ["a red circle"], _ternary_config(), calib,
@@ -692,7 +664,7 @@ def test_calibrate_samples_as_generate_does_unless_told(monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(calibration, "teacher_data", stop)
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     with pytest.raises(RuntimeError, match="stop"):
         calibrate(pipe, ["a red circle"], None, CalibrationConfig(pipeline_kwargs={"num_inference_steps": 3}),
                   progress=False)
@@ -713,7 +685,7 @@ def test_the_summary_says_which_blocks_a_resumed_run_took_from_its_workdir():
 def test_a_source_folder_of_another_dtype_is_read_in_the_pipelines(tmp_path):
     """A bf16 transformer folder (FLUX.1's, the demo's) beside a pipeline computing in fp32: the blocks are read in
     fp32 (they were read in bf16 and the first block's matmul failed)."""
-    pipe = _tiny_pipeline()
+    pipe = tiny_pipeline()
     pipe.transformer.to(torch.bfloat16).save_pretrained(tmp_path / "transformer")
     pipe.transformer.to(torch.float32)
     calib = _calib(("scales", "blockwise"), samples=1,

@@ -15,6 +15,7 @@ from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
+from .interop.pipeline_lora import add_lora_methods
 from .linear import TernaryLinear
 from .surgery import QuantizationReport, quantize_, set_activations
 from .text_encoders import (
@@ -149,6 +150,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     pipe = pipeline_from_folder(root, dtype, extra, pipeline_class)
     if ternary:
         fuse_projections(pipe.transformer)
+        add_lora_methods(pipe)
     return _place(pipe, device, offload)
 
 
@@ -240,7 +242,7 @@ def quantize_pipeline(pipe, config: TernaryConfig | None = None, copy_transforme
     report: QuantizationReport = quantize_(transformer, config or TernaryConfig())
     fuse_projections(transformer)
     components = dict(pipe.components, transformer=transformer)
-    ternary = type(pipe)(**components)
+    ternary = add_lora_methods(type(pipe)(**components))
     ternary.set_progress_bar_config(leave=False)
     return ternary, report
 

@@ -1,5 +1,6 @@
-"""Interoperability: GGUF files with ggml's ternary blocks (gguf.py), LoRA side branches (lora.py), and
-diffusers' own from_pretrained of bitflux folders (diffusers_quantizer.py)."""
+"""Interoperability: GGUF files with ggml's ternary blocks (gguf.py), LoRA side branches (lora.py) and
+diffusers' pipeline LoRA methods run by them (pipeline_lora.py), and diffusers' own from_pretrained of bitflux
+folders (diffusers_quantizer.py)."""
 
 from __future__ import annotations
 

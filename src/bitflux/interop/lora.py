@@ -118,9 +118,15 @@ class LoraAdapter(nn.Module):
     def items(self):
         return zip(self.names, self.branches)
 
-    def remove(self) -> None:
-        """Detach from the model (unfusing first if fused)."""
-        if self.fused:
+    def remove(self, keep_fused: bool = False) -> None:
+        """Detach from the model: unfusing first if fused, or with keep_fused leaving the fused weights in the
+        layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights())."""
+        if self.fused and keep_fused:
+            for name in self.names:
+                self._layer(name).__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
+            self._saved.clear()
+            self.fused = False
+        elif self.fused:
             self.unfuse()
         for hook in self._hooks:
             hook.remove()

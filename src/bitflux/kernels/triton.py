@@ -105,8 +105,10 @@ ALPHA_PIECES = 4
 # on the three shapes swept (still behind planar and split-K there).
 DP4A_TILE = (32, 32, 4)
 DP4A_FEW_TILE = (16, 32, 4)
-# dp4a1 (one token, the row quantized in the kernel): twice DP4A_TILE's rows, as a guess that halves the
-# quantizing work a code; not yet timed (gpu_small_m.py sweeps it)
+# dp4a1 (one token, the row quantized in the kernel): twice DP4A_TILE's rows, which spreads the quantizing over
+# twice the codes. Compiled for sm_90 offline (benchmarks/gpu_compile.py): 1.23 instructions a code at 161
+# registers, against dp4a's 0.82 and 1.78 on dp4a's 32 rows; 128 rows spill (4 warps) or take 1.29 (8 warps).
+# Not yet timed: gpu_small_m.py sweeps it.
 DP4A_QUANTIZING_TILE = (64, 32, 4)
 PLANE = 64  # the planar kernel's step: 64 tq2 bytes per row, one bit plane of 4 x 64 columns
 # The planar kernel's (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens. Compiled for sm_90, its loop's

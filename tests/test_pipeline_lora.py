@@ -1,0 +1,202 @@
+"""diffusers' pipeline LoRA methods on ternary pipelines (interop.pipeline_lora): the same model as bitflux's
+load_lora with the same strengths, diffusers' adapter bookkeeping, and one-line refusals."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import TINY_CONFIG, tiny_inputs, tiny_pipeline
+from safetensors.torch import save_file
+
+from bitflux import BitfluxError, TernaryLinear
+from bitflux.interop.lora import load_lora
+from bitflux.pipeline import quantize_pipeline
+
+WIDTH = TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]
+
+
+def _lora(seed: int, layers=("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp")) -> dict:
+    """A diffusers-named LoRA of rank 4 on two layers (one of a fused q/k/v), alpha 8."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in layers:
+        out_features = 4 * WIDTH if name.endswith("proj_mlp") else WIDTH
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, WIDTH, generator=generator) * 0.2
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=generator) * 0.2
+        state[f"transformer.{name}.alpha"] = torch.tensor(8.0)
+    return state
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """Two ternary pipelines of one tiny FLUX: one for diffusers' methods, one for load_lora by hand."""
+    fp = tiny_pipeline()
+    return quantize_pipeline(fp)[0], quantize_pipeline(fp)[0]
+
+
+def _out(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.transformer(**tiny_inputs())[0]
+
+
+def _codes(pipe) -> dict:
+    return {name: (m.weight_packed.clone(), m.weight_scale.clone()) for name, m in pipe.transformer.named_modules()
+            if isinstance(m, TernaryLinear)}
+
+
+def _same_codes(pipe, codes) -> bool:
+    now = _codes(pipe)
+    return all(torch.equal(now[name][0], packed) and torch.equal(now[name][1], scale)
+               for name, (packed, scale) in codes.items())
+
+
+def test_diffusers_lora_methods_run_bitflux_branches(pipes, tmp_path):
+    """load_lora_weights (a state dict; a folder with weight_name) gives load_lora's model; the adapter loaded
+    last is the active one; set_adapters weighs several; disable/enable; delete falls back to the first left."""
+    pipe, by_hand = pipes
+    base = _out(pipe)
+    save_file(_lora(2), str(tmp_path / "two.safetensors"))
+    save_file(_lora(3), str(tmp_path / "three.safetensors"))  # two files: weight_name picks one
+
+    pipe.load_lora_weights(_lora(1))
+    first = load_lora(by_hand.transformer, _lora(1), dtype=by_hand.transformer.dtype)
+    assert pipe.get_active_adapters() == ["default_0"]
+    assert torch.equal(_out(pipe), _out(by_hand)) and not torch.equal(_out(pipe), base)
+
+    pipe.load_lora_weights(tmp_path, weight_name="two.safetensors", adapter_name="style")
+    second = load_lora(by_hand.transformer, tmp_path / "two.safetensors", dtype=by_hand.transformer.dtype)
+    first.strength = 0.0
+    assert pipe.get_active_adapters() == ["style"]
+    assert pipe.get_list_adapters() == {"transformer": ["default_0", "style"]}
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.set_adapters(["default_0", "style"], adapter_weights=[0.5, -1.25])
+    first.strength, second.strength = 0.5, -1.25
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.disable_lora()
+    assert torch.equal(_out(pipe), base) and pipe.get_active_adapters() == ["default_0", "style"]
+    pipe.enable_lora()
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.set_adapters("style")  # weight 1, the other inactive
+    first.strength, second.strength = 0.0, 1.0
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.delete_adapters("style")
+    second.remove()
+    assert pipe.get_active_adapters() == ["default_0"]  # no active one left: the first remaining, as PEFT
+    first.strength = 0.5  # at the weight it was last given
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.load_lora_weights(_lora(4), adapter_name="default_0", hotswap=True)  # replaced: active, at its weight
+    first.remove()
+    swapped = load_lora(by_hand.transformer, _lora(4), strength=0.5, dtype=by_hand.transformer.dtype)
+    assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    assert torch.equal(_out(pipe), _out(by_hand))
+
+    pipe.unload_lora_weights()
+    swapped.remove()
+    assert torch.equal(_out(pipe), base) and pipe.get_list_adapters() == {}
+    assert not any(m._forward_hooks for m in pipe.transformer.modules())
+
+
+def test_fuse_unfuse_and_unload_keeping_the_fused_weights(pipes):
+    """fuse_lora folds the active adapters at weight x lora_scale (as LoraAdapter.fuse at that strength);
+    unfuse_lora gives the very codes back; fuse then unload keeps the fused model without branches."""
+    pipe, by_hand = pipes
+    codes = _codes(pipe)
+    pipe.load_lora_weights(_lora(5), adapter_name="a")
+    pipe.load_lora_weights(_lora(6, layers=("transformer_blocks.0.attn.to_q",)), adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.5, 2.0])
+    branches = _out(pipe)
+    pipe.fuse_lora(lora_scale=0.5)
+    a = load_lora(by_hand.transformer, _lora(5), strength=0.25, dtype=by_hand.transformer.dtype)
+    b = load_lora(by_hand.transformer, _lora(6, layers=("transformer_blocks.0.attn.to_q",)), strength=1.0,
+                  dtype=by_hand.transformer.dtype)
+    a.fuse()
+    b.fuse()
+    fused = _out(pipe)
+    assert torch.equal(fused, _out(by_hand)) and not torch.equal(fused, branches)
+
+    pipe.unfuse_lora()
+    assert _same_codes(pipe, codes) and torch.equal(_out(pipe), branches)
+
+    pipe.fuse_lora(adapter_names=["b"])  # b alone, at its weight 2
+    pipe.unload_lora_weights()
+    b.unfuse()
+    a.remove()
+    b.strength = 2.0
+    b.fuse()
+    assert torch.equal(_out(pipe), _out(by_hand))
+    assert not any(m._forward_hooks for m in pipe.transformer.modules()) and not _same_codes(pipe, codes)
+    b.remove(keep_fused=True)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda p: p.load_lora_weights(_lora(1), adapter_name="x") or p.load_lora_weights(_lora(1), adapter_name="x"),
+     "in use already"),
+    (lambda p: p.load_lora_weights(_lora(1), hotswap=True, adapter_name="nope"), "hotswap replaces"),
+    (lambda p: p.load_lora_weights(_lora(1), revision="main"), "takes no 'revision'"),
+    (lambda p: p.load_lora_weights(_lora(1), use_safetensors=False), ".safetensors files only"),
+    (lambda p: p.load_lora_weights(_lora(1), weight_name="a.safetensors"), "a state dict is given"),
+    (lambda p: p.load_lora_weights(_lora(1), adapter_name=3), "must be a string"),
+    (lambda p: p.set_adapters(["nope"]), "no LoRA adapter 'nope'"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.set_adapters("default_0", float("nan")), "not a finite number"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.set_adapters("default_0", [1.0, 2.0]), "2 adapter weights"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora(lora_scale=float("inf")), "lora_scale inf"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora() or p.load_lora_weights(
+        _lora(2), adapter_name="default_0", hotswap=True), r"unfuse_lora\(\) before"),
+])
+def test_bad_lora_calls_are_refused_in_one_line(pipes, call, message):
+    pipe = pipes[0]
+    codes = _codes(pipe)
+    try:
+        with pytest.raises(BitfluxError, match=message) as caught:
+            call(pipe)
+        assert "\n" not in str(caught.value)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    assert _same_codes(pipe, codes)
+
+
+def test_text_encoder_pairs_are_left_out_with_a_warning(pipes):
+    pipe = pipes[0]
+    state = {**_lora(1), "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8),
+             "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(8, 4)}
+    with pytest.warns(UserWarning, match="1 text-encoder LoRA pairs left out"):
+        pipe.load_lora_weights(state)
+    pipe.unload_lora_weights()
+
+
+def test_load_pipeline_gives_ternary_pipelines_the_methods_and_not_full_precision_ones():
+    from bitflux import demo_model_path, load_pipeline
+    from bitflux.interop.pipeline_lora import METHODS
+    from bitflux.pipeline import demo_ternary_path
+
+    ternary = load_pipeline(demo_ternary_path(progress=False), text_encoders=False)
+    assert all(getattr(ternary, name).__self__.__class__.__name__ == "PipelineLoras" for name in METHODS)
+    width = ternary.transformer.config.num_attention_heads * ternary.transformer.config.attention_head_dim
+    name = "transformer.transformer_blocks.0.attn.to_q"
+    ternary.load_lora_weights({f"{name}.lora_A.weight": torch.ones(2, width),
+                               f"{name}.lora_B.weight": torch.ones(width, 2)}, adapter_name="ones")
+    assert ternary.get_list_adapters() == {"transformer": ["ones"]}
+    full_precision = load_pipeline(demo_model_path(), text_encoders=False)
+    assert "load_lora_weights" not in vars(full_precision)  # diffusers' own (PEFT) method
+
+
+def test_a_copied_pipeline_has_loras_of_its_own(pipes):
+    pipe = pipes[0]
+    pipe.load_lora_weights(_lora(1), adapter_name="one")
+    try:
+        with_lora = _out(pipe)
+        for twin in (copy.deepcopy(pipe), pickle.loads(pickle.dumps(pipe))):
+            assert torch.equal(_out(twin), with_lora)
+            twin.set_adapters("one", 0.0)  # its own adapter, on its own transformer
+            assert torch.equal(_out(pipe), with_lora) and not torch.equal(_out(twin), with_lora)
+            twin.unload_lora_weights()
+            assert pipe.get_list_adapters() == {"transformer": ["one"]}
+    finally:
+        pipe.unload_lora_weights()
