@@ -200,3 +200,20 @@ def test_a_copied_pipeline_has_loras_of_its_own(pipes):
             assert pipe.get_list_adapters() == {"transformer": ["one"]}
     finally:
         pipe.unload_lora_weights()
+
+
+def test_lora_calls_drop_captured_cuda_graphs(pipes):
+    """A captured graph froze the strengths and reads the weights fuse_lora replaces: every call that changes
+    them has the next forward capture anew (GraphedForward set up by hand: no GPU here)."""
+    from bitflux.graphs import GraphedForward
+
+    pipe = pipes[0]
+    pipe.transformer.forward = GraphedForward(pipe.transformer.forward)
+    try:
+        for call in (lambda: pipe.load_lora_weights(_lora(1)), lambda: pipe.set_adapters("default_0", 0.5),
+                     pipe.fuse_lora, pipe.unfuse_lora, pipe.disable_lora, pipe.unload_lora_weights):
+            pipe.transformer.forward.graphs["signature"] = "a captured graph"
+            call()
+            assert pipe.transformer.forward.graphs == {}
+    finally:
+        del pipe.transformer.forward

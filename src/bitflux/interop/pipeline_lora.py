@@ -19,6 +19,7 @@ import weakref
 from ..config import FLOAT32_MAX
 from ..errors import BitfluxError
 from ..fusion import weak_reference
+from ..graphs import GraphedForward
 from .lora import LoraAdapter, load_lora
 
 # load_lora_weights' keywords that change nothing here: bitflux reads local files and the hub cache only, and
@@ -57,6 +58,11 @@ class PipelineLoras:
     def _apply(self) -> None:
         for name, adapter in self.adapters.items():
             adapter.strength = self.weights[name] if self.enabled and name in self.active else 0.0
+        # CUDA graphs captured before froze the strengths and read the weights fuse_lora may have replaced:
+        # the next call captures anew
+        transformer = getattr(self._pipe(), "transformer", None)
+        if isinstance(vars(transformer).get("forward") if transformer is not None else None, GraphedForward):
+            transformer.forward.graphs.clear()
 
     def _names(self, adapter_names) -> list[str]:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
