@@ -4,6 +4,7 @@ load_lora with the same strengths, diffusers' adapter bookkeeping, and one-line 
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, tiny_inputs, tiny_pipeline
@@ -143,11 +144,12 @@ def test_fuse_unfuse_and_unload_keeping_the_fused_weights(pipes):
     (lambda p: p.load_lora_weights(_lora(1), weight_name="a.safetensors"), "a state dict is given"),
     (lambda p: p.load_lora_weights(_lora(1), adapter_name=3), "must be a string"),
     (lambda p: p.set_adapters(["nope"]), "no LoRA adapter 'nope'"),
-    (lambda p: p.load_lora_weights(_lora(1)) or p.set_adapters("default_0", float("nan")), "not a finite number"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.set_adapters("default_0", float("nan")), "must be a finite number"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.set_adapters("default_0", [1.0, 2.0]), "2 adapter weights"),
-    (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora(lora_scale=float("inf")), "lora_scale inf"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora(lora_scale=float("inf")), "lora_scale must be"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora() or p.load_lora_weights(
         _lora(2), adapter_name="default_0", hotswap=True), r"unfuse_lora\(\) before"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.disable_lora() or p.fuse_lora(), "disabled"),
 ])
 def test_bad_lora_calls_are_refused_in_one_line(pipes, call, message):
     pipe = pipes[0]
@@ -217,3 +219,71 @@ def test_lora_calls_drop_captured_cuda_graphs(pipes):
             assert pipe.transformer.forward.graphs == {}
     finally:
         del pipe.transformer.forward
+
+
+def test_bookkeeping_after_deletes_failures_and_fusing_in_another_order(pipes):
+    """A refused weight changes no weight; deleting the active adapters activates the first left by name; free
+    default names are reused; diffusers' fused_loras counts bitflux's; a fused adapter under which another was
+    fused first cannot be deleted alone, and unload deletes them in the order fused, keeping both."""
+    pipe = pipes[0]
+    codes = _codes(pipe)
+    for name in ("zeta", "mid", "alpha"):
+        pipe.load_lora_weights(_lora(len(name)), adapter_name=name)
+    pipe.set_adapters(["zeta", "mid", "alpha"], [1, np.float32(0.5), torch.tensor(2.0)])
+    with pytest.raises(BitfluxError, match="weight of adapter 'mid'"):
+        pipe.set_adapters(["zeta", "mid"], [0.3, float("nan")])
+    pipe.delete_adapters(["zeta", "alpha", "alpha"])  # the active ones, one twice
+    assert pipe.get_active_adapters() == ["mid"] and pipe.get_list_adapters() == {"transformer": ["mid"]}
+    pipe.load_lora_weights(_lora(7))
+    pipe.load_lora_weights(_lora(8))
+    assert pipe.get_list_adapters() == {"transformer": ["mid", "default_1", "default_2"]}
+    pipe.set_adapters(["mid", "default_1"], [0.5, 1.0])
+    expected = _out(pipe)
+    pipe.fuse_lora(adapter_names=["default_1"])
+    pipe.fuse_lora(adapter_names=["mid"])  # fused in the other order than loaded
+    assert pipe.fused_loras == {"default_1", "mid"} and pipe.num_fused_loras == 2
+    with pytest.raises(BitfluxError, match="fused before this one"):
+        pipe.delete_adapters("mid")
+    assert pipe.get_list_adapters() == {"transformer": ["mid", "default_1", "default_2"]}
+    fused = _out(pipe)
+    assert not torch.equal(fused, expected)  # re-ternarized
+    pipe.unload_lora_weights()
+    assert torch.equal(_out(pipe), fused) and pipe.num_fused_loras == 0 and not _same_codes(pipe, codes)
+    for name, (packed, scale) in codes.items():  # the tiny model back as it was, for the other tests
+        layer = pipe.transformer.get_submodule(name)
+        layer.weight_packed, layer.weight_scale = packed, scale
+        layer.__dict__.pop("_bitflux_fused", None)
+
+
+def test_disable_unfuses_as_peft_does(pipes):
+    pipe = pipes[0]
+    base, codes = _out(pipe), _codes(pipe)
+    pipe.load_lora_weights(_lora(1))
+    pipe.fuse_lora()
+    pipe.disable_lora()
+    assert torch.equal(_out(pipe), base) and _same_codes(pipe, codes) and pipe.num_fused_loras == 0
+    pipe.enable_lora()
+    assert not torch.equal(_out(pipe), base)
+    pipe.unload_lora_weights()
+
+
+def test_loras_go_with_their_transformer(pipes):
+    """A pipeline given another transformer (or none: released after generating) forgets the LoRAs of the old
+    one; calls that need one refuse in one line."""
+    pipe, other = pipes[0], pipes[1].transformer
+    pipe.load_lora_weights(_lora(1), adapter_name="old")
+    old, base = pipe.transformer, _out(pipes[1])
+    old_adapter = pipe.set_adapters.__self__.adapters["old"]
+    pipe.transformer = None
+    assert pipe.get_list_adapters() == {} and pipe.get_active_adapters() == []
+    pipe.unload_lora_weights()
+    pipe.unfuse_lora()
+    with pytest.raises(BitfluxError, match="has no transformer"):
+        pipe.set_adapters([])
+    pipe.transformer = other
+    pipe.load_lora_weights(_lora(2), adapter_name="old")  # the name is free again
+    assert not torch.equal(_out(pipe), base)
+    pipe.unload_lora_weights()
+    assert torch.equal(_out(pipe), base)
+    pipe.transformer = old
+    old_adapter.remove()  # (the first transformer's branch, which the pipeline forgot, still on it)

@@ -69,7 +69,8 @@ class LoraBranch(nn.Module):
         return self.scale * (self.up.float() @ self.down.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        # on x's device too: a model moved after the LoRA was attached (pipe.to, CPU offload) takes it along
+        return self.scale * F.linear(F.linear(x, self.down.to(x.device, x.dtype)), self.up.to(x.device, x.dtype))
 
 
 def _dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -120,8 +121,13 @@ class LoraAdapter(nn.Module):
 
     def remove(self, keep_fused: bool = False) -> None:
         """Detach from the model: unfusing first if fused, or with keep_fused leaving the fused weights in the
-        layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights())."""
+        layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights()). A LoRA fused
+        before this one must go first: unfusing it would put back weights without this one's part."""
         if self.fused and keep_fused:
+            for name in self.names:
+                if self._layer(name).__dict__["_bitflux_fused"][0] is not self:
+                    raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
+                                       "unfuse that one first")
             for name in self.names:
                 self._layer(name).__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
             self._saved.clear()

@@ -13,8 +13,12 @@ adapter but keeps what is fused. Text-encoder pairs are left out (with a warning
 
 from __future__ import annotations
 
+import itertools
+import numbers
 import warnings
 import weakref
+
+import torch
 
 from ..config import FLOAT32_MAX
 from ..errors import BitfluxError
@@ -31,41 +35,53 @@ METHODS = ("load_lora_weights", "set_adapters", "get_active_adapters", "get_list
 
 class PipelineLoras:
     """The LoRAs of one ternary pipeline by adapter name: each a LoraAdapter whose strength is its weight
-    while it is active and LoRAs are enabled, else 0 (its branch then does not run)."""
+    while it is active and LoRAs are enabled, else 0 (its branch then does not run). They belong to the
+    transformer they were loaded onto: once the pipeline holds another (or none), they are forgotten."""
 
     def __init__(self, pipe):
         self._pipe = weakref.ref(pipe)  # the pipeline holds its bound methods, which hold this
+        self._forget(None)
+
+    def _forget(self, model) -> None:
+        self._model = weak_reference(model)
         self.adapters: dict[str, LoraAdapter] = {}
         self.weights: dict[str, float] = {}
         self.active: list[str] = []
         self.fused: list[str] = []  # in the order fused: unfused the other way round
         self.enabled = True
 
-    # A copy or a pickle of the pipeline holds its own: the copied pipeline (see LoraAdapter).
+    # A copy or a pickle of the pipeline holds its own: the copied pipeline and transformer (see LoraAdapter).
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pipe": self._pipe()}
+        return {**self.__dict__, "_pipe": self._pipe(), "_model": self._model()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _pipe=weak_reference(state["_pipe"]))
+        self.__dict__.update(state, _pipe=weak_reference(state["_pipe"]), _model=weak_reference(state["_model"]))
 
-    def _transformer(self):
-        pipe = self._pipe()
-        transformer = None if pipe is None else pipe.transformer
-        if transformer is None:
-            raise BitfluxError("the pipeline has no transformer to take a LoRA")
-        return transformer
+    def _transformer(self, needed: bool = True):
+        """The pipeline's transformer, unwrapped from torch.compile (None where it has none and none is needed)."""
+        transformer = getattr(self._pipe(), "transformer", None)
+        model = getattr(transformer, "_orig_mod", transformer)
+        if model is not self._model():
+            self._forget(model)
+        if model is None and needed:
+            raise BitfluxError("the pipeline has no transformer (released after generating?): its LoRAs went "
+                               "with it")
+        return model
 
     def _apply(self) -> None:
         for name, adapter in self.adapters.items():
             adapter.strength = self.weights[name] if self.enabled and name in self.active else 0.0
+        pipe = self._pipe()
+        if pipe is not None:
+            pipe._merged_adapters = set(self.fused)  # diffusers' fused_loras and num_fused_loras read it
         # CUDA graphs captured before froze the strengths and read the weights fuse_lora may have replaced:
         # the next call captures anew
-        transformer = getattr(self._pipe(), "transformer", None)
+        transformer = getattr(pipe, "transformer", None)
         if isinstance(vars(transformer).get("forward") if transformer is not None else None, GraphedForward):
             transformer.forward.graphs.clear()
 
     def _names(self, adapter_names) -> list[str]:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = list(dict.fromkeys([adapter_names] if isinstance(adapter_names, str) else adapter_names))
         unknown = [name for name in names if name not in self.adapters]
         if unknown:
             raise BitfluxError(f"no LoRA adapter {unknown[0]!r}; the pipeline has {sorted(self.adapters) or 'none'}")
@@ -74,8 +90,9 @@ class PipelineLoras:
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           hotswap: bool = False, **kwargs) -> None:
         """A LoRA (a .safetensors file, a folder holding one, a hub id in the local cache, or a state dict; with
-        weight_name and subfolder as diffusers takes them) attached as adapter `adapter_name`, which becomes the
-        active one at weight 1. hotswap: it replaces the adapter of that name, keeping its weight and state."""
+        weight_name and subfolder as diffusers takes them) attached as adapter `adapter_name` (default: the first
+        free default_N), which becomes the active one at weight 1. hotswap: it replaces the adapter of that
+        name, keeping its weight and state."""
         source = pretrained_model_name_or_path_or_dict
         weight_name, subfolder = kwargs.pop("weight_name", None), kwargs.pop("subfolder", None)
         if kwargs.get("use_safetensors") is False:
@@ -89,8 +106,10 @@ class PipelineLoras:
             source = "/".join([str(source).rstrip("/"), *inside]) if inside else source
         elif weight_name or subfolder:
             raise BitfluxError("weight_name and subfolder name a file; a state dict is given")
+        transformer = self._transformer()
         if adapter_name is None and not hotswap:
-            adapter_name = f"default_{len(self.adapters)}"
+            adapter_name = next(name for i in itertools.count(len(self.adapters))
+                                if (name := f"default_{i}") not in self.adapters)
         if not isinstance(adapter_name, str):
             raise BitfluxError(f"adapter_name must be a string, not {type(adapter_name).__name__}")
         if hotswap and adapter_name not in self.adapters:
@@ -99,11 +118,7 @@ class PipelineLoras:
             raise BitfluxError(f"adapter {adapter_name!r} is fused: unfuse_lora() before hotswapping it")
         if not hotswap and adapter_name in self.adapters:
             raise BitfluxError(f"LoRA adapter name {adapter_name!r} is in use already")
-        transformer = self._transformer()
         adapter = load_lora(transformer, source, strength=0.0, dtype=transformer.dtype)
-        if adapter.skipped_text_encoder_pairs:
-            warnings.warn(f"bitflux: {adapter.skipped_text_encoder_pairs} text-encoder LoRA pairs left out "
-                          "(bitflux applies the transformer's)", stacklevel=2)
         if hotswap:
             self.adapters[adapter_name].remove()
         else:
@@ -111,45 +126,57 @@ class PipelineLoras:
             self.active = [adapter_name]  # as PEFT: the adapter loaded last is the active one
         self.adapters[adapter_name] = adapter
         self._apply()
+        if adapter.skipped_text_encoder_pairs:
+            warnings.warn(f"bitflux: {adapter.skipped_text_encoder_pairs} text-encoder LoRA pairs left out "
+                          "(bitflux applies the transformer's)", stacklevel=2)
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """These adapters active, at these weights (one for all, one each, None for 1; diffusers' per-component
         dicts give their "transformer" entry); the others inactive."""
+        self._transformer()
         names = self._names(adapter_names)
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise BitfluxError(f"{len(weights)} adapter weights for {len(names)} adapters")
-        for name, weight in zip(names, weights):
-            if isinstance(weight, dict):
-                weight = weight.get("transformer", 1.0)
-            self.weights[name] = _number(1.0 if weight is None else weight, f"adapter {name!r}'s weight")
-        self.active = list(dict.fromkeys(names))
+        weights = [weight.get("transformer", 1.0) if isinstance(weight, dict) else weight for weight in weights]
+        weights = [_number(1.0 if weight is None else weight, f"the weight of adapter {name!r}")
+                   for name, weight in zip(names, weights)]
+        self.weights.update(zip(names, weights))
+        self.active = names
         self._apply()
 
     def get_active_adapters(self) -> list[str]:
+        self._transformer(needed=False)
         return list(self.active)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
+        self._transformer(needed=False)
         return {"transformer": list(self.adapters)} if self.adapters else {}
 
     def delete_adapters(self, adapter_names) -> None:
-        """Detach these adapters (what of them is fused stays in the weights, as unload_lora_weights keeps it);
-        where no active one is left, the first remaining becomes active, as PEFT does."""
-        for name in self._names(adapter_names):
-            self.adapters.pop(name).remove(keep_fused=True)
-            del self.weights[name]
-            if name in self.fused:
-                self.fused.remove(name)
-            if name in self.active:
-                self.active.remove(name)
-                if not self.active and self.adapters:
-                    self.active = [next(iter(self.adapters))]
-        self._apply()
+        """Detach these adapters; what of them is fused stays in the weights, as unload_lora_weights keeps it
+        (unless another fused before it would unfuse over it: refused). Where no active one is left, the
+        first remaining by name becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
+        self._transformer()
+        names = self._names(adapter_names)
+        was_active = any(name in self.active for name in names)
+        try:  # fused ones in the order fused: each then lies under those fused after it
+            for name in sorted(names, key=lambda name: self.fused.index(name) if name in self.fused else -1):
+                self.adapters[name].remove(keep_fused=True)
+                del self.adapters[name], self.weights[name]
+                self.fused = [other for other in self.fused if other != name]
+                self.active = [other for other in self.active if other != name]
+        finally:
+            if was_active and not self.active and self.adapters:
+                self.active = [min(self.adapters)]
+            self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
+            self._apply()
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Detach every adapter; fused ones stay in the weights (fuse_lora() then unload_lora_weights() keeps
         the LoRA without its branches)."""
-        self.delete_adapters(list(self.adapters))
+        if self._transformer(needed=False) is not None:
+            self.delete_adapters(list(self.adapters))
 
     def fuse_lora(self, components=("transformer",), lora_scale: float = 1.0, safe_fusing: bool = False,
                   adapter_names=None, **kwargs) -> None:
@@ -157,40 +184,55 @@ class PipelineLoras:
         re-ternarized (LoraAdapter.fuse), their branches stop running. Text encoders hold no bitflux LoRA."""
         if "transformer" not in components:
             return
+        self._transformer()
         lora_scale = _number(lora_scale, "lora_scale")
-        for name in self.active if adapter_names is None else self._names(adapter_names):
-            if name not in self.fused:
-                self.adapters[name].strength = self.weights[name] * lora_scale
-                self.adapters[name].fuse()
-                self.fused.append(name)
-        self._apply()
+        if not self.enabled:
+            raise BitfluxError("LoRAs are disabled: enable_lora() before fusing them")
+        try:
+            for name in self.active if adapter_names is None else self._names(adapter_names):
+                if name not in self.fused:
+                    self.adapters[name].strength = self.weights[name] * lora_scale
+                    self.adapters[name].fuse()
+                    self.fused.append(name)
+        finally:
+            self._apply()
 
     def unfuse_lora(self, components=("transformer", "text_encoder"), **kwargs) -> None:
         """Put back the weights fuse_lora replaced (exactly), last fused first; the adapters run as branches
         again."""
-        if "transformer" not in components:
+        if "transformer" not in components or self._transformer(needed=False) is None:
             return
-        while self.fused:
-            self.adapters[self.fused.pop()].unfuse()
-        self._apply()
+        try:
+            while self.fused:
+                self.adapters[self.fused[-1]].unfuse()
+                self.fused.pop()
+        finally:
+            self._apply()
 
     def enable_lora(self) -> None:
+        self._transformer(needed=False)
         self.enabled = True
         self._apply()
 
     def disable_lora(self) -> None:
-        """The unfused adapters stop running until enable_lora (fused ones stay in the weights)."""
+        """Every adapter stops running until enable_lora; fused ones are unfused first, as PEFT's disabled
+        layers unmerge theirs."""
+        self.unfuse_lora()
         self.enabled = False
         self._apply()
 
     def set_lora_device(self, adapter_names, device) -> None:
+        self._transformer()
         for name in self._names(adapter_names):
             self.adapters[name].to(device)
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= FLOAT32_MAX:
-        raise BitfluxError(f"{what} {value!r} is not a finite number within float32's range")
+    """A real number (NumPy's and one-element tensors too) within float32's finite range, as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= FLOAT32_MAX:
+        raise BitfluxError(f"{what} must be a finite number within float32's range, not {value!r}")
     return float(value)
 
 
