@@ -158,24 +158,27 @@ def variants(quick: bool):
                 name = (f"quantize {'fp8' if fp8_out else 'int8'}{' plane-major' if plane else ''}"
                         f"{' one pass' if one_pass else f' two passes of {block}'}")
                 yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
-                                                   "w_ptr": q_dtype, "table_ptr": torch.int16, "codes_ptr": q_dtype},
-                       {"QUANTIZE": True, "EXPAND": False, "TQ1": False, **quantize, **expand_tiles[False][0]},
+                                                   "w_ptr": q_dtype, "table_ptr": torch.int16, "codes_ptr": q_dtype,
+                                                   "row_scale_ptr": f32},
+                       {"QUANTIZE": True, "EXPAND": False, "SCALED": False, "TQ1": False, **quantize,
+                        **expand_tiles[False][0]},
                        tk._QUANTIZE_WARPS, 1,
                        fp8_targets if fp8_out else all_targets)
                 if not plane:  # the expanded GEMMs' operands, in one launch
                     for tq1, (tile, _) in expand_tiles.items():  # in the quantizer's warps
                         yield (f"{name} + expand{' tq1' if tq1 else ''}", tk._operands_kernel,
                                {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32, "w_ptr": u8,
-                                "table_ptr": torch.int16, "codes_ptr": q_dtype},
-                               {"QUANTIZE": True, "EXPAND": True, "TQ1": tq1, **quantize, **tile},
+                                "table_ptr": torch.int16, "codes_ptr": q_dtype, "row_scale_ptr": f32},
+                               {"QUANTIZE": True, "EXPAND": True, "SCALED": False, "TQ1": tq1, **quantize, **tile},
                                tk._QUANTIZE_WARPS, 1, fp8_targets if fp8_out else all_targets)
-    for dtype in (i8, fp8, bf16):
+    # the codes in the GEMM's operand dtype; scaled by their row's scale (a16 on cuBLAS, 16-bit floats)
+    for dtype, scaled in ((i8, False), (fp8, False), (bf16, False), (bf16, True), (torch.float16, True)):
         for tq1, (tile, warps) in expand_tiles.items():
-            yield (f"expand {_TYPES[dtype]}{' tq1' if tq1 else ''}", tk._operands_kernel,
-                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "table_ptr": torch.int16,
-                    "codes_ptr": dtype},
-                   {"QUANTIZE": False, "EXPAND": True, "TQ1": tq1, "FP8": False, "PLANE": 0, "BLOCK": 1,
-                    "ONE_PASS": True, **tile}, warps, 1,
+            yield (f"expand {_TYPES[dtype]}{' scaled' if scaled else ''}{' tq1' if tq1 else ''}", tk._operands_kernel,
+                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": f32, "w_ptr": u8, "table_ptr": torch.int16,
+                    "codes_ptr": dtype, "row_scale_ptr": f32},
+                   {"QUANTIZE": False, "EXPAND": True, "SCALED": scaled, "TQ1": tq1, "FP8": False, "PLANE": 0,
+                    "BLOCK": 1, "ONE_PASS": True, **tile}, warps, 1,
                    fp8_targets if dtype == fp8 else all_targets)
     yield ("epilogue int32", tk._epilogue_kernel, {"partial_ptr": torch.int32, **epilogue_ptrs, "out_ptr": bf16},
            {"SCALE_MODE": 0, "ACT_SCALED": True, "HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}, 4, 1, all_targets)

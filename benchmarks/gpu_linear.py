@@ -91,14 +91,15 @@ def random_codes(n: int, k: int, device, generator) -> torch.Tensor:
     return torch.randint(-1, 2, (n, k), dtype=torch.int8, device=device, generator=generator)
 
 
-def prepared_layers(codes: torch.Tensor) -> dict[str, tuple[TernaryWeight, triton_backend.PreparedWeight]]:
-    """{packing: (the codes packed so with one scale like the paper's, the Triton backend's prepared view of
-    it)}; the weight is kept beside its prepared view, which refers to its bytes only weakly."""
+def prepared_layers(codes: torch.Tensor, scales: torch.Tensor | None = None
+                    ) -> dict[str, tuple[TernaryWeight, triton_backend.PreparedWeight]]:
+    """{packing: (the codes packed so with `scales` (default: one, 0.02, like the paper's), the Triton backend's
+    prepared view of it)}; the weight is kept beside its prepared view, which refers to its bytes only weakly."""
     n, k = codes.shape
+    scales = torch.full((1, 1), 0.02, device=codes.device) if scales is None else scales
     layers = {}
     for packing in formats.CODES_PER_BYTE:
-        weight = TernaryWeight(formats.pack(codes, packing), torch.full((1, 1), 0.02, device=codes.device), k, n,
-                               None, packing)
+        weight = TernaryWeight(formats.pack(codes, packing), scales, k, n, None, packing)
         layers[packing] = weight, triton_backend.prepare(weight)
     return layers
 
@@ -170,14 +171,16 @@ def ceilings(row: dict, x: torch.Tensor, codes_nk: torch.Tensor, device) -> None
         row["ms"]["fp8 _scaled_mm"] = f"n/a ({type(exc).__name__})"
 
 
-def run(layers: dict, tokens: tuple, device):
-    """Yields one result row per (layer, M)."""
+def run(layers: dict, tokens: tuple, device, channel: bool = False):
+    """Yields one result row per (layer, M); channel: a scale per output channel (0.015-0.025) instead of one."""
     gen = torch.Generator(device=device).manual_seed(0)
     for name, (n, k) in layers.items():
         codes = random_codes(n, k, device, gen)
-        dense = (codes.to(torch.bfloat16) * 0.02).contiguous()  # cuBLAS baseline: the same weight in bf16
+        scales = (0.015 + 0.01 * torch.rand(n, 1, device=device, generator=gen)) if channel else None
+        # cuBLAS baseline: the same weight in bf16
+        dense = (codes.to(torch.bfloat16) * (0.02 if scales is None else scales.to(torch.bfloat16))).contiguous()
         bias = torch.randn(n, device=device, generator=gen).to(torch.bfloat16)
-        layers_by_packing = prepared_layers(codes)
+        layers_by_packing = prepared_layers(codes, scales)
         for m in tokens:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             row = {"layer": name, "M": m, "N": n, "K": k, "ms": {}, "strategy": {}, "strategy_ms": {}}
@@ -245,7 +248,8 @@ def environment() -> dict:
 def markdown(env: dict, rows: list[dict]) -> str:
     modes = ["bf16 cuBLAS", *MODES.values(), "int8 _int_mm", "fp8 _scaled_mm"]
     lines = [f"# Ternary GEMM at FLUX.1-dev layer shapes on {env['device']}", "",
-             f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. "
+             f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`; scales "
+             f"{env.get('scales', 'per tensor')}. "
              "Times in ms (median, L2 flushed); speed-up vs cuBLAS bf16 in brackets; 8-bit ceilings use full "
              "8-bit weights. Rows timed `graph` replay CUDA graphs (GPU time without launch overhead). "
              "Strategy: what the backend measured fastest for " + " / ".join(MODES) + ". rel err: bitflux output "
@@ -295,6 +299,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1)")
     parser.add_argument("--quick", action="store_true", help=f"layers {QUICK_LAYERS} at M in {QUICK_TOKENS}")
     parser.add_argument("--tokens", type=int, nargs="*", help="override the M values")
+    parser.add_argument("--channel", action="store_true", help="a scale per output channel, not one per layer")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dry_run:
@@ -307,7 +312,8 @@ def main(argv=None) -> int:
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']}", flush=True)
     start, rows = time.perf_counter(), []
     args.out.mkdir(parents=True, exist_ok=True)
-    for row in run(layers, tuple(args.tokens or tokens), device):
+    env["scales"] = "per channel" if args.channel else "per tensor"
+    for row in run(layers, tuple(args.tokens or tokens), device, args.channel):
         rows.append(row)
         env["wall_s"] = round(time.perf_counter() - start, 1)
         # after every row: a run cut short by a time limit still leaves its results

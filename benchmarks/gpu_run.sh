@@ -14,9 +14,10 @@
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
 #
-# --layers (~6 minutes on an H200, limits sum to 585 s): after a kernel change, what a layer shows: the quick test
-# subset, gpu_linear --quick, the small-M sweep and the operand sweep (gpu_operands, ~30 s on an H200; then at one token), without the
-# full forward, the benches or torch.compile.
+# --layers (~7 minutes on an H200, limits sum to 675 s): after a kernel change, what a layer shows: the quick test
+# subset, gpu_linear --quick, the small-M sweep, the operand sweep (gpu_operands, ~30 s on an H200; then at one
+# token) and gpu_linear with per-channel scales at 4096 tokens, without the full forward, the benches or
+# torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
 # compile the tests' kernels in parallel), fetched beforehand with
@@ -102,6 +103,9 @@ if [ -n "$QUICK" ]; then
     # one token: its tables in run.log (the quantizer's own launch is ~a third of a8's dp4a call there)
     [ -n "$LAYERS" ] && part gpu_operands-1 45 "$LOG" python benchmarks/gpu_operands.py --out /tmp/operands_m1 \
         --tokens 1 $DRY
+    # per-channel scales at 4096 tokens (a16 on cuBLAS takes them in its transient): its table in run.log
+    [ -n "$LAYERS" ] && part gpu_linear-channel 90 "$LOG" python benchmarks/gpu_linear.py --out /tmp/linear_channel \
+        --quick --channel --tokens 4096 $DRY && cat /tmp/linear_channel/gpu_linear.md >> "$LOG"
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \

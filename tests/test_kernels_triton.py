@@ -178,6 +178,22 @@ def test_expand_writes_the_codes(dtype, scales, packing):
     assert torch.equal(dense.cpu().float(), codes.float())
 
 
+@pytest.mark.parametrize("packing", formats.CODES_PER_BYTE)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_expand_is_the_reference_dense_weight(dtype, granularity, packing):
+    """a16 on cuBLAS multiplies a transient of code x scale: bit for bit the reference's dense weight (within
+    bf16's last bit in the interpreter, whose fp32 -> bf16 conversion truncates)."""
+    weight = _weight(40, 390, granularity, packing=packing)
+    dense = tk.expand(tk.prepare(weight), dtype, scaled=True)
+    expected = reference.dequantize(_cpu_weight(weight), dtype)
+    assert dense.dtype == dtype
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        torch.testing.assert_close(dense.cpu(), expected, rtol=2.0**-7, atol=0.0)  # one bf16 step
+    else:
+        assert torch.equal(dense.cpu(), expected)
+
+
 def test_tq1_digit_table_holds_every_bytes_digits():
     """Digit p of byte b at bits 2p, for all 256 bytes (past 242 as formats.unpack reads them)."""
     table = tk.tq1_digit_table(torch.device(DEVICE))
@@ -595,11 +611,13 @@ def test_default_strategies_and_refusals():
         tk.linear(_activations(1, 130, torch.float32), tk.prepare(weight), None, "a8", strategy="cublas")
 
 
-def test_fp16_a16_on_cublas_scales_before_its_sums_overflow():
-    """Per-channel scales on cuBLAS in fp16: sums of the codes alone pass fp16's 65504 (here 76800) where the
-    scaled outputs do not (768); the reference's fp16 weights are scaled codes."""
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fp16_a16_on_cublas_scales_before_its_sums_overflow(granularity):
+    """fp16 on cuBLAS, per-channel or per-tensor scales (no alpha in fp16): sums of the codes alone pass
+    fp16's 65504 (here 76800) where the scaled outputs do not (768); the reference's fp16 weights are scaled
+    codes."""
     m, k, n = 17, 256, 32
-    scales = torch.linspace(0.01, 0.02, n)[:, None]
+    scales = torch.linspace(0.01, 0.02, n)[:, None] if granularity == "channel" else torch.full((1, 1), 0.015)
     weight = TernaryWeight(formats.pack(torch.ones(n, k, dtype=torch.int8)).to(DEVICE), scales.to(DEVICE), k, n, None)
     x, bias = torch.full((m, k), 300.0, dtype=torch.float16, device=DEVICE), torch.ones(n, device=DEVICE)
     for b in (None, bias):

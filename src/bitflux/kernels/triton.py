@@ -487,15 +487,16 @@ def _padded(K: int) -> int:
     return _cdiv(K, 4 * PLANE) * 4 * PLANE
 
 
-def expand(prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
+def expand(prepared: PreparedWeight, dtype: torch.dtype, scaled: bool = False) -> torch.Tensor:
     """The codes as a dense (N, K) matrix of `dtype` (int8, e4m3 or 16/32-bit float), a transient of one call
-    for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue (but for fp16
-    a16 on cuBLAS, where the transient takes them: _cublas_linear), so no full-precision weight is kept."""
-    return _operands(None, prepared=prepared, codes_dtype=dtype)[2]
+    for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
+    full-precision weight is kept. scaled (16/32-bit floats, per tensor or channel): code x scale instead, the
+    reference's dense weight, for a16 on cuBLAS (_cublas_linear), still a transient."""
+    return _operands(None, prepared=prepared, codes_dtype=dtype, scaled=scaled)[2]
 
 
 def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = False,
-              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None):
+              prepared: PreparedWeight | None = None, codes_dtype: torch.dtype | None = None, scaled: bool = False):
     """One launch of _operands_kernel: x2's rows quantized (q, per-token scales) and/or the layer's codes
     expanded (codes); what is not asked for is None. Both at once for the a8/fp8 GEMMs on expanded codes:
     an eager forward pays the host ~20-35 us per Triton launch (BENCHMARKS.md), more than some layers' GPU
@@ -524,11 +525,12 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
     if not one_pass:
         block = min(block, QUANTIZE_BLOCKS[columns > _LONG_ROWS])
     table = prepared.digit_table if prepared is not None and tq1 else None
+    row_scale = prepared.scale_row if scaled else None
     _operands_kernel[(rows + tiles,)](
         _or(x2, codes), _or(q, codes), _or(scale, codes), _or(packed, q), _or(table, _or(packed, q)), _or(codes, q),
-        rows, K, columns, N,
+        _or(row_scale, _or(scale, codes)), rows, K, columns, N,
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
-        EXPAND=codes is not None, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
+        EXPAND=codes is not None, SCALED=scaled, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
         BLOCK=block, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
         num_warps=_QUANTIZE_WARPS if q is not None else expand_warps)
     return q, scale, codes
@@ -561,11 +563,17 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
     """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-    torch._scaled_mm (fp8), scales in the epilogue (a16 with alpha_pieces: as alpha, one GEMM a piece, into
-    column slices of the output)."""
+    torch._scaled_mm (fp8), scales in the epilogue; a16 with alpha_pieces (not fp16): as alpha, one GEMM a
+    piece, into column slices of the output; other a16: in the transient (code x scale)."""
     M, N = x2.shape[0], prepared.out_features
+    # fp16 takes no alpha: the codes' sums can pass its 65504 before the scale is applied
+    alphas = prepared.alpha_pieces if activations == "a16" and x2.dtype != torch.float16 else None
+    if activations == "a16" and alphas is None:
+        # Scales in the transient itself (code x scale, the reference's dense weight): no pass over the output
+        # to scale it, and fp16's sums stay in range.
+        weights = expand(prepared, x2.dtype, scaled=True)
+        return torch.mm(x2, weights.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, weights.t())
     q, act_scale, codes = _expanded_operands(x2, prepared, activations)
-    alphas = prepared.alpha_pieces if activations == "a16" else None
     if alphas is not None:
         out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
         for n0, n1, alpha in alphas:
@@ -574,14 +582,7 @@ def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
             else:
                 torch.addmm(bias[n0:n1].to(x2.dtype), x2, codes[n0:n1].t(), alpha=alpha, out=out[:, n0:n1])
         return out
-    if activations == "a16" and x2.dtype == torch.float16:
-        # The codes' sums can pass fp16's 65504 before any scale is applied: the codes are scaled first, as the
-        # reference's fp16 weights are (codes x the scale in fp16).
-        weights = codes.mul_(prepared.scale_row.to(torch.float16).t())
-        return torch.mm(x2, weights.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, weights.t())
-    if activations == "a16":
-        raw = torch.mm(x2, codes.t())
-    elif activations == "a8":
+    if activations == "a8":
         raw = torch._int_mm(q, codes.t())  # exact int32
     else:  # row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after
         raw = torch._scaled_mm(q, codes.t(), scale_a=act_scale[:, None], scale_b=prepared.scale_row,
@@ -812,14 +813,16 @@ if triton is not None:
         return _round_half_even(v * inv_step) * step
 
     @triton.jit
-    def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, table_ptr, codes_ptr, rows, K, KQ, N, stride_xm, stride_wn,
-                         tiles_k,
-                         QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, TQ1: tl.constexpr, FP8: tl.constexpr,
+    def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, table_ptr, codes_ptr, row_scale_ptr, rows, K, KQ, N,
+                         stride_xm, stride_wn, tiles_k,
+                         QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, SCALED: tl.constexpr, TQ1: tl.constexpr,
+                         FP8: tl.constexpr,
                          PLANE: tl.constexpr,
                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
                          EXPAND_BYTES: tl.constexpr):
         """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand the codes of one
-        (EXPAND_N, EXPAND_BYTES) tile of the packed bytes each (EXPAND)."""
+        (EXPAND_N, EXPAND_BYTES) tile of the packed bytes each (EXPAND; SCALED: times row_scale_ptr's scale of
+        their row)."""
         pid = tl.program_id(0)
         if pid < rows:
             if QUANTIZE:
@@ -828,9 +831,8 @@ if triton is not None:
         else:
             if EXPAND:
                 tile = pid - rows
-                _expand_tile(w_ptr, table_ptr, codes_ptr, tile // tiles_k, tile % tiles_k, N, K, stride_wn, TQ1,
-                             EXPAND_N,
-                             EXPAND_BYTES)
+                _expand_tile(w_ptr, table_ptr, codes_ptr, row_scale_ptr, tile // tiles_k, tile % tiles_k, N, K,
+                             stride_wn, SCALED, TQ1, EXPAND_N, EXPAND_BYTES)
 
     @triton.jit
     def _quantize_row(x_ptr, q_ptr, scale_ptr, row, K, KQ, stride_xm, FP8: tl.constexpr, PLANE: tl.constexpr,
@@ -1073,10 +1075,10 @@ if triton is not None:
             tl.store(out, acc, mask=mask)
 
     @triton.jit
-    def _expand_tile(w_ptr, table_ptr, out_ptr, tile_n, tile_k, N, K, stride_wn, TQ1: tl.constexpr,
-                     BLOCK_N: tl.constexpr,
-                     BYTES: tl.constexpr):
-        """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype."""
+    def _expand_tile(w_ptr, table_ptr, out_ptr, row_scale_ptr, tile_n, tile_k, N, K, stride_wn, SCALED: tl.constexpr,
+                     TQ1: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+        """The codes of one (BLOCK_N, BYTES) tile of the packed bytes, as {-1, 0, +1} in out's dtype (SCALED: times
+        their row's scale, exact in fp32 and rounded once to out's dtype, as the reference's dense weight)."""
         ACT: tl.constexpr = 1 if out_ptr.dtype.element_ty == tl.int8 else 0  # tq1: integer weights, or fp32 to cast
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -1093,6 +1095,8 @@ if triton is not None:
                              BLOCK_N, BYTES * 4)
             offs_k = k0 + tl.arange(0, BYTES * 4)
             mask_k = offs_k < K
+        if SCALED:
+            w = w.to(tl.float32) * tl.load(row_scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
         out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
 
