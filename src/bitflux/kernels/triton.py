@@ -29,10 +29,10 @@ tiled, planar and dp4a:
   dp4a      a8, few tokens: the tq2 bytes read as int32 words of 16 codes against the plane-major int8 rows,
             four codes multiplied and added by one integer DP4A instruction on CUDA cores; exact int32 sums.
   dp4a1     dp4a at one token in one launch: the kernel quantizes the float row itself.
-The transient holds codes, never code x scale, and lives for one call: no full-precision or 8-bit weight is
-kept. On a GPU the fastest applicable strategy is measured once per call shape (as Triton's autotune does for
-tile sizes) and remembered in the bitflux cache; where nothing is timed (the interpreter) the first
-applicable one runs.
+The transient holds codes (code x scale for a16 on cuBLAS without alpha) and lives for one call: no
+full-precision or 8-bit weight is kept. On a GPU the fastest applicable strategy is measured once per call
+shape (as Triton's autotune does for tile sizes) and remembered in the bitflux cache; where nothing is timed
+(the interpreter) the first applicable one runs.
 Activations: a16 in the input dtype; a8 per-token int8 exactly as reference.quantize_activations (int32
 sums, bit-exact); fp8 per-token e4m3 (s = amax / 448, round to nearest even), sums in fp32.
 """
