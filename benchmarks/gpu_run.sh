@@ -105,7 +105,7 @@ if [ -n "$QUICK" ]; then
         --tokens 1 $DRY
     # per-channel scales at 4096 tokens (a16 on cuBLAS takes them in its transient): its table in run.log
     [ -n "$LAYERS" ] && part gpu_linear-channel 90 "$LOG" python benchmarks/gpu_linear.py --out /tmp/linear_channel \
-        --quick --channel --tokens 4096 $DRY && cat /tmp/linear_channel/gpu_linear.md >> "$LOG"
+        --channel ${DRY:---quick --tokens 4096} && cat /tmp/linear_channel/gpu_linear.md >> "$LOG"
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
