@@ -159,7 +159,7 @@ def variants(quick: bool):
                         f"{' one pass' if one_pass else f' two passes of {block}'}")
                 yield (name, tk._operands_kernel, {"x_ptr": bf16, "q_ptr": q_dtype, "scale_ptr": f32,
                                                    "w_ptr": q_dtype, "table_ptr": torch.int16, "codes_ptr": q_dtype,
-                                                   "row_scale_ptr": f32},
+                                                   "row_scale_ptr": f32},  # (scale's placeholder: compiled out)
                        {"QUANTIZE": True, "EXPAND": False, "SCALED": False, "TQ1": False, **quantize,
                         **expand_tiles[False][0]},
                        tk._QUANTIZE_WARPS, 1,
@@ -175,8 +175,8 @@ def variants(quick: bool):
     for dtype, scaled in ((i8, False), (fp8, False), (bf16, False), (bf16, True), (torch.float16, True)):
         for tq1, (tile, warps) in expand_tiles.items():
             yield (f"expand {_TYPES[dtype]}{' scaled' if scaled else ''}{' tq1' if tq1 else ''}", tk._operands_kernel,
-                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": f32, "w_ptr": u8, "table_ptr": torch.int16,
-                    "codes_ptr": dtype, "row_scale_ptr": f32},
+                   {"x_ptr": dtype, "q_ptr": dtype, "scale_ptr": dtype, "w_ptr": u8, "table_ptr": torch.int16,
+                    "codes_ptr": dtype, "row_scale_ptr": f32 if scaled else dtype},
                    {"QUANTIZE": False, "EXPAND": True, "SCALED": scaled, "TQ1": tq1, "FP8": False, "PLANE": 0,
                     "BLOCK": 1, "ONE_PASS": True, **tile}, warps, 1,
                    fp8_targets if dtype == fp8 else all_targets)

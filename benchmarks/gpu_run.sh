@@ -14,10 +14,9 @@
 #
 #   OUT=results bash benchmarks/gpu_run.sh [--quick | --layers]   (from the repository root)
 #
-# --layers (~7 minutes on an H200, limits sum to 675 s): after a kernel change, what a layer shows: the quick test
-# subset, gpu_linear --quick, the small-M sweep, the operand sweep (gpu_operands, ~30 s on an H200; then at one
-# token) and gpu_linear with per-channel scales at 4096 tokens, without the full forward, the benches or
-# torch.compile.
+# --layers (~7 minutes on an H200, limits sum to 630 s): after a kernel change, what a layer shows: the quick test
+# subset, gpu_linear --quick, gpu_linear with per-channel scales at 4096 tokens, the operands at one token
+# (gpu_operands), then the small-M sweep, without the full forward, the benches or torch.compile.
 #
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
 # compile the tests' kernels in parallel), fetched beforehand with
@@ -25,7 +24,7 @@
 #       --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-xdist execnet
 #
 # Files written to $OUT (8, what the device tool returns at most): run.log, pytest.txt, gpu_flux.{json,md}
-# (--layers: gpu_operands.{json,md} instead), gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the
+# (not with --layers), gpu_linear.{json,md}, gpu_small_m.{json,md}. gpu_flux.md names the
 # strategy chosen per layer shape.
 set -u
 QUICK=""
@@ -97,15 +96,16 @@ if [ -n "$QUICK" ]; then
     [ -z "$LAYERS" ] && part gpu_flux 330 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     [ -z "$LAYERS" ] && pipeline_bench
     part gpu_linear 150 "$LOG" python benchmarks/gpu_linear.py --out "$OUT" ${DRY:---quick}
-    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
-        --modes a16 fp8 a8
-    [ -n "$LAYERS" ] && part gpu_operands 90 "$LOG" python benchmarks/gpu_operands.py --out "$OUT" $DRY
-    # one token: its tables in run.log (the quantizer's own launch is ~a third of a8's dp4a call there)
-    [ -n "$LAYERS" ] && part gpu_operands-1 45 "$LOG" python benchmarks/gpu_operands.py --out /tmp/operands_m1 \
-        --tokens 1 $DRY
     # per-channel scales at 4096 tokens (a16 on cuBLAS takes them in its transient): its table in run.log
     [ -n "$LAYERS" ] && part gpu_linear-channel 90 "$LOG" python benchmarks/gpu_linear.py --out /tmp/linear_channel \
         --channel ${DRY:---quick --tokens 4096} && cat /tmp/linear_channel/gpu_linear.md >> "$LOG"
+    # one token: the quantizer with up to 16 warps, its tables in run.log (its own launch was ~a third of a8's
+    # dp4a call there; dp4a1 does without it)
+    [ -n "$LAYERS" ] && part gpu_operands-1 45 "$LOG" python benchmarks/gpu_operands.py --out /tmp/operands_m1 \
+        --tokens 1 $DRY
+    # the sweep last: cut short by the call's limit, it keeps the rows it measured
+    part gpu_small_m 180 "$LOG" python benchmarks/gpu_small_m.py --out "$OUT" $DRY \
+        --modes a16 fp8 a8
     [ -z "$LAYERS" ] && compiled
 else
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \

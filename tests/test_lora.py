@@ -348,6 +348,15 @@ def test_odd_callers_and_files_are_told_in_one_line(flux):
     adapter.remove()
 
 
+def test_a_file_that_is_not_safetensors_is_named_so(flux, tmp_path):
+    torch.save({"a": torch.zeros(1)}, tmp_path / "lora.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(BitfluxError, match="lora.pt: not a .safetensors file"):
+        load_lora(flux, tmp_path / "lora.pt")
+    with pytest.raises(BitfluxError, match="broken.safetensors: cannot read LoRA safetensors"):
+        load_lora(flux, tmp_path / "broken.safetensors")
+
+
 def test_text_encoder_pairs_are_counted(flux):
     down, up = lora_pair(WIDTH, WIDTH)
     state = {"transformer_blocks.0.attn.to_q.lora_A.weight": down, "transformer_blocks.0.attn.to_q.lora_B.weight": up,

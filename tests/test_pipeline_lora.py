@@ -2,6 +2,7 @@
 load_lora with the same strengths, diffusers' adapter bookkeeping, and one-line refusals."""
 
 import copy
+import gc
 import pickle
 
 import numpy as np
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 from bitflux import BitfluxError, TernaryLinear
 from bitflux.interop.lora import load_lora
+from bitflux.interop.pipeline_lora import add_lora_methods
 from bitflux.pipeline import quantize_pipeline
 
 WIDTH = TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["attention_head_dim"]
@@ -150,6 +152,10 @@ def test_fuse_unfuse_and_unload_keeping_the_fused_weights(pipes):
     (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora() or p.load_lora_weights(
         _lora(2), adapter_name="default_0", hotswap=True), r"unfuse_lora\(\) before"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.disable_lora() or p.fuse_lora(), "disabled"),
+    (lambda p: p.load_lora_weights(_lora(1), torch_dtype=torch.bfloat16), "take the transformer's dtype"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.load_lora_weights(
+        _lora(2, layers=("transformer_blocks.0.attn.to_q",)), adapter_name="default_0", hotswap=True), "same layers"),
+    (lambda p: p.load_lora_weights(_lora(1)) or p.set_lora_device(["default_0"], "nonsense"), "cannot move"),
 ])
 def test_bad_lora_calls_are_refused_in_one_line(pipes, call, message):
     pipe = pipes[0]
@@ -287,3 +293,19 @@ def test_loras_go_with_their_transformer(pipes):
     assert torch.equal(_out(pipe), base)
     pipe.transformer = old
     old_adapter.remove()  # (the first transformer's branch, which the pipeline forgot, still on it)
+
+
+def test_a_released_transformer_takes_its_loras_along():
+    pipe = quantize_pipeline(tiny_pipeline())[0]
+    pipe.load_lora_weights(_lora(1))
+    pipe.transformer = None  # as generate(..., release_transformer=True) does
+    gc.collect()
+    assert pipe.get_list_adapters() == {} and pipe.get_active_adapters() == []
+    pipe.unload_lora_weights()
+
+
+def test_adding_the_methods_again_keeps_the_adapters(pipes):
+    pipe = pipes[0]
+    pipe.load_lora_weights(_lora(1), adapter_name="kept")
+    assert add_lora_methods(pipe) is pipe and pipe.get_list_adapters() == {"transformer": ["kept"]}
+    pipe.unload_lora_weights()

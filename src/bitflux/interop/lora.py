@@ -331,6 +331,8 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
         try:
             state = load_file(str(path))
         except Exception as exc:  # safetensors' own error types
+            if path.suffix != ".safetensors":
+                raise BitfluxError(f"{path}: not a .safetensors file (bitflux reads LoRAs as safetensors)") from None
             raise BitfluxError(f"{path}: cannot read LoRA safetensors ({exc})") from None
         scaling = _peft_scaling(path)
     else:

@@ -61,7 +61,7 @@ class PipelineLoras:
         """The pipeline's transformer, unwrapped from torch.compile (None where it has none and none is needed)."""
         transformer = getattr(self._pipe(), "transformer", None)
         model = getattr(transformer, "_orig_mod", transformer)
-        if model is not self._model():
+        if model is None or model is not self._model():  # (a released transformer's reference is dead: None)
             self._forget(model)
         if model is None and needed:
             raise BitfluxError("the pipeline has no transformer (released after generating?): its LoRAs went "
@@ -92,11 +92,14 @@ class PipelineLoras:
         """A LoRA (a .safetensors file, a folder holding one, a hub id in the local cache, or a state dict; with
         weight_name and subfolder as diffusers takes them) attached as adapter `adapter_name` (default: the first
         free default_N), which becomes the active one at weight 1. hotswap: it replaces the adapter of that
-        name, keeping its weight and state."""
+        name by a LoRA on the same layers, keeping its weight and state."""
         source = pretrained_model_name_or_path_or_dict
         weight_name, subfolder = kwargs.pop("weight_name", None), kwargs.pop("subfolder", None)
         if kwargs.get("use_safetensors") is False:
             raise BitfluxError("bitflux reads LoRAs from .safetensors files only")
+        if {"torch_dtype", "dtype"} & set(kwargs):
+            raise BitfluxError("the LoRA's branches take the transformer's dtype (bitflux.interop.lora.load_lora "
+                               "takes another)")
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
             raise BitfluxError(f"load_lora_weights on a ternary pipeline takes no {unknown[0]!r} (bitflux reads "
@@ -119,6 +122,10 @@ class PipelineLoras:
         if not hotswap and adapter_name in self.adapters:
             raise BitfluxError(f"LoRA adapter name {adapter_name!r} is in use already")
         adapter = load_lora(transformer, source, strength=0.0, dtype=transformer.dtype)
+        if hotswap and set(adapter.names) != set(self.adapters[adapter_name].names):
+            adapter.remove()
+            raise BitfluxError(f"hotswap replaces adapter {adapter_name!r}'s pairs by a LoRA's on the same layers; "
+                               "this one adapts others (load it under a name of its own)")
         if hotswap:
             self.adapters[adapter_name].remove()
         else:
@@ -224,7 +231,11 @@ class PipelineLoras:
     def set_lora_device(self, adapter_names, device) -> None:
         self._transformer()
         for name in self._names(adapter_names):
-            self.adapters[name].to(device)
+            try:
+                self.adapters[name].to(device)
+            except (RuntimeError, AssertionError, TypeError) as exc:  # torch's, for a device it cannot use
+                raise BitfluxError(f"cannot move LoRA adapter {name!r} to {device!r}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _number(value, what: str) -> float:
@@ -237,7 +248,10 @@ def _number(value, what: str) -> float:
 
 
 def add_lora_methods(pipe):
-    """Give a pipeline with a ternary transformer diffusers' LoRA methods (METHODS), run by bitflux; returns it."""
+    """Give a pipeline with a ternary transformer diffusers' LoRA methods (METHODS), run by bitflux; returns it.
+    A pipeline that has them keeps them (and the adapters they hold)."""
+    if isinstance(getattr(vars(pipe).get("load_lora_weights"), "__self__", None), PipelineLoras):
+        return pipe
     loras = PipelineLoras(pipe)
     for name in METHODS:
         setattr(pipe, name, getattr(loras, name))

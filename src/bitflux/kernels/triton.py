@@ -492,6 +492,8 @@ def expand(prepared: PreparedWeight, dtype: torch.dtype, scaled: bool = False) -
     for the GEMMs on expanded codes: {-1, 0, +1} is exact in each, and scales stay in the epilogue, so no
     full-precision weight is kept. scaled (16/32-bit floats, per tensor or channel): code x scale instead, the
     reference's dense weight, for a16 on cuBLAS (_cublas_linear), still a transient."""
+    if scaled and (prepared.scale_row is None or dtype not in _DTYPES):
+        raise ValueError("scaled codes are 16/32-bit floats of a layer with one scale a tensor or channel")
     return _operands(None, prepared=prepared, codes_dtype=dtype, scaled=scaled)[2]
 
 
