@@ -561,21 +561,32 @@ def test_dp4a_is_offered_for_few_int8_tokens_on_tq2_words():
         (1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K // 16 * 16 + 16, 64), "a8")])  # split sums exact in fp32
 
 
+@pytest.mark.parametrize("scales", ["pieces", "channel", "tensor"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_one_scale_a_fused_layer_rides_as_cublas_alpha(with_bias, monkeypatch):
-    """Layers fused by bitflux.fusion (per-tensor scales joined into one row each): a16 on cuBLAS runs one
-    GEMM a layer with its scale as alpha, as a per-tensor layer does, rather than a separate scale epilogue."""
+def test_a16_on_cublas_is_one_gemm_on_scaled_codes(with_bias, scales, monkeypatch):
+    """a16 on cuBLAS: one GEMM on a transient of code x scale, whatever the scales (a layer of q/k/v fused by
+    bitflux.fusion joins per-tensor scales into runs of one), with no scale epilogue after it."""
     m, k, n = 130, 256, 96
-    weight = _weight(n, k)
-    scales = torch.tensor([0.5, 2.0, 0.25]).repeat_interleave(32)[:, None].to(weight.scales.device)
-    weight = TernaryWeight(weight.packed, scales, k, n, None)
-    assert tk.prepare(weight).alpha_pieces == ((0, 32, 0.5), (32, 64, 2.0), (64, 96, 0.25))
-    assert tk.prepare(TernaryWeight(weight.packed, scales.roll(1, 0), k, n, None)).alpha_pieces is None  # unaligned
+    weight = _weight(n, k, "channel" if scales == "channel" else "tensor")
+    if scales == "pieces":
+        runs = torch.tensor([0.5, 2.0, 0.25]).repeat_interleave(32)[:, None].to(weight.scales.device)
+        weight = TernaryWeight(weight.packed, runs, k, n, None)
+    gemms = []
     monkeypatch.setattr(tk, "_epilogue", None)  # never called
+    for name in ("mm", "addmm"):
+        monkeypatch.setattr(torch, name, _counted(getattr(torch, name), gemms))
     x = _activations(m, k, torch.bfloat16)
     bias = _activations(1, n, torch.bfloat16, seed=2).reshape(-1) if with_bias else None
     out = tk.linear(x, tk.prepare(weight), bias, "a16", strategy="cublas")
+    assert len(gemms) == 1
     _assert_close(out, reference.linear(x, weight, bias, "a16"), torch.bfloat16)
+
+
+def _counted(op, calls: list):
+    def call(*args, **kwargs):
+        calls.append(op)
+        return op(*args, **kwargs)
+    return call
 
 
 def test_gemv_keeps_int8_sums_exact():

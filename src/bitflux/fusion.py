@@ -3,9 +3,8 @@
 FLUX's attention projects the same hidden states three times (to_q, to_k, to_v; the double blocks again for
 the text tokens: add_q_proj, add_k_proj, add_v_proj). One GEMM of 3 x 3072 outputs instead of three of 3072
 is one layer call instead of three: one call's kernel launches (and one activation quantization in the 8-bit
-modes) where there were three, and a shape that fills a GPU better (a16 on cuBLAS still runs one GEMM a
-layer's scale, after one widening) (at 4096 tokens fp8 ran the 3072 x 3072 layers at
-0.77-1.03x of bf16 and the 18432 x 3072 ones at 1.18-1.34x: BENCHMARKS.md).
+modes) where there were three, and a shape that fills a GPU better (at 4096 tokens fp8 ran the 3072 x 3072
+layers at 0.77-1.03x of bf16 and the 18432 x 3072 ones at 1.18-1.34x: BENCHMARKS.md).
 
 Nothing is held twice: the three layers' codes are moved into one tensor and each layer's `weight_packed`
 becomes a row view of it. The layers keep their names and buffers, so state_dict, saving, LoRA, GGUF export

@@ -20,16 +20,15 @@ tiled, planar and dp4a:
   expanded  the layer's codes expanded into a transient dense {-1, 0, +1} matrix in the operand dtype
             (int8, e4m3 or the activation dtype; for a8/fp8 in the same launch that quantizes the
             activations), then the same tile kernel reads it as a plain GEMM.
-  cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-            torch._scaled_mm (fp8), scales in the epilogue (a16 with one scale a tensor, or one a layer of
-            q/k/v fused by bitflux.fusion: cuBLAS's alpha, one GEMM a scale).
+  cublas    the same transient, multiplied by cuBLAS: torch.addmm/mm (a16, the transient holding code x
+            scale), torch._int_mm (a8), torch._scaled_mm (fp8), scales in the epilogue.
   splitk8, gemv8  splitk and gemv aiming at twice the programs an SM (gemv on other tiles).
   qgemv     a8/fp8, one token: gemv on activations quantized by the quantizer's launch beforehand, instead of
             quantized by every program of the GEMV itself.
   dp4a      a8, few tokens: the tq2 bytes read as int32 words of 16 codes against the plane-major int8 rows,
             four codes multiplied and added by one integer DP4A instruction on CUDA cores; exact int32 sums.
   dp4a1     dp4a at one token in one launch: the kernel quantizes the float row itself.
-The transient holds codes (code x scale for a16 on cuBLAS without alpha) and lives for one call: no
+The transient holds codes (code x scale for a16 on cuBLAS) and lives for one call: no
 full-precision or 8-bit weight is kept. On a GPU the fastest applicable strategy is measured once per call
 shape (as Triton's autotune does for tile sizes) and remembered in the bitflux cache; where nothing is timed
 (the interpreter) the first applicable one runs.
@@ -95,9 +94,6 @@ GEMV_QUANTIZING_TILES = ((1, 32, 256, 4, 3), (1, 16, 512, 4, 3))
 # leaves such differences.
 WIDE_PROGRAMS_PER_SM = 8
 GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
-# a16 on cuBLAS with one scale a run of output columns: at most this many runs (one GEMM each, the scale as
-# cuBLAS's alpha: one a tensor, one a layer of q/k/v fused by bitflux.fusion), else a scale epilogue
-ALPHA_PIECES = 4
 # The DP4A GEMV's (rows, words of 16 codes a step, warps), from the H200's sweep (benchmarks/gpu_small_m.py,
 # docs/gpu/h200/gpu_small_m_dp4a.md). One token: 32 x 512 codes a step, 9.0 us on norm1.linear (18432 x 3072,
 # the modulation layers FLUX runs at one token) against 11.4 for the first choice, 16 x 1024. 2-16 tokens: 16 x
@@ -179,9 +175,6 @@ class PreparedWeight:
     in_features: int
     out_features: int
     group_size: int  # 0 unless per group
-    # Column ranges of one scale each, as numbers, for cuBLAS's alpha (a16; one range per tensor, one per layer
-    # for layers fused by bitflux.fusion, which joins their codes); None otherwise
-    alpha_pieces: tuple[tuple[int, int, float], ...] | None
     scale_row: torch.Tensor | None  # per tensor or channel: (1, out) fp32, _scaled_mm's row-wise scale_b
     tq1: bool = False  # the bytes are tq1 (5 codes a byte, base 3), else tq2
     digit_table: torch.Tensor | None = None  # tq1: tq1_digit_table on the layer's device
@@ -204,21 +197,10 @@ def prepare(weight) -> PreparedWeight:
         mode, group_size = _SCALE_GROUP, weight.group_size
     scales = scales.contiguous() if mode == _SCALE_GROUP else scales.reshape(-1).contiguous()
     # Built once per layer (prepare is cached), not on every call.
-    alpha_pieces = _alpha_pieces(scales, weight.out_features) if mode != _SCALE_GROUP else None
     scale_row = None if mode == _SCALE_GROUP else scales.expand(weight.out_features).reshape(1, -1).contiguous()
     tq1 = weight.packing == "tq1"
     return PreparedWeight(weakref.ref(weight.packed), scales, mode, weight.in_features, weight.out_features, group_size,
-                          alpha_pieces, scale_row, tq1, tq1_digit_table(weight.packed.device) if tq1 else None)
-
-
-def _alpha_pieces(scales: torch.Tensor, N: int) -> tuple[tuple[int, int, float], ...] | None:
-    """(start, end, scale) for runs of one scale over the output columns, if there are at most ALPHA_PIECES
-    runs starting on expand tile boundaries (one a tensor; one a layer for fused q/k/v), else None."""
-    values = scales.cpu()  # per tensor: one value, one run
-    starts = [0, *(torch.nonzero(values[1:] != values[:-1]).flatten() + 1).tolist()]
-    if len(starts) > ALPHA_PIECES or any(start % 32 for start in starts):
-        return None
-    return tuple((start, end, values[start].item()) for start, end in zip(starts, [*starts[1:], N]))
+                          scale_row, tq1, tq1_digit_table(weight.packed.device) if tq1 else None)
 
 
 @functools.cache
@@ -565,25 +547,15 @@ def _expanded_operands(x2: torch.Tensor, prepared: PreparedWeight, activations: 
 
 def _cublas_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torch.Tensor:
     """The codes expanded into a transient and multiplied by cuBLAS: torch.addmm/mm (a16), torch._int_mm (a8),
-    torch._scaled_mm (fp8), scales in the epilogue; a16 with alpha_pieces (not fp16): as alpha, one GEMM a
-    piece, into column slices of the output; other a16: in the transient (code x scale)."""
-    M, N = x2.shape[0], prepared.out_features
-    # fp16 takes no alpha: the codes' sums can pass its 65504 before the scale is applied
-    alphas = prepared.alpha_pieces if activations == "a16" and x2.dtype != torch.float16 else None
-    if activations == "a16" and alphas is None:
-        # Scales in the transient itself (code x scale, the reference's dense weight): no pass over the output
-        # to scale it, and fp16's sums stay in range.
+    torch._scaled_mm (fp8), scales in the epilogue but for a16, whose transient holds code x scale."""
+    if activations == "a16":
+        # Scales in the transient itself (code x scale, the reference's dense weight): one GEMM whatever the
+        # scales (a layer of q/k/v fused by bitflux.fusion too), its bias in cuBLASLt's epilogue on a whole
+        # output (column slices of it would have addmm copy the bias over them first), no pass over the
+        # output to scale it, and fp16's sums in range.
         weights = expand(prepared, x2.dtype, scaled=True)
         return torch.mm(x2, weights.t()) if bias is None else torch.addmm(bias.to(x2.dtype), x2, weights.t())
     q, act_scale, codes = _expanded_operands(x2, prepared, activations)
-    if alphas is not None:
-        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-        for n0, n1, alpha in alphas:
-            if bias is None:  # beta=0: the empty output is not read (a zeros tensor would cost a fill launch)
-                out[:, n0:n1].addmm_(x2, codes[n0:n1].t(), beta=0, alpha=alpha)
-            else:
-                torch.addmm(bias[n0:n1].to(x2.dtype), x2, codes[n0:n1].t(), alpha=alpha, out=out[:, n0:n1])
-        return out
     if activations == "a8":
         raw = torch._int_mm(q, codes.t())  # exact int32
     else:  # row-wise scaled fp8 wants bf16 output and bias; other dtypes are converted after
