@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .. import flux, formats
 from ..checkpoint import check_finite
@@ -139,15 +140,17 @@ class LoraAdapter(nn.Module):
         self._hooks = []
 
     @torch.no_grad()
-    def fuse(self, method: str = "lsq") -> None:
+    def fuse(self, method: str = "lsq", progress: bool = True) -> None:
         """Fold strength * delta into the weights: ternary layers are re-ternarized with `method` at their
         own granularity, dense layers get the delta added. The branch stops running. lsq (least squares)
         gives an already ternary weight back as it is, so a small delta moves it little; absmean would
         shrink every scale by the share of zero codes (28 % of the demo's: a zero delta moved its images by
-        ~25 % RMS)."""
+        ~25 % RMS). A progress bar shows after 2 s (on a 2-core CPU, ~0.9 s a 3072 x 12288 layer: minutes
+        for a LoRA on all of FLUX.1-dev's)."""
         if self.fused:
             raise BitfluxError("this LoRA is already fused")
-        for name, branch in self.items():
+        for name, branch in tqdm(list(self.items()), desc="fusing LoRA", unit="layer", leave=False, delay=2,
+                                 disable=not progress):
             layer = self._layer(name)
             weight = _dense_weight(layer)
             weight = weight + self.strength * branch.delta().to(weight.device)
