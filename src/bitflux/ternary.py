@@ -49,35 +49,44 @@ def _absmean(groups, counts, granularity):
     return codes, gamma
 
 
-def _mean_kept(groups, codes):
-    """s = <W,T>/<T,T>, the least-squares scale of the codes: the mean |w| of those kept. Floored only where none
-    is kept: a floor on the others would scale a group of tiny weights (1e-11) up to it."""
-    kept = codes.abs().sum(-1, keepdim=True)
-    scale = (groups * codes).sum(-1, keepdim=True) / kept.clamp_min(1)
-    return torch.where(kept > 0, scale, _EPS)
+def _mean_kept(magnitudes, kept, work=None):
+    """s = <W,T>/<T,T>, the least-squares scale of the codes: the mean |w| of those kept (kept: 1.0 where a code
+    is, else 0.0; W T = |W| there). Floored only where none is kept: a floor on the others would scale a group
+    of tiny weights (1e-11) up to it. work: a buffer of |W|'s shape for the products, so that lsq's steps
+    allocate nothing (on a CPU a fresh tensor of FLUX's size costs more in page faults than the arithmetic)."""
+    count = kept.sum(-1, keepdim=True)
+    products = torch.mul(magnitudes, kept, out=work) if work is not None else magnitudes * kept
+    scale = products.sum(-1, keepdim=True) / count.clamp_min(1)
+    return torch.where(count > 0, scale, _EPS)
 
 
 def _twn(groups, counts, granularity):
     delta = 0.7 * _mean_abs(groups, counts, granularity)
     codes = torch.sign(groups) * (groups.abs() > delta)
-    return codes, _mean_kept(groups, codes)
+    return codes, _mean_kept(groups.abs(), codes.abs())
 
 
 def _lsq(groups, counts, granularity):
     """Alternate the two exact partial minimisers of ||W - s T||^2: T = clip(round(W / s)), s = <W,T>/<T,T>.
 
     Starting from TWN, every step can only lower the error, so lsq is never worse than twn. It stops at the
-    first fixed point, a local optimum (for rows with outliers, not the global one).
+    first fixed point, a local optimum (for rows with outliers, not the global one). T's signs are W's, so the
+    steps work on |W| and where codes are kept: clip(round(w / s)) is nonzero exactly where |w| / s > 0.5
+    (round half to even takes 0.5 to 0). The same bits as with the codes themselves, in buffers made once:
+    ~5x faster on a CPU (a 3072 x 12288 layer's step: ~40 against ~200 ms).
     """
-    codes, scale = _twn(groups, counts, granularity)
+    magnitudes = groups.abs()
+    work, new_kept = torch.empty_like(magnitudes), torch.empty_like(magnitudes)
+    kept = (magnitudes > 0.7 * _mean_abs(groups, counts, granularity)).float()  # TWN's
+    scale = _mean_kept(magnitudes, kept, work)
     for _ in range(_LSQ_MAX_ITERS):
-        new_codes = torch.clamp(torch.round(groups / scale), -1, 1)
-        new_scale = _mean_kept(groups, new_codes)
-        stable = torch.equal(new_codes, codes)
-        codes, scale = new_codes, new_scale
+        torch.gt(torch.div(magnitudes, scale, out=work), 0.5, out=new_kept)
+        scale = _mean_kept(magnitudes, new_kept, work)
+        stable = torch.equal(new_kept, kept)
+        kept, new_kept = new_kept, kept
         if stable:
             break
-    return codes, scale
+    return torch.sign(groups) * kept, scale
 
 
 _METHODS = {"absmean": _absmean, "twn": _twn, "lsq": _lsq}
