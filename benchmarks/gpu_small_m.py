@@ -44,8 +44,10 @@ CANDIDATES = {
     "dp4a": [triton_backend.DP4A_TILE, (8, 128, 4), (16, 32, 4), (16, 64, 4), (64, 32, 4), (32, 16, 4),
              (32, 32, 8)],
     # dp4a1 (one token, quantized in the kernel: DP4A_QUANTIZING_TILE): more rows a program spread the row's
-    # quantizing over more codes, but give fewer programs (none of these spills on sm_90; 128 x 32 x 4 does)
-    "dp4a1": [triton_backend.DP4A_QUANTIZING_TILE, (32, 32, 4), (64, 32, 8), (128, 32, 8), (64, 16, 4)],
+    # quantizing over more codes, but give fewer programs, and on the narrower layers (3072 rows) a K split whose
+    # epilogue is a launch of its own: 16 rows split less (none of these spills on sm_90; 128 x 32 x 4 does)
+    "dp4a1": [triton_backend.DP4A_QUANTIZING_TILE, (32, 32, 4), (16, 32, 4), (64, 32, 8), (128, 32, 8),
+              (64, 16, 4)],
     # planar (BLOCK_M, BLOCK_N, warps, stages) up to 16 tokens, at the default programs per SM only (the run's
     # time limit): wider tiles spend fewer instructions a code (sm_90, offline), narrower hold fewer registers
     "planar": [triton_backend.PLANAR_FEW_TILE, (16, 64, 4, 4), (16, 256, 4, 4), (16, 256, 8, 3)],
