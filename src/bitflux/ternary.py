@@ -55,15 +55,14 @@ def _mean_kept(magnitudes, kept, work=None):
     of tiny weights (1e-11) up to it. work: a buffer of |W|'s shape for the products, so that lsq's steps
     allocate nothing (on a CPU a fresh tensor of FLUX's size costs more in page faults than the arithmetic)."""
     count = kept.sum(-1, keepdim=True)
-    products = torch.mul(magnitudes, kept, out=work) if work is not None else magnitudes * kept
-    scale = products.sum(-1, keepdim=True) / count.clamp_min(1)
+    scale = torch.mul(magnitudes, kept, out=work).sum(-1, keepdim=True) / count.clamp_min(1)
     return torch.where(count > 0, scale, _EPS)
 
 
 def _twn(groups, counts, granularity):
-    delta = 0.7 * _mean_abs(groups, counts, granularity)
-    codes = torch.sign(groups) * (groups.abs() > delta)
-    return codes, _mean_kept(groups.abs(), codes.abs())
+    magnitudes = groups.abs()
+    codes = torch.sign(groups) * (magnitudes > 0.7 * _mean_abs(groups, counts, granularity))
+    return codes, _mean_kept(magnitudes, codes.abs())
 
 
 def _lsq(groups, counts, granularity):
@@ -76,10 +75,9 @@ def _lsq(groups, counts, granularity):
     on this 2-core CPU 4-5x faster with 4 KB pages (a Python process's default; a 3072 x 12288 layer's step ~40
     against ~200 ms), 1-1.9x with the huge pages the `bitflux` command asks for.
     """
-    magnitudes = groups.abs()
+    codes, scale = _twn(groups, counts, granularity)
+    magnitudes, kept = groups.abs(), codes.abs()
     work, new_kept = torch.empty_like(magnitudes), torch.empty_like(magnitudes)
-    kept = (magnitudes > 0.7 * _mean_abs(groups, counts, granularity)).float()  # TWN's
-    scale = _mean_kept(magnitudes, kept, work)
     for _ in range(_LSQ_MAX_ITERS):
         torch.gt(torch.div(magnitudes, scale, out=work), 0.5, out=new_kept)
         scale = _mean_kept(magnitudes, new_kept, work)

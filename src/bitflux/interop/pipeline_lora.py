@@ -77,7 +77,7 @@ class PipelineLoras:
         # CUDA graphs captured before froze the strengths and read the weights fuse_lora may have replaced:
         # the next call captures anew
         transformer = getattr(pipe, "transformer", None)
-        if isinstance(vars(transformer).get("forward") if transformer is not None else None, GraphedForward):
+        if transformer is not None and isinstance(transformer.forward, GraphedForward):
             transformer.forward.graphs.clear()
 
     def _names(self, adapter_names) -> list[str]:

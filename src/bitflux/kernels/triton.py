@@ -989,6 +989,18 @@ if triton is not None:
         return tl.reshape(slots, (BLOCK_N, 8 * BYTES))
 
     @triton.jit
+    def _own_row_scale(x_ptr, act_scale_ptr, K, first_program, QMAX: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+        """For a GEMV that quantizes its one float row itself: the row's scale, as _quantize_row makes it (every
+        program reads the whole row), and the tile's row scales; the first program stores the scale for
+        _epilogue_kernel."""
+        act_scale = _absmax_scale(_row_absmax(x_ptr, K, BLOCK), QMAX)
+        row_scales = tl.full([BLOCK_M], act_scale, dtype=tl.float32)
+        if first_program:
+            tl.store(act_scale_ptr, act_scale)
+        return act_scale, row_scales
+
+    @triton.jit
     def _row_scales(act_scale_ptr, offs_m, mask_m, ACT_SCALED: tl.constexpr):
         """The activation scales of rows offs_m (ACT_SCALED; else zeros, never used)."""
         if ACT_SCALED:
@@ -1105,10 +1117,8 @@ if triton is not None:
         offs_j = tl.arange(0, BYTES)  # planes: byte j of a step holds columns PER_BYTE j .. PER_BYTE j + PER_BYTE - 1
         QMAX: tl.constexpr = 448.0 if ACT == 2 else 127.0
         if QUANTIZE:
-            act_scale = _absmax_scale(_row_absmax(x_ptr, K, BLOCK_K), QMAX)
-            row_scales = tl.full([BLOCK_M], act_scale, dtype=tl.float32)
-            if (pid_n == 0) & (pid_k == 0):
-                tl.store(act_scale_ptr, act_scale)
+            act_scale, row_scales = _own_row_scale(x_ptr, act_scale_ptr, K, (pid_n == 0) & (pid_k == 0), QMAX,
+                                                   BLOCK_K, BLOCK_M)
         else:
             row_scales = _row_scales(act_scale_ptr, offs_m, mask_m, ACT != 0)
         # FMA (one token): products summed elementwise across the loop, reduced across lanes once at the end;
@@ -1461,10 +1471,8 @@ if triton is not None:
         # no load that is not a tl.dot operand). Words past the slice read 0 against activations read 0.
         words_next = _words_after(w_rows, w_start - WORDS, w_end, mask_n, offs_w, WORDS, EVEN_K)
         if QUANTIZE:
-            act_scale = _absmax_scale(_row_absmax(x_ptr, K, 16 * WORDS), 127.0)
-            row_scales = tl.full([BLOCK_M], act_scale, dtype=tl.float32)
-            if (pid_n == 0) & (pid_k == 0):
-                tl.store(act_scale_ptr, act_scale)
+            act_scale, row_scales = _own_row_scale(x_ptr, act_scale_ptr, K, (pid_n == 0) & (pid_k == 0), 127.0,
+                                                   16 * WORDS, BLOCK_M)
         else:
             row_scales = _row_scales(act_scale_ptr, offs_m, mask_m, True)
         if BLOCK_M == 1:
