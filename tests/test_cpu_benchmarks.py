@@ -120,3 +120,14 @@ def test_cpu_tile_times_every_path_this_cpu_has(tmp_path):
     timed = [line.split()[0] for line in result.stdout.splitlines()]
     assert timed[0] == "generic" and (cpu.available() is not None or timed[-1] == cpu.supported_isas()[-1])
     assert all("G multiply-adds/s" in line for line in result.stdout.splitlines())
+
+
+def test_cpu_ternarize_compares_with_another_revision():
+    """The ternarize benchmark against this very revision, at a tiny shape: every granularity the same bits."""
+    if shutil.which("git") is None or not (BENCHMARKS.parent / ".git").exists():
+        pytest.skip("needs the git repository")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_ternarize.py"), "--before", "HEAD",
+                             "--shape", "40x300"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "True" in line]
+    assert len(rows) == 3

@@ -72,8 +72,8 @@ def _lsq(groups, counts, granularity):
     first fixed point, a local optimum (for rows with outliers, not the global one). T's signs are W's, so the
     steps work on |W| and where codes are kept: clip(round(w / s)) is nonzero exactly where |w| / s > 0.5
     (round half to even takes 0.5 to 0). The same bits as with the codes themselves, in buffers made once:
-    on this 2-core CPU 4-5x faster with 4 KB pages (a Python process's default; a 3072 x 12288 layer's step ~40
-    against ~200 ms), 1-1.9x with the huge pages the `bitflux` command asks for.
+    on a 12288 x 3072 layer 3.0-4.2x faster with 4 KB pages (a Python process's default), 1.2-2.7x with the
+    huge pages the `bitflux` command asks for (BENCHMARKS.md, benchmarks/cpu_ternarize.py).
     """
     codes, scale = _twn(groups, counts, granularity)
     magnitudes, kept = groups.abs(), codes.abs()
