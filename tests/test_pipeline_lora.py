@@ -223,8 +223,51 @@ def test_lora_calls_drop_captured_cuda_graphs(pipes):
             pipe.transformer.forward.graphs["signature"] = "a captured graph"
             call()
             assert pipe.transformer.forward.graphs == {}
+        pipe.load_lora_weights(_lora(1))
+        for scale, recaptured in ((0.5, True), (0.5, False), (1.0, True)):  # a call's scale, when it changes
+            pipe.transformer.forward.graphs["signature"] = "a captured graph"
+            _scaled_out(pipe, scale)
+            assert (pipe.transformer.forward.graphs == {}) == recaptured
     finally:
         del pipe.transformer.forward
+        pipe.unload_lora_weights()
+
+
+def _scaled_out(pipe, scale) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.transformer(**tiny_inputs(), joint_attention_kwargs={"scale": scale})[0]
+
+
+def test_a_calls_lora_scale_weighs_the_active_adapters(pipes, monkeypatch):
+    """joint_attention_kwargs={"scale": s}, which FluxPipeline passes to every transformer call, runs the active
+    adapters at weight x s for that call, as PEFT's layers do; a call without it at their weights; fused
+    adapters are in the weights, which no scale changes. diffusers' warning that the scale is ineffective
+    without PEFT is not given: it is not."""
+    from diffusers.utils import peft_utils
+
+    monkeypatch.setattr(peft_utils.logger, "warning", lambda *args, **kwargs: pytest.fail(f"warned: {args}"))
+    pipe = pipes[0]
+    base, codes = _out(pipe), _codes(pipe)
+    pipe.load_lora_weights(_lora(1), adapter_name="one")
+    pipe.load_lora_weights(_lora(2), adapter_name="two")
+    try:
+        pipe.set_adapters(["one", "two"], [0.4, -1.0])
+        weighted = _out(pipe)
+        pipe.set_adapters(["one", "two"], [0.4 * 0.5, -1.0 * 0.5])
+        halved = _out(pipe)
+        pipe.set_adapters(["one", "two"], [0.4, -1.0])
+        assert torch.equal(_scaled_out(pipe, 0.5), halved)
+        assert torch.equal(_out(pipe), weighted)  # the next call without a scale: the weights again
+        assert torch.equal(_scaled_out(pipe, 0), base)
+        with pytest.raises(BitfluxError, match="LoRA scale must be a finite number"):
+            _scaled_out(pipe, float("inf"))
+        pipe.fuse_lora(adapter_names=["one"])
+        pipe.set_adapters(["two"], [0.0])
+        fused = _out(pipe)
+        assert torch.equal(_scaled_out(pipe, 3.0), fused)
+    finally:
+        pipe.unload_lora_weights()
+        _put_back(pipe, codes)
 
 
 def test_bookkeeping_after_deletes_failures_and_fusing_in_another_order(pipes):
@@ -255,7 +298,29 @@ def test_bookkeeping_after_deletes_failures_and_fusing_in_another_order(pipes):
     assert not torch.equal(fused, expected)  # re-ternarized
     pipe.unload_lora_weights()
     assert torch.equal(_out(pipe), fused) and pipe.num_fused_loras == 0 and not _same_codes(pipe, codes)
-    for name, (packed, scale) in codes.items():  # the tiny model back as it was, for the other tests
+    _put_back(pipe, codes)
+
+
+def test_the_pipelines_joint_attention_scale_reaches_the_adapters(pipes):
+    """FluxPipeline(..., joint_attention_kwargs={"scale": 0}) generates as without the LoRA."""
+    pipe = pipes[0]
+
+    def generate(**kwargs):
+        return pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    base = generate()
+    pipe.load_lora_weights(_lora(1))
+    try:
+        assert not torch.equal(generate(), base)
+        assert torch.equal(generate(joint_attention_kwargs={"scale": 0.0}), base)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def _put_back(pipe, codes) -> None:
+    """The tiny model's codes as they were before a LoRA was fused and unloaded, for the other tests."""
+    for name, (packed, scale) in codes.items():
         layer = pipe.transformer.get_submodule(name)
         layer.weight_packed, layer.weight_scale = packed, scale
         layer.__dict__.pop("_bitflux_fused", None)

@@ -7,8 +7,8 @@ otherwise): bound to the pipeline object itself, so its class, and what save_pre
 They follow diffusers' (PEFT's) behaviour: adapters are named (default_0, default_1, ... by default); the one
 loaded last is the active one until set_adapters names others, with their weights; fuse_lora folds the active
 ones into the weights at weight x lora_scale and unfuse_lora takes them out again; unload_lora_weights drops every
-adapter but keeps what is fused. Text-encoder pairs are left out (with a warning), and diffusers' per-call
-`joint_attention_kwargs={"scale": ...}` scales PEFT layers only: an adapter's weight is its strength here.
+adapter but keeps what is fused; a call's `joint_attention_kwargs={"scale": s}` runs the unfused active ones at
+weight x s. Text-encoder pairs are left out (with a warning).
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ class PipelineLoras:
 
     def __init__(self, pipe):
         self._pipe = weakref.ref(pipe)  # the pipeline holds its bound methods, which hold this
+        self._scale_hook = None
         self._forget(None)
 
     def _forget(self, model) -> None:
+        if self._scale_hook is not None:
+            self._scale_hook.remove()
+        self._scale_hook = (None if model is None else
+                            model.register_forward_pre_hook(self._take_call_scale, with_kwargs=True))
+        self.call_scale = 1.0
         self._model = weak_reference(model)
         self.adapters: dict[str, LoraAdapter] = {}
         self.weights: dict[str, float] = {}
@@ -68,9 +74,27 @@ class PipelineLoras:
                                "with it")
         return model
 
+    def _take_call_scale(self, model, args, kwargs):
+        """The transformer's forward pre-hook: diffusers' per-call LoRA scale, joint_attention_kwargs={"scale": s}
+        (FluxPipeline passes its joint_attention_kwargs to every transformer call), runs the unfused active
+        adapters at weight x s, as PEFT's layers do. The scale is taken out of the call's keywords, where
+        diffusers would warn that it is ineffective without PEFT; it holds until a call gives another (none: 1),
+        so a generation's steps share one, and CUDA graphs are captured anew only when it changes."""
+        attention = kwargs.get("joint_attention_kwargs")
+        scale = 1.0
+        if isinstance(attention, dict) and "scale" in attention:
+            attention = dict(attention)
+            scale = _number(attention.pop("scale"), "joint_attention_kwargs' LoRA scale")
+            kwargs = {**kwargs, "joint_attention_kwargs": attention}
+        if scale != self.call_scale:
+            self.call_scale = scale
+            self._apply()
+        return args, kwargs
+
     def _apply(self) -> None:
         for name, adapter in self.adapters.items():
-            adapter.strength = self.weights[name] if self.enabled and name in self.active else 0.0
+            adapter.strength = (self.weights[name] * self.call_scale if self.enabled and name in self.active
+                                else 0.0)
         pipe = self._pipe()
         if pipe is not None:
             pipe._merged_adapters = set(self.fused)  # diffusers' fused_loras and num_fused_loras read it
