@@ -52,6 +52,7 @@ def compile_variant(kernel, target: GPUTarget, pointers: dict, constexprs: dict,
     missing = [p.name for p in fn.params if p.is_constexpr and not p.has_default and p.name not in constexprs]
     if missing:  # else they would be compiled as run-time scalars
         raise ValueError(f"{fn.__name__}: no value for constexpr {', '.join(missing)}")
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -97,7 +98,8 @@ def describe(compiled) -> dict:
     else:
         mma = "mma" if "tt.dot " in body else "none"
     return {"mma": mma, "async_loads": body.count("async_copy_global_to_local"),
-            "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared}
+            "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared,
+            "grid_waits": compiled.asm["ptx"].count("griddepcontrol.wait")}
 
 
 def sass_loop(compiled) -> dict:
@@ -135,13 +137,26 @@ def _loop_text(row: dict) -> str:
             f"{row['shared_bytes']} B shared" + ("" if row["fits"] else " (too much: skipped)")
             + f", {row['registers']} registers")
     text += f", {row['spill_bytes']} B spilled" if row["spill_bytes"] else ""
+    text += ", waits for the grid before it (PDL)" if row.get("grid_waits") else ""
     if "loop_instructions" in row:
         text += f"; {row['loop_instructions']} SASS instructions a loop, {row['int_to_float']} int->float"
     return text
 
 
 def variants(quick: bool):
-    """(name, kernel, pointers, constexprs, num_warps, num_stages, targets) for what linear() launches."""
+    """(name, kernel, pointers, constexprs, num_warps, num_stages, targets) for what linear() launches; the
+    first variant of each kernel launched with programmatic dependent launch again with it ("pdl ...", sm_90:
+    tk.PDL)."""
+    pdl_kernels = {tk._operands_kernel, tk._gemv_kernel, tk._epilogue_kernel, tk._planar_matmul,
+                   tk._dp4a_gemv_kernel}
+    for name, kernel, pointers, constexprs, warps, stages, targets in _launched(quick):
+        yield name, kernel, pointers, constexprs, warps, stages, targets
+        if kernel in pdl_kernels and "sm_90" in targets:
+            pdl_kernels.remove(kernel)
+            yield f"pdl {name}", kernel, pointers, {**constexprs, "PDL": True}, warps, stages, ("sm_90",)
+
+
+def _launched(quick: bool):
     bf16, i8, u8, f32, fp8 = torch.bfloat16, torch.int8, torch.uint8, torch.float32, torch.float8_e4m3fn
     all_targets, fp8_targets = ("sm_80", "sm_90"), ("sm_89", "sm_90")
     epilogue_ptrs = {"scale_ptr": f32, "act_scale_ptr": f32, "bias_ptr": bf16}

@@ -82,8 +82,9 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                            "bf16_ms": bf16_ms, "candidates": []}
                     # first the backend's own choice as it stands (for the GEMV with int8/e4m3 activations
                     # that depends on the layer: GEMV_QUANTIZING_TILES), then each tile at each target
-                    row["candidates"].append(measure(x, prepared, bias, activations, strategy, None,
-                                                     triton_backend.PROGRAMS_PER_SM, expected, device))
+                    for pdl in [True, False] if triton_backend.PDL else [False]:  # and without PDL
+                        row["candidates"].append(measure(x, prepared, bias, activations, strategy, None,
+                                                         triton_backend.PROGRAMS_PER_SM, expected, device, pdl))
                     tiles = DP4A_FEW_CANDIDATES if strategy == "dp4a" and m > 1 else tiles
                     candidates = tiles[1:2] if dry_run else tiles  # dry: one tile other than the default's
                     for tile in candidates:
@@ -93,11 +94,11 @@ def sweep(layers: dict, tokens: tuple, modes: list[str], device, dry_run: bool):
                     yield row
 
 
-def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, programs: int, expected, device
-            ) -> dict:
-    """One candidate set as the backend's constants (tile None: the backend's own choice): its GPU time and its
-    error vs the bf16 GEMM."""
-    constants = {"PROGRAMS_PER_SM": programs}
+def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, programs: int, expected, device,
+            pdl: bool = triton_backend.PDL) -> dict:
+    """One candidate set as the backend's constants (tile None: the backend's own choice; pdl: launched with
+    programmatic dependent launch where the GPU has it): its GPU time and its error vs the bf16 GEMM."""
+    constants = {"PROGRAMS_PER_SM": programs, "PDL": pdl}
     names = {"gemv": ("GEMV_TILE", "GEMV_QUANTIZING_TILES"), "splitk": ("SPLITK_TILE",),
              "dp4a": ("DP4A_TILE",) if x.shape[0] == 1 else ("DP4A_FEW_TILE",), "dp4a1": ("DP4A_QUANTIZING_TILE",),
              "planar": ("PLANAR_FEW_TILE",)}[strategy]
@@ -106,7 +107,7 @@ def measure(x, prepared, bias, activations: str, strategy: str, tile: tuple, pro
                 else getattr(triton_backend, names[0]))
     else:  # this tile for every layer
         constants.update({name: tile if name != "GEMV_QUANTIZING_TILES" else () for name in names})
-    result = {"tile": list(tile), "programs_per_sm": programs}
+    result = {"tile": list(tile), "programs_per_sm": programs, "pdl": pdl}
 
     def call():
         return triton_backend.linear(x, prepared, bias, activations, strategy=strategy)
@@ -133,18 +134,21 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"torch {env['torch']}, Triton {env['triton']}; `{env['command']}`. GPU time per call in us "
              "(CUDA graphs); speed-up vs cuBLAS bf16 on the same weight in brackets. Tile: (BLOCK_M, BLOCK_N, "
              "BLOCK_K, warps, stages), dp4a's (BLOCK_N, words of 16 codes, warps), planar's (BLOCK_M, BLOCK_N, "
-             "warps, stages); programs: the K split's target per SM.", "",
-             "| layer | M | mode | strategy | bf16 cuBLAS | default | best | best tile | programs | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "warps, stages); programs: the K split's target per SM. Without PDL: the default launched without "
+             "programmatic dependent launch (BITFLUX_TRITON_PDL=0).", "",
+             "| layer | M | mode | strategy | bf16 cuBLAS | default | without PDL | best | best tile | programs | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         default, top = row["candidates"][0], best(row)
+        without_pdl = next((c for c in row["candidates"][1:2] if not c["pdl"]), None)
 
         def cell(c):
             return f"{c['ms'] * 1e3:.1f} ({row['bf16_ms'] / c['ms']:.2f}x)" if c and "ms" in c else "n/a"
 
         failed = sum("error" in c for c in row["candidates"])
         lines.append(f"| {row['layer']} | {row['M']} | {MODES[row['mode']]} | {row['strategy']} | {row['bf16_ms'] * 1e3:.1f} | "
-                     f"{cell(default)} | {cell(top)} | {tuple(top['tile']) if top else '-'} | "
+                     f"{cell(default)} | {cell(without_pdl)} | {cell(top)} | "
+                     f"{(str(tuple(top['tile'])) + ('' if top['pdl'] else ' no PDL')) if top else '-'} | "
                      f"{top['programs_per_sm'] if top else '-'} | {failed} |")
     return "\n".join(lines) + "\n"
 

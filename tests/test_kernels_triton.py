@@ -589,6 +589,55 @@ def _counted(op, calls: list):
     return call
 
 
+class _Launches:
+    """Stands in for a kernel: records each launch's programs and options, then launches it."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((math.prod(grid), kwargs.get("PDL"), kwargs.get("launch_pdl")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(not tk._interpreting(), reason="on a GPU every test runs with PDL where it has it (sm_90)")
+@pytest.mark.parametrize("strategy,m,activations", [("splitk", 5, "a8"), ("gemv", 1, "fp8"), ("qgemv", 1, "a8"),
+                                                    ("planar", 16, "a16"), ("dp4a", 3, "a8"), ("dp4a1", 1, "a8"),
+                                                    ("expanded", 17, "a8")])
+def test_programmatic_dependent_launch_waits_in_every_program(strategy, m, activations, monkeypatch):
+    """With programmatic dependent launch (PDL, sm_90) the quantizer, the GEMVs and the split's epilogue are
+    launched with Triton's launch_pdl, and every program of them waits for the grid before it (griddepcontrol,
+    stood in for here: the interpreter runs none) and then lets the next launch; the results are those
+    without it. The shapes split K, so the epilogue launches too."""
+    k, n = 2048, 20
+    weight = _weight(n, k, "channel", power_of_two=True)
+    x = _activations(m, k, torch.float32)
+    plain = tk.linear(x, tk.prepare(weight), None, activations, strategy=strategy)
+    launches, calls = [], {"wait": 0, "let launch": 0}
+    monkeypatch.setattr(tk, "_pdl", lambda device: {"PDL": True, "launch_pdl": True})
+    monkeypatch.setattr(tk, "gdc_wait", lambda: calls.__setitem__("wait", calls["wait"] + 1))
+    monkeypatch.setattr(tk, "gdc_launch_dependents", lambda: calls.__setitem__("let launch", calls["let launch"] + 1))
+    for name in ("_operands_kernel", "_gemv_kernel", "_epilogue_kernel", "_planar_matmul", "_dp4a_gemv_kernel"):
+        monkeypatch.setattr(tk, name, _Launches(getattr(tk, name), launches))
+    out = tk.linear(x, tk.prepare(weight), None, activations, strategy=strategy)
+    assert torch.equal(out, plain)
+    assert len(launches) >= (2 if strategy != "expanded" else 1)
+    assert all(pdl and launch_pdl for _, pdl, launch_pdl in launches)
+    programs = sum(count for count, _, _ in launches)
+    assert calls == {"wait": programs, "let launch": programs}
+
+
+def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch):
+    assert tk._pdl(torch.device("cpu")) == {}  # nor in the interpreter
+    if torch.cuda.is_available():
+        expected = tk.PDL and tk._HAS_PDL and torch.cuda.get_device_capability() >= (9, 0)
+        assert tk._pdl(torch.device("cuda", 0)) == ({"PDL": True, "launch_pdl": True} if expected else {})
+    monkeypatch.setattr(tk, "PDL", False)  # BITFLUX_TRITON_PDL=0
+    assert tk._pdl(torch.device("cuda", 0)) == {}
+
+
 def test_gemv_keeps_int8_sums_exact():
     """gemv sums int8 products in fp32: offered for a8 only while 127 K < 2^24 (FLUX's longest rows: 15360)."""
     assert "gemv" in tk.strategies(1, _layer(tk._SCALE_TENSOR, tk.GEMV_MAX_INT8_K, 8), "a8")

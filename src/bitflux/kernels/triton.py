@@ -129,6 +129,15 @@ else:
 # an os.environ lookup costs ~1 us (eager forwards can be bound by host time per call).
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Programmatic dependent launch (PDL; sm_90 and later, Triton's launch_pdl): a kernel so launched may start while
+# the grid before it on the stream is still running, and waits for that grid's writes first thing
+# (_await_inputs), before any load or store; then it lets the grid after it launch. The quantizer, the GEMVs and
+# the split's epilogue of a few-token call are launched so: each launch overlaps the kernel before it instead of
+# leaving the GPU idle between them, what is left of the 16-token calls beside their instructions
+# (docs/GPU_KERNELS.md). The order of memory accesses is the stream's. Not yet timed on a GPU: False here (or
+# BITFLUX_TRITON_PDL=0) launches without it, for benchmarks to compare in one process.
+PDL = os.environ.get("BITFLUX_TRITON_PDL") != "0"
+
 
 def _interpreting() -> bool:
     return _INTERPRETING
@@ -516,7 +525,7 @@ def _operands(x2: torch.Tensor | None, fp8: bool = False, plane_major: bool = Fa
         stride_x, packed.stride(0) if packed is not None else 0, tiles_k, QUANTIZE=q is not None,
         EXPAND=codes is not None, SCALED=scaled, TQ1=tq1, FP8=fp8, PLANE=PLANE if plane_major else 0,
         BLOCK=block, ONE_PASS=one_pass, EXPAND_N=block_n, EXPAND_BYTES=block_bytes,
-        num_warps=_QUANTIZE_WARPS if q is not None else expand_warps)
+        num_warps=_QUANTIZE_WARPS if q is not None else expand_warps, **_pdl((x2 if x2 is not None else packed).device))
     return q, scale, codes
 
 
@@ -592,7 +601,7 @@ def _splitk_linear(x2, prepared: PreparedWeight, bias, activations: str, fma: bo
         ACT=_ACT[activations], FMA=fma, QUANTIZE=quantize_here, TQ1=prepared.tq1, FUSED=_slices(out) == 1,
         SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=K % step == 0, num_warps=warps, num_stages=stages)
+        BLOCK_K=block_k, EVEN_K=K % step == 0, num_warps=warps, num_stages=stages, **_pdl(x2.device))
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
@@ -643,6 +652,19 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _pdl(device: torch.device) -> dict:
+    """The launch options of a kernel launched with programmatic dependent launch on `device` (see PDL):
+    its PDL constexpr (the wait) and Triton's launch_pdl; none where the GPU or Triton lacks it."""
+    if not (PDL and _HAS_PDL and device.type == "cuda" and _pdl_capable(device.index)):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     # fp32 inputs get exact fp32 products (not tf32); the interpreter's tl.dot misreads bf16 operands
     # as integers, so there bf16 and e4m3 are widened too (same products, exactly).
@@ -658,7 +680,7 @@ def _epilogue(partial, prepared: PreparedWeight, act_scale, bias, out_dtype) -> 
     _epilogue_kernel[(_cdiv(M, block_m), _cdiv(N, block_n))](
         partial, prepared.scales, _or(act_scale, prepared.scales), _or(bias, prepared.scales), out, S, M, N,
         SCALE_MODE=prepared.scale_mode, ACT_SCALED=act_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **_pdl(partial.device))
     return out
 
 
@@ -709,7 +731,7 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
         M, N, K, q.stride(0), prepared.packed.stride(0), 4 * blocks_per_slice, SCALE_MODE=prepared.scale_mode,
         ACT=_ACT[activations], HAS_BIAS=bias is not None, DOT_FP32=_dot_fp32(q.dtype), FUSED=_slices(out) == 1,
         EVEN_K=K % (4 * PLANE) == 0, BLOCK_M=block_m, BLOCK_N=block_n, PLANE=PLANE, num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **_pdl(x2.device))
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
@@ -734,7 +756,7 @@ def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str, quantizin
         x_words.stride(0), packed.stride(0), words_per_slice * words, SCALE_MODE=prepared.scale_mode,
         HAS_BIAS=bias is not None, FUSED=_slices(out) == 1, QUANTIZE=quantizing,
         EVEN_K=prepared.in_features // 16 % words == 0, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words,
-        PLANE_WORDS=PLANE // 4, num_warps=warps)
+        PLANE_WORDS=PLANE // 4, num_warps=warps, **_pdl(x2.device))
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
@@ -748,7 +770,15 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
                "dp4a1": functools.partial(_dp4a_linear, quantizing=True)}
 
 
+_HAS_PDL = False
 if triton is not None:
+    try:  # griddepcontrol and the launch option (Triton 3.3 and later, NVIDIA)
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:
+        gdc_wait = gdc_launch_dependents = None  # never reached: _await_inputs' branch is compiled out
+    else:
+        _HAS_PDL = not _INTERPRETING and "launch_pdl" in CUDAOptions.__dataclass_fields__
 
     # Compiled for NVIDIA GPUs, the tensor-core kernels decode tq2 codes with inline PTX (_plane_codes), and the
     # DP4A GEMV multiplies with it; the interpreter (and ROCm, whose torch also answers to "cuda") runs no PTX
@@ -787,16 +817,27 @@ if triton is not None:
         return _round_half_even(v * inv_step) * step
 
     @triton.jit
+    def _await_inputs(PDL: tl.constexpr):
+        """First thing in every kernel launched with programmatic dependent launch (_pdl): wait until the grid
+        before it on the stream has finished and its writes are visible, before any load or store (so the
+        order of memory accesses is the stream's), then let the next grid launch, to wait in turn while this
+        one runs."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _operands_kernel(x_ptr, q_ptr, scale_ptr, w_ptr, table_ptr, codes_ptr, row_scale_ptr, rows, K, KQ, N,
                          stride_xm, stride_wn, tiles_k,
                          QUANTIZE: tl.constexpr, EXPAND: tl.constexpr, SCALED: tl.constexpr, TQ1: tl.constexpr,
                          FP8: tl.constexpr,
                          PLANE: tl.constexpr,
                          BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, EXPAND_N: tl.constexpr,
-                         EXPAND_BYTES: tl.constexpr):
+                         EXPAND_BYTES: tl.constexpr, PDL: tl.constexpr = False):
         """Programs 0 .. rows - 1 quantize one row of x each (QUANTIZE), the others expand the codes of one
         (EXPAND_N, EXPAND_BYTES) tile of the packed bytes each (EXPAND; SCALED: times row_scale_ptr's scale of
         their row)."""
+        _await_inputs(PDL)
         pid = tl.program_id(0)
         if pid < rows:
             if QUANTIZE:
@@ -1091,7 +1132,7 @@ if triton is not None:
                      stride_wn, k_slice, ACT: tl.constexpr, FMA: tl.constexpr, QUANTIZE: tl.constexpr,
                      TQ1: tl.constexpr, FUSED: tl.constexpr,
                      SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
         """x (M, K) @ codes^T over one K slice, for one N tile: FUSED, the finished (M, N) output; else
         fp32 partial sums (split, M, N) for _epilogue_kernel. A step reads BLOCK_K / 4 bytes a row: BLOCK_K
         columns of tq2, or 5 / 4 as many of tq1 (k_slice: a multiple of the step). table_ptr: tq1_digit_table,
@@ -1101,6 +1142,7 @@ if triton is not None:
         program (0, 0) stores the scale for _epilogue_kernel. That saves the quantizer's launch, which at one
         token took as long as the GEMV on small layers (H100: 3.5-6.5 us), but delays every program's weight
         stream by that read (qgemv, without it, lets the chooser compare)."""
+        _await_inputs(PDL)
         BYTES: tl.constexpr = BLOCK_K // 4
         PER_BYTE: tl.constexpr = 5 if TQ1 else 4
         STEP: tl.constexpr = BYTES * PER_BYTE
@@ -1199,7 +1241,8 @@ if triton is not None:
     @triton.jit
     def _epilogue_kernel(partial_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, S, M, N,
                          SCALE_MODE: tl.constexpr, ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+        _await_inputs(PDL)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < M, offs_n < N
@@ -1338,12 +1381,13 @@ if triton is not None:
     def _planar_matmul(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                        steps_per_split, SCALE_MODE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        DOT_FP32: tl.constexpr, FUSED: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, PLANE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, PLANE: tl.constexpr, PDL: tl.constexpr = False):
         """x (plane-major, see plane_major) @ codes^T over one range of steps, for one (N, M) tile. Step s
         multiplies bit plane s % 4 of the PLANE tq2 bytes of block s // 4 (a plain (BLOCK_N, PLANE) load that
         Triton pipelines like any tl.dot operand, unpacked elementwise in the MMA's register layout) by the
         PLANE activation columns it pairs with, the codes as the MMA's left operand. FUSED: the finished
         output; else fp32 partial sums (split, M, N) for _epilogue_kernel."""
+        _await_inputs(PDL)
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1435,7 +1479,8 @@ if triton is not None:
     def _dp4a_gemv_kernel(x_ptr, w_ptr, scale_ptr, act_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                           k_slice, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr,
                           QUANTIZE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr):
+                          BLOCK_N: tl.constexpr, WORDS: tl.constexpr, PLANE_WORDS: tl.constexpr,
+                          PDL: tl.constexpr = False):
         """A few tokens of int8 activations (x: plane-major, see plane_major, as int32 words) @ codes^T (tq2
         rows as int32 words of 16 codes; K % 16 == 0) over one slice of k_slice words, for one (M, N) tile:
         FUSED, the finished output; else fp32 partial sums (split, M, N) for _epilogue_kernel.
@@ -1453,6 +1498,7 @@ if triton is not None:
         registers. That saves the quantizer's launch (3.4 of the 9.7 us on norm1 on an H200) for those
         instructions and the row's read."""
         tl.static_assert(not QUANTIZE or BLOCK_M == 1, "the kernel quantizes one float row only")
+        _await_inputs(PDL)
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
