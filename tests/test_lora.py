@@ -238,17 +238,46 @@ def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
         stem = f"transformer.transformer_blocks.0.attn.{name}"
         diffusers.update({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up[i * WIDTH:(i + 1) * WIDTH],
                           f"{stem}.alpha": torch.tensor(8.0)})
+    _assert_same_model(flux, kohya, diffusers)
+
+
+def _assert_same_model(flux, lora, diffusers_lora) -> None:
+    """The two LoRAs change the model's output, and alike; removed, the model is as it was."""
     inputs = tiny_inputs()
     outputs = []
     with torch.no_grad(), use_backend("reference"):
         base = flux(**inputs)[0]
-        for lora in (kohya, diffusers):
-            adapter = load_lora(flux, lora, dtype=torch.float32)
+        for state in (lora, diffusers_lora):
+            adapter = load_lora(flux, state, dtype=torch.float32)
             outputs.append(flux(**inputs)[0])
             adapter.remove()
         assert torch.equal(flux(**inputs)[0], base)
     assert not torch.equal(outputs[0], base)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_xlabs_processor_loras_give_the_diffusers_model(flux):
+    """XLabs' files name attention-processor LoRAs: a double block's qkv_lora1/proj_lora1 (image stream),
+    qkv_lora2/proj_lora2 (text stream), a single block's qkv_lora (onto to_q/to_k/to_v) and proj_lora
+    (proj_out); no alpha (scale 1), as diffusers converts them."""
+    proj_in = flux.get_submodule("single_transformer_blocks.0.proj_out").in_features
+    pairs = {"double_blocks.0.processor.qkv_lora1": lora_pair(3 * WIDTH, WIDTH, seed=7),
+             "diffusion_model.double_blocks.0.processor.proj_lora2": lora_pair(WIDTH, WIDTH, seed=8),
+             "single_blocks.0.processor.qkv_lora": lora_pair(3 * WIDTH, WIDTH, seed=9),
+             "single_blocks.0.processor.proj_lora": lora_pair(WIDTH, proj_in, seed=10)}
+    xlabs = {f"{stem}.{role}.weight": matrix for stem, pair in pairs.items() for role, matrix in zip(("down", "up"), pair)}
+    targets = {"double_blocks.0.processor.qkv_lora1": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                                       "transformer_blocks.0.attn.to_v"],
+               "diffusion_model.double_blocks.0.processor.proj_lora2": ["transformer_blocks.0.attn.to_add_out"],
+               "single_blocks.0.processor.qkv_lora": [f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"],
+               "single_blocks.0.processor.proj_lora": ["single_transformer_blocks.0.proj_out"]}
+    diffusers = {}
+    for stem, names in targets.items():
+        down, up = pairs[stem]
+        for name, rows in zip(names, up.chunk(len(names))):
+            diffusers.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": rows})
+    assert set(read_lora(xlabs, flux)[0]) == {name for names in targets.values() for name in names}
+    _assert_same_model(flux, xlabs, diffusers)
 
 
 @pytest.mark.parametrize("state,message", [
@@ -269,6 +298,10 @@ def test_diffusers_and_kohya_files_of_one_lora_give_the_same_model(flux):
     ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 3),
       "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3, 4)},
      "its 1 pairs are the text encoders'"),
+    ({"double_blocks.0.processor.qkv_lora.down.weight": torch.zeros(4, WIDTH),  # a double block has two streams
+      "double_blocks.0.processor.qkv_lora.up.weight": torch.zeros(3 * WIDTH, 4)}, "names no linear layer"),
+    ({"single_blocks.0.processor.qkv_lora.down.weight": torch.zeros(4, WIDTH),
+      "single_blocks.0.processor.qkv_lora.up.weight": torch.zeros(3 * WIDTH + 1, 4)}, "not q, k and v's alike"),
     ({"transformer_blocks.0.attn.to_q.dora_scale": torch.zeros(1)}, "DoRA"),
     ({"transformer_blocks.0.attn.to_q.weight": torch.zeros(1)}, "not a LoRA key"),
     ({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, WIDTH), float("nan")),

@@ -12,6 +12,9 @@ Key layouts read (safetensors or a state dict):
   diffusers / PEFT: [transformer.|base_model.model.]<diffusers module>.lora_A.weight / .lora_B.weight [/ .alpha]
   kohya:            lora_unet_<original BFL module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
                     (e.g. lora_unet_double_blocks_0_img_attn_qkv: fused q/k/v rows split onto to_q/to_k/to_v)
+  XLabs:            [diffusion_model.]double_blocks.N.processor.{qkv,proj}_lora{1,2}.down.weight / .up.weight
+                    (1: the image stream's img_attn, 2: the text stream's txt_attn), single_blocks.N.processor.
+                    qkv_lora (rows onto to_q/to_k/to_v) and .proj_lora (proj_out), as diffusers converts them
   also dotted original names and lora_down/lora_up with diffusers names. Text-encoder keys are skipped.
 Alpha: an .alpha tensor; else PEFT's lora_alpha (alpha_pattern, use_rslora) where diffusers keeps it, the
 file's metadata ("lora_adapter_metadata"), or PEFT's adapter_config.json beside the file; without any the
@@ -42,7 +45,9 @@ from ..linear import TernaryLinear
 from ..ternary import ternarize
 
 _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
-          "alpha": "alpha"}
+          "alpha": "alpha", "down.weight": "down", "up.weight": "up"}  # the last two: XLabs'
+# XLabs' attention-processor LoRAs: (double | single, block, qkv | proj, stream 1 (image) | 2 (text) | none)
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12]?)$")
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.)")
 _UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", "hada_", "lokr_", ".diff", "lora_mid")
@@ -214,9 +219,12 @@ def _original_names(model: nn.Module) -> dict[str, str]:
 
 
 def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | None:
-    """A LoRA key stem -> ('diffusers' | 'original', module name), None for text-encoder keys."""
+    """A LoRA key stem -> ('diffusers' | 'original', module name) or ('qkv', a single block's attention, whose
+    to_q/to_k/to_v take a third of the rows each), None for text-encoder keys."""
     if _TEXT_ENCODER.match(stem):
         return None
+    if xlabs := _XLABS.match(stem):
+        return _xlabs_layer(stem, *xlabs.groups(), diffusers, original)
     for prefix in ("lora_unet_", "lora_transformer_"):
         if stem.startswith(prefix):
             flat = stem[len(prefix):]
@@ -233,6 +241,23 @@ def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[
         return "diffusers", stem
     if stem in original:
         return "original", stem
+    raise _Unmatched(stem)
+
+
+def _xlabs_layer(stem: str, kind: str, block: str, layer: str, stream: str, diffusers: set[str],
+                 original: dict[str, str]) -> tuple[str, str]:
+    """An XLabs processor LoRA's layer: a double block's qkv or proj of stream 1 (image) or 2 (text), by its
+    original name; a single block's qkv onto its attention's to_q/to_k/to_v ('qkv'), its proj onto proj_out."""
+    if kind == "double" and stream:
+        name = f"double_blocks.{block}.{'img' if stream == '1' else 'txt'}_attn.{layer}"
+        if name in original:
+            return "original", name
+    elif kind == "single" and not stream:
+        name = f"single_transformer_blocks.{block}"
+        if layer == "qkv" and f"{name}.attn.to_q" in diffusers:
+            return "qkv", f"{name}.attn"
+        if layer == "proj" and f"{name}.proj_out" in diffusers:
+            return "diffusers", f"{name}.proj_out"
     raise _Unmatched(stem)
 
 
@@ -372,8 +397,15 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
             alpha = float(roles["alpha"])
         else:
             alpha = scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" else None
-        targets = {name: (roles["down"], roles["up"])} if layout == "diffusers" else \
-            _to_diffusers(name, roles["down"], roles["up"], model)
+        if layout == "diffusers":
+            targets = {name: (roles["down"], roles["up"])}
+        elif layout == "qkv":
+            if roles["up"].shape[0] % 3:
+                raise BitfluxError(f"LoRA {stem!r}: {roles['up'].shape[0]} rows, not q, k and v's alike")
+            targets = {f"{name}.to_{part}": (roles["down"], rows)
+                       for part, rows in zip("qkv", roles["up"].chunk(3))}
+        else:
+            targets = _to_diffusers(name, roles["down"], roles["up"], model)
         for target, (down, up) in targets.items():
             layer = model.get_submodule(target)
             _check_pair(down, up, f"LoRA {stem!r}")
