@@ -3,12 +3,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY_CONFIG, build_tiny, cached_hub_snapshot, tiny_inputs
+from conftest import TINY_CONFIG, build_tiny, cached_hub_snapshot, tiny_inputs, tiny_pipeline
 
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, quantize_, set_packing
 from bitflux.interop.lora import LoraBranch, load_lora, read_lora
 from bitflux.kernels import use_backend
 from bitflux.ternary import ternarize
+from bitflux.text_encoders import narrow
 
 
 def ternary_holder(out_features, in_features, granularity="tensor", seed=0, fmt="tq2"):
@@ -197,6 +198,31 @@ def flux():
     model = build_tiny()
     quantize_(model, TernaryConfig())
     return model
+
+
+def test_a_narrowed_text_encoders_lora_fuses_into_its_stored_weights():
+    """CLIP narrowed as load_pipeline holds it on a CPU (text_encoders.narrow: weights stored in bf16, computed in
+    fp32, `weight` a widened copy): a LoRA's CLIP pairs run on it, fusing adds them into the stored weights (to
+    bf16) and unfusing puts those back exactly."""
+    clip = narrow(tiny_pipeline().text_encoder, torch.bfloat16, torch.float32)
+    stored = {name: parameter.clone() for name, parameter in clip.named_parameters()}
+    down, up = lora_pair(32, 24, seed=11)
+    state = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": down,
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": up}
+    ids = torch.tensor([[3, 4, 6, 2]])
+    with torch.no_grad():
+        base = clip(ids).pooler_output
+        adapter = load_lora(clip, state, dtype=torch.float32, component="text_encoder")
+        branches = clip(ids).pooler_output
+        adapter.fuse()
+        fused = clip(ids).pooler_output
+        assert clip.encoder.layers[0].mlp.fc1._parameters["weight"].dtype == torch.bfloat16
+        assert not torch.equal(branches, base)
+        torch.testing.assert_close(fused, branches, rtol=0, atol=2e-2 * branches.abs().max().item())
+        adapter.unfuse()
+        assert all(torch.equal(parameter, stored[name]) for name, parameter in clip.named_parameters())
+        adapter.remove()
+        assert torch.equal(clip(ids).pooler_output, base)
 
 
 def test_kohya_original_names_split_fused_rows_onto_diffusers_layers(flux):

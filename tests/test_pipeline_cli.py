@@ -432,8 +432,11 @@ def test_generate_with_a_lora(tmp_path, capsys):
             prefix = f"transformer.transformer_blocks.{block}.{layer}"
             lora[f"{prefix}.lora_A.weight"] = torch.randn(4, k, generator=g) * 0.3
             lora[f"{prefix}.lora_B.weight"] = torch.randn(n, 4, generator=g) * 0.3
-    lora["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 128)  # left out
-    lora["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(512, 4)
+    clip = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, 128, generator=g),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(256, 4, generator=g)}
+    lora.update(clip)  # CLIP's pair adapts the prompt's encoding; T5's is left out, as diffusers leaves it
+    lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.zeros(4, 8)
+    lora["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.zeros(8, 4)
     path = tmp_path / "style:v2.safetensors"  # a colon of its own: FILE[:STRENGTH] splits at the last one
     save_file(lora, str(path))
     images = {}
@@ -441,10 +444,16 @@ def test_generate_with_a_lora(tmp_path, capsys):
         out = tmp_path / f"{name}.png"
         code, _, err = _run(capsys, "generate", "a red circle", "--steps", "2", *extra, "-o", out)
         assert code == 0, err
-        assert ("1 text-encoder LoRA pairs left out" in err) == bool(extra)
+        assert ("1 text-encoder LoRA pairs left out (T5's" in err) == bool(extra)
         images[name] = np.asarray(Image.open(out))
     assert np.array_equal(images["plain"], images["zero"])
     assert not np.array_equal(images["plain"], images["full"])
+    for key in clip:  # without CLIP's pair, another image
+        lora[key] = torch.zeros_like(lora[key])
+    save_file(lora, str(path))
+    out = tmp_path / "no_clip.png"
+    assert _run(capsys, "generate", "a red circle", "--steps", "2", "--lora", str(path), "-o", out)[0] == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), images["full"])
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err

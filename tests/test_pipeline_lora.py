@@ -152,7 +152,7 @@ def test_fuse_unfuse_and_unload_keeping_the_fused_weights(pipes):
     (lambda p: p.load_lora_weights(_lora(1)) or p.fuse_lora() or p.load_lora_weights(
         _lora(2), adapter_name="default_0", hotswap=True), r"unfuse_lora\(\) before"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.disable_lora() or p.fuse_lora(), "disabled"),
-    (lambda p: p.load_lora_weights(_lora(1), torch_dtype=torch.bfloat16), "take the transformer's dtype"),
+    (lambda p: p.load_lora_weights(_lora(1), torch_dtype=torch.bfloat16), "take their model's dtype"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.load_lora_weights(
         _lora(2, layers=("transformer_blocks.0.attn.to_q",)), adapter_name="default_0", hotswap=True), "same layers"),
     (lambda p: p.load_lora_weights(_lora(1)) or p.set_lora_device(["default_0"], "nonsense"), "cannot move"),
@@ -170,13 +170,71 @@ def test_bad_lora_calls_are_refused_in_one_line(pipes, call, message):
     assert _same_codes(pipe, codes)
 
 
-def test_text_encoder_pairs_are_left_out_with_a_warning(pipes):
+def _clip_lora(seed: int) -> dict:
+    """CLIP pairs (rank 2) by kohya's and by diffusers' names, and a T5 pair, which nothing applies."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, clip = TINY_CONFIG["pooled_projection_dim"], "text_model_encoder_layers_0"
+    return {f"lora_te1_{clip}_self_attn_q_proj.lora_down.weight": torch.randn(2, hidden, generator=generator),
+            f"lora_te1_{clip}_self_attn_q_proj.lora_up.weight": torch.randn(hidden, 2, generator=generator),
+            f"lora_te1_{clip}_self_attn_q_proj.alpha": torch.tensor(4.0),
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.randn(2, hidden, generator=generator),
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.randn(32, 2, generator=generator),
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.zeros(2, 8),
+            "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.zeros(8, 2)}
+
+
+def _pooled(text_encoder) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(torch.tensor([[3, 4, 6, 2]])).pooler_output
+
+
+def _encoded(pipe, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.encode_prompt(["a red circle"], device="cpu", max_sequence_length=8, **kwargs)[1]
+
+
+def test_clip_pairs_adapt_the_text_encoder_and_t5s_are_left_out(pipes):
+    """A LoRA's CLIP pairs (kohya's and diffusers' names) run on the text encoder as load_lora(component=
+    "text_encoder") runs them, at their own weight (set_adapters' per-component dicts, encode_prompt's
+    lora_scale); fuse_lora(components=["text_encoder"]) adds them to its weights and unfuse_lora takes them out
+    exactly; T5's pairs are left out with a warning, as diffusers leaves them for FLUX."""
     pipe = pipes[0]
-    state = {**_lora(1), "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8),
-             "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(8, 4)}
-    with pytest.warns(UserWarning, match="1 text-encoder LoRA pairs left out"):
-        pipe.load_lora_weights(state)
-    pipe.unload_lora_weights()
+    twin = copy.deepcopy(pipe.text_encoder)
+    base, weights = _pooled(pipe.text_encoder), {n: p.clone() for n, p in pipe.text_encoder.named_parameters()}
+    state = {**_lora(1), **_clip_lora(2)}
+    with pytest.warns(UserWarning, match=r"1 text-encoder LoRA pairs left out \(T5's"):
+        pipe.load_lora_weights(state, adapter_name="both")
+    by_hand = load_lora(twin, state, dtype=twin.dtype, component="text_encoder")
+    try:
+        assert pipe.get_list_adapters() == {"transformer": ["both"], "text_encoder": ["both"]}
+        assert set(by_hand.names) == {"encoder.layers.0.self_attn.q_proj", "encoder.layers.0.mlp.fc1"}
+        adapted = _pooled(pipe.text_encoder)
+        assert torch.equal(adapted, _pooled(twin)) and not torch.equal(adapted, base)
+        pipe.set_adapters("both", {"transformer": 1.0, "text_encoder": 0.5})
+        by_hand.strength = 0.5
+        assert torch.equal(_pooled(pipe.text_encoder), _pooled(twin))
+        halved = _encoded(pipe)
+        pipe.set_adapters("both", {"transformer": 0.0})  # the text encoder's weight 1 where absent
+        assert torch.equal(_encoded(pipe, lora_scale=0.5), halved)  # what FluxPipeline passes for a call's scale
+        assert torch.equal(_pooled(pipe.text_encoder), _pooled(twin))  # (the scale of the last encode holds)
+        pipe.fuse_lora(components=["text_encoder"])  # at its weight, 1
+        by_hand.strength = 1.0
+        assert pipe.fused_loras == {"both"}
+        torch.testing.assert_close(_pooled(pipe.text_encoder), _pooled(twin), rtol=1e-5, atol=1e-6)
+        pipe.unfuse_lora(components=["text_encoder"])
+        assert all(torch.equal(p, weights[n]) for n, p in pipe.text_encoder.named_parameters())
+    finally:
+        pipe.unload_lora_weights()
+    assert torch.equal(_pooled(pipe.text_encoder), base)
+    assert not any(m._forward_hooks for m in pipe.text_encoder.modules())
+    text_encoder, pipe.text_encoder = pipe.text_encoder, None  # as load_pipeline(text_encoders=False) gives it
+    try:
+        with pytest.warns(UserWarning, match="3 text-encoder LoRA pairs left out \\(the pipeline has no text encoder"):
+            pipe.load_lora_weights(state)
+        assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
+    finally:
+        pipe.unload_lora_weights()
+        pipe.text_encoder = text_encoder
 
 
 def test_load_pipeline_gives_ternary_pipelines_the_methods_and_not_full_precision_ones():
@@ -342,11 +400,13 @@ def test_loras_go_with_their_transformer(pipes):
     """A pipeline given another transformer (or none: released after generating) forgets the LoRAs of the old
     one; calls that need one refuse in one line."""
     pipe, other = pipes[0], pipes[1].transformer
-    pipe.load_lora_weights(_lora(1), adapter_name="old")
+    clip = {key: value for key, value in _clip_lora(3).items() if not key.startswith("text_encoder_2.")}
+    pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="old")
     old, base = pipe.transformer, _out(pipes[1])
-    old_adapter = pipe.set_adapters.__self__.adapters["old"]
+    old_adapter = pipe.set_adapters.__self__.adapters["old"]["transformer"]
     pipe.transformer = None
     assert pipe.get_list_adapters() == {} and pipe.get_active_adapters() == []
+    assert not any(m._forward_hooks for m in pipe.text_encoder.modules())  # the pipeline's still: taken off
     pipe.unload_lora_weights()
     pipe.unfuse_lora()
     with pytest.raises(BitfluxError, match="has no transformer"):

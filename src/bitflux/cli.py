@@ -201,7 +201,7 @@ def _cmd_generate(args) -> None:
     # it is loaded, so the peak is the larger of the two, not their sum.
     path = resolve_pipeline_path(args.model)
     check_comparable(path, args.compare)  # before minutes of encoding
-    embeddings = encode_prompts(path, [args.prompt], args.device, args.dtype)
+    embeddings = encode_prompts(path, [args.prompt], args.device, args.dtype, loras=loras)  # CLIP's pairs
     fp, ternary = load_variants(args.model, args.device, want_fp=args.compare, progress=True,
                                 dtype=args.dtype, offload=args.offload, text_encoders=False)
     pipes = [p for p in (fp, ternary) if p is not None]
@@ -217,10 +217,7 @@ def _cmd_generate(args) -> None:
         from .interop.lora import load_lora
 
         for pipe in pipes:
-            adapter = load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
-        if adapter.skipped_text_encoder_pairs:
-            print(f"bitflux: {path}: {adapter.skipped_text_encoder_pairs} text-encoder LoRA pairs left out "
-                  "(bitflux applies the transformer's)", file=sys.stderr)
+            load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
     for pipe in pipes:
         accelerate_transformer(pipe, cuda_graph=args.cuda_graph, compile=args.compile)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)
@@ -445,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so temporary outputs are removed on the way out.
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    showwarning, warnings.showwarning = warnings.showwarning, _warning_line
     try:
         args = build_parser().parse_args(argv)  # torch's import (seconds) inside: a Ctrl-C there is caught too
         args.run(args)
@@ -462,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitflux: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
+        warnings.showwarning = showwarning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
@@ -469,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a line of the command's own ("bitflux: ..."), not Python's file:line and source line."""
+    print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
+from .interop.lora import CLIP_BRANCHES, T5_LEFT_OUT, load_lora, warn_left_out
 from .interop.pipeline_lora import add_lora_methods
 from .linear import TernaryLinear
 from .surgery import QuantizationReport, quantize_, set_activations
@@ -163,15 +164,17 @@ def _text_encoders(root: Path, dtype: torch.dtype, device, stream: bool) -> dict
 
 @torch.no_grad()
 def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.device = "cpu",
-                   dtype: torch.dtype | str | None = None, max_sequence_length: int | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | str | None = None, max_sequence_length: int | None = None,
+                   loras=()) -> dict[str, torch.Tensor]:
     """FLUX's embeddings of the prompts (T5's per token, CLIP's pooled), as `generate(..., embeddings=)` takes
     them, made by the pipeline folder's text encoders alone, freed before this returns: with a pipeline loaded
     without them (load_pipeline(text_encoders=False)), the text encoders and the transformer are never in
     memory together (`bitflux generate` does so). In fp32 or bf16, T5 is streamed from its checkpoint a block
     at a time (text_encoders.stream_t5: T5-XXL in one block's memory, on a CPU or a GPU), the other encoders
     load as load_pipeline loads them. The embeddings are the same as the whole pipeline's. T5's text is padded
-    to `max_sequence_length` tokens (default: as `generate` pads it, text_length)."""
+    to `max_sequence_length` tokens (default: as `generate` pads it, text_length). loras: (LoRA, strength) pairs,
+    as interop.lora.load_lora takes them, whose CLIP pairs adapt CLIP for these prompts (T5's are left out, with
+    a warning, as diffusers leaves them for FLUX)."""
     if isinstance(prompts, str):
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
     root = _pipeline_folder(path)
@@ -182,6 +185,10 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
         for name in TEXT_ENCODERS:
             if getattr(encoders, name, None) is not None:
                 getattr(encoders, name).to(device)
+        for source, strength in loras if encoders.text_encoder is not None else ():
+            clip = load_lora(encoders.text_encoder, source, strength, dtype=CLIP_BRANCHES,
+                             component="text_encoder")  # (it goes with the encoders)
+            warn_left_out(clip.skipped_text_encoder_pairs, T5_LEFT_OUT, source)
         prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(
             list(prompts), device=torch.device(device), max_sequence_length=max_sequence_length or text_length(encoders))
     finally:  # also on failure (a traceback would keep them): the encoders' memory back before the transformer's

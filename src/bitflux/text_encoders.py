@@ -9,9 +9,9 @@ biases) is widened once. Every widened value is the stored one exactly, so the o
 encoder loaded in fp32. The cost: each weight converted at each use (T5-XXL's encode 1.2x as long, once per
 prompt; BENCHMARKS.md).
 
-A fused LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights, and PEFT
-then stops adding its branch: the LoRA is lost. Load text encoder LoRAs unfused, or the pipeline with the
-encoders in fp32 (diffusers' own from_pretrained).
+A fused PEFT LoRA (PEFT's `fuse_lora`, which adds to `weight.data`) does not reach the stored weights, and PEFT
+then stops adding its branch: the LoRA is lost. Load such text encoder LoRAs unfused, or the pipeline with the
+encoders in fp32 (diffusers' own from_pretrained); bitflux's LoRAs (interop.lora) fuse into the stored weights.
 
 On a CPU (load_pipeline's default there) and for prompts encoded before the transformer is loaded
 (pipeline.encode_prompts), T5 is streamed instead: its blocks' weights stay in the checkpoint and each block's

@@ -15,7 +15,10 @@ Key layouts read (safetensors or a state dict):
   XLabs:            [diffusion_model.]double_blocks.N.processor.{qkv,proj}_lora{1,2}.down.weight / .up.weight
                     (1: the image stream's img_attn, 2: the text stream's txt_attn), single_blocks.N.processor.
                     qkv_lora (rows onto to_q/to_k/to_v) and .proj_lora (proj_out), as diffusers converts them
-  also dotted original names and lora_down/lora_up with diffusers names. Text-encoder keys are skipped.
+  also dotted original names and lora_down/lora_up with diffusers names.
+Text-encoder keys are left out of the transformer's pairs; load_lora(pipe.text_encoder, ..., component=
+"text_encoder") attaches CLIP's (lora_te1_ / text_encoder. with CLIP's module names), as diffusers does for FLUX
+(T5's, lora_te2_ / text_encoder_2., neither applies).
 Alpha: an .alpha tensor; else PEFT's lora_alpha (alpha_pattern, use_rslora) where diffusers keeps it, the
 file's metadata ("lora_adapter_metadata"), or PEFT's adapter_config.json beside the file; without any the
 scale is 1 (alpha = rank), as diffusers does.
@@ -27,6 +30,7 @@ import functools
 import json
 import math
 import re
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,9 @@ _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": 
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12]?)$")
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.)")
+# CLIP's pairs (FLUX's first text encoder, diffusers' text_encoder: kohya's lora_te1_, lora_te_ in SD's naming);
+# T5's (lora_te2_, text_encoder_2.) diffusers does not apply to FLUX either
+_CLIP = re.compile(r"^(lora_te1?_|text_encoder\.)")
 _UNSUPPORTED = ("dora_scale", "lora_magnitude_vector", "hada_", "lokr_", ".diff", "lora_mid")
 
 
@@ -125,15 +132,24 @@ class LoraAdapter(nn.Module):
     def items(self):
         return zip(self.names, self.branches)
 
+    def check_removable(self, keep_fused: bool = False) -> None:
+        """What remove(keep_fused) refuses, refused before anything changes: with keep_fused, a LoRA fused before
+        this one must go first (unfusing it would put back weights without this one's part); without, one fused
+        after it (unfuse)."""
+        for name in self.names if self.fused else ():
+            stack = self._layer(name).__dict__["_bitflux_fused"]
+            if keep_fused and stack[0] is not self:
+                raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
+                                   "unfuse that one first")
+            if not keep_fused and stack[-1] is not self:
+                raise BitfluxError(f"{name}: another LoRA was fused after this one; unfuse it first")
+
     def remove(self, keep_fused: bool = False) -> None:
         """Detach from the model: unfusing first if fused, or with keep_fused leaving the fused weights in the
-        layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights()). A LoRA fused
-        before this one must go first: unfusing it would put back weights without this one's part."""
+        layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights()); check_removable
+        says what is refused."""
+        self.check_removable(keep_fused)
         if self.fused and keep_fused:
-            for name in self.names:
-                if self._layer(name).__dict__["_bitflux_fused"][0] is not self:
-                    raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
-                                       "unfuse that one first")
             for name in self.names:
                 self._layer(name).__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
             self._saved.clear()
@@ -165,9 +181,10 @@ class LoraAdapter(nn.Module):
                 codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
                 layer.weight_packed = formats.pack(codes, layer.packing)
                 layer.weight_scale = scales.to(layer.weight_scale.dtype)
-            else:
-                self._saved[name] = (layer.weight.data,)
-                layer.weight.data = weight.to(layer.weight.dtype)
+            else:  # the stored parameter: a narrowed text encoder's `weight` is a widened copy (text_encoders)
+                stored = layer._parameters["weight"]
+                self._saved[name] = (stored.data,)
+                stored.data = weight.to(stored.dtype)
             layer.__dict__.setdefault("_bitflux_fused", []).append(self)
         self.fused = True
 
@@ -177,9 +194,7 @@ class LoraAdapter(nn.Module):
         .to(device)) would have made them."""
         if not self.fused:
             raise BitfluxError("this LoRA is not fused")
-        for name in self.names:
-            if self._layer(name).__dict__["_bitflux_fused"][-1] is not self:
-                raise BitfluxError(f"{name}: another LoRA was fused after this one; unfuse it first")
+        self.check_removable()
         for name in self.names:
             layer = self._layer(name)
             if isinstance(layer, TernaryLinear):
@@ -188,7 +203,8 @@ class LoraAdapter(nn.Module):
                 layer.weight_scale = scales.to(layer.weight_scale)
             else:
                 (weight,) = self._saved.pop(name)
-                layer.weight.data = weight.to(layer.weight)
+                stored = layer._parameters["weight"]
+                stored.data = weight.to(stored)
             layer.__dict__["_bitflux_fused"].pop()
         self.fused = False
 
@@ -218,11 +234,11 @@ def _original_names(model: nn.Module) -> dict[str, str]:
     return {k.removesuffix(".weight"): k.removesuffix(".weight").replace(".", "_") for k in names}
 
 
-def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | None:
+def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[str, str] | str:
     """A LoRA key stem -> ('diffusers' | 'original', module name) or ('qkv', a single block's attention, whose
-    to_q/to_k/to_v take a third of the rows each), None for text-encoder keys."""
+    to_q/to_k/to_v take a third of the rows each); "skip" for text-encoder keys."""
     if _TEXT_ENCODER.match(stem):
-        return None
+        return "skip"
     if xlabs := _XLABS.match(stem):
         return _xlabs_layer(stem, *xlabs.groups(), diffusers, original)
     for prefix in ("lora_unet_", "lora_transformer_"):
@@ -241,6 +257,23 @@ def _resolve(stem: str, diffusers: set[str], original: dict[str, str]) -> tuple[
         return "diffusers", stem
     if stem in original:
         return "original", stem
+    raise _Unmatched(stem)
+
+
+def _resolve_text_encoder(stem: str, names: set[str]) -> tuple[str, str] | str | None:
+    """A LoRA key stem -> ('diffusers', CLIP module name) for CLIP's pairs (kohya's names with underscores, or
+    dotted), "skip" for T5's (not applied), None for the transformer's."""
+    if not _TEXT_ENCODER.match(stem):
+        return None
+    if not (clip := _CLIP.match(stem)):
+        return "skip"
+    name = stem[clip.end():]
+    # transformers 5's CLIPTextModel names its layers without the text_model. that files (and 4's) write
+    for candidate in (name, name.removeprefix("text_model.").removeprefix("text_model_")):
+        if candidate in names:
+            return "diffusers", candidate
+        if match := next((n for n in names if n.replace(".", "_") == candidate), None):
+            return "diffusers", match
     raise _Unmatched(stem)
 
 
@@ -349,9 +382,18 @@ def lora_file(source: str | Path) -> Path:
                        f"({', '.join(f'{source}/{f.name}' for f in files)})")
 
 
-def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
-    """A LoRA (lora_file's source, or a state dict) -> ({diffusers layer: (down, up, alpha)}, number of skipped
-    text-encoder pairs)."""
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA's tensors, read once for every model it adapts, and what its PEFT config says of alpha."""
+
+    state: dict
+    scaling: PeftScaling
+
+
+def open_lora(source) -> LoraFile:
+    """A LoRA (lora_file's source, or a state dict) read."""
+    if isinstance(source, LoraFile):
+        return source
     if isinstance(source, (str, Path)):
         from safetensors.torch import load_file
 
@@ -365,11 +407,21 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
         scaling = _peft_scaling(path)
     else:
         state, scaling = dict(source), PeftScaling()
+    return LoraFile(state, scaling)
+
+
+def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple[dict[str, tuple], int]:
+    """A LoRA (lora_file's source, a state dict, or open_lora's) -> ({layer of `model`: (down, up, alpha)},
+    number of text-encoder pairs left out). component: what `model` is, "transformer" (its pairs by diffusers'
+    names; all the text encoders' left out) or "text_encoder" (CLIP's; T5's left out, none is no error)."""
+    if component not in ("transformer", "text_encoder"):
+        raise BitfluxError(f"a LoRA adapts the transformer or the text_encoder, not {component!r}")
+    lora = open_lora(source)
     if not isinstance(model, nn.Module):
         raise BitfluxError(f"a LoRA attaches to a model (a pipeline's is pipe.transformer), not a "
                            f"{type(model).__name__}")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
+    for key, tensor in lora.state.items():
         if not torch.is_tensor(tensor):
             raise BitfluxError(f"LoRA tensor {key!r} is a {type(tensor).__name__}, not a torch tensor")
         if tensor.dtype == torch.bool or tensor.is_complex():
@@ -377,17 +429,20 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
         check_finite(tensor, f"LoRA tensor {key!r}")
         stem, role = _split_key(key)
         grouped.setdefault(stem, {})[role] = tensor
-    diffusers, original = set(_linear_names(model)), _original_names(model)
+    text = component == "text_encoder"
+    diffusers, original = set(_linear_names(model)), {} if text else _original_names(model)
     pairs, skipped, unmatched, source_of = {}, 0, [], {}
     for stem, roles in grouped.items():
         if "down" not in roles or "up" not in roles:
             raise BitfluxError(f"LoRA {stem!r} lacks its {'down (A)' if 'down' not in roles else 'up (B)'} matrix")
         try:
-            resolved = _resolve(stem, diffusers, original)
+            resolved = _resolve_text_encoder(stem, diffusers) if text else _resolve(stem, diffusers, original)
         except _Unmatched as exc:
             unmatched.append(str(exc))
             continue
-        if resolved is None:
+        if resolved is None:  # another component's
+            continue
+        if resolved == "skip":
             skipped += 1
             continue
         layout, name = resolved
@@ -396,7 +451,7 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
                 raise BitfluxError(f"LoRA {stem!r}: alpha holds {roles['alpha'].numel()} values, not one")
             alpha = float(roles["alpha"])
         else:
-            alpha = scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" else None
+            alpha = lora.scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" and not text else None
         if layout == "diffusers":
             targets = {name: (roles["down"], roles["up"])}
         elif layout == "qkv":
@@ -418,19 +473,34 @@ def read_lora(source, model: nn.Module) -> tuple[dict[str, tuple], int]:
     if unmatched:
         more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
         raise BitfluxError(f"LoRA key {unmatched[0]!r}{more} names no linear layer of this model")
-    if not pairs:
+    if not pairs and not text:
         raise BitfluxError("the LoRA has no pair for this transformer" + (
-            f": its {skipped} pairs are the text encoders', which bitflux does not apply" if skipped else ""))
+            f": its {skipped} pairs are the text encoders'" if skipped else ""))
     return pairs, skipped
 
 
-def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
-    """Attach a LoRA (a .safetensors file, a folder holding one, a hub id in the local cache: lora_file; or a
-    state dict) to `model` as side branches; returns its adapter. Several may be attached at once: their branches
-    add up. A torch.compile wrapper's model takes it (before the first compiled call: a graph compiled since does
-    not see it)."""
+T5_LEFT_OUT = "T5's, which diffusers does not apply to FLUX either"
+# The dtype of a text encoder's branches: CLIP is small, and a narrowed encoder (text_encoders) computes in a wider
+# dtype than its parameters', so its dtype is no guide
+CLIP_BRANCHES = torch.float32
+
+
+def warn_left_out(count: int, reason: str, source=None) -> None:
+    """Warn (where count > 0) that a LoRA's text-encoder pairs were not applied, and why."""
+    if count:
+        where = f"{source}: " if isinstance(source, (str, Path)) else ""
+        warnings.warn(f"bitflux: {where}{count} text-encoder LoRA pairs left out ({reason})", stacklevel=3)
+
+
+def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16,
+              component: str = "transformer") -> LoraAdapter:
+    """Attach a LoRA (a .safetensors file, a folder holding one, a hub id in the local cache: lora_file; a state
+    dict, or open_lora's) to `model` as side branches; returns its adapter. Several may be attached at once: their
+    branches add up. A torch.compile wrapper's model takes it (before the first compiled call: a graph compiled
+    since does not see it). component "text_encoder": `model` is a FLUX pipeline's CLIP text encoder
+    (pipe.text_encoder), which takes the LoRA's CLIP pairs (maybe none)."""
     model = model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
-    pairs, skipped = read_lora(source, model)
+    pairs, skipped = read_lora(source, model, component)
     branches = {}
     for name, (down, up, alpha) in pairs.items():
         layer = model.get_submodule(name)

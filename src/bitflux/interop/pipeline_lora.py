@@ -8,14 +8,14 @@ They follow diffusers' (PEFT's) behaviour: adapters are named (default_0, defaul
 loaded last is the active one until set_adapters names others, with their weights; fuse_lora folds the active
 ones into the weights at weight x lora_scale and unfuse_lora takes them out again; unload_lora_weights drops every
 adapter but keeps what is fused; a call's `joint_attention_kwargs={"scale": s}` runs the unfused active ones at
-weight x s. Text-encoder pairs are left out (with a warning).
+weight x s. A LoRA's CLIP pairs adapt the text encoder alike (its own weight in set_adapters' per-component dicts,
+fuse_lora(components=["text_encoder"])); T5's are left out with a warning, as diffusers leaves them for FLUX.
 """
 
 from __future__ import annotations
 
 import itertools
 import numbers
-import warnings
 import weakref
 
 import torch
@@ -24,44 +24,64 @@ from ..config import FLOAT32_MAX
 from ..errors import BitfluxError
 from ..fusion import weak_reference
 from ..graphs import GraphedForward
-from .lora import LoraAdapter, load_lora
+from .lora import (
+    CLIP_BRANCHES,
+    T5_LEFT_OUT,
+    LoraAdapter,
+    load_lora,
+    open_lora,
+    warn_left_out,
+)
 
 # load_lora_weights' keywords that change nothing here: bitflux reads local files and the hub cache only, and
 # safetensors only (use_safetensors=False is refused below)
 _IGNORED = {"local_files_only", "low_cpu_mem_usage", "use_safetensors"}
+COMPONENTS = ("transformer", "text_encoder")  # what the branches adapt: FLUX's transformer and CLIP
+# (encode_prompt: the pipeline's own, its text encoder's adapters scaled by its lora_scale)
 METHODS = ("load_lora_weights", "set_adapters", "get_active_adapters", "get_list_adapters", "delete_adapters",
-           "unload_lora_weights", "fuse_lora", "unfuse_lora", "enable_lora", "disable_lora", "set_lora_device")
+           "unload_lora_weights", "fuse_lora", "unfuse_lora", "enable_lora", "disable_lora", "set_lora_device",
+           "encode_prompt")
 
 
 class PipelineLoras:
-    """The LoRAs of one ternary pipeline by adapter name: each a LoraAdapter whose strength is its weight
-    while it is active and LoRAs are enabled, else 0 (its branch then does not run). They belong to the
-    transformer they were loaded onto: once the pipeline holds another (or none), they are forgotten."""
+    """The LoRAs of one ternary pipeline by adapter name: each a LoraAdapter on the transformer and, where the LoRA
+    has CLIP pairs, one on the text encoder (COMPONENTS), whose strength is its weight while it is active and LoRAs
+    are enabled, else 0 (its branches then do not run). They belong to the transformer they were loaded onto: once
+    the pipeline holds another (or none), they are forgotten, their text-encoder branches taken off."""
 
     def __init__(self, pipe):
         self._pipe = weakref.ref(pipe)  # the pipeline holds its bound methods, which hold this
         self._scale_hook = None
+        self.adapters: dict[str, dict[str, LoraAdapter]] = {}  # name -> component -> adapter
+        self.fused: dict[str, list[str]] = {component: [] for component in COMPONENTS}  # in the order fused
         self._forget(None)
 
     def _forget(self, model) -> None:
+        # the text encoder stays the pipeline's: the branches come off it, what is fused stays (as unload does;
+        # first fused first, so that none unfuses over another)
+        fused = self.fused["text_encoder"]
+        texts = {name: parts["text_encoder"] for name, parts in self.adapters.items() if "text_encoder" in parts}
+        for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
+            texts[name].remove(keep_fused=True)
         if self._scale_hook is not None:
             self._scale_hook.remove()
         self._scale_hook = (None if model is None else
                             model.register_forward_pre_hook(self._take_call_scale, with_kwargs=True))
-        self.call_scale = 1.0
         self._model = weak_reference(model)
-        self.adapters: dict[str, LoraAdapter] = {}
-        self.weights: dict[str, float] = {}
+        self._text_model = weak_reference(None)
+        self.adapters = {}
+        self.weights: dict[str, dict[str, float]] = {}  # name -> component -> weight
         self.active: list[str] = []
-        self.fused: list[str] = []  # in the order fused: unfused the other way round
+        self.fused = {component: [] for component in COMPONENTS}
+        self.call_scale = dict.fromkeys(COMPONENTS, 1.0)
         self.enabled = True
 
-    # A copy or a pickle of the pipeline holds its own: the copied pipeline and transformer (see LoraAdapter).
+    # A copy or a pickle of the pipeline holds its own: the copied pipeline and models (see LoraAdapter).
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pipe": self._pipe(), "_model": self._model()}
+        return {**self.__dict__, "_pipe": self._pipe(), "_model": self._model(), "_text_model": self._text_model()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _pipe=weak_reference(state["_pipe"]), _model=weak_reference(state["_model"]))
+        self.__dict__.update(state, **{name: weak_reference(state[name]) for name in ("_pipe", "_model", "_text_model")})
 
     def _transformer(self, needed: bool = True):
         """The pipeline's transformer, unwrapped from torch.compile (None where it has none and none is needed)."""
@@ -72,6 +92,17 @@ class PipelineLoras:
         if model is None and needed:
             raise BitfluxError("the pipeline has no transformer (released after generating?): its LoRAs went "
                                "with it")
+        return model
+
+    def _text_encoder(self):
+        """The pipeline's CLIP text encoder (None where it has none): the adapters' parts on another are forgotten."""
+        text_encoder = getattr(self._pipe(), "text_encoder", None)
+        model = getattr(text_encoder, "_orig_mod", text_encoder)
+        if model is not self._text_model():
+            for parts in self.adapters.values():
+                parts.pop("text_encoder", None)
+            self.fused["text_encoder"] = []
+            self._text_model = weak_reference(model)
         return model
 
     def _take_call_scale(self, model, args, kwargs):
@@ -86,18 +117,29 @@ class PipelineLoras:
             attention = dict(attention)
             scale = _number(attention.pop("scale"), "joint_attention_kwargs' LoRA scale")
             kwargs = {**kwargs, "joint_attention_kwargs": attention}
-        if scale != self.call_scale:
-            self.call_scale = scale
-            self._apply()
+        self._scale("transformer", scale)
         return args, kwargs
 
-    def _apply(self) -> None:
-        for name, adapter in self.adapters.items():
-            adapter.strength = (self.weights[name] * self.call_scale if self.enabled and name in self.active
-                                else 0.0)
+    def encode_prompt(self, *args, lora_scale=None, **kwargs):
+        """The pipeline's own encode_prompt, the text encoder's adapters at weight x lora_scale, as PEFT's layers
+        are scaled (FluxPipeline passes its joint_attention_kwargs' scale)."""
         pipe = self._pipe()
-        if pipe is not None:
-            pipe._merged_adapters = set(self.fused)  # diffusers' fused_loras and num_fused_loras read it
+        self._scale("text_encoder", 1.0 if lora_scale is None else _number(lora_scale, "lora_scale"))
+        return type(pipe).encode_prompt(pipe, *args, lora_scale=lora_scale, **kwargs)
+
+    def _scale(self, component: str, scale: float) -> None:
+        if scale != self.call_scale[component]:
+            self.call_scale[component] = scale
+            self._apply()
+
+    def _apply(self) -> None:
+        for name, parts in self.adapters.items():
+            for component, adapter in parts.items():
+                on = self.enabled and name in self.active
+                adapter.strength = self.weights[name][component] * self.call_scale[component] if on else 0.0
+        pipe = self._pipe()
+        if pipe is not None:  # diffusers' fused_loras and num_fused_loras read it
+            pipe._merged_adapters = {name for names in self.fused.values() for name in names}
         # CUDA graphs captured before froze the strengths and read the weights fuse_lora may have replaced:
         # the next call captures anew
         transformer = getattr(pipe, "transformer", None)
@@ -115,14 +157,14 @@ class PipelineLoras:
                           hotswap: bool = False, **kwargs) -> None:
         """A LoRA (a .safetensors file, a folder holding one, a hub id in the local cache, or a state dict; with
         weight_name and subfolder as diffusers takes them) attached as adapter `adapter_name` (default: the first
-        free default_N), which becomes the active one at weight 1. hotswap: it replaces the adapter of that
-        name by a LoRA on the same layers, keeping its weight and state."""
+        free default_N), its CLIP pairs to the text encoder, which becomes the active one at weight 1. hotswap: it
+        replaces the adapter of that name by a LoRA on the same layers, keeping its weights and state."""
         source = pretrained_model_name_or_path_or_dict
         weight_name, subfolder = kwargs.pop("weight_name", None), kwargs.pop("subfolder", None)
         if kwargs.get("use_safetensors") is False:
             raise BitfluxError("bitflux reads LoRAs from .safetensors files only")
         if {"torch_dtype", "dtype"} & set(kwargs):
-            raise BitfluxError("the LoRA's branches take the transformer's dtype (bitflux.interop.lora.load_lora "
+            raise BitfluxError("the LoRA's branches take their model's dtype (bitflux.interop.lora.load_lora "
                                "takes another)")
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
@@ -133,7 +175,7 @@ class PipelineLoras:
             source = "/".join([str(source).rstrip("/"), *inside]) if inside else source
         elif weight_name or subfolder:
             raise BitfluxError("weight_name and subfolder name a file; a state dict is given")
-        transformer = self._transformer()
+        transformer, text_encoder = self._transformer(), self._text_encoder()
         if adapter_name is None and not hotswap:
             adapter_name = next(name for i in itertools.count(len(self.adapters))
                                 if (name := f"default_{i}") not in self.adapters)
@@ -141,37 +183,51 @@ class PipelineLoras:
             raise BitfluxError(f"adapter_name must be a string, not {type(adapter_name).__name__}")
         if hotswap and adapter_name not in self.adapters:
             raise BitfluxError(f"hotswap replaces a loaded adapter; there is no {adapter_name!r}")
-        if hotswap and adapter_name in self.fused:
+        if hotswap and any(adapter_name in names for names in self.fused.values()):
             raise BitfluxError(f"adapter {adapter_name!r} is fused: unfuse_lora() before hotswapping it")
         if not hotswap and adapter_name in self.adapters:
             raise BitfluxError(f"LoRA adapter name {adapter_name!r} is in use already")
-        adapter = load_lora(transformer, source, strength=0.0, dtype=transformer.dtype)
-        if hotswap and set(adapter.names) != set(self.adapters[adapter_name].names):
-            adapter.remove()
+        lora = open_lora(source)  # read once for both models
+        parts = {"transformer": load_lora(transformer, lora, strength=0.0, dtype=transformer.dtype)}
+        left_out = parts["transformer"].skipped_text_encoder_pairs
+        if text_encoder is not None and left_out:
+            try:
+                text = load_lora(text_encoder, lora, strength=0.0, dtype=CLIP_BRANCHES, component="text_encoder")
+            except BitfluxError:
+                parts["transformer"].remove()
+                raise
+            if text.names:
+                parts["text_encoder"] = text
+            left_out = text.skipped_text_encoder_pairs
+        if hotswap and {component: set(adapter.names) for component, adapter in parts.items()} != {
+                component: set(adapter.names) for component, adapter in self.adapters[adapter_name].items()}:
+            for adapter in parts.values():
+                adapter.remove()
             raise BitfluxError(f"hotswap replaces adapter {adapter_name!r}'s pairs by a LoRA's on the same layers; "
                                "this one adapts others (load it under a name of its own)")
         if hotswap:
-            self.adapters[adapter_name].remove()
+            for adapter in self.adapters[adapter_name].values():
+                adapter.remove()
         else:
-            self.weights[adapter_name] = 1.0
+            self.weights[adapter_name] = dict.fromkeys(COMPONENTS, 1.0)
             self.active = [adapter_name]  # as PEFT: the adapter loaded last is the active one
-        self.adapters[adapter_name] = adapter
+        self.adapters[adapter_name] = parts
         self._apply()
-        if adapter.skipped_text_encoder_pairs:
-            warnings.warn(f"bitflux: {adapter.skipped_text_encoder_pairs} text-encoder LoRA pairs left out "
-                          "(bitflux applies the transformer's)", stacklevel=2)
+        warn_left_out(left_out, T5_LEFT_OUT if text_encoder is not None else "the pipeline has no text encoder")
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """These adapters active, at these weights (one for all, one each, None for 1; diffusers' per-component
-        dicts give their "transformer" entry); the others inactive."""
+        dicts give their "transformer" and "text_encoder" entries, 1 where absent); the others inactive."""
         self._transformer()
         names = self._names(adapter_names)
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise BitfluxError(f"{len(weights)} adapter weights for {len(names)} adapters")
-        weights = [weight.get("transformer", 1.0) if isinstance(weight, dict) else weight for weight in weights]
-        weights = [_number(1.0 if weight is None else weight, f"the weight of adapter {name!r}")
-                   for name, weight in zip(names, weights)]
+        by_component = [weight if isinstance(weight, dict) else dict.fromkeys(COMPONENTS, weight)
+                        for weight in weights]
+        weights = [{component: _number(1.0 if weight.get(component) is None else weight[component],
+                                       f"the {component} weight of adapter {name!r}")
+                    for component in COMPONENTS} for name, weight in zip(names, by_component)]
         self.weights.update(zip(names, weights))
         self.active = names
         self._apply()
@@ -182,20 +238,31 @@ class PipelineLoras:
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         self._transformer(needed=False)
-        return {"transformer": list(self.adapters)} if self.adapters else {}
+        self._text_encoder()
+        listed = {component: [name for name, parts in self.adapters.items() if component in parts]
+                  for component in COMPONENTS}
+        return {component: names for component, names in listed.items() if names}
 
     def delete_adapters(self, adapter_names) -> None:
         """Detach these adapters; what of them is fused stays in the weights, as unload_lora_weights keeps it
         (unless another fused before it would unfuse over it: refused). Where no active one is left, the
         first remaining by name becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
         self._transformer()
+        self._text_encoder()
         names = self._names(adapter_names)
         was_active = any(name in self.active for name in names)
+        order = {name: max((fused.index(name) for fused in self.fused.values() if name in fused), default=-1)
+                 for name in names}
         try:  # fused ones in the order fused: each then lies under those fused after it
-            for name in sorted(names, key=lambda name: self.fused.index(name) if name in self.fused else -1):
-                self.adapters[name].remove(keep_fused=True)
+            for name in sorted(names, key=order.get):
+                parts = self.adapters[name]
+                for adapter in parts.values():  # all or none of its parts
+                    adapter.check_removable(keep_fused=True)
+                for adapter in parts.values():
+                    adapter.remove(keep_fused=True)
                 del self.adapters[name], self.weights[name]
-                self.fused = [other for other in self.fused if other != name]
+                self.fused = {component: [other for other in fused if other != name]
+                              for component, fused in self.fused.items()}
                 self.active = [other for other in self.active if other != name]
         finally:
             if was_active and not self.active and self.adapters:
@@ -211,32 +278,39 @@ class PipelineLoras:
 
     def fuse_lora(self, components=("transformer",), lora_scale: float = 1.0, safe_fusing: bool = False,
                   adapter_names=None, **kwargs) -> None:
-        """Fold the active adapters (or `adapter_names`) into the transformer's weights at weight x lora_scale:
-        re-ternarized (LoraAdapter.fuse), their branches stop running. Text encoders hold no bitflux LoRA."""
-        if "transformer" not in components:
+        """Fold the active adapters (or `adapter_names`) into these components' weights at weight x lora_scale:
+        the transformer's re-ternarized, the text encoder's added (LoraAdapter.fuse); their branches stop
+        running."""
+        components = [component for component in COMPONENTS if component in components]
+        if not components:
             return
         self._transformer()
+        self._text_encoder()
         lora_scale = _number(lora_scale, "lora_scale")
         if not self.enabled:
             raise BitfluxError("LoRAs are disabled: enable_lora() before fusing them")
         try:
             for name in self.active if adapter_names is None else self._names(adapter_names):
-                if name not in self.fused:
-                    self.adapters[name].strength = self.weights[name] * lora_scale
-                    self.adapters[name].fuse()
-                    self.fused.append(name)
+                for component in components:
+                    adapter = self.adapters[name].get(component)
+                    if adapter is not None and name not in self.fused[component]:
+                        adapter.strength = self.weights[name][component] * lora_scale
+                        adapter.fuse()
+                        self.fused[component].append(name)
         finally:
             self._apply()
 
     def unfuse_lora(self, components=("transformer", "text_encoder"), **kwargs) -> None:
-        """Put back the weights fuse_lora replaced (exactly), last fused first; the adapters run as branches
-        again."""
-        if "transformer" not in components or self._transformer(needed=False) is None:
+        """Put back the weights fuse_lora replaced in these components (exactly), last fused first; the adapters
+        run as branches again."""
+        if self._transformer(needed=False) is None:
             return
+        self._text_encoder()
         try:
-            while self.fused:
-                self.adapters[self.fused[-1]].unfuse()
-                self.fused.pop()
+            for component in COMPONENTS:
+                while component in components and self.fused[component]:
+                    self.adapters[self.fused[component][-1]][component].unfuse()
+                    self.fused[component].pop()
         finally:
             self._apply()
 
@@ -254,9 +328,11 @@ class PipelineLoras:
 
     def set_lora_device(self, adapter_names, device) -> None:
         self._transformer()
+        self._text_encoder()
         for name in self._names(adapter_names):
             try:
-                self.adapters[name].to(device)
+                for adapter in self.adapters[name].values():
+                    adapter.to(device)
             except (RuntimeError, AssertionError, TypeError) as exc:  # torch's, for a device it cannot use
                 raise BitfluxError(f"cannot move LoRA adapter {name!r} to {device!r}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
