@@ -140,7 +140,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         default, top = row["candidates"][0], best(row)
-        without_pdl = next((c for c in row["candidates"][1:2] if not c["pdl"]), None)
+        without_pdl = row["candidates"][1] if default["pdl"] else None  # (BITFLUX_TRITON_PDL=0: none)
 
         def cell(c):
             return f"{c['ms'] * 1e3:.1f} ({row['bf16_ms'] / c['ms']:.2f}x)" if c and "ms" in c else "n/a"

@@ -771,12 +771,14 @@ def test_graph_timing_runs_on_the_default_stream():
 
 
 def test_strategy_choices_are_kept_per_kernel_source(monkeypatch):
-    """The cache's section names the GPU, the versions and a digest of the kernels' source: choices timed
-    against other kernels (a checkout between releases) are not reused."""
+    """The cache's section names the GPU, the versions, a digest of the kernels' source and PDL where it is on:
+    choices timed against other kernels (a checkout between releases) or launches are not reused."""
     monkeypatch.setattr(tk.torch.cuda, "get_device_name", lambda device: "Some GPU")
     digest = hashlib.sha256(Path(tk.__file__).read_bytes()).hexdigest()[:12]
-    namespace = tk._namespace("cuda")
+    namespace = tk._namespace(torch.device("cuda", 0))
     assert namespace.startswith("Some GPU | torch ") and namespace.endswith(f" | kernels {digest}")
+    monkeypatch.setattr(tk, "_pdl", lambda device: {"PDL": True, "launch_pdl": True})
+    assert tk._namespace(torch.device("cuda", 0)) == f"{namespace} | pdl"  # timed with launches overlapped
 
 
 def test_an_unwritable_strategy_cache_only_warns(monkeypatch, tmp_path):

@@ -319,6 +319,14 @@ def test_a_calls_lora_scale_weighs_the_active_adapters(pipes, monkeypatch):
         assert torch.equal(_scaled_out(pipe, 0), base)
         with pytest.raises(BitfluxError, match="LoRA scale must be a finite number"):
             _scaled_out(pipe, float("inf"))
+        pipe.set_adapters(["one", "two"], [0.4, np.array(-1.0)])  # (a 0-d array as PEFT takes it)
+        memo = {}
+        copy.deepcopy(pipe.transformer, memo)  # the scale's hook takes no pipeline along
+        assert id(pipe.text_encoder_2) not in memo and id(pipe) not in memo
+        for twin in (copy.deepcopy(pipe), add_lora_methods(type(pipe)(**pipe.components))):
+            twin.get_list_adapters()  # a copy of its own; a second pipeline on the same transformer (no adapters)
+            assert torch.equal(_scaled_out(twin, 0.5), halved) and torch.equal(_scaled_out(pipe, 0.5), halved)
+            del twin
         pipe.fuse_lora(adapter_names=["one"])
         pipe.set_adapters(["two"], [0.0])
         fused = _out(pipe)

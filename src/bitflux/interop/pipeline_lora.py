@@ -51,7 +51,7 @@ class PipelineLoras:
 
     def __init__(self, pipe):
         self._pipe = weakref.ref(pipe)  # the pipeline holds its bound methods, which hold this
-        self._scale_hook = None
+        self._model = weak_reference(None)
         self.adapters: dict[str, dict[str, LoraAdapter]] = {}  # name -> component -> adapter
         self.fused: dict[str, list[str]] = {component: [] for component in COMPONENTS}  # in the order fused
         self._forget(None)
@@ -63,10 +63,9 @@ class PipelineLoras:
         texts = {name: parts["text_encoder"] for name, parts in self.adapters.items() if "text_encoder" in parts}
         for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
             texts[name].remove(keep_fused=True)
-        if self._scale_hook is not None:
-            self._scale_hook.remove()
-        self._scale_hook = (None if model is None else
-                            model.register_forward_pre_hook(self._take_call_scale, with_kwargs=True))
+        if (old := self._model()) is not None:
+            _LORAS_OF.get(old, set()).discard(self)
+        _scaled_by(model, self)
         self._model = weak_reference(model)
         self._text_model = weak_reference(None)
         self.adapters = {}
@@ -82,6 +81,7 @@ class PipelineLoras:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, **{name: weak_reference(state[name]) for name in ("_pipe", "_model", "_text_model")})
+        _scaled_by(state["_model"], self)
 
     def _transformer(self, needed: bool = True):
         """The pipeline's transformer, unwrapped from torch.compile (None where it has none and none is needed)."""
@@ -105,21 +105,6 @@ class PipelineLoras:
             self._text_model = weak_reference(model)
         return model
 
-    def _take_call_scale(self, model, args, kwargs):
-        """The transformer's forward pre-hook: diffusers' per-call LoRA scale, joint_attention_kwargs={"scale": s}
-        (FluxPipeline passes its joint_attention_kwargs to every transformer call), runs the unfused active
-        adapters at weight x s, as PEFT's layers do. The scale is taken out of the call's keywords, where
-        diffusers would warn that it is ineffective without PEFT; it holds until a call gives another (none: 1),
-        so a generation's steps share one, and CUDA graphs are captured anew only when it changes."""
-        attention = kwargs.get("joint_attention_kwargs")
-        scale = 1.0
-        if isinstance(attention, dict) and "scale" in attention:
-            attention = dict(attention)
-            scale = _number(attention.pop("scale"), "joint_attention_kwargs' LoRA scale")
-            kwargs = {**kwargs, "joint_attention_kwargs": attention}
-        self._scale("transformer", scale)
-        return args, kwargs
-
     def encode_prompt(self, *args, lora_scale=None, **kwargs):
         """The pipeline's own encode_prompt, the text encoder's adapters at weight x lora_scale, as PEFT's layers
         are scaled (FluxPipeline passes its joint_attention_kwargs' scale)."""
@@ -130,20 +115,24 @@ class PipelineLoras:
     def _scale(self, component: str, scale: float) -> None:
         if scale != self.call_scale[component]:
             self.call_scale[component] = scale
-            self._apply()
+            self._apply(strengths_only=True)
 
-    def _apply(self) -> None:
+    def _apply(self, strengths_only: bool = False) -> None:
+        changed = False
         for name, parts in self.adapters.items():
             for component, adapter in parts.items():
                 on = self.enabled and name in self.active
-                adapter.strength = self.weights[name][component] * self.call_scale[component] if on else 0.0
+                strength = self.weights[name][component] * self.call_scale[component] if on else 0.0
+                changed |= strength != adapter.strength
+                adapter.strength = strength
         pipe = self._pipe()
         if pipe is not None:  # diffusers' fused_loras and num_fused_loras read it
             pipe._merged_adapters = {name for names in self.fused.values() for name in names}
         # CUDA graphs captured before froze the strengths and read the weights fuse_lora may have replaced:
         # the next call captures anew
         transformer = getattr(pipe, "transformer", None)
-        if transformer is not None and isinstance(transformer.forward, GraphedForward):
+        if (transformer is not None and isinstance(transformer.forward, GraphedForward)
+                and (changed or not strengths_only)):
             transformer.forward.graphs.clear()
 
     def _names(self, adapter_names) -> list[str]:
@@ -338,9 +327,45 @@ class PipelineLoras:
                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
+# Each transformer's PipelineLoras (a transformer may be in several pipelines), for its one scale hook: a function
+# of this module, so that a copy or a pickle of the transformer takes no pipeline along.
+_LORAS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _scaled_by(model, loras: PipelineLoras) -> None:
+    if model is None:
+        return
+    if _take_call_scale not in model._forward_pre_hooks.values():  # (a copied transformer has it already)
+        model.register_forward_pre_hook(_take_call_scale, with_kwargs=True)
+    _LORAS_OF.setdefault(model, weakref.WeakSet()).add(loras)
+
+
+def _take_call_scale(model, args, kwargs):
+    """The transformer's forward pre-hook: diffusers' per-call LoRA scale, joint_attention_kwargs={"scale": s}
+    (FluxPipeline passes its joint_attention_kwargs to every transformer call), runs the unfused active adapters
+    of every pipeline holding the transformer at weight x s, as PEFT's layers do. The scale is taken out of the
+    call's keywords, where diffusers would warn that it is ineffective without PEFT; it holds until a call gives
+    another (none: 1), so a generation's steps share one, and CUDA graphs are captured anew only when it changes
+    the strengths."""
+    loras = list(_LORAS_OF.get(model, ()))
+    if not loras:
+        return None
+    attention = kwargs.get("joint_attention_kwargs")
+    scale = 1.0
+    if isinstance(attention, dict) and "scale" in attention:
+        attention = dict(attention)
+        scale = _number(attention.pop("scale"), "joint_attention_kwargs' LoRA scale")
+        kwargs = {**kwargs, "joint_attention_kwargs": attention}
+    for each in loras:
+        each._scale("transformer", scale)
+    return args, kwargs
+
+
 def _number(value, what: str) -> float:
-    """A real number (NumPy's and one-element tensors too) within float32's finite range, as a float."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+    """A real number (NumPy's, 0-d arrays and one-element tensors too) within float32's finite range, as a
+    float."""
+    if ((isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex())
+            or (getattr(value, "ndim", None) == 0 and hasattr(value, "item"))):  # (a 0-d NumPy array)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= FLOAT32_MAX:
         raise BitfluxError(f"{what} must be a finite number within float32's range, not {value!r}")

@@ -407,7 +407,7 @@ def _namespace(device: torch.device) -> str:
     from .. import __version__
 
     return (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | triton {triton.__version__}"
-            f" | bitflux {__version__} | kernels {kernels_fingerprint()}")
+            f" | bitflux {__version__} | kernels {kernels_fingerprint()}{' | pdl' if _pdl(device) else ''}")
 
 
 @functools.cache
