@@ -224,7 +224,7 @@ def _launched(quick: bool):
                        fp8_targets if act == "fp8" else all_targets)
     # a8 in DP4A: one token's own loop (dp4a1: quantizing its float row), and the token tiles of 2-16 (masked:
     # one of each)
-    dp4a_tiles = ((1, tk.DP4A_TILE, False), (1, tk.DP4A_QUANTIZING_TILE, True),
+    dp4a_tiles = ((1, tk.DP4A_TILE, False), (1, tk.DP4A_QUANTIZING_TILE, True), (1, tk.DP4A_LONG_TILE, False),
                   *((m, tk.DP4A_FEW_TILE, False) for m in (2, 4, 8, 16)))
     for block_m, (block_n, words, warps), quantize in dp4a_tiles:
         for even_k in ((True, False) if block_m in (1, 16) else (True,)):

@@ -524,7 +524,7 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
     assert (tk._gemv_tile(n, activations, torch.device(DEVICE)) != tk.GEMV_TILE) == (n >= 256)
 
 
-@pytest.mark.parametrize("strategy,m", [("dp4a", 1), ("dp4a", 5), ("dp4a", 16), ("dp4a1", 1)])
+@pytest.mark.parametrize("strategy,m", [("dp4a", 1), ("dp4a", 5), ("dp4a", 16), ("dp4a1", 1), ("dp4ak", 1)])
 @pytest.mark.parametrize("k,n,granularity,with_bias", [(16, 3, "tensor", False), (400, 33, "channel", True),
                                                        (1024, 70, "channel", False), (2048, 20, "tensor", True),
                                                        (2064, 20, "channel", False)])
@@ -554,7 +554,8 @@ def test_dp4a_is_offered_for_few_int8_tokens_on_tq2_words():
     layer = _layer(tk._SCALE_CHANNEL, 3072, 64)
     assert "dp4a" in tk.strategies(1, layer, "a8")
     assert "dp4a" in tk.strategies(16, layer, "a8")
-    assert "dp4a1" in tk.strategies(1, layer, "a8") and "dp4a1" not in tk.strategies(2, layer, "a8")
+    assert {"dp4a1", "dp4ak"} <= set(tk.strategies(1, layer, "a8"))
+    assert not {"dp4a1", "dp4ak"} & set(tk.strategies(2, layer, "a8"))
     assert all("dp4a" not in tk.strategies(*case) for case in [
         (17, layer, "a8"), (1, layer, "a16"), (1, layer, "fp8"), (1, _layer(tk._SCALE_TENSOR, 3072, 64, "tq1"), "a8"),
         (1, _layer(tk._SCALE_TENSOR, 3080, 64), "a8"), (1, _layer(tk._SCALE_GROUP, 3072, 64), "a8"),

@@ -1,7 +1,7 @@
 """Triton GPU backend: ternary GEMMs for activations a16, a8 (int8) and fp8 (e4m3) (docs/GPU_KERNELS.md).
 
 Weights at rest are only the layer's own bytes, tq2 or tq1 (no repacked copy). A call can be computed in up to
-seven ways ("strategies"), and three variants of them; tq1 bytes (5 base-3 codes a byte) are read by all but
+seven ways ("strategies"), and five variants of them; tq1 bytes (5 base-3 codes a byte) are read by all but
 tiled, planar and dp4a:
   splitk    few tokens, memory-bound: a split-K GEMV-style kernel streams the 2-bit weights once with many
             programs; with one K slice it applies scales and bias itself, else a small kernel sums the
@@ -28,6 +28,7 @@ tiled, planar and dp4a:
   dp4a      a8, few tokens: the tq2 bytes read as int32 words of 16 codes against the plane-major int8 rows,
             four codes multiplied and added by one integer DP4A instruction on CUDA cores; exact int32 sums.
   dp4a1     dp4a at one token in one launch: the kernel quantizes the float row itself.
+  dp4ak     dp4a at one token on fewer rows and longer K steps a program (the narrower layers' best).
 The transient holds codes (code x scale for a16 on cuBLAS) and lives for one call: no
 full-precision or 8-bit weight is kept. On a GPU the fastest applicable strategy is measured once per call
 shape (as Triton's autotune does for tile sizes) and remembered in the bitflux cache; where nothing is timed
@@ -101,6 +102,11 @@ GEMV_WIDE_TILE = (1, 16, 512, 4, 3)
 # on the three shapes swept (still behind planar and split-K there).
 DP4A_TILE = (32, 32, 4)
 DP4A_FEW_TILE = (16, 32, 4)
+# dp4ak (one token): few rows, long K steps, 8 x 2048 codes a step: the same H200 sweep's best on the 3072-row
+# layers (ff net.2, 3072 x 12288: 12.5 against DP4A_TILE's 14.3 us; 3072 x 3072: 6.5 against 8.7), where
+# DP4A_TILE's 32 rows give 96 programs and a K split with an epilogue launch; on norm1 DP4A_TILE stays best. A
+# candidate of its own, so the chooser takes each layer's.
+DP4A_LONG_TILE = (8, 128, 4)
 # dp4a1 (one token, the row quantized in the kernel): twice DP4A_TILE's rows, which spreads the quantizing over
 # twice the codes. Compiled for sm_90 offline (benchmarks/gpu_compile.py): 1.23 instructions a code at 161
 # registers, against dp4a's 0.82 and 1.78 on dp4a's 32 rows; 128 rows spill (4 warps) or take 1.29 (8 warps).
@@ -253,7 +259,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.
     # fp32 partial sums of split slices
     dp4a = (few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
             and prepared.in_features <= GEMV_MAX_INT8_K)
-    names += ["dp4a"] * dp4a + ["dp4a1"] * (dp4a and M == 1)  # dp4a1: one token quantized in the kernel
+    # dp4a1: one token quantized in the kernel; dp4ak: one token on long K steps
+    names += ["dp4a"] * dp4a + ["dp4a1", "dp4ak"] * (dp4a and M == 1)
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
     # capture) the first runs: the one measured fastest for most such calls on the H100/H200 (GPU_KERNELS.md).
     usual = ("gemv" if gemv else "splitk" if few
@@ -735,11 +742,13 @@ def _planar_linear(x2, prepared: PreparedWeight, bias, activations: str) -> torc
     return _finish_split(out, prepared, act_scale, bias, out_dtype)
 
 
-def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str, quantizing: bool = False) -> torch.Tensor:
+def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str, quantizing: bool = False,
+                 tile: tuple | None = None) -> torch.Tensor:
     """Up to 16 tokens of int8 activations (a8): integer dot products of four codes (DP4A) on CUDA cores, on
     words of the codes as they lie and of the rows quantized in plane-major order; split over K like splitk
     when the N tiles alone cannot fill the GPU. quantizing (dp4a1, one token): no quantizer launch; the kernel
-    quantizes the float row itself, as the gemv strategy does."""
+    quantizes the float row itself, as the gemv strategy does. tile: (rows, words, warps) other than the
+    defaults (dp4ak: DP4A_LONG_TILE)."""
     M, N, out_dtype = x2.shape[0], prepared.out_features, x2.dtype
     if quantizing:
         x_words, act_scale = x2, torch.empty(M, dtype=torch.float32, device=x2.device)
@@ -747,7 +756,7 @@ def _dp4a_linear(x2, prepared: PreparedWeight, bias, activations: str, quantizin
         q, act_scale = quantize_activations(x2, plane_major=True)
         x_words = q.view(torch.int32)  # no copy (K % 16 == 0)
     block_m = min(_next_power_of_2(M), SMALL_M)
-    block_n, words, warps = DP4A_QUANTIZING_TILE if quantizing else DP4A_TILE if M == 1 else DP4A_FEW_TILE
+    block_n, words, warps = tile or (DP4A_QUANTIZING_TILE if quantizing else DP4A_TILE if M == 1 else DP4A_FEW_TILE)
     words_per_slice, out = _split_k(_cdiv(prepared.in_features // 16, words), _cdiv(N, block_n), M, N, out_dtype,
                                     x2.device)
     packed = prepared.packed.view(torch.int32)
@@ -767,7 +776,8 @@ _STRATEGIES = {"splitk": _splitk_linear, "gemv": functools.partial(_splitk_linea
                "splitk8": functools.partial(_splitk_linear, per_sm=WIDE_PROGRAMS_PER_SM),
                "gemv8": functools.partial(_splitk_linear, fma=True, tile=GEMV_WIDE_TILE, per_sm=WIDE_PROGRAMS_PER_SM),
                "qgemv": functools.partial(_splitk_linear, fma=True, prequantized=True), "dp4a": _dp4a_linear,
-               "dp4a1": functools.partial(_dp4a_linear, quantizing=True)}
+               "dp4a1": functools.partial(_dp4a_linear, quantizing=True),
+               "dp4ak": functools.partial(_dp4a_linear, tile=DP4A_LONG_TILE)}
 
 
 _HAS_PDL = False
