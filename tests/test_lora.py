@@ -379,6 +379,16 @@ def test_alpha_from_the_peft_config_diffusers_and_peft_write(flux, tmp_path):
     pairs, _ = read_lora(tmp_path / "adapter.safetensors", flux)
     down, _, alpha = pairs["transformer_blocks.0.attn.to_q"]
     assert alpha / down.shape[0] == 16 / 4 ** 0.5
+    # the pipeline's save_lora_weights keeps each component's config under its prefix: CLIP's pairs take theirs
+    clip = tiny_pipeline().text_encoder
+    down, up = lora_pair(24, 24, rank=2, seed=12)
+    save_file({**state, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": up},
+              str(tmp_path / "both.safetensors"), metadata={"lora_adapter_metadata": json.dumps(
+                  {"transformer.lora_alpha": 2, "text_encoder.lora_alpha": 8, "text_encoder.r": 2})})
+    assert read_lora(tmp_path / "both.safetensors", flux)[0]["transformer_blocks.0.attn.to_q"][2] == 2.0
+    pairs, _ = read_lora(tmp_path / "both.safetensors", clip, component="text_encoder")
+    assert pairs["encoder.layers.0.self_attn.q_proj"][2] == 8.0
 
 
 def test_fusing_nothing_leaves_the_layers_as_they_were():

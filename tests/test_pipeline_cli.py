@@ -454,6 +454,11 @@ def test_generate_with_a_lora(tmp_path, capsys):
     out = tmp_path / "no_clip.png"
     assert _run(capsys, "generate", "a red circle", "--steps", "2", "--lora", str(path), "-o", out)[0] == 0
     assert not np.array_equal(np.asarray(Image.open(out)), images["full"])
+    (tmp_path / "clip").mkdir()
+    save_file(clip, str(tmp_path / "clip" / "clip.safetensors"))  # CLIP's pairs alone: the prompt's encoding
+    out = tmp_path / "clip.png"
+    assert _run(capsys, "generate", "a red circle", "--steps", "2", "--lora", str(tmp_path / "clip"), "-o", out)[0] == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), images["plain"])
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err

@@ -237,6 +237,78 @@ def test_clip_pairs_adapt_the_text_encoder_and_t5s_are_left_out(pipes):
         pipe.text_encoder = text_encoder
 
 
+def test_clip_parts_in_any_fusing_order_text_encoders_swapped_and_clip_alone(pipes):
+    """Adapters fused in other orders in the two models unload together; a text encoder taken out of the pipeline
+    (and put back, or gone with a fused part) has its branches taken off and leaves every call working; a LoRA
+    of CLIP pairs alone loads (of T5's alone is refused); encode_prompt takes lora_scale by position too."""
+    pipe = pipes[0]
+    codes, text_encoder = _codes(pipe), pipe.text_encoder
+    clip_weights = {n: p.clone() for n, p in text_encoder.named_parameters()}
+    clip = {key: value for key, value in _clip_lora(4).items() if not key.startswith("text_encoder_2.")}
+    t5 = {key: value for key, value in _clip_lora(4).items() if key.startswith("text_encoder_2.")}
+    released = None
+    try:
+        pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="a")
+        pipe.load_lora_weights({**_lora(2), **clip}, adapter_name="b")
+        pipe.fuse_lora(adapter_names=["a", "b"])
+        pipe.fuse_lora(components=["text_encoder"], adapter_names=["b", "a"])
+        pipe.unload_lora_weights()
+        assert pipe.get_list_adapters() == {} and not any(m._forward_hooks for m in text_encoder.modules())
+        _put_back(pipe, codes)
+        for name, parameter in text_encoder.named_parameters():
+            parameter.data = clip_weights[name].clone()
+
+        pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="a")
+        pipe.text_encoder = None
+        assert pipe.get_list_adapters() == {"transformer": ["a"]}
+        assert not any(m._forward_hooks for m in text_encoder.modules())  # off the encoder taken out
+        pipe.text_encoder = text_encoder
+        pipe.unload_lora_weights()
+
+        twin = copy.deepcopy(text_encoder)
+        pipe.text_encoder = twin
+        pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="a")
+        pipe.fuse_lora(components=["transformer", "text_encoder"])
+        pipe.text_encoder = None
+        del twin
+        gc.collect()
+        released, pipe.transformer = pipe.transformer, None  # as generate(release_transformer=True) leaves it
+        assert pipe.get_list_adapters() == {}
+        pipe.transformer, pipe.text_encoder = released, text_encoder
+        pipe.unload_lora_weights()
+        assert pipe.get_list_adapters() == {}
+        _put_back(pipe, codes)
+
+        pipe.load_lora_weights(clip, adapter_name="clip")
+        assert pipe.get_list_adapters() == {"text_encoder": ["clip"]}
+        with torch.no_grad():
+            halved = pipe.encode_prompt(["a red circle"], None, "cpu", 1, None, None, 8, 0.5)[1]
+        pipe.set_adapters("clip", 0.5)
+        assert torch.equal(_encoded(pipe), halved)
+        with pytest.raises(BitfluxError, match="pairs are T5's"):
+            pipe.load_lora_weights(t5)
+    finally:
+        if released is not None:
+            pipe.transformer = released
+        pipe.text_encoder = text_encoder
+        pipe.unload_lora_weights()
+        _put_back(pipe, codes)
+    assert all(torch.equal(p, clip_weights[n]) for n, p in text_encoder.named_parameters())
+
+
+def test_a_compiled_transformer_takes_a_calls_scale(pipes):
+    pipe = pipes[0]
+    pipe.load_lora_weights(_lora(1))
+    eager = pipe.transformer
+    try:
+        expected = _scaled_out(pipe, 0.5)
+        pipe.transformer = torch.compile(eager, backend="eager")
+        assert torch.equal(_scaled_out(pipe, 0.5), expected)
+    finally:
+        pipe.transformer = eager
+        pipe.unload_lora_weights()
+
+
 def test_load_pipeline_gives_ternary_pipelines_the_methods_and_not_full_precision_ones():
     from bitflux import demo_model_path, load_pipeline
     from bitflux.interop.pipeline_lora import METHODS

@@ -214,10 +214,14 @@ def _cmd_generate(args) -> None:
 
         set_packing(ternary.transformer, args.packing)
     for path, strength in loras:
-        from .interop.lora import load_lora
+        from .interop.lora import NoPairsError, load_lora
 
         for pipe in pipes:
-            load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+            try:
+                load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+            except NoPairsError as exc:  # text-encoder pairs alone: the prompt's encoding took CLIP's
+                if not exc.text_encoder_pairs:
+                    raise
     for pipe in pipes:
         accelerate_transformer(pipe, cuda_graph=args.cuda_graph, compile=args.compile)
     width, height = _parse_size(args.size) if args.size else default_image_size(ternary)

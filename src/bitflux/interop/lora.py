@@ -53,6 +53,7 @@ _ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": 
 # XLabs' attention-processor LoRAs: (double | single, block, qkv | proj, stream 1 (image) | 2 (text) | none)
 _XLABS = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12]?)$")
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+COMPONENTS = ("transformer", "text_encoder")  # what a LoRA's pairs adapt: FLUX's transformer and CLIP
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.)")
 # CLIP's pairs (FLUX's first text encoder, diffusers' text_encoder: kohya's lora_te1_, lora_te_ in SD's naming);
 # T5's (lora_te2_, text_encoder_2.) diffusers does not apply to FLUX either
@@ -132,13 +133,13 @@ class LoraAdapter(nn.Module):
     def items(self):
         return zip(self.names, self.branches)
 
-    def check_removable(self, keep_fused: bool = False) -> None:
+    def check_removable(self, keep_fused: bool = False, along=()) -> None:
         """What remove(keep_fused) refuses, refused before anything changes: with keep_fused, a LoRA fused before
-        this one must go first (unfusing it would put back weights without this one's part); without, one fused
-        after it (unfuse)."""
-        for name in self.names if self.fused else ():
-            stack = self._layer(name).__dict__["_bitflux_fused"]
-            if keep_fused and stack[0] is not self:
+        this one must go first (unfusing it would put back weights without this one's part), unless it is one of
+        `along`, removed with it; without, one fused after it (unfuse). A model that is gone refuses nothing."""
+        for name, layer in self._live_layers() if self.fused else ():
+            stack = layer.__dict__["_bitflux_fused"]
+            if keep_fused and not all(other in along for other in stack[:stack.index(self)]):
                 raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
                                    "unfuse that one first")
             if not keep_fused and stack[-1] is not self:
@@ -147,11 +148,12 @@ class LoraAdapter(nn.Module):
     def remove(self, keep_fused: bool = False) -> None:
         """Detach from the model: unfusing first if fused, or with keep_fused leaving the fused weights in the
         layers (their originals are dropped: diffusers' fuse_lora() then unload_lora_weights()); check_removable
-        says what is refused."""
+        says what is refused. From a model that is gone (its hooks went with it) it only forgets it."""
         self.check_removable(keep_fused)
-        if self.fused and keep_fused:
-            for name in self.names:
-                self._layer(name).__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
+        live = self._live_layers()
+        if self.fused and (keep_fused or not live):
+            for _, layer in live:
+                layer.__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
             self._saved.clear()
             self.fused = False
         elif self.fused:
@@ -159,6 +161,10 @@ class LoraAdapter(nn.Module):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def _live_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, layer) of the adapted layers still there: all of them, or none once the model is gone."""
+        return [(name, layer) for name, ref in self._layers.items() if (layer := ref()) is not None]
 
     @torch.no_grad()
     def fuse(self, method: str = "lsq", progress: bool = True) -> None:
@@ -327,10 +333,10 @@ class PeftScaling:
         return alpha * math.sqrt(rank) if alpha is not None and self.rslora else alpha
 
 
-def _peft_scaling(path: Path) -> PeftScaling:
-    """The PEFT config diffusers keeps in the file's metadata ("lora_adapter_metadata": keys prefixed
-    "transformer." by the pipeline's save_lora_weights, unprefixed by the model's save_lora_adapter) or PEFT in
-    adapter_config.json beside the file; PeftScaling() without either."""
+def _peft_scaling(path: Path) -> dict[str, PeftScaling]:
+    """Each component's PEFT config, as diffusers keeps it in the file's metadata ("lora_adapter_metadata": keys
+    prefixed "transformer." and "text_encoder." by the pipeline's save_lora_weights, unprefixed by the model's
+    save_lora_adapter: the transformer's) or PEFT in adapter_config.json beside the file; none without either."""
     from safetensors import safe_open
 
     try:
@@ -339,14 +345,19 @@ def _peft_scaling(path: Path) -> PeftScaling:
         if raw is None and (path.parent / "adapter_config.json").is_file():
             raw = (path.parent / "adapter_config.json").read_text()
         if raw is None:
-            return PeftScaling()
+            return {}
         config = json.loads(raw)
-        if any(key.startswith("transformer.") for key in config):
-            config = {key.removeprefix("transformer."): value for key, value in config.items()
-                      if key.startswith("transformer.")}
-        alpha, pattern = config.get("lora_alpha"), config.get("alpha_pattern") or {}
-        return PeftScaling(None if alpha is None else float(alpha), {str(k): float(v) for k, v in pattern.items()},
-                           bool(config.get("use_rslora", False)))
+        configs = {component: {key.removeprefix(f"{component}."): value for key, value in config.items()
+                                if key.startswith(f"{component}.")} for component in COMPONENTS}
+        if not any(configs.values()):
+            configs = {"transformer": config}
+        scalings = {}
+        for component, config in configs.items():
+            alpha, pattern = config.get("lora_alpha"), config.get("alpha_pattern") or {}
+            scalings[component] = PeftScaling(None if alpha is None else float(alpha),
+                                              {str(k): float(v) for k, v in pattern.items()},
+                                              bool(config.get("use_rslora", False)))
+        return scalings
     except (ValueError, TypeError, AttributeError, OSError) as exc:
         raise BitfluxError(f"{path}: unreadable LoRA alpha in its PEFT config ({exc})") from None
 
@@ -387,7 +398,7 @@ class LoraFile:
     """A LoRA's tensors, read once for every model it adapts, and what its PEFT config says of alpha."""
 
     state: dict
-    scaling: PeftScaling
+    scalings: dict[str, PeftScaling]  # by component
 
 
 def open_lora(source) -> LoraFile:
@@ -404,17 +415,17 @@ def open_lora(source) -> LoraFile:
             if path.suffix != ".safetensors":
                 raise BitfluxError(f"{path}: not a .safetensors file (bitflux reads LoRAs as safetensors)") from None
             raise BitfluxError(f"{path}: cannot read LoRA safetensors ({exc})") from None
-        scaling = _peft_scaling(path)
+        scalings = _peft_scaling(path)
     else:
-        state, scaling = dict(source), PeftScaling()
-    return LoraFile(state, scaling)
+        state, scalings = dict(source), {}
+    return LoraFile(state, scalings)
 
 
 def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple[dict[str, tuple], int]:
     """A LoRA (lora_file's source, a state dict, or open_lora's) -> ({layer of `model`: (down, up, alpha)},
     number of text-encoder pairs left out). component: what `model` is, "transformer" (its pairs by diffusers'
     names; all the text encoders' left out) or "text_encoder" (CLIP's; T5's left out, none is no error)."""
-    if component not in ("transformer", "text_encoder"):
+    if component not in COMPONENTS:
         raise BitfluxError(f"a LoRA adapts the transformer or the text_encoder, not {component!r}")
     lora = open_lora(source)
     if not isinstance(model, nn.Module):
@@ -451,7 +462,8 @@ def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple
                 raise BitfluxError(f"LoRA {stem!r}: alpha holds {roles['alpha'].numel()} values, not one")
             alpha = float(roles["alpha"])
         else:
-            alpha = lora.scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" and not text else None
+            scaling = lora.scalings.get(component, PeftScaling())
+            alpha = scaling.alpha_for(name, roles["down"].shape[0]) if layout == "diffusers" else None
         if layout == "diffusers":
             targets = {name: (roles["down"], roles["up"])}
         elif layout == "qkv":
@@ -474,9 +486,17 @@ def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple
         more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
         raise BitfluxError(f"LoRA key {unmatched[0]!r}{more} names no linear layer of this model")
     if not pairs and not text:
-        raise BitfluxError("the LoRA has no pair for this transformer" + (
-            f": its {skipped} pairs are the text encoders'" if skipped else ""))
+        raise NoPairsError(skipped)
     return pairs, skipped
+
+
+class NoPairsError(BitfluxError):
+    """A LoRA without a pair for the transformer: none, or text-encoder pairs only (`text_encoder_pairs`)."""
+
+    def __init__(self, text_encoder_pairs: int):
+        super().__init__("the LoRA has no pair for this transformer" + (
+            f": its {text_encoder_pairs} pairs are the text encoders'" if text_encoder_pairs else ""))
+        self.text_encoder_pairs = text_encoder_pairs
 
 
 T5_LEFT_OUT = "T5's, which diffusers does not apply to FLUX either"

@@ -14,6 +14,7 @@ fuse_lora(components=["text_encoder"])); T5's are left out with a warning, as di
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import numbers
 import weakref
@@ -26,8 +27,10 @@ from ..fusion import weak_reference
 from ..graphs import GraphedForward
 from .lora import (
     CLIP_BRANCHES,
+    COMPONENTS,
     T5_LEFT_OUT,
     LoraAdapter,
+    NoPairsError,
     load_lora,
     open_lora,
     warn_left_out,
@@ -36,7 +39,6 @@ from .lora import (
 # load_lora_weights' keywords that change nothing here: bitflux reads local files and the hub cache only, and
 # safetensors only (use_safetensors=False is refused below)
 _IGNORED = {"local_files_only", "low_cpu_mem_usage", "use_safetensors"}
-COMPONENTS = ("transformer", "text_encoder")  # what the branches adapt: FLUX's transformer and CLIP
 # (encode_prompt: the pipeline's own, its text encoder's adapters scaled by its lora_scale)
 METHODS = ("load_lora_weights", "set_adapters", "get_active_adapters", "get_list_adapters", "delete_adapters",
            "unload_lora_weights", "fuse_lora", "unfuse_lora", "enable_lora", "disable_lora", "set_lora_device",
@@ -57,12 +59,7 @@ class PipelineLoras:
         self._forget(None)
 
     def _forget(self, model) -> None:
-        # the text encoder stays the pipeline's: the branches come off it, what is fused stays (as unload does;
-        # first fused first, so that none unfuses over another)
-        fused = self.fused["text_encoder"]
-        texts = {name: parts["text_encoder"] for name, parts in self.adapters.items() if "text_encoder" in parts}
-        for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
-            texts[name].remove(keep_fused=True)
+        self._take_off_text_parts()  # the text encoder stays the pipeline's
         if (old := self._model()) is not None:
             _LORAS_OF.get(old, set()).discard(self)
         _scaled_by(model, self)
@@ -95,22 +92,35 @@ class PipelineLoras:
         return model
 
     def _text_encoder(self):
-        """The pipeline's CLIP text encoder (None where it has none): the adapters' parts on another are forgotten."""
+        """The pipeline's CLIP text encoder (None where it has none): the adapters' parts on another come off it."""
         text_encoder = getattr(self._pipe(), "text_encoder", None)
         model = getattr(text_encoder, "_orig_mod", text_encoder)
         if model is not self._text_model():
-            for parts in self.adapters.values():
-                parts.pop("text_encoder", None)
-            self.fused["text_encoder"] = []
+            self._take_off_text_parts()
             self._text_model = weak_reference(model)
+            self._apply()
         return model
 
-    def encode_prompt(self, *args, lora_scale=None, **kwargs):
+    def _take_off_text_parts(self) -> None:
+        """The adapters' branches off the text encoder they were loaded onto (what is fused stays, as unload
+        leaves it; first fused first, so that none unfuses over another), and out of the bookkeeping."""
+        fused = self.fused["text_encoder"]
+        texts = {name: parts.pop("text_encoder") for name, parts in self.adapters.items() if "text_encoder" in parts}
+        for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
+            texts[name].remove(keep_fused=True)
+        self.fused["text_encoder"] = []
+
+    def encode_prompt(self, *args, **kwargs):
         """The pipeline's own encode_prompt, the text encoder's adapters at weight x lora_scale, as PEFT's layers
         are scaled (FluxPipeline passes its joint_attention_kwargs' scale)."""
         pipe = self._pipe()
+        encode = type(pipe).encode_prompt
+        try:
+            lora_scale = inspect.signature(encode).bind(pipe, *args, **kwargs).arguments.get("lora_scale")
+        except TypeError:  # arguments encode_prompt does not take: its own error
+            return encode(pipe, *args, **kwargs)
         self._scale("text_encoder", 1.0 if lora_scale is None else _number(lora_scale, "lora_scale"))
-        return type(pipe).encode_prompt(pipe, *args, lora_scale=lora_scale, **kwargs)
+        return encode(pipe, *args, **kwargs)
 
     def _scale(self, component: str, scale: float) -> None:
         if scale != self.call_scale[component]:
@@ -123,7 +133,7 @@ class PipelineLoras:
             for component, adapter in parts.items():
                 on = self.enabled and name in self.active
                 strength = self.weights[name][component] * self.call_scale[component] if on else 0.0
-                changed |= strength != adapter.strength
+                changed |= component == "transformer" and strength != adapter.strength  # (graphs hold its)
                 adapter.strength = strength
         pipe = self._pipe()
         if pipe is not None:  # diffusers' fused_loras and num_fused_loras read it
@@ -177,16 +187,25 @@ class PipelineLoras:
         if not hotswap and adapter_name in self.adapters:
             raise BitfluxError(f"LoRA adapter name {adapter_name!r} is in use already")
         lora = open_lora(source)  # read once for both models
-        parts = {"transformer": load_lora(transformer, lora, strength=0.0, dtype=transformer.dtype)}
-        left_out = parts["transformer"].skipped_text_encoder_pairs
+        try:
+            parts = {"transformer": load_lora(transformer, lora, strength=0.0, dtype=transformer.dtype)}
+            left_out = parts["transformer"].skipped_text_encoder_pairs
+        except NoPairsError as exc:  # text-encoder pairs alone: diffusers takes those too
+            if not (exc.text_encoder_pairs and text_encoder is not None):
+                raise
+            parts, left_out = {}, exc.text_encoder_pairs
         if text_encoder is not None and left_out:
             try:
                 text = load_lora(text_encoder, lora, strength=0.0, dtype=CLIP_BRANCHES, component="text_encoder")
             except BitfluxError:
-                parts["transformer"].remove()
+                for adapter in parts.values():
+                    adapter.remove()
                 raise
             if text.names:
                 parts["text_encoder"] = text
+            elif not parts:
+                raise BitfluxError(f"the LoRA's {left_out} pairs are T5's, which bitflux (like diffusers) does not "
+                                   "apply to FLUX")
             left_out = text.skipped_text_encoder_pairs
         if hotswap and {component: set(adapter.names) for component, adapter in parts.items()} != {
                 component: set(adapter.names) for component, adapter in self.adapters[adapter_name].items()}:
@@ -239,25 +258,22 @@ class PipelineLoras:
         self._transformer()
         self._text_encoder()
         names = self._names(adapter_names)
+        doomed = [adapter for name in names for adapter in self.adapters[name].values()]
+        for adapter in doomed:  # all or nothing
+            adapter.check_removable(keep_fused=True, along=doomed)
+        for component, fused in self.fused.items():  # each fused part under those fused after it in its model
+            for name in sorted(names, key=lambda name: fused.index(name) if name in fused else len(fused)):
+                if component in self.adapters[name]:
+                    self.adapters[name][component].remove(keep_fused=True)
+        for name in names:
+            del self.adapters[name], self.weights[name]
+        self.fused = {component: [name for name in fused if name not in names] for component, fused in self.fused.items()}
         was_active = any(name in self.active for name in names)
-        order = {name: max((fused.index(name) for fused in self.fused.values() if name in fused), default=-1)
-                 for name in names}
-        try:  # fused ones in the order fused: each then lies under those fused after it
-            for name in sorted(names, key=order.get):
-                parts = self.adapters[name]
-                for adapter in parts.values():  # all or none of its parts
-                    adapter.check_removable(keep_fused=True)
-                for adapter in parts.values():
-                    adapter.remove(keep_fused=True)
-                del self.adapters[name], self.weights[name]
-                self.fused = {component: [other for other in fused if other != name]
-                              for component, fused in self.fused.items()}
-                self.active = [other for other in self.active if other != name]
-        finally:
-            if was_active and not self.active and self.adapters:
-                self.active = [min(self.adapters)]
-            self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
-            self._apply()
+        self.active = [name for name in self.active if name not in names]
+        if was_active and not self.active and self.adapters:
+            self.active = [min(self.adapters)]
+        self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
+        self._apply()
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Detach every adapter; fused ones stay in the weights (fuse_lora() then unload_lora_weights() keeps
@@ -340,6 +356,7 @@ def _scaled_by(model, loras: PipelineLoras) -> None:
     _LORAS_OF.setdefault(model, weakref.WeakSet()).add(loras)
 
 
+@torch.compiler.disable  # Python bookkeeping of the pipelines, outside any compiled graph
 def _take_call_scale(model, args, kwargs):
     """The transformer's forward pre-hook: diffusers' per-call LoRA scale, joint_attention_kwargs={"scale": s}
     (FluxPipeline passes its joint_attention_kwargs to every transformer call), runs the unfused active adapters
