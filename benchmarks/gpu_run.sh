@@ -18,6 +18,9 @@
 # subset, gpu_linear --quick, gpu_linear with per-channel scales at 4096 tokens, the operands at one token
 # (gpu_operands), then the small-M sweep, without the full forward, the benches or torch.compile.
 #
+# The Triton kernels launch with programmatic dependent launch on sm_90 (docs/GPU_KERNELS.md); the sweep times
+# each default without it too. Should its compiled tests fail, BITFLUX_TRITON_PDL=0 in front runs all without.
+#
 # The device has no network: wheels in .whl/ are installed first (diffusers for gpu_flux, pytest-xdist to
 # compile the tests' kernels in parallel), fetched beforehand with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
