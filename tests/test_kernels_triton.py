@@ -527,12 +527,13 @@ def test_gemv_quantizes_its_row_exactly(strategy, k, n, split, activations, pack
 @pytest.mark.parametrize("strategy,m", [("dp4a", 1), ("dp4a", 5), ("dp4a", 16), ("dp4a1", 1), ("dp4ak", 1)])
 @pytest.mark.parametrize("k,n,granularity,with_bias", [(16, 3, "tensor", False), (400, 33, "channel", True),
                                                        (1024, 70, "channel", False), (2048, 20, "tensor", True),
-                                                       (2064, 20, "channel", False)])
+                                                       (2064, 20, "channel", False), (6144, 20, "tensor", True)])
 def test_dp4a_is_exact(strategy, m, k, n, granularity, with_bias, monkeypatch):
     """a8 on words of codes (DP4A): bit for bit the integer reference (with a bias, up to its last rounding),
     on random rows and one of the quantizer's extremes and ties. K = 16 and 400: rows of a partial step (masked
     loads); 1024 (one step) and 2048 (two, split over K slices here): whole steps, unmasked; 2064: split, its
-    last step partial. One token takes the kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one.
+    last step partial; 6144: dp4ak's steps of 2048 codes, three whole ones split over K. One token takes the
+    kernel's own one-row loop, 5 a partial tile of 8, 16 a whole one.
     dp4a1 quantizes the row in the kernel: the same bits, its scale reaching the epilogue of a split through
     memory; a zero row too (scale 1e-12 / 127)."""
     if strategy == "dp4a1":  # its one-token tile, at the step of the others (whole and partial steps as above)

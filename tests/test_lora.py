@@ -323,7 +323,7 @@ def test_xlabs_processor_loras_give_the_diffusers_model(flux):
       "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(WIDTH, 4)}, "both adapt transformer_blocks.0.attn.to_q"),
     ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 3),
       "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3, 4)},
-     "its 1 pairs are the text encoders'"),
+     "its 1 pairs are CLIP's"),
     ({"double_blocks.0.processor.qkv_lora.down.weight": torch.zeros(4, WIDTH),  # a double block has two streams
       "double_blocks.0.processor.qkv_lora.up.weight": torch.zeros(3 * WIDTH, 4)}, "names no linear layer"),
     ({"single_blocks.0.processor.qkv_lora.down.weight": torch.zeros(4, WIDTH),

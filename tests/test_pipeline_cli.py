@@ -459,6 +459,10 @@ def test_generate_with_a_lora(tmp_path, capsys):
     out = tmp_path / "clip.png"
     assert _run(capsys, "generate", "a red circle", "--steps", "2", "--lora", str(tmp_path / "clip"), "-o", out)[0] == 0
     assert not np.array_equal(np.asarray(Image.open(out)), images["plain"])
+    t5 = {key: value for key, value in lora.items() if key.startswith("lora_te2_")}
+    save_file(t5, str(tmp_path / "clip" / "clip.safetensors"))  # T5's alone: nothing would apply it
+    code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "clip"), "-o", tmp_path / "t5.png")
+    assert code == 2 and "its 1 pairs are T5's" in err and not (tmp_path / "t5.png").exists()
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err

@@ -296,6 +296,41 @@ def test_clip_parts_in_any_fusing_order_text_encoders_swapped_and_clip_alone(pip
     assert all(torch.equal(p, clip_weights[n]) for n, p in text_encoder.named_parameters())
 
 
+def test_a_text_encoder_gone_before_the_next_call_takes_its_parts_along(pipes):
+    """A text encoder taken out and collected before any LoRA call: its parts are forgotten (a CLIP-only adapter
+    with them), fused ones too, and every call works; one under whose fused part lies a LoRA attached by hand
+    keeps the parts, at strength 0, with a warning."""
+    pipe = pipes[0]
+    codes, text_encoder = _codes(pipe), pipe.text_encoder
+    clip = {key: value for key, value in _clip_lora(5).items() if not key.startswith("text_encoder_2.")}
+    try:
+        pipe.text_encoder = copy.deepcopy(text_encoder)
+        pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="a")
+        pipe.load_lora_weights(clip, adapter_name="c")
+        pipe.fuse_lora(components=["transformer", "text_encoder"], adapter_names=["a"])
+        pipe.text_encoder = None
+        gc.collect()
+        assert pipe.get_list_adapters() == {"transformer": ["a"]} and pipe.get_active_adapters() == ["a"]
+        pipe.unfuse_lora()
+        pipe.disable_lora()
+        pipe.unload_lora_weights()
+
+        twin = copy.deepcopy(text_encoder)
+        by_hand = load_lora(twin, clip, component="text_encoder")
+        by_hand.fuse()
+        pipe.text_encoder = twin
+        pipe.load_lora_weights({**_lora(1), **clip}, adapter_name="a")
+        pipe.fuse_lora(components=["text_encoder"])
+        pipe.text_encoder = text_encoder
+        with pytest.warns(UserWarning, match="left on the text encoder taken out of the pipeline"):
+            assert pipe.get_list_adapters() == {"transformer": ["a"]}
+        pipe.unload_lora_weights()
+    finally:
+        pipe.text_encoder = text_encoder
+        pipe.unload_lora_weights()
+        _put_back(pipe, codes)
+
+
 def test_a_compiled_transformer_takes_a_calls_scale(pipes):
     pipe = pipes[0]
     pipe.load_lora_weights(_lora(1))

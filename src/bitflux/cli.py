@@ -219,8 +219,8 @@ def _cmd_generate(args) -> None:
         for pipe in pipes:
             try:
                 load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
-            except NoPairsError as exc:  # text-encoder pairs alone: the prompt's encoding took CLIP's
-                if not exc.text_encoder_pairs:
+            except NoPairsError as exc:  # CLIP's pairs alone: the prompt's encoding took them
+                if not exc.clip_pairs:
                     raise
     for pipe in pipes:
         accelerate_transformer(pipe, cuda_graph=args.cuda_graph, compile=args.compile)

@@ -442,7 +442,7 @@ def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple
         grouped.setdefault(stem, {})[role] = tensor
     text = component == "text_encoder"
     diffusers, original = set(_linear_names(model)), {} if text else _original_names(model)
-    pairs, skipped, unmatched, source_of = {}, 0, [], {}
+    pairs, skipped, clip_skipped, unmatched, source_of = {}, 0, 0, [], {}
     for stem, roles in grouped.items():
         if "down" not in roles or "up" not in roles:
             raise BitfluxError(f"LoRA {stem!r} lacks its {'down (A)' if 'down' not in roles else 'up (B)'} matrix")
@@ -455,6 +455,7 @@ def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple
             continue
         if resolved == "skip":
             skipped += 1
+            clip_skipped += bool(_CLIP.match(stem))
             continue
         layout, name = resolved
         if "alpha" in roles:
@@ -486,17 +487,19 @@ def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple
         more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
         raise BitfluxError(f"LoRA key {unmatched[0]!r}{more} names no linear layer of this model")
     if not pairs and not text:
-        raise NoPairsError(skipped)
+        raise NoPairsError(clip_skipped, skipped - clip_skipped)
     return pairs, skipped
 
 
 class NoPairsError(BitfluxError):
-    """A LoRA without a pair for the transformer: none, or text-encoder pairs only (`text_encoder_pairs`)."""
+    """A LoRA without a pair for the transformer: none, or text-encoder pairs only, CLIP's (which the text encoder
+    takes: load_lora(..., component="text_encoder")) or T5's (which nothing applies)."""
 
-    def __init__(self, text_encoder_pairs: int):
+    def __init__(self, clip_pairs: int, t5_pairs: int):
         super().__init__("the LoRA has no pair for this transformer" + (
-            f": its {text_encoder_pairs} pairs are the text encoders'" if text_encoder_pairs else ""))
-        self.text_encoder_pairs = text_encoder_pairs
+            f": its {clip_pairs} pairs are CLIP's" if clip_pairs else
+            f": its {t5_pairs} pairs are {T5_LEFT_OUT}" if t5_pairs else ""))
+        self.clip_pairs, self.t5_pairs = clip_pairs, t5_pairs
 
 
 T5_LEFT_OUT = "T5's, which diffusers does not apply to FLUX either"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import numbers
+import warnings
 import weakref
 
 import torch
@@ -95,7 +96,9 @@ class PipelineLoras:
         """The pipeline's CLIP text encoder (None where it has none): the adapters' parts on another come off it."""
         text_encoder = getattr(self._pipe(), "text_encoder", None)
         model = getattr(text_encoder, "_orig_mod", text_encoder)
-        if model is not self._text_model():
+        # (one that is gone reads as None too, so its parts are looked for as well)
+        if model is not self._text_model() or (model is None and any("text_encoder" in parts
+                                                                      for parts in self.adapters.values())):
             self._take_off_text_parts()
             self._text_model = weak_reference(model)
             self._apply()
@@ -103,12 +106,27 @@ class PipelineLoras:
 
     def _take_off_text_parts(self) -> None:
         """The adapters' branches off the text encoder they were loaded onto (what is fused stays, as unload
-        leaves it; first fused first, so that none unfuses over another), and out of the bookkeeping."""
+        leaves it; first fused first, so that none unfuses over another), and out of the bookkeeping; adapters
+        left with no part are deleted. Where a LoRA attached by hand lies under a fused part, the parts are
+        left on that encoder, no longer the pipeline's, with a warning."""
         fused = self.fused["text_encoder"]
-        texts = {name: parts.pop("text_encoder") for name, parts in self.adapters.items() if "text_encoder" in parts}
-        for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
-            texts[name].remove(keep_fused=True)
+        texts = {name: parts["text_encoder"] for name, parts in self.adapters.items() if "text_encoder" in parts}
+        try:
+            for adapter in texts.values():
+                adapter.check_removable(keep_fused=True, along=list(texts.values()))
+        except BitfluxError as exc:
+            warnings.warn(f"bitflux: LoRA branches left on the text encoder taken out of the pipeline, at strength "
+                          f"0 ({exc})", stacklevel=4)
+            for adapter in texts.values():
+                adapter.strength = 0.0
+        else:
+            for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
+                texts[name].remove(keep_fused=True)
+        for parts in self.adapters.values():
+            parts.pop("text_encoder", None)
         self.fused["text_encoder"] = []
+        if empty := [name for name, parts in self.adapters.items() if not parts]:  # CLIP-only ones
+            self._drop(empty)
 
     def encode_prompt(self, *args, **kwargs):
         """The pipeline's own encode_prompt, the text encoder's adapters at weight x lora_scale, as PEFT's layers
@@ -190,10 +208,10 @@ class PipelineLoras:
         try:
             parts = {"transformer": load_lora(transformer, lora, strength=0.0, dtype=transformer.dtype)}
             left_out = parts["transformer"].skipped_text_encoder_pairs
-        except NoPairsError as exc:  # text-encoder pairs alone: diffusers takes those too
-            if not (exc.text_encoder_pairs and text_encoder is not None):
+        except NoPairsError as exc:  # CLIP's pairs alone: diffusers takes those too
+            if not (exc.clip_pairs and text_encoder is not None):
                 raise
-            parts, left_out = {}, exc.text_encoder_pairs
+            parts, left_out = {}, exc.clip_pairs + exc.t5_pairs
         if text_encoder is not None and left_out:
             try:
                 text = load_lora(text_encoder, lora, strength=0.0, dtype=CLIP_BRANCHES, component="text_encoder")
@@ -203,9 +221,6 @@ class PipelineLoras:
                 raise
             if text.names:
                 parts["text_encoder"] = text
-            elif not parts:
-                raise BitfluxError(f"the LoRA's {left_out} pairs are T5's, which bitflux (like diffusers) does not "
-                                   "apply to FLUX")
             left_out = text.skipped_text_encoder_pairs
         if hotswap and {component: set(adapter.names) for component, adapter in parts.items()} != {
                 component: set(adapter.names) for component, adapter in self.adapters[adapter_name].items()}:
@@ -265,6 +280,12 @@ class PipelineLoras:
             for name in sorted(names, key=lambda name: fused.index(name) if name in fused else len(fused)):
                 if component in self.adapters[name]:
                     self.adapters[name][component].remove(keep_fused=True)
+        self._drop(names)
+        self._apply()
+
+    def _drop(self, names: list[str]) -> None:
+        """These adapters out of the bookkeeping. Where no active one is left, the first remaining by name
+        becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
         for name in names:
             del self.adapters[name], self.weights[name]
         self.fused = {component: [name for name in fused if name not in names] for component, fused in self.fused.items()}
@@ -273,7 +294,6 @@ class PipelineLoras:
         if was_active and not self.active and self.adapters:
             self.active = [min(self.adapters)]
         self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
-        self._apply()
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Detach every adapter; fused ones stay in the weights (fuse_lora() then unload_lora_weights() keeps
