@@ -173,6 +173,36 @@ def test_fused_loras_unfuse_last_in_first_out():
     first.unfuse()
 
 
+def test_a_fuse_that_fails_half_way_puts_back_what_it_fused(flux, monkeypatch):
+    """Fusing is all or nothing: a failure at the second layer (out of memory, Ctrl-C) puts the first one's
+    buffers back and leaves the LoRA unfused, to be fused again."""
+    import bitflux.interop.lora as lora_module
+
+    state = {f"transformer.transformer_blocks.0.attn.{name}.lora_{part}.weight": matrix
+             for name in ("to_q", "to_k") for part, matrix in zip("AB", lora_pair(WIDTH, WIDTH, seed=13))}
+    layers = [flux.get_submodule(f"transformer_blocks.0.attn.{name}") for name in ("to_q", "to_k")]
+    before = [(layer.weight_packed, layer.weight_scale) for layer in layers]
+    adapter = load_lora(flux, state)
+    calls = []
+
+    def ternarize_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return ternarize(*args, **kwargs)
+
+    monkeypatch.setattr(lora_module, "ternarize", ternarize_once)
+    with pytest.raises(MemoryError):
+        adapter.fuse(progress=False)
+    assert not adapter.fused and all(not layer.__dict__.get("_bitflux_fused") for layer in layers)
+    assert all(layer.weight_packed is packed and layer.weight_scale is scale
+               for layer, (packed, scale) in zip(layers, before))
+    monkeypatch.setattr(lora_module, "ternarize", ternarize)
+    adapter.fuse(progress=False)
+    adapter.remove()
+    assert all(torch.equal(layer.weight_packed, packed) for layer, (packed, _) in zip(layers, before))
+
+
 def test_dense_layers_take_a_lora_too():
     model = nn.Module()
     model.layer = nn.Linear(16, 8)

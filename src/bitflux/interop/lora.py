@@ -138,6 +138,8 @@ class LoraAdapter(nn.Module):
         this one must go first (unfusing it would put back weights without this one's part), unless it is one of
         `along`, removed with it; without, one fused after it (unfuse). A model that is gone refuses nothing."""
         for name, layer in self._live_layers() if self.fused else ():
+            if name not in self._saved:  # (a fuse put back half way: not this layer yet)
+                continue
             stack = layer.__dict__["_bitflux_fused"]
             if keep_fused and not all(other in along for other in stack[:stack.index(self)]):
                 raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
@@ -176,23 +178,33 @@ class LoraAdapter(nn.Module):
         for a LoRA on all of FLUX.1-dev's)."""
         if self.fused:
             raise BitfluxError("this LoRA is already fused")
-        for name, branch in tqdm(list(self.items()), desc="fusing LoRA", unit="layer", leave=False, delay=2,
-                                 disable=not progress):
-            layer = self._layer(name)
-            weight = _dense_weight(layer)
-            weight = weight + self.strength * branch.delta().to(weight.device)
-            if isinstance(layer, TernaryLinear):
-                self._saved[name] = (layer.weight_packed, layer.weight_scale)
-                forget_prepared(layer.weight_packed)  # kept for unfuse(), not run meanwhile
-                codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
-                layer.weight_packed = formats.pack(codes, layer.packing)
-                layer.weight_scale = scales.to(layer.weight_scale.dtype)
-            else:  # the stored parameter: a narrowed text encoder's `weight` is a widened copy (text_encoders)
-                stored = layer._parameters["weight"]
-                self._saved[name] = (stored.data,)
-                stored.data = weight.to(stored.dtype)
-            layer.__dict__.setdefault("_bitflux_fused", []).append(self)
+        try:
+            for name, branch in tqdm(list(self.items()), desc="fusing LoRA", unit="layer", leave=False, delay=2,
+                                     disable=not progress):
+                self._fuse_layer(name, branch, method)
+        except BaseException:  # (out of memory, Ctrl-C) the layers fused so far put back: all or nothing
+            self.fused = True
+            self.unfuse()
+            raise
         self.fused = True
+
+    def _fuse_layer(self, name: str, branch: LoraBranch, method: str) -> None:
+        layer = self._layer(name)
+        weight = _dense_weight(layer)
+        weight = weight + self.strength * branch.delta().to(weight.device)
+        # what may fail (memory) first, then the layer changed and its old buffers saved, at once
+        if isinstance(layer, TernaryLinear):
+            codes, scales = ternarize(weight, method, layer.granularity, layer.group_size)
+            packed, scales = formats.pack(codes, layer.packing), scales.to(layer.weight_scale.dtype)
+            self._saved[name] = (layer.weight_packed, layer.weight_scale)
+            forget_prepared(layer.weight_packed)  # kept for unfuse(), not run meanwhile
+            layer.weight_packed, layer.weight_scale = packed, scales
+        else:  # the stored parameter: a narrowed text encoder's `weight` is a widened copy (text_encoders)
+            stored = layer._parameters["weight"]
+            weight = weight.to(stored.dtype)
+            self._saved[name] = (stored.data,)
+            stored.data = weight
+        layer.__dict__.setdefault("_bitflux_fused", []).append(self)
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -201,7 +213,7 @@ class LoraAdapter(nn.Module):
         if not self.fused:
             raise BitfluxError("this LoRA is not fused")
         self.check_removable()
-        for name in self.names:
+        for name in list(self._saved):
             layer = self._layer(name)
             if isinstance(layer, TernaryLinear):
                 packed, scales = self._saved.pop(name)
