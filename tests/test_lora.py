@@ -173,9 +173,11 @@ def test_fused_loras_unfuse_last_in_first_out():
     first.unfuse()
 
 
-def test_a_fuse_that_fails_half_way_puts_back_what_it_fused(flux, monkeypatch):
-    """Fusing is all or nothing: a failure at the second layer (out of memory, Ctrl-C) puts the first one's
-    buffers back and leaves the LoRA unfused, to be fused again."""
+@pytest.mark.parametrize("step,error", [("ternarize", MemoryError), ("forget_prepared", KeyboardInterrupt)])
+def test_a_fuse_that_fails_half_way_puts_back_what_it_fused(flux, monkeypatch, step, error):
+    """Fusing is all or nothing: a failure at the second layer (out of memory while ternarizing; Ctrl-C once a
+    layer's old buffers are saved, before it is marked fused) puts back what was fused and leaves the LoRA
+    unfused, to be fused again."""
     import bitflux.interop.lora as lora_module
 
     state = {f"transformer.transformer_blocks.0.attn.{name}.lora_{part}.weight": matrix
@@ -183,21 +185,21 @@ def test_a_fuse_that_fails_half_way_puts_back_what_it_fused(flux, monkeypatch):
     layers = [flux.get_submodule(f"transformer_blocks.0.attn.{name}") for name in ("to_q", "to_k")]
     before = [(layer.weight_packed, layer.weight_scale) for layer in layers]
     adapter = load_lora(flux, state)
-    calls = []
+    real, calls = getattr(lora_module, step), []
 
-    def ternarize_once(*args, **kwargs):
+    def failing_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise MemoryError("out of memory")
-        return ternarize(*args, **kwargs)
+            raise error("stopped")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_module, "ternarize", ternarize_once)
-    with pytest.raises(MemoryError):
+    monkeypatch.setattr(lora_module, step, failing_second)
+    with pytest.raises(error):
         adapter.fuse(progress=False)
     assert not adapter.fused and all(not layer.__dict__.get("_bitflux_fused") for layer in layers)
     assert all(layer.weight_packed is packed and layer.weight_scale is scale
                for layer, (packed, scale) in zip(layers, before))
-    monkeypatch.setattr(lora_module, "ternarize", ternarize)
+    monkeypatch.setattr(lora_module, step, real)
     adapter.fuse(progress=False)
     adapter.remove()
     assert all(torch.equal(layer.weight_packed, packed) for layer, (packed, _) in zip(layers, before))

@@ -298,10 +298,10 @@ def test_clip_parts_in_any_fusing_order_text_encoders_swapped_and_clip_alone(pip
 
 def test_a_text_encoder_gone_before_the_next_call_takes_its_parts_along(pipes):
     """A text encoder taken out and collected before any LoRA call: its parts are forgotten (a CLIP-only adapter
-    with them), fused ones too, and every call works; one under whose fused part lies a LoRA attached by hand
-    keeps the parts, at strength 0, with a warning."""
+    with them, no other made active for it), fused ones too, and every call works, unload at once too; one under
+    whose fused part lies a LoRA attached by hand keeps the parts, at strength 0, with a warning."""
     pipe = pipes[0]
-    codes, text_encoder = _codes(pipe), pipe.text_encoder
+    codes, text_encoder, base = _codes(pipe), pipe.text_encoder, _out(pipe)
     clip = {key: value for key, value in _clip_lora(5).items() if not key.startswith("text_encoder_2.")}
     try:
         pipe.text_encoder = copy.deepcopy(text_encoder)
@@ -310,10 +310,18 @@ def test_a_text_encoder_gone_before_the_next_call_takes_its_parts_along(pipes):
         pipe.fuse_lora(components=["transformer", "text_encoder"], adapter_names=["a"])
         pipe.text_encoder = None
         gc.collect()
-        assert pipe.get_list_adapters() == {"transformer": ["a"]} and pipe.get_active_adapters() == ["a"]
+        # c, the active one, went with it; a stays inactive (no fallback as after a delete)
+        assert pipe.get_active_adapters() == [] and pipe.get_list_adapters() == {"transformer": ["a"]}
         pipe.unfuse_lora()
+        assert torch.equal(_out(pipe), base)
         pipe.disable_lora()
         pipe.unload_lora_weights()
+        pipe.text_encoder = copy.deepcopy(text_encoder)
+        pipe.load_lora_weights(_lora(1), adapter_name="a")
+        pipe.load_lora_weights(clip, adapter_name="c")
+        pipe.text_encoder = None
+        pipe.unload_lora_weights()  # at once, the CLIP-only adapter among those it lists
+        assert pipe.get_list_adapters() == {} and torch.equal(_out(pipe), base)
 
         twin = copy.deepcopy(text_encoder)
         by_hand = load_lora(twin, clip, component="text_encoder")

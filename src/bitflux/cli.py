@@ -196,7 +196,11 @@ def _cmd_generate(args) -> None:
         raise BitfluxError("the prompt is empty")
     check_png_path(args.output)
     _check_common(args)
-    loras = [_parse_lora(text) for text in args.lora]
+    from .interop.lora import open_lora, refuse_t5_only
+
+    loras = [(open_lora(path), strength) for path, strength in map(_parse_lora, args.lora)]  # read once
+    for lora, _ in loras:  # before minutes of encoding and loading
+        refuse_t5_only(lora)
     # The prompt first, then the transformer: the text encoders (T5-XXL alone is 9.5 GB in bf16) are freed before
     # it is loaded, so the peak is the larger of the two, not their sum.
     path = resolve_pipeline_path(args.model)
@@ -213,12 +217,12 @@ def _cmd_generate(args) -> None:
         from .surgery import set_packing
 
         set_packing(ternary.transformer, args.packing)
-    for path, strength in loras:
+    for lora, strength in loras:
         from .interop.lora import NoPairsError, load_lora
 
         for pipe in pipes:
             try:
-                load_lora(pipe.transformer, path, strength, dtype=pipe.transformer.dtype)
+                load_lora(pipe.transformer, lora, strength, dtype=pipe.transformer.dtype)
             except NoPairsError as exc:  # CLIP's pairs alone: the prompt's encoding took them
                 if not exc.clip_pairs:
                     raise

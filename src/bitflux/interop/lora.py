@@ -138,9 +138,9 @@ class LoraAdapter(nn.Module):
         this one must go first (unfusing it would put back weights without this one's part), unless it is one of
         `along`, removed with it; without, one fused after it (unfuse). A model that is gone refuses nothing."""
         for name, layer in self._live_layers() if self.fused else ():
-            if name not in self._saved:  # (a fuse put back half way: not this layer yet)
+            stack = layer.__dict__.get("_bitflux_fused", [])
+            if self not in stack:  # (a fuse that failed half way and its put-back that failed too)
                 continue
-            stack = layer.__dict__["_bitflux_fused"]
             if keep_fused and not all(other in along for other in stack[:stack.index(self)]):
                 raise BitfluxError(f"{name}: a LoRA fused before this one would unfuse over it; remove or "
                                    "unfuse that one first")
@@ -155,7 +155,7 @@ class LoraAdapter(nn.Module):
         live = self._live_layers()
         if self.fused and (keep_fused or not live):
             for _, layer in live:
-                layer.__dict__["_bitflux_fused"].remove(self)  # a LoRA fused after it unfuses to these
+                _off_stack(layer, self)  # a LoRA fused after it unfuses to these
             self._saved.clear()
             self.fused = False
         elif self.fused:
@@ -183,8 +183,8 @@ class LoraAdapter(nn.Module):
                                      disable=not progress):
                 self._fuse_layer(name, branch, method)
         except BaseException:  # (out of memory, Ctrl-C) the layers fused so far put back: all or nothing
-            self.fused = True
-            self.unfuse()
+            for name in list(self._saved):
+                self._put_back(name)
             raise
         self.fused = True
 
@@ -214,17 +214,29 @@ class LoraAdapter(nn.Module):
             raise BitfluxError("this LoRA is not fused")
         self.check_removable()
         for name in list(self._saved):
-            layer = self._layer(name)
-            if isinstance(layer, TernaryLinear):
-                packed, scales = self._saved.pop(name)
-                layer.weight_packed = packed.to(layer.weight_packed.device)
-                layer.weight_scale = scales.to(layer.weight_scale)
-            else:
-                (weight,) = self._saved.pop(name)
-                stored = layer._parameters["weight"]
-                stored.data = weight.to(stored)
-            layer.__dict__["_bitflux_fused"].pop()
+            self._put_back(name)
         self.fused = False
+
+    def _put_back(self, name: str) -> None:
+        """One layer's buffers from before fuse(), and this LoRA off its stack."""
+        layer = self._layer(name)
+        if isinstance(layer, TernaryLinear):
+            packed, scales = self._saved.pop(name)
+            layer.weight_packed = packed.to(layer.weight_packed.device)
+            layer.weight_scale = scales.to(layer.weight_scale)
+        else:
+            (weight,) = self._saved.pop(name)
+            stored = layer._parameters["weight"]
+            stored.data = weight.to(stored)
+        _off_stack(layer, self)
+
+
+def _off_stack(layer: nn.Module, adapter: LoraAdapter) -> None:
+    """The adapter out of the layer's stack of fused LoRAs (where it is: a fuse that failed half way may not have
+    put it there)."""
+    stack = layer.__dict__.get("_bitflux_fused", [])
+    if adapter in stack:
+        stack.remove(adapter)
 
 
 # ---- reading LoRA files ------------------------------------------------------------------------------------
@@ -411,6 +423,7 @@ class LoraFile:
 
     state: dict
     scalings: dict[str, PeftScaling]  # by component
+    name: str = ""  # the file's, for messages
 
 
 def open_lora(source) -> LoraFile:
@@ -427,10 +440,17 @@ def open_lora(source) -> LoraFile:
             if path.suffix != ".safetensors":
                 raise BitfluxError(f"{path}: not a .safetensors file (bitflux reads LoRAs as safetensors)") from None
             raise BitfluxError(f"{path}: cannot read LoRA safetensors ({exc})") from None
-        scalings = _peft_scaling(path)
+        scalings, name = _peft_scaling(path), str(source)
     else:
-        state, scalings = dict(source), {}
-    return LoraFile(state, scalings)
+        state, scalings, name = dict(source), {}, ""
+    return LoraFile(state, scalings, name)
+
+
+def refuse_t5_only(lora: LoraFile) -> None:
+    """Refuse a LoRA whose pairs are all T5's, which nothing applies, before any model is loaded for it."""
+    stems = {_split_key(key)[0] for key in lora.state}
+    if stems and all(_TEXT_ENCODER.match(stem) and not _CLIP.match(stem) for stem in stems):
+        raise NoPairsError(0, len(stems))
 
 
 def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple[dict[str, tuple], int]:
@@ -509,7 +529,8 @@ class NoPairsError(BitfluxError):
 
     def __init__(self, clip_pairs: int, t5_pairs: int):
         super().__init__("the LoRA has no pair for this transformer" + (
-            f": its {clip_pairs} pairs are CLIP's" if clip_pairs else
+            f": its {clip_pairs + t5_pairs} pairs are the text encoders' ({clip_pairs} CLIP's, {t5_pairs} T5's)"
+            if clip_pairs and t5_pairs else f": its {clip_pairs} pairs are CLIP's" if clip_pairs else
             f": its {t5_pairs} pairs are {T5_LEFT_OUT}" if t5_pairs else ""))
         self.clip_pairs, self.t5_pairs = clip_pairs, t5_pairs
 
@@ -523,7 +544,8 @@ CLIP_BRANCHES = torch.float32
 def warn_left_out(count: int, reason: str, source=None) -> None:
     """Warn (where count > 0) that a LoRA's text-encoder pairs were not applied, and why."""
     if count:
-        where = f"{source}: " if isinstance(source, (str, Path)) else ""
+        name = source.name if isinstance(source, LoraFile) else str(source) if isinstance(source, (str, Path)) else ""
+        where = f"{name}: " if name else ""
         warnings.warn(f"bitflux: {where}{count} text-encoder LoRA pairs left out ({reason})", stacklevel=3)
 
 

@@ -126,7 +126,7 @@ class PipelineLoras:
             parts.pop("text_encoder", None)
         self.fused["text_encoder"] = []
         if empty := [name for name, parts in self.adapters.items() if not parts]:  # CLIP-only ones
-            self._drop(empty)
+            self._drop(empty, fallback=False)
 
     def encode_prompt(self, *args, **kwargs):
         """The pipeline's own encode_prompt, the text encoder's adapters at weight x lora_scale, as PEFT's layers
@@ -257,6 +257,7 @@ class PipelineLoras:
 
     def get_active_adapters(self) -> list[str]:
         self._transformer(needed=False)
+        self._text_encoder()
         return list(self.active)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
@@ -283,22 +284,23 @@ class PipelineLoras:
         self._drop(names)
         self._apply()
 
-    def _drop(self, names: list[str]) -> None:
-        """These adapters out of the bookkeeping. Where no active one is left, the first remaining by name
-        becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
+    def _drop(self, names: list[str], fallback: bool = True) -> None:
+        """These adapters out of the bookkeeping. fallback (a delete): where no active one is left, the first
+        remaining by name becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
         for name in names:
             del self.adapters[name], self.weights[name]
         self.fused = {component: [name for name in fused if name not in names] for component, fused in self.fused.items()}
         was_active = any(name in self.active for name in names)
         self.active = [name for name in self.active if name not in names]
-        if was_active and not self.active and self.adapters:
+        if fallback and was_active and not self.active and self.adapters:
             self.active = [min(self.adapters)]
-        self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
+        self.enabled = self.enabled or (fallback and not self.adapters)  # PEFT's disabling goes with the last layers
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Detach every adapter; fused ones stay in the weights (fuse_lora() then unload_lora_weights() keeps
         the LoRA without its branches)."""
         if self._transformer(needed=False) is not None:
+            self._text_encoder()  # (which may drop adapters of CLIP pairs alone)
             self.delete_adapters(list(self.adapters))
 
     def fuse_lora(self, components=("transformer",), lora_scale: float = 1.0, safe_fusing: bool = False,
