@@ -205,6 +205,39 @@ def test_a_fuse_that_fails_half_way_puts_back_what_it_fused(flux, monkeypatch, s
     assert all(torch.equal(layer.weight_packed, packed) for layer, (packed, _) in zip(layers, before))
 
 
+def test_a_fuse_stopped_again_while_putting_back_is_finished_by_remove(flux, monkeypatch):
+    """A second Ctrl-C during a failed fuse's put-back leaves the LoRA fused where it was not put back yet:
+    remove() (or unfuse()) finishes putting the layers back."""
+    import bitflux.interop.lora as lora_module
+
+    names = ("to_q", "to_k", "to_v")
+    state = {f"transformer.transformer_blocks.0.attn.{name}.lora_{part}.weight": matrix
+             for name in names for part, matrix in zip("AB", lora_pair(WIDTH, WIDTH, seed=14))}
+    layers = [flux.get_submodule(f"transformer_blocks.0.attn.{name}") for name in names]
+    before = [layer.weight_packed for layer in layers]
+    adapter = load_lora(flux, state)
+    real_ternarize, real_put_back, calls = lora_module.ternarize, lora_module.LoraAdapter._put_back, []
+
+    def ternarize_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return real_ternarize(*args, **kwargs)
+
+    def put_back_interrupted(self, name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_module, "ternarize", ternarize_twice)
+    monkeypatch.setattr(lora_module.LoraAdapter, "_put_back", put_back_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        adapter.fuse(progress=False)
+    assert adapter.fused and len(adapter._saved) == 2
+    monkeypatch.setattr(lora_module.LoraAdapter, "_put_back", real_put_back)
+    adapter.remove()
+    assert all(layer.weight_packed is packed and not layer.__dict__.get("_bitflux_fused")
+               for layer, packed in zip(layers, before))
+
+
 def test_dense_layers_take_a_lora_too():
     model = nn.Module()
     model.layer = nn.Linear(16, 8)

@@ -462,7 +462,8 @@ def test_generate_with_a_lora(tmp_path, capsys):
     t5 = {key: value for key, value in lora.items() if key.startswith("lora_te2_")}
     save_file(t5, str(tmp_path / "clip" / "clip.safetensors"))  # T5's alone: nothing would apply it
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "clip"), "-o", tmp_path / "t5.png")
-    assert code == 2 and "its 1 pairs are T5's" in err and not (tmp_path / "t5.png").exists()
+    assert code == 2 and "clip.safetensors: the LoRA has no pair" in err and "its 1 pairs are T5's" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t5.png").exists()  # before any encoding
     code, _, err = _run(capsys, "generate", "a", "--lora", str(tmp_path / "missing.safetensors"), "-o",
                         tmp_path / "x.png")
     assert code == 2 and "no such LoRA file" in err

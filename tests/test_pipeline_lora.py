@@ -322,6 +322,13 @@ def test_a_text_encoder_gone_before_the_next_call_takes_its_parts_along(pipes):
         pipe.text_encoder = None
         pipe.unload_lora_weights()  # at once, the CLIP-only adapter among those it lists
         assert pipe.get_list_adapters() == {} and torch.equal(_out(pipe), base)
+        pipe.text_encoder = copy.deepcopy(text_encoder)
+        pipe.load_lora_weights(clip, adapter_name="c")
+        pipe.disable_lora()
+        pipe.text_encoder = None
+        pipe.load_lora_weights(_lora(1), adapter_name="a")  # LoRAs enabled again once none was left
+        assert not torch.equal(_out(pipe), base)
+        pipe.unload_lora_weights()
 
         twin = copy.deepcopy(text_encoder)
         by_hand = load_lora(twin, clip, component="text_encoder")

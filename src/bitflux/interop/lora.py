@@ -183,8 +183,13 @@ class LoraAdapter(nn.Module):
                                      disable=not progress):
                 self._fuse_layer(name, branch, method)
         except BaseException:  # (out of memory, Ctrl-C) the layers fused so far put back: all or nothing
-            for name in list(self._saved):
-                self._put_back(name)
+            try:
+                for name in list(self._saved):
+                    self._put_back(name)
+                for _, layer in self._live_layers():
+                    _off_stack(layer, self)  # (one stacked before its buffers were saved)
+            finally:
+                self.fused = bool(self._saved)  # what a second interrupt left: unfuse() or remove() finishes it
             raise
         self.fused = True
 
@@ -450,7 +455,7 @@ def refuse_t5_only(lora: LoraFile) -> None:
     """Refuse a LoRA whose pairs are all T5's, which nothing applies, before any model is loaded for it."""
     stems = {_split_key(key)[0] for key in lora.state}
     if stems and all(_TEXT_ENCODER.match(stem) and not _CLIP.match(stem) for stem in stems):
-        raise NoPairsError(0, len(stems))
+        raise NoPairsError(0, len(stems), lora.name)
 
 
 def read_lora(source, model: nn.Module, component: str = "transformer") -> tuple[dict[str, tuple], int]:
@@ -527,8 +532,8 @@ class NoPairsError(BitfluxError):
     """A LoRA without a pair for the transformer: none, or text-encoder pairs only, CLIP's (which the text encoder
     takes: load_lora(..., component="text_encoder")) or T5's (which nothing applies)."""
 
-    def __init__(self, clip_pairs: int, t5_pairs: int):
-        super().__init__("the LoRA has no pair for this transformer" + (
+    def __init__(self, clip_pairs: int, t5_pairs: int, name: str = ""):
+        super().__init__(f"{name + ': ' if name else ''}the LoRA has no pair for this transformer" + (
             f": its {clip_pairs + t5_pairs} pairs are the text encoders' ({clip_pairs} CLIP's, {t5_pairs} T5's)"
             if clip_pairs and t5_pairs else f": its {clip_pairs} pairs are CLIP's" if clip_pairs else
             f": its {t5_pairs} pairs are {T5_LEFT_OUT}" if t5_pairs else ""))

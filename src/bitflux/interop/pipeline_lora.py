@@ -286,7 +286,7 @@ class PipelineLoras:
 
     def _drop(self, names: list[str], fallback: bool = True) -> None:
         """These adapters out of the bookkeeping. fallback (a delete): where no active one is left, the first
-        remaining by name becomes active, as PEFT does; where none is left, LoRAs are enabled again."""
+        remaining by name becomes active, as PEFT does. Where none is left, LoRAs are enabled again."""
         for name in names:
             del self.adapters[name], self.weights[name]
         self.fused = {component: [name for name in fused if name not in names] for component, fused in self.fused.items()}
@@ -294,7 +294,7 @@ class PipelineLoras:
         self.active = [name for name in self.active if name not in names]
         if fallback and was_active and not self.active and self.adapters:
             self.active = [min(self.adapters)]
-        self.enabled = self.enabled or (fallback and not self.adapters)  # PEFT's disabling goes with the last layers
+        self.enabled = self.enabled or not self.adapters  # PEFT's disabling goes with the last adapter's layers
 
     def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Detach every adapter; fused ones stay in the weights (fuse_lora() then unload_lora_weights() keeps
