@@ -329,6 +329,8 @@ def test_a_text_encoder_gone_before_the_next_call_takes_its_parts_along(pipes):
         pipe.load_lora_weights(_lora(1), adapter_name="a")  # LoRAs enabled again once none was left
         assert not torch.equal(_out(pipe), base)
         pipe.unload_lora_weights()
+        with pytest.raises(BitfluxError, match="pairs are CLIP's, and the pipeline has no text encoder"):
+            pipe.load_lora_weights(clip)
 
         twin = copy.deepcopy(text_encoder)
         by_hand = load_lora(twin, clip, component="text_encoder")

@@ -209,7 +209,9 @@ class PipelineLoras:
             parts = {"transformer": load_lora(transformer, lora, strength=0.0, dtype=transformer.dtype)}
             left_out = parts["transformer"].skipped_text_encoder_pairs
         except NoPairsError as exc:  # CLIP's pairs alone: diffusers takes those too
-            if not (exc.clip_pairs and text_encoder is not None):
+            if exc.clip_pairs and text_encoder is None:
+                raise BitfluxError(f"{exc}, and the pipeline has no text encoder to take them") from None
+            if not exc.clip_pairs:
                 raise
             parts, left_out = {}, exc.clip_pairs + exc.t5_pairs
         if text_encoder is not None and left_out:
