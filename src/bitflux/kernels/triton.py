@@ -140,8 +140,8 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # (_await_inputs), before any load or store; then it lets the grid after it launch. The quantizer, the GEMVs and
 # the split's epilogue of a few-token call are launched so: each launch overlaps the kernel before it instead of
 # leaving the GPU idle between them, what is left of the 16-token calls beside their instructions
-# (docs/GPU_KERNELS.md). The order of memory accesses is the stream's. Not yet timed on a GPU: False here (or
-# BITFLUX_TRITON_PDL=0) launches without it, for benchmarks to compare in one process.
+# (docs/GPU_KERNELS.md). The order of memory accesses is the stream's. Not yet timed on a GPU: PDL set False
+# (BITFLUX_TRITON_PDL=0 in the environment, or the attribute, as benchmarks do to compare) launches without it.
 PDL = os.environ.get("BITFLUX_TRITON_PDL") != "0"
 
 
