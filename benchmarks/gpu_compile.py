@@ -145,14 +145,14 @@ def _loop_text(row: dict) -> str:
 
 def variants(quick: bool):
     """(name, kernel, pointers, constexprs, num_warps, num_stages, targets) for what linear() launches; the
-    first variant of each kernel launched with programmatic dependent launch again with it ("pdl ...", sm_90:
-    tk.PDL)."""
-    pdl_kernels = {tk._operands_kernel, tk._gemv_kernel, tk._epilogue_kernel, tk._planar_matmul,
-                   tk._dp4a_gemv_kernel}
+    first variant of each kernel launched with programmatic dependent launch (those with a PDL constexpr) again
+    with it ("pdl ...", sm_90: tk.PDL)."""
+    with_pdl = set()
     for name, kernel, pointers, constexprs, warps, stages, targets in _launched(quick):
         yield name, kernel, pointers, constexprs, warps, stages, targets
-        if kernel in pdl_kernels and "sm_90" in targets:
-            pdl_kernels.remove(kernel)
+        fn = kernel if isinstance(kernel, JITFunction) else kernel.fn
+        if "PDL" in fn.arg_names and kernel not in with_pdl and "sm_90" in targets:
+            with_pdl.add(kernel)
             yield f"pdl {name}", kernel, pointers, {**constexprs, "PDL": True}, warps, stages, ("sm_90",)
 
 

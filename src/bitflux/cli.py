@@ -196,7 +196,7 @@ def _cmd_generate(args) -> None:
         raise BitfluxError("the prompt is empty")
     check_png_path(args.output)
     _check_common(args)
-    from .interop.lora import open_lora, refuse_t5_only
+    from .interop.lora import NoPairsError, load_lora, open_lora, refuse_t5_only
 
     loras = [(open_lora(path), strength) for path, strength in map(_parse_lora, args.lora)]  # read once
     for lora, _ in loras:  # before minutes of encoding and loading
@@ -218,8 +218,6 @@ def _cmd_generate(args) -> None:
 
         set_packing(ternary.transformer, args.packing)
     for lora, strength in loras:
-        from .interop.lora import NoPairsError, load_lora
-
         for pipe in pipes:
             try:
                 load_lora(pipe.transformer, lora, strength, dtype=pipe.transformer.dtype)

@@ -83,8 +83,7 @@ class PipelineLoras:
 
     def _transformer(self, needed: bool = True):
         """The pipeline's transformer, unwrapped from torch.compile (None where it has none and none is needed)."""
-        transformer = getattr(self._pipe(), "transformer", None)
-        model = getattr(transformer, "_orig_mod", transformer)
+        model = self._component("transformer")
         if model is None or model is not self._model():  # (a released transformer's reference is dead: None)
             self._forget(model)
         if model is None and needed:
@@ -94,8 +93,7 @@ class PipelineLoras:
 
     def _text_encoder(self):
         """The pipeline's CLIP text encoder (None where it has none): the adapters' parts on another come off it."""
-        text_encoder = getattr(self._pipe(), "text_encoder", None)
-        model = getattr(text_encoder, "_orig_mod", text_encoder)
+        model = self._component("text_encoder")
         # (one that is gone reads as None too, so its parts are looked for as well)
         if model is not self._text_model() or (model is None and any("text_encoder" in parts
                                                                       for parts in self.adapters.values())):
@@ -104,12 +102,16 @@ class PipelineLoras:
             self._apply()
         return model
 
+    def _component(self, name: str):
+        """The pipeline's `name` module, unwrapped from torch.compile; None where it has none."""
+        module = getattr(self._pipe(), name, None)
+        return getattr(module, "_orig_mod", module)
+
     def _take_off_text_parts(self) -> None:
         """The adapters' branches off the text encoder they were loaded onto (what is fused stays, as unload
         leaves it; first fused first, so that none unfuses over another), and out of the bookkeeping; adapters
         left with no part are deleted. Where a LoRA attached by hand lies under a fused part, the parts are
         left on that encoder, no longer the pipeline's, with a warning."""
-        fused = self.fused["text_encoder"]
         texts = {name: parts["text_encoder"] for name, parts in self.adapters.items() if "text_encoder" in parts}
         try:
             for adapter in texts.values():
@@ -120,7 +122,7 @@ class PipelineLoras:
             for adapter in texts.values():
                 adapter.strength = 0.0
         else:
-            for name in sorted(texts, key=lambda name: fused.index(name) if name in fused else len(fused)):
+            for name in _in_fused_order(texts, self.fused["text_encoder"]):
                 texts[name].remove(keep_fused=True)
         for parts in self.adapters.values():
             parts.pop("text_encoder", None)
@@ -279,8 +281,8 @@ class PipelineLoras:
         doomed = [adapter for name in names for adapter in self.adapters[name].values()]
         for adapter in doomed:  # all or nothing
             adapter.check_removable(keep_fused=True, along=doomed)
-        for component, fused in self.fused.items():  # each fused part under those fused after it in its model
-            for name in sorted(names, key=lambda name: fused.index(name) if name in fused else len(fused)):
+        for component, fused in self.fused.items():
+            for name in _in_fused_order(names, fused):
                 if component in self.adapters[name]:
                     self.adapters[name][component].remove(keep_fused=True)
         self._drop(names)
@@ -365,6 +367,12 @@ class PipelineLoras:
             except (RuntimeError, AssertionError, TypeError) as exc:  # torch's, for a device it cannot use
                 raise BitfluxError(f"cannot move LoRA adapter {name!r} to {device!r}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _in_fused_order(names, fused: list[str]) -> list[str]:
+    """The names, those in `fused` first in the order fused, so that each, taken off keeping its fused weights,
+    then lies under those fused after it."""
+    return sorted(names, key=lambda name: fused.index(name) if name in fused else len(fused))
 
 
 # Each transformer's PipelineLoras (a transformer may be in several pipelines), for its one scale hook: a function
