@@ -281,6 +281,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         if any(len(embeddings[key]) != len(prompts) for key in ("prompt_embeds", "pooled_prompt_embeds")):
             raise ValueError("one embedding per prompt")
         text = placed_embeddings(pipe, embeddings)
+    check_timestep_shift(pipe, height, width)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # released: the latents, decoded once the transformer is gone; else the images themselves
@@ -293,6 +294,34 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     gc.collect()
     trim_heap()
     return decode(pipe, out, height, width)
+
+
+# e^mu past float32's range: the scheduler's shifted sigmas are cast to float32 (inf / inf there: NaN)
+_MAX_SHIFT_EXPONENT = 88.0
+
+
+def check_timestep_shift(pipe, height: int, width: int) -> None:
+    """Refuse a size at which FluxPipeline's timestep shift overflows. It shifts every sigma by e^mu, with mu
+    growing linearly in the image's tokens along the line the scheduler's config draws through (base_image_seq_len,
+    base_shift) and (max_image_seq_len, max_shift); past e^88 the sigmas are NaN and every image comes out black.
+    FLUX.1's own line reaches mu = 11.6 at 4096 x 4096; the demo's, drawn for 16-256 tokens, passes 88 at
+    about 2900 x 2900."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    if not (config.get("use_dynamic_shifting") and config.get("time_shift_type", "exponential") == "exponential"):
+        return
+    line = (config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    side = pipe.vae_scale_factor * 2  # pixels a side of one image token (FluxPipeline's latents, packed 2 x 2)
+    tokens = (height // side) * (width // side)
+    if calculate_shift(tokens, *line) <= _MAX_SHIFT_EXPONENT:
+        return
+    most = line[0] + (_MAX_SHIFT_EXPONENT - line[2]) * (line[1] - line[0]) / (line[3] - line[2])
+    largest = int(most ** 0.5) * side
+    raise BitfluxError(f"{width}x{height}: the scheduler's timestep shift overflows at {tokens} image tokens (its "
+                       f"config's line of shifts is drawn for {line[0]}-{line[1]}); at most about "
+                       f"{largest}x{largest} with this model")
 
 
 def placed_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
