@@ -277,7 +277,8 @@ def test_a_narrowed_text_encoders_lora_fuses_into_its_stored_weights():
     ids = torch.tensor([[3, 4, 6, 2]])
     with torch.no_grad():
         base = clip(ids).pooler_output
-        adapter = load_lora(clip, state, dtype=torch.float32, component="text_encoder")
+        adapter = load_lora(clip, state, component="text_encoder")  # fp32 branches by default on a text encoder
+        assert all(branch.down.dtype == torch.float32 for branch in adapter.branches)
         branches = clip(ids).pooler_output
         adapter.fuse()
         fused = clip(ids).pooler_output

@@ -15,7 +15,7 @@ from .checkpoint import read_config
 from .config import ACTIVATIONS, DTYPES, TernaryConfig
 from .errors import BitfluxError
 from .fusion import fuse_projections, gather_fused
-from .interop.lora import CLIP_BRANCHES, T5_LEFT_OUT, load_lora, warn_left_out
+from .interop.lora import T5_LEFT_OUT, load_lora, warn_left_out
 from .interop.pipeline_lora import add_lora_methods
 from .linear import TernaryLinear
 from .surgery import QuantizationReport, quantize_, set_activations
@@ -186,7 +186,7 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
             if getattr(encoders, name, None) is not None:
                 getattr(encoders, name).to(device)
         for source, strength in loras if encoders.text_encoder is not None else ():
-            clip = load_lora(encoders.text_encoder, source, strength, dtype=CLIP_BRANCHES,
+            clip = load_lora(encoders.text_encoder, source, strength,
                              component="text_encoder")  # (it goes with the encoders)
             warn_left_out(clip.skipped_text_encoder_pairs, T5_LEFT_OUT, source)
         prompt_embeds, pooled_prompt_embeds, _ = encoders.encode_prompt(

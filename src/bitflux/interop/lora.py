@@ -554,13 +554,15 @@ def warn_left_out(count: int, reason: str, source=None) -> None:
         warnings.warn(f"bitflux: {where}{count} text-encoder LoRA pairs left out ({reason})", stacklevel=3)
 
 
-def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype = torch.bfloat16,
+def load_lora(model: nn.Module, source, strength: float = 1.0, dtype: torch.dtype | None = None,
               component: str = "transformer") -> LoraAdapter:
     """Attach a LoRA (a .safetensors file, a folder holding one, a hub id in the local cache: lora_file; a state
     dict, or open_lora's) to `model` as side branches; returns its adapter. Several may be attached at once: their
     branches add up. A torch.compile wrapper's model takes it (before the first compiled call: a graph compiled
     since does not see it). component "text_encoder": `model` is a FLUX pipeline's CLIP text encoder
-    (pipe.text_encoder), which takes the LoRA's CLIP pairs (maybe none)."""
+    (pipe.text_encoder), which takes the LoRA's CLIP pairs (maybe none). dtype: the branches' (default: bf16 on
+    a transformer, CLIP_BRANCHES on a text encoder)."""
+    dtype = dtype or (CLIP_BRANCHES if component == "text_encoder" else torch.bfloat16)
     model = model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     pairs, skipped = read_lora(source, model, component)
     branches = {}

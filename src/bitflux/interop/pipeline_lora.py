@@ -27,7 +27,6 @@ from ..errors import BitfluxError
 from ..fusion import weak_reference
 from ..graphs import GraphedForward
 from .lora import (
-    CLIP_BRANCHES,
     COMPONENTS,
     T5_LEFT_OUT,
     LoraAdapter,
@@ -218,7 +217,7 @@ class PipelineLoras:
             parts, left_out = {}, exc.clip_pairs + exc.t5_pairs
         if text_encoder is not None and left_out:
             try:
-                text = load_lora(text_encoder, lora, strength=0.0, dtype=CLIP_BRANCHES, component="text_encoder")
+                text = load_lora(text_encoder, lora, strength=0.0, component="text_encoder")
             except BitfluxError:
                 for adapter in parts.values():
                     adapter.remove()
