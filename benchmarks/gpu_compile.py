@@ -99,7 +99,16 @@ def describe(compiled) -> dict:
         mma = "mma" if "tt.dot " in body else "none"
     return {"mma": mma, "async_loads": body.count("async_copy_global_to_local"),
             "plain_loads": len(re.findall(r"= tt\.load ", body)), "shared_bytes": compiled.metadata.shared,
-            "grid_waits": compiled.asm["ptx"].count("griddepcontrol.wait")}
+            "grid_waits": compiled.asm["ptx"].count("griddepcontrol.wait"),
+            "fused_products": fused_products(compiled.asm["ptx"])}
+
+
+def fused_products(ptx: str) -> int:
+    """fp32 multiply-adds in the PTX but those by zero (x * 0 + s, exact: the NaN check of a row's absmax): each
+    rounds once where a multiply and an add round twice."""
+    factors = ([factor.strip() for factor in operands.split(",")[1:3]]
+               for operands in re.findall(r"fma\.rn\.f32\s+([^;]+);", ptx))
+    return sum("0f00000000" not in pair for pair in factors)
 
 
 def sass_loop(compiled) -> dict:
@@ -259,6 +268,9 @@ def _launched(quick: bool):
 
 
 _VARIANTS: list[tuple] = []  # variants() of this run, set before the worker processes fork
+# Variants whose float arithmetic is the epilogue of exact int32 sums alone: a multiply fused with the add after
+# it would round once where reference.linear_a8 rounds twice (Triton fuses by default; _rounded_product opts out)
+_UNFUSED = ("splitk a8", "planar a8", "dp4a", "tiled a8", "expanded a8", "epilogue int32")
 
 
 def compile_row(job: tuple[int, str]) -> dict:
@@ -273,6 +285,8 @@ def compile_row(job: tuple[int, str]) -> dict:
         row.update(sass_loop(compiled))
         # too much shared memory is not an error: the launch refuses it and the autotuner skips it
         row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[target]
+        if name.removeprefix("pdl ").startswith(_UNFUSED) and row["fused_products"]:
+            row["error"] = f"{row['fused_products']} fused fp32 multiply-adds: not bit for bit as reference.linear_a8"
     except Exception as exc:  # noqa: BLE001 - every failure is reported, then the exit status says so
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return row

@@ -193,7 +193,7 @@ def run(layers: dict, tokens: tuple, device, channel: bool = False):
                     out = triton_backend.linear(x, prepared, bias, activations)  # the first call picks the strategy
                     row[f"rel_err_{mode}"] = relative_error(out, expected)
                     key = triton_backend.CallKey(activations, x.dtype, prepared.scale_mode, True, m, n, k,
-                                                 prepared.tq1)
+                                                 prepared.tq1, x.device.index)
                     names = triton_backend.strategies(m, prepared, activations)
                     row["strategy"][mode] = triton_backend.chosen.get(key, names[0])
                     row["strategy_ms"][mode] = {name: strategy_ms(x, prepared, bias, activations, name, expected)

@@ -55,8 +55,8 @@ NAME = "triton"
 GROUP_MULTIPLE = 128  # per-group scales need groups that every BLOCK_K below divides
 SMALL_M = 16  # at most this many tokens: the split-K kernel is offered; above, the expanded ones
 GEMV_M = 1  # one token: also split-K without tensor cores (products on CUDA cores, no 16-row padding)
-# gemv sums int8 products in fp32, exact while |sum| <= 127 K < 2^24: longer rows keep to splitk's int32 sums
-GEMV_MAX_INT8_K = (2**24 - 1) // 127
+# The longest int8 rows whose sums add up exactly in fp32 (|sum| <= 127 K < 2^24): the GEMV's and split slices'
+FP32_EXACT_INT8_K = (2**24 - 1) // 127
 # The activation quantizer: up to _ONE_PASS_ROWS rows of up to _ONE_PASS_COLUMNS are read once and kept in
 # registers; other rows are read twice, their absmax and then their values (the second read mostly from L2), in
 # blocks of QUANTIZE_BLOCKS[0] columns for rows up to _LONG_ROWS long and [1] for longer ones; in _QUANTIZE_WARPS
@@ -236,15 +236,18 @@ def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.
     nothing is timed) first."""
     grouped = prepared.scale_mode == _SCALE_GROUP
     names = []
-    few = not grouped and M <= SMALL_M
-    gemv = few and M <= GEMV_M and (activations != "a8" or prepared.in_features <= GEMV_MAX_INT8_K)
+    # int8 sums added in fp32 (the GEMV's products; the partial sums of split slices, which splitk, planar and
+    # dp4a write when they split K) stay exact while 127 K < 2^24; longer int8 rows keep to int32 sums
+    fp32_sums_exact = activations != "a8" or prepared.in_features <= FP32_EXACT_INT8_K
+    few = not grouped and M <= SMALL_M and fp32_sums_exact
+    gemv = few and M <= GEMV_M
     if few:
         names.append("splitk")
     if gemv:
         names.append("gemv")
     if not prepared.tq1:  # the tile kernels unpack 2-bit tiles
         names.append("tiled")
-        if not grouped:  # a plane step spans 4 x PLANE columns: groups of 128 would mix
+        if not grouped and fp32_sums_exact:  # a plane step spans 4 x PLANE columns: groups of 128 would mix
             names.append("planar")
     if M > SMALL_M or prepared.tq1:  # tq1 with per-group scales at few tokens: nothing else computes it
         names.append("expanded")
@@ -255,10 +258,8 @@ def strategies(M: int, prepared: PreparedWeight, activations: str, dtype: torch.
             and (activations != "fp8" or dtype == torch.bfloat16)):
         names.append("cublas")
     names += ["splitk8"] * few + ["gemv8"] * gemv + ["qgemv"] * (gemv and activations != "a16")
-    # DP4A: int8 activations on tq2 words (whole words a row); exact int32 sums, kept to gemv's K bound for the
-    # fp32 partial sums of split slices
-    dp4a = (few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
-            and prepared.in_features <= GEMV_MAX_INT8_K)
+    # DP4A: int8 activations on tq2 words (whole words a row)
+    dp4a = few and activations == "a8" and not prepared.tq1 and prepared.in_features % 16 == 0
     # dp4a1: one token quantized in the kernel; dp4ak: one token on long K steps
     names += ["dp4a"] * dp4a + ["dp4a1", "dp4ak"] * (dp4a and M == 1)
     # Where nothing is timed (BITFLUX_TRITON_AUTOTUNE=0, the interpreter, a call first seen during a graph
@@ -285,7 +286,8 @@ def linear(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None,
     if strategy is None:
         # An eager forward is bound by host time: a shape already timed goes straight to its choice.
         tuned = x.is_cuda and _tuning()
-        key = tuned and CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K, prepared.tq1)
+        key = tuned and CallKey(activations, x.dtype, prepared.scale_mode, bias is not None, M, N, K, prepared.tq1,
+                                x.device.index)
         strategy = chosen.get(key) if tuned else None
         if strategy is None:
             names = strategies(M, prepared, activations, x.dtype)
@@ -315,6 +317,7 @@ class CallKey(NamedTuple):
     N: int
     K: int
     tq1: bool = False  # the packing: it changes the strategies that apply, and their speed
+    device: int = 0  # the GPU's index: a process may hold GPUs of different models
 
 
 chosen: dict[CallKey, str] = {}  # the fastest strategy on this GPU
@@ -1060,16 +1063,28 @@ if triton is not None:
             return tl.zeros(offs_m.shape, dtype=tl.float32)
 
     @triton.jit
+    def _rounded_product(a, b):
+        """a * b in fp32, rounded by itself. Compiled, Triton fuses a multiply and the add that takes its product
+        into one FMA (fp fusion, on by default), which rounds once where the reference rounds the product and
+        then the sum: the int8 paths' outputs would then differ from reference.linear_a8 in their last bits.
+        A multiply in inline PTX is opaque to that fusion. The interpreter never fuses."""
+        if _PTX:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return a * b
+
+    @triton.jit
     def _scale_and_bias(acc, offs_n, mask_n, scale_ptr, row_scales, bias_ptr, SCALE_MODE: tl.constexpr,
                         ACT_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The epilogue shared by every kernel, in the reference's order: x weight scale, x activation
-        scale (row_scales: one a row of acc), + bias (fp32)."""
+        """The epilogue shared by every kernel, in the reference's order, each step rounded as there: x weight
+        scale, x activation scale (row_scales: one a row of acc), + bias (fp32)."""
         if SCALE_MODE == 0:
-            acc = acc * tl.load(scale_ptr)
+            acc = _rounded_product(acc, tl.load(scale_ptr))
         elif SCALE_MODE == 1:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            acc = _rounded_product(acc, tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :])
         if ACT_SCALED:
-            acc = acc * row_scales[:, None]
+            acc = _rounded_product(acc, row_scales[:, None])
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         return acc
@@ -1364,9 +1379,9 @@ if triton is not None:
                     # Per-group scales apply to the exact int32 sum of their group, as reference.linear_a8.
                     if ((k0 + BLOCK_K) % group_size == 0) | (k0 + BLOCK_K >= K):
                         if SWAP:
-                            acc += acc_int.to(tl.float32) * g_scale[:, None]
+                            acc += _rounded_product(acc_int.to(tl.float32), g_scale[:, None])
                         else:
-                            acc += acc_int.to(tl.float32) * g_scale[None, :]
+                            acc += _rounded_product(acc_int.to(tl.float32), g_scale[None, :])
                         acc_int = tl.zeros_like(acc_int)
             else:
                 if SCALE_MODE == 2:  # as the reference: code x (scale rounded to the activation dtype)
