@@ -6,6 +6,8 @@ order, so outputs are compared with torch.equal (bit for bit), on every ISA path
 
 import contextvars
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,27 @@ def test_isa_selection():
             pass
     with cpu.use_isa("generic"):
         assert cpu.current_isa() == "generic"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_partial_row_tiles_read_inside_the_activations(isa):
+    """Token counts that leave a partial last tile of rows, in a thread (whose heap's end is often an unmapped
+    page): the portable tile, vectorized by GCC -O3, loaded up to 3 rows past the activations' buffer and crashed
+    the process there (valgrind: an invalid read 0 bytes after it)."""
+    script = f"""
+import threading, torch, bitflux
+from bitflux.kernels import cpu
+layer = bitflux.TernaryLinear.from_linear(torch.nn.Linear(512, 33))
+def work():
+    with torch.no_grad(), cpu.use_isa({isa!r}):
+        for m in range(1, 200):
+            layer(torch.randn(m, 512))
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_codes_of_another_packing_are_refused_not_read_past():

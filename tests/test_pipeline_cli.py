@@ -225,6 +225,30 @@ def test_the_backend_variable_is_the_backend_option_default(monkeypatch, capsys)
     assert "BITFLUX_BACKEND: backend 'triton' runs on cuda tensors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["generate", "a", "--size", "-16x32"], ["generate", "a", "--dtype", "fp64"],
+                                  ["generat", "a"], []])
+def test_argument_errors_are_one_line(capsys, argv):
+    """argparse's own errors too: one line (no usage block before it), exit status 2."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and "(see bitflux" in err, err
+
+
+def test_an_empty_backend_variable_is_unset(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("BITFLUX_BACKEND", "")
+    code, _, err = _run(capsys, "generate", "a", "--steps", "1", "-o", tmp_path / "x.png")
+    assert code == 0 and "backend" not in err, err
+
+
+def test_no_prompts_is_one_line(tmp_path):
+    pipe = bitflux.load_pipeline(bitflux.demo_model_path())
+    with pytest.raises(BitfluxError, match="generate: no prompts"):
+        bitflux.generate(pipe, [], [])
+    with pytest.raises(BitfluxError, match="encode_prompts: no prompts"):
+        bitflux.encode_prompts(bitflux.demo_model_path(), [])
+
+
 def test_an_unknown_backend_variable_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("BITFLUX_BACKEND", "magic")
     code, _, err = _run(capsys, "generate", "a", "-o", tmp_path / "x.png")

@@ -152,7 +152,7 @@ def _check_common(args) -> None:
         raise BitfluxError("--device cuda: no CUDA GPU is available to this torch (a CPU build, or no driver)")
     from_environment = args.backend is None  # as the library takes it: a backend that cannot run here is passed over
     if from_environment:
-        args.backend = os.environ.get("BITFLUX_BACKEND", "auto")
+        args.backend = os.environ.get("BITFLUX_BACKEND") or "auto"
     reason = unavailable_reason(args.backend, device)
     if reason and not from_environment:
         raise BitfluxError(reason)
@@ -315,11 +315,19 @@ CUDA_GRAPH_HELP = ("replay the transformer as CUDA graphs, captured at the first
                    "the default on cuda unless --offload or --compile: --no-cuda-graph runs it eager")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a value it cannot parse) in one line, as bitflux's are, without
+    the usage block before them; exit status 2 as argparse's. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .calibrate.config import LEVELS, CalibrationConfig  # torch, with the calibrate package
 
-    parser = argparse.ArgumentParser(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
+    parser = _OneLineErrors(prog="bitflux", description="1.58-bit (ternary) FLUX transformers")
     parser.add_argument("-V", "--version", action="version", version=f"bitflux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -177,6 +177,8 @@ def encode_prompts(path: str | Path, prompts: list[str], device: str | torch.dev
     a warning, as diffusers leaves them for FLUX)."""
     if isinstance(prompts, str):
         raise BitfluxError("encode_prompts takes a list of prompts, not one string")
+    if not prompts:
+        raise BitfluxError("encode_prompts: no prompts")
     root = _pipeline_folder(path)
     dtype = resolved_dtype(dtype, device)
     encoders = pipeline_from_folder(root, dtype, {**_text_encoders(root, dtype, device, stream=True),
@@ -271,6 +273,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     1024x1024 takes ~4 GB on a CPU); the same images, and the pipeline cannot denoise again."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if not prompts:
+        raise BitfluxError("generate: no prompts")
     caller, pipe = pipe, as_text_to_image(pipe)
     if pipe.transformer is None:
         raise BitfluxError("the pipeline has no transformer (released by an earlier release_transformer=True "

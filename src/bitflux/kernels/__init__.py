@@ -128,7 +128,7 @@ def _forcing(variable: contextvars.ContextVar, value):
 # which only the reference computes) takes the choice of the time it was traced
 @torch.compiler.assume_constant_result
 def _requested() -> str:
-    return _forced.get() or os.environ.get("BITFLUX_BACKEND", "auto")
+    return _forced.get() or os.environ.get("BITFLUX_BACKEND") or "auto"  # set but empty: unset, as BITFLUX_CPU_ISA
 
 
 def select_backend(x: torch.Tensor, weight: TernaryWeight, activations: str, bias: torch.Tensor | None = None):
