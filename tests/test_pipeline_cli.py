@@ -235,6 +235,25 @@ def test_argument_errors_are_one_line(capsys, argv):
     assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and "(see bitflux" in err, err
 
 
+def test_a_backend_variable_for_another_device_is_said_once():
+    """The CLI says that BITFLUX_BACKEND's backend runs on another device (unavailable_reason); the library then
+    passes it over without warning it again. In a process of its own, where nothing was said yet."""
+    script = """
+import warnings, torch, bitflux
+from bitflux.kernels import unavailable_reason
+print(unavailable_reason("triton", "cpu"))
+layer = bitflux.TernaryLinear.from_linear(torch.nn.Linear(64, 8))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    layer(torch.randn(2, 64))
+print(len(caught))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # no CUDA, no Triton here
+    result = subprocess.run([sys.executable, "-c", script], env={**env, "BITFLUX_BACKEND": "triton"},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.stdout.splitlines() == ["backend 'triton' runs on cuda tensors, not cpu", "0"], result.stderr
+
+
 def test_an_empty_backend_variable_is_unset(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("BITFLUX_BACKEND", "")
     code, _, err = _run(capsys, "generate", "a", "--steps", "1", "-o", tmp_path / "x.png")

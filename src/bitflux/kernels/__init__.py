@@ -92,11 +92,11 @@ def unavailable_reason(name: str, device_type: str = "cpu") -> str | None:
     """None if the backend runs here on `device_type` tensors, else a short reason (for the CLI's --backend)."""
     if name in ("auto", "reference"):
         return None
-    if name in _BACKEND_DEVICE and _BACKEND_DEVICE[name] != device_type:
-        return f"backend {name!r} runs on {_BACKEND_DEVICE[name]} tensors, not {device_type}"
     with warnings.catch_warnings():  # said here instead, and not again (get_backend says it once)
         warnings.simplefilter("ignore")
         get_backend(name)
+    if name in _BACKEND_DEVICE and _BACKEND_DEVICE[name] != device_type:
+        return f"backend {name!r} runs on {_BACKEND_DEVICE[name]} tensors, not {device_type}"
     return None if _loaded[name] is not None else f"backend {name!r} is not available here ({_unavailable[name]})"
 
 
