@@ -174,6 +174,46 @@ def test_already_quantized(tmp_path, tiny_folder, capsys):
     _assert_nothing_written(tmp_path / "q2")
 
 
+def test_a_folder_quantized_by_another_tool_is_named_so(tmp_path, tiny_folder, capsys):
+    shutil.copytree(tiny_folder, tmp_path / "bnb")
+    config = json.loads((tmp_path / "bnb" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "bnb" / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(capsys, "quantize", tmp_path / "bnb", "-o", tmp_path / "q")
+    _assert_one_line_error(code, err, "already quantized by bitsandbytes")
+
+
+def test_float64_and_sft_sources_quantize_into_loadable_folders(tmp_path, capsys):
+    """An fp64 export (a folder; an original single file, once refused as "quantized to integers") is read as
+    fp32, the widest dtype the loaders take: before, its fp64 tensors were written as they were, into a folder
+    no loader accepted. FLUX.1's first release named its files .sft (flux1-dev.sft): read as .safetensors."""
+    from conftest import build_tiny
+
+    from bitflux import load_transformer
+    from bitflux.flux import diffusers_to_original
+
+    model = build_tiny()
+    model.double().save_pretrained(tmp_path / "f64")
+    original = {k: v.contiguous() for k, v in diffusers_to_original(model.float().state_dict()).items()}
+    save_file({k: v.double() for k, v in original.items()}, str(tmp_path / "flux.safetensors"))
+    save_file({k: v.bfloat16() for k, v in original.items()}, str(tmp_path / "flux1-dev.sft"))
+    for source in ("f64", "flux.safetensors", "flux1-dev.sft"):
+        out = tmp_path / f"q-{source}"
+        assert _run(capsys, "quantize", tmp_path / source, "-o", out, "-q")[0] == 0, capsys.readouterr().err
+        assert load_transformer(out) is not None
+
+
+def test_a_tensor_type_bitflux_does_not_read_is_named(tmp_path, tiny_folder, capsys):
+    """A newer safetensors type (MXFP8's F8_E8M0 scales) is named, not called a corrupted entry."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_folder / "diffusion_pytorch_model.safetensors"))
+    state["proj_out.weight_scale"] = torch.ones(4, dtype=torch.float8_e8m0fnu)
+    save_file(state, str(tmp_path / "mx.safetensors"))
+    code, _, err = _run(capsys, "quantize", tmp_path / "mx.safetensors", "-o", tmp_path / "q")
+    _assert_one_line_error(code, err, "'proj_out.weight_scale' is F8_E8M0, which bitflux does not read")
+
+
 def test_shape_mismatch(tmp_path, tiny_folder, capsys):
     config = json.loads((tiny_folder / "config.json").read_text())
     config["joint_attention_dim"] = 64

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_CONFIG, build_tiny, tiny_inputs
 from torch import nn
 
+import bitflux
 from bitflux import BitfluxError, TernaryConfig, TernaryLinear, flux, quantize_
 from bitflux.checkpoint import load_transformer, save_transformer
 from bitflux.interop.gguf import (
@@ -180,6 +181,19 @@ def test_load_gguf_rebuilds_a_model_with_the_same_output(models, tmp_path, granu
     assert {d for k, d in dense.items() if not k.endswith(".weight_scale")} == {torch.float32}
     assert {d for k, d in dense.items() if k.endswith(".weight_scale")} == {
         v.dtype for k, v in loaded.state_dict().items() if k.endswith(".weight_scale")}
+
+
+def test_a_loaded_gguf_saves_a_folder_that_loads_back(models, tmp_path):
+    """A model read from a GGUF file carries its quantization_config as any ternary model does: its diffusers
+    save_pretrained writes a bitflux folder (before, one without it, which diffusers loaded as dense layers of
+    random weights). A name ending in .GGUF names a GGUF file too."""
+    model = models["channel"]
+    export_gguf(model, tmp_path / "m.GGUF", "tq2_0")
+    loaded = bitflux.load_transformer(tmp_path / "m.GGUF")  # a GGUF file or a folder, by its name
+    loaded.save_pretrained(tmp_path / "saved")
+    again = load_transformer(tmp_path / "saved", dtype=loaded.dtype)
+    assert set(ternary_layers(again)) == set(ternary_layers(model))
+    assert torch.equal(output(again), output(loaded))
 
 
 def test_export_from_a_bitflux_folder_and_quantize_back_to_one(models, tmp_path):

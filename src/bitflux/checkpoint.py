@@ -63,6 +63,10 @@ def read_safetensors_header(path: str | Path) -> dict:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(dtype, str) and dtype not in _DTYPE_BYTES:  # F8_E8M0, F4, ...: not corrupted
+            raise BitfluxError(f"{path}: tensor {name!r} is {dtype}, which bitflux does not read (a quantized "
+                               "format?); quantize the bf16 or fp8 checkpoint instead")
         try:
             begin, end = info["data_offsets"]
             shape = info["shape"]
@@ -253,6 +257,11 @@ def write_config(folder: Path, model_config: dict, quant: TernaryConfig) -> None
 
 
 LINKED_SUFFIXES = (".safetensors", ".sft", ".bin", ".gguf", ".ckpt", ".pt", ".pth")  # weights: never edited
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: FLUX.1's first release (flux1-dev.sft, ae.sft)
+
+
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

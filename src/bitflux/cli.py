@@ -18,6 +18,7 @@ MAX_STEPS = 1000  # denoising steps: more is a typo (and would allocate a schedu
 
 
 def _cmd_quantize(args) -> None:
+    from .checkpoint import is_gguf
     from .config import TernaryConfig
     from .convert import quantize_checkpoint
     from .inspect import format_report, inspect_path
@@ -46,7 +47,7 @@ def _cmd_quantize(args) -> None:
                                      workdir=args.workdir, progress=not args.quiet)
         if not args.quiet:
             print(report.summary())
-    elif args.source.endswith(".gguf"):
+    elif is_gguf(args.source):
         from .interop.gguf import gguf_to_folder
 
         gguf_to_folder(args.source, args.output, force=args.force, overrides=given, progress=not args.quiet)

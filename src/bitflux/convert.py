@@ -56,11 +56,11 @@ def resolve_source(source: str | Path) -> Source:
             return resolve_source(from_hub_cache(str(source)))
         raise BitfluxError(f"{source}: no such file or folder")
     if path.is_file():
-        if path.suffix == ".gguf":
+        if checkpoint.is_gguf(path):
             raise BitfluxError(f"{path}: a GGUF file converts with `bitflux quantize` (interop.gguf.gguf_to_folder), "
                                "without calibration: it holds no full-precision pipeline")
-        if path.suffix != ".safetensors":
-            raise BitfluxError(f"{path}: not a safetensors file (bitflux reads .safetensors, never pickle)")
+        if path.suffix.lower() not in checkpoint.SAFETENSORS_SUFFIXES:
+            raise BitfluxError(f"{path}: not a safetensors file (bitflux reads .safetensors or .sft, never pickle)")
         return _original_file(path)
     if (path / "model_index.json").exists():
         index = checkpoint.parse_json_object((path / "model_index.json").read_bytes(), str(path / "model_index.json"))
@@ -74,7 +74,10 @@ def resolve_source(source: str | Path) -> Source:
     config = checkpoint.read_config(path)
     flux.check_flux_config(config, str(path))
     if "quantization_config" in config:
-        raise BitfluxError(f"{path}: already quantized by bitflux; quantize the full-precision source instead")
+        method = config["quantization_config"].get("quant_method", "?") if isinstance(
+            config["quantization_config"], dict) else "?"
+        by = "bitflux" if method == "bitflux" else f"{method} (its quantization_config)"
+        raise BitfluxError(f"{path}: already quantized by {by}; quantize the full-precision source instead")
     return Source(config, checkpoint.weight_files(path), original_layout=False)
 
 
@@ -96,7 +99,7 @@ def _original_file(path: Path) -> Source:
         elif leaf not in _FP8_MARKER_LEAVES:
             names.add(key)
     for name in names:
-        if header[name]["dtype"] not in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+        if header[name]["dtype"] not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
             raise BitfluxError(f"{path}: tensor {name!r} is {header[name]['dtype']}: a checkpoint quantized to "
                                "integers (int8, nf4, nvfp4), which bitflux does not read; quantize the bf16 or fp8 "
                                "checkpoint instead")
@@ -151,6 +154,8 @@ def _source_tensors(source: Source, where: str | Path):
                                "expected floating point (corrupted?)")
         if name in scales:  # scaled fp8: its values times its scale (per tensor or per row), in bf16 as below
             tensor = (tensor.float() * scales[name].reshape(-1, *[1] * (tensor.dim() - 1))).to(torch.bfloat16)
+        elif tensor.dtype == torch.float64:  # an fp64 export: fp32, the widest dtype bitflux's loaders take
+            tensor = tensor.float()
         else:  # fp8 checkpoints: every fp8 value is a bf16
             tensor = checkpoint.widened_fp8(tensor)
         checkpoint.check_finite(tensor, f"{where}: tensor {name!r}")

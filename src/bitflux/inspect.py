@@ -18,7 +18,7 @@ def _resolve(path: str) -> tuple[dict, TernaryConfig, str]:
     if path.lower() in flux.KNOWN_CONFIGS:
         return flux.KNOWN_CONFIGS[path.lower()], TernaryConfig(), "known config"
     p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file() and checkpoint.is_gguf(p):
         from .interop.gguf import stored_configs
 
         config, quant = stored_configs(p)

@@ -84,7 +84,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype
     unquantized parts' (default: default_dtype(device), as load_pipeline's: what a FluxPipeline loaded for the
     same device computes in)."""
     dtype = resolved_dtype(dtype, device)
-    if str(path).endswith(".gguf"):
+    if checkpoint.is_gguf(path):
         from .interop.gguf import load_gguf
 
         return load_gguf(path, device, dtype)

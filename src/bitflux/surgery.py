@@ -125,7 +125,7 @@ def quantize_(model: nn.Module, config: TernaryConfig | None = None) -> Quantiza
         replace_module(model, name, TernaryLinear.from_linear(linear, config))
         report.layers.append(QuantizedLayer(name, linear.out_features, linear.in_features))
     if report.layers:
-        _record_config(model, config.to_dict())
+        record_config(model, config.to_dict())
     return report
 
 
@@ -136,8 +136,9 @@ def _check_model(model, what: str) -> None:
         raise BitfluxError(f"{what} takes a model (an nn.Module), not a {type(model).__name__}{hint}")
 
 
-def _record_config(model: nn.Module, settings: dict) -> None:
-    # diffusers' save_pretrained writes model.config as the folder's config.json
+def record_config(model: nn.Module, settings: dict) -> None:
+    """The ternary settings in the model's config: diffusers' save_pretrained writes model.config as the folder's
+    config.json, whose quantization_config makes the folder a bitflux model to every loader."""
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=settings)
 
@@ -192,7 +193,7 @@ def set_activations(model: nn.Module, activations: str) -> int:
 def _update_recorded(model: nn.Module, **changes) -> None:
     recorded = _recorded_config(model)
     if recorded:
-        _record_config(model, {**recorded, **changes})
+        record_config(model, {**recorded, **changes})
 
 
 def set_packing(model: nn.Module, packing: str) -> int:

@@ -41,6 +41,7 @@ from ..checkpoint import (
     architecture_config,
     check_finite,
     check_output_apart,
+    is_gguf,
     load_transformer,
     parse_json_object,
     save_transformer,
@@ -49,7 +50,7 @@ from ..checkpoint import (
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
-from ..surgery import quantize_, replace_module, ternary_config_of
+from ..surgery import quantize_, record_config, replace_module, ternary_config_of
 
 try:
     import gguf
@@ -239,7 +240,7 @@ def export_gguf(source, path, type: str = "tq2_0", names: str = "original", forc
     g = _require_gguf()
     qtype = _qtype(type)
     path = Path(path)
-    if path.suffix != ".gguf":  # what `bitflux quantize`, `load_transformer` and other tools take for GGUF
+    if not is_gguf(path):  # what `bitflux quantize`, `load_transformer` and other tools take for GGUF
         raise BitfluxError(f"{path}: a GGUF file's name ends in .gguf")
     if path.exists() and not (force and path.is_file()):
         raise BitfluxError(f"{path} exists; pass --force to replace it" if path.is_file() else
@@ -470,6 +471,8 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     except RuntimeError as exc:
         raise BitfluxError(f"{path}: tensors do not fit the transformer config "
                            f"({str(exc).splitlines()[-1].strip()})") from None
+    if any(isinstance(module, TernaryLinear) for module in model.modules()):  # so its save_pretrained loads back
+        record_config(model, contents.quantization_config.to_dict())
     return model.eval()
 
 
