@@ -231,13 +231,14 @@ def test_a_file_whose_config_says_tq1_loads_into_tq1_layers(models, tmp_path):
     assert torch.equal(output(loaded), output(model))
 
 
-def write_original_layout_file(path, model, qtype=None):
+def write_original_layout_file(path, model, qtype=None, dense=()):
     """A file like the single-file FLUX GGUFs other tools write: original names, no bitflux metadata;
-    block linears quantized by ggml's own quantizer when `qtype` is given."""
+    block linears (but those named in `dense`) quantized by ggml's own quantizer when `qtype` is given."""
     state = flux.diffusers_to_original({k: v.detach() for k, v in model.state_dict().items()})
     writer = gguf.GGUFWriter(path, "flux")
     for name, tensor in state.items():
-        blocks = name.startswith(("double_blocks", "single_blocks")) and name.endswith(".weight") and tensor.ndim == 2
+        blocks = (name.startswith(("double_blocks", "single_blocks")) and name.endswith(".weight") and tensor.ndim == 2
+                  and name not in dense)
         if qtype is not None and blocks:
             writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
         else:
@@ -260,6 +261,19 @@ def test_a_foreign_ternary_file_loads_with_the_coarsest_exact_granularity(tmp_pa
     expected = gguf.quants.dequantize(gguf.quants.quantize(state["double_blocks.0.img_attn.proj.weight"].numpy(),
                                                            QTYPES["tq2_0"]), QTYPES["tq2_0"])
     assert np.array_equal(layer.dequantize(torch.float32).numpy(), expected)
+
+
+def test_a_foreign_file_ternary_in_other_layers_saves_a_folder_that_loads_back(tmp_path):
+    """Another tool's file whose ternary layers are not the default config's (one block linear left dense): the
+    config recorded on loading names its ternary layers one by one, so save_pretrained's folder loads back."""
+    write_original_layout_file(tmp_path / "f.gguf", build_tiny(config=CONFIG), QTYPES["tq2_0"],
+                               dense=("double_blocks.0.img_mlp.2.weight",))
+    loaded = load_gguf(tmp_path / "f.gguf")
+    assert not isinstance(loaded.get_submodule("transformer_blocks.0.ff.net.2"), TernaryLinear)
+    loaded.save_pretrained(tmp_path / "saved")
+    again = load_transformer(tmp_path / "saved", dtype=loaded.dtype)
+    assert set(ternary_layers(again)) == set(ternary_layers(loaded))
+    assert torch.equal(output(again), output(loaded))
 
 
 def test_a_dense_foreign_file_is_quantized_into_a_folder(tmp_path):

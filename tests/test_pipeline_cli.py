@@ -309,7 +309,7 @@ def test_an_unknown_backend_variable_is_one_line(monkeypatch, capsys, tmp_path):
     (["eval", "--variants", "absmean-huge"], "unknown variant option"),
     (["eval", "--variants", "fp,calibrated-int4"], "unknown variant 'calibrated-int4'"),
     (["generate", "a", "--size", "8192x64", "-o", "x.png"], "at most 4096 pixels a side"),
-    (["generate", "a", "--size", "2912x2912", "-o", "x.png"], "timestep shift overflows at 33124 image tokens"),
+    (["generate", "a", "--size", "2912x2912", "-o", "x.png"], "timestep schedule of 1 step is NaN for 33124"),
     (["generate", "a", "-o", ".png"], "output must be a .png file"),
     (["bench", "--plot", "p.jpg"], "output must be a .png file"),
     (["eval", "--per-category", "0"], "1 to 48 prompts a category"),
@@ -327,30 +327,34 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, words):
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))
 
 
-def test_the_largest_size_allowed_keeps_the_sigmas_finite():
-    """check_timestep_shift's bound is honest: the demo scheduler's sigmas are finite at the largest size it lets
-    through and NaN (black images) at the next it refuses."""
+@pytest.mark.parametrize("shift_terminal,largest", [(None, 2880), (0.1, 1360)])
+def test_the_largest_size_allowed_keeps_the_sigmas_finite(shift_terminal, largest):
+    """check_timestep_shift lets through the sizes whose schedule (the demo scheduler's, as FluxPipeline makes
+    it) is finite, up to the largest it names, and refuses the next: e^mu past float32 (about 2900 px), or with a
+    shift_terminal every sigma rounded to 1, which its stretch divides by zero (from mu ~ 20)."""
+    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     from bitflux.pipeline import check_timestep_shift
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(bitflux.demo_model_path() / "scheduler")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(bitflux.demo_model_path() / "scheduler",
+                                                                shift_terminal=shift_terminal)
     pipe = SimpleNamespace(scheduler=scheduler, vae_scale_factor=8)
     config = scheduler.config
 
     def sigmas(side: int) -> torch.Tensor:
         mu = calculate_shift((side // 16) ** 2, config.base_image_seq_len, config.max_image_seq_len,
                              config.base_shift, config.max_shift)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=mu)
         return scheduler.sigmas
 
-    check_timestep_shift(pipe, 2864, 2864)
-    assert torch.isfinite(sigmas(2864)).all()
-    with pytest.raises(BitfluxError, match="at most about 2864x2864"):
-        check_timestep_shift(pipe, 2880, 2880)
-    assert torch.isnan(sigmas(2912)[:-1]).all()  # all but the terminal 0 appended
+    check_timestep_shift(pipe, largest, largest, 20)
+    assert torch.isfinite(sigmas(largest)).all()
+    with pytest.raises(BitfluxError, match=f"at most about {largest}x{largest}"):
+        check_timestep_shift(pipe, largest + 16, largest + 16, 20)
+    assert not torch.isfinite(sigmas(largest + 16)).all()
 
 
 def test_eval_compares_only_what_is_comparable_before_generating(tmp_path, capsys, monkeypatch):

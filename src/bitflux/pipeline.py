@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -285,7 +286,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
         if any(len(embeddings[key]) != len(prompts) for key in ("prompt_embeds", "pooled_prompt_embeds")):
             raise ValueError("one embedding per prompt")
         text = placed_embeddings(pipe, embeddings)
-    check_timestep_shift(pipe, height, width)
+    check_timestep_shift(pipe, height, width, steps)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     # released: the latents, decoded once the transformer is gone; else the images themselves
@@ -300,32 +301,44 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidan
     return decode(pipe, out, height, width)
 
 
-# e^mu past float32's range: the scheduler's shifted sigmas are cast to float32 (inf / inf there: NaN)
-_MAX_SHIFT_EXPONENT = 88.0
+def check_timestep_shift(pipe, height: int, width: int, steps: int) -> None:
+    """Refuse a size at which FluxPipeline's timestep schedule comes out NaN (black images). It shifts the sigmas
+    by e^mu, mu growing linearly in the image's tokens along the line the scheduler's config draws through
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): past float32's e^88 they are NaN, and
+    with a shift_terminal once they all round to 1 (from mu ~ 20). FLUX.1's own line reaches mu = 11.6 at
+    4096 x 4096; the demo's, drawn for 16-256 tokens, 88 at about 2900 x 2900."""
+    side = pipe.vae_scale_factor * 2  # pixels a side of one image token (FluxPipeline's latents, packed 2 x 2)
+    if _finite_schedule(pipe.scheduler, (height // side) * (width // side), steps):
+        return
+    low, high = 0, max(height, width) // side  # the largest square that works, in tokens a side
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if _finite_schedule(pipe.scheduler, middle * middle, steps) else (low, middle - 1)
+    largest = f"; at most about {low * side}x{low * side} with this model" if low else ""
+    raise BitfluxError(f"{width}x{height}: the scheduler's timestep schedule of {steps} step{'s' * (steps != 1)} "
+                       f"is NaN for {(height // side) * (width // side)} image tokens (its config's shift is drawn for "
+                       f"{pipe.scheduler.config.get('base_image_seq_len')}-"
+                       f"{pipe.scheduler.config.get('max_image_seq_len')}){largest}")
 
 
-def check_timestep_shift(pipe, height: int, width: int) -> None:
-    """Refuse a size at which FluxPipeline's timestep shift overflows. It shifts every sigma by e^mu, with mu
-    growing linearly in the image's tokens along the line the scheduler's config draws through (base_image_seq_len,
-    base_shift) and (max_image_seq_len, max_shift); past e^88 the sigmas are NaN and every image comes out black.
-    FLUX.1's own line reaches mu = 11.6 at 4096 x 4096; the demo's, drawn for 16-256 tokens, passes 88 at
-    about 2900 x 2900."""
+def _finite_schedule(scheduler, tokens: int, steps: int) -> bool:
+    """Whether FluxPipeline's sigmas for an image of `tokens` are finite, made as it makes them (on a copy)."""
+    import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    config = pipe.scheduler.config
-    if not (config.get("use_dynamic_shifting") and config.get("time_shift_type", "exponential") == "exponential"):
-        return
-    line = (config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    side = pipe.vae_scale_factor * 2  # pixels a side of one image token (FluxPipeline's latents, packed 2 x 2)
-    tokens = (height // side) * (width // side)
-    if calculate_shift(tokens, *line) <= _MAX_SHIFT_EXPONENT:
-        return
-    most = line[0] + (_MAX_SHIFT_EXPONENT - line[2]) * (line[1] - line[0]) / (line[3] - line[2])
-    largest = int(most ** 0.5) * side
-    raise BitfluxError(f"{width}x{height}: the scheduler's timestep shift overflows at {tokens} image tokens (its "
-                       f"config's line of shifts is drawn for {line[0]}-{line[1]}); at most about "
-                       f"{largest}x{largest} with this model")
+    config = scheduler.config
+    if not config.get("use_dynamic_shifting"):
+        return True  # the size does not enter the schedule
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    scheduler = copy.deepcopy(scheduler)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if config.get("use_flow_sigmas"):
+            scheduler.set_timesteps(steps, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return bool(torch.isfinite(scheduler.sigmas).all())
 
 
 def placed_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

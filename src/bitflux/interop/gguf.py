@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,13 @@ from ..checkpoint import (
 from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
-from ..surgery import quantize_, record_config, replace_module, ternary_config_of
+from ..surgery import (
+    check_config,
+    quantize_,
+    record_config,
+    replace_module,
+    ternary_config_of,
+)
 
 try:
     import gguf
@@ -471,8 +478,15 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     except RuntimeError as exc:
         raise BitfluxError(f"{path}: tensors do not fit the transformer config "
                            f"({str(exc).splitlines()[-1].strip()})") from None
-    if any(isinstance(module, TernaryLinear) for module in model.modules()):  # so its save_pretrained loads back
-        record_config(model, contents.quantization_config.to_dict())
+    ternary = [name for name, module in model.named_modules() if isinstance(module, TernaryLinear)]
+    if ternary:  # recorded, so that its save_pretrained writes a folder that loads back
+        config = contents.quantization_config
+        try:
+            check_config(model, config)
+        except BitfluxError:  # another tool's file, ternary in other layers than the default's: named one by one
+            config = dataclasses.replace(config, include=tuple(f"^{re.escape(name)}$" for name in ternary),
+                                         exclude=())
+        record_config(model, config.to_dict())
     return model.eval()
 
 

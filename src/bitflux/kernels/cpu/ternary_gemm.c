@@ -828,9 +828,9 @@ int bf_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     const int64_t row_codes = ldt > 4 * Kc ? ldt : 4 * Kc; /* code bytes a GEMV step may read a row */
     const int64_t plane = gemv ? (row_codes + GEMV_STEP - 1) / GEMV_STEP * GEMV_STEP : 0;
     const int64_t ldq = gemv ? 4 * plane : Kc * CHUNK;
-    /* MAX_ROWS rows more than M: GCC 12 -O3 vectorizes tile_generic's loop over a tile's rows 4 at a time,
-     * loading up to 3 rows past a partial last tile (their values unused); the padding keeps those loads
-     * inside the buffer (they faulted where it ended at an unmapped page, as in a thread's own heap). */
+    /* MAX_ROWS rows more than M: GCC 12 -O3 vectorizes tile_generic's loop over a tile's rows, each iteration
+     * loading the words of the 3 rows after it too, past the last tile's end (values unused); the padding keeps
+     * those loads inside the buffer (they faulted where it ended at an unmapped page, as in a thread's heap). */
     const size_t q_bytes = (size_t)(((M + MAX_ROWS) * ldq + 63) / 64 * 64); /* C11: a multiple of the alignment */
     int8_t *q = aligned_alloc(64, q_bytes);
     int8_t *natural = gemv ? malloc((size_t)(M * Kc * CHUNK)) : NULL; /* the GEMV's rows before the planes */
