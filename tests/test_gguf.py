@@ -231,14 +231,15 @@ def test_a_file_whose_config_says_tq1_loads_into_tq1_layers(models, tmp_path):
     assert torch.equal(output(loaded), output(model))
 
 
-def write_original_layout_file(path, model, qtype=None, dense=()):
+def write_original_layout_file(path, model, qtype=None, dense=(), also=()):
     """A file like the single-file FLUX GGUFs other tools write: original names, no bitflux metadata;
-    block linears (but those named in `dense`) quantized by ggml's own quantizer when `qtype` is given."""
+    block linears (but those named in `dense`) and those named in `also` quantized by ggml's own quantizer when
+    `qtype` is given."""
     state = flux.diffusers_to_original({k: v.detach() for k, v in model.state_dict().items()})
     writer = gguf.GGUFWriter(path, "flux")
     for name, tensor in state.items():
         blocks = (name.startswith(("double_blocks", "single_blocks")) and name.endswith(".weight") and tensor.ndim == 2
-                  and name not in dense)
+                  and name not in dense) or name in also
         if qtype is not None and blocks:
             writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
         else:
@@ -264,16 +265,21 @@ def test_a_foreign_ternary_file_loads_with_the_coarsest_exact_granularity(tmp_pa
 
 
 def test_a_foreign_file_ternary_in_other_layers_saves_a_folder_that_loads_back(tmp_path):
-    """Another tool's file whose ternary layers are not the default config's (one block linear left dense): the
-    config recorded on loading names its ternary layers one by one, so save_pretrained's folder loads back."""
+    """Another tool's file whose ternary layers are not the default config's (a block linear left dense, the
+    final projection ternary): the config recorded on loading names the differences one by one, so
+    save_pretrained's folder loads back; `bitflux quantize FILE` (gguf_to_folder) writes its folder too, with the
+    dense block linear ternarized as any dense target layer."""
     write_original_layout_file(tmp_path / "f.gguf", build_tiny(config=CONFIG), QTYPES["tq2_0"],
-                               dense=("double_blocks.0.img_mlp.2.weight",))
+                               dense=("double_blocks.0.img_mlp.2.weight",), also=("final_layer.linear.weight",))
     loaded = load_gguf(tmp_path / "f.gguf")
     assert not isinstance(loaded.get_submodule("transformer_blocks.0.ff.net.2"), TernaryLinear)
+    assert isinstance(loaded.get_submodule("proj_out"), TernaryLinear)
     loaded.save_pretrained(tmp_path / "saved")
     again = load_transformer(tmp_path / "saved", dtype=loaded.dtype)
     assert set(ternary_layers(again)) == set(ternary_layers(loaded))
     assert torch.equal(output(again), output(loaded))
+    folder = load_transformer(gguf_to_folder(tmp_path / "f.gguf", tmp_path / "q", progress=False))
+    assert set(ternary_layers(folder)) == set(ternary_layers(loaded)) | {"transformer_blocks.0.ff.net.2"}
 
 
 def test_a_dense_foreign_file_is_quantized_into_a_folder(tmp_path):

@@ -357,6 +357,22 @@ def test_the_largest_size_allowed_keeps_the_sigmas_finite(shift_terminal, larges
     assert not torch.isfinite(sigmas(largest + 16)).all()
 
 
+def test_bench_warms_up_on_a_schedule_that_is_not_nan():
+    """bench's warm-up takes one step, two where a shift_terminal makes a schedule of one step NaN ([1.0]
+    stretched by 1 / 0: refused by generate at every size, with more steps named as the way out)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from bitflux.bench import warm_up_steps
+    from bitflux.pipeline import check_timestep_shift
+
+    for shift_terminal, steps in ((None, 1), (0.1, 2)):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(bitflux.demo_model_path() / "scheduler",
+                                                                    shift_terminal=shift_terminal)
+        assert warm_up_steps(SimpleNamespace(scheduler=scheduler, vae_scale_factor=8), 64, 64) == steps
+    with pytest.raises(BitfluxError, match="at no size with this many steps: take more"):
+        check_timestep_shift(SimpleNamespace(scheduler=scheduler, vae_scale_factor=8), 64, 64, 1)
+
+
 def test_eval_compares_only_what_is_comparable_before_generating(tmp_path, capsys, monkeypatch):
     """With --model the shipped calibrated model (the demo's) is no default variant and is refused by name; a
     ternary --model, which eval would score as full precision, is refused; so is a variant folder that is a

@@ -39,6 +39,18 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def warm_up_steps(pipe, height: int, width: int) -> int:
+    """One step, or two where the scheduler's schedule of one step is NaN (a shift_terminal stretches [1.0] by
+    1 / 0), which generate refuses: the warm-up's images are thrown away, its shapes are what counts."""
+    from .pipeline import check_timestep_shift
+
+    try:
+        check_timestep_shift(pipe, height, width, 1)
+    except BitfluxError:
+        return 2
+    return 1
+
+
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",
                     size: tuple[int, int] | None = None, cuda_graph: bool = False, compile: bool = False,
                     activations: str | None = None, packing: str | None = None, dtype: str | None = None,
@@ -90,7 +102,7 @@ def measure_variant(model: str | None, variant: str, device: str = "cpu", steps:
     with use_backend(backend):
         # Warm-up at the timed batch size: kernels that tune per shape (Triton) do so here, and CUDA graphs
         # are captured, outside the timings and before the peak-memory reset.
-        generate(pipe, prompts, seeds, steps=1, **text)
+        generate(pipe, prompts, seeds, steps=warm_up_steps(pipe, height, width), **text)
         if on_generation:
             on_generation()
         if device.startswith("cuda"):

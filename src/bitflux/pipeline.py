@@ -314,7 +314,8 @@ def check_timestep_shift(pipe, height: int, width: int, steps: int) -> None:
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if _finite_schedule(pipe.scheduler, middle * middle, steps) else (low, middle - 1)
-    largest = f"; at most about {low * side}x{low * side} with this model" if low else ""
+    largest = (f"; at most about {low * side}x{low * side} with this model" if low else
+               "; at no size with this many steps: take more")
     raise BitfluxError(f"{width}x{height}: the scheduler's timestep schedule of {steps} step{'s' * (steps != 1)} "
                        f"is NaN for {(height // side) * (width // side)} image tokens (its config's shift is drawn for "
                        f"{pipe.scheduler.config.get('base_image_seq_len')}-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -78,6 +79,21 @@ def is_target(name: str, module: nn.Module, config: TernaryConfig) -> bool:
 
 def selected(name: str, config: TernaryConfig) -> bool:
     return any(re.search(p, name) for p in config.include) and not any(re.search(p, name) for p in config.exclude)
+
+
+def config_describing(model: nn.Module, config: TernaryConfig) -> TernaryConfig:
+    """config, its include/exclude widened to select exactly the model's ternary layers: those it leaves out
+    named in include, its dense targets in exclude, one by one (another tool's GGUF: its own choice of layers)."""
+    def named(names):
+        return tuple(f"^{re.escape(name)}$" for name in names)
+
+    modules = list(model.named_modules())
+    extra = [name for name, module in modules if isinstance(module, TernaryLinear) and not selected(name, config)]
+    dense = [name for name, module in modules if is_target(name, module, config)]
+    if not (extra or dense):
+        return config
+    return dataclasses.replace(config, include=(*config.include, *named(extra)),
+                               exclude=(*config.exclude, *named(dense)))
 
 
 def is_slot(name: str, module: nn.Module, config: TernaryConfig) -> bool:

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from ..config import TernaryConfig
 from ..errors import BitfluxError
 from ..linear import TernaryLinear
 from ..surgery import (
-    check_config,
+    config_describing,
     quantize_,
     record_config,
     replace_module,
@@ -478,15 +477,8 @@ def _build(contents: GGUFContents, path) -> nn.Module:
     except RuntimeError as exc:
         raise BitfluxError(f"{path}: tensors do not fit the transformer config "
                            f"({str(exc).splitlines()[-1].strip()})") from None
-    ternary = [name for name, module in model.named_modules() if isinstance(module, TernaryLinear)]
-    if ternary:  # recorded, so that its save_pretrained writes a folder that loads back
-        config = contents.quantization_config
-        try:
-            check_config(model, config)
-        except BitfluxError:  # another tool's file, ternary in other layers than the default's: named one by one
-            config = dataclasses.replace(config, include=tuple(f"^{re.escape(name)}$" for name in ternary),
-                                         exclude=())
-        record_config(model, config.to_dict())
+    if any(isinstance(module, TernaryLinear) for module in model.modules()):  # so that save_pretrained's folder
+        record_config(model, config_describing(model, contents.quantization_config).to_dict())  # loads back
     return model.eval()
 
 
@@ -511,4 +503,5 @@ def gguf_to_folder(path, out, config: TernaryConfig | None = None, force: bool =
                            f"{config.method} would not apply")
     model = _build(contents, path)
     quantize_(model, config)  # only the dense target layers are left to quantize
-    return save_transformer(model, out, config, force)
+    # another tool's file may be ternary beyond the config's layers: those named in it
+    return save_transformer(model, out, config_describing(model, config), force)
