@@ -94,7 +94,7 @@ XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 if [ -n "$QUICK" ]; then
     part pytest 120 "$OUT/pytest.txt" env BITFLUX_TRITON_AUTOTUNE=0 python -m pytest tests/test_kernels_triton.py tests/test_graphs.py \
         tests/test_streaming.py \
-        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or alpha or gpu or expand or nan or programmatic" -q --tb=short -rfE $XDIST -p no:cacheprovider
+        -k "strateg or choose or exact or integer or quantize or tile_config or graph or signature or replay or whole_steps or alpha or gpu or expand or nan or programmatic or a8_with_bias" -q --tb=short -rfE $XDIST -p no:cacheprovider
     part pytest-calibrate 45 "$OUT/pytest.txt" python -m pytest tests/test_calibrate.py -k gpu -q --tb=short -rfE -p no:cacheprovider
     [ -z "$LAYERS" ] && part gpu_flux 330 "$LOG" python benchmarks/gpu_flux.py --out "$OUT" $DRY --warmup 1 --iters 3
     [ -z "$LAYERS" ] && pipeline_bench
