@@ -42,13 +42,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
 def warm_up_steps(pipe, height: int, width: int) -> int:
     """One step, or two where the scheduler's schedule of one step is NaN (a shift_terminal stretches [1.0] by
     1 / 0), which generate refuses: the warm-up's images are thrown away, its shapes are what counts."""
-    from .pipeline import check_timestep_shift
+    from .pipeline import finite_schedule, image_tokens
 
-    try:
-        check_timestep_shift(pipe, height, width, 1)
-    except BitfluxError:
-        return 2
-    return 1
+    return 1 if finite_schedule(pipe.scheduler, image_tokens(pipe, height, width), 1) else 2
 
 
 def measure_variant(model: str | None, variant: str, device: str = "cpu", steps: int = 20, backend: str = "auto",

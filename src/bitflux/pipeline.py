@@ -307,22 +307,29 @@ def check_timestep_shift(pipe, height: int, width: int, steps: int) -> None:
     (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift): past float32's e^88 they are NaN, and
     with a shift_terminal once they all round to 1 (from mu ~ 20). FLUX.1's own line reaches mu = 11.6 at
     4096 x 4096; the demo's, drawn for 16-256 tokens, 88 at about 2900 x 2900."""
-    side = pipe.vae_scale_factor * 2  # pixels a side of one image token (FluxPipeline's latents, packed 2 x 2)
-    if _finite_schedule(pipe.scheduler, (height // side) * (width // side), steps):
+    tokens = image_tokens(pipe, height, width)
+    if finite_schedule(pipe.scheduler, tokens, steps):
         return
+    side = pipe.vae_scale_factor * 2
     low, high = 0, max(height, width) // side  # the largest square that works, in tokens a side
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if _finite_schedule(pipe.scheduler, middle * middle, steps) else (low, middle - 1)
+        low, high = (middle, high) if finite_schedule(pipe.scheduler, middle * middle, steps) else (low, middle - 1)
     largest = (f"; at most about {low * side}x{low * side} with this model" if low else
                "; at no size with this many steps: take more")
     raise BitfluxError(f"{width}x{height}: the scheduler's timestep schedule of {steps} step{'s' * (steps != 1)} "
-                       f"is NaN for {(height // side) * (width // side)} image tokens (its config's shift is drawn for "
+                       f"is NaN for {tokens} image tokens (its config's shift is drawn for "
                        f"{pipe.scheduler.config.get('base_image_seq_len')}-"
                        f"{pipe.scheduler.config.get('max_image_seq_len')}){largest}")
 
 
-def _finite_schedule(scheduler, tokens: int, steps: int) -> bool:
+def image_tokens(pipe, height: int, width: int) -> int:
+    """The tokens of a height x width image in FluxPipeline's latents (packed 2 x 2 after the VAE's downscale)."""
+    side = pipe.vae_scale_factor * 2
+    return (height // side) * (width // side)
+
+
+def finite_schedule(scheduler, tokens: int, steps: int) -> bool:
     """Whether FluxPipeline's sigmas for an image of `tokens` are finite, made as it makes them (on a copy)."""
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
